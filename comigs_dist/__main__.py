@@ -1,0 +1,4 @@
+from comigs_dist.main import main
+import sys
+
+sys.exit(main())

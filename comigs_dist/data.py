@@ -1,0 +1,195 @@
+"""Per-user token shards: the on-disk format, loading one user's splits, and batches.
+
+Owns: the prepared-dataset layout (``meta.json`` plus ``user_XX/{train,valid,test}.bin`` flat
+token streams), writing it atomically, checking it (sizes and sha256 against ``meta.json``),
+memory-mapping only the calling user's shards, and drawing batches: random windows with
+replacement for training (a per-user, per-split generator), fixed non-overlapping windows for
+evaluation. ``python -m comigs_dist.data prepare ...`` builds datasets from real text.
+Knows nothing of models.
+
+Layout of a prepared dataset directory::
+
+    meta.json            {"format": "comigs-shards/1", "vocab_size": ..., "dtype": "uint16", "users": [...]}
+    user_00/train.bin    raw little-endian token ids, no header (dtype from meta.json)
+    user_00/valid.bin
+    user_00/test.bin
+    ...
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT = "comigs-shards/1"
+SPLITS = ("train", "valid", "test")
+
+
+class DataError(ValueError):
+    """A dataset problem a user can fix; the message names the file and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# writing
+# --------------------------------------------------------------------------------------------
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2 ** 16 else np.dtype(np.uint32)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_dataset(out: str | Path, users: list[dict[str, np.ndarray]], vocab_size: int,
+                  meta_extra: dict | None = None, user_extra: list[dict] | None = None) -> dict:
+    """Write shards and meta.json into ``out`` atomically: everything goes to a temporary sibling
+    directory which is renamed into place at the end, so an interrupted preparation never leaves a
+    directory that looks complete. ``users[i]`` maps split name -> 1-D array of token ids."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(vocab_size)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        meta_users = []
+        for u, splits in enumerate(users):
+            entry = {"user": u, "splits": {}}
+            if user_extra:
+                entry.update(user_extra[u])
+            (tmp / f"user_{u:02d}").mkdir()
+            for split in SPLITS:
+                arr = np.asarray(splits[split])
+                if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+                    raise DataError(f"user {u} split {split}: token ids outside 0..{vocab_size - 1}")
+                rel = f"user_{u:02d}/{split}.bin"
+                arr.astype(dtype).tofile(tmp / rel)
+                entry["splits"][split] = {"file": rel, "tokens": int(arr.size), "sha256": sha256_file(tmp / rel)}
+            meta_users.append(entry)
+        meta = {"format": FORMAT, "vocab_size": int(vocab_size), "dtype": dtype.name,
+                "n_users": len(users), **(meta_extra or {}), "users": meta_users}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------
+
+def read_meta(path: str | Path) -> dict:
+    path = Path(path)
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(f"{meta_path} is missing: {path} is not a prepared dataset; build one with "
+                        f"`python -m comigs_dist.data prepare --dataset ... --out {path}`")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{meta_path} is not valid JSON ({exc}); prepare the dataset again") from None
+    if meta.get("format") != FORMAT:
+        raise DataError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}; prepare the dataset again")
+    return meta
+
+
+@dataclass
+class UserData:
+    """One user's three splits as memory-mapped token streams."""
+    user_idx: int
+    train: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+    vocab_size: int
+    meta: dict
+
+    def split(self, name: str) -> np.ndarray:
+        return getattr(self, name)
+
+
+def load_user_data(path: str | Path, user_idx: int, seq_len: int, share: float = 1.0,
+                   verify: bool = True) -> UserData:
+    """Memory-map one user's shards after checking them against meta.json."""
+    path = Path(path)
+    meta = read_meta(path)
+    users = meta["users"]
+    if user_idx >= len(users):
+        raise DataError(f"{path} holds {len(users)} users but user {user_idx} was asked for; "
+                        f"run with at most {len(users)} users or prepare the dataset for more")
+    dtype = np.dtype(meta["dtype"])
+    arrays = {}
+    for split in SPLITS:
+        info = users[user_idx]["splits"][split]
+        f = path / info["file"]
+        if not f.is_file():
+            raise DataError(f"shard {f} is missing; prepare the dataset again")
+        expected = info["tokens"] * dtype.itemsize
+        if f.stat().st_size != expected:
+            raise DataError(f"shard {f} has {f.stat().st_size} bytes but meta.json says {info['tokens']} tokens "
+                            f"({expected} bytes): the file is truncated or foreign; prepare the dataset again")
+        if verify and sha256_file(f) != info["sha256"]:
+            raise DataError(f"shard {f} does not match the sha256 in meta.json: it was modified or corrupted; "
+                            f"prepare the dataset again (or set data.verify=false to skip this check)")
+        arr = np.memmap(f, dtype=dtype, mode="r") if info["tokens"] else np.zeros(0, dtype=dtype)
+        if split == "train" and share < 1.0:
+            arr = arr[: max(seq_len + 1, int(len(arr) * share))]
+        if len(arr) < seq_len + 1:
+            raise DataError(f"shard {f} holds {len(arr)} tokens, fewer than one window of train.seq_len + 1 "
+                            f"({seq_len + 1}); lower train.seq_len or prepare more tokens")
+        arrays[split] = arr
+    return UserData(user_idx, arrays["train"], arrays["valid"], arrays["test"], int(meta["vocab_size"]), meta)
+
+
+# --------------------------------------------------------------------------------------------
+# batches
+# --------------------------------------------------------------------------------------------
+
+class BatchSampler:
+    """Random windows with replacement from one token stream, on a generator of its own."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int):
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sample(self, batch_size: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        high = len(self.tokens) - self.seq_len
+        starts = torch.randint(0, high, (batch_size,), generator=self.generator).tolist()
+        window = np.stack([np.asarray(self.tokens[s: s + self.seq_len + 1], dtype=np.int64) for s in starts])
+        t = torch.from_numpy(window)
+        return t[:, :-1].to(device, non_blocking=True), t[:, 1:].to(device, non_blocking=True)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int = 0) -> np.ndarray:
+    """Start offsets of non-overlapping windows from the start of the stream (deterministic)."""
+    limit = len(tokens) - 1 if not max_tokens else min(len(tokens) - 1, max_tokens)
+    return np.arange(0, limit - seq_len + 1, seq_len)
+
+
+def iter_eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens: int,
+                      device: torch.device | str = "cpu"):
+    starts = eval_windows(tokens, seq_len, max_tokens)
+    for i in range(0, len(starts), batch_size):
+        window = np.stack([np.asarray(tokens[s: s + seq_len + 1], dtype=np.int64) for s in starts[i: i + batch_size]])
+        t = torch.from_numpy(window)
+        yield t[:, :-1].to(device), t[:, 1:].to(device)

@@ -1,0 +1,109 @@
+"""Entry point: ``python -m comigs_dist.main [--config FILE] [key=value ...]``.
+
+Under torchrun (or srun, or submitit) every process is one simulated user. The configuration is
+read and validated before any process group exists; then each rank runs its user, rank 0 gathers
+the users' rows, writes results.json and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from comigs_dist.config import ConfigError, RunConfig, check_world_size, describe_options, load_config, to_yaml
+
+
+def _help_text() -> str:
+    lines = ["usage: [torchrun --nproc_per_node=N] python -m comigs_dist.main [--config FILE] [key=value ...]",
+             "",
+             "Runs one experiment: one process per simulated user. Options (key=value overrides the",
+             "config file; nested keys are dotted):", ""]
+    rows = describe_options()
+    width = max(len(k) + len(d) for k, d, _ in rows) + 3
+    for key, default, text in rows:
+        lines.append(f"  {key}={default}".ljust(width + 2) + f"  {text}")
+    lines += ["", "other flags:", "  --config FILE   a YAML file (see configs/)",
+              "  --methods       list the methods and exit", "  --print-config  print the resolved config and exit",
+              "  -h, --help      this text"]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config", default=None)
+    parser.add_argument("-h", "--help", action="store_true")
+    parser.add_argument("--methods", action="store_true")
+    parser.add_argument("--print-config", action="store_true")
+    parser.add_argument("overrides", nargs="*")
+    args, unknown = parser.parse_known_args(argv)
+    bad = [u for u in unknown if "=" not in u]
+    if bad:
+        raise ConfigError(f"unknown flag(s) {' '.join(bad)}; options are set as key=value (see --help)")
+    args.overrides = list(args.overrides) + [u.lstrip("-") for u in unknown]
+    return args
+
+
+def default_out_dir(cfg: RunConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}_{cfg.method}_s{cfg.seed}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from comigs_dist import dist
+    argv = sys.argv[1:] if argv is None else argv
+    is_rank0 = dist.env_rank() == 0
+    try:
+        args = parse_args(argv)
+        if args.help:
+            print(_help_text())
+            return 0
+        if args.methods:
+            from comigs_dist.methods import get_method, known_methods
+            for name in known_methods():
+                print(f"{name:16s} {get_method(name).description}")
+            return 0
+        cfg = load_config(args.config, args.overrides)
+        check_world_size(cfg, dist.env_world_size())
+        if args.print_config:
+            print(to_yaml(cfg))
+            return 0
+    except ConfigError as exc:
+        if is_rank0:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    start = time.perf_counter()
+    topo = dist.init_distributed(cfg.comm.backend, cfg.model.device, cfg.comm.timeout_s, cfg.train.threads)
+    say = (lambda msg: print(f"[comigs] {msg}", flush=True)) if topo.rank == 0 and cfg.log.progress else (lambda msg: None)
+    try:
+        out_dir = Path(dist.broadcast_object(str(cfg.out_dir or default_out_dir(cfg)) if topo.rank == 0 else None))
+        if topo.rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.yaml").write_text(to_yaml(cfg))
+        say(f"{cfg.method}: {topo.world_size} users on {topo.device.type} ({topo.backend}), writing to {out_dir}")
+        from comigs_dist import train
+        from comigs_dist.metrics import build_results, format_table, write_json_atomic
+        row = train.run(cfg, topo, out_dir, say)
+        rows = dist.all_gather_objects(row)
+        if topo.rank == 0:
+            dataset = cfg.data.path if cfg.data.path != "embedded" else f"embedded-{cfg.data.scenario}"
+            results = build_results(cfg.to_dict(), rows, dataset, time.perf_counter() - start)
+            write_json_atomic(out_dir / "results.json", results)
+            print(format_table(results))
+            print(f"results: {out_dir / 'results.json'}")
+            print(f"tensorboard --logdir {out_dir / 'tb'}")
+        # leave together: a rank that tears gloo down while another still talks to it aborts
+        dist.barrier(topo)
+        return 0
+    except Exception as exc:
+        print(f"[comigs] user {topo.user_idx} (rank {topo.rank}) failed: {type(exc).__name__}: {exc}",
+              file=sys.stderr, flush=True)
+        raise
+    finally:
+        dist.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The Method base class, its hooks and defaults, and the registry.
+
+A method is a point in four knobs (baselines.md section 4): the experts and whether a router
+mixes them; which parameters are shared (and so aggregated); how the router trains (not at all,
+jointly with the experts, or alternating on a split of its own, Algorithm 1); and the
+aggregation operator (the mean over the group by default). Subclasses override only what differs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+from comigs_dist.model.roles import ParamTag, Role
+
+_REGISTRY: dict[str, type["Method"]] = {}
+
+
+def register_method(name: str) -> Callable[[type["Method"]], type["Method"]]:
+    """Class decorator: make a Method available as ``method=<name>``; names are unique."""
+    def wrap(cls: type[Method]) -> type[Method]:
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} is registered twice ({_REGISTRY[name].__qualname__} and {cls.__qualname__})")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return wrap
+
+
+def known_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> "Method":
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(known_methods())}")
+    return _REGISTRY[name]()
+
+
+@dataclass
+class SyncContext:
+    """What a method needs at the end of a round to aggregate: its shared parameters by group,
+    a communication handle (``comm.mean(group, tensors)`` and friends), and where it is."""
+    shared: dict[str, list[tuple[str, Any]]]
+    comm: Any
+    round_idx: int
+    user_idx: int
+    n_users: int
+    evaluate_valid: Callable[..., float] | None = None
+
+
+# sharing patterns (baselines.md section 2), as predicates on parameter tags
+def share_generalists(tag: ParamTag) -> bool:
+    """'expert_0': attention LoRA and the generalist experts (CoMiGS-1G1S/1GXS/-tr, pFedMoE)."""
+    return tag.role == Role.GENERALIST
+
+
+def share_experts(tag: ParamTag) -> bool:
+    """'experts': every LoRA, routers stay local (FedAvg, FedAvg-MoE, CoMiGS-2G)."""
+    return tag.kind in ("attn", "expert")
+
+
+def share_nothing(tag: ParamTag) -> bool:
+    return False
+
+
+def is_router(tag: ParamTag) -> bool:
+    return tag.role == Role.ROUTER
+
+
+def is_adapter(tag: ParamTag) -> bool:
+    return tag.role != Role.ROUTER
+
+
+class Method:
+    """Defaults: CoMiGS-1G1S (routed experts, router alternating on validation data, generalists
+    averaged over every user each round). Override the class attributes or hooks that differ."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    routed: ClassVar[bool] = True                  # False: every token averages all experts (no router)
+    router_training: ClassVar[str] = "alternating"  # "alternating" | "joint" | "none"
+    router_split: ClassVar[str] = "valid"           # split the router trains on when alternating
+    trains: ClassVar[bool] = True                   # False: evaluate the base only (Pretrained)
+    initial_sync: ClassVar[bool] = True             # start shared parameters from one init (user 0's)
+
+    # -- configuration -------------------------------------------------------------------------
+    @classmethod
+    def config_errors(cls, cfg) -> list[str]:
+        """Method-specific configuration problems (empty when the config fits the method)."""
+        return []
+
+    # -- roles ---------------------------------------------------------------------------------
+    def is_shared(self, tag: ParamTag) -> bool:
+        """Which parameters are aggregated across users."""
+        return share_generalists(tag)
+
+    def trains_in_expert_phase(self, tag: ParamTag) -> bool:
+        if self.router_training == "joint":
+            return True
+        return is_adapter(tag)
+
+    def trains_in_router_phase(self, tag: ParamTag) -> bool:
+        return self.router_training == "alternating" and is_router(tag)
+
+    # -- groups ----------------------------------------------------------------------------------
+    def sharing_groups(self, n_users: int) -> dict[str, list[int]]:
+        """Process groups the method communicates on (created once, before the first round)."""
+        return {"generalists": list(range(n_users))}
+
+    def group_of(self, tag: ParamTag) -> str:
+        """The group a shared parameter is averaged in."""
+        return "generalists"
+
+    # -- aggregation -----------------------------------------------------------------------------
+    def aggregate(self, ctx: SyncContext) -> None:
+        """End of round: replace every shared parameter by its mean over its group (weight 1/N)."""
+        for group, params in ctx.shared.items():
+            ctx.comm.mean(group, [p.data for _, p in params])

@@ -1,0 +1,135 @@
+"""One user's model: a frozen Hugging Face causal LM with injected adapters.
+
+``build_base_model`` loads or builds the frozen base (a hub name or path, or a built-in config);
+``build_user_model`` injects the adapters and wraps everything in a ``UserModel`` whose
+``forward`` returns the cross-entropy and the load-balancing loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from comigs_dist.model.inject import AdapterSpec, InjectionReport, inject_adapters, mlp_modules
+from comigs_dist.model.roles import ParamTag, Role
+
+BUILTIN_MODELS = ("embedded", "tiny", "gpt2-random", "llama-tiny")
+
+
+def _zero_dropout(config) -> None:
+    for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout",
+                "dropout", "summary_first_dropout"):
+        if hasattr(config, key):
+            setattr(config, key, 0.0)
+
+
+def build_base_model(name: str, vocab_size: int, seq_len: int) -> nn.Module:
+    """The frozen base. Built-in random configs are initialised from a fixed seed so that every
+    user (rank) holds the same base."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+    from comigs_dist.pretrain import _quiet_gpt2_config
+
+    if name == "embedded":
+        from comigs_dist.synthetic import ensure_embedded_base
+        name = str(ensure_embedded_base())
+    if name in ("tiny", "gpt2-random", "llama-tiny"):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1234)
+            if name == "tiny":
+                model = GPT2LMHeadModel(_quiet_gpt2_config(n_layer=2, n_head=2, n_embd=32, vocab_size=vocab_size,
+                                                           n_positions=max(seq_len, 64)))
+            elif name == "gpt2-random":
+                model = GPT2LMHeadModel(_quiet_gpt2_config(vocab_size=max(vocab_size, 50257)))
+            else:
+                from transformers import LlamaConfig, LlamaForCausalLM
+                model = LlamaForCausalLM(LlamaConfig(
+                    hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=max(seq_len, 64),
+                    bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    else:
+        config = AutoConfig.from_pretrained(name)
+        _zero_dropout(config)
+        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=torch.float32)
+    model_vocab = model.get_input_embeddings().weight.shape[0]
+    if model_vocab < vocab_size:
+        raise ValueError(f"the data uses token ids up to {vocab_size - 1} but model {name!r} has a vocabulary of "
+                         f"{model_vocab}: prepare the data with the model's tokenizer or choose a matching model.name")
+    n_pos = getattr(model.config, "n_positions", getattr(model.config, "max_position_embeddings", seq_len))
+    if seq_len > n_pos:
+        raise ValueError(f"train.seq_len ({seq_len}) exceeds the context of model {name!r} ({n_pos}); lower train.seq_len")
+    model.eval()  # no dropout anywhere; autograd still works
+    return model
+
+
+@dataclass
+class StepLoss:
+    ce: torch.Tensor
+    lb: torch.Tensor
+
+
+class UserModel(nn.Module):
+    """A base LM with adapters; ``forward(x, y)`` -> StepLoss(ce, lb)."""
+
+    def __init__(self, lm: nn.Module, report: InjectionReport, spec: AdapterSpec):
+        super().__init__()
+        self.lm = lm
+        self.report = report
+        self.spec = spec
+        self.moe = mlp_modules(lm)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=x, use_cache=False).logits
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> StepLoss:
+        logits = self.logits(x)
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        return StepLoss(ce=ce, lb=self.load_balancing_loss())
+
+    def load_balancing_loss(self) -> torch.Tensor:
+        """Mean over MoE layers of the last forward's load-balancing losses."""
+        losses = [m.aux_loss for m in self.moe if m.aux_loss is not None]
+        if not losses:
+            return torch.zeros(())
+        return torch.stack([l.float() for l in losses]).mean()
+
+    def routing_stats(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer: (mean router probability per expert, routing share per expert) of the last forward."""
+        return [m.last_stats for m in self.moe]
+
+    def set_trainable(self, predicate) -> list[nn.Parameter]:
+        """requires_grad on exactly the tagged parameters the predicate selects; returns them."""
+        chosen = []
+        for name, tag in self.report.tags.items():
+            p = self.report.params[name]
+            on = bool(predicate(tag))
+            p.requires_grad_(on)
+            if on:
+                chosen.append(p)
+        return chosen
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Every adapter and router tensor by name (what a checkpoint holds)."""
+        return {n: p.detach() for n, p in self.report.params.items()}
+
+
+def adapter_spec_for(cfg, user_idx: int, routed: bool) -> AdapterSpec:
+    return AdapterSpec(n_experts=cfg.n_experts(user_idx), n_generalists=cfg.n_generalists(user_idx),
+                       rank=int(cfg.per_user("lora.rank", user_idx)), alpha=cfg.lora.alpha,
+                       attn_rank=cfg.lora.attn_rank, top_k=cfg.top_k(user_idx), routed=routed,
+                       load_balancing=cfg.moe.load_balancing)
+
+
+def build_user_model(cfg, user_idx: int, vocab_size: int, routed: bool) -> UserModel:
+    """Base model plus this user's adapters; adapter inits draw from seed + user."""
+    base = build_base_model(cfg.model.name, vocab_size, cfg.train.seq_len)
+    spec = adapter_spec_for(cfg, user_idx, routed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + user_idx)
+        report = inject_adapters(base, spec, cfg.model.family)
+    return UserModel(base, report, spec)
+
+
+__all__ = ["AdapterSpec", "InjectionReport", "ParamTag", "Role", "UserModel", "build_base_model",
+           "build_user_model", "inject_adapters"]

@@ -1,0 +1,83 @@
+"""LoRA: a frozen linear map plus a trainable low-rank update, W x + b + g * B (A x).
+
+Owns the LoRA factors (A: Kaiming-uniform, B: zeros, so an untrained adapter changes nothing),
+the rank-stabilised scale g = alpha / sqrt(r), and the wrapper around a frozen projection
+(``nn.Linear`` or GPT-2's ``Conv1D``, whose weight is stored in x out).
+Knows nothing of routers or of which adapters are shared.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from comigs_dist.model.roles import ParamTag
+
+
+def in_out_features(layer: nn.Module) -> tuple[int, int]:
+    """(in, out) of a frozen projection; GPT-2's Conv1D stores its weight as (in, out)."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    if type(layer).__name__ == "Conv1D":
+        return layer.weight.shape[0], layer.weight.shape[1]
+    raise TypeError(f"cannot adapt a {type(layer).__name__}: expected nn.Linear or transformers' Conv1D")
+
+
+def frozen_weight_out_in(layer: nn.Module) -> torch.Tensor:
+    """The frozen weight as (out, in), whatever the storage convention (for tests and merging)."""
+    return layer.weight if isinstance(layer, nn.Linear) else layer.weight.t()
+
+
+def rs_scale(alpha: float, rank: int) -> float:
+    """Rank-stabilised LoRA scale (Kalajdzievski 2023): alpha / sqrt(r)."""
+    return alpha / math.sqrt(rank)
+
+
+class LoRAFactors(nn.Module):
+    """A pair of LoRA factors A (r x in) and B (out x r) with its scale; computes g * B A x."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
+                 tag_a: ParamTag | None = None, tag_b: ParamTag | None = None):
+        super().__init__()
+        self.rank = rank
+        self.scale = rs_scale(alpha, rank)
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
+        # Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)), as nn.Linear does
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.tags = {"lora_A": tag_a, "lora_B": tag_b}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.lora_A.t().to(x.dtype)) @ (self.lora_B.t().to(x.dtype) * self.scale)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update g * B A, shape (out, in)."""
+        return self.scale * self.lora_B @ self.lora_A
+
+    def extra_repr(self) -> str:
+        return f"in={self.lora_A.shape[1]}, out={self.lora_B.shape[0]}, r={self.rank}, scale={self.scale:.3f}"
+
+
+class LoRALinear(nn.Module):
+    """A frozen projection (kept as ``base_layer``) with one LoRA adapter."""
+
+    def __init__(self, base_layer: nn.Module, rank: int, alpha: float, tag_a: ParamTag, tag_b: ParamTag):
+        super().__init__()
+        self.base_layer = base_layer
+        for p in self.base_layer.parameters():
+            p.requires_grad_(False)
+        fan_in, fan_out = in_out_features(base_layer)
+        self.lora = LoRAFactors(fan_in, fan_out, rank, alpha, tag_a, tag_b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.lora(x)
+
+    def adapter_tags(self):
+        """(parameter name relative to this module, tag) for each trainable parameter."""
+        for name, tag in self.lora.tags.items():
+            yield f"lora.{name}", tag
+
+    @torch.no_grad()
+    def merged_weight_out_in(self) -> torch.Tensor:
+        return frozen_weight_out_in(self.base_layer) + self.lora.delta_weight()

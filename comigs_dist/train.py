@@ -1,0 +1,300 @@
+"""Algorithm 1 of the paper as a readable loop, with its optimisers and schedules.
+
+Owns one user's run: build the model, data, optimisers and samplers; then, every round,
+synchronise the shared parameters, take the local expert steps on training batches (router
+frozen) and, every tau local iterations, the router steps on the router's split (experts
+frozen); evaluate; checkpoint. Methods plug in through their hooks; this file never branches on
+a method's name. Gradients never leak between the two levels: only the phase's parameters
+require gradients, and gradients are dropped after every step.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from comigs_dist import checkpoint, dist
+from comigs_dist.config import RunConfig, to_yaml
+from comigs_dist.data import BatchSampler, UserData, load_user_data
+from comigs_dist.evaluate import EvalResult, evaluate_split
+from comigs_dist.methods import Method, SyncContext, get_method
+from comigs_dist.metrics import build_logger
+from comigs_dist.model import UserModel, build_user_model
+
+
+# --------------------------------------------------------------------------------------------
+# pieces
+# --------------------------------------------------------------------------------------------
+
+def resolve_dataset(cfg: RunConfig, n_users: int) -> Path:
+    """The prepared dataset directory: data.path, or the embedded corpus (generated on first use)."""
+    if cfg.data.path != "embedded":
+        return Path(cfg.data.path)
+    from comigs_dist.synthetic import ensure_embedded_dataset
+    tokens = [int(cfg.per_user("data.train_tokens", u)) for u in range(n_users)]
+    return ensure_embedded_dataset(n_users, cfg.data.scenario, tokens, cfg.data.valid_tokens, cfg.data.test_tokens)
+
+
+def autocast_for(device: torch.device, amp: str):
+    """A context factory: bf16 autocast on CUDA when supported ('auto'), or as configured."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+    if amp == "off":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def cosine_schedule(total_steps: int, min_ratio: float):
+    """'One-cycle cosine' as the reference runs it: from lr down to lr * min_ratio, no warm-up."""
+    def factor(step: int) -> float:
+        progress = min(step, total_steps) / max(1, total_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def build_optimizer(params: list[torch.nn.Parameter], lr: float, cfg_train, device: torch.device):
+    if not params:
+        return None
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg_train.betas), eps=1e-8,
+                             weight_decay=cfg_train.weight_decay, fused=device.type == "cuda")
+
+
+class CommHandle:
+    """The communication a method may use, bound to this run's topology and comm settings."""
+
+    def __init__(self, topo: dist.Topology, mode: str, dtype: str):
+        self.topo, self.mode, self.dtype = topo, mode, dtype
+
+    def mean(self, group: str, tensors: list[torch.Tensor]) -> int:
+        return dist.sync_mean(self.topo, group, tensors, self.mode, self.dtype)
+
+    def broadcast(self, group: str, tensors: list[torch.Tensor]) -> None:
+        dist.broadcast_from(self.topo, group, tensors)
+
+
+@dataclass
+class UserRun:
+    """Everything one user holds during a run."""
+    cfg: RunConfig
+    topo: dist.Topology
+    method: Method
+    model: UserModel
+    data: UserData
+    shared: dict[str, list]
+    expert_opt: torch.optim.Optimizer | None
+    expert_sched: torch.optim.lr_scheduler.LambdaLR | None
+    router_opt: torch.optim.Optimizer | None
+    train_sampler: BatchSampler
+    router_sampler: BatchSampler
+    step: int = 0                 # local iterations done, counted across rounds (s in the paper's appendix)
+    router_step: int = 0
+    train_tokens: int = 0
+    train_seconds: float = 0.0
+    last_loss: float = float("nan")
+    history: list = field(default_factory=list)
+
+
+def _sampler_seed(seed: int, user_idx: int, stream: int) -> int:
+    # one independent stream per (seed, user, split): users never share a random stream
+    return (seed * 1_000_003 + user_idx * 7_919 + stream) % (2 ** 63)
+
+
+def setup_user(cfg: RunConfig, topo: dist.Topology) -> UserRun:
+    user = topo.user_idx
+    method = get_method(cfg.method)
+    data_dir = resolve_dataset(cfg, topo.world_size)
+    data = load_user_data(data_dir, user, cfg.train.seq_len, float(cfg.per_user("data.share", user)), cfg.data.verify)
+    model = build_user_model(cfg, user, data.vocab_size, method.routed).to(topo.device)
+
+    # process groups, created once on every rank in a fixed order
+    topo.build_groups(method.sharing_groups(topo.world_size))
+    shared: dict[str, list] = {}
+    for name, tag in model.report.tags.items():
+        if method.is_shared(tag):
+            shared.setdefault(method.group_of(tag), []).append((name, model.report.params[name]))
+    # shape handshake before the first collective: names the user and parameter that differ
+    for group in sorted(topo.groups):
+        dist.check_shapes(topo, group, [(n, p) for n, p in shared.get(group, [])])
+
+    expert_params = model.set_trainable(method.trains_in_expert_phase) if method.trains else []
+    router_params = [p for n, p in model.report.select(method.trains_in_router_phase)] if method.trains else []
+    t = cfg.train
+    expert_opt = build_optimizer(expert_params, t.lr, t, topo.device)
+    expert_sched = None
+    if expert_opt is not None:
+        factor = cosine_schedule(t.rounds * t.local_steps, t.min_lr_ratio) if t.schedule == "cosine" else (lambda s: 1.0)
+        expert_sched = torch.optim.lr_scheduler.LambdaLR(expert_opt, factor)
+    router_opt = build_optimizer(router_params, t.router_lr, t, topo.device)
+    router_tokens = data.valid if method.router_split == "valid" else data.train
+    return UserRun(cfg=cfg, topo=topo, method=method, model=model, data=data, shared=shared,
+                   expert_opt=expert_opt, expert_sched=expert_sched, router_opt=router_opt,
+                   train_sampler=BatchSampler(data.train, t.seq_len, _sampler_seed(cfg.seed, user, 1)),
+                   router_sampler=BatchSampler(router_tokens, t.seq_len, _sampler_seed(cfg.seed, user, 2)))
+
+
+def optimizer_step(run: UserRun, sampler: BatchSampler, opt: torch.optim.Optimizer, autocast) -> tuple[float, float, float]:
+    """One optimiser step on ``train.batch_size`` sequences, accumulated over micro-batches.
+    Returns (loss, cross-entropy, load-balancing loss) averaged over the micro-batches."""
+    t = run.cfg.train
+    micro = t.micro_batch_size or t.batch_size
+    n_micro = t.batch_size // micro
+    totals = [0.0, 0.0, 0.0]
+    for _ in range(n_micro):
+        x, y = sampler.sample(micro, run.topo.device)
+        with autocast():
+            out = run.model(x, y)
+            loss = out.ce + run.cfg.moe.lb_weight * out.lb
+        (loss / n_micro).backward()
+        for i, v in enumerate((loss, out.ce, out.lb)):
+            totals[i] += float(v.detach()) / n_micro
+    if not math.isfinite(totals[0]):
+        raise FloatingPointError(f"user {run.topo.user_idx}: the loss is {totals[0]} at local iteration {run.step} "
+                                 f"(round {run.step // t.local_steps}); lower train.lr or check the data")
+    if t.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], t.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return totals[0], totals[1], totals[2]
+
+
+def evaluate_test(run: UserRun, autocast) -> EvalResult:
+    e = run.cfg.eval
+    return evaluate_split(run.model, run.data.test, run.cfg.train.seq_len, e.batch_size, e.max_tokens,
+                          run.topo.device, autocast)
+
+
+def log_eval(logger, res: EvalResult, step: int, prefix: str = "test") -> None:
+    logger.scalar(f"{prefix}/loss", res.loss, step)
+    logger.scalar(f"{prefix}/ppl", res.ppl, step)
+    for layer, (probs, shares) in enumerate(res.routing):
+        for j, (p, s) in enumerate(zip(probs, shares)):
+            logger.scalar(f"{prefix}_router/prob/layer_{layer:02d}/expert_{j}", p, step)
+            logger.scalar(f"{prefix}_router/share/layer_{layer:02d}/expert_{j}", s, step)
+
+
+def save_checkpoint(run: UserRun, out_dir: Path, name: str, round_idx: int) -> Path:
+    state = {
+        "user": run.topo.user_idx, "round": round_idx, "step": run.step, "router_step": run.router_step,
+        "method": run.cfg.method, "params": {k: v.cpu() for k, v in run.model.trainable_state().items()},
+        "expert_opt": run.expert_opt.state_dict() if run.expert_opt else None,
+        "expert_sched": run.expert_sched.state_dict() if run.expert_sched else None,
+        "router_opt": run.router_opt.state_dict() if run.router_opt else None,
+        "train_sampler": run.train_sampler.state_dict(), "router_sampler": run.router_sampler.state_dict(),
+    }
+    path = checkpoint.user_dir(out_dir, run.topo.user_idx) / name
+    checkpoint.save_atomic(state, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------------
+
+def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None) -> dict:
+    """Run Algorithm 1 for this rank's user; returns the user's row of results.json."""
+    user_run = setup_user(cfg, topo)
+    r, model, method, t = user_run, user_run.model, user_run.method, cfg.train
+    logger = build_logger(out_dir, topo.user_idx, cfg.log.tensorboard)
+    autocast = autocast_for(topo.device, t.amp)
+    comm = CommHandle(topo, cfg.comm.mode, cfg.comm.dtype)
+    logger.text("config", "```\n" + to_yaml(cfg) + "\n```")
+
+    # the base model: untrained adapters leave it unchanged (B = 0)
+    base = evaluate_test(r, autocast)
+    log_eval(logger, base, 0, "base")
+    say(f"base model: mean test ppl over users {_mean_over_users(topo, base.ppl):.3f}")
+
+    rounds = t.rounds if method.trains else 0
+    for round_idx in range(rounds):
+        round_start = time.perf_counter()
+
+        # sync generalists: users download the aggregate of what they uploaded last round
+        # (Algorithm 1 aggregates at the start of each round; round 0 starts every shared
+        # parameter from user 0's initialisation instead)
+        if round_idx == 0:
+            if method.initial_sync:
+                for group, params in r.shared.items():
+                    comm.broadcast(group, [p.data for _, p in params])
+        else:
+            method.aggregate(SyncContext(shared=r.shared, comm=comm, round_idx=round_idx,
+                                         user_idx=topo.user_idx, n_users=topo.world_size))
+
+        for _ in range(t.local_steps):
+            # expert steps on training batches, router frozen (eq. 2)
+            model.set_trainable(method.trains_in_expert_phase)
+            step_start = time.perf_counter()
+            loss, ce, lb = optimizer_step(r, r.train_sampler, r.expert_opt, autocast)
+            r.expert_sched.step()
+            r.step += 1
+            r.train_tokens += t.batch_size * t.seq_len
+            r.train_seconds += time.perf_counter() - step_start
+            r.last_loss = loss
+            if r.step % cfg.log.every == 0:
+                logger.scalars({"train/loss": loss, "train/ce": ce, "train/lb": lb,
+                                "lr/expert": r.expert_opt.param_groups[0]["lr"],
+                                "perf/tokens_per_second": r.train_tokens / max(r.train_seconds, 1e-9)}, r.step)
+                for layer, stats in enumerate(model.routing_stats()):
+                    if stats is None:
+                        continue
+                    for j, (p, s) in enumerate(zip(*stats)):
+                        logger.scalar(f"router/prob/layer_{layer:02d}/expert_{j}", float(p), r.step)
+                        logger.scalar(f"router/share/layer_{layer:02d}/expert_{j}", float(s), r.step)
+
+            # router steps every tau local iterations, on the router's split, experts frozen (eq. 3)
+            if r.router_opt is not None and r.step % t.router_every == 0 and t.router_steps > 0:
+                model.set_trainable(method.trains_in_router_phase)
+                router_losses = []
+                for _ in range(t.router_steps):
+                    router_losses.append(optimizer_step(r, r.router_sampler, r.router_opt, autocast)[0])
+                    r.router_step += 1
+                logger.scalars({f"{method.router_split}/loss": sum(router_losses) / len(router_losses),
+                                "lr/router": r.router_opt.param_groups[0]["lr"]}, r.step)
+
+        logger.scalars({"comm/bytes_sent": topo.stats.bytes_sent, "comm/bytes_received": topo.stats.bytes_received},
+                       r.step)
+        if cfg.eval.every and (round_idx + 1) % cfg.eval.every == 0 and round_idx + 1 < rounds:
+            res = evaluate_test(r, autocast)
+            log_eval(logger, res, r.step)
+            r.history.append({"round": round_idx + 1, "step": r.step, "test_ppl": res.ppl})
+        if cfg.checkpoint.every and (round_idx + 1) % cfg.checkpoint.every == 0:
+            save_checkpoint(r, out_dir, f"round_{round_idx + 1:04d}.pt", round_idx + 1)
+        say(f"round {round_idx + 1}/{rounds}: mean train loss {_mean_over_users(topo, r.last_loss):.4f} "
+            f"({time.perf_counter() - round_start:.1f}s)")
+
+    # the user's model after its last local steps (what Algorithm 1 returns)
+    final = evaluate_test(r, autocast)
+    log_eval(logger, final, r.step)
+    r.history.append({"round": rounds, "step": r.step, "test_ppl": final.ppl})
+    if cfg.checkpoint.final and method.trains:
+        save_checkpoint(r, out_dir, "final.pt", rounds)
+    logger.close()
+    shared_numel = sum(p.numel() for params in r.shared.values() for _, p in params) if method.trains else 0
+    return {
+        "user": topo.user_idx,
+        "n_experts": cfg.n_experts(topo.user_idx),
+        "n_generalists": cfg.n_generalists(topo.user_idx),
+        "test_ppl": final.ppl,
+        "test_loss": final.loss,
+        "test_accuracy": final.accuracy,
+        "base_test_ppl": base.ppl,
+        "bytes_sent": topo.stats.bytes_sent,
+        "bytes_received": topo.stats.bytes_received,
+        "shared_params": shared_numel,
+        "trainable_params": model.report.count(),
+        "tokens_per_second": r.train_tokens / r.train_seconds if r.train_seconds else 0.0,
+        "train_tokens": r.train_tokens,
+        "local_steps": r.step,
+        "router_steps": r.router_step,
+        "final_train_loss": r.last_loss,
+        "routing": final.routing,
+        "test_curve": r.history,
+    }
+
+
+def _mean_over_users(topo: dist.Topology, value: float) -> float:
+    return dist.sum_scalars([value], topo.device)[0] / topo.world_size

@@ -1,0 +1,21 @@
+"""Small models and configs built in code for the tests."""
+def tiny_gpt2(vocab_size: int = 128, n_layer: int = 2, n_embd: int = 32, n_positions: int = 64):
+    """The tiny GPT-2 of the style guide (random weights, no dropout)."""
+    import torch
+    from comigs_dist.pretrain import _quiet_gpt2_config
+    from transformers import GPT2LMHeadModel
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(_quiet_gpt2_config(n_layer=n_layer, n_head=2, n_embd=n_embd, vocab_size=vocab_size,
+                                              n_positions=n_positions)).eval()
+
+
+def tiny_config(**overrides):
+    """A RunConfig for the tiny random GPT-2 on the embedded corpus (fast, no pretraining)."""
+    from comigs_dist.config import load_config
+    base = {"model.name": "tiny", "train.rounds": 2, "train.local_steps": 3, "train.router_every": 2,
+            "train.router_steps": 2, "train.batch_size": 4, "train.seq_len": 32, "eval.every": 0,
+            "eval.max_tokens": 1024, "log.tensorboard": False, "log.progress": False,
+            "checkpoint.final": False, "data.train_tokens": 4000, "data.valid_tokens": 2000,
+            "data.test_tokens": 2000}
+    base.update(overrides)
+    return load_config(None, [f"{k}={v}" for k, v in base.items()])

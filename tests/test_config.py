@@ -1,0 +1,104 @@
+"""Configuration: YAML + overrides, types, and every validation error before any process group."""
+import subprocess
+import sys
+
+import pytest
+import torch.distributed as dist
+
+from comigs_dist.config import ConfigError, RunConfig, check_world_size, describe_options, load_config
+from comigs_dist.main import main
+
+
+def test_defaults_are_the_embedded_comigs_run():
+    """No arguments: CoMiGS-1G1S on the embedded corpus with the paper's schedule."""
+    cfg = load_config()
+    assert cfg.method == "comigs_1g1s" and cfg.data.path == "embedded" and cfg.model.name == "embedded"
+    assert (cfg.train.rounds, cfg.train.local_steps, cfg.train.router_every, cfg.train.router_steps) == (20, 10, 30, 10)
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.moe.lb_weight, cfg.train.lr) == (8, 16.0, 0.01, 2e-3)
+
+
+def test_yaml_then_overrides(tmp_path):
+    """Overrides win over the file; values are coerced to the declared types."""
+    f = tmp_path / "c.yaml"
+    f.write_text("method: local\ntrain:\n  rounds: 3\n  lr: 1e-3\nmoe:\n  n_experts: [2, 3]\n")
+    cfg = load_config(f, ["train.rounds=5", "seed=7", "comm.mode=all2all", "train.lr=5e-4", "moe.top_k=null"])
+    assert cfg.method == "local" and cfg.train.rounds == 5 and cfg.seed == 7 and cfg.comm.mode == "all2all"
+    assert cfg.train.lr == 5e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.moe.n_experts == [2, 3] and cfg.n_experts(1) == 3 and cfg.top_k(0) == 2
+    assert load_config(None, ["moe.n_experts=1"]).top_k(0) == 1
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.roundz=3"], r"unknown key 'train.roundz'; did you mean 'rounds'"),
+    (["bogus=1"], r"unknown key 'bogus'"),
+    (["train.rounds=many"], r"train.rounds \('many'\) must be an integer"),
+    (["train.lr=-1"], r"train.lr \(-1.0\) must be > 0"),
+    (["comm.mode=p2p"], r"comm.mode \('p2p'\) must be one of 'server', 'all2all'"),
+    (["moe.top_k=3"], r"moe.top_k \(3\) must be <= moe.n_experts \(2\)"),
+    (["moe.n_experts=[2, 4]", "moe.top_k=3"], r"moe.top_k \(3\) must be <= moe.n_experts \(2\) for user 0"),
+    (["moe.n_experts=[2, 2]", "lora.rank=[8, 8, 8]"], r"per-user lists have different lengths"),
+    (["n_users=3", "moe.n_experts=[2, 2]"], r"moe.n_experts has 2 entries but n_users is 3"),
+    (["method=nope"], r"method \('nope'\) is not a known method; choose one of: .*comigs_1g1s"),
+    (["data.path=/does/not/exist"], r"data.path \(/does/not/exist\) does not exist"),
+    (["train.batch_size=10", "train.micro_batch_size=4"], r"micro_batch_size \(4\) must divide"),
+    (["data.share=1.5"], r"data.share \(1.5\) must be in \(0, 1\]"),
+])
+def test_each_validation_error_names_key_and_fix(overrides, message):
+    """Every rejected value produces a ConfigError naming the key, and no process group exists."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+    assert not dist.is_initialized()
+
+
+def test_all_problems_reported_together():
+    """Several bad values: one error listing all of them."""
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["train.lr=-1", "train.rounds=0", "moe.top_k=5"])
+    text = str(exc.value)
+    assert "3 problems" in text and "train.lr" in text and "train.rounds" in text and "moe.top_k" in text
+
+
+def test_users_must_match_world_size():
+    """More users than ranks is refused before any group exists; n_users defaults to the world size."""
+    cfg = load_config(None, ["n_users=4"])
+    with pytest.raises(ConfigError, match=r"n_users \(4\) must equal the number of ranks \(2\)"):
+        check_world_size(cfg, 2)
+    cfg = load_config(None, ["moe.n_experts=[1, 2, 4]"])
+    with pytest.raises(ConfigError, match=r"n_users \(3\) must equal the number of ranks \(2\)"):
+        check_world_size(cfg, 2)
+    cfg = load_config()
+    check_world_size(cfg, 3)
+    assert cfg.n_users == 3
+    assert not dist.is_initialized()
+
+
+def test_main_reports_config_errors_with_exit_code_2(capsys):
+    """The CLI prints the message and exits 2 without starting anything."""
+    assert main(["train.rounds=0", "moe.top_k=9"]) == 2
+    err = capsys.readouterr().err
+    assert "train.rounds (0) must be > 0" in err and "moe.top_k (9)" in err
+    assert main(["--config", "/nope.yaml"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["--frobnicate"]) == 2
+    assert not dist.is_initialized()
+
+
+def test_help_lists_every_option_with_its_default():
+    """--help shows each dotted key, its default and its help text."""
+    out = subprocess.run([sys.executable, "-m", "comigs_dist.main", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for key, default, _ in describe_options():
+        assert f"{key}={default}" in out
+    for key in ("train.router_every=30", "train.router_steps=10", "comm.mode=server", "model.name=embedded",
+                "data.path=embedded", "out_dir=null", "method=comigs_1g1s"):
+        assert key in out
+
+
+def test_config_round_trips_through_yaml(tmp_path):
+    """The resolved config written by a run loads back to the same values."""
+    from comigs_dist.config import to_yaml
+    cfg = load_config(None, ["moe.n_experts=[1, 3]", "train.rounds=4"])
+    f = tmp_path / "resolved.yaml"
+    f.write_text(to_yaml(cfg))
+    assert load_config(f).to_dict() == cfg.to_dict()
+    assert RunConfig().to_dict() == load_config().to_dict()

@@ -1,0 +1,237 @@
+"""LoRA, routing, the mixture of LoRA experts and injection: equivalences and hand-computed values."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from comigs_dist.model import AdapterSpec, Role, UserModel, inject_adapters
+from comigs_dist.model.inject import mlp_modules
+from comigs_dist.model.lora import LoRALinear, frozen_weight_out_in, rs_scale
+from comigs_dist.model.moe import MoELoRAMLP
+from comigs_dist.model.roles import ParamTag
+from comigs_dist.model.routing import (Routing, compute_load_balancing_loss, compute_topk_routing,
+                                       importance_weights)
+from helpers import tiny_gpt2
+
+SPEC = AdapterSpec(n_experts=2, n_generalists=1, rank=4, alpha=16.0, attn_rank=4, top_k=2, routed=True,
+                   load_balancing="generalist")
+
+
+def _randomise_b(model: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_untrained_adapters_leave_logits_unchanged():
+    """B = 0 in every injected module: the adapted model's logits equal the base model's."""
+    x = torch.randint(0, 128, (2, 16))
+    base = tiny_gpt2()
+    ref = base(input_ids=x).logits
+    for spec in (SPEC, AdapterSpec(3, 1, 4, 16.0, 4, 2, True, "uniform"), AdapterSpec(2, 1, 4, 16.0, 4, 2, False, "none"),
+                 AdapterSpec(1, 1, 4, 16.0, 4, 1, True, "uniform")):
+        model = tiny_gpt2()
+        inject_adapters(model, spec)
+        torch.testing.assert_close(model(input_ids=x).logits, ref, rtol=0, atol=1e-5)
+
+
+def test_each_lora_module_with_zero_b_is_the_base_layer():
+    """Every wrapped attention projection with B = 0 returns exactly its frozen layer's output."""
+    model = tiny_gpt2()
+    originals = {n: m for n, m in model.named_modules() if n.endswith(("attn.c_attn", "attn.c_proj"))}
+    inject_adapters(model, SPEC)
+    x = torch.randn(5, 32)
+    wrapped = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert len(wrapped) == 4 and len(originals) == 4
+    for m in wrapped:
+        torch.testing.assert_close(m(x), m.base_layer(x))
+
+
+def test_lora_scale_and_init():
+    """Rank-stabilised scale alpha/sqrt(r); A is U(-1/sqrt(in), 1/sqrt(in)), B is zero."""
+    assert rs_scale(16, 8) == pytest.approx(16 / math.sqrt(8))
+    layer = LoRALinear(nn.Linear(100, 7), 8, 16.0, None, None)
+    assert layer.lora.lora_B.abs().sum() == 0
+    assert layer.lora.lora_A.abs().max() <= 1 / math.sqrt(100)
+    with torch.no_grad():
+        layer.lora.lora_B.normal_()
+    x = torch.randn(3, 100)
+    expected = layer.base_layer(x) + (16 / math.sqrt(8)) * x @ layer.lora.lora_A.t() @ layer.lora.lora_B.t()
+    torch.testing.assert_close(layer(x), expected)
+    torch.testing.assert_close(x @ layer.merged_weight_out_in().t() + layer.base_layer.bias, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_topk_routing_against_hand_values():
+    """Top-2 of [1, 3, 2] picks experts 1 and 2 with weights softmax([3, 2])."""
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.0, -1.0, 4.0]])
+    r = compute_topk_routing(logits, 2)
+    assert r.indices.tolist() == [[1, 2], [2, 0]]
+    e = math.exp(1)
+    torch.testing.assert_close(r.weights[0], torch.tensor([e / (e + 1), 1 / (e + 1)]))
+    torch.testing.assert_close(r.weights[1], torch.tensor([math.exp(4) / (math.exp(4) + 1), 1 / (math.exp(4) + 1)]))
+    torch.testing.assert_close(r.weights.sum(-1), torch.ones(2))
+    r1 = compute_topk_routing(logits, 1)
+    assert r1.indices.tolist() == [[1], [2]] and r1.weights.tolist() == [[1.0], [1.0]]
+
+
+def test_load_balancing_losses_against_hand_values():
+    """L = n * sum_j c_j f_j P_j with f the slot shares and P the mean full-softmax probabilities."""
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]])
+    indices = torch.tensor([[0, 1], [1, 2]])
+    r = Routing(weights=torch.full((2, 2), 0.5), indices=indices, probs=probs, n_experts=3)
+    f = [1 / 4, 2 / 4, 1 / 4]
+    p = [0.3, 0.45, 0.25]
+    uniform = 3 * sum(fj * pj for fj, pj in zip(f, p))
+    assert compute_load_balancing_loss(r, "uniform").item() == pytest.approx(uniform)
+    # eq. 5 factors for n = 3: 1/5 and 2/5, scaled by n so they average to 1
+    c = [3 / 5, 6 / 5, 6 / 5]
+    assert importance_weights(3, "generalist").tolist() == pytest.approx(c)
+    favoured = 3 * sum(cj * fj * pj for cj, fj, pj in zip(c, f, p))
+    assert compute_load_balancing_loss(r, "generalist").item() == pytest.approx(favoured)
+    assert compute_load_balancing_loss(r, "none").item() == 0.0
+    # n = 2: the generalist-favoured loss is the uniform one (paper, appendix C.4)
+    assert importance_weights(2, "generalist").tolist() == [1.0, 1.0]
+
+
+def test_load_balancing_gradient_reaches_router_only_through_probabilities():
+    """P_j carries the gradient, f_j does not (it is a count)."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]], requires_grad=True)
+    r = compute_topk_routing(logits, 2)
+    loss = compute_load_balancing_loss(r, "uniform")
+    loss.backward()
+    # f = (1/2, 1/2, 0, 0): dL/dlogits = n * sum_j f_j dP_j/dlogits
+    p = torch.softmax(logits.detach(), -1)[0]
+    f = torch.tensor([0.5, 0.5, 0.0, 0.0])
+    expected = 4 * (p * (f - (f * p).sum()))
+    torch.testing.assert_close(logits.grad[0], expected)
+
+
+def _moe(n_experts: int, top_k: int, routed: bool = True, d: int = 16, h: int = 40, seed: int = 0):
+    torch.manual_seed(seed)
+    mlp = tiny_gpt2(n_embd=d).transformer.h[0].mlp
+    # widen c_fc/c_proj to an arbitrary hidden size to catch shape mix-ups
+    from transformers.pytorch_utils import Conv1D
+    mlp.c_fc, mlp.c_proj = Conv1D(h, d), Conv1D(d, h)
+    for p in mlp.parameters():
+        p.data.normal_(0, 0.2)
+    moe = MoELoRAMLP(mlp, ("c_fc",), "c_proj", lambda pre: mlp.act(pre[0]), n_experts=n_experts, n_generalists=1,
+                     rank=4, alpha=16.0, top_k=top_k, routed=routed, load_balancing="uniform", layer=0)
+    _randomise_b(moe, seed)
+    if moe.router is not None:
+        moe.router.weight.data.normal_(0, 1.0)
+    return moe
+
+
+@pytest.mark.parametrize("n_experts,top_k", [(1, 1), (2, 1), (2, 2), (3, 2), (8, 1), (8, 2)])
+def test_mixture_equals_explicit_sum_of_full_expert_mlps(n_experts, top_k):
+    """y = sum over the selected experts of w_j E_j(u), E_j a full MLP with merged weights."""
+    moe = _moe(n_experts, top_k)
+    u = torch.randn(2, 7, 16)
+    y = moe(u).reshape(-1, 16)
+    flat = u.reshape(-1, 16)
+    if moe.router is None:
+        expected = moe.expert_output_merged(0, flat)
+    else:
+        r = moe.router(flat)
+        outs = torch.stack([moe.expert_output_merged(j, flat) for j in range(n_experts)], 1)  # (N, E, D)
+        picked = outs.gather(1, r.indices.unsqueeze(-1).expand(-1, -1, 16))                    # (N, K, D)
+        expected = (r.weights.unsqueeze(-1) * picked).sum(1)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_experts,top_k", [(1, 1), (2, 1), (2, 2), (8, 1), (8, 2)])
+def test_shared_frozen_compute_equals_naive_forward_and_gradients(n_experts, top_k):
+    """Computing the frozen products once gives the k-full-MLP result, forward and gradients."""
+    moe = _moe(n_experts, top_k)
+    u = torch.randn(3, 5, 16, requires_grad=True)
+    grads = []
+    for shared in (True, False):
+        moe.shared_frozen = shared
+        moe.zero_grad(set_to_none=True)
+        u.grad = None
+        y = moe(u)
+        (y.square().sum() + moe.aux_loss).backward()
+        grads.append((y.detach(), u.grad.clone(), {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}))
+    (y0, gu0, gp0), (y1, gu1, gp1) = grads
+    torch.testing.assert_close(y0, y1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gu0, gu1, rtol=1e-4, atol=1e-5)
+    assert gp0.keys() == gp1.keys() and gp0
+    for n in gp0:
+        torch.testing.assert_close(gp0[n], gp1[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_one_expert_mixture_equals_single_lora():
+    """A mixture with one expert is the frozen MLP with one LoRA on each projection."""
+    moe = _moe(1, 1)
+    assert moe.router is None
+    e = moe.experts[0]
+    u = torch.randn(6, 16)
+    h = moe.base.act(moe.base.c_fc(u) + e.in_loras[0](u))
+    expected = moe.base.c_proj(h) + e.out_lora(h)
+    torch.testing.assert_close(moe(u), expected)
+
+
+def test_uniform_mixture_without_router_averages_all_experts():
+    """No router (Local/FedAvg baselines): y = mean_j E_j(u)."""
+    moe = _moe(2, 2, routed=False)
+    assert moe.router is None
+    u = torch.randn(4, 16)
+    expected = 0.5 * (moe.expert_output_merged(0, u) + moe.expert_output_merged(1, u))
+    torch.testing.assert_close(moe(u), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_injection_tags_every_trainable_parameter_with_its_role():
+    """Expert 0 and attention LoRA are generalists, expert 1 a specialist, routers routers; nothing else trains."""
+    model = tiny_gpt2()
+    report = inject_adapters(model, SPEC)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(report.tags)
+    roles = {}
+    for name, tag in report.tags.items():
+        roles.setdefault(tag.role, set()).add((tag.kind, tag.expert))
+    assert roles[Role.GENERALIST] == {("attn", -1), ("expert", 0)}
+    assert roles[Role.SPECIALIST] == {("expert", 1)}
+    assert roles[Role.ROUTER] == {("router", -1)}
+    # counts by hand: 2 layers; attn c_attn (32->96) and c_proj (32->32) with r=4;
+    # per expert c_fc (32->128) and c_proj (128->32) with r=4; router 32 x 2 per layer
+    attn = 2 * (4 * (32 + 96) + 4 * (32 + 32))
+    expert = 2 * (4 * (32 + 128) + 4 * (128 + 32))
+    router = 2 * 32 * 2
+    assert report.counts_by_role() == {"generalist": attn + expert, "specialist": expert, "router": router}
+
+
+def test_gpt2_124m_trainable_counts_match_the_reference():
+    """On GPT-2 124M's shapes, E=2 r=8 gives the reference's 1,935,360 trainable parameters
+    (attention 442,368, one expert 737,280, routers 18,432; baselines.md section 1.2)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(GPT2Config())
+    report = inject_adapters(model, AdapterSpec(2, 1, 8, 16.0, 8, 2, True, "uniform"))
+    assert report.count() == 1_935_360
+    assert report.count(lambda t: t.kind == "attn") == 442_368
+    assert report.count(lambda t: t.kind == "expert" and t.expert == 0) == 737_280
+    assert report.count(lambda t: t.kind == "router") == 18_432
+
+
+def test_injection_fails_clearly_on_an_unknown_family():
+    """A model that is neither GPT-2 nor Llama is refused with the list of supported families."""
+    with pytest.raises(ValueError, match="not supported; supported: gpt2, llama"):
+        inject_adapters(nn.Linear(2, 2), SPEC)
+
+
+def test_user_model_returns_cross_entropy_and_load_balancing():
+    """UserModel.forward gives the mean token cross-entropy and the layer-mean LB loss."""
+    model = tiny_gpt2()
+    report = inject_adapters(model, AdapterSpec(3, 1, 4, 16.0, 4, 2, True, "uniform"))
+    um = UserModel(model, report, SPEC)
+    x = torch.randint(0, 128, (2, 16))
+    y = torch.randint(0, 128, (2, 16))
+    out = um(x, y)
+    logits = model(input_ids=x).logits
+    torch.testing.assert_close(out.ce, torch.nn.functional.cross_entropy(logits.reshape(-1, 128), y.reshape(-1)))
+    per_layer = torch.stack([m.aux_loss for m in mlp_modules(model)])
+    torch.testing.assert_close(out.lb, per_layer.mean())
+    assert out.lb.item() >= 1.0 - 1e-6  # the uniform loss is minimal (1) at perfect balance

@@ -1,0 +1,134 @@
+"""Algorithm 1 on real process groups (gloo, several processes, the tiny GPT-2)."""
+import pytest
+import torch
+import torch.distributed as tdist
+
+from comigs_dist import dist
+from comigs_dist.config import check_world_size
+from comigs_dist.methods import SyncContext
+from comigs_dist.model.roles import Role
+from comigs_dist.train import CommHandle, optimizer_step, run, setup_user
+from dist_harness import init_topology, run_on_ranks
+from helpers import tiny_config
+
+
+def _snapshot(model, role=None, kind=None):
+    return {n: p.detach().clone() for n, p in model.report.params.items()
+            if (role is None or model.report.tags[n].role == role) and (kind is None or model.report.tags[n].kind == kind)}
+
+
+def _gather(tensors: dict) -> list[dict]:
+    out = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, {k: v.clone() for k, v in tensors.items()})
+    return out
+
+
+def _round_worker(rank, world_size, tmp_path, mode):
+    cfg = tiny_config(**{"comm.mode": mode})
+    check_world_size(cfg, world_size)
+    topo = init_topology()
+    r = setup_user(cfg, topo)
+    for _ in range(2):  # local steps on each user's own data: every parameter now differs
+        r.model.set_trainable(r.method.trains_in_expert_phase)
+        optimizer_step(r, r.train_sampler, r.expert_opt, lambda: torch.autocast("cpu", enabled=False))
+        r.model.set_trainable(r.method.trains_in_router_phase)
+        optimizer_step(r, r.router_sampler, r.router_opt, lambda: torch.autocast("cpu", enabled=False))
+    gen_before = _gather(_snapshot(r.model, Role.GENERALIST))
+    local_before = _snapshot(r.model, Role.SPECIALIST) | _snapshot(r.model, Role.ROUTER)
+
+    r.method.aggregate(SyncContext(shared=r.shared, comm=CommHandle(topo, mode, "fp32"), round_idx=1,
+                                   user_idx=rank, n_users=world_size))
+
+    gen_after = _gather(_snapshot(r.model, Role.GENERALIST))
+    for name in gen_before[0]:
+        expected = sum(g[name] for g in gen_before) / world_size
+        for user in range(world_size):  # bit-identical on every user, equal to the mean
+            assert torch.equal(gen_after[user][name], gen_after[0][name]), (name, user)
+        torch.testing.assert_close(gen_after[0][name], expected, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(gen_before[0][name], gen_before[1][name])
+    local_after = _snapshot(r.model, Role.SPECIALIST) | _snapshot(r.model, Role.ROUTER)
+    assert local_after.keys() == local_before.keys() and local_after
+    for name in local_after:  # untouched by the sync ...
+        assert torch.equal(local_after[name], local_before[name]), name
+    others = _gather(local_after)
+    for name in local_after:  # ... and still different between users
+        if name.endswith("lora_B") or "router" in name:
+            assert not torch.equal(others[0][name], others[1][name]), name
+    # bytes: the payload of all generalists, once up and once down (server), or to/from each peer
+    payload = sum(p.numel() for _, p in r.shared["generalists"]) * 4
+    peers = 1 if mode == "server" else world_size - 1
+    assert topo.stats.bytes_sent == payload * peers and topo.stats.bytes_received == payload * peers
+
+
+@pytest.mark.parametrize("world_size,mode", [(2, "server"), (4, "server"), (4, "all2all")])
+def test_after_a_round_generalists_are_averaged_and_specialists_stay(tmp_path, world_size, mode):
+    """After the sync every user holds bit-identical generalists equal to the mean of what they held;
+    specialists and routers are untouched and still differ between users."""
+    run_on_ranks(_round_worker, world_size, tmp_path, mode)
+
+
+def _phase_worker(rank, world_size, tmp_path):
+    cfg = tiny_config()
+    topo = init_topology()
+    r = setup_user(cfg, topo)
+    off = lambda: torch.autocast("cpu", enabled=False)
+    router = lambda: _snapshot(r.model, Role.ROUTER)
+    experts = lambda: _snapshot(r.model, Role.GENERALIST) | _snapshot(r.model, Role.SPECIALIST)
+    for _ in range(2):
+        before_r, before_e = router(), experts()
+        r.model.set_trainable(r.method.trains_in_expert_phase)
+        optimizer_step(r, r.train_sampler, r.expert_opt, off)
+        assert all(torch.equal(v, router()[k]) for k, v in before_r.items()), "router moved in an expert step"
+        assert any(not torch.equal(v, experts()[k]) for k, v in before_e.items())
+        assert all(p.grad is None for p in r.model.report.params.values()), "gradients left behind"
+        before_r, before_e = router(), experts()
+        r.model.set_trainable(r.method.trains_in_router_phase)
+        optimizer_step(r, r.router_sampler, r.router_opt, off)
+        assert all(torch.equal(v, experts()[k]) for k, v in before_e.items()), "experts moved in a router step"
+        assert all(not torch.equal(v, router()[k]) for k, v in before_r.items())
+        assert all(p.grad is None for p in r.model.report.params.values()), "gradients left behind"
+
+
+def test_router_frozen_in_expert_steps_and_experts_frozen_in_router_steps(tmp_path):
+    """The two levels of Algorithm 1 never move each other's parameters nor leave gradients behind."""
+    run_on_ranks(_phase_worker, 1, tmp_path)
+
+
+def _snapshot_from_ckpt(out_dir, rank):
+    from comigs_dist import checkpoint
+    return checkpoint.load(checkpoint.user_dir(out_dir, rank) / "final.pt")["params"]
+
+
+def test_users_with_different_expert_counts_train_together(tmp_path):
+    """n_i = 1 and n_i = 3 in one run: both improve on the base; the one-expert user has no router."""
+    run_on_ranks(_hetero_worker_ckpt, 2, tmp_path)
+
+
+def _hetero_worker_ckpt(rank, world_size, tmp_path):
+    cfg = tiny_config(**{"moe.n_experts": "[1, 3]", "train.rounds": 3, "checkpoint.final": True})
+    check_world_size(cfg, world_size)
+    topo = init_topology()
+    row = run(cfg, topo, tmp_path / "run")
+    assert row["n_experts"] == [1, 3][rank]
+    assert row["test_ppl"] < row["base_test_ppl"]
+    params = _snapshot_from_ckpt(tmp_path / "run", rank)
+    names = _gather({n: torch.zeros(1) for n in params})
+    assert not any("router" in n for n in names[0]), "a user with one expert must have no router"
+    assert any("router" in n for n in names[1])
+    assert any(".experts.2." in n for n in names[1]) and not any(".experts.1." in n for n in names[0])
+    # the shared generalist (expert 0 and attention LoRA) ends identical up to the last local steps:
+    # both users started the last round from the same average
+    assert {n for n in names[0] if ".experts.0." in n or ".attn." in n} <= set(names[1])
+
+
+def _mismatch_worker(rank, world_size, tmp_path):
+    cfg = tiny_config(**{"lora.rank": "[4, 8]"})
+    topo = init_topology()
+    with pytest.raises(ValueError, match=r"user 1 holds .*experts\.0\.in_loras\.0\.lora_A with shape \(8, 32\).*"
+                                         r"user 0 holds \(4, 32\)"):
+        setup_user(cfg, topo)
+
+
+def test_generalists_of_different_shapes_are_refused_before_any_collective(tmp_path):
+    """Generalists whose shapes differ between users: an error naming the user and the parameter."""
+    run_on_ranks(_mismatch_worker, 2, tmp_path)
