@@ -75,6 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     start = time.perf_counter()
+    try:
+        # build cached assets (embedded corpus and base) before any process group exists: one
+        # process per host builds under a file lock while the others wait, outside any collective
+        from comigs_dist.train import prepare_assets
+        prepare_assets(cfg, dist.env_world_size(), progress=is_rank0 and cfg.log.progress)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     topo = dist.init_distributed(cfg.comm.backend, cfg.model.device, cfg.comm.timeout_s, cfg.train.threads)
     say = (lambda msg: print(f"[comigs] {msg}", flush=True)) if topo.rank == 0 and cfg.log.progress else (lambda msg: None)
     try:

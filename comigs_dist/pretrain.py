@@ -28,6 +28,17 @@ def _quiet_gpt2_config(**kw):
     return GPT2Config(**kw)
 
 
+def save_hf_checkpoint(model, out_dir: str | Path) -> None:
+    """Write config.json + model.safetensors that ``from_pretrained`` loads. (transformers'
+    ``save_pretrained`` silently writes no weights on a rank other than 0 of an initialised
+    process group, and any rank may be the one that builds a cache entry.)"""
+    from safetensors.torch import save_model
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out_dir)
+    save_model(model, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+
+
 @torch.no_grad()
 def evaluate_ppl(model, tokens: np.ndarray, seq_len: int, batch_size: int = 32) -> float:
     """exp(mean token cross-entropy) over non-overlapping windows of ``tokens``."""
@@ -70,8 +81,6 @@ def pretrain_gpt2(config: dict, tokens: np.ndarray, held_out: np.ndarray, *, ste
                   f"({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
     model.eval()
     ppl = evaluate_ppl(model, held_out, seq_len)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
+    save_hf_checkpoint(model, out_dir)
     return {"steps": steps, "final_train_loss": loss_value, "held_out_ppl": ppl,
             "seconds": time.perf_counter() - start, "n_params": sum(p.numel() for p in model.parameters())}

@@ -5,9 +5,9 @@ needs no download. The language is a first-order Markov chain over a 256-token v
 (token 0 ends a document):
 
 * the *public* chain P0 is what the base model is pretrained on (``public`` text);
-* a *shared* change, common to every user and unknown to the base, rewires 35% of the states
-  (their successor distribution becomes 0.75 new + 0.25 old): collaboration pays off here;
-* each user has a *private* change of 25% of the states (drawn independently per user, so two
+* a *shared* change, common to every user and unknown to the base, rewires half of the states
+  (their successor distribution becomes 0.6 new + 0.4 old): collaboration pays off here;
+* each user has a *private* change of 15% of the states (drawn independently per user, so two
   users may disagree on the same state): only that user's data shows it.
 
 User u's text follows P0 changed by the shared and then by its private rewiring. Per-token
@@ -41,9 +41,9 @@ WORLD_SEED = 20_240_919
 GENERATOR_VERSION = 1
 MEAN_DOC_LEN = 400
 N_SUCCESSORS = 6
-SHARED_FRACTION = float(env_get("COMIGS_SYNTH_SHARED_FRACTION") or 0.35)  # TEMP
-PRIVATE_FRACTION = float(env_get("COMIGS_SYNTH_PRIVATE_FRACTION") or 0.25)  # TEMP
-NEW_WEIGHT = float(env_get("COMIGS_SYNTH_NEW_WEIGHT") or 0.75)  # TEMP
+SHARED_FRACTION = 0.5
+PRIVATE_FRACTION = 0.15
+NEW_WEIGHT = 0.6
 
 # the embedded base: a 4-layer GPT-2 of ~0.8M parameters, pretrained on public text
 BASE_CONFIG = dict(n_layer=4, n_head=4, n_embd=128, n_positions=256, vocab_size=VOCAB_SIZE)

@@ -39,6 +39,14 @@ def resolve_dataset(cfg: RunConfig, n_users: int) -> Path:
     return ensure_embedded_dataset(n_users, cfg.data.scenario, tokens, cfg.data.valid_tokens, cfg.data.test_tokens)
 
 
+def prepare_assets(cfg: RunConfig, n_users: int, progress: bool = False) -> None:
+    """Generate the embedded corpus and pretrain the embedded base if they are not cached yet."""
+    resolve_dataset(cfg, n_users)
+    if cfg.model.name == "embedded":
+        from comigs_dist.synthetic import ensure_embedded_base
+        ensure_embedded_base(progress=progress)
+
+
 def autocast_for(device: torch.device, amp: str):
     """A context factory: bf16 autocast on CUDA when supported ('auto'), or as configured."""
     if amp == "auto":
@@ -137,7 +145,8 @@ def setup_user(cfg: RunConfig, topo: dist.Topology) -> UserRun:
                    router_sampler=BatchSampler(router_tokens, t.seq_len, _sampler_seed(cfg.seed, user, 2)))
 
 
-def optimizer_step(run: UserRun, sampler: BatchSampler, opt: torch.optim.Optimizer, autocast) -> tuple[float, float, float]:
+def optimizer_step(run: UserRun, sampler: BatchSampler, opt: torch.optim.Optimizer, autocast,
+                   expert_phase: bool = True, comm: "CommHandle | None" = None) -> tuple[float, float, float]:
     """One optimiser step on ``train.batch_size`` sequences, accumulated over micro-batches.
     Returns (loss, cross-entropy, load-balancing loss) averaged over the micro-batches."""
     t = run.cfg.train
@@ -149,22 +158,36 @@ def optimizer_step(run: UserRun, sampler: BatchSampler, opt: torch.optim.Optimiz
         with autocast():
             out = run.model(x, y)
             loss = out.ce + run.cfg.moe.lb_weight * out.lb
+            extra = run.method.extra_loss(run.model) if expert_phase else None
+            if extra is not None:
+                loss = loss + extra
         (loss / n_micro).backward()
         for i, v in enumerate((loss, out.ce, out.lb)):
             totals[i] += float(v.detach()) / n_micro
     if not math.isfinite(totals[0]):
         raise FloatingPointError(f"user {run.topo.user_idx}: the loss is {totals[0]} at local iteration {run.step} "
                                  f"(round {run.step // t.local_steps}); lower train.lr or check the data")
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if expert_phase and comm is not None:
+        run.method.reduce_gradients(comm, [p for p in params if p.grad is not None])
     if t.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], t.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if expert_phase:
+        run.method.after_expert_step(run.model)
     return totals[0], totals[1], totals[2]
 
 
 def evaluate_test(run: UserRun, autocast) -> EvalResult:
     e = run.cfg.eval
     return evaluate_split(run.model, run.data.test, run.cfg.train.seq_len, e.batch_size, e.max_tokens,
+                          run.topo.device, autocast)
+
+
+def evaluate_valid(run: UserRun, autocast) -> EvalResult:
+    e = run.cfg.eval
+    return evaluate_split(run.model, run.data.valid, run.cfg.train.seq_len, e.batch_size, e.max_tokens,
                           run.topo.device, autocast)
 
 
@@ -221,14 +244,16 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
                 for group, params in r.shared.items():
                     comm.broadcast(group, [p.data for _, p in params])
         else:
-            method.aggregate(SyncContext(shared=r.shared, comm=comm, round_idx=round_idx,
-                                         user_idx=topo.user_idx, n_users=topo.world_size))
+            method.aggregate(SyncContext(
+                shared=r.shared, comm=comm, round_idx=round_idx, user_idx=topo.user_idx, n_users=topo.world_size,
+                evaluate_valid=lambda: evaluate_valid(r, autocast).loss, n_train_tokens=len(r.data.train),
+                model=model))
 
         for _ in range(t.local_steps):
             # expert steps on training batches, router frozen (eq. 2)
             model.set_trainable(method.trains_in_expert_phase)
             step_start = time.perf_counter()
-            loss, ce, lb = optimizer_step(r, r.train_sampler, r.expert_opt, autocast)
+            loss, ce, lb = optimizer_step(r, r.train_sampler, r.expert_opt, autocast, True, comm)
             r.expert_sched.step()
             r.step += 1
             r.train_tokens += t.batch_size * t.seq_len
@@ -250,7 +275,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
                 model.set_trainable(method.trains_in_router_phase)
                 router_losses = []
                 for _ in range(t.router_steps):
-                    router_losses.append(optimizer_step(r, r.router_sampler, r.router_opt, autocast)[0])
+                    router_losses.append(optimizer_step(r, r.router_sampler, r.router_opt, autocast, False)[0])
                     r.router_step += 1
                 logger.scalars({f"{method.router_split}/loss": sum(router_losses) / len(router_losses),
                                 "lr/router": r.router_opt.param_groups[0]["lr"]}, r.step)

@@ -14,7 +14,7 @@ def test_defaults_are_the_embedded_comigs_run():
     cfg = load_config()
     assert cfg.method == "comigs_1g1s" and cfg.data.path == "embedded" and cfg.model.name == "embedded"
     assert (cfg.train.rounds, cfg.train.local_steps, cfg.train.router_every, cfg.train.router_steps) == (20, 10, 30, 10)
-    assert (cfg.lora.rank, cfg.lora.alpha, cfg.moe.lb_weight, cfg.train.lr) == (8, 16.0, 0.01, 2e-3)
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.moe.lb_weight, cfg.train.lr) == (8, 16.0, 0.01, 5e-3)
 
 
 def test_yaml_then_overrides(tmp_path):

@@ -32,7 +32,7 @@ def _round_worker(rank, world_size, tmp_path, mode):
         r.model.set_trainable(r.method.trains_in_expert_phase)
         optimizer_step(r, r.train_sampler, r.expert_opt, lambda: torch.autocast("cpu", enabled=False))
         r.model.set_trainable(r.method.trains_in_router_phase)
-        optimizer_step(r, r.router_sampler, r.router_opt, lambda: torch.autocast("cpu", enabled=False))
+        optimizer_step(r, r.router_sampler, r.router_opt, lambda: torch.autocast("cpu", enabled=False), False)
     gen_before = _gather(_snapshot(r.model, Role.GENERALIST))
     local_before = _snapshot(r.model, Role.SPECIALIST) | _snapshot(r.model, Role.ROUTER)
 
@@ -83,7 +83,7 @@ def _phase_worker(rank, world_size, tmp_path):
         assert all(p.grad is None for p in r.model.report.params.values()), "gradients left behind"
         before_r, before_e = router(), experts()
         r.model.set_trainable(r.method.trains_in_router_phase)
-        optimizer_step(r, r.router_sampler, r.router_opt, off)
+        optimizer_step(r, r.router_sampler, r.router_opt, off, False)
         assert all(torch.equal(v, experts()[k]) for k, v in before_e.items()), "experts moved in a router step"
         assert all(not torch.equal(v, router()[k]) for k, v in before_r.items())
         assert all(p.grad is None for p in r.model.report.params.values()), "gradients left behind"

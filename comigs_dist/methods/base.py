@@ -39,13 +39,17 @@ def get_method(name: str) -> "Method":
 @dataclass
 class SyncContext:
     """What a method needs at the end of a round to aggregate: its shared parameters by group,
-    a communication handle (``comm.mean(group, tensors)`` and friends), and where it is."""
+    a communication handle (``comm.mean(group, tensors)`` and friends), and where it is.
+    ``evaluate_valid()`` returns the user's current validation loss (PCL's trust weights);
+    ``n_train_tokens`` is the size of the user's training split (data-size weighted averages)."""
     shared: dict[str, list[tuple[str, Any]]]
     comm: Any
     round_idx: int
     user_idx: int
     n_users: int
-    evaluate_valid: Callable[..., float] | None = None
+    evaluate_valid: Callable[[], float] | None = None
+    n_train_tokens: int = 0
+    model: Any = None
 
 
 # sharing patterns (baselines.md section 2), as predicates on parameter tags
@@ -110,6 +114,20 @@ class Method:
     def group_of(self, tag: ParamTag) -> str:
         """The group a shared parameter is averaged in."""
         return "generalists"
+
+    # -- per-step hooks (no-ops by default) -----------------------------------------------------
+    def extra_loss(self, model) -> Any:
+        """A term added to the expert-phase loss (e.g. a pruning regulariser); None for nothing."""
+        return None
+
+    def reduce_gradients(self, comm, params: list) -> None:
+        """Called after the expert-phase backward, before the optimiser step (e.g. data-parallel
+        averaging of every gradient for Centralized)."""
+        return None
+
+    def after_expert_step(self, model) -> None:
+        """Called after every expert optimiser step (e.g. re-apply rank masks)."""
+        return None
 
     # -- aggregation -----------------------------------------------------------------------------
     def aggregate(self, ctx: SyncContext) -> None:

@@ -28,8 +28,11 @@ def _zero_dropout(config) -> None:
 def build_base_model(name: str, vocab_size: int, seq_len: int) -> nn.Module:
     """The frozen base. Built-in random configs are initialised from a fixed seed so that every
     user (rank) holds the same base."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+    from transformers import AutoConfig, AutoModelForCausalLM, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
     from comigs_dist.pretrain import _quiet_gpt2_config
+
+    hf_logging.disable_progress_bar()  # one bar per rank per load is noise
 
     if name == "embedded":
         from comigs_dist.synthetic import ensure_embedded_base
