@@ -49,6 +49,7 @@ class ModelConfig:
     family: Literal["auto", "gpt2", "llama"] = opt("auto", "Model family for adapter injection; 'auto' reads it from the HF config.")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "Where each user's model lives; 'auto' = cuda:<local_rank> when CUDA is available, else cpu.")
     share_base: Literal["auto", "true", "false"] = opt("auto", "Share one read-only copy of the frozen base weights between the ranks of a host (memory map).")
+    dtype: Literal["auto", "fp32", "bf16"] = opt("auto", "Storage type of the frozen base weights; 'auto' = bf16 when training runs under bf16 autocast on a GPU, else fp32. Adapters and routers stay fp32.")
 
 
 @dataclass
@@ -212,6 +213,8 @@ def collect_errors(cfg: RunConfig) -> list[str]:
         e.append(f"train.min_lr_ratio ({t.min_lr_ratio}) must be in (0, 1]")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         e.append(f"train.betas ({t.betas}) must be two numbers in [0, 1)")
+    if cfg.model.dtype == "bf16" and t.amp in ("off", "fp16"):
+        e.append(f"model.dtype (bf16) needs bf16 autocast; set train.amp=bf16 (or auto on a GPU) or model.dtype=fp32")
     if t.micro_batch_size and t.batch_size % t.micro_batch_size:
         e.append(f"train.micro_batch_size ({t.micro_batch_size}) must divide train.batch_size ({t.batch_size})")
     if cfg.n_users is not None and cfg.n_users < 1:
@@ -320,8 +323,9 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
-        if isinstance(value, bool) and "true" in choices:  # yaml reads true/false as bools
-            value = "true" if value else "false"
+        if isinstance(value, bool):  # YAML 1.1 reads true/false/on/off/yes/no as booleans
+            words = ("true", "on", "yes") if value else ("false", "off", "no")
+            value = next((w for w in words if w in choices), value)
         if value in choices:
             return value
         raise ConfigError(f"{key} ({value!r}) must be one of {', '.join(repr(c) for c in choices)}")

@@ -47,10 +47,16 @@ def prepare_assets(cfg: RunConfig, n_users: int, progress: bool = False) -> None
         ensure_embedded_base(progress=progress)
 
 
+def resolve_amp(device: torch.device, amp: str) -> str:
+    """'auto' = bf16 on CUDA devices that support it, off elsewhere."""
+    if amp == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+    return amp
+
+
 def autocast_for(device: torch.device, amp: str):
     """A context factory: bf16 autocast on CUDA when supported ('auto'), or as configured."""
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+    amp = resolve_amp(device, amp)
     if amp == "off":
         return contextlib.nullcontext
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
@@ -118,6 +124,11 @@ def setup_user(cfg: RunConfig, topo: dist.Topology) -> UserRun:
     data_dir = resolve_dataset(cfg, topo.world_size)
     data = load_user_data(data_dir, user, cfg.train.seq_len, float(cfg.per_user("data.share", user)), cfg.data.verify)
     model = build_user_model(cfg, user, data.vocab_size, method.routed).to(topo.device)
+    base_dtype = cfg.model.dtype
+    if base_dtype == "auto":
+        base_dtype = "bf16" if resolve_amp(topo.device, cfg.train.amp) == "bf16" and topo.device.type == "cuda" else "fp32"
+    if base_dtype == "bf16":
+        model.cast_frozen_(torch.bfloat16)
 
     # process groups, created once on every rank in a fixed order
     topo.build_groups(method.sharing_groups(topo.world_size))

@@ -112,6 +112,14 @@ class UserModel(nn.Module):
                 chosen.append(p)
         return chosen
 
+    @torch.no_grad()
+    def cast_frozen_(self, dtype: torch.dtype) -> None:
+        """Store the frozen base in ``dtype`` (e.g. bf16 on a GPU); adapters and routers stay fp32."""
+        trainable = {id(p) for p in self.report.params.values()}
+        for p in self.lm.parameters():
+            if id(p) not in trainable and p.dtype != dtype and p.is_floating_point():
+                p.data = p.data.to(dtype)
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Every adapter and router tensor by name (what a checkpoint holds)."""
         return {n: p.detach() for n, p in self.report.params.items()}
