@@ -223,6 +223,7 @@ def save_checkpoint(run: UserRun, out_dir: Path, name: str, round_idx: int) -> P
     state = {
         "user": run.topo.user_idx, "round": round_idx, "step": run.step, "router_step": run.router_step,
         "method": run.cfg.method, "params": {k: v.cpu() for k, v in run.model.trainable_state().items()},
+        "method_state": run.method.state_dict(),
         "expert_opt": run.expert_opt.state_dict() if run.expert_opt else None,
         "expert_sched": run.expert_sched.state_dict() if run.expert_sched else None,
         "router_opt": run.router_opt.state_dict() if run.router_opt else None,

@@ -187,7 +187,7 @@ def _train_a_little(r, comm):
         _expert_step(r, comm)
 
 
-def _hetlora_check(topo0, rank, world_size):
+def _hetlora_check(topo0, rank, world_size, tmp_path):
     cfg = tiny_config(method="hetlora", **{"moe.n_experts": "[1, 2, 4]", "method_options.match": "full",
                                            "method_options.gamma": 0.99})
     check_world_size(cfg, world_size)
@@ -230,6 +230,15 @@ def _hetlora_check(topo0, rank, world_size):
     # the rank mask holds through later steps (Adam moments would move the pruned slots)
     _expert_step(r, comm)
     assert torch.count_nonzero(p0.A[m.ranks[first]:]) == 0 and torch.count_nonzero(p0.B[:, m.ranks[first]:]) == 0
+    # the pruned ranks and the global LoRA survive a checkpoint (weights_only load)
+    from comigs_dist import checkpoint
+    checkpoint.save_atomic({"method_state": m.state_dict()}, tmp_path / f"hetlora_{rank}.pt")
+    ranks, global_ = dict(m.ranks), dict(m.global_)
+    m.ranks = {k: 0 for k in m.ranks}
+    m.global_ = {}
+    m.load_state_dict(checkpoint.load(tmp_path / f"hetlora_{rank}.pt")["method_state"])
+    assert m.ranks == ranks
+    assert all(torch.equal(m.global_[k][i], global_[k][i]) for k in ranks for i in (0, 1))
 
 
 def _flexlora_check(topo0, rank, world_size):
@@ -298,7 +307,7 @@ def _pcl_check(topo0, rank, world_size):
 
 def _aggregation_worker(rank, world_size, tmp_path):
     topo0 = init_topology()
-    _hetlora_check(topo0, rank, world_size)
+    _hetlora_check(topo0, rank, world_size, tmp_path)
     _flexlora_check(topo0, rank, world_size)
     _pcl_check(topo0, rank, world_size)
 

@@ -171,6 +171,15 @@ class Method:
         """Called after every expert optimiser step (e.g. re-apply rank masks)."""
         return None
 
+    # -- state beyond the parameters (checkpoints) -----------------------------------------------
+    def state_dict(self) -> dict:
+        """What the method keeps between rounds besides the model (HetLoRA: pruned ranks and the
+        global LoRA); saved with every checkpoint. Tensors, numbers, strings and lists only."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
     # -- description -----------------------------------------------------------------------------
     @classmethod
     def option_rows(cls) -> list[tuple[str, str, str]]:

@@ -146,6 +146,17 @@ class HetLoRA(Method):
         # 4. truncation to each user's current rank
         self._distribute()
 
+    def state_dict(self) -> dict:
+        return {"pairs": [{"key": list(p.key), "rank": self.ranks[p.key], "A": self.global_[p.key][0].cpu(),
+                           "B": self.global_[p.key][1].cpu()} for p in self.pairs]}
+
+    def load_state_dict(self, state: dict) -> None:
+        by_key = {tuple(e["key"]): e for e in state["pairs"]}
+        for p in self.pairs:
+            e = by_key[p.key]
+            self.ranks[p.key] = int(e["rank"])
+            self.global_[p.key] = (e["A"].to(p.A.device), e["B"].to(p.B.device))
+
     @torch.no_grad()
     def _distribute(self) -> None:
         for p in self.pairs:
