@@ -14,7 +14,7 @@ from comigs_dist.config import check_world_size
 from comigs_dist.methods import SyncContext
 from comigs_dist.methods.flexlora import compute_flexlora_update
 from comigs_dist.methods.lowrank import (compute_hetlora_aggregate, compute_norm_weights, compute_svd_factors,
-                                         compute_update_norm, compute_user_factors, expert_lora_pairs)
+                                         compute_update_norm, compute_user_factors)
 from comigs_dist.model.lora import rs_scale
 from comigs_dist.train import CommHandle, evaluate_valid, optimizer_step, run, setup_user
 from dist_harness import init_topology, run_on_ranks
@@ -148,33 +148,35 @@ def _check_method(name, topo0, rank, world_size):
         assert topo.stats.bytes_sent == sent_before, f"{name} must not communicate after the initial sync"
     if name in ("hetlora", "flexlora"):
         # every user holds a truncation of one global LoRA: the smaller rank is a block of the larger
-        r_small, r_big = sorted((after_all[0], after_all[1]), key=lambda s: min(
-            v.shape[0] for n, v in s.items() if tags[n].kind == "expert" and tags[n].matrix == "A"))
-        rs = [expert_lora_pairs(r.model)[0].A.shape[0]]
-        small_rank = min(_gather(rs[0]))
-        big_rank = max(_gather(rs[0]))
+        ranks = _gather(r.model.spec.rank)
+        small, big = (0, 1) if ranks[0] < ranks[1] else (1, 0)
+        small_rank, big_rank = ranks[small], ranks[big]
         assert small_rank < big_rank
         for n, t in tags.items():
+            low, high = after_all[small][n], after_all[big][n]
             if t.kind == "expert" and t.matrix == "A":
-                torch.testing.assert_close(r_small[n], r_big[n][:small_rank])
+                torch.testing.assert_close(low, high[:small_rank])
             elif t.kind == "expert" and name == "hetlora":
-                torch.testing.assert_close(r_small[n], r_big[n][:, :small_rank])
+                torch.testing.assert_close(low, high[:, :small_rank])
             elif t.kind == "expert":  # FlexLoRA: B = (U S)[:, :r] / s_r, each user with its own scale
-                torch.testing.assert_close(r_small[n] * rs_scale(16.0, small_rank),
-                                           r_big[n][:, :small_rank] * rs_scale(16.0, big_rank), rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(low * rs_scale(16.0, small_rank), high[:, :small_rank] * rs_scale(16.0, big_rank),
+                                           rtol=1e-5, atol=1e-6)
 
 
 def _methods_worker(rank, world_size, tmp_path, names):
     topo0 = init_topology()
     for name in names:
         _check_method(name, topo0, rank, world_size)
+    for name in names + ["pretrained"]:  # the same process group: one spawn for both loops
+        _run_method(name, topo0, world_size, tmp_path)
 
 
 @pytest.mark.slow
-def test_each_method_moves_and_shares_the_right_parameters(tmp_path):
+def test_each_method_moves_and_shares_the_right_parameters_and_runs_end_to_end(tmp_path):
     """For every method on 2 processes: exactly the expected parameters move in the expert phase and
     in the router phase; after a round the shared ones are bit-identical across users and equal to
-    the hand-computed mean, the local ones still differ, and local methods send nothing."""
+    the hand-computed mean, the local ones still differ, and local methods send nothing. Then
+    train.run completes for all 18 methods: trained ones beat the base, Pretrained is the base."""
     run_on_ranks(_methods_worker, 2, tmp_path, sorted(CASES), timeout_s=120)
 
 
@@ -368,6 +370,7 @@ def _centralized_worker(rank, world_size, tmp_path):
     assert worst < 1e-5
 
 
+@pytest.mark.slow
 def test_centralized_equals_one_process_on_the_union_of_the_data(tmp_path):
     """2 replicas with batch 4 (2 micro-batches) each, gradients averaged every step == one model
     trained on the 8 sequences of both users per step, within floating-point tolerance."""
@@ -378,22 +381,14 @@ def test_centralized_equals_one_process_on_the_union_of_the_data(tmp_path):
 # every method end to end through train.run
 # --------------------------------------------------------------------------------------------
 
-def _run_worker(rank, world_size, tmp_path, names):
-    topo0 = init_topology()
-    for name in names:
-        overrides = dict(CASES[name][0]) if name in CASES else {}
-        cfg = tiny_config(method=name, **overrides, **{"train.rounds": 3, "train.local_steps": 2})
-        check_world_size(cfg, world_size)
-        row = run(cfg, _fresh(topo0), tmp_path / name)
-        assert math.isfinite(row["test_ppl"]) and math.isfinite(row["final_train_loss"] if name != "pretrained" else 0)
-        if name == "pretrained":
-            assert row["test_ppl"] == row["base_test_ppl"] and row["bytes_sent"] == 0 and row["local_steps"] == 0
-        else:
-            assert row["test_ppl"] < row["base_test_ppl"], (name, row["test_ppl"], row["base_test_ppl"])
-            assert row["local_steps"] == 6
-
-
-@pytest.mark.slow
-def test_every_method_runs_end_to_end(tmp_path):
-    """train.run completes for all 18 methods on 2 processes; trained ones beat the base, Pretrained is the base."""
-    run_on_ranks(_run_worker, 2, tmp_path, sorted(set(CASES) | {"pretrained"}), timeout_s=120)
+def _run_method(name, topo0, world_size, tmp_path):
+    overrides = dict(CASES[name][0]) if name in CASES else {}
+    cfg = tiny_config(method=name, **overrides, **{"train.rounds": 3, "train.local_steps": 2})
+    check_world_size(cfg, world_size)
+    row = run(cfg, _fresh(topo0), tmp_path / name)
+    assert math.isfinite(row["test_ppl"])
+    if name == "pretrained":
+        assert row["test_ppl"] == row["base_test_ppl"] and row["bytes_sent"] == 0 and row["local_steps"] == 0
+    else:
+        assert math.isfinite(row["final_train_loss"]) and row["local_steps"] == 6
+        assert row["test_ppl"] < row["base_test_ppl"], (name, row["test_ppl"], row["base_test_ppl"])
