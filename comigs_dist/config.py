@@ -132,6 +132,9 @@ class CheckpointConfig:
 @dataclass
 class RunConfig:
     method: str = opt("comigs_1g1s", "Method to run (see `python -m comigs_dist.main --methods`).")
+    method_options: dict[str, Any] = opt({}, "Options of the chosen method, as method_options.<key>=value "
+                                         "(e.g. method_options.lambda_p=5e-3 for hetlora); each method's "
+                                         "options are listed below and by --methods. Unknown keys are errors.")
     seed: int = opt(42, "Seed; user u uses seed + u for its own random streams (paper: 42, 45, 47).")
     out_dir: Union[str, None] = opt(None, "Where the run writes; default a fresh runs/<timestamp>_<method> directory.")
     n_users: Union[int, None] = opt(None, "Number of simulated users; must equal the world size (one rank per user). Default: the world size.")
@@ -149,6 +152,8 @@ class RunConfig:
         errors = collect_errors(self)
         if errors:
             raise ConfigError(format_errors(errors))
+        # the resolved config lists every option of the method with its value (reproducibility)
+        self.method_options = dataclasses.asdict(method_options_of(self))
 
     # ----- per-user views -------------------------------------------------------------------
     def per_user(self, key: str, user_idx: int) -> Any:
@@ -269,9 +274,33 @@ def collect_errors(cfg: RunConfig) -> list[str]:
     if cfg.method not in methods:
         e.append(f"method ({cfg.method!r}) is not a known method; choose one of: {', '.join(sorted(methods))}")
     else:
-        from comigs_dist.methods import get_method
-        e.extend(get_method(cfg.method).config_errors(cfg))
+        from comigs_dist.methods import method_class
+        cls = method_class(cfg.method)
+        _, option_errors = parse_options(cls.Options, cfg.method_options, cfg.method)
+        e.extend(option_errors)
+        if not option_errors:
+            e.extend(cls.config_errors(cfg))
     return e
+
+
+def parse_options(options_cls: type, raw: dict, method: str) -> tuple[Any, list[str]]:
+    """A method's typed options from the raw ``method_options`` mapping: (options, errors)."""
+    if not dataclasses.fields(options_cls) and raw:
+        return None, [f"method_options ({raw}) are given but method {method!r} takes no options; remove them"]
+    errors: list[str] = []
+    kwargs = _merge(raw, options_cls, "method_options.", errors)
+    if errors:
+        return None, [f"{err} (method {method!r})" for err in errors]
+    return _build(options_cls, kwargs), []
+
+
+def method_options_of(cfg: "RunConfig") -> Any:
+    """The typed options of cfg.method (a dataclass declared by the method as ``Options``)."""
+    from comigs_dist.methods import method_class
+    options, errors = parse_options(method_class(cfg.method).Options, cfg.method_options, cfg.method)
+    if errors:
+        raise ConfigError(format_errors(errors))
+    return options
 
 
 def format_errors(errors: list[str]) -> str:
@@ -346,6 +375,13 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"{key} ({value!r}) must be of type {_type_name(tp)}")
+    if origin is dict:
+        # a free mapping checked later against its own schema (method_options)
+        if value in ("", None) or (isinstance(value, str) and value.strip() in ("{}", "null")):
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} ({value!r}) must be a mapping; set its entries as {key}.<name>=value")
+        return dict(value)
     if origin is list:
         (inner,) = typing.get_args(tp)
         if isinstance(value, str):

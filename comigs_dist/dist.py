@@ -318,3 +318,68 @@ def sum_scalars(values: Iterable[float], device: torch.device | str = "cpu") -> 
     t = torch.tensor(list(values), dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# collectives for methods with an aggregation of their own (Centralized, PCL, HetLoRA, FlexLoRA)
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sync_sum(topo: Topology, group_name: str, tensors: Sequence[torch.Tensor], dtype: str = "fp32") -> int:
+    """Replace each tensor, on every member of the group, by its sum over the members: one
+    all_reduce for the whole list (weighted averages: each member scales its own term first).
+    Counted like a server round trip: the buffer up once, the sum down once. Returns its bytes."""
+    if not topo.in_group(group_name) or not tensors:
+        return 0
+    if group_name not in topo._checked:
+        check_shapes(topo, group_name, [(f"#{i}", t) for i, t in enumerate(tensors)])
+    start = time.perf_counter()
+    flat = _flatten(tensors, _DTYPES[dtype])
+    size = flat.numel() * flat.element_size()
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=topo.group(group_name))
+    _unflatten_into(flat.to(torch.float32), tensors)
+    topo.stats.add(group_name, size, size, time.perf_counter() - start)
+    return size
+
+
+@torch.no_grad()
+def mean_gradients(topo: Topology, group_name: str, params: Sequence[torch.Tensor]) -> int:
+    """Data parallelism: replace every parameter's gradient by its mean over the members (one
+    all_reduce in fp32, so that the step equals one step on the union of the members' batches)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return sync_mean(topo, group_name, grads, "server", "fp32")
+
+
+@torch.no_grad()
+def gather_flat(topo: Topology, group_name: str, tensors: Sequence[torch.Tensor],
+                dtype: str = "fp32") -> list[torch.Tensor]:
+    """Every member's tensors, flattened into one fp32 vector per member, in member order (one
+    all_gather). Counted as an exchange between peers: each member sends its buffer to the n - 1
+    others and receives theirs. Ranks outside the group get an empty list."""
+    if not topo.in_group(group_name) or not tensors:
+        return []
+    if group_name not in topo._checked:
+        check_shapes(topo, group_name, [(f"#{i}", t) for i, t in enumerate(tensors)])
+    start = time.perf_counter()
+    flat = _flatten(tensors, _DTYPES[dtype])
+    n = len(topo.members(group_name))
+    parts = [torch.empty_like(flat) for _ in range(n)]
+    dist.all_gather(parts, flat, group=topo.group(group_name))
+    size = flat.numel() * flat.element_size()
+    topo.stats.add(group_name, size * (n - 1), size * (n - 1), time.perf_counter() - start)
+    return [p.to(torch.float32) for p in parts]
+
+
+def sync_sum_scalars(topo: Topology, group_name: str, values: Iterable[float]) -> list[float]:
+    """Sum a few floats over the members of a group (float64; too small to count as traffic)."""
+    values = list(values)
+    if not topo.in_group(group_name):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=topo.device)
+    dist.all_reduce(t, group=topo.group(group_name))
+    return t.tolist()
+
+
+def unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    """Copy consecutive slices of a flat vector into the tensors (the inverse of one buffer)."""
+    _unflatten_into(flat, tensors)

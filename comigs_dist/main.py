@@ -24,10 +24,21 @@ def _help_text() -> str:
     width = max(len(k) + len(d) for k, d, _ in rows) + 3
     for key, default, text in rows:
         lines.append(f"  {key}={default}".ljust(width + 2) + f"  {text}")
+    lines += _method_option_lines()
     lines += ["", "other flags:", "  --config FILE   a YAML file (see configs/)",
               "  --methods       list the methods and exit", "  --print-config  print the resolved config and exit",
               "  -h, --help      this text"]
     return "\n".join(lines)
+
+
+def _method_option_lines() -> list[str]:
+    """Each method's own options (method_options.<key>=value), listed under the method."""
+    from comigs_dist.methods import known_methods, method_class
+    lines = ["", "method options (method_options.<key>=value, accepted only by the method named):"]
+    for name in known_methods():
+        for key, default, text in method_class(name).option_rows():
+            lines.append(f"  [{name}] {key}={default}".ljust(50) + f"  {text}")
+    return lines
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -60,9 +71,12 @@ def main(argv: list[str] | None = None) -> int:
             print(_help_text())
             return 0
         if args.methods:
-            from comigs_dist.methods import get_method, known_methods
+            from comigs_dist.methods import known_methods, method_class
             for name in known_methods():
-                print(f"{name:16s} {get_method(name).description}")
+                cls = method_class(name)
+                print(f"{name:16s} {cls.description}")
+                for key, default, _ in cls.option_rows():
+                    print(f"{'':16s}   {key}={default}")
             return 0
         cfg = load_config(args.config, args.overrides)
         check_world_size(cfg, dist.env_world_size())

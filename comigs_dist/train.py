@@ -23,7 +23,7 @@ from comigs_dist.data import BatchSampler, UserData, load_user_data
 from comigs_dist.evaluate import EvalResult, evaluate_split
 from comigs_dist.methods import Method, SyncContext, get_method
 from comigs_dist.metrics import build_logger
-from comigs_dist.model import UserModel, build_user_model
+from comigs_dist.model import UserModel, adapter_spec_for, build_user_model
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,6 +90,23 @@ class CommHandle:
     def broadcast(self, group: str, tensors: list[torch.Tensor]) -> None:
         dist.broadcast_from(self.topo, group, tensors)
 
+    def sum(self, group: str, tensors: list[torch.Tensor]) -> int:
+        """In place: each tensor becomes its sum over the group (weighted means, scalars first)."""
+        return dist.sync_sum(self.topo, group, tensors, self.dtype)
+
+    def gather(self, group: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every member's tensors as one flat fp32 vector per member, in member order."""
+        return dist.gather_flat(self.topo, group, tensors, self.dtype)
+
+    def sum_scalars(self, group: str, values: list[float]) -> list[float]:
+        return dist.sync_sum_scalars(self.topo, group, values)
+
+    def mean_gradients(self, group: str, params: list[torch.nn.Parameter]) -> int:
+        return dist.mean_gradients(self.topo, group, params)
+
+    def members(self, group: str) -> tuple[int, ...]:
+        return self.topo.members(group)
+
 
 @dataclass
 class UserRun:
@@ -120,10 +137,12 @@ def _sampler_seed(seed: int, user_idx: int, stream: int) -> int:
 
 def setup_user(cfg: RunConfig, topo: dist.Topology) -> UserRun:
     user = topo.user_idx
-    method = get_method(cfg.method)
+    method = get_method(cfg.method, cfg)
     data_dir = resolve_dataset(cfg, topo.world_size)
     data = load_user_data(data_dir, user, cfg.train.seq_len, float(cfg.per_user("data.share", user)), cfg.data.verify)
-    model = build_user_model(cfg, user, data.vocab_size, method.routed).to(topo.device)
+    spec = method.adapter_spec(cfg, user, adapter_spec_for(cfg, user, method.routed))
+    model = build_user_model(cfg, user, data.vocab_size, method.routed, spec).to(topo.device)
+    method.prepare_model(model, user)
     base_dtype = cfg.model.dtype
     if base_dtype == "auto":
         base_dtype = "bf16" if resolve_amp(topo.device, cfg.train.amp) == "bf16" and topo.device.type == "cuda" else "fp32"
@@ -215,6 +234,7 @@ def save_checkpoint(run: UserRun, out_dir: Path, name: str, round_idx: int) -> P
     state = {
         "user": run.topo.user_idx, "round": round_idx, "step": run.step, "router_step": run.router_step,
         "method": run.cfg.method, "params": {k: v.cpu() for k, v in run.model.trainable_state().items()},
+        "method_state": run.method.state_dict(),
         "expert_opt": run.expert_opt.state_dict() if run.expert_opt else None,
         "expert_sched": run.expert_sched.state_dict() if run.expert_sched else None,
         "router_opt": run.router_opt.state_dict() if run.router_opt else None,
@@ -312,8 +332,9 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     shared_numel = sum(p.numel() for params in r.shared.values() for _, p in params) if method.trains else 0
     return {
         "user": topo.user_idx,
-        "n_experts": cfg.n_experts(topo.user_idx),
-        "n_generalists": cfg.n_generalists(topo.user_idx),
+        "n_experts": model.spec.n_experts,          # as the method built it (HetLoRA: 1)
+        "n_generalists": model.spec.n_generalists,
+        "lora_rank": model.spec.rank,
         "test_ppl": final.ppl,
         "test_loss": final.loss,
         "test_accuracy": final.accuracy,

@@ -132,10 +132,11 @@ def adapter_spec_for(cfg, user_idx: int, routed: bool) -> AdapterSpec:
                        load_balancing=cfg.moe.load_balancing)
 
 
-def build_user_model(cfg, user_idx: int, vocab_size: int, routed: bool) -> UserModel:
-    """Base model plus this user's adapters; adapter inits draw from seed + user."""
+def build_user_model(cfg, user_idx: int, vocab_size: int, routed: bool, spec: AdapterSpec | None = None) -> UserModel:
+    """Base model plus this user's adapters (``spec``, default: what cfg says); adapter inits
+    draw from seed + user."""
     base = build_base_model(cfg.model.name, vocab_size, cfg.train.seq_len)
-    spec = adapter_spec_for(cfg, user_idx, routed)
+    spec = spec or adapter_spec_for(cfg, user_idx, routed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + user_idx)
         report = inject_adapters(base, spec, cfg.model.family)
