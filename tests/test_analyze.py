@@ -164,10 +164,11 @@ def test_routing_page_and_png_match_the_router(trained_run, tmp_path):
     ids = np.fromfile(data_dir / "user_01" / "test.bin", dtype=meta["dtype"])[:150].tolist()  # > 2 windows of 64
     text = tmp_path / "ids.txt"
     text.write_text(" ".join(map(str, ids)) + "\n")
-    assert analyze(["routing", "--run", str(out), "--text", str(text), "--layers", "0,1", "--out", str(tmp_path / "r")]) == 0
+    assert analyze(["routing", "--run", str(out), "--text", str(text), "--layers", "0,1", "--out", str(tmp_path / "r"),
+                    "--max-tokens", "150", "--from-split", "test:1"]) == 0
     record = json.loads((tmp_path / "r" / "routing.json").read_text())
-    (entry,) = record["texts"]
-    assert entry["ids"] == ids
+    from_split, entry = record["texts"]
+    assert entry["ids"] == ids and from_split["ids"] == ids and from_split["users"] == entry["users"]
     for user in (0, 1):
         by_hand = _router_top1_by_hand(cfg, out, user, meta["vocab_size"], ids, cfg.train.seq_len)
         for layer in (0, 1):
@@ -178,11 +179,11 @@ def test_routing_page_and_png_match_the_router(trained_run, tmp_path):
             assert 0 < d["shares"][0] < 1          # trained routers: both experts are chosen somewhere
             assert all(0.5 <= p <= 1 for p in d["prob"])   # the first choice of two has probability >= 1/2
     page = (tmp_path / "r" / "routing.html").read_text()
-    assert page.count("class='tok'") == 2 * 2 * len(ids)
-    assert page.count("background:#f5a04a' title") == sum(entry["users"][u][l]["top1"].count(0)
-                                                        for u in "01" for l in "01")
+    assert page.count("class='tok'") == 2 * 2 * 2 * len(ids)        # 2 texts, 2 users, 2 layers
+    assert page.count("background:#f5a04a' title") == 2 * sum(entry["users"][u][l]["top1"].count(0)
+                                                            for u in "01" for l in "01")
     import matplotlib.image
-    png = tmp_path / "r" / "routing.png"
+    png = tmp_path / "r" / "routing_1_ids.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     height, width, _ = matplotlib.image.imread(png).shape
     assert width > 800 and height > 300           # a 2 x 2 grid of panels

@@ -28,9 +28,12 @@ def _parser() -> argparse.ArgumentParser:
                        description="Colour every token of a text by the expert its router ranks first, for each "
                                    "user's trained model and each chosen layer (paper Figures 2 and 14-19).")
     r.add_argument("--run", required=True, help="a run directory (holds config.yaml and checkpoints/)")
-    r.add_argument("--text", required=True, nargs="+", metavar="FILE",
+    r.add_argument("--text", nargs="+", default=[], metavar="FILE",
                    help="text file(s) to route; for the embedded corpus (synthetic vocabulary) a file of "
                         "whitespace-separated token ids")
+    r.add_argument("--from-split", nargs="+", default=[], metavar="SPLIT:USER",
+                   help="route the start of a user's split of the run's dataset instead of (or besides) a file, "
+                        "e.g. test:0 test:1 (each user's model on each user's text, as Figures 14-19)")
     r.add_argument("--layers", default=None, help="comma-separated layer indices (default: first, middle, last)")
     r.add_argument("--users", default=None, help="comma-separated users (default: all)")
     r.add_argument("--checkpoint", default="final.pt", help="checkpoint file name under checkpoints/user_XX/")
@@ -50,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--cols", default="dataset", help="results.json key of the columns")
     t.add_argument("--metric", default="mean_test_ppl", help="results.json key averaged over seeds")
     t.add_argument("--pretrained", action="store_true",
-                   help="add a 'pretrained' row from mean_base_test_ppl (the paper's first row)")
+                   help="add a 'pretrained base' row from mean_base_test_ppl (the paper's first row)")
     t.add_argument("--ddof", type=int, default=1, choices=(0, 1),
                    help="1: sample standard deviation over seeds (default); 0: population")
     t.add_argument("--digits", type=int, default=2, help="decimals in the Markdown table")

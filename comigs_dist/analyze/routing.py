@@ -309,18 +309,30 @@ def write_png(path: Path, title: str, text: dict, tok: Tokenizer, width: int = 6
 # --------------------------------------------------------------------------------------------
 
 def run_routing(args) -> dict:
-    from comigs_dist.data import read_meta
+    from comigs_dist.data import SPLITS, load_user_data, read_meta
     from comigs_dist.train import resolve_dataset
     run_dir = Path(args.run)
     cfg = load_run_config(run_dir)
     n_users = cfg.n_users or 1
-    meta = read_meta(resolve_dataset(cfg, n_users))
+    data_dir = resolve_dataset(cfg, n_users)
+    meta = read_meta(data_dir)
     vocab = int(meta["vocab_size"])
     tok = build_tokenizer(args.tokenizer, meta)
     users = parse_indices(args.users, n_users, "--users", list(range(n_users)))
     if args.max_tokens < 1:
         raise AnalysisError(f"--max-tokens ({args.max_tokens}) must be >= 1")
+    if not args.text and not args.from_split:
+        raise AnalysisError("nothing to route: give --text FILE ... or --from-split SPLIT:USER ...")
     texts = []
+    for spec in args.from_split:
+        split, _, who = spec.partition(":")
+        if split not in SPLITS or not who.isdigit() or int(who) >= n_users:
+            raise AnalysisError(f"--from-split {spec!r} must be SPLIT:USER with SPLIT one of {', '.join(SPLITS)} "
+                                f"and USER in 0..{n_users - 1}")
+        data = load_user_data(data_dir, int(who), cfg.train.seq_len, verify=False)
+        ids = [int(i) for i in data.split(split)[: args.max_tokens]]
+        texts.append({"name": f"user {who} {split} split", "file": spec, "ids": ids,
+                      "truncated": len(data.split(split)) > args.max_tokens, "users": {}})
     for f in map(Path, args.text):
         if not f.is_file():
             raise AnalysisError(f"--text {f}: no such file")
@@ -352,7 +364,8 @@ def run_routing(args) -> dict:
     write_html(out / "routing.html", title, subtitle, texts, tok)
     pngs = []
     for i, t in enumerate(texts):
-        name = "routing.png" if len(texts) == 1 else f"routing_{i}_{Path(t['name']).stem}.png"
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(t["name"]).stem)
+        name = "routing.png" if len(texts) == 1 else f"routing_{i}_{stem}.png"
         write_png(out / name, f"{title}\n{t['name']}", t, tok)
         pngs.append(out / name)
     record = {"run": str(run_dir), "method": cfg.method, "checkpoint": args.checkpoint, "tokenizer": tok.name,
