@@ -270,6 +270,7 @@ def _layout(pieces: list[str], width: int, gap: int) -> tuple[list[tuple[int, in
 
 
 def write_png(path: Path, title: str, text: dict, tok: Tokenizer, width: int = 64) -> None:
+    from matplotlib.collections import PatchCollection
     from matplotlib.patches import Patch, Rectangle
     from comigs_dist.analyze.runs import pyplot
     plt = pyplot()
@@ -277,27 +278,41 @@ def write_png(path: Path, title: str, text: dict, tok: Tokenizer, width: int = 6
     layers = sorted(next(iter(text["users"].values())))
     pieces = [tok.piece(i) for i in text["ids"]]
     placed, n_lines = _layout(pieces, width, len(tok.joiner))
+    rows = [[" "] * width for _ in range(n_lines)]
+    for line, col, shown in placed:
+        rows[line][col:col + len(shown)] = list(shown)
+    rows = ["".join(r).rstrip() for r in rows]
+    # laid out by hand in inches, so that a character of the monospace font is exactly one data unit
     char_in, line_in = 0.062, 0.16                               # inches per character and per line
-    panel_w, panel_h = width * char_in + 0.3, n_lines * line_in + 0.55
-    fig, axes = plt.subplots(len(users), len(layers), figsize=(panel_w * len(layers), panel_h * len(users) + 0.7),
-                             squeeze=False, layout="constrained")
-    font = 72 * char_in / 0.602                                  # DejaVu Sans Mono advances 0.602 em per character
+    pad, head, top, bottom = 0.2, 0.45, 0.55, 0.35               # margins and the space of a panel's title
+    panel_w, panel_h = width * char_in + 2 * pad, n_lines * line_in + head + pad
+    fig_w, fig_h = panel_w * len(layers), top + panel_h * len(users) + bottom
+    fig = plt.figure(figsize=(fig_w, fig_h))
+    probe = fig.text(0, 0, "0" * width, family="monospace", fontsize=10)
+    probe_in = probe.get_window_extent(fig.canvas.get_renderer()).width / fig.dpi
+    probe.remove()
+    font = 10 * width * char_in / probe_in
     for r, user in enumerate(users):
         for c, layer in enumerate(layers):
-            ax, dec = axes[r][c], text["users"][user][layer]
+            dec = text["users"][user][layer]
+            left, low = c * panel_w + pad, fig_h - top - (r + 1) * panel_h + pad
+            ax = fig.add_axes((left / fig_w, low / fig_h, width * char_in / fig_w, n_lines * line_in / fig_h))
             ax.set_xlim(0, width)
             ax.set_ylim(n_lines, 0)
             ax.axis("off")
-            for (line, col, shown), j in zip(placed, dec.top1):
-                ax.add_patch(Rectangle((col, line + 0.08), len(shown), 0.84, color=expert_colour(j, dec.n_generalists),
-                                       linewidth=0))
-                ax.text(col, line + 0.5, shown, family="monospace", fontsize=font, va="center", ha="left")
+            boxes = [Rectangle((col + 0.05, line + 0.08), len(shown) - 0.1, 0.84) for line, col, shown in placed]
+            ax.add_collection(PatchCollection(boxes, linewidth=0, facecolors=[expert_colour(j, dec.n_generalists)
+                                                                               for j in dec.top1]))
+            # one text artist per line, not per token: far fewer artists, and monospace keeps
+            # every character on its box
+            for line, chars in enumerate(rows):
+                ax.text(0, line + 0.5, chars, family="monospace", fontsize=font, va="center", ha="left")
             ax.set_title(f"user {user}, layer {layer}\n{share_text(dec)}", fontsize=8, loc="left")
     n_exp = max(d.n_experts for u in text["users"].values() for d in u.values())
     n_gen = max(d.n_generalists for u in text["users"].values() for d in u.values())
     fig.legend(handles=[Patch(color=expert_colour(j, n_gen), label=expert_name(j, n_gen)) for j in range(n_exp)],
-               loc="outside lower left", ncol=n_exp, fontsize=8, frameon=False)
-    fig.suptitle(title, x=0.01, ha="left", fontsize=9)
+               loc="lower left", bbox_to_anchor=(pad / fig_w, 0.02), ncol=n_exp, fontsize=8, frameon=False)
+    fig.text(pad / fig_w, 1 - 0.1 / fig_h, title, ha="left", va="top", fontsize=9)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # glyphs the monospace font lacks are drawn as boxes
         fig.savefig(path, dpi=130)
