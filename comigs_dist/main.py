@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     topo = dist.init_distributed(cfg.comm.backend, cfg.model.device, cfg.comm.timeout_s, cfg.train.threads)
-    say = (lambda msg: print(f"[comigs] {msg}", flush=True)) if topo.rank == 0 and cfg.log.progress else (lambda msg: None)
+    from comigs_dist.metrics import build_progress
+    lines = build_progress(topo.rank == 0 and cfg.log.progress)  # prints above rank 0's bars, nothing elsewhere
+    say = lambda msg: lines.write(f"[comigs] {msg}")
     try:
         out_dir = Path(dist.broadcast_object(str(cfg.out_dir or default_out_dir(cfg)) if topo.rank == 0 else None))
         if topo.rank == 0:

@@ -22,7 +22,7 @@ from comigs_dist.config import RunConfig, to_yaml
 from comigs_dist.data import BatchSampler, UserData, load_user_data
 from comigs_dist.evaluate import EvalResult, evaluate_split
 from comigs_dist.methods import Method, SyncContext, get_method
-from comigs_dist.metrics import build_logger
+from comigs_dist.metrics import NullProgress, build_logger, build_progress, scalar_layout
 from comigs_dist.model import UserModel, adapter_spec_for, build_user_model
 
 
@@ -209,10 +209,10 @@ def optimizer_step(run: UserRun, sampler: BatchSampler, opt: torch.optim.Optimiz
     return totals[0], totals[1], totals[2]
 
 
-def evaluate_test(run: UserRun, autocast) -> EvalResult:
+def evaluate_test(run: UserRun, autocast, progress: NullProgress = NullProgress()) -> EvalResult:
     e = run.cfg.eval
     return evaluate_split(run.model, run.data.test, run.cfg.train.seq_len, e.batch_size, e.max_tokens,
-                          run.topo.device, autocast)
+                          run.topo.device, autocast, progress=progress)
 
 
 def evaluate_valid(run: UserRun, autocast) -> EvalResult:
@@ -257,13 +257,16 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     autocast = autocast_for(topo.device, t.amp)
     comm = CommHandle(topo, cfg.comm.mode, cfg.comm.dtype)
     logger.text("config", "```\n" + to_yaml(cfg) + "\n```")
+    logger.layout(scalar_layout(len(model.moe), model.spec.n_experts, model.spec.n_generalists))
+    progress = build_progress(topo.rank == 0 and cfg.log.progress)  # bars on rank 0 only
 
     # the base model: untrained adapters leave it unchanged (B = 0)
-    base = evaluate_test(r, autocast)
+    base = evaluate_test(r, autocast, progress)
     log_eval(logger, base, 0, "base")
     say(f"base model: mean test ppl over users {_mean_over_users(topo, base.ppl):.3f}")
 
     rounds = t.rounds if method.trains else 0
+    round_bar = progress.bar(total=rounds, desc="rounds")
     for round_idx in range(rounds):
         round_start = time.perf_counter()
 
@@ -308,22 +311,27 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
                 for _ in range(t.router_steps):
                     router_losses.append(optimizer_step(r, r.router_sampler, r.router_opt, autocast, False)[0])
                     r.router_step += 1
-                logger.scalars({f"{method.router_split}/loss": sum(router_losses) / len(router_losses),
+                # on validation batches this is the documented valid/loss; on training batches
+                # (-tr variants) it must not collide with the expert phase's train/loss
+                router_tag = "valid/loss" if method.router_split == "valid" else f"{method.router_split}/router_loss"
+                logger.scalars({router_tag: sum(router_losses) / len(router_losses),
                                 "lr/router": r.router_opt.param_groups[0]["lr"]}, r.step)
 
         logger.scalars({"comm/bytes_sent": topo.stats.bytes_sent, "comm/bytes_received": topo.stats.bytes_received},
                        r.step)
         if cfg.eval.every and (round_idx + 1) % cfg.eval.every == 0 and round_idx + 1 < rounds:
-            res = evaluate_test(r, autocast)
+            res = evaluate_test(r, autocast, progress)
             log_eval(logger, res, r.step)
             r.history.append({"round": round_idx + 1, "step": r.step, "test_ppl": res.ppl})
         if cfg.checkpoint.every and (round_idx + 1) % cfg.checkpoint.every == 0:
             save_checkpoint(r, out_dir, f"round_{round_idx + 1:04d}.pt", round_idx + 1)
         say(f"round {round_idx + 1}/{rounds}: mean train loss {_mean_over_users(topo, r.last_loss):.4f} "
             f"({time.perf_counter() - round_start:.1f}s)")
+        round_bar.update(1)
+    round_bar.close()
 
     # the user's model after its last local steps (what Algorithm 1 returns)
-    final = evaluate_test(r, autocast)
+    final = evaluate_test(r, autocast, progress)
     log_eval(logger, final, r.step)
     r.history.append({"round": rounds, "step": r.step, "test_ppl": final.ppl})
     if cfg.checkpoint.final and method.trains:
