@@ -5,7 +5,7 @@ Owns the finiteness checks (a step's loss; every shared tensor before a round's 
 policy ``guard.nan``: ``stop`` raises a FloatingPointError naming the user, the round and the
 parameter; ``skip`` lets the user sit the round out (it contributes nothing to the average and
 takes the others') or drop the optimiser step, counting each skip. Knows nothing of how the
-average is computed: it only tells the communication handle whether this user contributes.
+average is computed: it only says whether this user contributes.
 """
 from __future__ import annotations
 
@@ -45,13 +45,13 @@ def _warn(text: str) -> None:
     print(f"[comigs] {text}", file=sys.stderr, flush=True)
 
 
-def check_shared(run, comm, round_idx: int) -> None:
+def check_shared(run, round_idx: int) -> bool:
     """Before the aggregation that opens round ``round_idx`` (0-based): every shared tensor must
-    be finite. Sets ``comm.contributing`` for this round (False only under guard.nan=skip)."""
-    comm.contributing = True
+    be finite. Returns whether this user contributes to the round (False only under
+    guard.nan=skip); raises FloatingPointError under guard.nan=stop."""
     bad = nonfinite_shared(run.shared)
     if not bad:
-        return
+        return True
     user = run.topo.user_idx
     what = "; ".join(f"shared parameter {name} (group {group!r}) holds {kind}" for group, name, kind in bad)
     where = f"user {user}, round {round_idx + 1}: {what} before the round's aggregation"
@@ -59,10 +59,10 @@ def check_shared(run, comm, round_idx: int) -> None:
         raise FloatingPointError(f"{where}; averaging it would poison every user, so the run stops (guard.nan=stop). "
                                  f"Lower train.lr, set train.grad_clip or check the data; guard.nan=skip drops this "
                                  f"user's contribution for the round instead")
-    comm.contributing = False
     run.guard_skipped_rounds += 1
     _warn(f"{where}; guard.nan=skip: user {user} contributes nothing this round and takes the others' average "
           f"({run.guard_skipped_rounds} round(s) skipped so far)")
+    return False
 
 
 def check_loss(run, loss: float, expert_phase: bool) -> bool:

@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         from comigs_dist import train
         from comigs_dist.metrics import build_results, format_table, write_json_atomic
         row = train.run(cfg, topo, out_dir, say)
+        dist.set_phase("gathering the results")
         rows = dist.all_gather_objects(row)
         if topo.rank == 0:
             dataset = cfg.data.path if cfg.data.path != "embedded" else f"embedded-{cfg.data.scenario}"

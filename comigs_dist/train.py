@@ -267,12 +267,11 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
         else:
             # no NaN or inf reaches the collective: stop, or sit the round out (guard.nan)
             faults.before_sync(r, round_idx)
-            guard.check_shared(r, comm, round_idx)
-            method.aggregate(SyncContext(
-                shared=r.shared, comm=comm, round_idx=round_idx, user_idx=topo.user_idx, n_users=topo.world_size,
-                evaluate_valid=lambda: evaluate_valid(r, autocast).loss, n_train_tokens=len(r.data.train),
-                model=model))
-            comm.contributing = True
+            with comm.abstaining(not guard.check_shared(r, round_idx)):
+                method.aggregate(SyncContext(
+                    shared=r.shared, comm=comm, round_idx=round_idx, user_idx=topo.user_idx, n_users=topo.world_size,
+                    evaluate_valid=lambda: evaluate_valid(r, autocast).loss, n_train_tokens=len(r.data.train),
+                    model=model))
 
         for local_idx in range(t.local_steps):
             faults.during_round(r, round_idx, local_idx)
