@@ -4,9 +4,10 @@ Owns one user's run: build the model, data, optimisers and samplers; then, every
 synchronise the shared parameters, take the local expert steps on training batches (router
 frozen) and, every tau local iterations, the router steps on the router's split (experts
 frozen); evaluate; checkpoint. Methods plug in through their hooks; this file never branches on
-a method's name. Resuming (``resume.restore_user``) and the non-finite guard (``guard``) are
-called from here but live in their own modules. Gradients never leak between the two levels: only the phase's parameters
-require gradients, and gradients are dropped after every step.
+a method's name. Gradients never leak between the two levels: only the phase's parameters
+require gradients, and gradients are dropped after every step. Resuming
+(``resume.restore_user``) and the non-finite guard (``guard``) are called from here but live in
+modules of their own.
 """
 from __future__ import annotations
 
@@ -267,11 +268,12 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
         else:
             # no NaN or inf reaches the collective: stop, or sit the round out (guard.nan)
             faults.before_sync(r, round_idx)
-            with comm.abstaining(not guard.check_shared(r, round_idx)):
-                method.aggregate(SyncContext(
-                    shared=r.shared, comm=comm, round_idx=round_idx, user_idx=topo.user_idx, n_users=topo.world_size,
-                    evaluate_valid=lambda: evaluate_valid(r, autocast).loss, n_train_tokens=len(r.data.train),
-                    model=model))
+            comm.contributing = guard.check_shared(r, round_idx)
+            method.aggregate(SyncContext(
+                shared=r.shared, comm=comm, round_idx=round_idx, user_idx=topo.user_idx, n_users=topo.world_size,
+                evaluate_valid=lambda: evaluate_valid(r, autocast).loss, n_train_tokens=len(r.data.train),
+                model=model))
+            comm.contributing = True
 
         for local_idx in range(t.local_steps):
             faults.during_round(r, round_idx, local_idx)
