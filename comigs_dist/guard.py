@@ -33,7 +33,7 @@ def nonfinite_shared(shared: dict[str, list]) -> list[tuple[str, str, str]]:
         params = shared[group]
         if not params:
             continue
-        flat = torch.cat([p.detach().reshape(-1).float() for _, p in params])  # one check per group
+        flat = torch.cat([p.detach().reshape(-1) for _, p in params])  # one check per group
         if bool(torch.isfinite(flat).all()):
             continue
         name, kind = first_nonfinite(params)
