@@ -125,8 +125,18 @@ class LogConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = opt(0, "Save every user's trainable state every this many rounds; 0 = only at the end.")
+    every: int = opt(0, "Save every user's full state (adapters, optimisers, schedule, RNG, data position, counters) "
+                     "every this many rounds, for resume; 0 = only at the end.")
     final: bool = opt(True, "Save every user's trainable state at the end of the run.")
+    keep: int = opt(0, "Keep only this many newest round checkpoints per user (older ones are deleted once every "
+                    "user has written a newer one); 0 = keep all.")
+
+
+@dataclass
+class GuardConfig:
+    nan: Literal["stop", "skip"] = opt("stop", "A non-finite loss or shared parameter: 'stop' the run naming the user, "
+                                       "round and parameter; 'skip' = that user contributes nothing to the round's "
+                                       "average (and drops that optimiser step) and takes the others' average.")
 
 
 @dataclass
@@ -136,7 +146,12 @@ class RunConfig:
                                          "(e.g. method_options.lambda_p=5e-3 for hetlora); each method's "
                                          "options are listed below and by --methods. Unknown keys are errors.")
     seed: int = opt(42, "Seed; user u uses seed + u for its own random streams (paper: 42, 45, 47).")
-    out_dir: Union[str, None] = opt(None, "Where the run writes; default a fresh runs/<timestamp>_<method> directory.")
+    out_dir: Union[str, None] = opt(None, "Where the run writes; default a fresh runs/<timestamp>_<method> directory "
+                                    "(with resume=auto under Slurm or torchrun: runs/<job id>_<method>_s<seed>).")
+    resume: Literal["false", "true", "auto"] = opt("false", "Continue from the newest round every user checkpointed in "
+                                                   "out_dir: 'true' (out_dir required, a checkpoint must exist), "
+                                                   "'auto' (resume if one exists, else start fresh: for torchrun "
+                                                   "--max-restarts and Slurm requeues), 'false' (start fresh).")
     n_users: Union[int, None] = opt(None, "Number of simulated users; must equal the world size (one rank per user). Default: the world size.")
     model: ModelConfig = sub(ModelConfig, "Base model.")
     lora: LoRAConfig = sub(LoRAConfig, "LoRA adapters.")
@@ -147,6 +162,7 @@ class RunConfig:
     eval: EvalConfig = sub(EvalConfig, "Evaluation.")
     log: LogConfig = sub(LogConfig, "Logging.")
     checkpoint: CheckpointConfig = sub(CheckpointConfig, "Checkpoints.")
+    guard: GuardConfig = sub(GuardConfig, "What happens to non-finite numbers.")
 
     def __post_init__(self) -> None:
         errors = collect_errors(self)
@@ -211,7 +227,7 @@ def collect_errors(cfg: RunConfig) -> list[str]:
                 "eval.batch_size", "log.every"):
         positive(key, get_dotted(cfg, key))
     for key in ("train.router_steps", "train.router_lr", "train.weight_decay", "train.grad_clip",
-                "moe.lb_weight", "eval.every", "eval.max_tokens", "checkpoint.every",
+                "moe.lb_weight", "eval.every", "eval.max_tokens", "checkpoint.every", "checkpoint.keep",
                 "train.micro_batch_size", "train.threads", "data.valid_tokens", "data.test_tokens"):
         positive(key, get_dotted(cfg, key), allow_zero=True)
     if not 0 < t.min_lr_ratio <= 1:
@@ -224,6 +240,9 @@ def collect_errors(cfg: RunConfig) -> list[str]:
         e.append(f"train.micro_batch_size ({t.micro_batch_size}) must divide train.batch_size ({t.batch_size})")
     if cfg.n_users is not None and cfg.n_users < 1:
         e.append(f"n_users ({cfg.n_users}) must be >= 1")
+    if cfg.resume == "true" and not cfg.out_dir:
+        e.append("resume=true needs out_dir: set out_dir to the directory of the run to continue "
+                 "(the one holding checkpoints/)")
 
     # per-user lists: one length, matching n_users
     lengths = _list_lengths(cfg)

@@ -41,9 +41,10 @@ class NullLogger:
 
 
 class TensorBoardLogger(NullLogger):
-    def __init__(self, log_dir: Path):
+    def __init__(self, log_dir: Path, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        # purge_step: TensorBoard hides the events an interrupted attempt logged at or after it
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         self.writer.add_scalar(tag, float(value), step)
@@ -61,10 +62,10 @@ class TensorBoardLogger(NullLogger):
         self.writer.close()
 
 
-def build_logger(out_dir: Path, user_idx: int, enabled: bool) -> NullLogger:
+def build_logger(out_dir: Path, user_idx: int, enabled: bool, purge_step: int | None = None) -> NullLogger:
     if not enabled:
         return NullLogger()
-    return TensorBoardLogger(Path(out_dir) / "tb" / f"user_{user_idx:02d}")
+    return TensorBoardLogger(Path(out_dir) / "tb" / f"user_{user_idx:02d}", purge_step)
 
 
 def scalar_layout(n_layers: int, n_experts: int, n_generalists: int) -> dict:
