@@ -24,6 +24,7 @@ from comigs_dist.evaluate import EvalResult, evaluate_split
 from comigs_dist.methods import Method, SyncContext, get_method
 from comigs_dist.metrics import build_logger
 from comigs_dist.model import UserModel, build_user_model
+from comigs_dist.model.shared_base import plan_sharing
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,7 +118,9 @@ def setup_user(cfg: RunConfig, topo: dist.Topology) -> UserRun:
     method = get_method(cfg.method)
     data_dir = resolve_dataset(cfg, topo.world_size)
     data = load_user_data(data_dir, user, cfg.train.seq_len, float(cfg.per_user("data.share", user)), cfg.data.verify)
-    model = build_user_model(cfg, user, data.vocab_size, method.routed).to(topo.device)
+    # the frozen base: one read-only copy per host, mapped by every local rank, when sharing is on
+    share = plan_sharing(cfg.model.share_base, cfg.comm.timeout_s, topo)
+    model = build_user_model(cfg, user, data.vocab_size, method.routed, share).to(topo.device)
 
     # process groups, created once on every rank in a fixed order
     topo.build_groups(method.sharing_groups(topo.world_size))
