@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import faulthandler
 import gc
 import hashlib
 import json
@@ -408,6 +409,9 @@ def load_shared(identity: dict, build_private: Callable[[], nn.Module],
             # it a crash leaves nothing behind (the pages go when the last mapping does)
             path.unlink()
     assign_base_tensors(model, mapped.tensors)
+    if not faulthandler.is_enabled():
+        # a write to a frozen weight now ends the process with SIGSEGV: print the Python line
+        faulthandler.enable()
     model.eval()
     model.shared_base = SharedBaseInfo(mapped.path, mapped.inode, mapped.device, mapped.nbytes, wrote)
     return model
