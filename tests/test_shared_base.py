@@ -81,13 +81,24 @@ def test_load_shared_keeps_ties_and_copies_buffers(tmp_path):
 
 
 def test_a_full_directory_is_an_error_with_true_and_a_private_copy_with_auto(tmp_path, monkeypatch):
-    """Too little space: share_base=true names the fix, auto warns and keeps a private base."""
+    """Too little space, or a failed write: share_base=true names the fix, auto warns and keeps a
+    private base."""
     monkeypatch.setattr(sb, "_free_bytes", lambda path: 0)
     with pytest.raises(ValueError, match=r"COMIGS_SHM_DIR.*model.share_base=false"):
         sb.load_shared({"name": "tied"}, _tied_private, _tied_skeleton, _plan(tmp_path, "t2"))
     with pytest.warns(UserWarning, match="private copy"):
         model = sb.load_shared({"name": "tied"}, _tied_private, _tied_skeleton, _plan(tmp_path, "t3", required=False))
     assert not hasattr(model, "shared_base") and sb.mapping_of(model.a.weight) is None
+    monkeypatch.setattr(sb, "_free_bytes", lambda path: 1 << 40)
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(sb, "write_tensor_file", full)  # the space went while writing
+    with pytest.raises(ValueError, match=r"could not write.*No space left.*model.share_base=false"):
+        sb.load_shared({"name": "tied"}, _tied_private, _tied_skeleton, _plan(tmp_path, "t4"))
+    with pytest.warns(UserWarning, match="private copy"):
+        model = sb.load_shared({"name": "tied"}, _tied_private, _tied_skeleton, _plan(tmp_path, "t5", required=False))
+    assert torch.equal(model.a.weight, _tied_private().a.weight) and not model.training
 
 
 def _two_rank_worker(rank, world_size, tmp_path):

@@ -84,7 +84,8 @@ def build_base_model(name: str, vocab_size: int, seq_len: int, share: "SharePlan
     from comigs_dist.model.shared_base import load_shared
     identity = {"name": name, "vocab_size": vocab_size, "torch": torch.__version__}
     return load_shared(identity,
-                       build_private=lambda: _construct_base(name, vocab_size, seq_len, meta=False),
+                       build_private=lambda: _check_base(_construct_base(name, vocab_size, seq_len, meta=False),
+                                                         name, vocab_size, seq_len),
                        build_skeleton=lambda: _check_base(_construct_base(name, vocab_size, seq_len, meta=True),
                                                           name, vocab_size, seq_len),
                        plan=share)

@@ -101,6 +101,11 @@ def plan_sharing(setting: str, timeout_s: float, topo) -> SharePlan | None:
         token = uuid.uuid4().hex[:16]
     if not should_share(setting, topo.local_world_size, topo.device.type):
         return None
+    if os.name != "posix":  # mmap protections, flock and /proc are POSIX
+        if setting == "true":
+            raise ValueError(f"model.share_base=true needs a POSIX host (Linux, macOS), not {os.name!r}; "
+                             f"set model.share_base=auto or false")
+        return None
     return SharePlan(token=token, n_local=max(1, topo.local_world_size), timeout_s=timeout_s,
                      required=setting == "true", root=share_root())
 
@@ -366,6 +371,16 @@ def _release_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+def _fall_back(plan: SharePlan, private: nn.Module, problem: str) -> nn.Module:
+    """share_base=true: stop with the problem and its fix; auto: warn and keep the private copy."""
+    msg = (f"{problem}; point ${SHM_DIR_ENV} at a larger node-local directory (a tmpfs such as /dev/shm), "
+           f"or set model.share_base=false")
+    if plan.required:
+        raise ValueError(msg)
+    warnings.warn(msg + "; using a private copy of the base on this rank")
+    return private.eval()
+
+
 def identity_key(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -377,7 +392,8 @@ def load_shared(identity: dict, build_private: Callable[[], nn.Module],
     identity:       what determines the base (name, vocabulary, ...), part of the file name
     build_private:  builds the real model (called on the one rank that writes the file)
     build_skeleton: builds the same model without weights (meta device) on every rank
-    Falls back to ``build_private()`` when the directory lacks space and sharing was 'auto'.
+    When the directory lacks space or the write fails: an error if sharing was 'true', else a
+    warning and the private model.
     """
     model = build_skeleton()
     n_bytes = sum(t.numel() * t.element_size() for t in base_tensors(model).values())
@@ -388,15 +404,13 @@ def load_shared(identity: dict, build_private: Callable[[], nn.Module],
         if not path.exists():
             free = _free_bytes(run_dir)
             if free < n_bytes + (64 << 20):
-                msg = (f"model.share_base needs {n_bytes / 2**20:.0f} MiB in {plan.root.parent} for the shared "
-                       f"base but only {free / 2**20:.0f} MiB are free; point ${SHM_DIR_ENV} at a larger "
-                       f"node-local directory (a tmpfs such as /dev/shm), or set model.share_base=false")
-                if plan.required:
-                    raise ValueError(msg)
-                warnings.warn(msg + "; using a private copy of the base on this rank")
-                return build_private()
+                return _fall_back(plan, build_private(), f"model.share_base needs {n_bytes / 2**20:.0f} MiB in "
+                                  f"{plan.root.parent} for the shared base but only {free / 2**20:.0f} MiB are free")
             private = build_private()
-            write_tensor_file(path, base_tensors(private), {"identity": identity})
+            try:
+                write_tensor_file(path, base_tensors(private), {"identity": identity})
+            except OSError as exc:
+                return _fall_back(plan, private, f"model.share_base could not write the shared base to {path}: {exc}")
             del private
             _release_heap()
             wrote = True
