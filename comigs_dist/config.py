@@ -48,7 +48,10 @@ class ModelConfig:
                     "Llama), or a Hugging Face model name or local checkpoint path (e.g. 'gpt2').")
     family: Literal["auto", "gpt2", "llama"] = opt("auto", "Model family for adapter injection; 'auto' reads it from the HF config.")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "Where each user's model lives; 'auto' = cuda:<local_rank> when CUDA is available, else cpu.")
-    share_base: Literal["auto", "true", "false"] = opt("auto", "Share one read-only copy of the frozen base weights between the ranks of a host (memory map).")
+    share_base: Literal["auto", "true", "false"] = opt(
+        "auto", "Hold the frozen base once per host: one rank writes it to a file in /dev/shm ($COMIGS_SHM_DIR) "
+        "and every rank of the host maps it read-only. 'auto' = on when several ranks share a host and the "
+        "model stays on CPU; on CUDA 'true' only shares the host copy used while loading.")
     dtype: Literal["auto", "fp32", "bf16"] = opt("auto", "Storage type of the frozen base weights; 'auto' = bf16 when training runs under bf16 autocast on a GPU, else fp32. Adapters and routers stay fp32.")
 
 

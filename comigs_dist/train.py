@@ -26,6 +26,7 @@ from comigs_dist.evaluate import EvalResult, evaluate_split
 from comigs_dist.methods import Method, SyncContext, get_method
 from comigs_dist.metrics import NullProgress, build_logger, build_progress, scalar_layout
 from comigs_dist.model import UserModel, adapter_spec_for, build_user_model
+from comigs_dist.model.shared_base import plan_sharing
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,7 +163,9 @@ def setup_user(cfg: RunConfig, topo: dist.Topology) -> UserRun:
     data_dir = resolve_dataset(cfg, topo.world_size)
     data = load_user_data(data_dir, user, cfg.train.seq_len, float(cfg.per_user("data.share", user)), cfg.data.verify)
     spec = method.adapter_spec(cfg, user, adapter_spec_for(cfg, user, method.routed))
-    model = build_user_model(cfg, user, data.vocab_size, method.routed, spec).to(topo.device)
+    # the frozen base: one read-only copy per host, mapped by every local rank, when sharing is on
+    share = plan_sharing(cfg.model.share_base, cfg.comm.timeout_s, topo)
+    model = build_user_model(cfg, user, data.vocab_size, method.routed, spec, share).to(topo.device)
     method.prepare_model(model, user)
     base_dtype = cfg.model.dtype
     if base_dtype == "auto":
