@@ -69,6 +69,18 @@ def job_tag() -> str | None:
     return None
 
 
+def export_rank_env(rank: int, world_size: int, master_port: int, master_addr: str = "127.0.0.1") -> None:
+    """Give this process the variables torchrun gives rank ``rank`` of a one-host job of
+    ``world_size`` ranks, so that ``init_distributed`` joins the group the same way (used by
+    ``comigs_dist.forkrun`` in each child it forks, before the child calls ``main``)."""
+    for key in [k for k in os.environ if k.startswith("TORCHELASTIC_")]:
+        del os.environ[key]  # no torchrun agent (and its store) stands behind this process
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "LOCAL_WORLD_SIZE": str(world_size), "GROUP_RANK": "0",
+                       "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)})
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun sets for several ranks per host
+
+
 def _export_slurm_env() -> None:
     """Under `srun python -m comigs_dist.main` (one task per user), map Slurm's variables onto
     the ones `init_process_group("env://")` reads. torchrun and submitit set them already."""
@@ -157,8 +169,8 @@ class Topology:
         return self.rank in self.members(name)
 
 
-def _free_port() -> int:
-    import socket
+def free_port() -> int:
+    """A TCP port on this host that was free a moment ago (the rendezvous of a one-host job)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -204,7 +216,7 @@ def init_distributed(backend: str = "auto", device: str = "auto", timeout_s: flo
             dist.init_process_group(backend=backend, init_method="env://", timeout=timeout,
                                     rank=rank, world_size=world_size)
         else:  # a plain `python -m comigs_dist.main`: a group of one
-            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}",
                                     timeout=timeout, rank=0, world_size=1)
     topo = Topology(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                     local_world_size=local_world_size, device=dev, backend=backend, timeout_s=timeout_s)
