@@ -82,12 +82,29 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+_STOPPING: list[int] = []  # in a child: the signal that is already ending it
+
+
+def _exit_on_signal(signum, _frame):
+    """In a child: the first SIGINT or SIGTERM unwinds the rank; later ones are ignored, so that
+    a second Ctrl-C cannot interrupt the unwinding (a child must never return into the
+    parent's code)."""
+    if _STOPPING:
+        return
+    _STOPPING.append(signum)
+    raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+
+
 def _child(rank: int, world_size: int, port: int, parent: int, target: Callable, args: tuple) -> None:
     """Runs in the forked child and never returns: the parent's stack must not unwind here."""
     code = 1
     try:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # SIGINT and SIGTERM (from the terminal, the launcher, or the kernel when the launcher
+        # died) unwind the rank like an error would: main closes the process group and the exit
+        # handlers remove the rank's files; a rank stuck in native code is SIGKILLed after GRACE_S
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, _exit_on_signal)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})  # held by _fork
         _die_with_parent(parent)
         from comigs_dist import dist
         dist.export_rank_env(rank, world_size, port)
@@ -119,11 +136,22 @@ def start_ranks(world_size: int, target: Callable, *args) -> list[int]:
     for rank in range(world_size):
         sys.stdout.flush()  # a child would print the parent's buffered output again
         sys.stderr.flush()
-        pid = os.fork()
+        pid = _fork()
         if pid == 0:
             _child(rank, world_size, port, parent, target, args)
         pids.append(pid)
     return pids
+
+
+def _fork() -> int:
+    """os.fork with SIGINT and SIGTERM held back until the child has its own handlers: a signal
+    in between would unwind the child into the parent's code."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    pid = os.fork()
+    if pid != 0:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return pid
 
 
 def _exit_code(status: int) -> int:
@@ -136,7 +164,7 @@ def _exit_code(status: int) -> int:
 def _describe(code: int) -> str:
     if code > 128:
         try:
-            return f"was killed by {signal.Signals(code - 128).name}"
+            return f"was ended by {signal.Signals(code - 128).name}"
         except ValueError:
             pass
     return f"exited with code {code}"
@@ -243,7 +271,7 @@ def _run_once(fn: Callable, argv: list[str], world_size: int) -> int:
     """Run ``fn(argv)`` in one forked child with rank 0's environment and return its exit code."""
     from comigs_dist import dist
     sys.stdout.flush()
-    pid = os.fork()
+    pid = _fork()
     if pid == 0:
         _child(0, world_size, dist.free_port(), os.getppid(), fn, (argv,))
     return _exit_code(os.waitpid(pid, 0)[1])
