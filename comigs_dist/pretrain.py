@@ -116,7 +116,7 @@ def pretrain_gpt2(config: dict, tokens: np.ndarray, held_out: np.ndarray, *, ste
 # the output layer over 50,257 ids is most of the compute per token on a CPU
 PRESETS = {
     "small": dict(model=dict(n_layer=4, n_head=4, n_embd=128, n_positions=256),
-                  steps=400, batch_size=16, seq_len=128, lr=3e-3),
+                  steps=300, batch_size=8, seq_len=128, lr=4e-3),
     "tiny": dict(model=dict(n_layer=1, n_head=2, n_embd=32, n_positions=128),
                  steps=20, batch_size=4, seq_len=64, lr=5e-3),
 }

@@ -300,3 +300,79 @@ def test_pool_hands_out_each_document_once():
     assert pool.take(100, allow_short=True).n_tokens == 10
     with pytest.raises(Exception):
         pool.take(1)
+
+
+def _own_shards_worker(rank, world_size, tmp_path, data_dir):
+    from comigs_dist import train
+    from comigs_dist.config import load_config
+    from dist_harness import init_topology
+    topo = init_topology()
+    cfg = load_config(None, [f"data.path={data_dir}", "model.name=tiny", "train.seq_len=32", "n_users=2"])
+    run = train.setup_user(cfg, topo)
+    meta = read_meta(data_dir)
+    for split in ("train", "valid", "test"):
+        expected = np.fromfile(Path(data_dir) / f"user_{rank:02d}" / f"{split}.bin", dtype=np.uint16)
+        assert np.array_equal(run.data.split(split), expected)
+    assert run.data.meta["users"][rank]["category"] == meta["categories"][rank]
+    maps = Path("/proc/self/maps").read_text()
+    mine = [f"user_{rank:02d}/{s}.bin" for s in ("train", "valid", "test")]
+    other = f"user_{1 - rank:02d}/"
+    assert all(m in maps for m in mine), "own shards are memory-mapped"
+    assert other not in maps, "another user's shard is mapped"
+
+
+@pytest.mark.slow
+def test_config_pointing_at_a_prepared_dir_maps_only_the_ranks_own_shards(tmp_path):
+    """data.path=<prepared dir>: each of 2 ranks memory-maps its own three shards and no other user's."""
+    from dist_harness import run_on_ranks
+    d = tmp_path / "ag"
+    prepare_dataset("agnews", d, source=[AGNEWS_DIR], categories=["world", "scitech"], train_tokens=2000,
+                    valid_tokens=500, test_tokens=500, fit="error")
+    run_on_ranks(_own_shards_worker, 2, tmp_path, str(d))
+
+
+def test_cli_prepare_info_and_errors(tmp_path, capsys):
+    """`python -m comigs_dist.data prepare` prints the per-user table; `info` repeats it; bad input exits 2."""
+    from comigs_dist.data.__main__ import main
+    out = tmp_path / "ag"
+    assert main(["prepare", "--dataset", "agnews", "--source", str(AGNEWS_DIR), "--out", str(out), "--quiet",
+                 "--categories", "world,sports", "--train-tokens", "3000,2000", "--valid-tokens", "400",
+                 "--test-tokens", "400", "--fit", "error"]) == 0
+    printed = capsys.readouterr().out
+    assert "agnews, scenario out, 2 users" in printed
+    assert "   0  world            3000       400       400  world:200 sports:200" in printed
+    assert main(["info", str(out)]) == 0 and capsys.readouterr().out == printed
+    assert main(["prepare", "--dataset", "agnews", "--source", str(AGNEWS_DIR), "--out", str(out), "--quiet"]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert main(["info", str(tmp_path)]) == 2
+    assert "meta.json is missing" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_on_prepared_agnews(tmp_path):
+    """Prepare AG News shards with the CLI, then torchrun 2 users of CoMiGS on them (tiny GPT-2, 2 rounds):
+    results.json names the dataset, and fine-tuning lowers every user's test perplexity."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    data = tmp_path / "agnews"
+    prep = subprocess.run([sys.executable, "-m", "comigs_dist.data", "prepare", "--dataset", "agnews", "--source",
+                           str(AGNEWS_DIR), "--out", str(data), "--categories", "world,sports", "--train-tokens",
+                           "20000", "--valid-tokens", "4000", "--test-tokens", "4000", "--fit", "error", "--quiet"],
+                          cwd=root, capture_output=True, text=True, timeout=300, env=env)
+    assert prep.returncode == 0, prep.stderr[-3000:]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "comigs_dist.main", "--config", "configs/debug.yaml", f"data.path={data}", "train.lr=1e-2",
+           "log.tensorboard=false"]
+    proc = subprocess.run(cmd + [f"out_dir={out}"], cwd=root, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["dataset"] == str(data) and results["world_size"] == 2
+    for u in results["users"]:
+        assert u["test_ppl"] < u["base_test_ppl"]
+    # a model with another tokenizer is refused before any process group forms
+    bad = subprocess.run(cmd + [f"out_dir={tmp_path / 'bad'}", "model.name=embedded"],
+                         cwd=root, capture_output=True, text=True, timeout=300, env=env)
+    assert bad.returncode != 0 and "model.name=embedded knows only the synthetic corpus" in bad.stderr
