@@ -376,3 +376,81 @@ def test_cli_end_to_end_on_prepared_agnews(tmp_path):
     bad = subprocess.run(cmd + [f"out_dir={tmp_path / 'bad'}", "model.name=embedded"],
                          cwd=root, capture_output=True, text=True, timeout=300, env=env)
     assert bad.returncode != 0 and "model.name=embedded knows only the synthetic corpus" in bad.stderr
+
+
+def _domain_docs(name: str) -> list[str]:
+    """Whole documents from the start of a domain file (books are long: their paragraphs stand in)."""
+    text = (DOMAINS / f"{name}.txt").read_text()[:400_000]
+    return split_documents(text, "blank" if name == "books" else "eot")[:-1]
+
+
+def _hub_loader():
+    """``load_dataset`` for this test: datasets objects built in memory, in the formats of the paper's hub
+    datasets (AG News splits with labels 0..3, Wikipedia and Wiki-40B articles, SlimPajama's meta field)."""
+    import datasets
+    with open(AGNEWS_DIR / "test.csv", newline="") as f:
+        rows = list(csv.reader(f))
+
+    def table(part):
+        return datasets.Dataset.from_dict({"text": [agnews_text(r[1], r[2]) for r in part],
+                                           "label": [int(r[0]) - 1 for r in part]})
+
+    def articles(lang):
+        lines = (ML_DIR / f"{lang}.txt").read_text().splitlines()[:600]
+        return [lines[i: i + 12] for i in range(0, len(lines), 12)]
+
+    def slimpajama():
+        sets = {"stackexchange": "RedPajamaStackExchange", "code": "RedPajamaGithub", "arxiv": "RedPajamaArXiv",
+                "books": "RedPajamaBook"}
+        docs = {n: _domain_docs(n) for n in sets}
+        for i in range(300):
+            yield {"text": f"a web page number {i} " * 20, "meta": {"redpajama_set_name": "RedPajamaC4"}}
+            for n, s in sets.items():
+                if i < len(docs[n]):
+                    yield {"text": docs[n][i], "meta": {"redpajama_set_name": s}}
+
+    def load(name, config=None, split=None, streaming=False):
+        if name == "fancyzhx/ag_news":
+            return datasets.DatasetDict({"train": table(rows[:6000]), "test": table(rows[6000:])})
+        assert streaming and split == "train"
+        if name == "wikimedia/wikipedia":
+            arts = articles(config.split(".")[1])
+            return datasets.IterableDataset.from_generator(lambda: ({"title": a[0][:20], "text": "\n".join(a)} for a in arts))
+        if name == "google/wiki40b":
+            arts = articles(config)
+            return datasets.IterableDataset.from_generator(lambda: (
+                {"text": "\n_START_ARTICLE_\nTitel\n_START_PARAGRAPH_\n" + "_NEWLINE_".join(a)} for a in arts))
+        if name == "cerebras/SlimPajama-627B":
+            return datasets.IterableDataset.from_generator(slimpajama)
+        raise AssertionError(name)
+
+    return load, rows
+
+
+@pytest.mark.slow
+def test_hub_sources_through_the_datasets_library(tmp_path):
+    """The hub path (used with a network) on datasets objects in the hub's formats: AG News trains on the train
+    split and holds back the test split; Wiki-40B markup is removed; SlimPajama's one stream is routed to the
+    four domains; a stream cannot be scaled."""
+    load, rows = _hub_loader()
+    ag = prepare_dataset("agnews", tmp_path / "ag", loader=load, train_tokens=2000, valid_tokens=400, test_tokens=400)
+    assert ag["source"] == {"kind": "hub", "datasets": ["fancyzhx/ag_news"]} and ag["budgets"]["scale"] == 1.0
+    train_rows = {doc_hash(agnews_text(r[1], r[2])) for r in rows[:6000]}
+    test_rows = {doc_hash(agnews_text(r[1], r[2])) for r in rows[6000:]} - train_rows
+    for r in read_manifest(tmp_path / "ag"):
+        assert r["document"] in (train_rows if r["split"] == "train" else test_rows)
+    ml = prepare_dataset("multilingual", tmp_path / "ml", loader=load, train_tokens=1500, valid_tokens=300,
+                         test_tokens=300)
+    assert "google/wiki40b nl" in ml["source"]["datasets"]
+    enc = load_tokenizer("gpt2")
+    nl_text = enc.decode(np.fromfile(tmp_path / "ml" / "user_03" / "train.bin", dtype=np.uint16))
+    assert "_START_" not in nl_text and "_NEWLINE_" not in nl_text and "Titel" in nl_text
+    sp = prepare_dataset("slimpajama", tmp_path / "sp", loader=load, train_tokens=3000, valid_tokens=600,
+                         test_tokens=600)
+    by_domain = {c: {doc_hash(d) for d in _domain_docs(f)}
+                 for c, f in (("stackexchange", "stackexchange"), ("github", "code"), ("arxiv", "arxiv"),
+                              ("book", "books"))}
+    for r in read_manifest(tmp_path / "sp"):
+        assert r["document"] in by_domain[r["category"]] and r["category"] == sp["categories"][r["user"]]
+    with pytest.raises(DataError, match="--fit scale needs sources that can be counted"):
+        prepare_dataset("slimpajama", tmp_path / "sp2", loader=load, fit="scale")
