@@ -251,6 +251,7 @@ def prepare_dataset(dataset: str, out: str | Path, *, source: list[str | Path] |
     if low_data:  # section 4.3.2 / appendix D: low-data users hold 1/ratio of the training text
         requested["train"] = [max(1, int(b / data_ratio)) if c in low_data else b
                               for b, c in zip(requested["train"], categories)]
+    _check_windows(requested, requested, 1.0, categories, seq_len)
     tok = load_tokenizer(tokenizer)
     if join == "eot" and tok.eot_id is None:
         raise DataError(f"--join eot: tokenizer {tok.name!r} has no end-of-text token; use --join space")
@@ -280,28 +281,16 @@ def prepare_dataset(dataset: str, out: str | Path, *, source: list[str | Path] |
         if not_finite:
             raise DataError(f"--fit scale needs sources that can be counted; {', '.join(not_finite)} come from a "
                             f"stream; use --fit error (the default) with budgets the stream can meet")
-        scale = 1.0
+        lengths = {}
         for p in dict.fromkeys(pools.values()):
-            avail = p.count_all()
-            available[_pool_name(p, pools)] = avail
-            draws = [d for d in plan_draws(categories, scenario, requested) if pools[(d.category, d.role)] is p]
-            need = sum(d.tokens for d in draws)
-            # every draw may discard the tail of one cut document
-            room = avail - len(draws) * p.max_doc_tokens
-            if need and room <= 0:
-                raise DataError(f"category {p.category!r} ({p.source.origin}) holds only {avail} tokens, too few "
-                                f"for {len(draws)} splits; add text or drop the category")
-            if need:
-                scale = min(scale, room / need)
-        used = {s: [int(math.floor(b * scale)) for b in v] for s, v in requested.items()}
-    for split in SPLITS:
-        for user, b in enumerate(used[split]):
-            if b < seq_len + 1:
-                raise DataError(
-                    f"user {user} ({categories[user]}) {split} split would hold {b} tokens"
-                    + (f" (budget {requested[split][user]} scaled by {scale:.4f} to fit the source)" if scale < 1 else "")
-                    + f", fewer than one context window of --seq-len + 1 = {seq_len + 1}; raise {_budget_flag(split)}, "
-                      f"give a larger source, or lower --seq-len")
+            available[_pool_name(p, pools)] = p.count_all()
+            lengths[p] = [len(arr) for _, arr in p.pending]
+        scale = _largest_scale(lambda f: _scaled(requested, f), categories, scenario, pools, lengths)
+        if scale <= 0:
+            raise DataError(f"the source is too small for {n_users} users' three splits ({available} tokens per "
+                            f"category); add text, or give fewer --categories")
+        used = _scaled(requested, scale)
+    _check_windows(used, requested, scale, categories, seq_len)
 
     # ----- draw: test, then valid, then train --------------------------------------------------
     draws = plan_draws(categories, scenario, used)
@@ -345,6 +334,48 @@ def prepare_dataset(dataset: str, out: str | Path, *, source: list[str | Path] |
     return write_dataset(out, users, tok.vocab_size, meta_extra=meta_extra, user_extra=user_extra,
                          extra_files={MANIFEST: ("\n".join(manifest_rows) + "\n").encode(),
                                       PASSAGES: passages_arr.astype("<u8").tobytes()})
+
+
+def _check_windows(used, requested, scale, categories, seq_len) -> None:
+    """Every split must hold at least one training or evaluation window."""
+    for split in SPLITS:
+        for user, b in enumerate(used[split]):
+            if b < seq_len + 1:
+                raise DataError(
+                    f"user {user} ({categories[user]}) {split} split would hold {b} tokens"
+                    + (f" (budget {requested[split][user]} scaled by {scale:.4f} to fit the source)" if scale < 1 else "")
+                    + f", fewer than one context window of --seq-len + 1 = {seq_len + 1}; raise {_budget_flag(split)}, "
+                      f"give a larger source, or lower --seq-len")
+
+
+def _scaled(budgets: dict[str, list[int]], factor: float) -> dict[str, list[int]]:
+    return {s: [int(math.floor(b * factor)) for b in v] for s, v in budgets.items()}
+
+
+def _fits(budgets: dict[str, list[int]], categories, scenario, pools, lengths) -> bool:
+    """Whether the draws succeed, consuming the pools' documents in order (cut documents' tails are lost)."""
+    cursor = {p: 0 for p in lengths}
+    for d in plan_draws(categories, scenario, budgets):
+        p = pools[(d.category, d.role)]
+        need = d.tokens
+        while need > 0:
+            if cursor[p] == len(lengths[p]):
+                return False
+            need -= lengths[p][cursor[p]]
+            cursor[p] += 1
+    return True
+
+
+def _largest_scale(budgets_at, categories, scenario, pools, lengths, steps: int = 40) -> float:
+    """The largest factor in [0, 1] (to about 1e-12) at which every draw fits: one common factor keeps
+    the proportions between users and splits (Table 3's), and leaves the tightest category nearly used up."""
+    if _fits(budgets_at(1.0), categories, scenario, pools, lengths):
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _fits(budgets_at(mid), categories, scenario, pools, lengths) else (lo, mid)
+    return lo
 
 
 def _pool_name(pool: Pool, pools: dict) -> str:
