@@ -210,7 +210,7 @@ def test_bad_input_is_refused_with_the_file_and_the_fix(tmp_path):
                                         r"window of --seq-len \+ 1 = 129; raise --valid-tokens"):
         prepare_dataset("agnews", tmp_path / "x", source=[AGNEWS_DIR], train_tokens=1000, valid_tokens=100,
                         test_tokens=1000, fit="error")
-    with pytest.raises(DataError, match=r"user 0 \(world\) test split would hold \d+ tokens \(budget 1000 scaled by "
+    with pytest.raises(DataError, match=r"user 0 \(world\) valid split would hold \d+ tokens \(budget 1000 scaled by "
                                         r"0\.0\d+ to fit the source\), fewer than one context window"):
         prepare_dataset("agnews", tmp_path / "x", source=[AGNEWS_DIR], train_tokens=5_000_000, valid_tokens=1000,
                         test_tokens=1000)
