@@ -376,10 +376,12 @@ def test_cli_end_to_end_on_prepared_agnews(tmp_path):
     assert results["dataset"] == str(data) and results["world_size"] == 2
     for u in results["users"]:
         assert u["test_ppl"] < u["base_test_ppl"]
-    # a model with another tokenizer is refused before any process group forms
-    bad = subprocess.run(cmd + [f"out_dir={tmp_path / 'bad'}", "model.name=embedded"],
-                         cwd=root, capture_output=True, text=True, timeout=300, env=env)
-    assert bad.returncode != 0 and "model.name=embedded knows only the synthetic corpus" in bad.stderr
+    # a model with another tokenizer is refused where main.py checks assets, before any process group forms
+    from comigs_dist.config import load_config
+    from comigs_dist.train import prepare_assets
+    cfg = load_config(root / "configs" / "debug.yaml", [f"data.path={data}", "model.name=embedded"])
+    with pytest.raises(ValueError, match="model.name=embedded knows only the synthetic corpus"):
+        prepare_assets(cfg, 2)
 
 
 def _domain_docs(name: str) -> list[str]:

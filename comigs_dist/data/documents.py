@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import re
-from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
@@ -156,7 +155,3 @@ def dedupe(pools: dict[str, list[str]]) -> tuple[dict[str, list[str]], int]:
             kept.append(d)
         out[cat] = kept
     return out, dropped
-
-
-def category_counts(values: Iterable[str]) -> dict[str, int]:
-    return dict(Counter(values))

@@ -250,7 +250,7 @@ class _Multiplexer:
 
 
 def open_hub(spec: DatasetSpec, categories: list[str], seed: int, loader: Callable | None = None,
-             shuffle_buffer: int = 10_000) -> tuple[dict[str, tuple[DocSource, DocSource]], dict]:
+             shuffle_buffer: int = 1_000) -> tuple[dict[str, tuple[DocSource, DocSource]], dict]:
     """Per category: (training source, held-back source), possibly the same object; and the meta."""
     load = loader or _default_loader()
     cats = list(dict.fromkeys(categories))
