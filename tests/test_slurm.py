@@ -1,0 +1,187 @@
+"""slurm/comigs.sh and the submitit launcher on a real Slurm cluster (../shared/tools/local-slurm.sh up).
+
+Two nodes (127.0.0.2 and 127.0.0.3) on this machine, with accounting. Without `sbatch` the tests
+skip and say why; with COMIGS_REQUIRE_SLURM=1 (CI) a missing cluster is a failure instead.
+Jobs inherit this environment (--export=ALL), so PYTHONPATH points them at this checkout.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "slurm" / "comigs.sh"
+DEBUG = ROOT / "configs" / "debug.yaml"
+CHECK = ROOT.parent / "shared" / "tools" / "check-results.py"
+# small and quick: the local nodes declare 2 CPUs each, so every task asks for 1
+FAST = ["log.tensorboard=false", "eval.max_tokens=2048"]
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+def _cluster_problem() -> str | None:
+    if shutil.which("sbatch") is None:
+        return "no Slurm here: sbatch is not on PATH (start one with ../shared/tools/local-slurm.sh up, as root)"
+    probe = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    states = probe.stdout.split()
+    if probe.returncode != 0 or not any(s.startswith(("idle", "mix", "alloc")) for s in states):
+        return f"Slurm is installed but no node is up (sinfo: {probe.stdout.strip() or probe.stderr.strip()})"
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """The cluster, or a skip with the reason (a failure when COMIGS_REQUIRE_SLURM=1, as in CI)."""
+    problem = _cluster_problem()
+    if problem:
+        if os.environ.get("COMIGS_REQUIRE_SLURM") == "1":
+            pytest.fail(f"COMIGS_REQUIRE_SLURM=1 but {problem}")
+        pytest.skip(problem)
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+
+
+def _sacct_states(job_id: str) -> list[str]:
+    """Every record of the job in accounting (-D: a requeued job has one per start)."""
+    out = subprocess.run(["sacct", "-X", "-D", "-n", "-P", "-j", job_id, "-o", "State"],
+                         capture_output=True, text=True).stdout.split()
+    return [s.split()[0] for s in out if s]
+
+
+def _wait(job_id: str, timeout: float = 150) -> str:
+    """Poll accounting every half second until the job ends (sbatch --wait polls ever more rarely)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = _sacct_states(job_id)
+        if states and states[-1].startswith(TERMINAL):
+            return states[-1]
+        time.sleep(0.5)
+    subprocess.run(["scancel", job_id])
+    pytest.fail(f"job {job_id} did not end within {timeout} s")
+
+
+def _log_of(tmp_path: Path, job_id: str) -> str:
+    logs = list(tmp_path.glob(f"*-{job_id}.out"))
+    return logs[0].read_text() if logs else "(no log)"
+
+
+def _results(out_dir: Path) -> dict:
+    results = json.loads((out_dir / "results.json").read_text())
+    if CHECK.exists():
+        check = subprocess.run([sys.executable, str(CHECK), str(out_dir / "results.json")], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+    return results
+
+
+def _sbatch(tmp_path: Path, *args: str) -> str:
+    """Submit slurm/comigs.sh from tmp_path (runs and logs land there); returns the job id.
+
+    The tests wait on accounting every half second rather than with `sbatch --wait`, which is
+    equivalent but sleeps 2, 8, then 32 s between its checks: 30 s lost per job.
+    """
+    proc = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", f"--output={tmp_path}/%x-%j.out", *args],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def _requeue_when_started(tmp_path: Path, job_id: str, timeout: float = 120) -> None:
+    """Send USR1 to the batch script, as --signal does before the time limit, once its trap is
+    set; then release the requeued job (Slurm holds one for about 2 minutes before it may start)."""
+    deadline = time.monotonic() + timeout
+    while "out_dir:" not in _log_of(tmp_path, job_id):
+        assert time.monotonic() < deadline, f"job {job_id} never printed its plan: {_log_of(tmp_path, job_id)[-2000:]}"
+        time.sleep(0.3)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
+    deadline = time.monotonic() + 30
+    while "REQUEUED" not in _sacct_states(job_id):
+        assert time.monotonic() < deadline, f"job {job_id} was not requeued: {_sacct_states(job_id)}"
+        time.sleep(0.3)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
+
+
+def test_sbatch_one_node_and_two_nodes_requeued_agree(slurm, tmp_path):
+    """slurm/comigs.sh on 1 node (2 users) and on --nodes=2 (1 user per node: a real rendezvous),
+    the latter requeued by USR1 mid-start and finishing on its second start in the same out_dir:
+    both complete with the same numbers."""
+    id_one = _sbatch(tmp_path, "--job-name=one", "--cpus-per-task=1", str(SCRIPT), str(DEBUG), *FAST,
+                     f"out_dir={tmp_path}/one")
+    id_two = _sbatch(tmp_path, "--job-name=two", "--nodes=2", "--cpus-per-task=1", str(SCRIPT), str(DEBUG), *FAST)
+    _requeue_when_started(tmp_path, id_two)
+    state_one, state_two = _wait(id_one), _wait(id_two)
+    log_one, log_two = _log_of(tmp_path, id_one), _log_of(tmp_path, id_two)
+    assert state_one == "COMPLETED", log_one[-3000:]
+    assert state_two == "COMPLETED", log_two[-3000:]
+    assert "2 users = 1 node(s) x 2" in log_one
+    assert f"results: {tmp_path / 'one'}/results.json" in log_one
+
+    # requeued once; the log of both starts is kept, and both used the job's stable out_dir
+    out_two = tmp_path / "runs" / f"slurm-{id_two}_comigs_1g1s_s42"
+    assert _sacct_states(id_two) == ["REQUEUED", "COMPLETED"]
+    assert f"job {id_two} start 1 " in log_two and f"job {id_two} start 2 " in log_two, log_two[-3000:]
+    assert "time limit near, requeueing" in log_two
+    assert log_two.count(f"out_dir: {out_two}") == 2
+    # the second start ran one torchrun on each node, which met in one rendezvous
+    last = log_two[log_two.index(f"job {id_two} start 2 "):]
+    assert "2 users = 2 node(s) x 1" in last
+    assert "node 127.0.0.2 (node rank 0): torchrun for 1 users" in last
+    assert "node 127.0.0.3 (node rank 1): torchrun for 1 users" in last
+    nodes = subprocess.run(["sacct", "-j", f"{id_two}.0", "-n", "-P", "-o", "NNodes,NTasks,State"],
+                           capture_output=True, text=True).stdout.split()
+    assert "2|2|COMPLETED" in nodes, nodes
+
+    r1, r2 = _results(tmp_path / "one"), _results(out_two)
+    assert r1["world_size"] == r2["world_size"] == 2
+    # one rank per user whatever the layout: the same seeds give the same numbers
+    for u1, u2 in zip(r1["users"], r2["users"]):
+        assert u1["user"] == u2["user"]
+        assert u1["test_ppl"] == pytest.approx(u2["test_ppl"], rel=1e-5)
+        assert u1["bytes_sent"] == u2["bytes_sent"] > 0
+
+
+def test_submitit_sweep_completes_and_collects(slurm, tmp_path):
+    """A 2-job seed sweep through submitit on Slurm completes; collect builds mean/std over the two seeds."""
+    from launch import collect, submit
+    lines = []
+    manifest = submit.submit(["--config", str(DEBUG), *FAST], ["seed=42,45"], root=tmp_path, name="sweep",
+                             cluster="slurm", cpus_per_task=1, timeout_min=10, wait=True, echo=lines.append)
+    text = "\n".join(lines)
+    assert manifest["cluster"] == "slurm" and len(manifest["jobs"]) == 2, text
+    assert list(manifest["outcomes"].values()) == ["COMPLETED", "COMPLETED"], text
+    for rec in manifest["jobs"]:
+        assert f"job {rec['job_id']}" in text and rec["out_dir"] in text
+    folder = Path(manifest["folder"])
+    seeds = [_results(Path(rec["out_dir"]))["seed"] for rec in manifest["jobs"]]
+    assert seeds == [42, 45]
+    ppl = [_results(Path(rec["out_dir"]))["mean_test_ppl"] for rec in manifest["jobs"]]
+
+    csv_path = tmp_path / "table.csv"
+    proc = subprocess.run([sys.executable, "-m", "launch.collect", str(folder), "--csv", str(csv_path)],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    mean, std = collect.mean_std(ppl)
+    assert f"{mean:.3f} ± {std:.3f}" in proc.stdout and "42,45" in proc.stdout, proc.stdout
+    assert "no results.json" not in proc.stdout
+    assert csv_path.read_text().splitlines()[1].startswith("comigs_1g1s,42 45,2,")
+
+
+def test_submitit_failed_job_is_reported_not_waited_on(slurm, tmp_path):
+    """A job whose users fail at start-up is reported FAILED with its reason and log; exit code 1."""
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "launch.submit", "--config", str(DEBUG), *FAST,
+                           "model.name=/nonexistent/base", "--executor", "slurm", "--cpus-per-task", "1",
+                           "--time", "10", "--root", str(tmp_path), "--wait"],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAILED: OSError" in proc.stdout and "/nonexistent/base" in proc.stdout, proc.stdout
+    assert "0 completed, 1 failed" in proc.stdout
+    assert "_0_log.out" in proc.stdout
+    assert time.monotonic() - start < 180
