@@ -174,7 +174,7 @@ def failure_reason(message: str) -> str:
 
 
 def wait_for(jobs: list, records: list[dict], poll_s: float = 1.0, force_every_s: float = 5.0,
-             echo=print) -> dict[str, str]:
+             echo=lambda line: print(line, flush=True)) -> dict[str, str]:
     """Wait until every job ends; print each outcome as it arrives. Returns job id -> outcome
     ('COMPLETED' or 'FAILED: ...'). A job that dies without a result is noticed through the
     scheduler's accounting (forced every few seconds), so a failure is never waited on forever."""
@@ -211,8 +211,9 @@ def wait_for(jobs: list, records: list[dict], poll_s: float = 1.0, force_every_s
 def submit(job_argv: list[str], sweep: list[str], *, root: Path = Path("runs/sweeps"), name: str | None = None,
            cluster: str = "auto", nodes: int = 1, users_per_node_: int | None = None, gpus_per_node: int = 0,
            cpus_per_task: int = 0, timeout_min: int = 240, partition: str | None = None,
-           slurm_args: dict | None = None, resume: str | None = None, wait: bool = False, echo=print) -> dict:
+           slurm_args: dict | None = None, resume: str | None = None, wait: bool = False, echo=None) -> dict:
     """Validate every combination, submit one job each, write the manifest; optionally wait."""
+    echo = echo or (lambda line: print(line, flush=True))
     base = parse_args(job_argv)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     folder = (Path(root) / f"{stamp}_{name or (Path(base.config).stem if base.config else 'default')}").resolve()

@@ -173,15 +173,31 @@ def test_submitit_sweep_completes_and_collects(slurm, tmp_path):
     assert csv_path.read_text().splitlines()[1].startswith("comigs_1g1s,42 45,2,")
 
 
-def test_submitit_failed_job_is_reported_not_waited_on(slurm, tmp_path):
-    """A job whose users fail at start-up is reported FAILED with its reason and log; exit code 1."""
+def test_submitit_failed_and_killed_jobs_are_reported_not_waited_on(slurm, tmp_path):
+    """Two failures, neither waited on forever: users that raise (reported with the exception) and a
+    job killed while running, which leaves no result (noticed through sacct); exit code 1."""
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "launch.submit", "--config", str(DEBUG), *FAST,
-                           "model.name=/nonexistent/base", "--executor", "slurm", "--cpus-per-task", "1",
-                           "--time", "10", "--root", str(tmp_path), "--wait"],
-                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=200)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "FAILED: OSError" in proc.stdout and "/nonexistent/base" in proc.stdout, proc.stdout
-    assert "0 completed, 1 failed" in proc.stdout
-    assert "_0_log.out" in proc.stdout
+    proc = subprocess.Popen([sys.executable, "-m", "launch.submit", "--config", str(DEBUG), *FAST, "train.rounds=500",
+                             "--sweep", "model.name=/nonexistent/base,tiny", "--executor", "slurm",
+                             "--cpus-per-task", "1", "--time", "10", "--root", str(tmp_path), "--wait"],
+                            cwd=tmp_path, env={**_env(), "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    while len([ln for ln in lines if ln.startswith("  job ")]) < 2:
+        line = proc.stdout.readline()
+        assert line, "".join(lines)
+        lines.append(line)
+    ids = {ln.split()[2]: ln.split()[1] for ln in lines if ln.startswith("  job ")}
+    bad, killed = ids["model.name-_nonexistent_base"], ids["model.name-tiny"]
+    deadline = time.monotonic() + 120
+    while "RUNNING" not in _sacct_states(killed):
+        assert time.monotonic() < deadline, f"job {killed} never ran: {_sacct_states(killed)}"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=KILL", killed], check=True)  # as the OOM killer would
+    out, _ = proc.communicate(timeout=150)
+    out = "".join(lines) + out
+    assert proc.returncode == 1, out
+    assert f"job {bad} model.name-_nonexistent_base: FAILED: OSError" in out and "/nonexistent/base" in out, out
+    assert f"job {killed} model.name-tiny: FAILED: ended without a result (scheduler state" in out, out
+    assert f"{bad}_0_log.out" in out and "0 completed, 2 failed" in out
     assert time.monotonic() - start < 180
