@@ -36,6 +36,18 @@ if [ -z "${SLURM_JOB_ID:-}" ]; then
     echo "slurm/comigs.sh runs under Slurm: sbatch slurm/comigs.sh configs/<name>.yaml [key=value ...]" >&2
     exit 2
 fi
+# near the time limit (set first, so that the signal never finds the default action, which
+# would end the job): requeue; the next start resumes from the checkpoints under OUT_DIR
+REQUEUED=0
+requeue() {
+    if [ "$REQUEUED" = 0 ]; then
+        REQUEUED=1
+        say "USR1 at $(date '+%F %T'): time limit near, requeueing job $SLURM_JOB_ID"
+        scontrol requeue "$SLURM_JOB_ID" || say "scontrol requeue failed; the job ends at its time limit"
+    fi
+}
+trap requeue USR1
+
 JOB_ID=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
 JOB_ID=${JOB_ID:-$SLURM_JOB_ID}
 NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
@@ -62,17 +74,6 @@ say "job $JOB_ID start $(( ${SLURM_RESTART_COUNT:-0} + 1 )) at $(date '+%F %T') 
 say "$METHOD: $WORLD_SIZE users = $NNODES node(s) x $USERS_PER_NODE, rendezvous $HEAD:$PORT, threads per user: $THREADS"
 say "out_dir: $OUT_DIR"
 say "$RESUME_NOTE"
-
-# near the time limit: requeue; the next start resumes from the checkpoints under OUT_DIR
-REQUEUED=0
-requeue() {
-    if [ "$REQUEUED" = 0 ]; then
-        REQUEUED=1
-        say "USR1 at $(date '+%F %T'): time limit near, requeueing job $SLURM_JOB_ID"
-        scontrol requeue "$SLURM_JOB_ID" || say "scontrol requeue failed; the job ends at its time limit"
-    fi
-}
-trap requeue USR1
 
 # one task per node; each starts torchrun for its node's users. Give the step the job's CPUs
 # explicitly (srun does not inherit --cpus-per-task since Slurm 22.05).
