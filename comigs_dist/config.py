@@ -48,7 +48,11 @@ class ModelConfig:
                     "Llama), or a Hugging Face model name or local checkpoint path (e.g. 'gpt2').")
     family: Literal["auto", "gpt2", "llama"] = opt("auto", "Model family for adapter injection; 'auto' reads it from the HF config.")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "Where each user's model lives; 'auto' = cuda:<local_rank> when CUDA is available, else cpu.")
-    share_base: Literal["auto", "true", "false"] = opt("auto", "Share one read-only copy of the frozen base weights between the ranks of a host (memory map).")
+    share_base: Literal["auto", "true", "false"] = opt(
+        "auto", "Hold the frozen base once per host: one rank writes it to a file in /dev/shm ($COMIGS_SHM_DIR) "
+        "and every rank of the host maps it read-only. 'auto' = on when several ranks share a host and the "
+        "model stays on CPU; on CUDA 'true' only shares the host copy used while loading.")
+    dtype: Literal["auto", "fp32", "bf16"] = opt("auto", "Storage type of the frozen base weights; 'auto' = bf16 when training runs under bf16 autocast on a GPU, else fp32. Adapters and routers stay fp32.")
 
 
 @dataclass
@@ -124,15 +128,33 @@ class LogConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = opt(0, "Save every user's trainable state every this many rounds; 0 = only at the end.")
+    every: int = opt(0, "Save every user's full state (adapters, optimisers, schedule, RNG, data position, counters) "
+                     "every this many rounds, for resume; 0 = only at the end.")
     final: bool = opt(True, "Save every user's trainable state at the end of the run.")
+    keep: int = opt(0, "Keep only this many newest round checkpoints per user (older ones are deleted once every "
+                    "user has written a newer one); 0 = keep all.")
+
+
+@dataclass
+class GuardConfig:
+    nan: Literal["stop", "skip"] = opt("stop", "A non-finite loss or shared parameter: 'stop' the run naming the user, "
+                                       "round and parameter; 'skip' = that user contributes nothing to the round's "
+                                       "average (and drops that optimiser step) and takes the others' average.")
 
 
 @dataclass
 class RunConfig:
     method: str = opt("comigs_1g1s", "Method to run (see `python -m comigs_dist.main --methods`).")
+    method_options: dict[str, Any] = opt({}, "Options of the chosen method, as method_options.<key>=value "
+                                         "(e.g. method_options.lambda_p=5e-3 for hetlora); each method's "
+                                         "options are listed below and by --methods. Unknown keys are errors.")
     seed: int = opt(42, "Seed; user u uses seed + u for its own random streams (paper: 42, 45, 47).")
-    out_dir: Union[str, None] = opt(None, "Where the run writes; default a fresh runs/<timestamp>_<method> directory.")
+    out_dir: Union[str, None] = opt(None, "Where the run writes; default a fresh runs/<timestamp>_<method> directory "
+                                    "(with resume=auto under Slurm or torchrun: runs/<job id>_<method>_s<seed>).")
+    resume: Literal["false", "true", "auto"] = opt("false", "Continue from the newest round every user checkpointed in "
+                                                   "out_dir: 'true' (out_dir required, a checkpoint must exist), "
+                                                   "'auto' (resume if one exists, else start fresh: for torchrun "
+                                                   "--max-restarts and Slurm requeues), 'false' (start fresh).")
     n_users: Union[int, None] = opt(None, "Number of simulated users; must equal the world size (one rank per user). Default: the world size.")
     model: ModelConfig = sub(ModelConfig, "Base model.")
     lora: LoRAConfig = sub(LoRAConfig, "LoRA adapters.")
@@ -143,11 +165,14 @@ class RunConfig:
     eval: EvalConfig = sub(EvalConfig, "Evaluation.")
     log: LogConfig = sub(LogConfig, "Logging.")
     checkpoint: CheckpointConfig = sub(CheckpointConfig, "Checkpoints.")
+    guard: GuardConfig = sub(GuardConfig, "What happens to non-finite numbers.")
 
     def __post_init__(self) -> None:
         errors = collect_errors(self)
         if errors:
             raise ConfigError(format_errors(errors))
+        # the resolved config lists every option of the method with its value (reproducibility)
+        self.method_options = dataclasses.asdict(method_options_of(self))
 
     # ----- per-user views -------------------------------------------------------------------
     def per_user(self, key: str, user_idx: int) -> Any:
@@ -205,17 +230,22 @@ def collect_errors(cfg: RunConfig) -> list[str]:
                 "eval.batch_size", "log.every"):
         positive(key, get_dotted(cfg, key))
     for key in ("train.router_steps", "train.router_lr", "train.weight_decay", "train.grad_clip",
-                "moe.lb_weight", "eval.every", "eval.max_tokens", "checkpoint.every",
+                "moe.lb_weight", "eval.every", "eval.max_tokens", "checkpoint.every", "checkpoint.keep",
                 "train.micro_batch_size", "train.threads", "data.valid_tokens", "data.test_tokens"):
         positive(key, get_dotted(cfg, key), allow_zero=True)
     if not 0 < t.min_lr_ratio <= 1:
         e.append(f"train.min_lr_ratio ({t.min_lr_ratio}) must be in (0, 1]")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         e.append(f"train.betas ({t.betas}) must be two numbers in [0, 1)")
+    if cfg.model.dtype == "bf16" and t.amp in ("off", "fp16"):
+        e.append(f"model.dtype (bf16) needs bf16 autocast; set train.amp=bf16 (or auto on a GPU) or model.dtype=fp32")
     if t.micro_batch_size and t.batch_size % t.micro_batch_size:
         e.append(f"train.micro_batch_size ({t.micro_batch_size}) must divide train.batch_size ({t.batch_size})")
     if cfg.n_users is not None and cfg.n_users < 1:
         e.append(f"n_users ({cfg.n_users}) must be >= 1")
+    if cfg.resume == "true" and not cfg.out_dir:
+        e.append("resume=true needs out_dir: set out_dir to the directory of the run to continue "
+                 "(the one holding checkpoints/)")
 
     # per-user lists: one length, matching n_users
     lengths = _list_lengths(cfg)
@@ -266,9 +296,33 @@ def collect_errors(cfg: RunConfig) -> list[str]:
     if cfg.method not in methods:
         e.append(f"method ({cfg.method!r}) is not a known method; choose one of: {', '.join(sorted(methods))}")
     else:
-        from comigs_dist.methods import get_method
-        e.extend(get_method(cfg.method).config_errors(cfg))
+        from comigs_dist.methods import method_class
+        cls = method_class(cfg.method)
+        _, option_errors = parse_options(cls.Options, cfg.method_options, cfg.method)
+        e.extend(option_errors)
+        if not option_errors:
+            e.extend(cls.config_errors(cfg))
     return e
+
+
+def parse_options(options_cls: type, raw: dict, method: str) -> tuple[Any, list[str]]:
+    """A method's typed options from the raw ``method_options`` mapping: (options, errors)."""
+    if not dataclasses.fields(options_cls) and raw:
+        return None, [f"method_options ({raw}) are given but method {method!r} takes no options; remove them"]
+    errors: list[str] = []
+    kwargs = _merge(raw, options_cls, "method_options.", errors)
+    if errors:
+        return None, [f"{err} (method {method!r})" for err in errors]
+    return _build(options_cls, kwargs), []
+
+
+def method_options_of(cfg: "RunConfig") -> Any:
+    """The typed options of cfg.method (a dataclass declared by the method as ``Options``)."""
+    from comigs_dist.methods import method_class
+    options, errors = parse_options(method_class(cfg.method).Options, cfg.method_options, cfg.method)
+    if errors:
+        raise ConfigError(format_errors(errors))
+    return options
 
 
 def format_errors(errors: list[str]) -> str:
@@ -320,8 +374,9 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
-        if isinstance(value, bool) and "true" in choices:  # yaml reads true/false as bools
-            value = "true" if value else "false"
+        if isinstance(value, bool):  # YAML 1.1 reads true/false/on/off/yes/no as booleans
+            words = ("true", "on", "yes") if value else ("false", "off", "no")
+            value = next((w for w in words if w in choices), value)
         if value in choices:
             return value
         raise ConfigError(f"{key} ({value!r}) must be one of {', '.join(repr(c) for c in choices)}")
@@ -342,6 +397,13 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"{key} ({value!r}) must be of type {_type_name(tp)}")
+    if origin is dict:
+        # a free mapping checked later against its own schema (method_options)
+        if value in ("", None) or (isinstance(value, str) and value.strip() in ("{}", "null")):
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} ({value!r}) must be a mapping; set its entries as {key}.<name>=value")
+        return dict(value)
     if origin is list:
         (inner,) = typing.get_args(tp)
         if isinstance(value, str):

@@ -4,7 +4,8 @@ Owns: reading the launcher's environment (torchrun, srun, submitit), choosing th
 (NCCL when every rank has a GPU, gloo otherwise), the Topology (rank <-> user, every subgroup,
 built once in a fixed order and looked up by name), the shape handshake that precedes the first
 collective of a group, flattening a set of tensors into one buffer so a round costs one
-collective per group, and counting the bytes each user sends and receives.
+collective per group, counting the bytes each user sends and receives, and explaining a failed
+collective (which user died or hung) instead of surfacing a bare backend error.
 Knows nothing of models or methods: it moves lists of tensors.
 
 Bytes are counted as the payload a user puts on the wire and takes off it, in the dtype that
@@ -13,8 +14,10 @@ trusted server would cost), whatever algorithm the backend uses underneath.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -45,6 +48,25 @@ def env_rank() -> int:
 def env_get(name: str, default: str | None = None) -> str | None:
     """Read one environment variable (kept here so that only this module touches os.environ)."""
     return os.environ.get(name, default)
+
+
+def restart_count() -> int:
+    """How often the launcher has restarted this job: torchrun's restarts (``--max-restarts``) or
+    Slurm's requeues, whichever is larger; 0 on a first attempt."""
+    counts = [os.environ.get("TORCHELASTIC_RESTART_COUNT", ""), os.environ.get("SLURM_RESTART_COUNT", "")]
+    return max((int(c) for c in counts if c.strip().isdigit()), default=0)
+
+
+def job_tag() -> str | None:
+    """A name for this job that survives restarts and requeues: the Slurm job id, else torchrun's
+    run id (``--rdzv-id``, a fresh uuid per ``torchrun --standalone``); None for other launches."""
+    slurm = os.environ.get("SLURM_JOB_ID", "").strip()
+    if slurm:
+        return f"slurm-{slurm}"
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "").strip()
+    if run_id and run_id.lower() != "none":
+        return f"torchrun-{run_id}"
+    return None
 
 
 def _export_slurm_env() -> None:
@@ -170,14 +192,24 @@ def init_distributed(backend: str = "auto", device: str = "auto", timeout_s: flo
 
     timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        if "MASTER_ADDR" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and "MASTER_ADDR" in os.environ:
+            # torchrun shares its rendezvous store with the workers, so the keys a failed attempt
+            # left there (gloo's addresses) would be read by the next attempt, which then cannot
+            # connect (pytorch/pytorch#135712): each attempt gets a namespace of its own
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                                  is_master=False, timeout=timeout)
+            store = dist.PrefixStore(f"comigs/attempt_{restart_count()}", store)
+            dist.init_process_group(backend=backend, store=store, timeout=timeout, rank=rank, world_size=world_size)
+        elif "MASTER_ADDR" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ:
             dist.init_process_group(backend=backend, init_method="env://", timeout=timeout,
                                     rank=rank, world_size=world_size)
         else:  # a plain `python -m comigs_dist.main`: a group of one
             dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
                                     timeout=timeout, rank=0, world_size=1)
-    return Topology(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
+    topo = Topology(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                     local_world_size=local_world_size, device=dev, backend=backend, timeout_s=timeout_s)
+    _record_peers(topo)
+    return topo
 
 
 def shutdown() -> None:
@@ -197,7 +229,8 @@ def check_shapes(topo: Topology, group_name: str, named: Sequence[tuple[str, tor
     mine = [(n, tuple(t.shape), str(t.dtype)) for n, t in named]
     members = topo.members(group_name)
     gathered: list = [None] * len(members)
-    dist.all_gather_object(gathered, mine, group=topo.group(group_name))
+    with _collective("the shape handshake", group_name):
+        dist.all_gather_object(gathered, mine, group=topo.group(group_name))
     ref_user = members[0]
     ref = gathered[0]
     problems = []
@@ -240,13 +273,18 @@ def _unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None
 
 @torch.no_grad()
 def sync_mean(topo: Topology, group_name: str, tensors: Sequence[torch.Tensor], mode: str = "server",
-              dtype: str = "fp32") -> int:
+              dtype: str = "fp32", count: bool = False, contribute: bool = True) -> int:
     """Replace each tensor, on every member of the group, by its mean over the members.
 
     One collective for the whole list. 'server' = all_reduce(SUM) then divide (what a trusted
     server does); 'all2all' = every member gathers everyone's buffer and averages it itself
     (serverless, N times the traffic). Returns the payload size in bytes.
     Ranks outside the group return at once and keep their tensors.
+
+    ``count=True`` (every member must pass the same) appends one element to the buffer: 1 from a
+    member that contributes, 0 from one that sits this collective out (``contribute=False``, its
+    payload zeroed, so a non-finite value never travels). The mean is then over the contributors
+    only and a member that sat out receives their average, still in one collective.
     """
     if not topo.in_group(group_name) or not tensors:
         return 0
@@ -257,22 +295,39 @@ def sync_mean(topo: Topology, group_name: str, tensors: Sequence[torch.Tensor], 
     wire = _DTYPES[dtype]
     start = time.perf_counter()
     flat = _flatten(tensors, wire)
+    if count:
+        if wire == torch.bfloat16 and n > 256:
+            raise ValueError(f"group {group_name!r} has {n} members: a contributor count above 256 is not exact in "
+                             f"bf16; use comm.dtype=fp32 with guard.nan=skip")
+        if not contribute:
+            flat.zero_()
+        flat = torch.cat([flat, flat.new_full((1,), 1.0 if contribute else 0.0)])
     size = flat.numel() * flat.element_size()
     if mode == "server":
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=pg)
-        mean = flat.to(torch.float32).div_(n)
+        with _collective("all_reduce", group_name):
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=pg)
+        total = flat.to(torch.float32)
         sent, received = size, size
     elif mode == "all2all":
         parts = [torch.empty_like(flat) for _ in range(n)]
-        dist.all_gather(parts, flat, group=pg)
-        mean = torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device)
+        with _collective("all_gather", group_name):
+            dist.all_gather(parts, flat, group=pg)
+        total = torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device)
         for p in parts:  # fixed member order: every rank computes the same sum
-            mean.add_(p.to(torch.float32))
-        mean.div_(n)
+            total.add_(p.to(torch.float32))
         # each member sends its buffer to the n - 1 others and receives theirs
         sent, received = size * (n - 1), size * (n - 1)
     else:
         raise ValueError(f"comm.mode ({mode!r}) must be 'server' or 'all2all'")
+    divisor = n
+    if count:
+        divisor = int(round(float(total[-1])))
+        total = total[:-1]
+        if divisor == 0:
+            raise FloatingPointError(f"every member of group {group_name!r} ({', '.join(map(str, topo.members(group_name)))}) "
+                                     f"sat this round out with non-finite shared parameters (guard.nan=skip): there is "
+                                     f"nothing left to average; lower train.lr or check the data, then resume")
+    mean = total.div_(divisor)
     _unflatten_into(mean, tensors)
     topo.stats.add(group_name, sent, received, time.perf_counter() - start)
     return size
@@ -288,7 +343,8 @@ def broadcast_from(topo: Topology, group_name: str, tensors: Sequence[torch.Tens
     members = topo.members(group_name)
     src = members[0] if src_user is None else src_user
     flat = _flatten(tensors, tensors[0].dtype if all(t.dtype == tensors[0].dtype for t in tensors) else torch.float32)
-    dist.broadcast(flat, src=src, group=topo.group(group_name))
+    with _collective("broadcast", group_name):
+        dist.broadcast(flat, src=src, group=topo.group(group_name))
     if topo.rank != src:
         _unflatten_into(flat, tensors)
 
@@ -296,25 +352,248 @@ def broadcast_from(topo: Topology, group_name: str, tensors: Sequence[torch.Tens
 def all_gather_objects(obj, group=None) -> list:
     """Gather one picklable object from every rank (every rank gets the list, in rank order)."""
     out: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
+    with _collective("all_gather_object", "world" if group is None else str(group)):
+        dist.all_gather_object(out, obj, group=group)
     return out
 
 
 def broadcast_object(obj, src: int = 0):
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    with _collective("broadcast_object", "world"):
+        dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
 def barrier(topo: Topology) -> None:
-    if topo.backend == "gloo":
-        dist.monitored_barrier(timeout=datetime.timedelta(seconds=topo.timeout_s))
-    else:
-        dist.barrier()
+    with _collective("barrier", "world"):
+        if topo.backend == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=topo.timeout_s))
+        else:
+            dist.barrier()
 
 
 def sum_scalars(values: Iterable[float], device: torch.device | str = "cpu") -> list[float]:
     """All-reduce a few floats (sum over ranks)."""
     t = torch.tensor(list(values), dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    with _collective("all_reduce", "world"):
+        dist.all_reduce(t)
     return t.tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# failures: a dead or hung peer becomes a message naming the user, never a silent hang
+# --------------------------------------------------------------------------------------------
+
+class PeerFailure(RuntimeError):
+    """A collective failed because another user's process died, hung or became unreachable.
+
+    The message names this user, the collective and its group, where in the run it happened
+    (the phase last named with ``set_phase``), what is known of the other users (a process on this
+    host that is gone, or a cause a failing user left behind) and how to continue the run."""
+
+    def __init__(self, user: int, op: str, group: str, diagnosis: str, backend_error: str):
+        super().__init__(diagnosis)
+        self.user, self.op, self.group = user, op, group
+        self.diagnosis, self.backend_error = diagnosis, backend_error
+        self.where = _PHASE[0]
+
+    def __str__(self) -> str:
+        where = f" in {self.where}" if self.where else ""
+        return (f"user {self.user} lost contact with the other users{where}, during {self.op} on group "
+                f"{self.group!r}: {self.diagnosis}. The run stops here; if checkpoints were written "
+                f"(checkpoint.every), continue with resume=true and the same out_dir (under torchrun "
+                f"--max-restarts or a Slurm requeue, resume=auto does it by itself). "
+                f"[backend: {self.backend_error}]")
+
+
+# (host, pid) of every rank, gathered once when the group forms: lets a survivor tell which user
+# on its own host is gone when a collective fails; and the timeout the group was built with
+_PEERS: list[tuple[str, int]] = []
+_TIMEOUT_S = [300.0]
+_PHASE: list[str | None] = [None]
+_FAILURE_PREFIX = "comigs/failed"
+
+
+def _record_peers(topo: Topology) -> None:
+    me = (socket.gethostname(), os.getpid())
+    _TIMEOUT_S[0] = topo.timeout_s
+    _PEERS[:] = all_gather_objects(me) if topo.world_size > 1 else [me]
+
+
+def _store():
+    try:
+        from torch.distributed import distributed_c10d
+        return distributed_c10d._get_default_store()
+    except Exception:  # no group, or a torch without the helper: notes are a courtesy
+        return None
+
+
+def _note_key(rank: int) -> str:
+    # restarts reuse torchrun's store: a note from an earlier attempt must not be read again
+    return f"{_FAILURE_PREFIX}/{restart_count()}/{rank}"
+
+
+def report_failure(cause: str) -> None:
+    """Leave this user's cause of failure where the other users can read it (the rendezvous
+    store), so their messages name it; best effort, silent when the store is gone."""
+    store = _store() if dist.is_initialized() else None
+    if store is None:
+        return
+    try:
+        store.set(_note_key(dist.get_rank()), cause[:2000])
+    except Exception:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a dead child its parent has not reaped yet still answers kill(0): a zombie
+        stat = open(f"/proc/{pid}/stat").read()
+        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def _read_notes(skip_store: bool) -> dict[int, str]:
+    store = None if skip_store else _store()
+    notes: dict[int, str] = {}
+    if store is None:
+        return notes
+    me = dist.get_rank()
+    for rank in range(len(_PEERS)):
+        if rank == me:
+            continue
+        key = _note_key(rank)
+        try:
+            if store.check([key]):
+                notes[rank] = store.get(key).decode(errors="replace")
+        except Exception:
+            break  # the store itself is gone (its host died): pid checks must do
+    return notes
+
+
+def _diagnose(timeout_s: float, grace_s: float = 3.0) -> str:
+    """What is known of the other users after a failed collective."""
+    if not _PEERS or not dist.is_initialized():
+        return "another user's process stopped answering"
+    me, host = dist.get_rank(), socket.gethostname()
+    local = [r for r, (h, _) in enumerate(_PEERS) if h == host and r != me]
+    remote = [r for r, (h, _) in enumerate(_PEERS) if h != host]
+    # the store lives in torchrun's agent, or else in rank 0's process: do not ask a dead host
+    agent_store = env_get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    notes = _read_notes(skip_store=not agent_store and 0 in local and not _alive(_PEERS[0][1]))
+    dead: list[int] = []
+    deadline = time.monotonic() + grace_s
+    while not notes and local:  # a peer that just failed may still be tearing down
+        dead = [r for r in local if not _alive(_PEERS[r][1])]
+        if dead or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    if not dead:
+        dead = [r for r in local if not _alive(_PEERS[r][1])]
+    parts = [f"user {r} failed: {note}" for r, note in sorted(notes.items())]
+    parts += [f"user {r} (pid {_PEERS[r][1]} on {host}) is no longer running: it was killed (a signal or the "
+              f"out-of-memory killer) or it crashed; its own output, or the launcher's report of its exit code, "
+              f"gives the cause" for r in dead if r not in notes]
+    if not parts:
+        if remote:
+            parts.append(f"users {', '.join(map(str, remote))} run on other hosts and cannot be checked from here; "
+                         f"their output names the cause")
+        else:
+            parts.append(f"every other user on this host is still running, so one of them is stuck or slower than "
+                         f"comm.timeout_s ({timeout_s:g} s); raise comm.timeout_s if a round legitimately takes longer")
+    return "; ".join(parts)
+
+
+@contextlib.contextmanager
+def _collective(op: str, group_name: str):
+    """Turn a backend error in a collective (a peer closed its connection, a timeout) into a
+    PeerFailure that says which user is gone, instead of a bare gloo/NCCL message."""
+    try:
+        yield
+    except PeerFailure:
+        raise
+    except RuntimeError as exc:  # DistBackendError, DistNetworkError and gloo's errors are RuntimeErrors
+        backend = " ".join(str(exc).split())[:400]
+        raise PeerFailure(dist.get_rank() if dist.is_initialized() else env_rank(), op, group_name,
+                          _diagnose(_TIMEOUT_S[0]), backend) from exc
+
+
+def set_phase(where: str) -> None:
+    """Name the place in the run (``round 3``) that a PeerFailure raised from now on reports."""
+    _PHASE[0] = where
+
+
+# --------------------------------------------------------------------------------------------
+# collectives for methods with an aggregation of their own (Centralized, PCL, HetLoRA, FlexLoRA)
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sync_sum(topo: Topology, group_name: str, tensors: Sequence[torch.Tensor], dtype: str = "fp32") -> int:
+    """Replace each tensor, on every member of the group, by its sum over the members: one
+    all_reduce for the whole list (weighted averages: each member scales its own term first).
+    Counted like a server round trip: the buffer up once, the sum down once. Returns its bytes."""
+    if not topo.in_group(group_name) or not tensors:
+        return 0
+    if group_name not in topo._checked:
+        check_shapes(topo, group_name, [(f"#{i}", t) for i, t in enumerate(tensors)])
+    start = time.perf_counter()
+    flat = _flatten(tensors, _DTYPES[dtype])
+    size = flat.numel() * flat.element_size()
+    with _collective("all_reduce", group_name):
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=topo.group(group_name))
+    _unflatten_into(flat.to(torch.float32), tensors)
+    topo.stats.add(group_name, size, size, time.perf_counter() - start)
+    return size
+
+
+@torch.no_grad()
+def mean_gradients(topo: Topology, group_name: str, params: Sequence[torch.Tensor], count: bool = False,
+                   contribute: bool = True) -> int:
+    """Data parallelism: replace every parameter's gradient by its mean over the members (one
+    all_reduce in fp32, so that the step equals one step on the union of the members' batches).
+    ``count``/``contribute`` as in ``sync_mean``: a member with a non-finite loss sits the step out."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return sync_mean(topo, group_name, grads, "server", "fp32", count, contribute)
+
+
+@torch.no_grad()
+def gather_flat(topo: Topology, group_name: str, tensors: Sequence[torch.Tensor],
+                dtype: str = "fp32") -> list[torch.Tensor]:
+    """Every member's tensors, flattened into one fp32 vector per member, in member order (one
+    all_gather). Counted as an exchange between peers: each member sends its buffer to the n - 1
+    others and receives theirs. Ranks outside the group get an empty list."""
+    if not topo.in_group(group_name) or not tensors:
+        return []
+    if group_name not in topo._checked:
+        check_shapes(topo, group_name, [(f"#{i}", t) for i, t in enumerate(tensors)])
+    start = time.perf_counter()
+    flat = _flatten(tensors, _DTYPES[dtype])
+    n = len(topo.members(group_name))
+    parts = [torch.empty_like(flat) for _ in range(n)]
+    with _collective("all_gather", group_name):
+        dist.all_gather(parts, flat, group=topo.group(group_name))
+    size = flat.numel() * flat.element_size()
+    topo.stats.add(group_name, size * (n - 1), size * (n - 1), time.perf_counter() - start)
+    return [p.to(torch.float32) for p in parts]
+
+
+def sync_sum_scalars(topo: Topology, group_name: str, values: Iterable[float]) -> list[float]:
+    """Sum a few floats over the members of a group (float64; too small to count as traffic)."""
+    values = list(values)
+    if not topo.in_group(group_name):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=topo.device)
+    with _collective("all_reduce", group_name):
+        dist.all_reduce(t, group=topo.group(group_name))
+    return t.tolist()
+
+
+def unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    """Copy consecutive slices of a flat vector into the tensors (the inverse of one buffer)."""
+    _unflatten_into(flat, tensors)

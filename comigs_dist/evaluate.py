@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from comigs_dist.data import iter_eval_batches
+from comigs_dist.data import eval_windows, iter_eval_batches
 
 
 @dataclass
@@ -29,10 +29,15 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate_split(model, tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens: int = 0,
-                   device: torch.device | str = "cpu", autocast=contextlib.nullcontext) -> EvalResult:
+                   device: torch.device | str = "cpu", autocast=contextlib.nullcontext, progress=None) -> EvalResult:
+    """``progress``: a metrics.NullProgress/Progress that draws a bar over the batches (rank 0)."""
     total, count, correct = 0.0, 0, 0
     prob_sums = share_sums = None
-    for x, y in iter_eval_batches(tokens, seq_len, batch_size, max_tokens, device):
+    batches = iter_eval_batches(tokens, seq_len, batch_size, max_tokens, device)
+    if progress is not None:
+        n_batches = -(-len(eval_windows(tokens, seq_len, max_tokens)) // batch_size)
+        batches = progress.bar(batches, total=n_batches, desc="evaluation", transient=True)
+    for x, y in batches:
         with autocast():
             logits = model.logits(x)
         logits = logits.float().reshape(-1, logits.shape[-1])

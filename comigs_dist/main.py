@@ -24,10 +24,21 @@ def _help_text() -> str:
     width = max(len(k) + len(d) for k, d, _ in rows) + 3
     for key, default, text in rows:
         lines.append(f"  {key}={default}".ljust(width + 2) + f"  {text}")
+    lines += _method_option_lines()
     lines += ["", "other flags:", "  --config FILE   a YAML file (see configs/)",
               "  --methods       list the methods and exit", "  --print-config  print the resolved config and exit",
               "  -h, --help      this text"]
     return "\n".join(lines)
+
+
+def _method_option_lines() -> list[str]:
+    """Each method's own options (method_options.<key>=value), listed under the method."""
+    from comigs_dist.methods import known_methods, method_class
+    lines = ["", "method options (method_options.<key>=value, accepted only by the method named):"]
+    for name in known_methods():
+        for key, default, text in method_class(name).option_rows():
+            lines.append(f"  [{name}] {key}={default}".ljust(50) + f"  {text}")
+    return lines
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -46,7 +57,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def default_out_dir(cfg: RunConfig) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    """A fresh directory per run; with resume=auto under Slurm or torchrun, one named after the
+    job instead, so that a requeued or restarted job finds its own checkpoints again."""
+    from comigs_dist import dist
+    tag = dist.job_tag() if cfg.resume == "auto" else None
+    stamp = tag or datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{stamp}_{cfg.method}_s{cfg.seed}"
 
 
@@ -60,9 +75,12 @@ def main(argv: list[str] | None = None) -> int:
             print(_help_text())
             return 0
         if args.methods:
-            from comigs_dist.methods import get_method, known_methods
+            from comigs_dist.methods import known_methods, method_class
             for name in known_methods():
-                print(f"{name:16s} {get_method(name).description}")
+                cls = method_class(name)
+                print(f"{name:16s} {cls.description}")
+                for key, default, _ in cls.option_rows():
+                    print(f"{'':16s}   {key}={default}")
             return 0
         cfg = load_config(args.config, args.overrides)
         check_world_size(cfg, dist.env_world_size())
@@ -78,22 +96,36 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # build cached assets (embedded corpus and base) before any process group exists: one
         # process per host builds under a file lock while the others wait, outside any collective
+        from comigs_dist import faults
         from comigs_dist.train import prepare_assets
+        faults.from_env()  # a malformed COMIGS_FAULT is an error before anything starts
         prepare_assets(cfg, dist.env_world_size(), progress=is_rank0 and cfg.log.progress)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     topo = dist.init_distributed(cfg.comm.backend, cfg.model.device, cfg.comm.timeout_s, cfg.train.threads)
-    say = (lambda msg: print(f"[comigs] {msg}", flush=True)) if topo.rank == 0 and cfg.log.progress else (lambda msg: None)
+    from comigs_dist.metrics import build_progress
+    lines = build_progress(topo.rank == 0 and cfg.log.progress)  # prints above rank 0's bars, nothing elsewhere
+    say = lambda msg: lines.write(f"[comigs] {msg}")
+    from comigs_dist.checkpoint import CheckpointError, check_writable
     try:
-        out_dir = Path(dist.broadcast_object(str(cfg.out_dir or default_out_dir(cfg)) if topo.rank == 0 else None))
+        # rank 0 picks out_dir and checks it can write there; every rank learns both at once, so
+        # an unwritable out_dir stops every rank with one message before any training
+        choice = None
         if topo.rank == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
+            chosen = Path(cfg.out_dir or default_out_dir(cfg))
+            choice = (str(chosen), check_writable(chosen))
+        out_dir, problem = dist.broadcast_object(choice)
+        out_dir = Path(out_dir)
+        if problem:
+            raise ConfigError(problem)
+        if topo.rank == 0:
             (out_dir / "config.yaml").write_text(to_yaml(cfg))
         say(f"{cfg.method}: {topo.world_size} users on {topo.device.type} ({topo.backend}), writing to {out_dir}")
         from comigs_dist import train
         from comigs_dist.metrics import build_results, format_table, write_json_atomic
         row = train.run(cfg, topo, out_dir, say)
+        dist.set_phase("gathering the results")
         rows = dist.all_gather_objects(row)
         if topo.rank == 0:
             dataset = cfg.data.path if cfg.data.path != "embedded" else f"embedded-{cfg.data.scenario}"
@@ -103,11 +135,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"results: {out_dir / 'results.json'}")
             print(f"tensorboard --logdir {out_dir / 'tb'}")
         # leave together: a rank that tears gloo down while another still talks to it aborts
+        dist.set_phase("the end of the run")
         dist.barrier(topo)
         return 0
+    except (ConfigError, CheckpointError) as exc:
+        # raised on every rank together (decided on gathered facts): said once
+        if topo.rank == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     except Exception as exc:
         print(f"[comigs] user {topo.user_idx} (rank {topo.rank}) failed: {type(exc).__name__}: {exc}",
               file=sys.stderr, flush=True)
+        if isinstance(exc, dist.PeerFailure):
+            return 1  # a consequence of another user's failure; the message says which
+        dist.report_failure(f"{type(exc).__name__}: {exc}")  # so the other users can name the cause
+        if isinstance(exc, FloatingPointError):
+            return 1  # the message names the user, round and parameter: a traceback adds nothing
         raise
     finally:
         dist.shutdown()

@@ -1,17 +1,19 @@
 """Where numbers go: per-user TensorBoard writers, results.json and the summary table.
 
 Owns the logger chosen once per rank (a TensorBoard writer under ``<out_dir>/tb/user_XX``, or a
-no-op), the results.json contract that analysis, sweeps and checks read, and the table rank 0
-prints. Knows nothing of training decisions.
+no-op), the TensorBoard chart layout (custom scalars), the progress bars (rank 0 only), the
+results.json contract that analysis, sweeps and checks read, and the table rank 0 prints.
+Knows nothing of training decisions.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 
 class NullLogger:
@@ -27,6 +29,10 @@ class NullLogger:
     def text(self, tag: str, text: str, step: int = 0) -> None:
         pass
 
+    def layout(self, layout: dict) -> None:
+        """Chart layout for TensorBoard's custom-scalars dashboard (see ``scalar_layout``)."""
+        pass
+
     def flush(self) -> None:
         pass
 
@@ -35,15 +41,19 @@ class NullLogger:
 
 
 class TensorBoardLogger(NullLogger):
-    def __init__(self, log_dir: Path):
+    def __init__(self, log_dir: Path, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        # purge_step: TensorBoard hides the events an interrupted attempt logged at or after it
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         self.writer.add_scalar(tag, float(value), step)
 
     def text(self, tag: str, text: str, step: int = 0) -> None:
         self.writer.add_text(tag, text, step)
+
+    def layout(self, layout: dict) -> None:
+        self.writer.add_custom_scalars(layout)
 
     def flush(self) -> None:
         self.writer.flush()
@@ -52,10 +62,101 @@ class TensorBoardLogger(NullLogger):
         self.writer.close()
 
 
-def build_logger(out_dir: Path, user_idx: int, enabled: bool) -> NullLogger:
+def build_logger(out_dir: Path, user_idx: int, enabled: bool, purge_step: int | None = None) -> NullLogger:
     if not enabled:
         return NullLogger()
-    return TensorBoardLogger(Path(out_dir) / "tb" / f"user_{user_idx:02d}")
+    return TensorBoardLogger(Path(out_dir) / "tb" / f"user_{user_idx:02d}", purge_step)
+
+
+def scalar_layout(n_layers: int, n_experts: int, n_generalists: int) -> dict:
+    """Custom-scalars charts for one user, over the tags train.py logs.
+
+    The paper's Figures 3 and 10 plot, per user, the expert score (mean router probability) of
+    the generalist and of the specialist against iterations, one curve per layer; here they are
+    two charts (generalists, specialists) with one curve per layer, plus one chart per layer
+    with every expert of that layer. Figures 4-6 and 9 plot test perplexity against iterations.
+    Charts match tags by regular expression (anchored at the start), so the layout is the same
+    for every user with the same expert counts and TensorBoard shows it once.
+    """
+    def experts_regex(ids: list[int]) -> str:
+        return rf"router/prob/layer_\d+/expert_({'|'.join(map(str, ids))})$"
+    generalists, specialists = list(range(n_generalists)), list(range(n_generalists, n_experts))
+    scores = {}
+    for name, ids in (("generalist", generalists), ("specialist", specialists)):
+        if ids:
+            label = f"expert {ids[0]}" if len(ids) == 1 else f"experts {ids[0]}-{ids[-1]}"
+            scores[f"{name} expert score ({label}), one curve per layer"] = ["Multiline", [experts_regex(ids)]]
+    layers = {f"layer {layer:02d}: every expert": ["Multiline", [rf"router/prob/layer_{layer:02d}/expert_\d+$"]]
+              for layer in range(n_layers)}
+    return {
+        "expert scores (paper Fig. 3, 10)": scores,
+        "expert scores by layer": layers,
+        "perplexity (paper Fig. 4-6, 9)": {
+            "test perplexity": ["Multiline", [r"test/ppl$", r"base/ppl$"]],
+            "losses": ["Multiline", [r"train/loss$", r"train/ce$", r"train/router_loss$", r"valid/loss$", r"test/loss$"]],
+        },
+        "communication": {"bytes": ["Multiline", [r"comm/bytes_sent$", r"comm/bytes_received$"]]},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# progress
+# --------------------------------------------------------------------------------------------
+
+class NullProgress:
+    """No bars and no lines: what every rank but 0 gets, and rank 0 with ``log.progress=false``."""
+
+    def bar(self, iterable: Iterable | None = None, total: int | None = None, desc: str = "",
+            transient: bool = False):
+        return _NullBar(iterable)
+
+    def write(self, msg: str) -> None:
+        pass
+
+
+class _NullBar:
+    def __init__(self, iterable):
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Progress(NullProgress):
+    """tqdm bars on one stream, and message lines that print above them instead of through them.
+
+    On a terminal, bars redraw in place and transient ones (evaluation) vanish when done. On a file
+    or a pipe (Slurm logs, CI) transient bars are skipped and the others redraw at most every
+    30 s, so a log gets a few updates rather than one per step."""
+
+    def __init__(self, stream=None, lines=None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.lines = lines if lines is not None else sys.stdout
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def bar(self, iterable: Iterable | None = None, total: int | None = None, desc: str = "",
+            transient: bool = False):
+        if transient and not self.tty:
+            return _NullBar(iterable)
+        from tqdm import tqdm
+        return tqdm(iterable, total=total, desc=desc, leave=not transient, file=self.stream,
+                    mininterval=0.2 if self.tty else 30.0, dynamic_ncols=self.tty)
+
+    def write(self, msg: str) -> None:
+        from tqdm import tqdm
+        tqdm.write(msg, file=self.lines)
+        self.lines.flush()
+
+
+def build_progress(enabled: bool, stream=None, lines=None) -> NullProgress:
+    """Chosen once per rank, like the logger: bars and lines on rank 0 when ``log.progress``."""
+    return Progress(stream, lines) if enabled else NullProgress()
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

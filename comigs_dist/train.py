@@ -5,7 +5,9 @@ synchronise the shared parameters, take the local expert steps on training batch
 frozen) and, every tau local iterations, the router steps on the router's split (experts
 frozen); evaluate; checkpoint. Methods plug in through their hooks; this file never branches on
 a method's name. Gradients never leak between the two levels: only the phase's parameters
-require gradients, and gradients are dropped after every step.
+require gradients, and gradients are dropped after every step. Resuming
+(``resume.restore_user``) and the non-finite guard (``guard``) are called from here but live in
+modules of their own.
 """
 from __future__ import annotations
 
@@ -17,13 +19,14 @@ from pathlib import Path
 
 import torch
 
-from comigs_dist import checkpoint, dist
+from comigs_dist import dist, faults, guard, resume
 from comigs_dist.config import RunConfig, to_yaml
 from comigs_dist.data import BatchSampler, UserData, load_user_data
 from comigs_dist.evaluate import EvalResult, evaluate_split
 from comigs_dist.methods import Method, SyncContext, get_method
-from comigs_dist.metrics import build_logger
-from comigs_dist.model import UserModel, build_user_model
+from comigs_dist.metrics import NullProgress, build_logger, build_progress, scalar_layout
+from comigs_dist.model import UserModel, adapter_spec_for, build_user_model
+from comigs_dist.model.shared_base import plan_sharing
 
 
 # --------------------------------------------------------------------------------------------
@@ -47,10 +50,16 @@ def prepare_assets(cfg: RunConfig, n_users: int, progress: bool = False) -> None
         ensure_embedded_base(progress=progress)
 
 
+def resolve_amp(device: torch.device, amp: str) -> str:
+    """'auto' = bf16 on CUDA devices that support it, off elsewhere."""
+    if amp == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+    return amp
+
+
 def autocast_for(device: torch.device, amp: str):
     """A context factory: bf16 autocast on CUDA when supported ('auto'), or as configured."""
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+    amp = resolve_amp(device, amp)
     if amp == "off":
         return contextlib.nullcontext
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
@@ -73,16 +82,49 @@ def build_optimizer(params: list[torch.nn.Parameter], lr: float, cfg_train, devi
 
 
 class CommHandle:
-    """The communication a method may use, bound to this run's topology and comm settings."""
+    """The communication a method may use, bound to this run's topology and comm settings.
 
-    def __init__(self, topo: dist.Topology, mode: str, dtype: str):
-        self.topo, self.mode, self.dtype = topo, mode, dtype
+    ``count=True`` (guard.nan=skip) sends a contributor count with every mean, and
+    ``contributing`` says whether this user takes part in the next ones: a user whose shared
+    parameters are not finite sits the round out and receives the others' average. A method
+    with its own aggregation operator must honour ``contributing`` too."""
+
+    def __init__(self, topo: dist.Topology, mode: str, dtype: str, count: bool = False):
+        self.topo, self.mode, self.dtype, self.count = topo, mode, dtype, count
+        self.contributing = True
 
     def mean(self, group: str, tensors: list[torch.Tensor]) -> int:
-        return dist.sync_mean(self.topo, group, tensors, self.mode, self.dtype)
+        return dist.sync_mean(self.topo, group, tensors, self.mode, self.dtype, self.count, self.contributing)
+
+    @contextlib.contextmanager
+    def abstaining(self, abstain: bool = True):
+        """Within the block this user contributes nothing to a mean (it still takes part)."""
+        before = self.contributing
+        self.contributing = before and not abstain
+        try:
+            yield
+        finally:
+            self.contributing = before
 
     def broadcast(self, group: str, tensors: list[torch.Tensor]) -> None:
         dist.broadcast_from(self.topo, group, tensors)
+
+    def sum(self, group: str, tensors: list[torch.Tensor]) -> int:
+        """In place: each tensor becomes its sum over the group (weighted means, scalars first)."""
+        return dist.sync_sum(self.topo, group, tensors, self.dtype)
+
+    def gather(self, group: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every member's tensors as one flat fp32 vector per member, in member order."""
+        return dist.gather_flat(self.topo, group, tensors, self.dtype)
+
+    def sum_scalars(self, group: str, values: list[float]) -> list[float]:
+        return dist.sync_sum_scalars(self.topo, group, values)
+
+    def mean_gradients(self, group: str, params: list[torch.nn.Parameter]) -> int:
+        return dist.mean_gradients(self.topo, group, params, self.count, self.contributing)
+
+    def members(self, group: str) -> tuple[int, ...]:
+        return self.topo.members(group)
 
 
 @dataclass
@@ -105,6 +147,9 @@ class UserRun:
     train_seconds: float = 0.0
     last_loss: float = float("nan")
     history: list = field(default_factory=list)
+    base: EvalResult | None = None            # the model before training (kept for a resume)
+    guard_skipped_rounds: int = 0             # rounds this user sat out (guard.nan=skip)
+    guard_skipped_steps: int = 0              # optimiser steps dropped for a non-finite loss
 
 
 def _sampler_seed(seed: int, user_idx: int, stream: int) -> int:
@@ -114,10 +159,19 @@ def _sampler_seed(seed: int, user_idx: int, stream: int) -> int:
 
 def setup_user(cfg: RunConfig, topo: dist.Topology) -> UserRun:
     user = topo.user_idx
-    method = get_method(cfg.method)
+    method = get_method(cfg.method, cfg)
     data_dir = resolve_dataset(cfg, topo.world_size)
     data = load_user_data(data_dir, user, cfg.train.seq_len, float(cfg.per_user("data.share", user)), cfg.data.verify)
-    model = build_user_model(cfg, user, data.vocab_size, method.routed).to(topo.device)
+    spec = method.adapter_spec(cfg, user, adapter_spec_for(cfg, user, method.routed))
+    # the frozen base: one read-only copy per host, mapped by every local rank, when sharing is on
+    share = plan_sharing(cfg.model.share_base, cfg.comm.timeout_s, topo)
+    model = build_user_model(cfg, user, data.vocab_size, method.routed, spec, share).to(topo.device)
+    method.prepare_model(model, user)
+    base_dtype = cfg.model.dtype
+    if base_dtype == "auto":
+        base_dtype = "bf16" if resolve_amp(topo.device, cfg.train.amp) == "bf16" and topo.device.type == "cuda" else "fp32"
+    if base_dtype == "bf16":
+        model.cast_frozen_(torch.bfloat16)
 
     # process groups, created once on every rank in a fixed order
     topo.build_groups(method.sharing_groups(topo.world_size))
@@ -164,12 +218,15 @@ def optimizer_step(run: UserRun, sampler: BatchSampler, opt: torch.optim.Optimiz
         (loss / n_micro).backward()
         for i, v in enumerate((loss, out.ce, out.lb)):
             totals[i] += float(v.detach()) / n_micro
-    if not math.isfinite(totals[0]):
-        raise FloatingPointError(f"user {run.topo.user_idx}: the loss is {totals[0]} at local iteration {run.step} "
-                                 f"(round {run.step // t.local_steps}); lower train.lr or check the data")
+    # a non-finite loss stops the run (guard.nan=stop) before any collective, or drops the step
+    drop = not math.isfinite(totals[0]) and guard.check_loss(run, totals[0], expert_phase)
     params = [p for g in opt.param_groups for p in g["params"]]
     if expert_phase and comm is not None:
-        run.method.reduce_gradients(comm, [p for p in params if p.grad is not None])
+        with comm.abstaining(drop):
+            run.method.reduce_gradients(comm, [p for p in params if p.grad is not None])
+    if drop:
+        opt.zero_grad(set_to_none=True)
+        return totals[0], totals[1], totals[2]
     if t.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
     opt.step()
@@ -179,10 +236,10 @@ def optimizer_step(run: UserRun, sampler: BatchSampler, opt: torch.optim.Optimiz
     return totals[0], totals[1], totals[2]
 
 
-def evaluate_test(run: UserRun, autocast) -> EvalResult:
+def evaluate_test(run: UserRun, autocast, progress: NullProgress = NullProgress()) -> EvalResult:
     e = run.cfg.eval
     return evaluate_split(run.model, run.data.test, run.cfg.train.seq_len, e.batch_size, e.max_tokens,
-                          run.topo.device, autocast)
+                          run.topo.device, autocast, progress=progress)
 
 
 def evaluate_valid(run: UserRun, autocast) -> EvalResult:
@@ -201,17 +258,8 @@ def log_eval(logger, res: EvalResult, step: int, prefix: str = "test") -> None:
 
 
 def save_checkpoint(run: UserRun, out_dir: Path, name: str, round_idx: int) -> Path:
-    state = {
-        "user": run.topo.user_idx, "round": round_idx, "step": run.step, "router_step": run.router_step,
-        "method": run.cfg.method, "params": {k: v.cpu() for k, v in run.model.trainable_state().items()},
-        "expert_opt": run.expert_opt.state_dict() if run.expert_opt else None,
-        "expert_sched": run.expert_sched.state_dict() if run.expert_sched else None,
-        "router_opt": run.router_opt.state_dict() if run.router_opt else None,
-        "train_sampler": run.train_sampler.state_dict(), "router_sampler": run.router_sampler.state_dict(),
-    }
-    path = checkpoint.user_dir(out_dir, run.topo.user_idx) / name
-    checkpoint.save_atomic(state, path)
-    return path
+    """Every user's full state (a collective: every user saves the same round); see resume.py."""
+    return resume.save_user(run, out_dir, name, round_idx)
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,21 +268,31 @@ def save_checkpoint(run: UserRun, out_dir: Path, name: str, round_idx: int) -> P
 
 def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None) -> dict:
     """Run Algorithm 1 for this rank's user; returns the user's row of results.json."""
+    dist.set_phase("setup")
     user_run = setup_user(cfg, topo)
+    # a fresh start, or every user restored to the newest round they all checkpointed
+    done = resume.restore_user(user_run, out_dir, say)
     r, model, method, t = user_run, user_run.model, user_run.method, cfg.train
-    logger = build_logger(out_dir, topo.user_idx, cfg.log.tensorboard)
+    # a resumed writer drops what the interrupted attempt logged after its checkpoint
+    logger = build_logger(out_dir, topo.user_idx, cfg.log.tensorboard, purge_step=r.step + 1 if done else None)
     autocast = autocast_for(topo.device, t.amp)
-    comm = CommHandle(topo, cfg.comm.mode, cfg.comm.dtype)
-    logger.text("config", "```\n" + to_yaml(cfg) + "\n```")
+    comm = CommHandle(topo, cfg.comm.mode, cfg.comm.dtype, count=cfg.guard.nan == "skip")
+    logger.layout(scalar_layout(len(model.moe), model.spec.n_experts, model.spec.n_generalists))
+    progress = build_progress(topo.rank == 0 and cfg.log.progress)  # bars on rank 0 only
 
     # the base model: untrained adapters leave it unchanged (B = 0)
-    base = evaluate_test(r, autocast)
-    log_eval(logger, base, 0, "base")
+    if r.base is None:
+        logger.text("config", "```\n" + to_yaml(cfg) + "\n```")
+        r.base = evaluate_test(r, autocast, progress)
+        log_eval(logger, r.base, 0, "base")
+    base = r.base
     say(f"base model: mean test ppl over users {_mean_over_users(topo, base.ppl):.3f}")
 
     rounds = t.rounds if method.trains else 0
-    for round_idx in range(rounds):
+    round_bar = progress.bar(total=rounds - done, desc="rounds")
+    for round_idx in range(done, rounds):
         round_start = time.perf_counter()
+        dist.set_phase(f"round {round_idx + 1}")
 
         # sync generalists: users download the aggregate of what they uploaded last round
         # (Algorithm 1 aggregates at the start of each round; round 0 starts every shared
@@ -244,12 +302,17 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
                 for group, params in r.shared.items():
                     comm.broadcast(group, [p.data for _, p in params])
         else:
+            # no NaN or inf reaches the collective: stop, or sit the round out (guard.nan)
+            faults.before_sync(r, round_idx)
+            comm.contributing = guard.check_shared(r, round_idx)
             method.aggregate(SyncContext(
                 shared=r.shared, comm=comm, round_idx=round_idx, user_idx=topo.user_idx, n_users=topo.world_size,
                 evaluate_valid=lambda: evaluate_valid(r, autocast).loss, n_train_tokens=len(r.data.train),
                 model=model))
+            comm.contributing = True
 
-        for _ in range(t.local_steps):
+        for local_idx in range(t.local_steps):
+            faults.during_round(r, round_idx, local_idx)
             # expert steps on training batches, router frozen (eq. 2)
             model.set_trainable(method.trains_in_expert_phase)
             step_start = time.perf_counter()
@@ -277,22 +340,29 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
                 for _ in range(t.router_steps):
                     router_losses.append(optimizer_step(r, r.router_sampler, r.router_opt, autocast, False)[0])
                     r.router_step += 1
-                logger.scalars({f"{method.router_split}/loss": sum(router_losses) / len(router_losses),
+                # on validation batches this is the documented valid/loss; on training batches
+                # (-tr variants) it must not collide with the expert phase's train/loss
+                router_tag = "valid/loss" if method.router_split == "valid" else f"{method.router_split}/router_loss"
+                logger.scalars({router_tag: sum(router_losses) / len(router_losses),
                                 "lr/router": r.router_opt.param_groups[0]["lr"]}, r.step)
 
-        logger.scalars({"comm/bytes_sent": topo.stats.bytes_sent, "comm/bytes_received": topo.stats.bytes_received},
+        logger.scalars({"comm/bytes_sent": topo.stats.bytes_sent, "comm/bytes_received": topo.stats.bytes_received,
+                        "guard/skipped_rounds": r.guard_skipped_rounds, "guard/skipped_steps": r.guard_skipped_steps},
                        r.step)
         if cfg.eval.every and (round_idx + 1) % cfg.eval.every == 0 and round_idx + 1 < rounds:
-            res = evaluate_test(r, autocast)
+            res = evaluate_test(r, autocast, progress)
             log_eval(logger, res, r.step)
             r.history.append({"round": round_idx + 1, "step": r.step, "test_ppl": res.ppl})
         if cfg.checkpoint.every and (round_idx + 1) % cfg.checkpoint.every == 0:
             save_checkpoint(r, out_dir, f"round_{round_idx + 1:04d}.pt", round_idx + 1)
         say(f"round {round_idx + 1}/{rounds}: mean train loss {_mean_over_users(topo, r.last_loss):.4f} "
             f"({time.perf_counter() - round_start:.1f}s)")
+        round_bar.update(1)
+    round_bar.close()
 
     # the user's model after its last local steps (what Algorithm 1 returns)
-    final = evaluate_test(r, autocast)
+    dist.set_phase("the final evaluation")
+    final = evaluate_test(r, autocast, progress)
     log_eval(logger, final, r.step)
     r.history.append({"round": rounds, "step": r.step, "test_ppl": final.ppl})
     if cfg.checkpoint.final and method.trains:
@@ -301,8 +371,9 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     shared_numel = sum(p.numel() for params in r.shared.values() for _, p in params) if method.trains else 0
     return {
         "user": topo.user_idx,
-        "n_experts": cfg.n_experts(topo.user_idx),
-        "n_generalists": cfg.n_generalists(topo.user_idx),
+        "n_experts": model.spec.n_experts,          # as the method built it (HetLoRA: 1)
+        "n_generalists": model.spec.n_generalists,
+        "lora_rank": model.spec.rank,
         "test_ppl": final.ppl,
         "test_loss": final.loss,
         "test_accuracy": final.accuracy,
@@ -318,6 +389,8 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
         "final_train_loss": r.last_loss,
         "routing": final.routing,
         "test_curve": r.history,
+        "guard_skipped_rounds": r.guard_skipped_rounds,
+        "guard_skipped_steps": r.guard_skipped_steps,
     }
 
 

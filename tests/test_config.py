@@ -102,3 +102,14 @@ def test_config_round_trips_through_yaml(tmp_path):
     f.write_text(to_yaml(cfg))
     assert load_config(f).to_dict() == cfg.to_dict()
     assert RunConfig().to_dict() == load_config().to_dict()
+
+
+def test_yaml_boolean_words_are_read_as_choices(tmp_path):
+    """`train.amp=off` (a YAML boolean) selects the 'off' choice, in a file and on the command line."""
+    assert load_config(None, ["train.amp=off"]).train.amp == "off"
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  amp: off\nmodel:\n  share_base: true\n")
+    cfg = load_config(f)
+    assert cfg.train.amp == "off" and cfg.model.share_base == "true"
+    with pytest.raises(ConfigError, match=r"model.dtype \(bf16\) needs bf16 autocast"):
+        load_config(f, ["model.dtype=bf16"])

@@ -235,3 +235,22 @@ def test_user_model_returns_cross_entropy_and_load_balancing():
     per_layer = torch.stack([m.aux_loss for m in mlp_modules(model)])
     torch.testing.assert_close(out.lb, per_layer.mean())
     assert out.lb.item() >= 1.0 - 1e-6  # the uniform loss is minimal (1) at perfect balance
+
+
+def test_bf16_frozen_base_keeps_adapters_fp32_and_matches_under_autocast():
+    """model.dtype=bf16: frozen weights stored in bf16, adapters fp32; under bf16 autocast the
+    logits stay close to the fp32 model's."""
+    model = tiny_gpt2()
+    report = inject_adapters(model, SPEC)
+    um = UserModel(model, report, SPEC)
+    _randomise_b(model)
+    x = torch.randint(0, 128, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = um.logits(x).float()
+    um.cast_frozen_(torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in report.params.values())
+    assert model.transformer.wte.weight.dtype == torch.bfloat16
+    assert model.transformer.h[0].mlp.base.c_fc.weight.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = um.logits(x).float()
+    torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)

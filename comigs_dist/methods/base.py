@@ -4,9 +4,12 @@ A method is a point in four knobs (baselines.md section 4): the experts and whet
 mixes them; which parameters are shared (and so aggregated); how the router trains (not at all,
 jointly with the experts, or alternating on a split of its own, Algorithm 1); and the
 aggregation operator (the mean over the group by default). Subclasses override only what differs.
+A method's own options are a dataclass ``Options`` on the class, filled from the configuration's
+``method_options`` mapping (unknown keys are configuration errors).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -30,10 +33,15 @@ def known_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_method(name: str) -> "Method":
+def method_class(name: str) -> type["Method"]:
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(known_methods())}")
-    return _REGISTRY[name]()
+    return _REGISTRY[name]
+
+
+def get_method(name: str, cfg=None) -> "Method":
+    """An instance of the named method, with its options read from ``cfg.method_options``."""
+    return method_class(name)(cfg)
 
 
 @dataclass
@@ -41,7 +49,9 @@ class SyncContext:
     """What a method needs at the end of a round to aggregate: its shared parameters by group,
     a communication handle (``comm.mean(group, tensors)`` and friends), and where it is.
     ``evaluate_valid()`` returns the user's current validation loss (PCL's trust weights);
-    ``n_train_tokens`` is the size of the user's training split (data-size weighted averages)."""
+    ``n_train_tokens`` is the size of the user's training split (data-size weighted averages);
+    ``model`` is the user's ``UserModel`` (tags of every parameter, for methods that aggregate
+    tensors outside the standard groups)."""
     shared: dict[str, list[tuple[str, Any]]]
     comm: Any
     round_idx: int
@@ -67,6 +77,11 @@ def share_nothing(tag: ParamTag) -> bool:
     return False
 
 
+def share_all(tag: ParamTag) -> bool:
+    """'all': every trainable tensor, routers included."""
+    return True
+
+
 def is_router(tag: ParamTag) -> bool:
     return tag.role == Role.ROUTER
 
@@ -75,23 +90,50 @@ def is_adapter(tag: ParamTag) -> bool:
     return tag.role != Role.ROUTER
 
 
+@dataclass
+class NoOptions:
+    """A method without options of its own."""
+
+
 class Method:
     """Defaults: CoMiGS-1G1S (routed experts, router alternating on validation data, generalists
     averaged over every user each round). Override the class attributes or hooks that differ."""
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    paper_row: ClassVar[str] = ""                  # where the paper reports it
+    Options: ClassVar[type] = NoOptions             # the method's own options (method_options.<key>)
     routed: ClassVar[bool] = True                  # False: every token averages all experts (no router)
     router_training: ClassVar[str] = "alternating"  # "alternating" | "joint" | "none"
     router_split: ClassVar[str] = "valid"           # split the router trains on when alternating
     trains: ClassVar[bool] = True                   # False: evaluate the base only (Pretrained)
     initial_sync: ClassVar[bool] = True             # start shared parameters from one init (user 0's)
 
+    def __init__(self, cfg=None):
+        self.cfg = cfg
+        if cfg is None:
+            self.options = self.Options()
+        else:
+            from comigs_dist.config import method_options_of
+            self.options = method_options_of(cfg)
+
     # -- configuration -------------------------------------------------------------------------
     @classmethod
     def config_errors(cls, cfg) -> list[str]:
-        """Method-specific configuration problems (empty when the config fits the method)."""
+        """Method-specific configuration problems (empty when the config fits the method).
+        ``cfg.method_options`` has been checked against ``Options`` already."""
         return []
+
+    def adapter_spec(self, cfg, user_idx: int, spec):
+        """The adapters of one user's model (an ``AdapterSpec``); by default what the configuration
+        says. Methods that fix the architecture (one LoRA of a matched rank, no router, all experts
+        generalists, ...) return an edited copy (``dataclasses.replace``)."""
+        return spec
+
+    def prepare_model(self, model, user_idx: int) -> None:
+        """Called once after the user's model is built, before anything trains or is shared
+        (e.g. start heterogeneous-rank adapters from one global initialisation)."""
+        return None
 
     # -- roles ---------------------------------------------------------------------------------
     def is_shared(self, tag: ParamTag) -> bool:
@@ -128,6 +170,22 @@ class Method:
     def after_expert_step(self, model) -> None:
         """Called after every expert optimiser step (e.g. re-apply rank masks)."""
         return None
+
+    # -- state beyond the parameters (checkpoints) -----------------------------------------------
+    def state_dict(self) -> dict:
+        """What the method keeps between rounds besides the model (HetLoRA: pruned ranks and the
+        global LoRA); saved with every checkpoint. Tensors, numbers, strings and lists only."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
+    # -- description -----------------------------------------------------------------------------
+    @classmethod
+    def option_rows(cls) -> list[tuple[str, str, str]]:
+        """(key, default, help) of every option of the method, for --help and --methods."""
+        from comigs_dist.config import describe_options
+        return describe_options(cls.Options, "method_options.") if dataclasses.fields(cls.Options) else []
 
     # -- aggregation -----------------------------------------------------------------------------
     def aggregate(self, ctx: SyncContext) -> None:

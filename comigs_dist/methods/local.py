@@ -1,14 +1,27 @@
-"""Local: every user fine-tunes alone. Two LoRA experts mixed uniformly (no router), matching
-CoMiGS-1G1S's parameter count (the paper's "2x LoRA"); nothing is shared after the common
-initialisation."""
-from comigs_dist.methods.base import Method, register_method, share_experts
+"""The local baselines: every user fine-tunes alone; nothing is communicated after the common
+initialisation (the reference starts every user from the server's initial adapters).
+
+- ``local``: two LoRA experts mixed uniformly, no router (the paper's "2x LoRA", which matches
+  CoMiGS-1G1S's trainable parameter count).
+- ``local_moe``: the same two experts with a per-token router trained jointly with them on the
+  training loss (Table 4, group ii).
+- ``local_moe_tr``: the router alternates with the experts as in Algorithm 1, but its steps use
+  fresh training batches instead of validation batches (Table 4, group iii).
+"""
+from dataclasses import replace
+
+from comigs_dist.methods.base import Method, register_method, share_all, share_experts
 
 
 @register_method("local")
 class Local(Method):
     description = "Local: 2x LoRA per user (uniform mix, no router), no communication"
+    paper_row = "Table 1 / Table 4 group i: Local"
     routed = False
     router_training = "none"
+
+    def adapter_spec(self, cfg, user_idx, spec):
+        return replace(spec, n_generalists=0)  # nothing is shared with anyone
 
     def is_shared(self, tag) -> bool:
         # shared only for the common initialisation; never aggregated
@@ -16,3 +29,28 @@ class Local(Method):
 
     def aggregate(self, ctx) -> None:
         return None
+
+
+@register_method("local_moe")
+class LocalMoE(Method):
+    description = "Local-MoE: 2 LoRA experts + router trained jointly on the training loss, no communication"
+    paper_row = "Table 4 group ii: Local-MoE"
+    router_training = "joint"
+
+    def adapter_spec(self, cfg, user_idx, spec):
+        return replace(spec, n_generalists=0)
+
+    def is_shared(self, tag) -> bool:
+        # the reference's 'all' pattern: adapters and routers start from one initialisation
+        return share_all(tag)
+
+    def aggregate(self, ctx) -> None:
+        return None
+
+
+@register_method("local_moe_tr")
+class LocalMoETr(LocalMoE):
+    description = "Local-MoE-tr: router alternating with the experts on fresh training batches, no communication"
+    paper_row = "Table 4 group iii: Local-MoE-tr"
+    router_training = "alternating"
+    router_split = "train"

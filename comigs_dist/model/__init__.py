@@ -6,7 +6,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,9 @@ from torch import nn
 
 from comigs_dist.model.inject import AdapterSpec, InjectionReport, inject_adapters, mlp_modules
 from comigs_dist.model.roles import ParamTag, Role
+
+if TYPE_CHECKING:
+    from comigs_dist.model.shared_base import SharePlan
 
 BUILTIN_MODELS = ("embedded", "tiny", "gpt2-random", "llama-tiny")
 
@@ -25,36 +30,37 @@ def _zero_dropout(config) -> None:
             setattr(config, key, 0.0)
 
 
-def build_base_model(name: str, vocab_size: int, seq_len: int) -> nn.Module:
-    """The frozen base. Built-in random configs are initialised from a fixed seed so that every
-    user (rank) holds the same base."""
+def _construct_base(name: str, vocab_size: int, seq_len: int, meta: bool) -> nn.Module:
+    """The base model as configured; ``meta=True`` builds the same modules on the meta device
+    (shapes only, no weights: what a rank that maps a shared base needs)."""
     from transformers import AutoConfig, AutoModelForCausalLM, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
     from comigs_dist.pretrain import _quiet_gpt2_config
 
     hf_logging.disable_progress_bar()  # one bar per rank per load is noise
-
-    if name == "embedded":
-        from comigs_dist.synthetic import ensure_embedded_base
-        name = str(ensure_embedded_base())
+    where = torch.device("meta") if meta else contextlib.nullcontext()
     if name in ("tiny", "gpt2-random", "llama-tiny"):
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), where:
             torch.manual_seed(1234)
             if name == "tiny":
-                model = GPT2LMHeadModel(_quiet_gpt2_config(n_layer=2, n_head=2, n_embd=32, vocab_size=vocab_size,
-                                                           n_positions=max(seq_len, 64)))
-            elif name == "gpt2-random":
-                model = GPT2LMHeadModel(_quiet_gpt2_config(vocab_size=max(vocab_size, 50257)))
-            else:
-                from transformers import LlamaConfig, LlamaForCausalLM
-                model = LlamaForCausalLM(LlamaConfig(
-                    hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=max(seq_len, 64),
-                    bos_token_id=0, eos_token_id=0, pad_token_id=0))
-    else:
-        config = AutoConfig.from_pretrained(name)
-        _zero_dropout(config)
-        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=torch.float32)
+                return GPT2LMHeadModel(_quiet_gpt2_config(n_layer=2, n_head=2, n_embd=32, vocab_size=vocab_size,
+                                                          n_positions=max(seq_len, 64)))
+            if name == "gpt2-random":
+                return GPT2LMHeadModel(_quiet_gpt2_config(vocab_size=max(vocab_size, 50257)))
+            from transformers import LlamaConfig, LlamaForCausalLM
+            return LlamaForCausalLM(LlamaConfig(
+                hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=max(seq_len, 64),
+                bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    config = AutoConfig.from_pretrained(name)
+    _zero_dropout(config)
+    if meta:
+        with where:
+            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=torch.float32)
+
+
+def _check_base(model: nn.Module, name: str, vocab_size: int, seq_len: int) -> nn.Module:
     model_vocab = model.get_input_embeddings().weight.shape[0]
     if model_vocab < vocab_size:
         raise ValueError(f"the data uses token ids up to {vocab_size - 1} but model {name!r} has a vocabulary of "
@@ -64,6 +70,25 @@ def build_base_model(name: str, vocab_size: int, seq_len: int) -> nn.Module:
         raise ValueError(f"train.seq_len ({seq_len}) exceeds the context of model {name!r} ({n_pos}); lower train.seq_len")
     model.eval()  # no dropout anywhere; autograd still works
     return model
+
+
+def build_base_model(name: str, vocab_size: int, seq_len: int, share: "SharePlan | None" = None) -> nn.Module:
+    """The frozen base. Built-in random configs are initialised from a fixed seed so that every
+    user (rank) holds the same base. With a ``share`` plan the weights are mapped read-only from
+    one file per host (``shared_base.py``) instead of held privately; the values are the same."""
+    if name == "embedded":
+        from comigs_dist.synthetic import ensure_embedded_base
+        name = str(ensure_embedded_base())
+    if share is None:
+        return _check_base(_construct_base(name, vocab_size, seq_len, meta=False), name, vocab_size, seq_len)
+    from comigs_dist.model.shared_base import load_shared
+    identity = {"name": name, "vocab_size": vocab_size, "torch": torch.__version__}
+    return load_shared(identity,
+                       build_private=lambda: _check_base(_construct_base(name, vocab_size, seq_len, meta=False),
+                                                         name, vocab_size, seq_len),
+                       build_skeleton=lambda: _check_base(_construct_base(name, vocab_size, seq_len, meta=True),
+                                                          name, vocab_size, seq_len),
+                       plan=share)
 
 
 @dataclass
@@ -112,6 +137,14 @@ class UserModel(nn.Module):
                 chosen.append(p)
         return chosen
 
+    @torch.no_grad()
+    def cast_frozen_(self, dtype: torch.dtype) -> None:
+        """Store the frozen base in ``dtype`` (e.g. bf16 on a GPU); adapters and routers stay fp32."""
+        trainable = {id(p) for p in self.report.params.values()}
+        for p in self.lm.parameters():
+            if id(p) not in trainable and p.dtype != dtype and p.is_floating_point():
+                p.data = p.data.to(dtype)
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Every adapter and router tensor by name (what a checkpoint holds)."""
         return {n: p.detach() for n, p in self.report.params.items()}
@@ -124,10 +157,13 @@ def adapter_spec_for(cfg, user_idx: int, routed: bool) -> AdapterSpec:
                        load_balancing=cfg.moe.load_balancing)
 
 
-def build_user_model(cfg, user_idx: int, vocab_size: int, routed: bool) -> UserModel:
-    """Base model plus this user's adapters; adapter inits draw from seed + user."""
-    base = build_base_model(cfg.model.name, vocab_size, cfg.train.seq_len)
-    spec = adapter_spec_for(cfg, user_idx, routed)
+def build_user_model(cfg, user_idx: int, vocab_size: int, routed: bool, spec: AdapterSpec | None = None,
+                     share: "SharePlan | None" = None) -> UserModel:
+    """Base model plus this user's adapters (``spec``, default: what cfg says); adapter inits
+    draw from seed + user. ``share``: map the frozen base from the host's shared copy (see
+    ``shared_base.plan_sharing``)."""
+    base = build_base_model(cfg.model.name, vocab_size, cfg.train.seq_len, share)
+    spec = spec or adapter_spec_for(cfg, user_idx, routed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + user_idx)
         report = inject_adapters(base, spec, cfg.model.family)

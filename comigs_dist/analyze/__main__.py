@@ -1,0 +1,5 @@
+import sys
+
+from comigs_dist.analyze import main
+
+sys.exit(main())

@@ -1,0 +1,342 @@
+"""What the adapters and routers cost, counted from the model a configuration builds.
+
+Owns the forward-FLOP count (following appendix B of Chowdhery et al. 2023, which the paper's
+appendix B.1 cites: 2 FLOPs per multiply-accumulate of every matrix product, the attention score
+and value products over the full context, nothing for norms, activations or softmax), the router
+memory, and the bytes each user moves per round. The model is built on the meta device (shapes
+only, no weights, no download of weights), its adapters injected as in training, and the count
+walks the modules, so it follows whatever the injection builds.
+
+Per token, with T the context (train.seq_len), d the attention width and L the layers:
+  base      sum over frozen projections and the LM head of 2 * in * out, plus 4 * T * d per layer
+  LoRA      2 * r * (in + out) per adapted projection (x A^T, then B^T)
+  experts   k selected experts per token with a router (top-k), every expert without one
+  router    2 * d_model * n_experts per MoE layer
+The frozen MLP products are counted once per token, as moe.py computes them once whatever k is.
+
+Knows nothing of training or of process groups.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from comigs_dist.analyze import AnalysisError
+
+MIB = 2 ** 20
+
+# Appendix B.1 of the paper (arXiv 2409.13931 v3, "000"), GPT-2 124M, 128-token sequences. Its "MB"
+# are MiB: 1.41 MB = 737,280 bf16 parameters, 0.035 MB = 18,432 bf16 router parameters.
+PAPER = {
+    "base_gflops": 32.0,
+    "one_set_mflops": 166.0, "one_set_pct": 0.52,
+    "two_sets_mflops": 490.0, "two_sets_pct": 1.53,
+    "comigs_mflops": 495.0, "comigs_pct": 1.55, "router_mflops": 5.0,
+    "router_mib_bf16": 0.035,
+    "comm_mib_bf16": 1.41,
+}
+GPT2_124M = dict(n_layers=12, d_model=768, vocab=50257)
+
+
+@dataclass
+class FlopCount:
+    """Forward FLOPs per token of one model, split by where they are spent."""
+    base_matmul: int = 0        # frozen projections and the LM head
+    lm_head: int = 0            # (part of base_matmul)
+    attention: int = 0          # score and value products
+    attn_lora: int = 0          # LoRA on attention projections
+    experts: int = 0            # LoRA experts in the MLPs (the active ones)
+    router: int = 0
+
+    @property
+    def base(self) -> int:
+        return self.base_matmul + self.attention
+
+    @property
+    def added(self) -> int:
+        return self.attn_lora + self.experts + self.router
+
+
+@dataclass
+class ModelReport:
+    label: str
+    flops_per_token: FlopCount
+    seq_len: int
+    params_by_role: dict[str, int]
+    router_params: int
+    shared_params: int = 0
+    shared_attn_params: int = 0
+    shared_expert_params: int = 0
+    n_experts: int = 0
+    top_k: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def per_sequence(self, n: int) -> int:
+        return n * self.seq_len
+
+    @property
+    def added_pct(self) -> float:
+        return 100.0 * self.flops_per_token.added / self.flops_per_token.base
+
+
+# --------------------------------------------------------------------------------------------
+# building shapes
+# --------------------------------------------------------------------------------------------
+
+def _vocab_size(cfg) -> int:
+    if cfg.data.path == "embedded":
+        from comigs_dist.synthetic import VOCAB_SIZE
+        return VOCAB_SIZE
+    from comigs_dist.data import read_meta
+    return int(read_meta(cfg.data.path)["vocab_size"])
+
+
+def build_shape_model(cfg, vocab_size: int) -> nn.Module:
+    """The frozen base on the meta device: every shape, no memory, no weights read."""
+    from comigs_dist.model import BUILTIN_MODELS, build_base_model
+    name = cfg.model.name
+    with torch.device("meta"):
+        if name == "embedded":
+            # its shapes are fixed: no need to pretrain it (a minute) to count them
+            from transformers import GPT2LMHeadModel
+            from comigs_dist.pretrain import _quiet_gpt2_config
+            from comigs_dist.synthetic import BASE_CONFIG
+            return GPT2LMHeadModel(_quiet_gpt2_config(**BASE_CONFIG)).eval()
+        if name in BUILTIN_MODELS:
+            return build_base_model(name, vocab_size, cfg.train.seq_len)
+        from transformers import AutoConfig, AutoModelForCausalLM
+        try:
+            config = AutoConfig.from_pretrained(name)
+        except OSError as exc:
+            raise AnalysisError(f"model.name ({name!r}): its config cannot be read ({exc}); give a local "
+                                f"checkpoint directory or a built-in name ({', '.join(BUILTIN_MODELS)})") from None
+        return AutoModelForCausalLM.from_config(config).eval()
+
+
+def _is_projection(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+def _lora_flops(lora) -> int:
+    r, n_in = lora.lora_A.shape
+    n_out = lora.lora_B.shape[0]
+    return 2 * r * (n_in + n_out)
+
+
+def _attention_width(config) -> int:
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return heads * head_dim
+
+
+def count_flops(model: nn.Module, seq_len: int) -> FlopCount:
+    """Forward FLOPs per token of an injected model (see the module docstring)."""
+    from comigs_dist.model.lora import LoRALinear, in_out_features
+    from comigs_dist.model.moe import MoELoRAMLP
+    c = FlopCount()
+    for m in model.modules():
+        if _is_projection(m):
+            n_in, n_out = in_out_features(m)
+            c.base_matmul += 2 * n_in * n_out
+        elif isinstance(m, LoRALinear):
+            c.attn_lora += _lora_flops(m.lora)
+        elif isinstance(m, MoELoRAMLP):
+            per_expert = [sum(_lora_flops(l) for l in (*e.in_loras, e.out_lora)) for e in m.experts]
+            if m.router is None:
+                c.experts += sum(per_expert)           # no router: every expert, uniformly mixed
+            else:
+                # top-k: k experts per token; the experts of one layer share their shapes
+                c.experts += m.router.top_k * sum(per_expert) // len(per_expert)
+                c.router += 2 * m.router.weight.shape[1] * m.router.weight.shape[0]
+    head = model.get_output_embeddings()
+    if head is not None:
+        n_in, n_out = in_out_features(head)
+        c.lm_head = 2 * n_in * n_out
+    n_layers = sum(1 for m in model.modules() if isinstance(m, MoELoRAMLP))
+    c.attention = n_layers * 4 * seq_len * _attention_width(model.config)
+    return c
+
+
+def report_for(base: nn.Module, spec, label: str, seq_len: int, family: str, is_shared=None) -> ModelReport:
+    from comigs_dist.model.inject import inject_adapters
+    from comigs_dist.model.roles import Role
+    model = copy.deepcopy(base)
+    with torch.device("meta"):
+        report = inject_adapters(model, spec, family)
+    shared = [n for n, t in report.tags.items() if is_shared is not None and is_shared(t)]
+    numel = lambda names: sum(report.params[n].numel() for n in names)
+    out = ModelReport(label=label, flops_per_token=count_flops(model, seq_len), seq_len=seq_len,
+                      params_by_role=report.counts_by_role(), router_params=report.count(lambda t: t.role == Role.ROUTER),
+                      shared_params=numel(shared),
+                      shared_attn_params=numel([n for n in shared if report.tags[n].kind == "attn"]),
+                      shared_expert_params=numel([n for n in shared if report.tags[n].kind == "expert"]),
+                      n_experts=spec.n_experts, top_k=spec.top_k if spec.routed and spec.n_experts > 1 else spec.n_experts)
+    return out
+
+
+@dataclass
+class Overhead:
+    model_name: str
+    family: str
+    n_layers: int
+    d_model: int
+    vocab: int
+    seq_len: int
+    method: str
+    n_users: int
+    comm_dtype: str
+    references: list[ModelReport]       # one and two LoRA sets without a router (the paper's FedAvg rows)
+    users: list[tuple[list[int], ModelReport]]   # configured model: (users it stands for, report)
+    notes: list[str]
+
+    @property
+    def is_gpt2_124m(self) -> bool:
+        return (self.n_layers, self.d_model, self.vocab) == tuple(GPT2_124M.values())
+
+
+def compute_overhead(cfg, n_users: int | None = None) -> Overhead:
+    """The report for every distinct user model of a configuration."""
+    from comigs_dist.config import inferred_n_users
+    from comigs_dist.methods import get_method
+    from comigs_dist.model import adapter_spec_for
+    from comigs_dist.model.inject import FAMILIES, family_of
+    notes = []
+    method = get_method(cfg.method)
+    n = n_users or inferred_n_users(cfg)
+    if n is None:
+        n = 4
+        notes.append("n_users is not set: 4 users assumed (the paper's N); set n_users=N to change it")
+    base = build_shape_model(cfg, _vocab_size(cfg))
+    fam = family_of(base, cfg.model.family).name
+    seq_len = cfg.train.seq_len
+    spec0 = adapter_spec_for(cfg, 0, method.routed)
+    refs = [report_for(base, replace(spec0, n_experts=1, n_generalists=1, top_k=1, routed=False),
+                       "one LoRA set, FedAvg with one LoRA (attention + 1 MLP LoRA)", seq_len, fam),
+            report_for(base, replace(spec0, n_experts=2, n_generalists=1, top_k=2, routed=False),
+                       "two LoRA sets, FedAvg/Local 2x LoRA (attention + 2 MLP LoRAs, uniform mix)", seq_len, fam)]
+    by_spec: dict = {}
+    for user in range(n):
+        by_spec.setdefault(adapter_spec_for(cfg, user, method.routed), []).append(user)
+    users = []
+    for spec, members in by_spec.items():
+        who = f"user {members[0]}" if len(members) == 1 else f"users {','.join(map(str, members))}"
+        label = f"{cfg.method}, {who}: {spec.n_experts} expert{'s' if spec.n_experts > 1 else ''}, rank {spec.rank}"
+        rep = report_for(base, spec, label, seq_len, fam, method.is_shared)
+        users.append((members, rep))
+    vocab = base.get_output_embeddings().weight.shape[0]
+    return Overhead(model_name=cfg.model.name, family=fam, n_layers=len(FAMILIES[fam].blocks(base)),
+                    d_model=_attention_width(base.config), vocab=vocab, seq_len=seq_len, method=cfg.method,
+                    n_users=n, comm_dtype=cfg.comm.dtype, references=refs, users=users, notes=notes)
+
+
+# --------------------------------------------------------------------------------------------
+# the report
+# --------------------------------------------------------------------------------------------
+
+BYTES = {"bf16": 2, "fp32": 4}
+
+
+def bytes_per_round(shared_params: int, dtype: str, mode: str, n_users: int) -> tuple[int, int]:
+    """(sent, received) bytes per user and round, as dist.sync_mean counts them: one buffer up and
+    the mean down (server), or the buffer to and from each of the N - 1 others (all2all)."""
+    payload = shared_params * BYTES[dtype]
+    if mode == "server":
+        return payload, payload
+    return payload * (n_users - 1), payload * (n_users - 1)
+
+
+def _flops(x: float) -> str:
+    for prefix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {prefix}FLOPs"
+    return f"{x:.0f} FLOPs"
+
+
+def _bytes(x: float) -> str:
+    for unit, scale, least in (("MiB", MIB, 10 * 1024), ("KiB", 1024, 1024)):
+        if abs(x) >= least:
+            return f"{x / scale:.3f} {unit}"
+    return f"{x:.0f} B"
+
+
+def format_overhead(o: Overhead) -> str:
+    T = o.seq_len
+    paper = o.is_gpt2_124m
+    base = o.references[0].flops_per_token
+    lines = [f"overhead of {o.method} on model {o.model_name} ({o.family}: {o.n_layers} layers, width {o.d_model}, "
+             f"vocabulary {o.vocab}), sequences of T = {T} tokens, {o.n_users} users",
+             "", "forward FLOPs per sequence (matmuls only, as in Chowdhery et al. 2023, appendix B)",
+             f"  base model: {_flops(base.base * T)} = projections {_flops((base.base_matmul - base.lm_head) * T)} "
+             f"+ LM head {_flops(base.lm_head * T)} + attention products {_flops(base.attention * T)}"
+             + (f"   [paper: {PAPER['base_gflops']:.0f} GFLOPs]" if paper else "")]
+    for ref, key in zip(o.references, ("one_set", "two_sets")):
+        f = ref.flops_per_token
+        extra = f"   [paper: +{PAPER[key + '_mflops']:.0f} MFLOPs (+{PAPER[key + '_pct']:.2f}%)]" if paper else ""
+        lines.append(f"  {ref.label}: +{_flops(f.added * T)} (+{ref.added_pct:.2f}%){extra}")
+    for members, rep in o.users:
+        f = rep.flops_per_token
+        extra = (f"   [paper, CoMiGS-1G1S: +{PAPER['comigs_mflops']:.0f} MFLOPs (+{PAPER['comigs_pct']:.2f}%), "
+                 f"router {PAPER['router_mflops']:.0f} MFLOPs]" if paper else "")
+        lines.append(f"  {rep.label}: +{_flops(f.added * T)} (+{rep.added_pct:.2f}%) = attention LoRA "
+                     f"{_flops(f.attn_lora * T)} + experts {_flops(f.experts * T)} (top-{rep.top_k} of {rep.n_experts}) "
+                     f"+ router {_flops(f.router * T)}{extra}")
+    lines += ["", "router memory"]
+    for members, rep in o.users:
+        extra = f"   [paper: {PAPER['router_mib_bf16']} MB in bf16]" if paper else ""
+        lines.append(f"  {rep.label}: {rep.router_params:,} parameters = {_bytes(rep.router_params * 2)} (bf16), "
+                     f"{_bytes(rep.router_params * 4)} (fp32){extra}")
+    lines += ["", f"communication per user and round (the shared parameters; this run's comm.dtype is {o.comm_dtype})"]
+    for members, rep in o.users:
+        lines.append(f"  {rep.label}: {rep.shared_params:,} shared parameters = attention LoRA "
+                     f"{rep.shared_attn_params:,} + experts {rep.shared_expert_params:,}")
+        for mode in ("server", "all2all"):
+            cells = []
+            for dtype in ("bf16", "fp32"):
+                sent, received = bytes_per_round(rep.shared_params, dtype, mode, o.n_users)
+                cells.append(f"{dtype}: {_bytes(sent)} sent, {_bytes(received)} received")
+            lines.append(f"    {mode:8s} " + ";  ".join(cells))
+        if paper:
+            lines.append(f"    [paper: {PAPER['comm_mib_bf16']} MB in bf16, which is the generalist experts alone "
+                         f"({_bytes(rep.shared_expert_params * 2)} here); the attention LoRA, also shared, adds "
+                         f"{_bytes(rep.shared_attn_params * 2)} (baselines.md section 2)]")
+    if paper:
+        lines += ["", "The paper's MB are MiB (1.41 MB = 737,280 bf16 parameters). This count reproduces its two-set "
+                      "and CoMiGS-1G1S figures within 0.2%, not its one-set figure (166 MFLOPs)."]
+    lines += [f"note: {n}" for n in o.notes]
+    return "\n".join(lines)
+
+
+def overhead_json(o: Overhead) -> dict:
+    def rep(r: ModelReport) -> dict:
+        d = asdict(r)
+        f = r.flops_per_token
+        d["flops_per_token"] = {**asdict(f), "base": f.base, "added": f.added}
+        d["flops_per_sequence"] = {k: v * r.seq_len for k, v in d["flops_per_token"].items()}
+        d["added_pct"] = r.added_pct
+        d["router_bytes"] = {k: r.router_params * b for k, b in BYTES.items()}
+        d["bytes_per_round"] = {mode: {dtype: dict(zip(("sent", "received"),
+                                                       bytes_per_round(r.shared_params, dtype, mode, o.n_users)))
+                                       for dtype in BYTES} for mode in ("server", "all2all")}
+        return d
+    return {"model": o.model_name, "family": o.family, "n_layers": o.n_layers, "d_model": o.d_model, "vocab": o.vocab,
+            "seq_len": o.seq_len, "method": o.method, "n_users": o.n_users, "comm_dtype": o.comm_dtype,
+            "references": [rep(r) for r in o.references],
+            "users": [{"users": members, **rep(r)} for members, r in o.users],
+            "paper": PAPER if o.is_gpt2_124m else None, "notes": o.notes}
+
+
+def run_overhead(args) -> None:
+    from comigs_dist.config import load_config
+    cfg = load_config(args.config, args.overrides)
+    o = compute_overhead(cfg)
+    print(format_overhead(o))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(overhead_json(o), indent=2))
+        print(f"wrote {args.json}")

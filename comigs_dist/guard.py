@@ -1,0 +1,79 @@
+"""Non-finite numbers never reach a collective.
+
+Owns the finiteness checks (a step's loss; every shared tensor before a round's aggregation, one
+``isfinite`` over each group's flattened buffer, the parameter named only on failure) and the
+policy ``guard.nan``: ``stop`` raises a FloatingPointError naming the user, the round and the
+parameter; ``skip`` lets the user sit the round out (it contributes nothing to the average and
+takes the others') or drop the optimiser step, counting each skip. Knows nothing of how the
+average is computed: it only says whether this user contributes.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Iterable
+
+import torch
+
+
+def first_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, str] | None:
+    """(name, 'nan' or 'inf') of the first tensor holding a non-finite value, or None."""
+    for name, t in named:
+        t = t.detach()
+        if torch.isnan(t).any():
+            return name, "nan"
+        if torch.isinf(t).any():
+            return name, "inf"
+    return None
+
+
+def nonfinite_shared(shared: dict[str, list]) -> list[tuple[str, str, str]]:
+    """(group, parameter, 'nan'|'inf') for each group whose shared tensors are not all finite."""
+    bad = []
+    for group in sorted(shared):
+        params = shared[group]
+        if not params:
+            continue
+        flat = torch.cat([p.detach().reshape(-1) for _, p in params])  # one check per group
+        if bool(torch.isfinite(flat).all()):
+            continue
+        name, kind = first_nonfinite(params)
+        bad.append((group, name, kind))
+    return bad
+
+
+def _warn(text: str) -> None:
+    print(f"[comigs] {text}", file=sys.stderr, flush=True)
+
+
+def check_shared(run, round_idx: int) -> bool:
+    """Before the aggregation that opens round ``round_idx`` (0-based): every shared tensor must
+    be finite. Returns whether this user contributes to the round (False only under
+    guard.nan=skip); raises FloatingPointError under guard.nan=stop."""
+    bad = nonfinite_shared(run.shared)
+    if not bad:
+        return True
+    user = run.topo.user_idx
+    what = "; ".join(f"shared parameter {name} (group {group!r}) holds {kind}" for group, name, kind in bad)
+    where = f"user {user}, round {round_idx + 1}: {what} before the round's aggregation"
+    if run.cfg.guard.nan == "stop":
+        raise FloatingPointError(f"{where}; averaging it would poison every user, so the run stops (guard.nan=stop). "
+                                 f"Lower train.lr, set train.grad_clip or check the data; guard.nan=skip drops this "
+                                 f"user's contribution for the round instead")
+    run.guard_skipped_rounds += 1
+    _warn(f"{where}; guard.nan=skip: user {user} contributes nothing this round and takes the others' average "
+          f"({run.guard_skipped_rounds} round(s) skipped so far)")
+    return False
+
+
+def check_loss(run, loss: float, expert_phase: bool) -> bool:
+    """A step's loss is not finite: raise (stop) or return True to drop the step (skip)."""
+    t = run.cfg.train
+    phase = "expert" if expert_phase else "router"
+    where = (f"user {run.topo.user_idx}: the {phase} loss is {loss} at local iteration {run.step} "
+             f"(round {run.step // t.local_steps + 1})")
+    if run.cfg.guard.nan == "stop":
+        raise FloatingPointError(f"{where}; the run stops before it reaches any collective (guard.nan=stop). Lower "
+                                 f"train.lr, set train.grad_clip or check the data; guard.nan=skip drops such steps")
+    run.guard_skipped_steps += 1
+    _warn(f"{where}; guard.nan=skip: the step is dropped ({run.guard_skipped_steps} step(s) dropped so far)")
+    return True

@@ -1,0 +1,119 @@
+"""FlexLoRA (Bai et al. 2024): one MLP LoRA per user with a rank of its own; the server rebuilds
+every user's full update, averages them with data-size weights and hands each user the best
+approximation of its own rank (SVD).
+
+Every user holds one MLP expert of rank r_i (``method_options.match``) and the attention LoRA
+(averaged with uniform weights, as in the reference). At the start of every round (Algorithm 1
+order), for every MLP LoRA pair:
+
+    dW = sum_i (n_i / sum_j n_j) s_i B_i A_i     (n_i: the user's training tokens, s_i its LoRA scale)
+    dW = U S V^T;   A_i = V^T[:r_i],  B_i = (U S)[:, :r_i] / s_i   (so s_i B_i A_i = dW truncated to r_i)
+
+This follows the paper and the official code, with the model's own scale s_i = alpha / sqrt(r_i)
+(the reference uses alpha / r_i, keeps only the last user's update and truncates a r_max SVD with
+the r_max scale: baselines.md section 5.10 (a)-(c), not reproduced).
+Communication: the users exchange their LoRA factors, zero-padded to r_max and pre-multiplied by
+n_i / sum n and s_i (one all_gather; what FlexLoRA's clients upload), and every user could then
+form dW = [w_1 s_1 B_1 ...] [A_1; ...]. The SVDs are spread over the users (pair p on member
+p mod N) and their rank-r_max factors summed into one buffer (one all_reduce, zeros elsewhere),
+so every user receives bit-identical factors without anyone running all the SVDs. The MLP tensors
+have different shapes on different users, so they stay out of the ``generalists`` group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from comigs_dist import dist
+from comigs_dist.methods.base import Method, register_method
+from comigs_dist.methods.lowrank import (RankOptions, compute_svd_factors, compute_user_factors,
+                                         expert_lora_pairs, match_errors, matched_rank, n_users_of, pad_rank)
+from comigs_dist.model.lora import rs_scale
+
+
+@dataclass
+class FlexLoRAOptions(RankOptions):
+    pass
+
+
+def compute_flexlora_update(Bs_scaled: list[torch.Tensor], As: list[torch.Tensor]) -> torch.Tensor:
+    """dW = sum_i Bw_i A_i, where Bw_i = (n_i / sum n) s_i B_i (each user's own weight and scale)."""
+    delta = None
+    for b, a in zip(Bs_scaled, As):
+        term = b.float() @ a.float()
+        delta = term if delta is None else delta + term
+    return delta
+
+
+@register_method("flexlora")
+class FlexLoRA(Method):
+    description = "FlexLoRA: one MLP LoRA of per-user rank, data-size weighted full updates, SVD back to each rank"
+    paper_row = "Table 2: FlexLoRA (active / full)"
+    Options = FlexLoRAOptions
+    routed = False
+    router_training = "none"
+
+    @classmethod
+    def config_errors(cls, cfg) -> list[str]:
+        return match_errors(cfg, cls(cfg).options.match)
+
+    def adapter_spec(self, cfg, user_idx, spec):
+        return replace(spec, n_experts=1, n_generalists=1, top_k=1, routed=False,
+                       rank=matched_rank(cfg, user_idx, self.options.match))
+
+    def is_shared(self, tag) -> bool:
+        return tag.kind == "attn"
+
+    def sharing_groups(self, n_users):
+        return {"generalists": list(range(n_users)), "hetero_rank": list(range(n_users))}
+
+    def prepare_model(self, model, user_idx) -> None:
+        cfg = self.cfg
+        self.pairs = expert_lora_pairs(model)
+        self.rank = model.spec.rank
+        self.scale = rs_scale(model.spec.alpha, self.rank)
+        self.max_rank = max(matched_rank(cfg, u, self.options.match) for u in range(n_users_of(cfg)))
+        # every user starts from the same LoRA: the top-left block of one global initialisation
+        from comigs_dist.methods.hetlora import global_init
+        start = global_init(cfg, self.pairs, self.max_rank)
+        with torch.no_grad():
+            for p in self.pairs:
+                p.A.copy_(start[p.key][0][: self.rank])
+                p.B.zero_()
+
+    @torch.no_grad()
+    def aggregate(self, ctx) -> None:
+        super().aggregate(ctx)  # attention LoRA: uniform mean over users
+        comm, r_max = ctx.comm, self.max_rank
+        (total,) = comm.sum_scalars("hetero_rank", [float(ctx.n_train_tokens)])
+        weight = ctx.n_train_tokens / total
+        # each user's factors, scaled and zero-padded to r_max, gathered by everyone
+        mine = []
+        for p in self.pairs:
+            a, b = pad_rank(p.A.detach().float(), p.B.detach().float(), r_max)
+            mine += [weight * self.scale * b, a]
+        gathered = comm.gather("hetero_rank", mine)
+        members = comm.members("hetero_rank")
+        me = members.index(ctx.user_idx)
+        theirs = []
+        for flat in gathered:
+            parts = [torch.empty_like(t) for t in mine]
+            dist.unflatten_into(flat, parts)
+            theirs.append(parts)
+        # SVD of pair i on member i mod N; the factors reach everyone through one sum
+        factors = []
+        for i, p in enumerate(self.pairs):
+            US = torch.zeros(p.B.shape[0], r_max, device=p.B.device)
+            Vt = torch.zeros(r_max, p.A.shape[1], device=p.A.device)
+            if i % len(members) == me:
+                delta = compute_flexlora_update([t[2 * i] for t in theirs], [t[2 * i + 1] for t in theirs])
+                us, vt = compute_svd_factors(delta, r_max)
+                US[:, : us.shape[1]] = us
+                Vt[: vt.shape[0]] = vt
+            factors += [US, Vt]
+        comm.sum("hetero_rank", factors)
+        for i, p in enumerate(self.pairs):
+            A, B = compute_user_factors(factors[2 * i], factors[2 * i + 1], self.rank, self.scale)
+            p.A.copy_(A)
+            p.B.copy_(B)

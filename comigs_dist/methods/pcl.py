@@ -1,0 +1,91 @@
+"""PCL, strategy 2 of Wagner et al. (2024): personalised collaboration through a client-level
+trust graph learned from validation performance.
+
+The model is Local's (two LoRA experts mixed uniformly, no router). Users start from their own
+initialisations (no common broadcast, as in the reference). After round e (0-based), when
+e >= ``mix_after`` and (e - mix_after) is a multiple of ``mix_every`` (the reference: e > 3 and
+e even, i.e. after rounds 4, 6, ..., 18 of 20), every user i
+
+1. receives every user's trainable parameters (one all_gather of one flat vector per user),
+2. evaluates each user j's parameters on its own validation split: ppl_ij,
+3. weighs them by W_ij = exp(-ppl_ij) / sum_k exp(-ppl_ik) (a softmax over raw perplexities,
+   temperature 1, as the original PCL code and the reference do), and
+4. mixes theta_i <- sum_j W_ij theta_j, from the snapshot gathered before anyone changed.
+Optimiser states are kept. Validation uses the fixed windows of the evaluation protocol
+(``eval.max_tokens``), not random batches, so W does not consume training randomness.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from comigs_dist import dist
+from comigs_dist.config import opt
+from comigs_dist.methods.base import Method, register_method, share_all
+
+
+@dataclass
+class PCLOptions:
+    mix_after: int = opt(4, "First round (0-based) after which users mix (reference: after round 4).")
+    mix_every: int = opt(2, "Mix after every this many rounds from mix_after on (reference: every 2nd round).")
+
+
+def compute_trust_weights(ppl_row: torch.Tensor) -> torch.Tensor:
+    """W_i. = softmax(-ppl_i.): user i's weights for every user's model from its validation perplexities."""
+    return torch.softmax(-ppl_row.double(), dim=0)
+
+
+def compute_mix(weights: torch.Tensor, vectors: list[torch.Tensor]) -> torch.Tensor:
+    """sum_j W_ij theta_j for flat parameter vectors (in member order)."""
+    out = torch.zeros_like(vectors[0], dtype=torch.float64)
+    for w, v in zip(weights.tolist(), vectors):
+        out.add_(v.double(), alpha=w)
+    return out.to(vectors[0].dtype)
+
+
+@register_method("pcl")
+class PCL(Method):
+    description = "PCL: 2x LoRA (uniform mix); every other round each user mixes all users' models by softmax(-validation ppl)"
+    paper_row = "Table 1 / Table 4 group i: PCL"
+    Options = PCLOptions
+    routed = False
+    router_training = "none"
+    initial_sync = False
+
+    @classmethod
+    def config_errors(cls, cfg) -> list[str]:
+        o = cls(cfg).options
+        errors = []
+        if o.mix_after < 0:
+            errors.append(f"method_options.mix_after ({o.mix_after}) must be >= 0")
+        if o.mix_every < 1:
+            errors.append(f"method_options.mix_every ({o.mix_every}) must be >= 1")
+        return errors
+
+    def is_shared(self, tag) -> bool:
+        return share_all(tag)  # every trainable tensor takes part in the mixing
+
+    def mixes_after(self, finished_round: int) -> bool:
+        o = self.options
+        return finished_round >= o.mix_after and (finished_round - o.mix_after) % o.mix_every == 0
+
+    @torch.no_grad()
+    def aggregate(self, ctx) -> None:
+        # aggregate runs at the start of round t, i.e. after round t - 1 finished
+        if not self.mixes_after(ctx.round_idx - 1):
+            return
+        tensors = [p.data for params in ctx.shared.values() for _, p in params]
+        group = next(iter(ctx.shared))
+        vectors = ctx.comm.gather(group, tensors)
+        own = [t.clone() for t in tensors]
+        ppl = []
+        for v in vectors:  # every user's model on this user's validation split
+            dist.unflatten_into(v, tensors)
+            ppl.append(math.exp(min(ctx.evaluate_valid(), 700.0)))
+        for t, o in zip(tensors, own):
+            t.copy_(o)
+        self.last_trust = compute_trust_weights(torch.tensor(ppl, dtype=torch.float64))
+        self.last_ppl = ppl
+        dist.unflatten_into(compute_mix(self.last_trust, vectors), tensors)

@@ -1,0 +1,217 @@
+"""Continuing a run: saving one user's full state, agreeing where to resume, restoring it.
+
+Owns what a round checkpoint holds (the trainable parameters, both optimisers and the expert
+schedule, both samplers' generators (the data position), the global python/numpy/torch
+generators, the step, round and token counters, the evaluation history, the base evaluation,
+the communication byte counters and the guard's skip counters), the manifest rank 0 writes once
+every user has saved a round, and the checks before training: an output directory every user
+can write to with room for a round of checkpoints, and the round to resume from, agreed by all
+users. Every decision is taken on gathered facts, so all users raise the same error together
+instead of one failing alone while the others wait in a collective.
+
+A resumed run repeats what the uninterrupted run would have done: everything that decides the
+next round is restored, so on CPU its parameters and metrics are bit-identical.
+Knows nothing of methods or of the round loop itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from comigs_dist import checkpoint, dist
+from comigs_dist.config import ConfigError
+
+_COUNTERS = ("train_tokens", "train_seconds", "last_loss", "guard_skipped_rounds", "guard_skipped_steps")
+
+
+# --------------------------------------------------------------------------------------------
+# one user's state
+# --------------------------------------------------------------------------------------------
+
+def user_state(run, round_idx: int) -> dict:
+    """Everything that decides this user's next round, in types a weights_only load accepts."""
+    return {
+        "format": checkpoint.FORMAT, "user": run.topo.user_idx, "round": round_idx, "method": run.cfg.method,
+        "config": run.cfg.to_dict(), "step": run.step, "router_step": run.router_step,
+        "params": {k: v.detach().cpu() for k, v in run.model.trainable_state().items()},
+        "expert_opt": run.expert_opt.state_dict() if run.expert_opt else None,
+        "expert_sched": run.expert_sched.state_dict() if run.expert_sched else None,
+        "router_opt": run.router_opt.state_dict() if run.router_opt else None,
+        "train_sampler": run.train_sampler.state_dict(), "router_sampler": run.router_sampler.state_dict(),
+        "method_state": run.method.state_dict(),
+        "rng": checkpoint.capture_rng(),
+        "counters": {k: getattr(run, k) for k in _COUNTERS},
+        "history": list(run.history),
+        "base": dataclasses.asdict(run.base) if run.base is not None else None,
+        "comm": dataclasses.asdict(run.topo.stats),
+    }
+
+
+def apply_state(run, state: dict) -> None:
+    """Put a validated state back into this user's model, optimisers, samplers and counters."""
+    from comigs_dist.evaluate import EvalResult
+    with torch.no_grad():
+        for name, p in run.model.report.params.items():
+            p.copy_(state["params"][name].to(device=p.device, dtype=p.dtype))
+    for key in ("expert_opt", "expert_sched", "router_opt"):
+        obj = getattr(run, key)
+        # validate() checked the method, so both sides hold the same optimisers
+        assert (obj is None) == (state[key] is None), key
+        if obj is not None:
+            obj.load_state_dict(state[key])
+    run.train_sampler.load_state_dict(state["train_sampler"])
+    run.router_sampler.load_state_dict(state["router_sampler"])
+    run.method.load_state_dict(state.get("method_state") or {})  # e.g. HetLoRA's pruned ranks
+    run.step, run.router_step = int(state["step"]), int(state["router_step"])
+    for key in _COUNTERS:
+        if key in state["counters"]:
+            setattr(run, key, state["counters"][key])
+    run.history = list(state["history"])
+    if state["base"] is not None:
+        run.base = EvalResult(**state["base"])
+    run.topo.stats = dist.CommStats(**state["comm"])
+    checkpoint.restore_rng(state["rng"])
+
+
+def checkpoint_bytes(run) -> int:
+    """About what one checkpoint of this user takes: the parameters, AdamW's two moments for
+    those an optimiser holds, and a margin for generator states and bookkeeping."""
+    params = run.model.report.params.values()
+    total = sum(p.numel() * p.element_size() for p in params)
+    return 3 * total + (1 << 20)
+
+
+def _checkpointing(cfg) -> bool:
+    return bool(cfg.checkpoint.every or cfg.checkpoint.final)
+
+
+# --------------------------------------------------------------------------------------------
+# saving (every user at the same round: a collective)
+# --------------------------------------------------------------------------------------------
+
+def save_user(run, out_dir: Path, name: str, round_idx: int) -> Path:
+    """Write this user's state as ``name``; once every user has written (a small gather), rank 0
+    records the round in the manifest and each user prunes to ``checkpoint.keep`` rounds. A
+    failed write (disk full) stops every user with the same message, with no partial file."""
+    topo, user = run.topo, run.topo.user_idx
+    path = checkpoint.user_dir(out_dir, user) / name
+    problem, size = None, 0
+    try:
+        checkpoint.save_atomic(user_state(run, round_idx), path)
+        size = path.stat().st_size
+    except OSError as exc:
+        problem = f"user {user}: {exc.strerror or exc}"
+    entries = dist.all_gather_objects({"user": user, "file": str(path.relative_to(checkpoint.checkpoints_dir(out_dir))),
+                                       "bytes": size, "problem": problem})
+    problems = [e["problem"] for e in entries if e["problem"]]
+    if problems:
+        raise checkpoint.CheckpointError("; ".join(problems))
+    is_round = name == checkpoint.round_file(round_idx)
+    if is_round:
+        checkpoint.prune(path.parent, run.cfg.checkpoint.keep)
+    if topo.rank == 0:
+        try:
+            manifest = checkpoint.read_manifest(out_dir) or {}
+        except checkpoint.CheckpointError:
+            manifest = {}  # unreadable: rewritten from what every user just reported
+        rounds = set(manifest.get("rounds", []))
+        if is_round:
+            rounds.add(round_idx)
+        rounds = sorted(rounds)
+        if is_round and run.cfg.checkpoint.keep:
+            rounds = rounds[-run.cfg.checkpoint.keep:]
+        manifest.update({"format": checkpoint.FORMAT, "method": run.cfg.method, "seed": run.cfg.seed,
+                         "n_users": topo.world_size, "round": max(rounds) if rounds else None, "rounds": rounds,
+                         "restart_count": dist.restart_count(), "written": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        manifest["final" if not is_round else "users"] = entries_without_problem(entries)
+        checkpoint.write_manifest(out_dir, manifest)
+    return path
+
+
+def entries_without_problem(entries: list[dict]) -> list[dict]:
+    return [{k: v for k, v in e.items() if k != "problem"} for e in entries]
+
+
+# --------------------------------------------------------------------------------------------
+# before training: where to start (every user agrees), and can we write
+# --------------------------------------------------------------------------------------------
+
+def _choose_round(cfg, gathered: list[dict], out_dir: Path) -> tuple[int, str | None]:
+    """(round to resume from (0 = fresh), problem) from every user's list of checkpointed rounds."""
+    per_user = [set(g["rounds"]) for g in gathered]
+    common = set.intersection(*per_user) if per_user else set()
+    have = {u: sorted(r) for u, r in enumerate(per_user) if r}
+    listing = "; ".join(f"user {u}: rounds {r}" for u, r in have.items()) or "no user has any"
+    if cfg.resume == "false":
+        if have:
+            return 0, (f"out_dir {out_dir} already holds round checkpoints ({listing}) and resume=false: continue "
+                       f"that run with resume=true (or resume=auto), or start a new one in another out_dir "
+                       f"(or delete {checkpoint.checkpoints_dir(out_dir)})")
+        return 0, None
+    if not common:
+        if cfg.resume == "true":
+            return 0, (f"resume=true but no round was checkpointed by every user in {checkpoint.checkpoints_dir(out_dir)} "
+                       f"({listing}); check out_dir, or start with resume=auto (fresh when there is nothing "
+                       f"to resume) and checkpoint.every > 0")
+        return 0, None
+    start = max(common)
+    manifest = gathered[0].get("manifest_round")
+    if manifest is not None and manifest > start:
+        return 0, (f"{checkpoint.manifest_path(out_dir)} records round {manifest} as complete but not every user "
+                   f"still has its file ({listing}): checkpoint files were deleted or are on a disk this user "
+                   f"cannot see; restore them, or delete the manifest to resume from round {start}")
+    return start, None
+
+
+def restore_user(run, out_dir: Path, say=lambda msg: None) -> int:
+    """Agree with every user where the run starts, check the output directory, and restore this
+    user's state when resuming. Returns the number of rounds already done (0 on a fresh start).
+    Raises ConfigError on every rank together when something is wrong."""
+    cfg, topo, user = run.cfg, run.topo, run.topo.user_idx
+    out_dir = Path(out_dir)
+    my_dir = checkpoint.user_dir(out_dir, user)
+    manifest_round = None
+    if topo.rank == 0:
+        try:
+            manifest = checkpoint.read_manifest(out_dir)
+            manifest_round = manifest.get("round") if manifest else None
+        except checkpoint.CheckpointError:
+            manifest_round = None  # the per-user files decide; a broken manifest is rewritten at the next save
+    gathered = dist.all_gather_objects({"rounds": checkpoint.available_rounds(my_dir),
+                                        "bytes": checkpoint_bytes(run), "manifest_round": manifest_round})
+    start, problem = _choose_round(cfg, gathered, out_dir)
+
+    problems = []
+    if problem is None:
+        if _checkpointing(cfg) and run.method.trains:
+            # conservative: every user's checkpoint may land on the same file system
+            need = sum(g["bytes"] for g in gathered)
+            if (p := checkpoint.check_writable(my_dir, need, f"the checkpoint directory of user {user}")) is not None:
+                problems.append(p)
+        if start:
+            path = my_dir / checkpoint.round_file(start)
+            try:
+                state = checkpoint.load(path)
+                problems += checkpoint.validate(state, path, user, cfg.method, run.model.trainable_state(),
+                                                cfg.to_dict())
+            except (checkpoint.CheckpointError, FileNotFoundError) as exc:
+                problems.append(str(exc))
+    verdicts = dist.all_gather_objects(problems)
+    if problem is not None:
+        raise ConfigError(problem)
+    all_problems = [p for ps in verdicts for p in ps]
+    if all_problems:
+        raise ConfigError(f"cannot {'resume' if start else 'start'} the run in {out_dir}: " + "; ".join(all_problems[:8])
+                          + ("" if len(all_problems) <= 8 else f"; ... ({len(all_problems)} problems)"))
+    if not start:
+        if topo.rank == 0 and manifest_round is not None:
+            checkpoint.manifest_path(out_dir).unlink(missing_ok=True)  # describes files that are gone
+        return 0
+    apply_state(run, state)
+    attempt = dist.restart_count()
+    say(f"resuming from round {start} (the newest round every user checkpointed) in {out_dir}"
+        + (f", attempt {attempt + 1}" if attempt else ""))
+    return start

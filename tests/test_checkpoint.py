@@ -1,0 +1,215 @@
+"""Checkpoints and resume: atomic files, validated loads, disk checks, bit-identical resume."""
+import errno
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as tdist
+
+from comigs_dist import checkpoint, resume, train
+from comigs_dist.config import ConfigError, check_world_size
+from dist_harness import init_topology, run_on_ranks
+from helpers import tiny_config
+
+
+# --------------------------------------------------------------------------------------------
+# files (no process group)
+# --------------------------------------------------------------------------------------------
+
+def _state(params: dict, user: int = 0, method: str = "comigs_1g1s", config: dict | None = None) -> dict:
+    state = {"format": checkpoint.FORMAT, "user": user, "round": 2, "method": method, "params": params,
+             "config": config or {"seed": 42, "train": {"lr": 0.005}, "out_dir": "a"}}
+    state.update({k: None for k in checkpoint.RESUME_KEYS})
+    return state
+
+
+def test_truncated_and_foreign_files_are_rejected_with_the_file_named(tmp_path):
+    """A truncated checkpoint and a plain tensor file both give a CheckpointError naming the file."""
+    good = tmp_path / "round_0002.pt"
+    checkpoint.save_atomic(_state({"a": torch.randn(4, 3)}), good)
+    data = good.read_bytes()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(checkpoint.CheckpointError, match=r"checkpoint .*cut\.pt cannot be read .*truncated"):
+        checkpoint.load(cut)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weight": torch.zeros(2)}, foreign)
+    problems = checkpoint.validate(checkpoint.load(foreign), foreign, 0, "comigs_1g1s", {"a": torch.zeros(4, 3)})
+    assert len(problems) == 1 and "foreign.pt is not a comigs_dist checkpoint" in problems[0]
+    # a pickled object outside the weights_only allow-list never gets executed
+    torch.save({"format": checkpoint.FORMAT, "evil": Path("x")}, tmp_path / "obj.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="obj.pt cannot be read"):
+        checkpoint.load(tmp_path / "obj.pt")
+
+
+def test_wrong_shape_user_method_and_config_are_each_named():
+    """Every mismatch names the file and the parameter or key; a fitting state has no problem."""
+    ours = {"lm.h.0.mlp.experts.0.lora_A": torch.zeros(8, 32), "lm.h.0.attn.lora_B": torch.zeros(32, 8)}
+    cfg = {"seed": 42, "train": {"lr": 0.005}, "out_dir": "b", "log": {"every": 5}}
+    assert checkpoint.validate(_state({k: v.clone() for k, v in ours.items()}), Path("f.pt"), 0, "comigs_1g1s",
+                               ours, cfg) == []
+    wrong = _state({"lm.h.0.mlp.experts.0.lora_A": torch.zeros(4, 32), "lm.h.0.attn.lora_B": torch.zeros(32, 8),
+                    "lm.h.0.extra": torch.zeros(1)}, user=1, method="fedavg",
+                   config={"seed": 43, "train": {"lr": 0.005}, "out_dir": "a", "log": {"every": 1}})
+    text = " | ".join(checkpoint.validate(wrong, Path("f.pt"), 0, "comigs_1g1s", ours, cfg))
+    assert "parameter lm.h.0.mlp.experts.0.lora_A has shape (4, 32) but this model's is (8, 32)" in text
+    assert "holds parameter lm.h.0.extra (1,) that this model does not have" in text
+    assert "holds user 1's state but sits in user 0's directory" in text
+    assert "written by method 'fedavg' but this run is 'comigs_1g1s'" in text
+    assert "seed=43 but this run has seed=42" in text
+    assert "out_dir=" not in text and "log.every" not in text  # allowed to change on resume
+    incomplete = _state(ours)
+    del incomplete["rng"]
+    assert "lacks rng" in checkpoint.validate(incomplete, Path("f.pt"), 0, "comigs_1g1s", ours)[0]
+
+
+def test_a_full_disk_leaves_no_partial_file_and_says_so(tmp_path, monkeypatch):
+    """ENOSPC during a write: an OSError naming the path and the cause; neither the file nor a temp remains."""
+    def full_disk(obj, f):
+        f.write(b"x" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    target = tmp_path / "user_00" / "round_0001.pt"
+    with pytest.raises(OSError, match=r"cannot write checkpoint .*round_0001\.pt: no space left on device.*resume=true"):
+        checkpoint.save_atomic({"a": 1}, target)
+    assert list(target.parent.iterdir()) == []
+
+
+def test_unwritable_or_full_output_directories_are_found_before_training(tmp_path, monkeypatch):
+    """A path under a regular file is not writable; too little free space names both sizes and the fix."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    problem = checkpoint.check_writable(blocker / "run")
+    assert problem and f"out_dir {blocker / 'run'} is not writable" in problem and "set out_dir" in problem
+    assert checkpoint.check_writable(tmp_path / "ok", 1024) is None and (tmp_path / "ok").is_dir()
+    assert list((tmp_path / "ok").iterdir()) == []  # the probe is gone
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 512 * 1024))
+    problem = checkpoint.check_writable(tmp_path / "ok", 3 * 2**20)
+    assert "has 0.5 MiB free but one round of checkpoints needs about 3.0 MiB" in problem
+
+
+def test_generators_round_trip_through_a_weights_only_file(tmp_path):
+    """python, numpy and torch generators restored from a checkpoint draw the same numbers again."""
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.randn()  # leaves a cached gaussian in numpy's state
+    checkpoint.save_atomic({"rng": checkpoint.capture_rng()}, tmp_path / "rng.pt")
+    first = (random.random(), np.random.randn(3).tolist(), torch.rand(3).tolist())
+    checkpoint.restore_rng(checkpoint.load(tmp_path / "rng.pt")["rng"])
+    assert (random.random(), np.random.randn(3).tolist(), torch.rand(3).tolist()) == first
+
+
+def test_rounds_are_listed_and_pruned_per_user(tmp_path):
+    """available_rounds reads only complete round files; prune keeps the newest `keep`."""
+    d = tmp_path / "user_00"
+    for r in (1, 2, 3, 10):
+        checkpoint.save_atomic({"r": r}, d / checkpoint.round_file(r))
+    (d / ".round_0011.pt.tmp").write_bytes(b"partial")
+    (d / "final.pt").write_bytes(b"")
+    assert checkpoint.available_rounds(d) == [1, 2, 3, 10]
+    assert [p.name for p in checkpoint.prune(d, 2)] == ["round_0001.pt", "round_0002.pt"]
+    assert checkpoint.available_rounds(d) == [3, 10]
+
+
+# --------------------------------------------------------------------------------------------
+# resume on real process groups
+# --------------------------------------------------------------------------------------------
+
+class _Stop(Exception):
+    pass
+
+
+def _final(out_dir: Path, user: int) -> dict:
+    return checkpoint.load(checkpoint.user_dir(out_dir, user) / "final.pt")
+
+
+def _resume_worker(rank, world_size, tmp_path):
+    settings = {"train.rounds": 4, "checkpoint.every": 1, "checkpoint.final": True, "eval.every": 1}
+    a, b = tmp_path / "uninterrupted", tmp_path / "interrupted"
+
+    def go(out_dir, **extra):
+        cfg = tiny_config(**{**settings, "out_dir": str(out_dir), **extra})
+        check_world_size(cfg, world_size)
+        return train.run(cfg, init_topology(), out_dir)
+
+    row_a = go(a, **{"checkpoint.keep": 2})
+    assert checkpoint.available_rounds(checkpoint.user_dir(a, rank)) == [3, 4]
+    assert checkpoint.read_manifest(a)["rounds"] == [3, 4]
+
+    # the same run, stopped by a crash on every user halfway through round 3
+    real = train.faults.during_round
+
+    def crash(run, round_idx, local_idx):
+        if round_idx == 2 and local_idx == 1:
+            raise _Stop()
+    train.faults.during_round = crash
+    with pytest.raises(_Stop):
+        go(b)
+    train.faults.during_round = real
+    assert checkpoint.available_rounds(checkpoint.user_dir(b, rank)) == [1, 2]
+    manifest = checkpoint.read_manifest(b)
+    assert manifest["round"] == 2 and manifest["rounds"] == [1, 2] and manifest["n_users"] == world_size
+
+    # starting again without resume would mix two runs: refused on every rank
+    with pytest.raises(ConfigError, match=r"already holds round checkpoints \(user 0: rounds \[1, 2\]; user 1"):
+        go(b)
+
+    row_b = go(b, resume="true")
+    fa, fb = _final(a, rank), _final(b, rank)
+    assert fa["params"].keys() == fb["params"].keys()
+    for name in fa["params"]:  # bit-identical parameters
+        assert torch.equal(fa["params"][name], fb["params"][name]), name
+    for key in ("exp_avg", "exp_avg_sq"):
+        for i, s in fa["expert_opt"]["state"].items():
+            assert torch.equal(s[key], fb["expert_opt"]["state"][i][key])
+    timing = {"tokens_per_second"}
+    assert {k: v for k, v in row_a.items() if k not in timing} == {k: v for k, v in row_b.items() if k not in timing}
+    assert [h["round"] for h in row_b["test_curve"]] == [1, 2, 3, 4]
+    assert row_b["bytes_sent"] > 0 and checkpoint.read_manifest(b)["round"] == 4
+
+    # a truncated checkpoint of one user stops every user with the file named
+    tdist.barrier()
+    if rank == 1:
+        f = checkpoint.user_dir(b, 1) / "round_0004.pt"
+        f.write_bytes(f.read_bytes()[:5000])
+    tdist.barrier()
+    with pytest.raises(ConfigError, match=r"user_01/round_0004\.pt cannot be read .*truncated"):
+        go(b, resume="true")
+
+    # resuming a run with different adapter shapes: the parameter and both shapes are named
+    with pytest.raises(ConfigError, match=r"parameter \S+lora_A has shape \(8, 32\) but this model's is \(4, 32\)"):
+        go(a, resume="true", **{"lora.rank": 4})
+
+
+@pytest.mark.slow
+def test_a_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
+    """4 rounds straight vs. a crash in round 3 and resume=true: same parameters, optimiser moments,
+    metrics and test curve, bit for bit; restarting without resume, a truncated file and a
+    different model shape are refused on every user with the file or parameter named."""
+    run_on_ranks(_resume_worker, 2, tmp_path)
+
+
+def _full_disk_worker(rank, world_size, tmp_path):
+    cfg = tiny_config(**{"checkpoint.every": 1})
+    check_world_size(cfg, world_size)
+    topo = init_topology()
+    r = train.setup_user(cfg, topo)
+    assert resume.restore_user(r, tmp_path) == 0
+    if rank == 1:
+        def full_disk(obj, f):
+            f.write(b"x" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        checkpoint.torch.save = full_disk
+    with pytest.raises(checkpoint.CheckpointError, match=r"user 1: cannot write checkpoint .*user_01/round_0001\.pt: "
+                                                          r"no space left on device"):
+        train.save_checkpoint(r, tmp_path, checkpoint.round_file(1), 1)
+    assert os.listdir(checkpoint.user_dir(tmp_path, 1)) == [] if rank == 1 else True
+    assert checkpoint.read_manifest(tmp_path) is None  # the round was not recorded as complete
+
+
+def test_a_full_disk_during_a_checkpoint_stops_every_user_with_one_message(tmp_path):
+    """ENOSPC on one user: every user raises the same CheckpointError, no partial file, no manifest."""
+    run_on_ranks(_full_disk_worker, 2, tmp_path)

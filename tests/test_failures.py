@@ -1,0 +1,113 @@
+"""Failures end to end: a killed rank, a torchrun restart that resumes by itself, bad output dirs."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from comigs_dist import checkpoint, faults
+from comigs_dist.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = str(ROOT / "configs" / "debug.yaml")
+
+
+def _env(**extra) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    return env
+
+
+def test_bad_fault_specs_and_resume_without_out_dir_are_refused():
+    """COMIGS_FAULT must be '<kind>,user=U,round=R'; resume=true needs out_dir."""
+    assert faults.parse("kill,user=1,round=2") == faults.Fault("kill", 1, 2, 0)
+    assert faults.parse("nan, user=0, round=3, attempt=1") == faults.Fault("nan", 0, 3, 1)
+    for bad in ("explode,user=1,round=2", "kill,user=1", "kill,user=1,round=0", "kill,user=x,round=2"):
+        with pytest.raises(ValueError, match="COMIGS_FAULT .* must look like"):
+            faults.parse(bad)
+    with pytest.raises(ConfigError, match="resume=true needs out_dir"):
+        load_config(None, ["resume=true"])
+    assert load_config(None, ["resume=auto"]).resume == "auto"
+
+
+def test_an_unwritable_out_dir_stops_the_run_before_training(tmp_path, capsys):
+    """out_dir under a regular file: exit code 2 and a message naming the path, before any training."""
+    from comigs_dist.main import main
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code = main(["--config", DEBUG, "n_users=1", f"out_dir={blocker / 'run'}", "log.progress=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"out_dir {blocker / 'run'} is not writable" in err, err
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_run_with_its_name_within_the_timeout(tmp_path):
+    """3 users; user 1 is SIGKILLed halfway through round 2: users 0 and 2 exit non-zero well within
+    comm.timeout_s with a message naming user 1 as gone; nothing hangs."""
+    timeout_s = 30
+    port = str(29_000 + os.getpid() % 2_000)
+    procs = []
+    for rank in range(3):
+        env = _env(RANK=str(rank), WORLD_SIZE="3", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="3",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, COMIGS_FAULT="kill,user=1,round=2")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "comigs_dist.main", "--config", DEBUG, "n_users=3", "train.rounds=4",
+             f"out_dir={tmp_path / 'run'}", f"comm.timeout_s={timeout_s}", "checkpoint.every=1"],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        procs[1].wait(timeout=600)
+        died = time.monotonic()
+        outs = {}
+        for rank in (0, 2):
+            out, err = procs[rank].communicate(timeout=timeout_s + 60)
+            outs[rank] = (time.monotonic() - died, procs[rank].returncode, err)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[1].returncode == -9
+    for rank, (after, code, err) in outs.items():
+        assert code == 1, err[-3000:]
+        assert after < timeout_s, f"user {rank} left {after:.1f} s after user 1 died"
+        assert f"user {rank} (rank {rank}) failed: PeerFailure: user {rank} lost contact with the other users in " \
+               f"round 2" in err, err[-3000:]
+        assert "user 1 (pid" in err and "is no longer running" in err, err[-3000:]
+    # round 1 is on disk for every user, ready for resume=true (the survivors also wrote round 2, but
+    # user 1 never did, so a resume starts from round 1)
+    rounds = [checkpoint.available_rounds(checkpoint.user_dir(tmp_path / "run", u)) for u in range(3)]
+    assert rounds[1] == [1] and all(r in ([1], [1, 2]) for r in rounds), rounds
+
+
+def _torchrun(cwd, *args, restarts: int = 0, **env) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           f"--max-restarts={restarts}", "-m", "comigs_dist.main", "--config", DEBUG, *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=_env(**env))
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_killed_run_and_it_resumes_to_the_same_result(tmp_path):
+    """torchrun --max-restarts=1 with resume=auto and no out_dir: user 1 is killed in round 2, torchrun
+    restarts both users, they find their checkpoints (out_dir named after torchrun's run id) and
+    finish with the parameters and metrics of an uninterrupted run."""
+    common = ["checkpoint.every=1", "log.tensorboard=false"]
+    plain = _torchrun(tmp_path, f"out_dir={tmp_path / 'plain'}", *common)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    killed = _torchrun(tmp_path, "resume=auto", *common, restarts=1, COMIGS_FAULT="kill,user=1,round=2")
+    assert killed.returncode == 0, killed.stdout[-2000:] + killed.stderr[-3000:]
+    assert "resuming from round 1" in killed.stdout and "attempt 2" in killed.stdout
+    (run_dir,) = (tmp_path / "runs").glob("torchrun-*_comigs_1g1s_s42")
+    a = json.loads((tmp_path / "plain" / "results.json").read_text())
+    b = json.loads((run_dir / "results.json").read_text())
+    timing = {"tokens_per_second"}
+    for ua, ub in zip(a["users"], b["users"]):
+        assert {k: v for k, v in ua.items() if k not in timing} == {k: v for k, v in ub.items() if k not in timing}
+    for user in (0, 1):
+        pa = checkpoint.load(checkpoint.user_dir(tmp_path / "plain", user) / "final.pt")["params"]
+        pb = checkpoint.load(checkpoint.user_dir(run_dir, user) / "final.pt")["params"]
+        assert all(torch.equal(pa[n], pb[n]) for n in pa)
+    manifest = checkpoint.read_manifest(run_dir)
+    assert manifest["round"] == 2 and manifest["restart_count"] == 1

@@ -1,0 +1,148 @@
+"""The non-finite guard on real process groups: stop names the user, skip averages the others."""
+import math
+import time
+
+import pytest
+import torch
+import torch.distributed as tdist
+
+from comigs_dist import dist, guard
+from comigs_dist.config import check_world_size
+from comigs_dist.methods import SyncContext
+from comigs_dist.model.roles import Role
+from comigs_dist.train import CommHandle, run, setup_user
+from dist_harness import init_topology, run_on_ranks
+from helpers import tiny_config
+
+
+def _gather(tensors: dict) -> list[dict]:
+    out = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, {k: v.clone() for k, v in tensors.items()})
+    return out
+
+
+def _by_role(model, role):
+    return {n: p.detach().clone() for n, p in model.report.params.items() if model.report.tags[n].role == role}
+
+
+def _prepare(rank, world_size, **overrides):
+    cfg = tiny_config(**overrides)
+    check_world_size(cfg, world_size)
+    topo = init_topology(timeout_s=30)
+    r = setup_user(cfg, topo)
+    with torch.no_grad():  # users hold different generalists: rank-dependent, exactly representable shifts
+        for _, p in r.shared["generalists"]:
+            p.add_(0.25 * (rank + 1))
+    return cfg, topo, r
+
+
+def _aggregate(r, topo, comm, round_idx=2):
+    """What train.run does at the start of a round (after the first)."""
+    with comm.abstaining(not guard.check_shared(r, round_idx)):
+        r.method.aggregate(SyncContext(shared=r.shared, comm=comm, round_idx=round_idx, user_idx=topo.user_idx,
+                                       n_users=topo.world_size))
+
+
+def _skip_worker(rank, world_size, tmp_path, mode):
+    cfg, topo, r = _prepare(rank, world_size, **{"comm.mode": mode, "guard.nan": "skip"})
+    comm = CommHandle(topo, mode, "fp32", count=True)
+    poisoned = r.shared["generalists"][3][0]
+    if rank == 1:
+        with torch.no_grad():
+            r.shared["generalists"][3][1].view(-1)[5] = math.nan
+    before = _gather(_by_role(r.model, Role.GENERALIST))
+    specialists = _by_role(r.model, Role.SPECIALIST)
+
+    _aggregate(r, topo, comm)
+
+    after = _gather(_by_role(r.model, Role.GENERALIST))
+    for name in before[0]:
+        expected = (before[0][name] + before[2][name]) / 2  # user 1 contributes nothing
+        for user in range(world_size):  # ... and takes the others' average, like everyone
+            assert torch.equal(after[user][name], after[0][name]), (name, user)
+        torch.testing.assert_close(after[0][name], expected, rtol=0, atol=1e-6)
+        assert torch.isfinite(after[1][name]).all()
+    assert not torch.equal(before[1][poisoned], before[1][poisoned])  # it was NaN before
+    assert all(torch.equal(v, _by_role(r.model, Role.SPECIALIST)[k]) for k, v in specialists.items())
+    assert r.guard_skipped_rounds == (1 if rank == 1 else 0) and comm.contributing
+    # the contributor count travels in the same collective: one extra fp32 element
+    payload = sum(p.numel() for _, p in r.shared["generalists"]) * 4 + 4
+    peers = 1 if mode == "server" else world_size - 1
+    assert topo.stats.bytes_sent == payload * peers and topo.stats.collectives == 1
+
+    # every user of the group sitting out: nothing to average, every user stops with one message
+    with torch.no_grad():
+        r.shared["generalists"][0][1].view(-1)[0] = math.inf
+    with pytest.raises(FloatingPointError, match="every member of group 'generalists' .* sat this round out"):
+        _aggregate(r, topo, comm)
+
+
+@pytest.mark.parametrize("mode", ["server", "all2all"])
+def test_skip_leaves_a_poisoned_user_out_of_the_average(tmp_path, mode):
+    """guard.nan=skip with a NaN in user 1's generalist: all 3 users end with the mean of users 0 and 2,
+    user 1 counts one skipped round, specialists are untouched, the count costs 4 bytes."""
+    run_on_ranks(_skip_worker, 3, tmp_path, mode)
+
+
+def _stop_worker(rank, world_size, tmp_path):
+    cfg, topo, r = _prepare(rank, world_size)
+    comm = CommHandle(topo, "server", "fp32")
+    name = r.shared["generalists"][2][0]
+    if rank == 1:
+        with torch.no_grad():
+            r.shared["generalists"][2][1].view(-1)[0] = math.inf
+        with pytest.raises(FloatingPointError, match=rf"user 1, round 3: shared parameter {name} \(group "
+                                                     rf"'generalists'\) holds inf before the round's aggregation"):
+            _aggregate(r, topo, comm)
+        dist.report_failure("FloatingPointError: inf in a generalist")  # as main.py does before exiting
+        return  # the harness tears the group down: the others' collective fails at once
+    start = time.monotonic()
+    with pytest.raises(dist.PeerFailure) as info:
+        _aggregate(r, topo, comm)
+    print(f"rank {rank}: PeerFailure after {time.monotonic() - start:.1f} s", flush=True)
+    assert time.monotonic() - start < 25, "the failure came from the timeout (30 s), not from user 1 leaving"
+    text = str(info.value)
+    assert text.startswith(f"user {rank} lost contact") and "all_reduce on group 'generalists'" in text
+    # rank 0 hosts the store the note sits in; rank 2 may find the store gone and fall back to the pid
+    assert "user 1 failed: FloatingPointError: inf in a generalist" in text or (
+        rank == 2 and "user 1 (pid" in text and "is no longer running" in text), text
+
+
+def test_stop_names_the_user_round_and_parameter_and_the_others_say_who(tmp_path):
+    """guard.nan=stop with an inf in user 1's generalist: user 1 raises before the collective, naming
+    round and parameter; users 0 and 2 do not hang: their PeerFailure names user 1 and its cause."""
+    run_on_ranks(_stop_worker, 3, tmp_path)
+
+
+def _run_skip_worker(rank, world_size, tmp_path):
+    import os
+    os.environ["COMIGS_FAULT"] = "nan,user=1,round=2"
+    cfg = tiny_config(**{"guard.nan": "skip", "train.rounds": 3})
+    check_world_size(cfg, world_size)
+    row = run(cfg, init_topology(), tmp_path / "run")
+    rows = [None] * world_size
+    tdist.all_gather_object(rows, row)
+    assert [u["guard_skipped_rounds"] for u in rows] == [0, 1]
+    assert all(math.isfinite(u["test_ppl"]) and u["test_ppl"] < u["base_test_ppl"] for u in rows)
+
+
+def test_a_nan_injected_in_a_run_is_skipped_and_counted(tmp_path):
+    """COMIGS_FAULT=nan in a whole run under guard.nan=skip: the run finishes with finite perplexities
+    and user 1's row of results.json counts one skipped round."""
+    run_on_ranks(_run_skip_worker, 2, tmp_path)
+
+
+class _Run:
+    """The few attributes guard.check_loss reads."""
+    def __init__(self, mode):
+        self.cfg = tiny_config(**{"guard.nan": mode})
+        self.topo = type("T", (), {"user_idx": 3})()
+        self.step, self.guard_skipped_steps = 14, 0
+
+
+def test_a_non_finite_loss_stops_or_drops_the_step():
+    """stop: FloatingPointError naming user, phase, iteration and round; skip: the step is dropped and counted."""
+    with pytest.raises(FloatingPointError, match=r"user 3: the expert loss is nan at local iteration 14 \(round 5\)"):
+        guard.check_loss(_Run("stop"), math.nan, True)
+    run_ = _Run("skip")
+    assert guard.check_loss(run_, math.inf, False) and run_.guard_skipped_steps == 1
