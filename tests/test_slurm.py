@@ -6,6 +6,7 @@ Jobs inherit this environment (--export=ALL), so PYTHONPATH points them at this 
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -70,7 +71,7 @@ def _wait(job_id: str, timeout: float = 150) -> str:
 
 def _log_of(tmp_path: Path, job_id: str) -> str:
     logs = list(tmp_path.glob(f"*-{job_id}.out"))
-    return logs[0].read_text() if logs else "(no log)"
+    return logs[0].read_text(errors="replace") if logs else "(no log)"
 
 
 def _results(out_dir: Path) -> dict:
@@ -93,13 +94,14 @@ def _sbatch(tmp_path: Path, *args: str) -> str:
     return proc.stdout.strip().split(";")[0]
 
 
-def _requeue_when_started(tmp_path: Path, job_id: str, timeout: float = 120) -> None:
-    """Send USR1 to the batch script, as --signal does before the time limit, once its trap is
-    set; then release the requeued job (Slurm holds one for about 2 minutes before it may start)."""
+def _requeue_after_checkpoint(tmp_path: Path, job_id: str, out_dir: Path, timeout: float = 150) -> None:
+    """Once every user has checkpointed a round, send USR1 to the batch script, as --signal does
+    before the time limit; then release the requeued job (Slurm holds one for about 2 minutes)."""
+    manifest = out_dir / "checkpoints" / "manifest.json"
     deadline = time.monotonic() + timeout
-    while "out_dir:" not in _log_of(tmp_path, job_id):
-        assert time.monotonic() < deadline, f"job {job_id} never printed its plan: {_log_of(tmp_path, job_id)[-2000:]}"
-        time.sleep(0.3)
+    while not manifest.is_file():
+        assert time.monotonic() < deadline, f"job {job_id} wrote no checkpoint: {_log_of(tmp_path, job_id)[-2000:]}"
+        time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
     deadline = time.monotonic() + 30
     while True:  # once the job is pending again (and held), move its start time to now
@@ -114,13 +116,14 @@ def _requeue_when_started(tmp_path: Path, job_id: str, timeout: float = 120) -> 
 
 
 def test_sbatch_one_node_and_two_nodes_requeued_agree(slurm, tmp_path):
-    """slurm/comigs.sh on 1 node (2 users) and on --nodes=2 (1 user per node: a real rendezvous),
-    the latter requeued by USR1 mid-start and finishing on its second start in the same out_dir:
-    both complete with the same numbers."""
-    id_one = _sbatch(tmp_path, "--job-name=one", "--cpus-per-task=1", str(SCRIPT), str(DEBUG), *FAST,
-                     f"out_dir={tmp_path}/one")
-    id_two = _sbatch(tmp_path, "--job-name=two", "--nodes=2", "--cpus-per-task=1", str(SCRIPT), str(DEBUG), *FAST)
-    _requeue_when_started(tmp_path, id_two)
+    """slurm/comigs.sh on 1 node (2 users) and on --nodes=2 (1 user per node: a real rendezvous).
+    The 2-node job is requeued by USR1 after its first checkpoint and resumes on its second start
+    from the same out_dir; both end with the same numbers."""
+    run = [str(SCRIPT), str(DEBUG), *FAST, "train.rounds=16", "checkpoint.every=1"]
+    id_one = _sbatch(tmp_path, "--job-name=one", "--cpus-per-task=1", *run, f"out_dir={tmp_path}/one")
+    id_two = _sbatch(tmp_path, "--job-name=two", "--nodes=2", "--cpus-per-task=1", *run)
+    out_two = tmp_path / "runs" / f"slurm-{id_two}_comigs_1g1s_s42"
+    _requeue_after_checkpoint(tmp_path, id_two, out_two)
     state_one, state_two = _wait(id_one), _wait(id_two)
     log_one, log_two = _log_of(tmp_path, id_one), _log_of(tmp_path, id_two)
     assert state_one == "COMPLETED", log_one[-3000:]
@@ -129,26 +132,28 @@ def test_sbatch_one_node_and_two_nodes_requeued_agree(slurm, tmp_path):
     assert f"results: {tmp_path / 'one'}/results.json" in log_one
 
     # requeued once; the log of both starts is kept, and both used the job's stable out_dir
-    out_two = tmp_path / "runs" / f"slurm-{id_two}_comigs_1g1s_s42"
     assert _sacct_states(id_two) == ["REQUEUED", "COMPLETED"]
     assert f"job {id_two} start 1 " in log_two and f"job {id_two} start 2 " in log_two, log_two[-3000:]
     assert "time limit near, requeueing" in log_two
     assert log_two.count(f"out_dir: {out_two}") == 2
-    # the second start ran one torchrun on each node, which met in one rendezvous
+    assert log_two.count("resume: resume=auto") == 2
+    # the second start ran one torchrun on each node, which met in one rendezvous, and resumed
     last = log_two[log_two.index(f"job {id_two} start 2 "):]
     assert "2 users = 2 node(s) x 1" in last
     assert "node 127.0.0.2 (node rank 0): torchrun for 1 users" in last
     assert "node 127.0.0.3 (node rank 1): torchrun for 1 users" in last
+    resumed = re.search(r"resuming from round (\d+)", last)
+    assert resumed and 1 <= int(resumed.group(1)) <= 16, last[-3000:]
     nodes = subprocess.run(["sacct", "-j", f"{id_two}.0", "-n", "-P", "-o", "NNodes,NTasks,State"],
                            capture_output=True, text=True).stdout.split()
     assert "2|2|COMPLETED" in nodes, nodes
 
     r1, r2 = _results(tmp_path / "one"), _results(out_two)
-    assert r1["world_size"] == r2["world_size"] == 2
-    # one rank per user whatever the layout: the same seeds give the same numbers
+    assert r1["world_size"] == r2["world_size"] == 2 and r1["rounds"] == r2["rounds"] == 16
+    # one rank per user whatever the layout, and a resumed run computes what an uninterrupted one does
     for u1, u2 in zip(r1["users"], r2["users"]):
         assert u1["user"] == u2["user"]
-        assert u1["test_ppl"] == pytest.approx(u2["test_ppl"], rel=1e-5)
+        assert u1["test_ppl"] == pytest.approx(u2["test_ppl"], rel=1e-6)
         assert u1["bytes_sent"] == u2["bytes_sent"] > 0
 
 
