@@ -157,6 +157,14 @@ class Topology:
         return self.rank in self.members(name)
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (a Slurm or cgroup allocation, not the whole machine)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 def _free_port() -> int:
     import socket
     with socket.socket() as s:
@@ -187,7 +195,7 @@ def init_distributed(backend: str = "auto", device: str = "auto", timeout_s: flo
         raise RuntimeError("comm.backend=nccl needs a GPU on every rank; use comm.backend=auto or gloo")
 
     if dev.type == "cpu":
-        n_threads = threads or max(1, (os.cpu_count() or 1) // max(1, local_world_size))
+        n_threads = threads or max(1, usable_cpus() // max(1, local_world_size))
         torch.set_num_threads(n_threads)
 
     timeout = datetime.timedelta(seconds=timeout_s)
