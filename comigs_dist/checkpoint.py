@@ -113,18 +113,8 @@ def _disk_error(path: Path, exc: OSError) -> OSError:
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:
-    path = manifest_path(out_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(manifest, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from comigs_dist.metrics import write_json_atomic  # the one atomic JSON writer
+    write_json_atomic(manifest_path(out_dir), manifest)
 
 
 def read_manifest(out_dir: Path) -> dict | None:

@@ -238,7 +238,7 @@ def collect_errors(cfg: RunConfig) -> list[str]:
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         e.append(f"train.betas ({t.betas}) must be two numbers in [0, 1)")
     if cfg.model.dtype == "bf16" and t.amp in ("off", "fp16"):
-        e.append(f"model.dtype (bf16) needs bf16 autocast; set train.amp=bf16 (or auto on a GPU) or model.dtype=fp32")
+        e.append("model.dtype (bf16) needs bf16 autocast; set train.amp=bf16 (or auto on a GPU) or model.dtype=fp32")
     if t.micro_batch_size and t.batch_size % t.micro_batch_size:
         e.append(f"train.micro_batch_size ({t.micro_batch_size}) must divide train.batch_size ({t.batch_size})")
     if cfg.n_users is not None and cfg.n_users < 1:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
 
 from comigs_dist.config import ConfigError, check_world_size, load_config
 from comigs_dist.main import parse_args

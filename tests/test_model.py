@@ -7,9 +7,8 @@ from torch import nn
 
 from comigs_dist.model import AdapterSpec, Role, UserModel, inject_adapters
 from comigs_dist.model.inject import mlp_modules
-from comigs_dist.model.lora import LoRALinear, frozen_weight_out_in, rs_scale
+from comigs_dist.model.lora import LoRALinear, rs_scale
 from comigs_dist.model.moe import MoELoRAMLP
-from comigs_dist.model.roles import ParamTag
 from comigs_dist.model.routing import (Routing, compute_load_balancing_loss, compute_topk_routing,
                                        importance_weights)
 from helpers import tiny_gpt2

@@ -3,7 +3,6 @@ import pytest
 import torch
 import torch.distributed as tdist
 
-from comigs_dist import dist
 from comigs_dist.config import check_world_size
 from comigs_dist.methods import SyncContext
 from comigs_dist.model.roles import Role
