@@ -111,7 +111,7 @@ class GroupConfig:
     users: Union[str, list[int]] = opt("all", "'all' or the indices of the users in the group, e.g. [0, 1].")
     experts: list[int] = opt([], "Indices of the generalist experts the users of the group average together, e.g. [1].")
     attention: bool = opt(False, "The users' attention LoRA is averaged in this group (one such group per user; "
-                          "none marked: the first group of every user carries it).")
+                          "none marked: the first group listed with users: all carries it).")
 
 
 @dataclass

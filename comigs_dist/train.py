@@ -409,8 +409,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
         "bytes_received": topo.stats.bytes_received,
         "comm_seconds": topo.stats.seconds,
         "analytic_bytes_per_round": analytic["total"],
-        "comm_groups": {g: {**a, **topo.stats.by_group.get(g, {"bytes_sent": 0, "bytes_received": 0, "collectives": 0})}
-                        for g, a in analytic["groups"].items()},
+        "comm_groups": _comm_groups(topo, analytic),
         "shared_params": shared_numel,
         "trainable_params": model.report.count(),
         "tokens_per_second": r.train_tokens / r.train_seconds if r.train_seconds else 0.0,
@@ -423,6 +422,15 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
         "guard_skipped_rounds": r.guard_skipped_rounds,
         "guard_skipped_steps": r.guard_skipped_steps,
     }
+
+
+def _comm_groups(topo: dist.Topology, analytic: dict) -> dict:
+    """Per group this user belongs to: its members, the analytic figures (groups of shared
+    parameters) and what was counted (every group that moved bytes, a method's own included)."""
+    none = {"bytes_sent": 0, "bytes_received": 0, "collectives": 0}
+    names = sorted(set(analytic["groups"]) | set(topo.stats.by_group))
+    return {g: {"members": list(topo.members(g)), **analytic["groups"].get(g, {}), **topo.stats.by_group.get(g, none)}
+            for g in names}
 
 
 def _mean_over_users(topo: dist.Topology, value: float) -> float:
