@@ -51,6 +51,7 @@ class FlexLoRA(Method):
     description = "FlexLoRA: one MLP LoRA of per-user rank, data-size weighted full updates, SVD back to each rank"
     paper_row = "Table 2: FlexLoRA (active / full)"
     Options = FlexLoRAOptions
+    accepts_comm_groups = False  # its MLP LoRA travels in a group of its own
     routed = False
     router_training = "none"
 

@@ -62,6 +62,7 @@ class HetLoRA(Method):
     description = "HetLoRA: one MLP LoRA of per-user rank, zero-padded norm-weighted average, truncation, self-pruning"
     paper_row = "Table 2: HetLoRA (active / full)"
     Options = HetLoRAOptions
+    accepts_comm_groups = False  # its MLP LoRA travels padded in a group of its own
     routed = False
     router_training = "none"
 
