@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from comigs_dist.model.lora import LoRALinear
@@ -44,8 +45,16 @@ class Family:
     d_model: Callable[[object], int]
 
 
+# transformers' activations that are the tanh-approximated GELU written out as several tensor
+# operations; torch computes the same function in one kernel (to float rounding), which matters
+# because a mixture runs the activation once per selected expert
+_TANH_GELUS = ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh")
+
+
 def _gpt2_combine(mlp: nn.Module):
     act = mlp.act
+    if type(act).__name__ in _TANH_GELUS:
+        return lambda pre: F.gelu(pre[0], approximate="tanh")
     return lambda pre: act(pre[0])
 
 

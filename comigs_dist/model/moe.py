@@ -141,26 +141,69 @@ class MoELoRAMLP(nn.Module):
 
     def _forward_shared(self, u: torch.Tensor, routing: Routing) -> torch.Tensor:
         frozen_in = [getattr(self.base, n)(u) for n in self.in_names]         # each (N, H): once
-        mix = delta = None
-        for j, tok, w in self._dispatch(routing, u.shape[0]):
-            expert = self.experts[j]
-            u_j = u if tok is None else u[tok]
-            pre = [(f if tok is None else f[tok]) + lora(u_j) for f, lora in zip(frozen_in, expert.in_loras)]
-            h = self.combine(pre)                                            # (N_j, H)
-            w = w.to(h.dtype) if torch.is_tensor(w) else w
-            wh = w * h
-            wd = w * expert.out_lora(h)                                      # (N_j, D)
-            if mix is None:
-                mix = torch.zeros(u.shape[0], h.shape[1], dtype=h.dtype, device=h.device)
-                delta = torch.zeros(u.shape[0], wd.shape[1], dtype=wd.dtype, device=wd.device)
-            if tok is None:
-                mix = mix + wh
-                delta = delta + wd
-            else:
-                mix = mix.index_add(0, tok, wh)
-                delta = delta.index_add(0, tok, wd)
+        if routing.dense or routing.indices.shape[1] == self.n_experts:
+            mix, delta = self._mix_every_token(u, frozen_in, routing)
+        else:
+            mix, delta = self._mix_dispatched(u, frozen_in, routing)
         out_proj = getattr(self.base, self.out_name)
         return out_proj(mix) + delta.to(mix.dtype)                           # frozen W_out: once
+
+    def _run_expert(self, j: int, frozen_in: list[torch.Tensor], u: torch.Tensor):
+        """Expert j's hidden state h_j (N_j, H) and its output-LoRA codes A_out h_j (N_j, r)."""
+        expert = self.experts[j]
+        h = self.combine([lora.add_to(f, u) for f, lora in zip(frozen_in, expert.in_loras)])
+        return h, expert.out_lora.down(h)
+
+    def _mix_every_token(self, u: torch.Tensor, frozen_in: list[torch.Tensor], routing: Routing):
+        """Every token uses every expert (no router, or top-k = n_experts): no gather, and the
+        mixing is a fused multiply-add per expert. Returns (mix (N, H), delta (N, D))."""
+        if routing.dense:
+            # constant weights (1/E): plain floats, and none at all for a single expert
+            weights = [None] if self.n_experts == 1 else [float(w) for w in routing.weights[0].tolist()]
+        else:
+            full = torch.zeros(u.shape[0], self.n_experts, device=routing.weights.device,
+                               dtype=routing.weights.dtype).scatter(1, routing.indices, routing.weights)  # (N, E)
+            weights = [full[:, j:j + 1] for j in range(self.n_experts)]      # each (N, 1)
+        mix = delta = None
+        for j, w in enumerate(weights):
+            h, codes = self._run_expert(j, frozen_in, u)
+            if w is None:
+                mix = h
+            else:
+                w = w.to(h.dtype) if torch.is_tensor(w) else w
+                # mul then in-place add: addcmul's backward would build two more (N, H) products
+                mix = h * w if mix is None else mix.add_(h * w)
+                codes = codes * w
+            up = self.experts[j].out_lora.up_t(codes.dtype)                 # (r, D)
+            delta = codes @ up if delta is None else torch.addmm(delta, codes, up)
+        return mix, delta
+
+    def _mix_dispatched(self, u: torch.Tensor, frozen_in: list[torch.Tensor], routing: Routing):
+        """Top-k < n_experts: the N*K routing slots are sorted by expert, the frozen products are
+        gathered once for all slots, each expert runs on its contiguous block, and its weighted
+        output is added in place at its tokens. Returns (mix (N, H), delta (N, D))."""
+        n_tokens, k = routing.indices.shape
+        slots = routing.indices.reshape(-1)                                   # (N*K,)
+        order = torch.argsort(slots, stable=True)                             # slots grouped by expert
+        counts = torch.bincount(slots, minlength=self.n_experts).tolist()
+        rows = order // k                                                     # token of each slot
+        tok = rows.split(counts)
+        weights = routing.weights.reshape(-1).index_select(0, order).unsqueeze(1).split(counts)  # (N_j, 1) each
+        frozen_rows = [f.index_select(0, rows).split(counts) for f in frozen_in]  # one gather per projection
+        u_rows = u.index_select(0, rows).split(counts)
+        mix = delta = None
+        for j in range(self.n_experts):
+            if counts[j] == 0:
+                continue
+            h, codes = self._run_expert(j, [f[j] for f in frozen_rows], u_rows[j])
+            w = weights[j].to(h.dtype)
+            if mix is None:
+                mix = torch.zeros(n_tokens, h.shape[1], dtype=h.dtype, device=h.device)
+                delta = torch.zeros(n_tokens, self.experts[j].out_lora.lora_B.shape[0], dtype=h.dtype, device=h.device)
+            # in place: one buffer for all experts, each touching only its own tokens' rows
+            mix.index_add_(0, tok[j], h * w)
+            delta.index_add_(0, tok[j], (codes * w) @ self.experts[j].out_lora.up_t(codes.dtype))
+        return mix, delta
 
     def _forward_naive(self, u: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Every selected expert runs the whole MLP, frozen products included (k full MLPs)."""
