@@ -10,6 +10,10 @@ so the frozen input products W_in u are computed once per token and the frozen o
 projection runs once on the mixed hidden state, whatever the number of experts.
 Only the (cheap) LoRA products and the activation run per selected expert; tokens are
 dispatched to the experts that selected them, so memory grows with k, not with n_experts.
+With an elementwise activation of one projection (GPT-2's tanh GELU, ``TanhGELU``) the experts
+of a layer run in one autograd node whose backward works in place (``_ExpertsMix``); any other
+combine (Llama's silu(gate) * up) runs under plain autograd. ``shared_frozen = False`` selects
+the naive computation (every selected expert runs the whole frozen MLP), kept for comparison.
 
 Knows nothing of which experts are shared: roles are tags handed in at construction.
 Shape letters: N tokens, D model width, H hidden width, E experts, K experts per token, r rank.
