@@ -1,6 +1,6 @@
 """Cost of the generalist sync against a bare collective (target 4 of the performance issue).
 
-    python benchmarks/comm.py [--quick] [--users 4] [--iters 30] [--rounds 2]
+    python benchmarks/sync_overhead.py [--quick] [--users 4] [--iters 30] [--rounds 2]
 
 Each of 4 ranks (gloo on CPU, one thread each, joined through dist.init_distributed) builds a
 user on GPT-2 124M's shapes: its shared parameters are the attention LoRA and expert 0 of every
