@@ -519,7 +519,8 @@ def report_failure(cause: str) -> None:
         pass
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead but not yet reaped, does not; another user's does)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -560,16 +561,16 @@ def _diagnose(timeout_s: float, grace_s: float = 3.0) -> str:
     remote = [r for r, (h, _) in enumerate(_PEERS) if h != host]
     # the store lives in torchrun's agent, or else in rank 0's process: do not ask a dead host
     agent_store = env_get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    notes = _read_notes(skip_store=not agent_store and 0 in local and not _alive(_PEERS[0][1]))
+    notes = _read_notes(skip_store=not agent_store and 0 in local and not pid_alive(_PEERS[0][1]))
     dead: list[int] = []
     deadline = time.monotonic() + grace_s
     while not notes and local:  # a peer that just failed may still be tearing down
-        dead = [r for r in local if not _alive(_PEERS[r][1])]
+        dead = [r for r in local if not pid_alive(_PEERS[r][1])]
         if dead or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     if not dead:
-        dead = [r for r in local if not _alive(_PEERS[r][1])]
+        dead = [r for r in local if not pid_alive(_PEERS[r][1])]
     parts = [f"user {r} failed: {note}" for r, note in sorted(notes.items())]
     parts += [f"user {r} (pid {_PEERS[r][1]} on {host}) is no longer running: it was killed (a signal or the "
               f"out-of-memory killer) or it crashed; its own output, or the launcher's report of its exit code, "

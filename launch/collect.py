@@ -18,21 +18,13 @@ import math
 import sys
 from pathlib import Path
 
+from comigs_dist.checkpoint import flatten_keys
+
 MANIFEST = "jobs.json"
 
 # options that do not change what a run computes, so runs that differ only here are seeds of one row
 IGNORED = {"seed", "out_dir", "train.threads", "comm.timeout_s", "resume", "model.device"}
 IGNORED_PREFIXES = ("log.", "checkpoint.")
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _ignored(key: str) -> bool:
@@ -71,7 +63,7 @@ def load_runs(files: list[Path]) -> list[dict]:
                          "mean_base_test_ppl": float(r.get("mean_base_test_ppl", math.nan)),
                          "mb_sent": (sum(u.get("bytes_sent", 0) for u in r.get("users", []))
                                      / max(1, len(r.get("users", []))) / 1e6),
-                         "config": flatten(r.get("config", {}))})
+                         "config": flatten_keys(r.get("config", {}))})
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{f} is not a comigs_dist results.json ({type(exc).__name__}: {exc})") from None
     return runs
