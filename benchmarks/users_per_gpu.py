@@ -119,7 +119,8 @@ def step_bytes(kind: str, n_layers: int | None, n_seq: int, vocab: int) -> tuple
     x = torch.randint(0, vocab, (n_seq, SEQ_LEN), generator=g)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(x, torch.roll(x, -1, dims=1))
-    del out, model, opt
+    del out
+    model = opt = None  # dropped (a del would hide them from the closure above)
     _trim()
     return peak, sum(seen.values())
 

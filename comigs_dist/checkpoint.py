@@ -113,18 +113,8 @@ def _disk_error(path: Path, exc: OSError) -> OSError:
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:
-    path = manifest_path(out_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(manifest, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from comigs_dist.metrics import write_json_atomic  # the one atomic JSON writer
+    write_json_atomic(manifest_path(out_dir), manifest)
 
 
 def read_manifest(out_dir: Path) -> dict | None:
@@ -217,11 +207,12 @@ def validate(state: dict, path: Path, user_idx: int, method: str, params: dict[s
     return problems
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flatten_keys(d: dict, prefix: str = "") -> dict:
+    """A nested dict as one level with dotted keys: {"a": {"b": 1}} -> {"a.b": 1}."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flatten_keys(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -230,7 +221,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def config_differences(saved: dict, current: dict) -> list[str]:
     """Options that changed since the checkpoint was written and would change what the run
     computes (paths, logging, checkpointing, timeouts and devices may change)."""
-    a, b = _flat(saved), _flat(current)
+    a, b = flatten_keys(saved), flatten_keys(current)
     diffs = []
     for key in sorted(set(a) | set(b)):
         if key.startswith(RESUME_MAY_DIFFER) or a.get(key) == b.get(key):

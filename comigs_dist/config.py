@@ -105,9 +105,24 @@ class DataConfig:
 
 
 @dataclass
+class GroupConfig:
+    """One sharing group (an entry of comm.groups)."""
+    name: str = opt("", "Name of the group (letters, digits, '_', '-', '.'); TensorBoard and results.json use it.")
+    users: Union[str, list[int]] = opt("all", "'all' or the indices of the users in the group, e.g. [0, 1].")
+    experts: list[int] = opt([], "Indices of the generalist experts the users of the group average together, e.g. [1].")
+    attention: bool = opt(False, "The users' attention LoRA is averaged in this group (one such group per user; "
+                          "none marked: the first group listed with users: all carries it).")
+
+
+@dataclass
 class CommConfig:
     mode: Literal["server", "all2all"] = opt("server", "'server': generalists averaged by one all_reduce per group; 'all2all': serverless, every user gathers all and averages itself.")
-    dtype: Literal["fp32", "bf16"] = opt("fp32", "Element type of what travels.")
+    dtype: Literal["fp32", "bf16"] = opt("fp32", "Element type of what travels (and of the counted bytes).")
+    exact: bool = opt(True, "Sum what travelled in float64, so the mean is the same in any summation order: server "
+                      "and all2all give bit-identical parameters (the server all_reduce then carries float64).")
+    groups: list[GroupConfig] = opt([], "Sharing groups: a list of {name, users, experts, attention}; empty = one "
+                                    "group 'generalists' of every user sharing expert 0..n_generalists-1 and the "
+                                    "attention LoRA. See README 'Communication'.")
     backend: Literal["auto", "gloo", "nccl"] = opt("auto", "torch.distributed backend; 'auto' = nccl when every rank has a GPU, else gloo.")
     timeout_s: float = opt(300.0, "Seconds a collective may wait before the run stops with an error (a dead rank never hangs the run).")
 
@@ -238,7 +253,7 @@ def collect_errors(cfg: RunConfig) -> list[str]:
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         e.append(f"train.betas ({t.betas}) must be two numbers in [0, 1)")
     if cfg.model.dtype == "bf16" and t.amp in ("off", "fp16"):
-        e.append(f"model.dtype (bf16) needs bf16 autocast; set train.amp=bf16 (or auto on a GPU) or model.dtype=fp32")
+        e.append("model.dtype (bf16) needs bf16 autocast; set train.amp=bf16 (or auto on a GPU) or model.dtype=fp32")
     if t.micro_batch_size and t.batch_size % t.micro_batch_size:
         e.append(f"train.micro_batch_size ({t.micro_batch_size}) must divide train.batch_size ({t.batch_size})")
     if cfg.n_users is not None and cfg.n_users < 1:
@@ -302,7 +317,28 @@ def collect_errors(cfg: RunConfig) -> list[str]:
         e.extend(option_errors)
         if not option_errors:
             e.extend(cls.config_errors(cfg))
+            if cfg.comm.groups:
+                e.extend(comm_group_errors(cfg, n_users if inferred_n_users(cfg) is not None else None))
     return e
+
+
+def comm_group_errors(cfg: RunConfig, n_users: int | None) -> list[str]:
+    """Problems of comm.groups for the configured method and ``n_users`` users (None: unknown yet,
+    checked again by ``check_world_size``)."""
+    from comigs_dist.groups import plan_errors
+    from comigs_dist.methods import known_methods, method_class
+    cls = method_class(cfg.method)
+    if not cls.accepts_comm_groups:
+        takers = [m for m in known_methods() if method_class(m).accepts_comm_groups]
+        return [f"comm.groups is set, but method {cfg.method!r} shares its parameters its own way; remove "
+                f"comm.groups or choose one of: {', '.join(takers)}"]
+    try:
+        n_generalists = cls(cfg).generalist_counter(cfg)
+        if n_users is not None:
+            [n_generalists(u) for u in range(n_users)]
+    except (IndexError, TypeError, ValueError):
+        return []  # a per-user list problem, reported on its own
+    return plan_errors(cfg.comm.groups, n_users, n_generalists, f"moe.n_generalists with method {cfg.method}")
 
 
 def parse_options(options_cls: type, raw: dict, method: str) -> tuple[Any, list[str]]:
@@ -340,6 +376,10 @@ def check_world_size(cfg: RunConfig, world_size: int) -> None:
             f"start {n} processes (torchrun --nproc_per_node={n}) or set n_users={world_size}")
     if n is None:
         cfg.n_users = world_size
+        if cfg.comm.groups:  # user indices can be checked now that the number of users is known
+            errors = comm_group_errors(cfg, world_size)
+            if errors:
+                raise ConfigError(format_errors(errors))
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,6 +446,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         return dict(value)
     if origin is list:
         (inner,) = typing.get_args(tp)
+        if _is_dataclass_type(inner):
+            return _coerce_records(value, inner, key)
         if isinstance(value, str):
             value = [v for v in value.strip("[]").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
@@ -448,6 +490,26 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return str(value)
         raise ConfigError(f"{key} ({value!r}) must be a string")
     raise TypeError(f"unsupported config type {tp} for {key}")  # internal: a field we declared badly
+
+
+def _coerce_records(value: Any, cls: type, key: str) -> list:
+    """A list of mappings, each checked against a dataclass (comm.groups)."""
+    if value in ("", None):
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key} ({value!r}) must be a list of mappings ({cls.__name__}: "
+                          f"{', '.join(f.name for f in dataclasses.fields(cls))})")
+    out, errors = [], []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            errors.append(f"{key}[{i}] ({item!r}) must be a mapping with keys "
+                          f"{', '.join(f.name for f in dataclasses.fields(cls))}")
+            continue
+        kwargs = _merge(item, cls, f"{key}[{i}].", errors)
+        out.append(_build(cls, kwargs))
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return out
 
 
 def _fields(cls: type) -> dict[str, tuple[Any, dataclasses.Field]]:

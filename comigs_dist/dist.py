@@ -8,9 +8,26 @@ collective per group, counting the bytes each user sends and receives, and expla
 collective (which user died or hung) instead of surfacing a bare backend error.
 Knows nothing of models or methods: it moves lists of tensors.
 
-Bytes are counted as the payload a user puts on the wire and takes off it, in the dtype that
-travels: in server mode a user uploads its buffer once and downloads the average once (what a
-trusted server would cost), whatever algorithm the backend uses underneath.
+Bytes are counted as *delivered payload*, per user, in ``comm.dtype`` (what a deployment sends;
+the contributor count of guard.nan=skip, one element, included), whatever algorithm the backend
+uses underneath. With S the bytes of a group's flattened buffer and N its members, one mean costs
+  server   S sent (the upload) and S received (the mean, downloaded once): a trusted server;
+  all2all  N*S sent (the buffer delivered to each of the N members, the sender's own copy
+           included, as all_gather materialises it) and N*S received (the N buffers): section
+           3.3's "N times the bytes". Between distinct peers that is (N - 1)*S each way.
+``round_bytes`` is that formula; ``analyze overhead`` and results.json use it for the analytic
+figure. The round-0 broadcast (one common start) is set-up and not counted.
+
+Means are exact by default (``comm.exact``): what travelled (fp32 or bf16) is summed in float64,
+and a float64 sum of N float32 (bf16) values is exact, so independent of the order the backend
+adds them in, whenever the nonzero values of one element span less than a factor 2^(29 - log2 N)
+(2^(45 - log2 N) for bf16). Server (a float64 all_reduce, ring order) and all2all (the gathered
+payloads added in member order) then give the same float64 sum and so bit-identical parameters:
+round_fp32(sum / N). Beyond that span the two can differ only where the sum lies within one
+float64 rounding of an fp32 rounding boundary. The server all_reduce then carries float64 on the
+backend (2x the fp32 payload); the counted bytes stay what a deployment would send, the payload
+in comm.dtype (a real server adds the received payloads in float64 itself). ``comm.exact=false``
+reduces in the wire dtype instead (NCCL and gloo ring orders, bf16 partial sums for bf16).
 """
 from __future__ import annotations
 
@@ -26,6 +43,22 @@ import torch
 import torch.distributed as dist
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MODES = ("server", "all2all")
+
+
+def payload_bytes(numel: int, dtype: str) -> int:
+    """Bytes of ``numel`` elements in the wire dtype (comm.dtype)."""
+    return numel * _DTYPES[dtype].itemsize
+
+
+def round_bytes(payload: int, mode: str, n_members: int) -> tuple[int, int]:
+    """(sent, received) bytes one user is counted for one mean of a ``payload``-byte buffer over a
+    group of ``n_members`` (the definition in the module docstring)."""
+    if mode == "server":
+        return payload, payload
+    if mode == "all2all":
+        return payload * n_members, payload * n_members
+    raise ValueError(f"comm.mode ({mode!r}) must be 'server' or 'all2all'")
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,6 +202,14 @@ class Topology:
         return self.rank in self.members(name)
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (a Slurm or cgroup allocation, not the whole machine)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 def free_port() -> int:
     """A TCP port on this host that was free a moment ago (the rendezvous of a one-host job)."""
     with socket.socket() as s:
@@ -199,7 +240,7 @@ def init_distributed(backend: str = "auto", device: str = "auto", timeout_s: flo
         raise RuntimeError("comm.backend=nccl needs a GPU on every rank; use comm.backend=auto or gloo")
 
     if dev.type == "cpu":
-        n_threads = threads or max(1, (os.cpu_count() or 1) // max(1, local_world_size))
+        n_threads = threads or max(1, usable_cpus() // max(1, local_world_size))
         torch.set_num_threads(n_threads)
 
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -233,41 +274,72 @@ def shutdown() -> None:
 # collectives
 # --------------------------------------------------------------------------------------------
 
+def _shape_list(named: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[str, tuple, str]]:
+    return [(n, tuple(t.shape), str(t.dtype)) for n, t in named]
+
+
+def _shape_problems(members: Sequence[int], lists: Sequence[list]) -> list[str]:
+    """What differs between the members' (name, shape, dtype) lists, against the first member's."""
+    ref_user, ref = members[0], lists[0]
+    problems = []
+    for user, theirs in zip(members, lists):
+        if theirs == ref:
+            continue
+        ref_map = {n: (s, d) for n, s, d in ref}
+        their_map = {n: (s, d) for n, s, d in theirs}
+        found = []
+        for n in sorted(set(ref_map) | set(their_map)):
+            a, b = ref_map.get(n), their_map.get(n)
+            if a is None:
+                found.append(f"user {user} shares {n} {b[0]} which user {ref_user} does not hold")
+            elif b is None:
+                found.append(f"user {user} lacks {n}, which user {ref_user} shares with shape {a[0]}")
+            elif a != b:
+                found.append(f"user {user} holds {n} with shape {b[0]} ({b[1]}) but user {ref_user} "
+                             f"holds {a[0]} ({a[1]})")
+        problems += found or [f"user {user} lists its shared parameters in another order than user {ref_user}"]
+    return problems
+
+
+def _raise_shape_problems(by_group: dict[str, list[str]]) -> None:
+    if not by_group:
+        return
+    parts = []
+    for group, problems in by_group.items():
+        parts.append(f"shared parameters of group {group!r} differ between users, so they cannot be averaged: "
+                     + "; ".join(problems[:8]) + ("" if len(problems) <= 8 else f"; ... ({len(problems)} differences)"))
+    raise ValueError(". ".join(parts) + ". Give these users the same shapes for their shared experts (moe.*, lora.*).")
+
+
 def check_shapes(topo: Topology, group_name: str, named: Sequence[tuple[str, torch.Tensor]]) -> None:
     """Handshake before the first collective of a group: every member must hold the same
     parameter names, shapes and dtypes, else a ValueError names the user and the parameter."""
     if not topo.in_group(group_name):
         return
-    mine = [(n, tuple(t.shape), str(t.dtype)) for n, t in named]
     members = topo.members(group_name)
     gathered: list = [None] * len(members)
     with _collective("the shape handshake", group_name):
-        dist.all_gather_object(gathered, mine, group=topo.group(group_name))
-    ref_user = members[0]
-    ref = gathered[0]
-    problems = []
-    for user, theirs in zip(members, gathered):
-        if theirs == ref:
-            continue
-        ref_map = {n: (s, d) for n, s, d in ref}
-        their_map = {n: (s, d) for n, s, d in theirs}
-        for n in sorted(set(ref_map) | set(their_map)):
-            a, b = ref_map.get(n), their_map.get(n)
-            if a is None:
-                problems.append(f"user {user} shares {n} {b[0]} which user {ref_user} does not hold")
-            elif b is None:
-                problems.append(f"user {user} lacks {n}, which user {ref_user} shares with shape {a[0]}")
-            elif a != b:
-                problems.append(f"user {user} holds {n} with shape {b[0]} ({b[1]}) but user {ref_user} "
-                                f"holds {a[0]} ({a[1]})")
-        if not problems:
-            problems.append(f"user {user} lists its shared parameters in another order than user {ref_user}")
-    if problems:
-        raise ValueError(f"shared parameters of group {group_name!r} differ between users, so they cannot be "
-                         f"averaged: " + "; ".join(problems[:8])
-                         + ("" if len(problems) <= 8 else f"; ... ({len(problems)} differences)")
-                         + ". Give these users the same shapes for their shared experts (moe.*, lora.*).")
+        dist.all_gather_object(gathered, _shape_list(named), group=topo.group(group_name))
+    problems = _shape_problems(members, gathered)
+    _raise_shape_problems({group_name: problems} if problems else {})
     topo._checked.add(group_name)
+
+
+def check_group_shapes(topo: Topology, shared: dict[str, Sequence[tuple[str, torch.Tensor]]]) -> None:
+    """The handshake of every group at once, before any of them communicates: one gather over all
+    ranks, every group checked by every rank, so every rank raises the same ValueError (naming the
+    group, user and parameter), a member of a sound group included: no rank is left waiting in a
+    collective that a failed member never joins. ``shared``: this rank's tensors per group."""
+    mine = {g: _shape_list(shared.get(g, [])) for g in topo.groups if topo.in_group(g)}
+    everyone = all_gather_objects(mine) if topo.world_size > 1 else [mine]
+    problems = {}
+    for group in sorted(topo.groups):
+        members = topo.members(group)
+        found = _shape_problems(members, [everyone[u].get(group, []) for u in members])
+        if found:
+            problems[group] = found
+    _raise_shape_problems(problems)
+    topo._checked.update(topo.groups)
 
 
 def _flatten(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -285,19 +357,22 @@ def _unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None
 
 @torch.no_grad()
 def sync_mean(topo: Topology, group_name: str, tensors: Sequence[torch.Tensor], mode: str = "server",
-              dtype: str = "fp32", count: bool = False, contribute: bool = True) -> int:
+              dtype: str = "fp32", count: bool = False, contribute: bool = True, exact: bool = True) -> int:
     """Replace each tensor, on every member of the group, by its mean over the members.
 
     One collective for the whole list. 'server' = all_reduce(SUM) then divide (what a trusted
     server does); 'all2all' = every member gathers everyone's buffer and averages it itself
-    (serverless, N times the traffic). Returns the payload size in bytes.
-    Ranks outside the group return at once and keep their tensors.
+    (serverless, N times the traffic). ``exact``: the sum runs in float64 over the values as they
+    travelled (comm.dtype), so both modes give bit-identical results (module docstring).
+    Returns the payload size in bytes. Ranks outside the group return at once and keep their tensors.
 
     ``count=True`` (every member must pass the same) appends one element to the buffer: 1 from a
     member that contributes, 0 from one that sits this collective out (``contribute=False``, its
     payload zeroed, so a non-finite value never travels). The mean is then over the contributors
     only and a member that sat out receives their average, still in one collective.
     """
+    if mode not in MODES:
+        raise ValueError(f"comm.mode ({mode!r}) must be 'server' or 'all2all'")
     if not topo.in_group(group_name) or not tensors:
         return 0
     if group_name not in topo._checked:
@@ -306,31 +381,30 @@ def sync_mean(topo: Topology, group_name: str, tensors: Sequence[torch.Tensor], 
     n = len(topo.members(group_name))
     wire = _DTYPES[dtype]
     start = time.perf_counter()
-    flat = _flatten(tensors, wire)
+    flat = _flatten(tensors, wire)  # the payload: what a deployment would send
     if count:
-        if wire == torch.bfloat16 and n > 256:
+        if wire == torch.bfloat16 and n > 256 and mode == "server" and not exact:
             raise ValueError(f"group {group_name!r} has {n} members: a contributor count above 256 is not exact in "
-                             f"bf16; use comm.dtype=fp32 with guard.nan=skip")
+                             f"bf16; use comm.dtype=fp32 or comm.exact=true with guard.nan=skip")
         if not contribute:
             flat.zero_()
         flat = torch.cat([flat, flat.new_full((1,), 1.0 if contribute else 0.0)])
     size = flat.numel() * flat.element_size()
+    acc = torch.float64 if exact else torch.float32
     if mode == "server":
+        # float64 on the backend: its ring adds in an order of its own, which an exact sum ignores
+        buf = flat.to(torch.float64) if exact else flat
         with _collective("all_reduce", group_name):
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=pg)
-        total = flat.to(torch.float32)
-        sent, received = size, size
-    elif mode == "all2all":
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=pg)
+        total = buf.to(acc)
+    else:
         parts = [torch.empty_like(flat) for _ in range(n)]
         with _collective("all_gather", group_name):
             dist.all_gather(parts, flat, group=pg)
-        total = torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device)
+        total = torch.zeros(flat.numel(), dtype=acc, device=flat.device)
         for p in parts:  # fixed member order: every rank computes the same sum
-            total.add_(p.to(torch.float32))
-        # each member sends its buffer to the n - 1 others and receives theirs
-        sent, received = size * (n - 1), size * (n - 1)
-    else:
-        raise ValueError(f"comm.mode ({mode!r}) must be 'server' or 'all2all'")
+            total.add_(p.to(acc))
+    sent, received = round_bytes(size, mode, n)
     divisor = n
     if count:
         divisor = int(round(float(total[-1])))
@@ -340,7 +414,7 @@ def sync_mean(topo: Topology, group_name: str, tensors: Sequence[torch.Tensor], 
                                      f"sat this round out with non-finite shared parameters (guard.nan=skip): there is "
                                      f"nothing left to average; lower train.lr or check the data, then resume")
     mean = total.div_(divisor)
-    _unflatten_into(mean, tensors)
+    _unflatten_into(mean, tensors)  # one rounding to the parameters' dtype
     topo.stats.add(group_name, sent, received, time.perf_counter() - start)
     return size
 
@@ -457,7 +531,8 @@ def report_failure(cause: str) -> None:
         pass
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead but not yet reaped, does not; another user's does)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -498,16 +573,16 @@ def _diagnose(timeout_s: float, grace_s: float = 3.0) -> str:
     remote = [r for r, (h, _) in enumerate(_PEERS) if h != host]
     # the store lives in torchrun's agent, or else in rank 0's process: do not ask a dead host
     agent_store = env_get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    notes = _read_notes(skip_store=not agent_store and 0 in local and not _alive(_PEERS[0][1]))
+    notes = _read_notes(skip_store=not agent_store and 0 in local and not pid_alive(_PEERS[0][1]))
     dead: list[int] = []
     deadline = time.monotonic() + grace_s
     while not notes and local:  # a peer that just failed may still be tearing down
-        dead = [r for r in local if not _alive(_PEERS[r][1])]
+        dead = [r for r in local if not pid_alive(_PEERS[r][1])]
         if dead or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     if not dead:
-        dead = [r for r in local if not _alive(_PEERS[r][1])]
+        dead = [r for r in local if not pid_alive(_PEERS[r][1])]
     parts = [f"user {r} failed: {note}" for r, note in sorted(notes.items())]
     parts += [f"user {r} (pid {_PEERS[r][1]} on {host}) is no longer running: it was killed (a signal or the "
               f"out-of-memory killer) or it crashed; its own output, or the launcher's report of its exit code, "
@@ -546,10 +621,12 @@ def set_phase(where: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def sync_sum(topo: Topology, group_name: str, tensors: Sequence[torch.Tensor], dtype: str = "fp32") -> int:
+def sync_sum(topo: Topology, group_name: str, tensors: Sequence[torch.Tensor], dtype: str = "fp32",
+             exact: bool = True) -> int:
     """Replace each tensor, on every member of the group, by its sum over the members: one
     all_reduce for the whole list (weighted averages: each member scales its own term first).
-    Counted like a server round trip: the buffer up once, the sum down once. Returns its bytes."""
+    ``exact``: summed in float64, as ``sync_mean``. Counted like a server round trip: the buffer
+    up once, the sum down once. Returns its bytes."""
     if not topo.in_group(group_name) or not tensors:
         return 0
     if group_name not in topo._checked:
@@ -557,29 +634,30 @@ def sync_sum(topo: Topology, group_name: str, tensors: Sequence[torch.Tensor], d
     start = time.perf_counter()
     flat = _flatten(tensors, _DTYPES[dtype])
     size = flat.numel() * flat.element_size()
+    buf = flat.to(torch.float64) if exact else flat
     with _collective("all_reduce", group_name):
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=topo.group(group_name))
-    _unflatten_into(flat.to(torch.float32), tensors)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=topo.group(group_name))
+    _unflatten_into(buf, tensors)
     topo.stats.add(group_name, size, size, time.perf_counter() - start)
     return size
 
 
 @torch.no_grad()
 def mean_gradients(topo: Topology, group_name: str, params: Sequence[torch.Tensor], count: bool = False,
-                   contribute: bool = True) -> int:
+                   contribute: bool = True, exact: bool = True) -> int:
     """Data parallelism: replace every parameter's gradient by its mean over the members (one
     all_reduce in fp32, so that the step equals one step on the union of the members' batches).
     ``count``/``contribute`` as in ``sync_mean``: a member with a non-finite loss sits the step out."""
     grads = [p.grad for p in params if p.grad is not None]
-    return sync_mean(topo, group_name, grads, "server", "fp32", count, contribute)
+    return sync_mean(topo, group_name, grads, "server", "fp32", count, contribute, exact)
 
 
 @torch.no_grad()
 def gather_flat(topo: Topology, group_name: str, tensors: Sequence[torch.Tensor],
                 dtype: str = "fp32") -> list[torch.Tensor]:
     """Every member's tensors, flattened into one fp32 vector per member, in member order (one
-    all_gather). Counted as an exchange between peers: each member sends its buffer to the n - 1
-    others and receives theirs. Ranks outside the group get an empty list."""
+    all_gather). Counted as all2all's mean is: the buffer delivered to each of the n members and n
+    buffers received (module docstring). Ranks outside the group get an empty list."""
     if not topo.in_group(group_name) or not tensors:
         return []
     if group_name not in topo._checked:
@@ -590,8 +668,8 @@ def gather_flat(topo: Topology, group_name: str, tensors: Sequence[torch.Tensor]
     parts = [torch.empty_like(flat) for _ in range(n)]
     with _collective("all_gather", group_name):
         dist.all_gather(parts, flat, group=topo.group(group_name))
-    size = flat.numel() * flat.element_size()
-    topo.stats.add(group_name, size * (n - 1), size * (n - 1), time.perf_counter() - start)
+    sent, received = round_bytes(flat.numel() * flat.element_size(), "all2all", n)
+    topo.stats.add(group_name, sent, received, time.perf_counter() - start)
     return [p.to(torch.float32) for p in parts]
 
 

@@ -95,7 +95,11 @@ def scalar_layout(n_layers: int, n_experts: int, n_generalists: int) -> dict:
             "test perplexity": ["Multiline", [r"test/ppl$", r"base/ppl$"]],
             "losses": ["Multiline", [r"train/loss$", r"train/ce$", r"train/router_loss$", r"valid/loss$", r"test/loss$"]],
         },
-        "communication": {"bytes": ["Multiline", [r"comm/bytes_sent$", r"comm/bytes_received$"]]},
+        "communication": {"bytes": ["Multiline", [r"comm/bytes_sent$", r"comm/bytes_received$"]],
+                          "bytes per round, counted and analytic": [
+                              "Multiline", [r"comm/round_bytes_sent$", r"comm/round_bytes_received$",
+                                            r"comm/analytic_round_bytes$"]],
+                          "seconds in collectives per round": ["Multiline", [r"comm/round_seconds$"]]},
     }
 
 

@@ -43,8 +43,12 @@ def resolve_dataset(cfg: RunConfig, n_users: int) -> Path:
 
 
 def prepare_assets(cfg: RunConfig, n_users: int, progress: bool = False) -> None:
-    """Generate the embedded corpus and pretrain the embedded base if they are not cached yet."""
-    resolve_dataset(cfg, n_users)
+    """Generate the embedded corpus and pretrain the embedded base if they are not cached yet;
+    refuse data tokenized differently from the model."""
+    data_dir = resolve_dataset(cfg, n_users)
+    from comigs_dist.data import read_meta
+    from comigs_dist.model import check_model_matches_data
+    check_model_matches_data(cfg.model.name, read_meta(data_dir), f"data.path={cfg.data.path}")
     if cfg.model.name == "embedded":
         from comigs_dist.synthetic import ensure_embedded_base
         ensure_embedded_base(progress=progress)
@@ -89,12 +93,13 @@ class CommHandle:
     parameters are not finite sits the round out and receives the others' average. A method
     with its own aggregation operator must honour ``contributing`` too."""
 
-    def __init__(self, topo: dist.Topology, mode: str, dtype: str, count: bool = False):
-        self.topo, self.mode, self.dtype, self.count = topo, mode, dtype, count
+    def __init__(self, topo: dist.Topology, mode: str, dtype: str, count: bool = False, exact: bool = True):
+        self.topo, self.mode, self.dtype, self.count, self.exact = topo, mode, dtype, count, exact
         self.contributing = True
 
     def mean(self, group: str, tensors: list[torch.Tensor]) -> int:
-        return dist.sync_mean(self.topo, group, tensors, self.mode, self.dtype, self.count, self.contributing)
+        return dist.sync_mean(self.topo, group, tensors, self.mode, self.dtype, self.count, self.contributing,
+                              self.exact)
 
     @contextlib.contextmanager
     def abstaining(self, abstain: bool = True):
@@ -111,7 +116,7 @@ class CommHandle:
 
     def sum(self, group: str, tensors: list[torch.Tensor]) -> int:
         """In place: each tensor becomes its sum over the group (weighted means, scalars first)."""
-        return dist.sync_sum(self.topo, group, tensors, self.dtype)
+        return dist.sync_sum(self.topo, group, tensors, self.dtype, self.exact)
 
     def gather(self, group: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Every member's tensors as one flat fp32 vector per member, in member order."""
@@ -121,7 +126,7 @@ class CommHandle:
         return dist.sync_sum_scalars(self.topo, group, values)
 
     def mean_gradients(self, group: str, params: list[torch.nn.Parameter]) -> int:
-        return dist.mean_gradients(self.topo, group, params, self.count, self.contributing)
+        return dist.mean_gradients(self.topo, group, params, self.count, self.contributing, self.exact)
 
     def members(self, group: str) -> tuple[int, ...]:
         return self.topo.members(group)
@@ -152,6 +157,24 @@ class UserRun:
     guard_skipped_steps: int = 0              # optimiser steps dropped for a non-finite loss
 
 
+def analytic_round_bytes(run: UserRun, comm_cfg, topo: dist.Topology, count: bool) -> dict:
+    """What one aggregation round should cost this user, from the shapes of its shared parameters
+    (``dist.round_bytes``: S up and down in server mode, N*S each way in all2all, S in comm.dtype
+    plus the contributor count under guard.nan=skip): per group and in total. This is the mean
+    every method defaults to; methods with an aggregation of their own move what they move."""
+    groups, total = {}, {"sent": 0, "received": 0}
+    for group, params in run.shared.items():
+        numel = sum(p.numel() for _, p in params)
+        members = topo.members(group)
+        payload = dist.payload_bytes(numel + (1 if count else 0), comm_cfg.dtype)
+        sent, received = dist.round_bytes(payload, comm_cfg.mode, len(members))
+        groups[group] = {"members": list(members), "shared_params": numel, "payload_bytes": payload,
+                         "analytic_sent_per_round": sent, "analytic_received_per_round": received}
+        total["sent"] += sent
+        total["received"] += received
+    return {"groups": groups, "total": total}
+
+
 def _sampler_seed(seed: int, user_idx: int, stream: int) -> int:
     # one independent stream per (seed, user, split): users never share a random stream
     return (seed * 1_000_003 + user_idx * 7_919 + stream) % (2 ** 63)
@@ -175,13 +198,14 @@ def setup_user(cfg: RunConfig, topo: dist.Topology) -> UserRun:
 
     # process groups, created once on every rank in a fixed order
     topo.build_groups(method.sharing_groups(topo.world_size))
-    shared: dict[str, list] = {}
+    by_group: dict[str, list] = {}
     for name, tag in model.report.tags.items():
         if method.is_shared(tag):
-            shared.setdefault(method.group_of(tag), []).append((name, model.report.params[name]))
-    # shape handshake before the first collective: names the user and parameter that differ
-    for group in sorted(topo.groups):
-        dist.check_shapes(topo, group, [(n, p) for n, p in shared.get(group, [])])
+            by_group.setdefault(method.group_of(tag, user), []).append((name, model.report.params[name]))
+    # sorted: a user in several groups meets the others in each group's collective in one order
+    shared = {group: by_group[group] for group in sorted(by_group)}
+    # shape handshake before the first collective: names the group, user and parameter that differ
+    dist.check_group_shapes(topo, shared)
 
     expert_params = model.set_trainable(method.trains_in_expert_phase) if method.trains else []
     router_params = [p for n, p in model.report.select(method.trains_in_router_phase)] if method.trains else []
@@ -276,7 +300,8 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     # a resumed writer drops what the interrupted attempt logged after its checkpoint
     logger = build_logger(out_dir, topo.user_idx, cfg.log.tensorboard, purge_step=r.step + 1 if done else None)
     autocast = autocast_for(topo.device, t.amp)
-    comm = CommHandle(topo, cfg.comm.mode, cfg.comm.dtype, count=cfg.guard.nan == "skip")
+    comm = CommHandle(topo, cfg.comm.mode, cfg.comm.dtype, count=cfg.guard.nan == "skip", exact=cfg.comm.exact)
+    analytic = analytic_round_bytes(r, cfg.comm, topo, comm.count)
     logger.layout(scalar_layout(len(model.moe), model.spec.n_experts, model.spec.n_generalists))
     progress = build_progress(topo.rank == 0 and cfg.log.progress)  # bars on rank 0 only
 
@@ -292,6 +317,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     round_bar = progress.bar(total=rounds - done, desc="rounds")
     for round_idx in range(done, rounds):
         round_start = time.perf_counter()
+        comm_before = (topo.stats.bytes_sent, topo.stats.bytes_received, topo.stats.seconds)
         dist.set_phase(f"round {round_idx + 1}")
 
         # sync generalists: users download the aggregate of what they uploaded last round
@@ -346,7 +372,12 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
                 logger.scalars({router_tag: sum(router_losses) / len(router_losses),
                                 "lr/router": r.router_opt.param_groups[0]["lr"]}, r.step)
 
-        logger.scalars({"comm/bytes_sent": topo.stats.bytes_sent, "comm/bytes_received": topo.stats.bytes_received,
+        s = topo.stats
+        logger.scalars({"comm/bytes_sent": s.bytes_sent, "comm/bytes_received": s.bytes_received,
+                        "comm/round_bytes_sent": s.bytes_sent - comm_before[0],
+                        "comm/round_bytes_received": s.bytes_received - comm_before[1],
+                        "comm/analytic_round_bytes": analytic["total"]["sent"],
+                        "comm/round_seconds": s.seconds - comm_before[2],
                         "guard/skipped_rounds": r.guard_skipped_rounds, "guard/skipped_steps": r.guard_skipped_steps},
                        r.step)
         if cfg.eval.every and (round_idx + 1) % cfg.eval.every == 0 and round_idx + 1 < rounds:
@@ -380,6 +411,9 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
         "base_test_ppl": base.ppl,
         "bytes_sent": topo.stats.bytes_sent,
         "bytes_received": topo.stats.bytes_received,
+        "comm_seconds": topo.stats.seconds,
+        "analytic_bytes_per_round": analytic["total"],
+        "comm_groups": _comm_groups(topo, analytic),
         "shared_params": shared_numel,
         "trainable_params": model.report.count(),
         "tokens_per_second": r.train_tokens / r.train_seconds if r.train_seconds else 0.0,
@@ -392,6 +426,15 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
         "guard_skipped_rounds": r.guard_skipped_rounds,
         "guard_skipped_steps": r.guard_skipped_steps,
     }
+
+
+def _comm_groups(topo: dist.Topology, analytic: dict) -> dict:
+    """Per group this user belongs to: its members, the analytic figures (groups of shared
+    parameters) and what was counted (every group that moved bytes, a method's own included)."""
+    none = {"bytes_sent": 0, "bytes_received": 0, "collectives": 0}
+    names = sorted(set(analytic["groups"]) | set(topo.stats.by_group))
+    return {g: {"members": list(topo.members(g)), **analytic["groups"].get(g, {}), **topo.stats.by_group.get(g, none)}
+            for g in names}
 
 
 def _mean_over_users(topo: dist.Topology, value: float) -> float:

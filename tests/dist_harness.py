@@ -9,16 +9,11 @@ traceback. The group is destroyed in ``finally``.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from comigs_dist.dist import free_port
 
 
 def _entry(rank: int, worker, world_size: int, port: int, tmp_path, args, timeout_s: float) -> None:
@@ -45,5 +40,5 @@ def init_topology(timeout_s: float = 60.0, device: str = "cpu"):
 
 
 def run_on_ranks(worker, world_size: int, tmp_path, *args, timeout_s: float = 60.0) -> None:
-    mp.spawn(_entry, args=(worker, world_size, _free_port(), tmp_path, args, timeout_s),
+    mp.spawn(_entry, args=(worker, world_size, free_port(), tmp_path, args, timeout_s),
              nprocs=world_size, join=True)

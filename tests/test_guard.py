@@ -67,8 +67,8 @@ def _skip_worker(rank, world_size, tmp_path, mode):
     assert r.guard_skipped_rounds == (1 if rank == 1 else 0) and comm.contributing
     # the contributor count travels in the same collective: one extra fp32 element
     payload = sum(p.numel() for _, p in r.shared["generalists"]) * 4 + 4
-    peers = 1 if mode == "server" else world_size - 1
-    assert topo.stats.bytes_sent == payload * peers and topo.stats.collectives == 1
+    copies = 1 if mode == "server" else world_size  # delivered payload (dist.py)
+    assert topo.stats.bytes_sent == payload * copies and topo.stats.collectives == 1
 
     # every user of the group sitting out: nothing to average, every user stops with one message
     with torch.no_grad():

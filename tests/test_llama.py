@@ -103,3 +103,14 @@ def test_llama_cli_end_to_end_two_users(tmp_path):
     assert results["config"]["model"]["name"] == "llama-tiny" and results["world_size"] == 2
     for u in results["users"]:
         assert u["test_ppl"] < u["base_test_ppl"] and u["bytes_sent"] > 0
+
+
+def test_a_config_per_table6_row():
+    """configs/llama32_1b holds one file per row of Table 6, each on Llama 3.2 1B with its method."""
+    from comigs_dist.config import load_config
+    rows = {"pretrained", "centralized", "local", "fedavg", "comigs_2s", "comigs_2g", "comigs_1g1s"}
+    files = {p.stem: p for p in (ROOT / "configs" / "llama32_1b").glob("*.yaml")}
+    assert set(files) == rows
+    for name, path in files.items():
+        cfg = load_config(path, ["data.path=embedded"])
+        assert cfg.method == name and cfg.model.name == "meta-llama/Llama-3.2-1B"

@@ -7,9 +7,8 @@ from torch import nn
 
 from comigs_dist.model import AdapterSpec, Role, UserModel, inject_adapters
 from comigs_dist.model.inject import mlp_modules
-from comigs_dist.model.lora import LoRALinear, frozen_weight_out_in, rs_scale
-from comigs_dist.model.moe import MoELoRAMLP
-from comigs_dist.model.roles import ParamTag
+from comigs_dist.model.lora import LoRALinear, rs_scale
+from comigs_dist.model.moe import MoELoRAMLP, TanhGELU
 from comigs_dist.model.routing import (Routing, compute_load_balancing_loss, compute_topk_routing,
                                        importance_weights)
 from helpers import tiny_gpt2
@@ -109,7 +108,11 @@ def test_load_balancing_gradient_reaches_router_only_through_probabilities():
     torch.testing.assert_close(logits.grad[0], expected)
 
 
-def _moe(n_experts: int, top_k: int, routed: bool = True, d: int = 16, h: int = 40, seed: int = 0):
+def _moe(n_experts: int, top_k: int, routed: bool = True, d: int = 16, h: int = 40, seed: int = 0,
+         combine: str = "autograd"):
+    """A mixture over a random GPT-2 MLP. combine='autograd': the HF activation as a plain callable
+    (the path any combine takes, e.g. Llama's); 'one_node': TanhGELU, whose experts run in one
+    autograd node (the path GPT-2 takes)."""
     torch.manual_seed(seed)
     mlp = tiny_gpt2(n_embd=d).transformer.h[0].mlp
     # widen c_fc/c_proj to an arbitrary hidden size to catch shape mix-ups
@@ -117,7 +120,8 @@ def _moe(n_experts: int, top_k: int, routed: bool = True, d: int = 16, h: int = 
     mlp.c_fc, mlp.c_proj = Conv1D(h, d), Conv1D(d, h)
     for p in mlp.parameters():
         p.data.normal_(0, 0.2)
-    moe = MoELoRAMLP(mlp, ("c_fc",), "c_proj", lambda pre: mlp.act(pre[0]), n_experts=n_experts, n_generalists=1,
+    act = TanhGELU() if combine == "one_node" else (lambda pre: mlp.act(pre[0]))
+    moe = MoELoRAMLP(mlp, ("c_fc",), "c_proj", act, n_experts=n_experts, n_generalists=1,
                      rank=4, alpha=16.0, top_k=top_k, routed=routed, load_balancing="uniform", layer=0)
     _randomise_b(moe, seed)
     if moe.router is not None:
@@ -125,10 +129,11 @@ def _moe(n_experts: int, top_k: int, routed: bool = True, d: int = 16, h: int = 
     return moe
 
 
+@pytest.mark.parametrize("combine", ["one_node", "autograd"])
 @pytest.mark.parametrize("n_experts,top_k", [(1, 1), (2, 1), (2, 2), (3, 2), (8, 1), (8, 2)])
-def test_mixture_equals_explicit_sum_of_full_expert_mlps(n_experts, top_k):
+def test_mixture_equals_explicit_sum_of_full_expert_mlps(n_experts, top_k, combine):
     """y = sum over the selected experts of w_j E_j(u), E_j a full MLP with merged weights."""
-    moe = _moe(n_experts, top_k)
+    moe = _moe(n_experts, top_k, combine=combine)
     u = torch.randn(2, 7, 16)
     y = moe(u).reshape(-1, 16)
     flat = u.reshape(-1, 16)
@@ -142,25 +147,118 @@ def test_mixture_equals_explicit_sum_of_full_expert_mlps(n_experts, top_k):
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("n_experts,top_k", [(1, 1), (2, 1), (2, 2), (8, 1), (8, 2)])
-def test_shared_frozen_compute_equals_naive_forward_and_gradients(n_experts, top_k):
-    """Computing the frozen products once gives the k-full-MLP result, forward and gradients."""
-    moe = _moe(n_experts, top_k)
-    u = torch.randn(3, 5, 16, requires_grad=True)
-    grads = []
+def _assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor, name: str = "") -> None:
+    """Equal to float32 rounding, measured against the largest entry: the two paths add over
+    tokens, hidden units and experts in different orders, and the router's gradient is a small
+    difference of large dot products, so an entry near zero can differ by ~1e-6 of the largest."""
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale + 1e-7,
+                               msg=lambda m: f"{name}: {m}")
+
+
+def _fused_and_naive(moe: MoELoRAMLP, u: torch.Tensor):
+    """Output, input gradient and every trainable parameter's gradient, for both computations."""
+    trainable = [n for n, p in moe.named_parameters() if p.requires_grad]
+    results = []
     for shared in (True, False):
         moe.shared_frozen = shared
         moe.zero_grad(set_to_none=True)
         u.grad = None
         y = moe(u)
         (y.square().sum() + moe.aux_loss).backward()
-        grads.append((y.detach(), u.grad.clone(), {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}))
-    (y0, gu0, gp0), (y1, gu1, gp1) = grads
-    torch.testing.assert_close(y0, y1, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gu0, gu1, rtol=1e-4, atol=1e-5)
-    assert gp0.keys() == gp1.keys() and gp0
-    for n in gp0:
-        torch.testing.assert_close(gp0[n], gp1[n], rtol=1e-4, atol=1e-5, msg=n)
+        params = dict(moe.named_parameters())
+        missing = [n for n in trainable if params[n].grad is None]
+        assert not missing, f"shared_frozen={shared}: no gradient for {missing}"
+        results.append((y.detach(), u.grad.clone(), {n: params[n].grad.clone() for n in trainable}))
+    return results, trainable
+
+
+# top-1 and top-2 with 1, 2 and 8 experts; with one expert top_k = min(2, n) = 1, so (1, 2) does
+# not exist (a single expert has no router: every token uses it with weight 1)
+@pytest.mark.parametrize("combine", ["one_node", "autograd"])
+@pytest.mark.parametrize("n_experts,top_k", [(1, 1), (2, 1), (2, 2), (8, 1), (8, 2)])
+def test_shared_frozen_compute_equals_naive_forward_and_gradients(n_experts, top_k, combine):
+    """Computing the frozen products once gives the k-full-MLP result: output, the input's
+    gradient and the gradient of every trainable parameter (experts, router), to float32 rounding."""
+    moe = _moe(n_experts, top_k, combine=combine)
+    u = torch.randn(4, 16, 16, requires_grad=True)
+    if moe.router is not None:  # every expert must get tokens, else some gradients are not compared
+        chosen = moe.router(u.detach().reshape(-1, 16)).indices.unique()
+        assert chosen.numel() == n_experts, f"experts {chosen.tolist()} of {n_experts} selected; change the seed"
+    ((y0, gu0, gp0), (y1, gu1, gp1)), trainable = _fused_and_naive(moe, u)
+    expected = {f"experts.{j}.{part}" for j in range(n_experts)
+                for part in ("in_loras.0.lora_A", "in_loras.0.lora_B", "out_lora.lora_A", "out_lora.lora_B")}
+    assert expected | ({"router.weight"} if n_experts > 1 else set()) == set(trainable)
+    _assert_close_fp32(y0, y1, "output")
+    _assert_close_fp32(gu0, gu1, "input gradient")
+    for n in trainable:
+        assert gp0[n].abs().sum() > 0, f"{n}: zero gradient, the comparison would be vacuous"
+        _assert_close_fp32(gp0[n], gp1[n], n)
+
+
+@pytest.mark.parametrize("combine", ["one_node", "autograd"])
+@pytest.mark.parametrize("n_experts", [2, 8])
+def test_shared_frozen_compute_equals_naive_without_router(n_experts, combine):
+    """The uniform mixture (no router: Local, FedAvg) takes the same fused path: same output and gradients."""
+    moe = _moe(n_experts, n_experts, routed=False, combine=combine)
+    u = torch.randn(3, 5, 16, requires_grad=True)
+    ((y0, gu0, gp0), (y1, gu1, gp1)), trainable = _fused_and_naive(moe, u)
+    assert len(trainable) == 4 * n_experts
+    _assert_close_fp32(y0, y1, "output")
+    _assert_close_fp32(gu0, gu1, "input gradient")
+    for n in trainable:
+        _assert_close_fp32(gp0[n], gp1[n], n)
+
+
+@pytest.mark.parametrize("n_experts,top_k", [(2, 2), (8, 2)])
+def test_router_phase_gradients_equal_naive_with_experts_frozen(n_experts, top_k):
+    """Experts frozen, router training (eq. 3): the one-node mixture gives the router and the input
+    the naive computation's gradients, and the frozen experts none."""
+    moe = _moe(n_experts, top_k, combine="one_node")
+    for name, p in moe.named_parameters():
+        p.requires_grad_(name == "router.weight")
+    u = torch.randn(4, 16, 16, requires_grad=True)
+    ((y0, gu0, gp0), (y1, gu1, gp1)), trainable = _fused_and_naive(moe, u)
+    assert trainable == ["router.weight"]
+    assert all(p.grad is None for n, p in moe.named_parameters() if n != "router.weight")
+    _assert_close_fp32(gu0, gu1, "input gradient")
+    _assert_close_fp32(gp0["router.weight"], gp1["router.weight"], "router.weight")
+
+
+@pytest.mark.parametrize("n_experts,top_k", [(2, 2), (8, 2)])
+def test_one_node_mixture_under_bf16_autocast_matches_naive(n_experts, top_k):
+    """Under bf16 autocast (the CUDA default, here on CPU) the one-node mixture computes in bf16,
+    returns fp32 gradients for fp32 parameters, and agrees with the naive path to bf16 rounding."""
+    moe = _moe(n_experts, top_k, combine="one_node")
+    u = torch.randn(2, 8, 16, requires_grad=True)
+    outs = []
+    for shared in (True, False):
+        moe.shared_frozen = shared
+        moe.zero_grad(set_to_none=True)
+        u.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = moe(u)
+        assert y.dtype == torch.bfloat16
+        y.float().square().mean().backward()
+        grads = {n: p.grad for n, p in moe.named_parameters() if p.requires_grad}
+        assert all(g is not None and g.dtype == torch.float32 for g in grads.values())
+        outs.append((y.float().detach(), grads))
+    (y0, g0), (y1, g1) = outs
+    torch.testing.assert_close(y0, y1, rtol=0.05, atol=0.05 * y1.abs().max().item())
+    for n in g0:
+        torch.testing.assert_close(g0[n], g1[n], rtol=0.1, atol=0.05 * g1[n].abs().max().item(), msg=n)
+
+
+def test_gpt2_mixture_uses_one_kernel_gelu_equal_to_the_model_activation():
+    """GPT-2's written-out tanh GELU is replaced by torch's one-kernel version: same values to rounding."""
+    from comigs_dist.model.inject import _gpt2_combine
+    mlp = tiny_gpt2().transformer.h[0].mlp
+    assert type(mlp.act).__name__ == "NewGELUActivation"
+    x = torch.randn(64, 128) * 4
+    combine = _gpt2_combine(mlp)
+    assert isinstance(combine, TanhGELU)
+    torch.testing.assert_close(combine([x]), mlp.act(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(combine([x]), torch.nn.functional.gelu(x, approximate="tanh"), rtol=0, atol=0)
 
 
 def test_one_expert_mixture_equals_single_lora():

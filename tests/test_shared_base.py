@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as tdist
 from torch import nn
 
 from comigs_dist.model import shared_base as sb

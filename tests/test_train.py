@@ -3,7 +3,6 @@ import pytest
 import torch
 import torch.distributed as tdist
 
-from comigs_dist import dist
 from comigs_dist.config import check_world_size
 from comigs_dist.methods import SyncContext
 from comigs_dist.model.roles import Role
@@ -54,10 +53,11 @@ def _round_worker(rank, world_size, tmp_path, mode):
     for name in local_after:  # ... and still different between users
         if name.endswith("lora_B") or "router" in name:
             assert not torch.equal(others[0][name], others[1][name]), name
-    # bytes: the payload of all generalists, once up and once down (server), or to/from each peer
+    # bytes (delivered payload): the generalists once up and once down (server), or delivered to and
+    # received from each of the N members (all2all)
     payload = sum(p.numel() for _, p in r.shared["generalists"]) * 4
-    peers = 1 if mode == "server" else world_size - 1
-    assert topo.stats.bytes_sent == payload * peers and topo.stats.bytes_received == payload * peers
+    copies = 1 if mode == "server" else world_size
+    assert topo.stats.bytes_sent == payload * copies and topo.stats.bytes_received == payload * copies
 
 
 @pytest.mark.parametrize("world_size,mode", [(2, "server"), (4, "server"), (4, "all2all")])

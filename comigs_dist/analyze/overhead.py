@@ -72,6 +72,7 @@ class ModelReport:
     shared_params: int = 0
     shared_attn_params: int = 0
     shared_expert_params: int = 0
+    shared_by_group: dict[str, int] = field(default_factory=dict)   # group -> shared parameters in it
     n_experts: int = 0
     top_k: int = 0
     notes: list[str] = field(default_factory=list)
@@ -163,7 +164,8 @@ def count_flops(model: nn.Module, seq_len: int) -> FlopCount:
     return c
 
 
-def report_for(base: nn.Module, spec, label: str, seq_len: int, family: str, is_shared=None) -> ModelReport:
+def report_for(base: nn.Module, spec, label: str, seq_len: int, family: str, is_shared=None,
+               group_of=None) -> ModelReport:
     from comigs_dist.model.inject import inject_adapters
     from comigs_dist.model.roles import Role
     model = copy.deepcopy(base)
@@ -176,6 +178,8 @@ def report_for(base: nn.Module, spec, label: str, seq_len: int, family: str, is_
                       shared_params=numel(shared),
                       shared_attn_params=numel([n for n in shared if report.tags[n].kind == "attn"]),
                       shared_expert_params=numel([n for n in shared if report.tags[n].kind == "expert"]),
+                      shared_by_group={g: numel([n for n in shared if group_of(report.tags[n]) == g])
+                                       for g in sorted({group_of(report.tags[n]) for n in shared})} if group_of else {},
                       n_experts=spec.n_experts, top_k=spec.top_k if spec.routed and spec.n_experts > 1 else spec.n_experts)
     return out
 
@@ -191,6 +195,8 @@ class Overhead:
     method: str
     n_users: int
     comm_dtype: str
+    groups: dict[str, tuple[int, ...]]  # sharing group -> its users
+    count: bool                         # guard.nan=skip: one contributor-count element per group
     references: list[ModelReport]       # one and two LoRA sets without a router (the paper's FedAvg rows)
     users: list[tuple[list[int], ModelReport]]   # configured model: (users it stands for, report)
     notes: list[str]
@@ -207,7 +213,7 @@ def compute_overhead(cfg, n_users: int | None = None) -> Overhead:
     from comigs_dist.model import adapter_spec_for
     from comigs_dist.model.inject import FAMILIES, family_of
     notes = []
-    method = get_method(cfg.method)
+    method = get_method(cfg.method, cfg)
     n = n_users or inferred_n_users(cfg)
     if n is None:
         n = 4
@@ -220,19 +226,33 @@ def compute_overhead(cfg, n_users: int | None = None) -> Overhead:
                        "one LoRA set, FedAvg with one LoRA (attention + 1 MLP LoRA)", seq_len, fam),
             report_for(base, replace(spec0, n_experts=2, n_generalists=1, top_k=2, routed=False),
                        "two LoRA sets, FedAvg/Local 2x LoRA (attention + 2 MLP LoRAs, uniform mix)", seq_len, fam)]
+    groups = {g: tuple(m) for g, m in method.sharing_groups(n).items()}
     by_spec: dict = {}
     for user in range(n):
-        by_spec.setdefault(adapter_spec_for(cfg, user, method.routed), []).append(user)
+        # users with one model and the same groups for every shared tensor cost the same
+        spec = method.adapter_spec(cfg, user, adapter_spec_for(cfg, user, method.routed))
+        by_spec.setdefault((spec, _group_signature(method, user, spec)), []).append(user)
     users = []
-    for spec, members in by_spec.items():
+    for (spec, _), members in by_spec.items():
         who = f"user {members[0]}" if len(members) == 1 else f"users {','.join(map(str, members))}"
         label = f"{cfg.method}, {who}: {spec.n_experts} expert{'s' if spec.n_experts > 1 else ''}, rank {spec.rank}"
-        rep = report_for(base, spec, label, seq_len, fam, method.is_shared)
+        rep = report_for(base, spec, label, seq_len, fam, method.is_shared,
+                         lambda tag, u=members[0]: method.group_of(tag, u))
         users.append((members, rep))
     vocab = base.get_output_embeddings().weight.shape[0]
     return Overhead(model_name=cfg.model.name, family=fam, n_layers=len(FAMILIES[fam].blocks(base)),
                     d_model=_attention_width(base.config), vocab=vocab, seq_len=seq_len, method=cfg.method,
-                    n_users=n, comm_dtype=cfg.comm.dtype, references=refs, users=users, notes=notes)
+                    n_users=n, comm_dtype=cfg.comm.dtype, groups=groups, count=cfg.guard.nan == "skip",
+                    references=refs, users=users, notes=notes)
+
+
+def _group_signature(method, user: int, spec) -> tuple:
+    """The group of each kind of shared tensor of one user (attention LoRA, then each expert)."""
+    from comigs_dist.model.roles import ParamTag, Role
+    tags = [ParamTag(Role.GENERALIST, "attn", 0, "")] + [
+        ParamTag(Role.GENERALIST if x < spec.n_generalists else Role.SPECIALIST, "expert", 0, "", x)
+        for x in range(spec.n_experts)]
+    return tuple(method.group_of(t, user) if method.is_shared(t) else None for t in tags)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,13 +262,17 @@ def compute_overhead(cfg, n_users: int | None = None) -> Overhead:
 BYTES = {"bf16": 2, "fp32": 4}
 
 
-def bytes_per_round(shared_params: int, dtype: str, mode: str, n_users: int) -> tuple[int, int]:
-    """(sent, received) bytes per user and round, as dist.sync_mean counts them: one buffer up and
-    the mean down (server), or the buffer to and from each of the N - 1 others (all2all)."""
-    payload = shared_params * BYTES[dtype]
-    if mode == "server":
-        return payload, payload
-    return payload * (n_users - 1), payload * (n_users - 1)
+def bytes_per_round(rep: ModelReport, dtype: str, mode: str, groups: dict[str, tuple[int, ...]],
+                    count: bool = False) -> tuple[int, int]:
+    """(sent, received) bytes per user and round, as dist.sync_mean counts them (dist.round_bytes):
+    per group, the buffer up and the mean down (server), or the buffer delivered to each of the
+    group's N members and N buffers received (all2all); summed over the user's groups."""
+    from comigs_dist.dist import payload_bytes, round_bytes
+    sent = received = 0
+    for group, numel in rep.shared_by_group.items():
+        s, r = round_bytes(payload_bytes(numel + (1 if count else 0), dtype), mode, len(groups[group]))
+        sent, received = sent + s, received + r
+    return sent, received
 
 
 def _flops(x: float) -> str:
@@ -291,14 +315,18 @@ def format_overhead(o: Overhead) -> str:
         extra = f"   [paper: {PAPER['router_mib_bf16']} MB in bf16]" if paper else ""
         lines.append(f"  {rep.label}: {rep.router_params:,} parameters = {_bytes(rep.router_params * 2)} (bf16), "
                      f"{_bytes(rep.router_params * 4)} (fp32){extra}")
-    lines += ["", f"communication per user and round (the shared parameters; this run's comm.dtype is {o.comm_dtype})"]
+    lines += ["", f"communication per user and round (the shared parameters, delivered payload as dist.py counts it; "
+                  f"this run's comm.dtype is {o.comm_dtype})"]
     for members, rep in o.users:
         lines.append(f"  {rep.label}: {rep.shared_params:,} shared parameters = attention LoRA "
                      f"{rep.shared_attn_params:,} + experts {rep.shared_expert_params:,}")
+        if len(rep.shared_by_group) > 1:
+            lines.append("    groups: " + ", ".join(f"{g} ({len(o.groups[g])} users) {numel:,}"
+                                                    for g, numel in rep.shared_by_group.items()))
         for mode in ("server", "all2all"):
             cells = []
             for dtype in ("bf16", "fp32"):
-                sent, received = bytes_per_round(rep.shared_params, dtype, mode, o.n_users)
+                sent, received = bytes_per_round(rep, dtype, mode, o.groups, o.count)
                 cells.append(f"{dtype}: {_bytes(sent)} sent, {_bytes(received)} received")
             lines.append(f"    {mode:8s} " + ";  ".join(cells))
         if paper:
@@ -321,11 +349,12 @@ def overhead_json(o: Overhead) -> dict:
         d["added_pct"] = r.added_pct
         d["router_bytes"] = {k: r.router_params * b for k, b in BYTES.items()}
         d["bytes_per_round"] = {mode: {dtype: dict(zip(("sent", "received"),
-                                                       bytes_per_round(r.shared_params, dtype, mode, o.n_users)))
+                                                       bytes_per_round(r, dtype, mode, o.groups, o.count)))
                                        for dtype in BYTES} for mode in ("server", "all2all")}
         return d
     return {"model": o.model_name, "family": o.family, "n_layers": o.n_layers, "d_model": o.d_model, "vocab": o.vocab,
             "seq_len": o.seq_len, "method": o.method, "n_users": o.n_users, "comm_dtype": o.comm_dtype,
+            "groups": {g: list(m) for g, m in o.groups.items()},
             "references": [rep(r) for r in o.references],
             "users": [{"users": members, **rep(r)} for members, r in o.users],
             "paper": PAPER if o.is_gpt2_124m else None, "notes": o.notes}

@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
+from comigs_dist.groups import DEFAULT_GROUP, SharingPlan, build_plan
 from comigs_dist.model.roles import ParamTag, Role
 
 _REGISTRY: dict[str, type["Method"]] = {}
@@ -108,6 +109,7 @@ class Method:
     router_split: ClassVar[str] = "valid"           # split the router trains on when alternating
     trains: ClassVar[bool] = True                   # False: evaluate the base only (Pretrained)
     initial_sync: ClassVar[bool] = True             # start shared parameters from one init (user 0's)
+    accepts_comm_groups: ClassVar[bool] = True      # comm.groups may split the generalists into groups
 
     def __init__(self, cfg=None):
         self.cfg = cfg
@@ -150,12 +152,43 @@ class Method:
 
     # -- groups ----------------------------------------------------------------------------------
     def sharing_groups(self, n_users: int) -> dict[str, list[int]]:
-        """Process groups the method communicates on (created once, before the first round)."""
-        return {"generalists": list(range(n_users))}
+        """Process groups the method communicates on (created once, before the first round): the
+        groups of ``comm.groups``, or one group ``generalists`` of every user."""
+        if not self._configured_groups():
+            return {DEFAULT_GROUP: list(range(n_users))}
+        return {name: list(users) for name, users in self.sharing_plan(n_users).members.items()}
 
-    def group_of(self, tag: ParamTag) -> str:
-        """The group a shared parameter is averaged in."""
-        return "generalists"
+    def group_of(self, tag: ParamTag, user_idx: int) -> str:
+        """The group in which user ``user_idx`` averages a shared parameter: with ``comm.groups``,
+        the group listing that user and expert (the attention LoRA: the user's attention group);
+        otherwise ``generalists``."""
+        if not self._configured_groups():
+            return DEFAULT_GROUP
+        plan = self.sharing_plan()
+        if tag.kind == "attn":
+            return plan.attention[user_idx]
+        if tag.kind == "expert" and (user_idx, tag.expert) in plan.experts:
+            return plan.experts[(user_idx, tag.expert)]
+        raise ValueError(f"method {self.name!r} shares {tag.kind} parameter {tag} of user {user_idx}, which no "
+                         f"group of comm.groups holds; only generalist experts and the attention LoRA can be grouped")
+
+    def generalist_counter(self, cfg) -> Callable[[int], int]:
+        """user -> how many generalist experts the method gives that user (its adapter_spec)."""
+        from comigs_dist.model import adapter_spec_for
+        return lambda u: self.adapter_spec(cfg, u, adapter_spec_for(cfg, u, self.routed)).n_generalists
+
+    def sharing_plan(self, n_users: int | None = None) -> SharingPlan:
+        """comm.groups resolved for the run's users (built once)."""
+        if getattr(self, "_plan", None) is None:
+            from comigs_dist.config import inferred_n_users
+            n = n_users if n_users is not None else inferred_n_users(self.cfg)
+            groups = self.cfg.comm.groups if self.cfg is not None else []
+            self._plan = build_plan(groups, n, self.generalist_counter(self.cfg),
+                                    f"moe.n_generalists with method {self.name}")
+        return self._plan
+
+    def _configured_groups(self) -> bool:
+        return self.cfg is not None and bool(self.cfg.comm.groups)
 
     # -- per-step hooks (no-ops by default) -----------------------------------------------------
     def extra_loss(self, model) -> Any:
@@ -189,6 +222,7 @@ class Method:
 
     # -- aggregation -----------------------------------------------------------------------------
     def aggregate(self, ctx: SyncContext) -> None:
-        """End of round: replace every shared parameter by its mean over its group (weight 1/N)."""
-        for group, params in ctx.shared.items():
-            ctx.comm.mean(group, [p.data for _, p in params])
+        """End of round: replace every shared parameter by its mean over its group (weight 1/N).
+        Groups in sorted order: users in several groups meet in each collective in the same order."""
+        for group in sorted(ctx.shared):
+            ctx.comm.mean(group, [p.data for _, p in ctx.shared[group]])

@@ -19,6 +19,7 @@ from comigs_dist.methods.base import Method, register_method, share_experts
 class Centralized(Method):
     description = "Centralized: one 2x LoRA model on all users' data (replicas, gradients averaged every step)"
     paper_row = "Table 1 / Table 4 group i: Centralized"
+    accepts_comm_groups = False  # one model: gradients averaged over everyone
     routed = False
     router_training = "none"
 

@@ -35,6 +35,7 @@ class FFALoRA(Method):
     description = "FFA-LoRA: one LoRA of 2x rank, every A frozen at a shared init, only B trained and averaged"
     paper_row = "Table 4 group i: FFA-LoRA"
     Options = FFALoRAOptions
+    accepts_comm_groups = False  # A and B travel in groups of their own
     routed = False
     router_training = "none"
 
@@ -56,7 +57,7 @@ class FFALoRA(Method):
     def sharing_groups(self, n_users):
         return {"generalists": list(range(n_users)), "frozen_init": list(range(n_users))}
 
-    def group_of(self, tag) -> str:
+    def group_of(self, tag, user_idx) -> str:
         if tag.matrix == "A" and not self.options.reference_quirks:
             return "frozen_init"  # broadcast once (round 0), never averaged: it never changes
         return "generalists"

@@ -21,14 +21,14 @@ have different shapes on different users, so they stay out of the ``generalists`
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from comigs_dist import dist
-from comigs_dist.methods.base import Method, register_method
-from comigs_dist.methods.lowrank import (RankOptions, compute_svd_factors, compute_user_factors,
-                                         expert_lora_pairs, match_errors, matched_rank, n_users_of, pad_rank)
+from comigs_dist.methods.base import register_method
+from comigs_dist.methods.lowrank import (HeteroRankMethod, RankOptions, compute_svd_factors,
+                                         compute_user_factors, expert_lora_pairs, matched_rank, n_users_of, pad_rank)
 from comigs_dist.model.lora import rs_scale
 
 
@@ -47,26 +47,10 @@ def compute_flexlora_update(Bs_scaled: list[torch.Tensor], As: list[torch.Tensor
 
 
 @register_method("flexlora")
-class FlexLoRA(Method):
+class FlexLoRA(HeteroRankMethod):
     description = "FlexLoRA: one MLP LoRA of per-user rank, data-size weighted full updates, SVD back to each rank"
     paper_row = "Table 2: FlexLoRA (active / full)"
     Options = FlexLoRAOptions
-    routed = False
-    router_training = "none"
-
-    @classmethod
-    def config_errors(cls, cfg) -> list[str]:
-        return match_errors(cfg, cls(cfg).options.match)
-
-    def adapter_spec(self, cfg, user_idx, spec):
-        return replace(spec, n_experts=1, n_generalists=1, top_k=1, routed=False,
-                       rank=matched_rank(cfg, user_idx, self.options.match))
-
-    def is_shared(self, tag) -> bool:
-        return tag.kind == "attn"
-
-    def sharing_groups(self, n_users):
-        return {"generalists": list(range(n_users)), "hetero_rank": list(range(n_users))}
 
     def prepare_model(self, model, user_idx) -> None:
         cfg = self.cfg

@@ -25,15 +25,15 @@ The MLP tensors have different shapes on different users, so they stay out of th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from comigs_dist.config import opt
-from comigs_dist.methods.base import Method, register_method
-from comigs_dist.methods.lowrank import (RankOptions, compute_norm_weights, compute_pruned_rank,
-                                         compute_tail_norm, compute_tail_start, compute_update_norm,
-                                         expert_lora_pairs, match_errors, matched_rank, n_users_of, pad_rank)
+from comigs_dist.methods.base import register_method
+from comigs_dist.methods.lowrank import (HeteroRankMethod, RankOptions, compute_norm_weights,
+                                         compute_pruned_rank, compute_tail_norm, compute_tail_start, compute_update_norm,
+                                         expert_lora_pairs, matched_rank, n_users_of, pad_rank)
 
 
 @dataclass
@@ -58,33 +58,20 @@ def global_init(cfg, pairs, rank: int) -> dict:
 
 
 @register_method("hetlora")
-class HetLoRA(Method):
+class HetLoRA(HeteroRankMethod):
     description = "HetLoRA: one MLP LoRA of per-user rank, zero-padded norm-weighted average, truncation, self-pruning"
     paper_row = "Table 2: HetLoRA (active / full)"
     Options = HetLoRAOptions
-    routed = False
-    router_training = "none"
 
     @classmethod
     def config_errors(cls, cfg) -> list[str]:
         o = cls(cfg).options
-        errors = match_errors(cfg, o.match)
+        errors = super().config_errors(cfg)
         if not 0 < o.gamma <= 1:
             errors.append(f"method_options.gamma ({o.gamma}) must be in (0, 1] (paper: 0.99)")
         if o.lambda_p < 0:
             errors.append(f"method_options.lambda_p ({o.lambda_p}) must be >= 0")
         return errors
-
-    def adapter_spec(self, cfg, user_idx, spec):
-        return replace(spec, n_experts=1, n_generalists=1, top_k=1, routed=False,
-                       rank=matched_rank(cfg, user_idx, self.options.match))
-
-    # the attention LoRA is averaged in the standard group; the MLP LoRA (different shapes) below
-    def is_shared(self, tag) -> bool:
-        return tag.kind == "attn"
-
-    def sharing_groups(self, n_users):
-        return {"generalists": list(range(n_users)), "hetero_rank": list(range(n_users))}
 
     def prepare_model(self, model, user_idx) -> None:
         cfg = self.cfg

@@ -17,6 +17,7 @@ from comigs_dist.methods.base import Method, register_method, share_all, share_e
 class Local(Method):
     description = "Local: 2x LoRA per user (uniform mix, no router), no communication"
     paper_row = "Table 1 / Table 4 group i: Local"
+    accepts_comm_groups = False  # nothing is averaged after the common start
     routed = False
     router_training = "none"
 
@@ -35,6 +36,7 @@ class Local(Method):
 class LocalMoE(Method):
     description = "Local-MoE: 2 LoRA experts + router trained jointly on the training loss, no communication"
     paper_row = "Table 4 group ii: Local-MoE"
+    accepts_comm_groups = False  # nothing is averaged after the common start
     router_training = "joint"
 
     def adapter_spec(self, cfg, user_idx, spec):

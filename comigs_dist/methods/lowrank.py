@@ -1,6 +1,7 @@
 """Pieces shared by the single-LoRA baselines (FFA-LoRA, HetLoRA, FlexLoRA): the rank-matching
 rules, the MLP LoRA pairs of a model, and the pure low-rank computations (tail norms, pruning,
-zero-padding, aggregation weights, SVD truncation). No method is registered here.
+zero-padding, aggregation weights, SVD truncation), and ``HeteroRankMethod``, the unregistered
+base of the two methods whose users hold one MLP LoRA of a rank of their own.
 
 Parameter matching (paper section 4.3.1 and Table 2's caption): a CoMiGS user with n_i rank-r
 experts and top-k routing trains n_i * r rank slots per projection and uses k * r per token. A
@@ -10,12 +11,13 @@ experts -> ranks (32,16,16,16)) and the *active* count with rank k * r (16 for e
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 
 from comigs_dist.config import opt
+from comigs_dist.methods.base import Method
 
 MATCH_HELP = ("How each user's LoRA rank is chosen (Table 2): 'active' = top_k * lora.rank (the "
               "parameters a token uses in the matching CoMiGS model), 'full' = moe.n_experts * lora.rank "
@@ -148,3 +150,28 @@ def compute_user_factors(US: torch.Tensor, Vt: torch.Tensor, rank: int, scale: f
 class RankOptions:
     """Options every heterogeneous-rank method has."""
     match: Match = opt("active", MATCH_HELP)
+
+
+class HeteroRankMethod(Method):
+    """HetLoRA and FlexLoRA: every user holds one unrouted MLP LoRA whose rank follows
+    ``method_options.match``. The attention LoRA is averaged in the standard ``generalists`` group;
+    the MLP LoRA has different shapes on different users, so it stays out of that group (and its
+    shape handshake) and the subclass moves it itself in the ``hetero_rank`` group."""
+    Options = RankOptions
+    accepts_comm_groups = False  # the MLP LoRA travels in a group of its own
+    routed = False
+    router_training = "none"
+
+    @classmethod
+    def config_errors(cls, cfg) -> list[str]:
+        return match_errors(cfg, cls(cfg).options.match)
+
+    def adapter_spec(self, cfg, user_idx, spec):
+        return replace(spec, n_experts=1, n_generalists=1, top_k=1, routed=False,
+                       rank=matched_rank(cfg, user_idx, self.options.match))
+
+    def is_shared(self, tag) -> bool:
+        return tag.kind == "attn"
+
+    def sharing_groups(self, n_users):
+        return {"generalists": list(range(n_users)), "hetero_rank": list(range(n_users))}

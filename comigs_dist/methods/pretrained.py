@@ -11,6 +11,7 @@ from comigs_dist.methods.base import Method, register_method, share_nothing
 class Pretrained(Method):
     description = "Pretrained: the base model, no training, no communication"
     paper_row = "Table 1 / Table 4 group i: Pretrained"
+    accepts_comm_groups = False  # nothing is shared
     routed = False
     router_training = "none"
     trains = False

@@ -72,6 +72,60 @@ def _check_base(model: nn.Module, name: str, vocab_size: int, seq_len: int) -> n
     return model
 
 
+def _describe_tokenizer(tok: dict) -> str:
+    if tok.get("kind") == "synthetic":
+        return f"the embedded synthetic corpus's {tok.get('vocab_size')} tokens"
+    return (f"{tok.get('kind')} {tok.get('name')} (vocabulary {tok.get('vocab_size')}, "
+            f"end-of-text id {tok.get('eot_id')})")
+
+
+def check_model_matches_data(name: str, meta: dict, data_path: str = "the dataset") -> None:
+    """Refuse a dataset tokenized differently from the model, wherever that can be told from the
+    model's config and tokenizer files without loading weights (a prepared dataset records its
+    tokenizer in meta.json). Built-in random models take the data's vocabulary and pass."""
+    data_tok = meta.get("tokenizer") or {}
+    data_vocab = int(meta.get("vocab_size", data_tok.get("vocab_size", 0)))
+    fix = (f"prepare the data with the model's tokenizer (`python -m comigs_dist.data prepare ... --tokenizer "
+           f"<its name or path>`) or choose a model.name trained with {data_tok.get('name', 'that tokenizer')}")
+    if name == "embedded":
+        if data_tok and data_tok.get("kind") != "synthetic":
+            raise ValueError(f"model.name=embedded knows only the synthetic corpus's 256 tokens, but {data_path} holds "
+                             f"text tokenized with {_describe_tokenizer(data_tok)}; use a base trained on that "
+                             f"tokenizer (model.name=gpt2, or a small one from `python -m comigs_dist.pretrain`), "
+                             f"or data.path=embedded")
+        return
+    if name in BUILTIN_MODELS or not data_tok:
+        return
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except Exception:  # not reachable offline: build_base_model reports the loading problem itself
+        return
+    model_vocab = int(getattr(config, "vocab_size", 0) or 0)
+    if model_vocab and data_vocab > model_vocab:
+        raise ValueError(f"{data_path} was tokenized with {_describe_tokenizer(data_tok)} but model {name!r} has a "
+                         f"vocabulary of {model_vocab}; {fix}")
+    from comigs_dist.data.tokenizer import checkpoint_tokenizer
+    model_tok = checkpoint_tokenizer(name)
+    if data_tok.get("kind") == "synthetic":
+        if model_tok and model_tok.get("kind") != "synthetic":
+            raise ValueError(f"{data_path} is the embedded synthetic corpus but model {name!r} was trained with "
+                             f"{_describe_tokenizer(model_tok)}; use data.path=<a prepared text dataset>")
+        return
+    if model_tok and model_tok.get("fingerprint") and data_tok.get("fingerprint") \
+            and model_tok["fingerprint"] != data_tok["fingerprint"]:
+        raise ValueError(f"{data_path} was tokenized with {_describe_tokenizer(data_tok)} but model {name!r} uses "
+                         f"{_describe_tokenizer(model_tok)}: the ids mean different text; {fix}")
+    eos = getattr(config, "eos_token_id", None)
+    eos_ids = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+    if data_tok.get("eot_id") is not None and eos_ids and data_tok["eot_id"] not in eos_ids:
+        raise ValueError(f"{data_path} was tokenized with {_describe_tokenizer(data_tok)} but model {name!r} ends "
+                         f"text with id {sorted(eos_ids)}: different tokenizers; {fix}")
+    if model_vocab > 1.1 * data_vocab + 128:  # padding rounds a vocabulary up a little, never by a tenth
+        raise ValueError(f"{data_path} was tokenized with {_describe_tokenizer(data_tok)} but model {name!r} has a "
+                         f"vocabulary of {model_vocab}, far larger: probably another tokenizer; {fix}")
+
+
 def build_base_model(name: str, vocab_size: int, seq_len: int, share: "SharePlan | None" = None) -> nn.Module:
     """The frozen base. Built-in random configs are initialised from a fixed seed so that every
     user (rank) holds the same base. With a ``share`` plan the weights are mapped read-only from
@@ -171,4 +225,4 @@ def build_user_model(cfg, user_idx: int, vocab_size: int, routed: bool, spec: Ad
 
 
 __all__ = ["AdapterSpec", "InjectionReport", "ParamTag", "Role", "UserModel", "build_base_model",
-           "build_user_model", "inject_adapters"]
+           "build_user_model", "check_model_matches_data", "inject_adapters"]

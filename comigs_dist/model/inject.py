@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from comigs_dist.model.lora import LoRALinear
-from comigs_dist.model.moe import MoELoRAMLP
+from comigs_dist.model.moe import MoELoRAMLP, TanhGELU
 from comigs_dist.model.roles import ParamTag, Role
 
 
@@ -44,8 +44,16 @@ class Family:
     d_model: Callable[[object], int]
 
 
+# transformers' activations that are the tanh approximation of GELU, some written out as several
+# tensor operations; TanhGELU computes the same function in one kernel (to float rounding) and
+# gives the mixture its derivative, which matters because the activation runs once per expert
+_TANH_GELUS = ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh")
+
+
 def _gpt2_combine(mlp: nn.Module):
     act = mlp.act
+    if type(act).__name__ in _TANH_GELUS:
+        return TanhGELU()
     return lambda pre: act(pre[0])
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from comigs_dist.model.roles import ParamTag
@@ -48,8 +49,22 @@ class LoRAFactors(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.tags = {"lora_A": tag_a, "lora_B": tag_b}
 
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        """A x, shape (..., r). As a linear map, the gradient of A is the fast (r, N) @ (N, in) product."""
+        return F.linear(x, self.lora_A.to(x.dtype))
+
+    def up_t(self, dtype: torch.dtype) -> torch.Tensor:
+        """g * B^T as a contiguous (r, out) matrix. Multiplying by it (rather than by a transposed
+        view of B) keeps the gradient of B a fast (r, N) @ (N, out) product on CPU."""
+        return (self.lora_B.t().to(dtype) * self.scale).contiguous()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x @ self.lora_A.t().to(x.dtype)) @ (self.lora_B.t().to(x.dtype) * self.scale)
+        return self.down(x) @ self.up_t(x.dtype)
+
+    def add_to(self, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """base + g * B (A x) for 2-D x (N, in) and base (N, out), the add fused into the product
+        (one pass over the (N, out) result instead of three)."""
+        return torch.addmm(base, self.down(x), self.up_t(x.dtype))
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update g * B A, shape (out, in)."""

@@ -10,6 +10,10 @@ so the frozen input products W_in u are computed once per token and the frozen o
 projection runs once on the mixed hidden state, whatever the number of experts.
 Only the (cheap) LoRA products and the activation run per selected expert; tokens are
 dispatched to the experts that selected them, so memory grows with k, not with n_experts.
+With an elementwise activation of one projection (GPT-2's tanh GELU, ``TanhGELU``) the experts
+of a layer run in one autograd node whose backward works in place (``_ExpertsMix``); any other
+combine (Llama's silu(gate) * up) runs under plain autograd. ``shared_frozen = False`` selects
+the naive computation (every selected expert runs the whole frozen MLP), kept for comparison.
 
 Knows nothing of which experts are shared: roles are tags handed in at construction.
 Shape letters: N tokens, D model width, H hidden width, E experts, K experts per token, r rank.
@@ -26,6 +30,122 @@ from comigs_dist.model.lora import LoRAFactors, frozen_weight_out_in, in_out_fea
 from comigs_dist.model.roles import ParamTag, Role
 from comigs_dist.model.routing import (Routing, TopKRouter, compute_load_balancing_loss,
                                        compute_routing_stats, uniform_routing)
+
+
+class ElementwiseActivation:
+    """A combine of one input projection, h = act(pre[0]), that also knows its derivative, so
+    that the mixture can compute all its experts in one autograd node (``_ExpertsMix``)."""
+
+    def __call__(self, pre: list[torch.Tensor]) -> torch.Tensor:
+        return self.forward(pre[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def backward(self, grad: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Write grad * act'(x) into ``out`` (which may be ``grad`` itself) and return it."""
+        raise NotImplementedError
+
+
+class TanhGELU(ElementwiseActivation):
+    """GPT-2's activation (gelu_new, the tanh approximation of GELU) in one kernel each way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x, approximate="tanh")
+
+    def backward(self, grad: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten.gelu_backward.grad_input(grad, x, approximate="tanh", grad_input=out)
+
+
+class _ExpertsMix(torch.autograd.Function):
+    """For each block of rows (an expert and the rows routed to it):
+        h_j = act(f_j + z_j Bt_j)       the expert's hidden state, z_j = A_in_j u (LoRA codes)
+        mix += w_j h_j                  at the block's tokens (or every token)
+        c_j = h_j A_out_j^T             the codes of the expert's output LoRA
+    and returns (mix (N, H), c_1, c_2, ...). The same expressions under autograd allocate a fresh
+    (N, H) tensor for every intermediate and every gradient; here the backward of an expert works
+    in one buffer, in place (weighting, the output-LoRA term, the activation's derivative), which
+    on a CPU stays in cache: the second expert of CoMiGS-1G1S costs about a quarter less
+    (benchmarks/step_cost.py). Computes in f's dtype (bf16 under autocast)."""
+
+    @staticmethod
+    def forward(ctx, act: ElementwiseActivation, n_tokens: int, layout: list, f: torch.Tensor, *tensors):
+        dt = f.dtype
+        mix, codes, saved = None, [], []
+        i = 0
+        for rows, tok, kind in layout:
+            z, up, a_out = tensors[i:i + 3]
+            w = tensors[i + 3].to(dt) if kind == "tensor" else kind    # tensor, float or None
+            i += 4 if kind == "tensor" else 3
+            pre = torch.addmm(f if rows is None else f[rows], z.to(dt), up.to(dt))  # (N_j, H)
+            h = act.forward(pre)
+            if tok is not None:
+                if mix is None:
+                    mix = torch.zeros(n_tokens, h.shape[1], dtype=dt, device=h.device)
+                mix.index_add_(0, tok, h if w is None else h * w)
+            elif w is None:
+                mix = h                                                # the only expert, weight 1
+            elif mix is None:
+                mix = h * w
+            elif torch.is_tensor(w):
+                mix.addcmul_(h, w)
+            else:
+                mix.add_(h, alpha=w)
+            codes.append(F.linear(h, a_out.to(dt)))                    # (N_j, r)
+            saved += [pre, h]
+        ctx.act, ctx.layout, ctx.f_shape = act, layout, f.shape
+        ctx.save_for_backward(*saved, *tensors)
+        return (mix, *codes)
+
+    @staticmethod
+    def backward(ctx, g_mix: torch.Tensor, *g_codes):
+        layout = ctx.layout
+        saved = ctx.saved_tensors
+        acts, tensors = saved[:2 * len(layout)], saved[2 * len(layout):]
+        need = ctx.needs_input_grad[4:]
+        dt = acts[0].dtype
+        g_f = None
+        if layout[0][0] is not None:  # blocks of gathered rows: each writes its own rows of g_f
+            g_f = torch.empty(ctx.f_shape, dtype=dt, device=acts[0].device)
+        grads, i = [], 0
+        for b, (rows, tok, kind) in enumerate(layout):
+            pre, h = acts[2 * b:2 * b + 2]
+            z, up, a_out = tensors[i:i + 3]
+            w = tensors[i + 3].to(dt) if kind == "tensor" else kind
+            need_w = kind == "tensor" and need[i + 3]
+            g_w = None
+            if tok is None:             # g_mix is shared by every block: work in a buffer of our own
+                if need_w:
+                    g_h = g_mix * h
+                    g_w = g_h.sum(1, keepdim=True)                     # d loss / d w_j = <g_mix, h_j>
+                    g_h = torch.mul(g_mix, w, out=g_h)                 # the same buffer: w_j g_mix
+                elif w is None:
+                    g_h = g_mix.clone()
+                else:
+                    g_h = g_mix * w
+            else:                       # gathered rows are ours already
+                g_h = g_mix.index_select(0, tok)                       # (N_j, H)
+                if need_w:
+                    g_w = torch.linalg.vecdot(g_h, h, dim=1).unsqueeze(1)
+                if w is not None:
+                    g_h.mul_(w)
+            g_c = g_codes[b]
+            g_a = None
+            if g_c is not None:
+                g_c = g_c.to(dt)
+                g_h.addmm_(g_c, a_out.to(dt))                          # + the output-LoRA term, in place
+                if need[i + 2]:
+                    g_a = g_c.t().mm(h).to(a_out.dtype)                # (r, H)
+            g_pre = ctx.act.backward(g_h, pre, g_h if rows is None else g_f[rows])
+            g_z = g_pre.mm(up.to(dt).t()).to(z.dtype) if need[i] else None        # (N_j, r)
+            g_up = z.to(dt).t().mm(g_pre).to(up.dtype) if need[i + 1] else None   # (r, H)
+            if rows is None:
+                g_f = g_pre if g_f is None else g_f.add_(g_pre)
+            grads += [g_z, g_up, g_a]
+            if kind == "tensor":
+                grads.append(None if g_w is None else g_w.to(tensors[i + 3].dtype))
+            i += 4 if kind == "tensor" else 3
+        return (None, None, None, g_f if ctx.needs_input_grad[3] else None, *grads)
 
 
 class ExpertLoRA(nn.Module):
@@ -141,26 +261,90 @@ class MoELoRAMLP(nn.Module):
 
     def _forward_shared(self, u: torch.Tensor, routing: Routing) -> torch.Tensor:
         frozen_in = [getattr(self.base, n)(u) for n in self.in_names]         # each (N, H): once
-        mix = delta = None
-        for j, tok, w in self._dispatch(routing, u.shape[0]):
-            expert = self.experts[j]
-            u_j = u if tok is None else u[tok]
-            pre = [(f if tok is None else f[tok]) + lora(u_j) for f, lora in zip(frozen_in, expert.in_loras)]
-            h = self.combine(pre)                                            # (N_j, H)
-            w = w.to(h.dtype) if torch.is_tensor(w) else w
-            wh = w * h
-            wd = w * expert.out_lora(h)                                      # (N_j, D)
-            if mix is None:
-                mix = torch.zeros(u.shape[0], h.shape[1], dtype=h.dtype, device=h.device)
-                delta = torch.zeros(u.shape[0], wd.shape[1], dtype=wd.dtype, device=wd.device)
-            if tok is None:
-                mix = mix + wh
-                delta = delta + wd
+        rows_in, u_rows, blocks = self._plan(u, frozen_in, routing)
+        if isinstance(self.combine, ElementwiseActivation) and len(frozen_in) == 1:
+            mix, codes = self._experts_one_node(rows_in[0], u_rows, blocks, u.shape[0])
+        else:
+            mix, codes = self._experts_autograd(rows_in, u_rows, blocks, u.shape[0])
+        delta = None
+        for (j, _, tok, w), c in zip(blocks, codes):
+            if w is not None:
+                c = c * (w.to(c.dtype) if torch.is_tensor(w) else w)
+            d = c @ self.experts[j].out_lora.up_t(c.dtype)                   # (N_j, D)
+            if tok is not None:
+                if delta is None:
+                    delta = torch.zeros(u.shape[0], d.shape[1], dtype=d.dtype, device=d.device)
+                delta.index_add_(0, tok, d)
             else:
-                mix = mix.index_add(0, tok, wh)
-                delta = delta.index_add(0, tok, wd)
+                delta = d if delta is None else delta.add_(d)
         out_proj = getattr(self.base, self.out_name)
         return out_proj(mix) + delta.to(mix.dtype)                           # frozen W_out: once
+
+    def _plan(self, u: torch.Tensor, frozen_in: list[torch.Tensor], routing: Routing):
+        """Which rows each expert runs on. Returns (frozen products per row, u per row, blocks),
+        a block being (expert, rows: slice or None for all, tokens: ids or None for all rows =
+        all tokens, weight: None (the only expert), a float, or an (N_j, 1) tensor)."""
+        if routing.dense:
+            # no router: constant weights 1/E (plain floats), none at all for a single expert
+            weights = [None] if self.n_experts == 1 else [float(w) for w in routing.weights[0].tolist()]
+            return frozen_in, u, [(j, None, None, w) for j, w in enumerate(weights)]
+        n_tokens, k = routing.indices.shape
+        if k == self.n_experts:
+            # every token uses every expert (2 experts, top-2): no gather
+            full = torch.zeros(n_tokens, self.n_experts, device=routing.weights.device,
+                               dtype=routing.weights.dtype).scatter(1, routing.indices, routing.weights)  # (N, E)
+            # contiguous (N, 1) columns: a strided column makes every (N, H) product ~3x slower on CPU
+            weights = list(full.t().contiguous().unsqueeze(-1))
+            return frozen_in, u, [(j, None, None, w) for j, w in enumerate(weights)]
+        # top-k < n_experts: sort the N*K routing slots by expert and gather the frozen products
+        # once for all slots; each expert then runs on a contiguous block of rows
+        slots = routing.indices.reshape(-1)                                   # (N*K,)
+        order = torch.argsort(slots, stable=True)
+        counts = torch.bincount(slots, minlength=self.n_experts).tolist()
+        tok = order // k                                                      # token of each slot
+        weights = routing.weights.reshape(-1).index_select(0, order).unsqueeze(1)  # (N*K, 1)
+        blocks, start = [], 0
+        for j, count in enumerate(counts):
+            if count:
+                rows = slice(start, start + count)
+                blocks.append((j, rows, tok[rows], weights[rows]))
+            start += count
+        return [f.index_select(0, tok) for f in frozen_in], u.index_select(0, tok), blocks
+
+    def _experts_autograd(self, rows_in: list[torch.Tensor], u_rows: torch.Tensor, blocks, n_tokens: int):
+        """Any combine (e.g. Llama's silu(gate) * up): plain autograd. Returns (mix, codes per block)."""
+        mix, codes = None, []
+        for j, rows, tok, w in blocks:
+            expert = self.experts[j]
+            u_j = u_rows if rows is None else u_rows[rows]
+            h = self.combine([lora.add_to(f if rows is None else f[rows], u_j)
+                              for f, lora in zip(rows_in, expert.in_loras)])  # (N_j, H)
+            codes.append(expert.out_lora.down(h))                            # (N_j, r)
+            if w is not None:
+                h = h * (w.to(h.dtype) if torch.is_tensor(w) else w)
+            if tok is not None:
+                if mix is None:
+                    mix = torch.zeros(n_tokens, h.shape[1], dtype=h.dtype, device=h.device)
+                mix.index_add_(0, tok, h)  # in place: each expert touches only its tokens' rows
+            else:
+                # mul then in-place add: addcmul's backward would build two more (N, H) products
+                mix = h if mix is None else mix.add_(h)
+        return mix, codes
+
+    def _experts_one_node(self, f: torch.Tensor, u_rows: torch.Tensor, blocks, n_tokens: int):
+        """An elementwise activation of one input projection (GPT-2): the experts' hidden states,
+        their mixture and their output-LoRA codes in one autograd node (``_ExpertsMix``)."""
+        layout, tensors = [], []
+        for j, rows, tok, w in blocks:
+            expert = self.experts[j]
+            lora_in = expert.in_loras[0]
+            u_j = u_rows if rows is None else u_rows[rows]
+            tensors += [lora_in.down(u_j), lora_in.up_t(f.dtype), expert.out_lora.lora_A]
+            if torch.is_tensor(w):
+                tensors.append(w)
+            layout.append((rows, tok, "tensor" if torch.is_tensor(w) else w))
+        mix, *codes = _ExpertsMix.apply(self.combine, n_tokens, layout, f, *tensors)
+        return mix, codes
 
     def _forward_naive(self, u: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Every selected expert runs the whole MLP, frozen products included (k full MLPs)."""

@@ -294,13 +294,9 @@ def _start_time(pid: int) -> str:
 
 
 def _alive(pid: int, start: str) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not start or _start_time(pid) in ("", start)
+    """Whether the process that wrote a pid file (started at ``start``) still runs, not a later reuse of its pid."""
+    from comigs_dist.dist import pid_alive
+    return pid_alive(pid) and (not start or _start_time(pid) in ("", start))
 
 
 def _owners_alive(run_dir: Path) -> bool:

@@ -4,8 +4,7 @@ Owns: the prepared-dataset layout (``meta.json`` plus ``user_XX/{train,valid,tes
 token streams), writing it atomically, checking it (sizes and sha256 against ``meta.json``),
 memory-mapping only the calling user's shards, and drawing batches: random windows with
 replacement for training (a per-user, per-split generator), fixed non-overlapping windows for
-evaluation. ``python -m comigs_dist.data prepare ...`` builds datasets from real text.
-Knows nothing of models.
+evaluation. Knows nothing of models, tokenizers or where the text came from (``prepare.py``).
 
 Layout of a prepared dataset directory::
 
@@ -14,6 +13,7 @@ Layout of a prepared dataset directory::
     user_00/valid.bin
     user_00/test.bin
     ...
+    (optional side files named in meta.json, e.g. the document manifest of a real dataset)
 """
 from __future__ import annotations
 
@@ -53,10 +53,13 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def write_dataset(out: str | Path, users: list[dict[str, np.ndarray]], vocab_size: int,
-                  meta_extra: dict | None = None, user_extra: list[dict] | None = None) -> dict:
+                  meta_extra: dict | None = None, user_extra: list[dict] | None = None,
+                  extra_files: dict[str, bytes] | None = None) -> dict:
     """Write shards and meta.json into ``out`` atomically: everything goes to a temporary sibling
     directory which is renamed into place at the end, so an interrupted preparation never leaves a
-    directory that looks complete. ``users[i]`` maps split name -> 1-D array of token ids."""
+    directory that looks complete. ``users[i]`` maps split name -> 1-D array of token ids;
+    ``extra_files`` maps a relative name to bytes written beside meta.json (in the same rename), and
+    meta.json lists each with its size and sha256 under ``files``."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(vocab_size)
@@ -76,12 +79,24 @@ def write_dataset(out: str | Path, users: list[dict[str, np.ndarray]], vocab_siz
                 arr.astype(dtype).tofile(tmp / rel)
                 entry["splits"][split] = {"file": rel, "tokens": int(arr.size), "sha256": sha256_file(tmp / rel)}
             meta_users.append(entry)
+        files = {}
+        for rel, blob in (extra_files or {}).items():
+            (tmp / rel).write_bytes(blob)
+            files[rel] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
         meta = {"format": FORMAT, "vocab_size": int(vocab_size), "dtype": dtype.name,
                 "n_users": len(users), **(meta_extra or {}), "users": meta_users}
+        if files:
+            meta["files"] = files
+        # meta.json is written last: a directory without it is never taken for a dataset
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        old = None
         if out.exists():
-            shutil.rmtree(out)
+            # move the old dataset aside first, so that a failure here leaves one or the other
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "d")
         os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

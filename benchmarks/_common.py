@@ -1,0 +1,227 @@
+"""Shared pieces of the benchmark scripts: timing, robust statistics, target lines, models, ranks.
+
+Owns how a benchmark measures (interleaved rounds, medians, paired ratios, wall or CPU clock,
+peak memory) and how it prints its verdict (``<name>: <ratio> (target <op> <value>)``).
+Knows nothing of what is being compared: each script hands in its variants.
+
+Why interleaved rounds and paired ratios: on a shared machine the load drifts over minutes, so
+every variant is timed once per round, in a rotating order, and the ratio of two variants is the
+median over rounds of their ratio within the round (both saw about the same machine state).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python benchmarks/x.py` from a checkout, without an install
+    sys.path.insert(0, str(ROOT))
+
+
+# --------------------------------------------------------------------------------------------
+# command line and environment
+# --------------------------------------------------------------------------------------------
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke check: tiny shapes and few repetitions (the figures mean nothing)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="what the target lines use: wall-clock time (the definition) or this "
+                             "process's CPU time (less sensitive to other jobs on a shared machine; "
+                             "single-threaded measurements only). Both are printed.")
+    return parser
+
+
+def set_threads(n: int) -> int:
+    """Pin torch's intra-op threads (0 = leave torch's default); returns the count in use."""
+    if n > 0:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def default_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def machine_line() -> str:
+    load = ""
+    if hasattr(os, "getloadavg"):
+        load = " load average %.2f %.2f %.2f," % os.getloadavg()
+    return f"{os.cpu_count()} CPU cores,{load} torch {torch.__version__}"
+
+
+# --------------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------------
+
+class Clock:
+    """Wall-clock and process CPU time of one call, with CUDA synchronised around it."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], object]) -> tuple[float, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        wall, cpu = time.perf_counter(), time.process_time()
+        fn()
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def interleaved(variants: dict[str, Callable[[], object]], warmup: int, rounds: int, clock: Clock,
+                progress: Callable[[str], None] = lambda msg: None) -> dict[str, dict[str, list[float]]]:
+    """Time every variant once per round, rotating the order each round; the warm-up rounds
+    are run the same way and dropped. Returns {variant: {"wall": [...], "cpu": [...]}}."""
+    names = list(variants)
+    out = {n: {"wall": [], "cpu": []} for n in names}
+    for r in range(warmup + rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            wall, cpu = clock(variants[name])
+            if r >= warmup:
+                out[name]["wall"].append(wall)
+                out[name]["cpu"].append(cpu)
+        progress(f"round {r + 1}/{warmup + rounds}" + (" (warm-up)" if r < warmup else ""))
+    return out
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def spread(xs: list[float]) -> float:
+    """Interquartile range over the median: how noisy a series is (0.05 = 5%)."""
+    if len(xs) < 2:
+        return 0.0
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return (q[2] - q[0]) / max(statistics.median(xs), 1e-12)
+
+
+def paired_ratio(num: list[float], den: list[float]) -> float:
+    """Median over rounds of num[i] / den[i] (each pair measured under about the same load)."""
+    return statistics.median(a / b for a, b in zip(num, den))
+
+
+def target_line(name: str, value: float, op: str, target: float) -> str:
+    """The last lines of every benchmark, one per target, in a form a reader or a check compares."""
+    return f"{name}: {value:.3f} (target {op} {target:.2f})"
+
+
+# --------------------------------------------------------------------------------------------
+# memory
+# --------------------------------------------------------------------------------------------
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set since it started (ru_maxrss is in KiB on Linux)."""
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Restart the kernel's high-water mark of this process's RSS (Linux); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def current_hwm_bytes() -> int | None:
+    """VmHWM: the peak RSS since the last reset (Linux), or None."""
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    m = re.search(r"VmHWM:\s+(\d+) kB", text)
+    return int(m.group(1)) * 1024 if m else None
+
+
+def current_rss_bytes() -> int | None:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    m = re.search(r"VmRSS:\s+(\d+) kB", text)
+    return int(m.group(1)) * 1024 if m else None
+
+
+# --------------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------------
+
+def share_frozen(base: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``base`` whose frozen weights are the very same tensors (not copies), so that
+    several variants of one model can be benchmarked side by side for the memory of one."""
+    memo = {id(t): t for t in list(base.parameters()) + list(base.buffers())}
+    return copy.deepcopy(base, memo)
+
+
+def randomise_adapters(model: torch.nn.Module, seed: int = 0, b_std: float = 0.02) -> None:
+    """Give every LoRA B a small random value and the routers spread-out weights, so that the
+    experts differ and tokens spread over them as in a trained model (untrained B are zero and a
+    fresh router sends most tokens to the same experts)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=g) * b_std)
+            elif name.endswith("router.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+
+
+# --------------------------------------------------------------------------------------------
+# ranks
+# --------------------------------------------------------------------------------------------
+
+def rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """What torchrun would export for one rank on this host, one thread per rank."""
+    return {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1"}
+
+
+def start_ranks(target: Callable, world_size: int, args: tuple, ctx=None) -> list:
+    """Start ``world_size`` processes running ``target(rank, world_size, port, *args)``; each
+    joins its group through the project's own ``dist.init_distributed`` (env://)."""
+    import multiprocessing as mp
+    ctx = ctx or mp.get_context("spawn")
+    from comigs_dist.dist import free_port
+    port = free_port()
+    procs = [ctx.Process(target=_rank_entry, args=(target, r, world_size, port, args), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def _rank_entry(target: Callable, rank: int, world_size: int, port: int, args: tuple) -> None:
+    os.environ.update(rank_env(rank, world_size, port))
+    torch.set_num_threads(1)
+    target(rank, world_size, port, *args)
+
+
+def join_ranks(procs: list, timeout_s: float = 60.0) -> None:
+    for p in procs:
+        p.join(timeout_s)
+    bad = [p.exitcode for p in procs if p.exitcode not in (0, None)]
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    if bad or alive:
+        raise RuntimeError(f"benchmark ranks failed: exit codes {bad}, {len(alive)} still running (killed)")

@@ -1,0 +1,165 @@
+"""What a round's communication costs, with GPT-2 124M's shapes, on CPU (gloo): 2 and 4 ranks.
+
+Starts N real ranks (gloo on loopback, one thread each), each a CoMiGS-1G1S user on
+``model.name=gpt2-random`` (GPT-2 124M shapes, seeded random weights: nothing to download), built
+by the project's own set-up. Every round, each rank takes the round's local expert steps on a
+small batch, then runs the round's aggregation once per configuration: server and all2all, in fp32
+and bf16 (``comm.exact=true``, the default), and server fp32 with ``comm.exact=false`` (the wire
+dtype reduced as it is). Each step is timed between two barriers, so a straggler's lateness is not
+counted as communication; a phase takes as long as its slowest rank. The first round is a warm-up.
+
+For each configuration: the aggregation's median time as a share of the round (local steps +
+aggregation), and the bytes per round that dist.py counted for one user, beside the analytic
+figure (delivered payload, dist.round_bytes). Ends with the ratios that have a target:
+    bytes all2all / server, N ranks: N (target == N)
+    counted / analytic bytes, all2all fp32, N ranks: 1 (target == 1)
+and, without a target, the communication shares and exact / plain server time.
+
+    python benchmarks/comm.py [--ranks 2 4] [--rounds 4] [--local-steps 2] [--batch 1] [--seq-len 64]
+
+A real round has 10 local steps of 64 sequences of 128 tokens: its communication share is
+smaller than the small batch here shows (the aggregation does not depend on the batch).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# (label, comm.mode, comm.dtype, comm.exact)
+CONFIGS = [("server fp32", "server", "fp32", True), ("all2all fp32", "all2all", "fp32", True),
+           ("server bf16", "server", "bf16", True), ("all2all bf16", "all2all", "bf16", True),
+           ("server fp32 plain", "server", "fp32", False)]
+
+
+def _overrides(args, n_ranks: int) -> list[str]:
+    return [f"model.name={args.model}", f"n_users={n_ranks}", f"train.batch_size={args.batch}",
+            f"train.seq_len={args.seq_len}", f"train.local_steps={args.local_steps}", "train.threads=1",
+            "log.tensorboard=false", "log.progress=false", "checkpoint.final=false", "model.share_base=auto"]
+
+
+def _rank(rank: int, n_ranks: int, port: int, args, out_path: str) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(n_ranks), "LOCAL_RANK": str(rank),
+                       "LOCAL_WORLD_SIZE": str(n_ranks), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    from comigs_dist import dist, train
+    from comigs_dist.config import load_config
+    from comigs_dist.methods import SyncContext
+    cfg = load_config(None, _overrides(args, n_ranks))
+    topo = dist.init_distributed("gloo", "cpu", 600.0, threads=1)
+    try:
+        run = train.setup_user(cfg, topo)
+        autocast = train.autocast_for(topo.device, "off")
+        times = {"compute": [], **{label: [] for label, *_ in CONFIGS}}
+        counted = {}
+        for _ in range(args.rounds):
+            dist.barrier(topo)
+            start = time.perf_counter()
+            run.model.set_trainable(run.method.trains_in_expert_phase)
+            for _ in range(cfg.train.local_steps):
+                train.optimizer_step(run, run.train_sampler, run.expert_opt, autocast)
+            times["compute"].append(time.perf_counter() - start)
+            for label, mode, dtype, exact in CONFIGS:
+                comm = train.CommHandle(topo, mode, dtype, exact=exact)
+                before = (topo.stats.bytes_sent, topo.stats.bytes_received)
+                dist.barrier(topo)
+                start = time.perf_counter()
+                run.method.aggregate(SyncContext(shared=run.shared, comm=comm, round_idx=1, user_idx=topo.user_idx,
+                                                 n_users=n_ranks))
+                times[label].append(time.perf_counter() - start)
+                counted[label] = (topo.stats.bytes_sent - before[0], topo.stats.bytes_received - before[1])
+        analytic = {label: train.analytic_round_bytes(run, cfg.comm.__class__(mode=mode, dtype=dtype), topo,
+                                                      False)["total"] for label, mode, dtype, _ in CONFIGS}
+        rows = dist.all_gather_objects({"times": times, "counted": counted, "analytic": analytic,
+                                        "shared_params": sum(p.numel() for ps in run.shared.values() for _, p in ps)})
+        if topo.rank == 0:
+            Path(out_path).write_text(json.dumps(rows))
+        dist.barrier(topo)
+    finally:
+        dist.shutdown()
+
+
+def measure(args, n_ranks: int) -> list[dict]:
+    """Every rank's timings and byte counts for n_ranks ranks."""
+    from comigs_dist.dist import free_port
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "rows.json")
+        port = free_port()
+        procs = [ctx.Process(target=_rank, args=(r, n_ranks, port, args, out)) for r in range(n_ranks)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        if any(p.exitcode != 0 for p in procs):
+            raise RuntimeError(f"a rank failed (exit codes {[p.exitcode for p in procs]})")
+        return json.loads(Path(out).read_text())
+
+
+def _phase(rows: list[dict], key: str) -> float:
+    """Median over the rounds after the first of the slowest rank's time for one phase."""
+    per_round = [max(r["times"][key][i] for r in rows) for i in range(1, len(rows[0]["times"][key]))]
+    return statistics.median(per_round)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per world size (the first is a warm-up)")
+    parser.add_argument("--local-steps", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1, help="sequences per local step")
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--model", default="gpt2-random")
+    args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error("--rounds must be >= 2 (the first round is a warm-up)")
+    from comigs_dist import train
+    from comigs_dist.config import load_config
+    for n in args.ranks:  # the embedded corpus for n users, built before any rank starts
+        train.prepare_assets(load_config(None, _overrides(args, n)), n)
+
+    mib = 2 ** 20
+    print(f"{args.model}, CoMiGS-1G1S, {args.local_steps} local steps of {args.batch} x {args.seq_len} tokens per "
+          f"round, one thread per rank, gloo on loopback; {os.cpu_count()} CPU cores on this host")
+    print("share = aggregation / (local steps + aggregation), medians over rounds of the slowest rank; bytes are one "
+          "user's per round, counted by dist.py (delivered payload) and analytic")
+    print(f"{'ranks':>5} {'configuration':>18} {'steps s':>8} {'comm s':>8} {'share':>7} {'sent MiB':>9} "
+          f"{'recv MiB':>9} {'analytic MiB':>12}")
+    summary = []
+    for n in args.ranks:
+        start = time.perf_counter()
+        rows = measure(args, n)
+        compute = _phase(rows, "compute")
+        comm = {label: _phase(rows, label) for label, *_ in CONFIGS}
+        for label, *_ in CONFIGS:
+            sent, received = rows[0]["counted"][label]
+            print(f"{n:>5} {label:>18} {compute:>8.3f} {comm[label]:>8.3f} {comm[label] / (compute + comm[label]):>7.3f} "
+                  f"{sent / mib:>9.2f} {received / mib:>9.2f} {rows[0]['analytic'][label]['sent'] / mib:>12.2f}")
+        print(f"      ({rows[0]['shared_params']:,} shared parameters per user; {time.perf_counter() - start:.0f} s)",
+              flush=True)
+        summary.append((n, rows, compute, comm))
+    print()
+    for n, rows, compute, comm in summary:
+        for label in ("server fp32", "all2all fp32"):
+            print(f"communication share of the round, {label}, {n} ranks: {comm[label] / (compute + comm[label]):.3f}")
+        print(f"exact / plain server fp32 aggregation time, {n} ranks: {comm['server fp32'] / comm['server fp32 plain']:.2f}")
+    for n, rows, compute, comm in summary:
+        ratio = min(r["counted"]["all2all fp32"][0] / r["counted"]["server fp32"][0] for r in rows)
+        print(f"bytes all2all / server, {n} ranks: {ratio:.2f} (target == {n})")
+        worst = max(abs(r["counted"][label][0] / r["analytic"][label]["sent"] - 1) for r in rows for label, *_ in CONFIGS)
+        print(f"counted / analytic bytes, every configuration, {n} ranks: {1 + worst:.2f} (target == 1)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

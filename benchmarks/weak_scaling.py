@@ -1,0 +1,172 @@
+"""Parallel users, weak scaling (target 3 of the performance issue).
+
+    python benchmarks/weak_scaling.py [--quick] [--models embedded,gpt2-random] [--repeats 3]
+
+Same work per user: the round time of 2 users as 2 ranks (one thread each) over the round time
+of 1 user as 1 rank (one thread). 1.0 is the limit on a machine with a free core per rank: a
+user on its own core costs nothing more than a user alone. Printed beside it, for comparison
+with single-process simulators, the same 2 users held in one process with 2 threads and stepped
+one after the other (their shared parameters averaged in memory).
+
+A round is the sync of the generalists followed by train.local_steps (10) expert steps of
+train.batch_size sequences (router phases, every tau = 30 iterations, are left out so that every
+timed round does the same work). Ranks join through the project's own path (env:// and
+dist.init_distributed, one thread each). The three set-ups are kept alive side by side and
+timed in turns, in a rotating order; each turn times --rounds rounds after one warm-up round,
+and a ratio is the median over turns of the ratio of the turn medians. Run on an otherwise idle
+machine with at least 2 free cores; absolute times are only meaningful on a GPU.
+"""
+from __future__ import annotations
+
+import _common as C  # noqa: I001  (puts the checkout on sys.path)
+
+import multiprocessing as mp
+import queue
+import time
+
+import torch
+
+import _rounds as R
+
+MODELS = {  # name: (label, overrides, rounds per turn)
+    "embedded": ("embedded default (4-layer GPT-2, 0.86M parameters), batch 8 x 128", [], 5),
+    "gpt2-random": ("GPT-2 124M shapes (random weights), batch 1 x 128",
+                    ["model.name=gpt2-random", "train.batch_size=1"], 2),
+}
+QUICK = ["model.name=tiny", "train.local_steps=2", "train.batch_size=2", "train.seq_len=32"]
+
+
+def rank_worker(rank: int, world_size: int, port: int, overrides: list[str], commands, results) -> None:
+    """One user per rank; waits for 'time N rounds' commands until told to stop."""
+    from comigs_dist import dist
+    cfg = R.bench_config(overrides)
+    topo, run, comm = R.setup_rank(cfg, threads=1)
+    try:
+        results.put(("ready", rank, None))
+        while True:
+            n_rounds = commands.get()
+            if n_rounds is None:
+                break
+            times = []
+            for _ in range(n_rounds):
+                dist.barrier(topo)  # every rank starts the round together (not timed)
+                times.append(R.dist_round(run, comm)[0])
+            results.put(("times", rank, times))
+        dist.barrier(topo)
+    finally:
+        dist.shutdown()
+
+
+class World:
+    """A running group of ranks, one command queue per rank."""
+
+    def __init__(self, world_size: int, overrides: list[str], ctx):
+        self.world_size = world_size
+        self.commands = [ctx.Queue() for _ in range(world_size)]
+        self.results = ctx.Queue()
+        from comigs_dist.dist import free_port
+        port = free_port()
+        self.procs = [ctx.Process(target=C._rank_entry, daemon=True,
+                                  args=(rank_worker, r, world_size, port,
+                                        (overrides, self.commands[r], self.results)))
+                      for r in range(world_size)]
+        for p in self.procs:
+            p.start()
+
+    def _collect(self, kind: str, timeout_s: float) -> dict[int, object]:
+        got = {}
+        deadline = time.monotonic() + timeout_s
+        while len(got) < self.world_size:
+            try:
+                k, rank, payload = self.results.get(timeout=5)
+            except queue.Empty:
+                dead = [p.exitcode for p in self.procs if not p.is_alive()]
+                if dead or time.monotonic() > deadline:
+                    raise RuntimeError(f"a benchmark rank died or hung (exit codes {dead}); see its traceback above")
+                continue
+            assert k == kind, (k, kind)
+            got[rank] = payload
+        return got
+
+    def ready(self, timeout_s: float = 1800) -> None:
+        self._collect("ready", timeout_s)
+
+    def time_rounds(self, n_rounds: int, timeout_s: float = 3600) -> list[float]:
+        """Round times of the group: per round, the slowest rank (the round ends when it does)."""
+        for q in self.commands:
+            q.put(n_rounds)
+        per_rank = self._collect("times", timeout_s)
+        return [max(per_rank[r][i] for r in per_rank) for i in range(n_rounds)]
+
+    def stop(self) -> None:
+        for q in self.commands:
+            q.put(None)
+        C.join_ranks(self.procs, timeout_s=120)
+
+
+def measure(name: str, overrides: list[str], rounds: int, repeats: int, ctx) -> dict[str, float]:
+    cfg = R.bench_config(overrides)
+    R.prepare(cfg, 1, 2)
+    one, two = World(1, overrides, ctx), World(2, overrides, ctx)
+    try:
+        torch.set_num_threads(2)
+        users = R.build_local_users(cfg, 2)
+        one.ready()
+        two.ready()
+        setups = {
+            "1 user, 1 rank, 1 thread": lambda n: one.time_rounds(n),
+            "2 users, 2 ranks, 1 thread each": lambda n: two.time_rounds(n),
+            "2 users in 1 process, 2 threads": lambda n: [R.local_round(users) for _ in range(n)],
+        }
+        names = list(setups)
+        turns = {n: [] for n in names}
+        for rep in range(repeats):
+            shift = rep % len(names)
+            for label in names[shift:] + names[:shift]:
+                times = setups[label](rounds + 1)[1:]  # the first round of a turn warms up
+                turns[label].append(C.median(times))
+            print(f"  {name}: turn {rep + 1}/{repeats}", flush=True)
+    finally:
+        one.stop()
+        two.stop()
+    ref = turns[names[0]]
+    ratios = {label: C.paired_ratio(turns[label], ref) for label in names}
+    print(f"\n{MODELS.get(name, (name,))[0]}; a round = sync + {cfg.train.local_steps} local expert steps")
+    print(f"{'set-up':34s} {'round s':>8s} {'spread':>7s} {'ratio to 1 user':>16s}")
+    for label in names:
+        print(f"{label:34s} {C.median(turns[label]):8.3f} {C.spread(turns[label]):6.1%} {ratios[label]:16.3f}")
+    return {"ranks": ratios[names[1]], "single_process": ratios[names[2]]}
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    parser = C.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--models", default="embedded,gpt2-random",
+                        help="comma-separated: embedded (the default run) and/or gpt2-random")
+    parser.add_argument("--repeats", type=int, default=3, help="turns per set-up")
+    parser.add_argument("--rounds", type=int, default=0, help="timed rounds per turn (0 = per model default)")
+    args = parser.parse_args(argv)
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODELS]
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
+    if args.clock == "cpu":
+        parser.error("--clock cpu does not apply here: rounds span several processes; use wall")
+    ctx = mp.get_context("spawn")
+    print(f"weak scaling: 2 users as 2 ranks vs 1 user as 1 rank, {args.repeats} turns per set-up")
+    print(C.machine_line())
+    results = {}
+    for name in names:
+        label, overrides, rounds = MODELS[name]
+        if args.quick:
+            overrides, rounds = overrides + QUICK, 1
+        results[name] = measure(name, overrides, args.rounds or rounds, 1 if args.quick else args.repeats, ctx)
+    print()
+    for name in names:
+        print(f"2 users in one process with 2 threads, for comparison ({name}): {results[name]['single_process']:.3f}")
+    for name in names:
+        print(C.target_line(f"weak_scaling_2_ranks_over_1_{name.replace('-', '_')}", results[name]["ranks"], "<=", 1.10))
+    return results
+
+
+if __name__ == "__main__":
+    main()

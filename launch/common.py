@@ -1,0 +1,83 @@
+"""What the sbatch script and the submitit launcher share: the resume override, how users are
+spread over nodes, and a stable output directory per job.
+
+A requeued job must find the checkpoints of its first attempt, so its out_dir may not depend on
+the clock (the default of ``comigs_dist.main``): it is derived from the Slurm job id or chosen at
+submission time, and the resume override is passed on every start (a first start finds no
+checkpoint and begins at round 0).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from comigs_dist.config import ConfigError, RunConfig, describe_options, inferred_n_users
+
+# The override that makes a run continue from the last full-state checkpoint under its out_dir,
+# or start fresh when there is none. The one place to change it (sbatch: COMIGS_RESUME=...,
+# submitit: --resume ...).
+RESUME_OVERRIDE = "resume=auto"
+
+
+def known_keys() -> set[str]:
+    """Every dotted option of RunConfig."""
+    return {key for key, _, _ in describe_options()}
+
+
+def resume_args(override: str | None = None) -> tuple[list[str], str]:
+    """The override(s) that make a restarted job resume, and a line that says what happens.
+
+    An empty override turns resuming off. A key that this version of comigs_dist does not know
+    is left out (with a note) rather than failing every job: requeued jobs then start over.
+    """
+    override = RESUME_OVERRIDE if override is None else override.strip()
+    if not override:
+        return [], "resume: off (a requeued job starts again from round 0)"
+    if "=" not in override:
+        raise ConfigError(f"resume override {override!r} must look like key=value (e.g. {RESUME_OVERRIDE})")
+    key = override.split("=", 1)[0].strip()
+    if key not in known_keys():
+        return [], (f"resume: this comigs_dist has no option {key!r}, so a requeued job starts again from "
+                    f"round 0 (name the resume option with COMIGS_RESUME=key=value for sbatch or --resume for submit; an "
+                    f"empty value turns resuming off)")
+    return [override], f"resume: {override} (a requeued job continues from its last checkpoint)"
+
+
+def users_per_node(cfg: RunConfig, n_nodes: int, explicit: int | None = None, gpus_per_node: int = 0) -> int:
+    """How many users (processes) each node runs; the job's world size is n_nodes times this.
+
+    An explicit value wins; else n_users spread evenly over the nodes; else one user per GPU.
+    """
+    n_users = inferred_n_users(cfg)
+    if n_nodes < 1:
+        raise ConfigError(f"the job has {n_nodes} nodes; it needs at least 1")
+    if explicit:
+        if explicit < 1:
+            raise ConfigError(f"users per node ({explicit}) must be >= 1")
+        if n_users is not None and n_users != explicit * n_nodes:
+            raise ConfigError(f"n_users ({n_users}) must equal nodes ({n_nodes}) x users per node ({explicit}); "
+                              f"change one of them or leave users per node unset")
+        return explicit
+    if n_users is not None:
+        if n_users % n_nodes:
+            raise ConfigError(f"n_users ({n_users}) cannot be spread evenly over {n_nodes} nodes; use a number of "
+                              f"nodes that divides it (e.g. --nodes=1)")
+        return n_users // n_nodes
+    if gpus_per_node > 0:
+        return gpus_per_node
+    raise ConfigError("cannot tell how many users each node runs: set n_users=N in the config or as an override, "
+                      "or the users per node (COMIGS_USERS_PER_NODE for sbatch, --users-per-node for submit)")
+
+
+def slug(text: str) -> str:
+    """A file-name-safe version of an override list such as 'method=local seed=42'."""
+    text = re.sub(r"\s+", "_", text.strip())
+    text = text.replace("=", "-")
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", text) or "run"
+
+
+def job_out_dir(cfg: RunConfig, job_id: str, root: str | Path = "runs") -> Path:
+    """The config's out_dir when it sets one, else runs/slurm-<job id>_<method>_s<seed>."""
+    if cfg.out_dir:
+        return Path(cfg.out_dir)
+    return Path(root) / f"slurm-{slug(job_id)}_{cfg.method}_s{cfg.seed}"

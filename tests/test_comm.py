@@ -1,0 +1,271 @@
+"""Communication on real process groups (gloo, 4 processes): server and all2all give bit-identical
+means, bytes are counted as delivered payload, sharing groups average only among their members,
+and a shape mismatch is refused on every rank before any collective; comm.groups end to end."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as tdist
+
+from comigs_dist import dist
+from comigs_dist.config import ConfigError, check_world_size, load_config
+from comigs_dist.groups import build_plan
+from dist_harness import init_topology, run_on_ranks
+from helpers import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = [(512, 1024), (1000,), (3, 7, 11)]  # one buffer of about 525k elements
+
+
+def _inputs(user: int) -> list[torch.Tensor]:
+    """Each user's tensors: magnitudes 2^user * [0.5, 1) with random signs, so that the four
+    values of an element span a factor < 2^5 (the exact regime) yet their fp32 sum depends on order."""
+    gen = torch.Generator().manual_seed(100 + user)
+    out = []
+    for shape in SHAPES:
+        mag = (0.5 + 0.5 * torch.rand(shape, generator=gen)) * 2.0 ** user
+        sign = torch.where(torch.rand(shape, generator=gen) < 0.5, -1.0, 1.0)
+        out.append((mag * sign).float())
+    return out
+
+
+def _all(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    out = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, [t.clone() for t in tensors])
+    return out
+
+
+def _modes_worker(rank, world_size, tmp_path):
+    topo = init_topology()
+    topo.build_groups({"generalists": range(world_size), "pair": [1, 2]})
+    n = world_size
+
+    # premise: these buffers are order-sensitive in fp32 (a ring all_reduce may add in any order)
+    inputs = [_inputs(u) for u in range(n)]
+    forward = [sum(inputs[u][i] for u in range(n)) for i in range(len(SHAPES))]
+    backward = [sum(inputs[u][i] for u in reversed(range(n))) for i in range(len(SHAPES))]
+    assert sum(int((f != b).sum()) for f, b in zip(forward, backward)) > 10_000
+
+    for dtype, wire in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        results = {}
+        for mode in ("server", "all2all"):
+            mine = _inputs(rank)
+            before = (topo.stats.bytes_sent, topo.stats.bytes_received, topo.stats.collectives)
+            dist.sync_mean(topo, "generalists", mine, mode, dtype)
+            results[mode] = mine
+            # delivered payload, in the wire dtype: S up and S down, or N*S each way; one collective
+            payload = sum(torch.Size(s).numel() for s in SHAPES) * wire.itemsize
+            copies = 1 if mode == "server" else n
+            assert topo.stats.bytes_sent - before[0] == payload * copies == dist.round_bytes(payload, mode, n)[0]
+            assert topo.stats.bytes_received - before[1] == payload * copies
+            assert topo.stats.collectives - before[2] == 1
+        # the exact mean of what travelled, whatever the order: round_fp32(float64 sum / N)
+        for i in range(len(SHAPES)):
+            exact = sum(inputs[u][i].to(wire).double() for u in range(n)) / n
+            assert torch.equal(results["server"][i], results["all2all"][i]), (dtype, i)
+            assert torch.equal(results["server"][i], exact.float()), (dtype, i)
+        everyone = _all(results["server"])
+        assert all(torch.equal(everyone[u][i], everyone[0][i]) for u in range(n) for i in range(len(SHAPES)))
+
+    # the plain wire-dtype reduction (comm.exact=false) is what the exact one replaces: report it
+    plain, a2a = _inputs(rank), _inputs(rank)
+    dist.sync_mean(topo, "generalists", plain, "server", "fp32", exact=False)
+    dist.sync_mean(topo, "generalists", a2a, "all2all", "fp32", exact=False)
+    differ = sum(int((p != a).sum()) for p, a in zip(plain, a2a))
+    print(f"rank {rank}: comm.exact=false, server vs all2all: {differ} of {sum(p.numel() for p in plain)} "
+          f"elements differ", flush=True)
+
+    # guard.nan=skip's contributor count keeps the modes identical too (user 3 sits out)
+    results = {}
+    for mode in ("server", "all2all"):
+        mine = _inputs(rank)
+        dist.sync_mean(topo, "generalists", mine, mode, "fp32", count=True, contribute=rank != 3)
+        results[mode] = mine
+    for i in range(len(SHAPES)):
+        assert torch.equal(results["server"][i], results["all2all"][i])
+        assert torch.equal(results["server"][i], (sum(inputs[u][i].double() for u in range(3)) / 3).float())
+
+    # a group of two: its members average between them, the others keep their tensors
+    mine = _inputs(rank)
+    sent = topo.stats.bytes_sent
+    dist.sync_mean(topo, "pair", mine, "all2all", "fp32")
+    for i in range(len(SHAPES)):
+        expected = ((inputs[1][i].double() + inputs[2][i].double()) / 2).float() if rank in (1, 2) else inputs[rank][i]
+        assert torch.equal(mine[i], expected)
+    payload = sum(torch.Size(s).numel() for s in SHAPES) * 4
+    assert topo.stats.bytes_sent - sent == (2 * payload if rank in (1, 2) else 0)
+
+    # a shape mismatch inside one group: every rank (members of the sound group too) raises the
+    # same error naming the group, the user and the parameter, and nothing is sent
+    fresh = dataclasses.replace(topo, groups={}, stats=dist.CommStats(), _checked=set())
+    fresh.build_groups({"generalists": range(n), "cluster": [2, 3]})
+    shared = {"generalists": [("attn.lora_A", torch.zeros(4, 8))]}
+    if rank in (2, 3):
+        shared["cluster"] = [("experts.1.lora_A", torch.zeros(4 if rank == 2 else 2, 8))]
+    with pytest.raises(ValueError, match=r"group 'cluster' differ between users.*user 3 holds experts\.1\.lora_A "
+                                         r"with shape \(2, 8\) \(torch.float32\) but user 2 holds \(4, 8\)"):
+        dist.check_group_shapes(fresh, shared)
+    assert fresh.stats.collectives == 0 and fresh.stats.bytes_sent == 0
+
+
+def test_server_and_all2all_are_bit_identical_and_counted_as_delivered_payload(tmp_path):
+    """4 ranks, 525k order-sensitive elements: server and all2all give the same fp32 (and bf16-wire)
+    mean bit for bit, equal to round(float64 sum / N) on every rank, with or without a user sitting
+    out; server counts S each way and all2all 4 S, one collective per mean; a group of two averages
+    only its members; a shape mismatch in a subgroup is refused by all four ranks before sending."""
+    run_on_ranks(_modes_worker, 4, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# comm.groups on the model
+# --------------------------------------------------------------------------------------------
+
+GROUPS = "[{name: global, users: all, experts: [0]}, {name: cluster, users: [0, 1], experts: [1]}]"
+
+
+def _groups_worker(rank, world_size, tmp_path):
+    from comigs_dist.methods import SyncContext
+    from comigs_dist.train import CommHandle, analytic_round_bytes, optimizer_step, setup_user
+    off = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    cfg = tiny_config(**{"moe.n_experts": 2, "moe.n_generalists": "[2, 2, 1, 1]", "comm.groups": GROUPS})
+    check_world_size(cfg, world_size)
+    topo = init_topology()
+    r = setup_user(cfg, topo)
+    assert topo.members("global") == (0, 1, 2, 3) and topo.members("cluster") == (0, 1)
+    assert list(r.shared) == (["cluster", "global"] if rank < 2 else ["global"])
+    tags = r.model.report.tags
+    where = {n: g for g, params in r.shared.items() for n, _ in params}
+    for n, t in tags.items():  # attention and expert 0 global; expert 1 in the cluster (users 0, 1)
+        expected = ("global" if t.kind == "attn" or t.expert == 0 else
+                    "cluster" if t.expert == 1 and rank < 2 else None)
+        assert where.get(n) == expected, (n, rank)
+
+    for mode in ("server", "all2all"):
+        r.model.set_trainable(r.method.trains_in_expert_phase)
+        optimizer_step(r, r.train_sampler, r.expert_opt, off)  # every user's parameters now differ
+        before = _all([p.detach().clone() for p in r.model.report.params.values()])
+        stats = (topo.stats.bytes_sent, topo.stats.bytes_received, topo.stats.collectives)
+        comm = CommHandle(topo, mode, "fp32")
+        r.method.aggregate(SyncContext(shared=r.shared, comm=comm, round_idx=1, user_idx=rank, n_users=world_size))
+        after = _all([p.detach().clone() for p in r.model.report.params.values()])
+        for i, (n, t) in enumerate(tags.items()):
+            if t.kind == "attn" or t.expert == 0:
+                users = range(4)
+            elif t.expert == 1:
+                users = [0, 1]
+            else:
+                users = []
+            for u in range(4):
+                if u in users:  # the exact mean over the group's members
+                    mean = (sum(before[v][i].double() for v in users) / len(users)).float()
+                    assert torch.equal(after[u][i], mean), (mode, n, u)
+                else:  # outside the group (user 2, 3's specialist expert 1) or local (routers)
+                    assert torch.equal(after[u][i], before[u][i]), (mode, n, u)
+            if t.expert == 1:
+                assert not torch.equal(after[2][i], after[3][i])
+        # counted == analytic: S per group (server) or N_group * S per group (all2all); one collective each
+        analytic = analytic_round_bytes(r, SimpleNamespace(mode=mode, dtype="fp32"), topo, False)
+        assert topo.stats.bytes_sent - stats[0] == analytic["total"]["sent"]
+        assert topo.stats.bytes_received - stats[1] == analytic["total"]["received"]
+        assert topo.stats.collectives - stats[2] == len(r.shared)
+        for g, a in analytic["groups"].items():
+            size = sum(p.numel() for _, p in r.shared[g]) * 4
+            assert a["analytic_sent_per_round"] == (size if mode == "server" else size * len(topo.members(g)))
+
+    # rank 4 for user 3's LoRAs: shapes differ inside 'global' and inside 'cluster_b'; every rank
+    # (users 0 and 1, outside cluster_b, too) refuses before any collective, naming user and parameter
+    bad = tiny_config(**{"moe.n_experts": 2, "moe.n_generalists": "[1, 1, 2, 2]", "lora.rank": "[8, 8, 8, 4]",
+                         "comm.groups": "[{name: global, users: all, experts: [0]}, "
+                                        "{name: cluster_b, users: [2, 3], experts: [1]}]"})
+    topo2 = dataclasses.replace(topo, groups={}, stats=dist.CommStats(), _checked=set())
+    with pytest.raises(ValueError, match=r"group 'cluster_b' differ between users, so they cannot be averaged: "
+                                         r"user 3 holds \S*experts\.1\.in_loras\.0\.lora_A with shape \(4, 32\)"):
+        setup_user(bad, topo2)
+    assert topo2.stats.collectives == 0
+
+
+def test_groups_average_only_among_their_members(tmp_path):
+    """Overlapping groups on 4 users (global: expert 0 + attention LoRA of all; cluster: expert 1 of
+    users 0, 1): after a round in each mode every tensor equals the exact mean over its group's
+    members, users 2 and 3 keep their expert 1 (a specialist for them) and every router; counted
+    bytes equal the analytic figure group by group, one collective per group; a rank mismatch in
+    one group is refused by every user before any collective."""
+    run_on_ranks(_groups_worker, 4, tmp_path)
+
+
+def test_comm_groups_config_errors_name_key_value_and_fix():
+    """Bad comm.groups are refused before any process group, each with the key and the fix."""
+    base = ["n_users=4", "moe.n_experts=3", "moe.n_generalists=2"]
+    cases = [
+        ("[{name: global, users: all, experts: [0]}, {name: a, users: [0, 1], experts: [1]}]",
+         r"expert 1 of users 2, 3 is a generalist \(from moe.n_generalists with method comigs_1g1s\) but no "
+         r"group shares it; add it to the experts of a group holding users 2, 3"),
+        ("[{name: g, users: all, experts: [0, 1]}, {name: a, users: [0, 1], experts: [1]}]",
+         r"expert 1 of users 0, 1 is shared by 2 groups \(g, a\); a generalist is averaged in one group"),
+        ("[{name: g, users: all, experts: [0, 1, 2]}]",
+         r"comm.groups\[0\] \(g\).experts lists expert 2, which is not a generalist of users 0, 1, 2, 3"),
+        ("[{name: g, users: [0, 1, 2, 7], experts: [0, 1]}]",
+         r"comm.groups\[0\] \(g\).users names user\(s\) \[7\], outside the users of the run \(0..3\)"),
+        ("[{name: a, users: [0, 1], experts: [0, 1]}, {name: b, users: [2, 3], experts: [0, 1]}]",
+         r"attention LoRA of users 0, 1, 2, 3 would be averaged in 0 groups .* mark one group of each user "
+         r"with attention: true"),
+        ("[{name: g, users: all, experts: [0, 1]}, {name: g, users: [0], experts: []}]",
+         r"comm.groups\[1\].name \('g'\) is used by comm.groups\[0\] already"),
+        ("[{name: g, user: all}]", r"unknown key 'comm.groups\[0\].user'; did you mean 'users'"),
+    ]
+    for groups, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, base + [f"comm.groups={groups}"])
+    with pytest.raises(ConfigError, match=r"method 'hetlora' shares its parameters its own way; remove comm.groups"):
+        load_config(None, ["method=hetlora", "comm.groups=[{name: g, users: all, experts: [0]}]"])
+    # users named by index are checked against the world size once it is known (before any group)
+    cfg = load_config(None, ["comm.groups=[{name: g, users: [0, 1, 2], experts: [0]}]"])
+    with pytest.raises(ConfigError, match=r"user 3 is in no group"):
+        check_world_size(cfg, 4)
+    # clusters without a global group: each marks its own attention group; the plan is what it says
+    cfg = load_config(None, base + ["comm.groups=[{name: a, users: [0, 1], experts: [0, 1], attention: true}, "
+                                    "{name: b, users: [2, 3], experts: [0, 1], attention: true}]"])
+    plan = build_plan(cfg.comm.groups, 4, lambda u: 2)
+    assert plan.members == {"a": (0, 1), "b": (2, 3)} and plan.attention == {0: "a", 1: "a", 2: "b", 3: "b"}
+    assert plan.experts[(3, 1)] == "b" and plan.groups_of(1) == ["a"]
+    # no comm.groups: today's single group of every user
+    plan = build_plan([], 3, lambda u: 1)
+    assert plan.members == {"generalists": (0, 1, 2)} and plan.experts == {(u, 0): "generalists" for u in range(3)}
+
+
+@pytest.mark.slow
+def test_two_clusters_from_a_yaml_end_to_end(tmp_path):
+    """configs/two_clusters.yaml under torchrun with 4 processes, in all2all mode: results.json counts
+    per group exactly the analytic bytes of the rounds that aggregated (rounds - 1), N_group times the
+    payload, and the users of one cluster end with the same cluster generalist up to their last local steps."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "comigs_dist.main",
+           "--config", "configs/two_clusters.yaml", f"out_dir={out}", "comm.mode=all2all", "train.rounds=3",
+           "eval.every=0", "log.tensorboard=false"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [g.name for g in load_config(out / "config.yaml").comm.groups] == ["global", "cluster_a", "cluster_b"]
+    for row in results["users"]:
+        cluster = "cluster_a" if row["user"] < 2 else "cluster_b"
+        groups = row["comm_groups"]
+        assert sorted(groups) == sorted(["global", cluster])
+        assert groups["global"]["members"] == [0, 1, 2, 3] and groups[cluster]["members"] == (
+            [0, 1] if cluster == "cluster_a" else [2, 3])
+        for g, n in (("global", 4), (cluster, 2)):
+            assert groups[g]["analytic_sent_per_round"] == n * groups[g]["payload_bytes"]
+            assert groups[g]["bytes_sent"] == groups[g]["bytes_received"] == 2 * groups[g]["analytic_sent_per_round"]
+            assert groups[g]["collectives"] == 2
+        assert row["bytes_sent"] == 2 * row["analytic_bytes_per_round"]["sent"] and isinstance(row["bytes_sent"], int)
+        # tiny GPT-2, rank 8, 2 layers: expert 1 = (8*32 + 128*8) + (8*128 + 32*8) per layer; global adds
+        # expert 0 (as much) and the attention LoRA ((8*32 + 96*8) + (8*32 + 32*8) per layer)
+        assert groups[cluster]["shared_params"] == 2 * 2560
+        assert groups["global"]["shared_params"] == 2 * 2560 + 2 * 1536
+        assert groups[cluster]["payload_bytes"] == 4 * 2 * 2560

@@ -1,0 +1,201 @@
+"""The launchers without a cluster: job planning, sweeps, the results table, submitit's local executor."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from comigs_dist.config import ConfigError, load_config
+from launch import collect, common, plan, submit
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = str(ROOT / "configs" / "debug.yaml")
+FAST = ["log.tensorboard=false", "eval.max_tokens=2048"]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+
+
+def test_users_per_node_spreads_users_over_nodes():
+    """n_users / nodes, else the explicit value, else one per GPU; impossible layouts name the fix."""
+    two = load_config(DEBUG)  # n_users: 2
+    assert common.users_per_node(two, 1) == 2
+    assert common.users_per_node(two, 2) == 1
+    with pytest.raises(ConfigError, match=r"n_users \(2\) cannot be spread evenly over 3 nodes"):
+        common.users_per_node(two, 3)
+    with pytest.raises(ConfigError, match=r"n_users \(2\) must equal nodes \(2\) x users per node \(2\)"):
+        common.users_per_node(two, 2, explicit=2)
+    free = load_config(None)  # n_users unset: the world size decides
+    assert common.users_per_node(free, 2, explicit=3) == 3
+    assert common.users_per_node(free, 2, gpus_per_node=4) == 4
+    with pytest.raises(ConfigError, match="cannot tell how many users each node runs"):
+        common.users_per_node(free, 1)
+
+
+def test_resume_override_is_kept_only_when_the_option_exists():
+    """The resume override is passed when comigs_dist knows its key, dropped with a note when not, off when empty."""
+    assert common.resume_args() == common.resume_args(common.RESUME_OVERRIDE)
+    assert common.resume_args("checkpoint.every=2")[0] == ["checkpoint.every=2"]
+    args, note = common.resume_args("no_such.option=auto")
+    assert args == [] and "has no option 'no_such.option'" in note
+    args, note = common.resume_args("")
+    assert args == [] and note.startswith("resume: off")
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        common.resume_args("auto")
+
+
+def test_plan_pins_out_dir_threads_and_resume(tmp_path, monkeypatch):
+    """A job's out_dir depends on its id (stable across requeues); the node's CPUs are shared by its users."""
+    monkeypatch.chdir(tmp_path)
+    p = plan.plan("123", 2, ["--config", DEBUG, "train.rounds=3"], cpus_per_task=8, resume="checkpoint.every=1")
+    assert (p["USERS_PER_NODE"], p["WORLD_SIZE"], p["THREADS"]) == (1, 2, 8)
+    assert p["OUT_DIR"] == str(tmp_path / "runs" / "slurm-123_comigs_1g1s_s42")
+    assert p["MAIN_ARGS"] == ["--config", DEBUG, "train.rounds=3", "train.threads=8",
+                              f"out_dir={p['OUT_DIR']}", "checkpoint.every=1"]
+    # the config's own out_dir and threads win; 4 users share 8 CPUs -> 2 threads each
+    p = plan.plan("7", 1, ["--config", DEBUG, f"out_dir={tmp_path}/mine", "train.threads=3", "n_users=4"],
+                  cpus_per_task=8, resume="")
+    assert p["OUT_DIR"] == str(tmp_path / "mine") and p["THREADS"] == 3 and p["USERS_PER_NODE"] == 4
+    assert not [a for a in p["MAIN_ARGS"] if a.startswith("train.threads=") and a != "train.threads=3"]
+    assert plan.plan("8", 2, ["n_users=4"], cpus_per_task=8)["THREADS"] == 4
+
+
+def test_plan_output_round_trips_through_bash(tmp_path):
+    """What slurm/comigs.sh evals gives back the exact arguments (spaces and brackets included); bad input exits 2."""
+    script = (f'eval "$({sys.executable} -m launch.plan --job-id 5 --nodes 1 --resume "" -- --config {DEBUG} '
+              f'"moe.n_experts=[2, 3]" seed=7)" && printf "%s\\n" "$USERS_PER_NODE" "${{MAIN_ARGS[@]}}"')
+    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["2", "--config", DEBUG, "moe.n_experts=[2, 3]", "seed=7",
+                                        f"out_dir={tmp_path}/runs/slurm-5_comigs_1g1s_s7"]
+    bad = subprocess.run([sys.executable, "-m", "launch.plan", "--job-id", "5", "--nodes", "1", "--",
+                          "--config", DEBUG, "train.rounds=0"], cwd=tmp_path, env=_env(), capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert "train.rounds (0) must be > 0" in bad.stderr
+
+
+def test_sbatch_script_refuses_to_run_outside_slurm(tmp_path):
+    """bash slurm/comigs.sh without an allocation says how to submit it instead of starting anything."""
+    env = {k: v for k, v in _env().items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(["bash", str(ROOT / "slurm" / "comigs.sh"), DEBUG], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "sbatch slurm/comigs.sh" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_expand_sweep_is_a_cartesian_product():
+    """One override list per combination, last key fastest; commas inside brackets stay in a value."""
+    assert submit.expand_sweep(["seed=42,45", "method=local,fedavg"]) == [
+        ["seed=42", "method=local"], ["seed=42", "method=fedavg"],
+        ["seed=45", "method=local"], ["seed=45", "method=fedavg"]]
+    assert submit.expand_sweep(["moe.n_experts=[2,3],[3,3]"]) == [["moe.n_experts=[2,3]"], ["moe.n_experts=[3,3]"]]
+    assert submit.expand_sweep([]) == [[]]
+    for bad, message in [("seed", "must look like key=value1,value2"), ("seed=1,", "empty key or value")]:
+        with pytest.raises(ConfigError, match=message):
+            submit.expand_sweep([bad])
+    with pytest.raises(ConfigError, match="names 'seed' twice"):
+        submit.expand_sweep(["seed=1", "seed=2"])
+
+
+def test_plan_jobs_validates_every_combination_before_submitting(tmp_path):
+    """Every bad combination is reported at once and nothing is created; good ones get their own out_dir."""
+    with pytest.raises(ConfigError) as err:
+        submit.submit(["--config", DEBUG], ["train.rounds=2,0", "method=local,nope"], root=tmp_path, cluster="local")
+    text = str(err.value)
+    assert text.startswith("nothing was submitted")
+    assert "train.rounds=0 method=local: invalid configuration: train.rounds (0) must be > 0" in text
+    assert "train.rounds=2 method=nope" in text and "train.rounds=0 method=nope" in text
+    assert "train.rounds=2 method=local:" not in text
+    assert list(tmp_path.iterdir()) == []
+
+    jobs, _ = submit.plan_jobs(["--config", DEBUG, "train.rounds=1"], ["seed=42,45", "method=local,fedavg"],
+                               tmp_path / "sw", cpus_per_task=2, resume="")
+    assert [j["label"] for j in jobs] == ["seed-42_method-local", "seed-42_method-fedavg",
+                                          "seed-45_method-local", "seed-45_method-fedavg"]
+    assert jobs[3]["argv"] == ["--config", DEBUG, "train.rounds=1", "seed=45", "method=fedavg", "train.threads=2",
+                               f"out_dir={tmp_path / 'sw' / 'seed-45_method-fedavg'}"]
+    assert {j["users_per_node"] for j in jobs} == {2}
+    with pytest.raises(ConfigError, match="different numbers of users per node"):
+        submit.plan_jobs([], ["n_users=2,4"], tmp_path / "x")
+
+
+def test_experiment_is_requeued_with_the_same_arguments():
+    """On timeout or preemption submitit resubmits the callable with its out_dir and resume override intact."""
+    exp = submit.Experiment(["--config", DEBUG, "out_dir=/x", "resume=auto"], "/x")
+    again = exp.checkpoint()
+    assert again.function is exp and again.args == () and exp.argv[-2:] == ["out_dir=/x", "resume=auto"]
+
+
+def test_failure_reason_is_the_exception_line():
+    """The launcher reports the exception itself, not submitit's advice about logs."""
+    message = ("Job (task=0) failed during processing with trace:\n----------------------\nTraceback (most recent "
+               "call last):\n  File \"x.py\", line 1\nOSError: no such model\n\n----------------------\nYou can "
+               "check full logs with 'job.stderr(0)'\n  - /a/16_0_log.err")
+    assert submit.failure_reason(message) == "OSError: no such model"
+
+
+def _fake_results(folder: Path, method: str, seed: int, ppl: float, **overrides) -> Path:
+    cfg = load_config(DEBUG, [f"method={method}", f"seed={seed}", *[f"{k}={v}" for k, v in overrides.items()]])
+    out = folder / f"{method}_{seed}_{len(list(folder.glob('*')))}"
+    out.mkdir(parents=True)
+    results = {"method": method, "dataset": "embedded-in", "seed": seed, "world_size": 2, "mean_test_ppl": ppl,
+               "mean_base_test_ppl": 100.0 + seed, "config": cfg.to_dict(),
+               "users": [{"user": 0, "bytes_sent": 1_000_000}, {"user": 1, "bytes_sent": 3_000_000}]}
+    (out / "results.json").write_text(json.dumps(results))
+    return out
+
+
+def test_collect_groups_seeds_and_computes_mean_and_std(tmp_path):
+    """Seeds of one configuration form a row: mean and sample std by hand; options that differ become columns."""
+    _fake_results(tmp_path, "comigs_1g1s", 42, 10.0)
+    _fake_results(tmp_path, "comigs_1g1s", 45, 12.0, **{"train.threads": 3})  # threads do not split a group
+    _fake_results(tmp_path, "comigs_1g1s", 47, 14.0)
+    _fake_results(tmp_path, "local", 42, 20.0)
+    _fake_results(tmp_path, "local", 42, 30.0, **{"train.rounds": 5})
+    files, _ = collect.find_results([tmp_path])
+    columns, rows = collect.summarize(collect.load_runs(files))
+    assert columns == ["method", "train.rounds"]
+    by = {(r["method"], r["train.rounds"]): r for r in rows}
+    comigs = by[("comigs_1g1s", 2)]
+    assert comigs["seeds"] == [42, 45, 47] and comigs["n"] == 3
+    assert comigs["test_ppl_mean"] == pytest.approx(12.0) and comigs["test_ppl_std"] == pytest.approx(2.0)
+    assert comigs["base_ppl_mean"] == pytest.approx(100 + (42 + 45 + 47) / 3)
+    assert comigs["mb_sent_per_user"] == pytest.approx(2.0)
+    assert math.isnan(by[("local", 2)]["test_ppl_std"]) and by[("local", 5)]["test_ppl_mean"] == 30.0
+    table = collect.format_table(columns, rows)
+    assert "12.000 ± 2.000" in table and "20.000 ± -" in table
+
+
+def test_collect_cli_writes_csv_and_lists_missing_jobs(tmp_path):
+    """The command prints the table, writes the CSV, and names jobs of the sweep that left no results."""
+    done = _fake_results(tmp_path, "fedavg", 42, 11.0)
+    (tmp_path / "jobs.json").write_text(json.dumps({"cluster": "local", "n_tasks": 2, "jobs": [
+        {"job_id": "1", "label": "seed-42", "out_dir": str(done), "log": "l1"},
+        {"job_id": "2", "label": "seed-45", "out_dir": str(tmp_path / "seed-45"), "log": "l2"}]}))
+    assert collect.missing_jobs([json.loads((tmp_path / "jobs.json").read_text())]) == [
+        "job 2 seed-45: no results.json (state unknown); log: l2"]
+    proc = subprocess.run([sys.executable, "-m", "launch.collect", str(tmp_path), "--csv", str(tmp_path / "t.csv")],
+                          env=_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "fedavg  42     1  11.000 ± -" in proc.stdout and "job 2 seed-45: no results.json" in proc.stdout
+    assert (tmp_path / "t.csv").read_text().splitlines()[1].startswith("fedavg,42,1,11.0,nan,142.0,2.0,")
+    empty = subprocess.run([sys.executable, "-m", "launch.collect", str(tmp_path / "seed-45")], env=_env(),
+                           capture_output=True, text=True)
+    assert empty.returncode == 2 and "does not exist" in empty.stderr
+
+
+@pytest.mark.slow
+def test_local_executor_runs_a_two_user_job(tmp_path, monkeypatch):
+    """--executor local (debugging without Slurm): submitit starts 2 processes that form one gloo group."""
+    monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
+    lines = []
+    manifest = submit.submit(["--config", DEBUG, *FAST], [], root=tmp_path, name="local", cluster="local",
+                             timeout_min=5, wait=True, echo=lines.append)
+    assert manifest["cluster"] == "local" and list(manifest["outcomes"].values()) == ["COMPLETED"], "\n".join(lines)
+    results = json.loads((Path(manifest["jobs"][0]["out_dir"]) / "results.json").read_text())
+    assert results["world_size"] == 2 and [u["user"] for u in results["users"]] == [0, 1]
+    assert all(u["bytes_sent"] > 0 for u in results["users"])
