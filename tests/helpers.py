@@ -19,3 +19,11 @@ def tiny_config(**overrides):
             "data.test_tokens": 2000}
     base.update(overrides)
     return load_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+TIMING_KEYS = frozenset({"tokens_per_second", "comm_seconds"})  # per-user results that measure time
+
+
+def without_timing(user_row: dict) -> dict:
+    """A user's results.json row without the entries that measure time (they differ between identical runs)."""
+    return {k: v for k, v in user_row.items() if k not in TIMING_KEYS}
