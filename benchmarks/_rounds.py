@@ -85,7 +85,7 @@ def build_local_users(cfg: RunConfig, n_users: int) -> list[UserRun]:
         shared: dict[str, list] = {}
         for name, tag in model.report.tags.items():
             if method.is_shared(tag):
-                shared.setdefault(method.group_of(tag), []).append((name, model.report.params[name]))
+                shared.setdefault(method.group_of(tag, user), []).append((name, model.report.params[name]))
         params = model.set_trainable(method.trains_in_expert_phase)
         t = cfg.train
         opt = build_optimizer(params, t.lr, t, torch.device("cpu"))

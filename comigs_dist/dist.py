@@ -167,6 +167,16 @@ class Topology:
     groups: dict[str, tuple[object, tuple[int, ...]]] = field(default_factory=dict)
     stats: CommStats = field(default_factory=CommStats)
     _checked: set = field(default_factory=set)
+    _scratch: dict = field(default_factory=dict)  # reused flat buffers of the collectives, by (group, dtype, numel)
+
+    def scratch(self, group_name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat buffer of this group, dtype and size kept between rounds, so that a round's
+        collective allocates (and page-faults) nothing; its contents are garbage on return."""
+        key = (group_name, dtype, numel)
+        buf = self._scratch.get(key)
+        if buf is None:
+            buf = self._scratch[key] = torch.empty(numel, dtype=dtype, device=self.device)
+        return buf
 
     @property
     def user_idx(self) -> int:
@@ -342,16 +352,22 @@ def check_group_shapes(topo: Topology, shared: dict[str, Sequence[tuple[str, tor
     topo._checked.update(topo.groups)
 
 
-def _flatten(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
+def _flatten(tensors: Sequence[torch.Tensor], dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    parts = [t.detach().reshape(-1).to(dtype) for t in tensors]
+    return torch.cat(parts) if out is None else torch.cat(parts, out=out)
 
 
 @torch.no_grad()
-def _unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+def _unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor], divisor: int = 1) -> None:
+    """Write ``flat / divisor`` back into the tensors: one pass, one rounding to each tensor's dtype."""
     offset = 0
     for t in tensors:
         n = t.numel()
-        t.copy_(flat[offset:offset + n].view_as(t))
+        src = flat[offset:offset + n].view_as(t)
+        if divisor == 1:
+            t.copy_(src)
+        else:
+            torch.div(src, divisor, out=t)
         offset += n
 
 
@@ -380,23 +396,29 @@ def sync_mean(topo: Topology, group_name: str, tensors: Sequence[torch.Tensor], 
     pg = topo.group(group_name)
     n = len(topo.members(group_name))
     wire = _DTYPES[dtype]
+    if count and wire == torch.bfloat16 and n > 256 and mode == "server" and not exact:
+        raise ValueError(f"group {group_name!r} has {n} members: a contributor count above 256 is not exact in "
+                         f"bf16; use comm.dtype=fp32 or comm.exact=true with guard.nan=skip")
     start = time.perf_counter()
-    flat = _flatten(tensors, wire)  # the payload: what a deployment would send
+    numel = sum(t.numel() for t in tensors)
+    flat = topo.scratch(group_name, numel + int(count), wire)
+    _flatten(tensors, wire, out=flat[:numel])  # the payload: what a deployment would send
     if count:
-        if wire == torch.bfloat16 and n > 256 and mode == "server" and not exact:
-            raise ValueError(f"group {group_name!r} has {n} members: a contributor count above 256 is not exact in "
-                             f"bf16; use comm.dtype=fp32 or comm.exact=true with guard.nan=skip")
         if not contribute:
             flat.zero_()
-        flat = torch.cat([flat, flat.new_full((1,), 1.0 if contribute else 0.0)])
+        flat[numel] = 1.0 if contribute else 0.0
     size = flat.numel() * flat.element_size()
     acc = torch.float64 if exact else torch.float32
     if mode == "server":
         # float64 on the backend: its ring adds in an order of its own, which an exact sum ignores
-        buf = flat.to(torch.float64) if exact else flat
+        if exact:
+            buf = topo.scratch(group_name, flat.numel(), torch.float64)
+            buf.copy_(flat)
+        else:
+            buf = flat
         with _collective("all_reduce", group_name):
             dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=pg)
-        total = buf.to(acc)
+        total = buf if buf.dtype == acc else buf.to(acc)
     else:
         parts = [torch.empty_like(flat) for _ in range(n)]
         with _collective("all_gather", group_name):
@@ -413,8 +435,7 @@ def sync_mean(topo: Topology, group_name: str, tensors: Sequence[torch.Tensor], 
             raise FloatingPointError(f"every member of group {group_name!r} ({', '.join(map(str, topo.members(group_name)))}) "
                                      f"sat this round out with non-finite shared parameters (guard.nan=skip): there is "
                                      f"nothing left to average; lower train.lr or check the data, then resume")
-    mean = total.div_(divisor)
-    _unflatten_into(mean, tensors)  # one rounding to the parameters' dtype
+    _unflatten_into(total, tensors, divisor)  # the mean, rounded once to the parameters' dtype
     topo.stats.add(group_name, sent, received, time.perf_counter() - start)
     return size
 
