@@ -372,6 +372,38 @@ def _unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor], divisor
 
 
 @torch.no_grad()
+def pack_flat(tensors: Sequence[torch.Tensor]) -> bool:
+    """Move the tensors into one new contiguous buffer, each becoming the view of its own slice
+    (``.data`` swapped, values and identities unchanged), so that ``sync_mean`` reduces that buffer
+    itself: nothing to flatten before the collective, nothing to write back after it. Tensors of
+    mixed dtypes or devices are left as they are (False)."""
+    if not tensors or any(t.dtype != tensors[0].dtype or t.device != tensors[0].device for t in tensors):
+        return False
+    flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype, device=tensors[0].device)
+    offset = 0
+    for t in tensors:
+        view = flat[offset:offset + t.numel()].view_as(t)
+        view.copy_(t)
+        t.data = view
+        offset += t.numel()
+    return True
+
+
+def _packed(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The flat buffer that ``tensors`` are consecutive contiguous views of, in order (as
+    ``pack_flat`` leaves them), or None."""
+    first = tensors[0]
+    ptr, start = first.untyped_storage().data_ptr(), first.storage_offset()
+    offset = start
+    for t in tensors:
+        if (t.untyped_storage().data_ptr() != ptr or t.dtype != first.dtype or t.storage_offset() != offset
+                or not t.is_contiguous()):
+            return None
+        offset += t.numel()
+    return first.new_empty(0).set_(first.untyped_storage(), start, (offset - start,))
+
+
+@torch.no_grad()
 def sync_mean(topo: Topology, group_name: str, tensors: Sequence[torch.Tensor], mode: str = "server",
               dtype: str = "fp32", count: bool = False, contribute: bool = True, exact: bool = True) -> int:
     """Replace each tensor, on every member of the group, by its mean over the members.
@@ -401,8 +433,13 @@ def sync_mean(topo: Topology, group_name: str, tensors: Sequence[torch.Tensor], 
                          f"bf16; use comm.dtype=fp32 or comm.exact=true with guard.nan=skip")
     start = time.perf_counter()
     numel = sum(t.numel() for t in tensors)
-    flat = topo.scratch(group_name, numel + int(count), wire)
-    _flatten(tensors, wire, out=flat[:numel])  # the payload: what a deployment would send
+    # the payload, what a deployment would send: the parameters' own buffer where they are packed
+    # in the wire dtype (pack_flat; the contributor count needs a copy), else a flat copy
+    flat = _packed(tensors) if not count and tensors[0].dtype == wire else None
+    in_place = flat is not None
+    if not in_place:
+        flat = topo.scratch(group_name, numel + int(count), wire)
+        _flatten(tensors, wire, out=flat[:numel])
     if count:
         if not contribute:
             flat.zero_()
@@ -435,7 +472,12 @@ def sync_mean(topo: Topology, group_name: str, tensors: Sequence[torch.Tensor], 
             raise FloatingPointError(f"every member of group {group_name!r} ({', '.join(map(str, topo.members(group_name)))}) "
                                      f"sat this round out with non-finite shared parameters (guard.nan=skip): there is "
                                      f"nothing left to average; lower train.lr or check the data, then resume")
-    _unflatten_into(total, tensors, divisor)  # the mean, rounded once to the parameters' dtype
+    if in_place and total.data_ptr() == flat.data_ptr():
+        total.div_(divisor)  # the sum landed in the parameters themselves
+    elif in_place:
+        torch.div(total, divisor, out=flat)
+    else:
+        _unflatten_into(total, tensors, divisor)  # the mean, rounded once to the parameters' dtype
     topo.stats.add(group_name, sent, received, time.perf_counter() - start)
     return size
 

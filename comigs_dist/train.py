@@ -206,6 +206,8 @@ def setup_user(cfg: RunConfig, topo: dist.Topology) -> UserRun:
     shared = {group: by_group[group] for group in sorted(by_group)}
     # shape handshake before the first collective: names the group, user and parameter that differ
     dist.check_group_shapes(topo, shared)
+    for params in shared.values():  # each group's parameters in one buffer: the sync copies nothing
+        dist.pack_flat([p for _, p in params])
 
     expert_params = model.set_trainable(method.trains_in_expert_phase) if method.trains else []
     router_params = [p for n, p in model.report.select(method.trains_in_router_phase)] if method.trains else []

@@ -1,4 +1,8 @@
 """Small models and configs built in code for the tests."""
+import os
+from pathlib import Path
+
+
 def tiny_gpt2(vocab_size: int = 128, n_layer: int = 2, n_embd: int = 32, n_positions: int = 64):
     """The tiny GPT-2 of the style guide (random weights, no dropout)."""
     import torch
@@ -27,3 +31,14 @@ TIMING_KEYS = frozenset({"tokens_per_second", "comm_seconds"})  # per-user resul
 def without_timing(user_row: dict) -> dict:
     """A user's results.json row without the entries that measure time (they differ between identical runs)."""
     return {k: v for k, v in user_row.items() if k not in TIMING_KEYS}
+
+
+_ROOT = Path(__file__).resolve().parents[1]
+DEBUG_CONFIG = str(_ROOT / "configs" / "debug.yaml")
+
+
+def subprocess_env(**extra) -> dict:
+    """The environment of a run started by a test: one thread, this checkout first on the path."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+    env["PYTHONPATH"] = os.pathsep.join([str(_ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    return env

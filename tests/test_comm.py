@@ -81,6 +81,19 @@ def _modes_worker(rank, world_size, tmp_path):
     print(f"rank {rank}: comm.exact=false, server vs all2all: {differ} of {sum(p.numel() for p in plain)} "
           f"elements differ", flush=True)
 
+    # parameters packed into one buffer (what train does) are reduced in that buffer, with the
+    # results of a flat copy, bit for bit, and stay views of it (the optimiser keeps its tensors)
+    for mode, exact in (("server", True), ("server", False), ("all2all", True)):
+        copied, packed = _inputs(rank), [torch.nn.Parameter(t) for t in _inputs(rank)]
+        assert dist.pack_flat(packed) and all(torch.equal(p, t) for p, t in zip(packed, _inputs(rank)))
+        buffer = dist._packed(packed)
+        assert buffer is not None and buffer.numel() == sum(p.numel() for p in packed)
+        assert dist._packed(copied) is None  # separate tensors: the sync flattens a copy
+        dist.sync_mean(topo, "generalists", copied, mode, "fp32", exact=exact)
+        dist.sync_mean(topo, "generalists", [p.data for p in packed], mode, "fp32", exact=exact)
+        assert all(torch.equal(p, c) for p, c in zip(packed, copied)), (mode, exact)
+        assert dist._packed(packed).data_ptr() == buffer.data_ptr()
+
     # guard.nan=skip's contributor count keeps the modes identical too (user 3 sits out)
     results = {}
     for mode in ("server", "all2all"):

@@ -13,16 +13,9 @@ import pytest
 import torch
 
 from comigs_dist import checkpoint
-from helpers import without_timing
+from helpers import DEBUG_CONFIG as DEBUG, subprocess_env as _env, without_timing
 
 ROOT = Path(__file__).resolve().parents[1]
-DEBUG = str(ROOT / "configs" / "debug.yaml")
-
-
-def _env(**extra) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    return env
 
 
 def _forkrun_cmd(nproc: int, *args: str) -> list[str]:
