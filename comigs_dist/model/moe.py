@@ -20,6 +20,7 @@ Shape letters: N tokens, D model width, H hidden width, E experts, K experts per
 """
 from __future__ import annotations
 
+import abc
 from typing import Callable, Sequence
 
 import torch
@@ -32,19 +33,20 @@ from comigs_dist.model.routing import (Routing, TopKRouter, compute_load_balanci
                                        compute_routing_stats, uniform_routing)
 
 
-class ElementwiseActivation:
+class ElementwiseActivation(abc.ABC):
     """A combine of one input projection, h = act(pre[0]), that also knows its derivative, so
     that the mixture can compute all its experts in one autograd node (``_ExpertsMix``)."""
 
     def __call__(self, pre: list[torch.Tensor]) -> torch.Tensor:
         return self.forward(pre[0])
 
+    @abc.abstractmethod
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """act(x)."""
 
+    @abc.abstractmethod
     def backward(self, grad: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Write grad * act'(x) into ``out`` (which may be ``grad`` itself) and return it."""
-        raise NotImplementedError
 
 
 class TanhGELU(ElementwiseActivation):
