@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.distributed as tdist
 
+from comigs_dist import dist
 from comigs_dist.config import check_world_size
 from comigs_dist.methods import SyncContext
 from comigs_dist.model.roles import Role
@@ -32,6 +33,10 @@ def _round_worker(rank, world_size, tmp_path, mode):
         optimizer_step(r, r.train_sampler, r.expert_opt, lambda: torch.autocast("cpu", enabled=False))
         r.model.set_trainable(r.method.trains_in_router_phase)
         optimizer_step(r, r.router_sampler, r.router_opt, lambda: torch.autocast("cpu", enabled=False), False)
+    # the group's parameters live in one buffer (dist.pack_flat), which the sync reduces in place,
+    # and the optimiser's steps above kept them there
+    packed = dist._packed([p for _, p in r.shared["generalists"]])
+    assert packed is not None and packed.numel() == sum(p.numel() for _, p in r.shared["generalists"])
     gen_before = _gather(_snapshot(r.model, Role.GENERALIST))
     local_before = _snapshot(r.model, Role.SPECIALIST) | _snapshot(r.model, Role.ROUTER)
 
@@ -45,6 +50,7 @@ def _round_worker(rank, world_size, tmp_path, mode):
             assert torch.equal(gen_after[user][name], gen_after[0][name]), (name, user)
         torch.testing.assert_close(gen_after[0][name], expected, rtol=1e-6, atol=1e-7)
         assert not torch.equal(gen_before[0][name], gen_before[1][name])
+    assert dist._packed([p for _, p in r.shared["generalists"]]).data_ptr() == packed.data_ptr()
     local_after = _snapshot(r.model, Role.SPECIALIST) | _snapshot(r.model, Role.ROUTER)
     assert local_after.keys() == local_before.keys() and local_after
     for name in local_after:  # untouched by the sync ...
