@@ -5,8 +5,9 @@ Owns one switch, the environment variable ``COMIGS_FAULT="<kind>,user=U,round=R[
 * ``kill``  the user's process sends itself SIGKILL halfway through round R's local steps
   (what the out-of-memory killer or a lost node looks like to the others);
 * ``raise`` the user raises a RuntimeError at the same point (a crash with a traceback);
-* ``nan``   the user's first shared parameter becomes NaN just before the aggregation that opens
-  round R (R >= 2), where the guard (``guard.nan``) must catch it.
+* ``nan``   the user's first shared parameter (and the first tensor its method aggregates itself,
+  if any) becomes NaN just before the aggregation that opens round R (R >= 2), where the guard
+  (``guard.nan``) must catch it.
 
 Rounds count from 1. A fault fires only on attempt A (default 0: the first attempt, not after a
 torchrun restart or a Slurm requeue), so a restarted run resumes past it. Unset, nothing happens.
@@ -74,11 +75,14 @@ def before_sync(run, round_idx: int) -> None:
     """Called just before the guard and the aggregation that open round ``round_idx`` (0-based)."""
     if _due(run, round_idx, ("nan",)) is None:
         return
-    for group in sorted(run.shared):
-        if run.shared[group]:
-            with torch.no_grad():
+    with torch.no_grad():
+        for group in sorted(run.shared):
+            if run.shared[group]:
                 run.shared[group][0][1].view(-1)[0] = math.nan
-            return
+                break
+        own = run.method.own_aggregated(run.model)  # e.g. HetLoRA's MLP LoRA, outside the groups
+        if own:
+            own[0][1].view(-1)[0] = math.nan
 
 
 def during_round(run, round_idx: int, local_step: int) -> None:

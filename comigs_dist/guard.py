@@ -1,7 +1,8 @@
 """Non-finite numbers never reach a collective.
 
 Owns the finiteness checks (a step's loss; every shared tensor before a round's aggregation, one
-``isfinite`` over each group's flattened buffer, the parameter named only on failure) and the
+``isfinite`` over each group's flattened buffer, the parameter named only on failure; the same for
+what a method aggregates itself, ``Method.own_aggregated``) and the
 policy ``guard.nan``: ``stop`` raises a FloatingPointError naming the user, the round and the
 parameter; ``skip`` lets the user sit the round out (it contributes nothing to the average and
 takes the others') or drop the optimiser step, counting each skip. Knows nothing of how the
@@ -50,6 +51,9 @@ def check_shared(run, round_idx: int) -> bool:
     be finite. Returns whether this user contributes to the round (False only under
     guard.nan=skip); raises FloatingPointError under guard.nan=stop."""
     bad = nonfinite_shared(run.shared)
+    own = first_nonfinite(run.method.own_aggregated(run.model))
+    if own is not None:
+        bad.append(("the method's own aggregation", *own))
     if not bad:
         return True
     user = run.topo.user_idx

@@ -114,22 +114,55 @@ def test_stop_names_the_user_round_and_parameter_and_the_others_say_who(tmp_path
     run_on_ranks(_stop_worker, 3, tmp_path)
 
 
-def _run_skip_worker(rank, world_size, tmp_path):
+METHOD_OVERRIDES = {
+    "comigs_1g1s": {},
+    # methods with an aggregation of their own: PCL mixes whole models (here after every round),
+    # HetLoRA and FlexLoRA aggregate MLP LoRAs of per-user ranks outside the shared groups
+    "pcl": {"method_options.mix_after": 0, "method_options.mix_every": 1},
+    "hetlora": {},
+    "flexlora": {},
+}
+
+
+def _run_skip_worker(rank, world_size, tmp_path, method):
     import os
     os.environ["COMIGS_FAULT"] = "nan,user=1,round=2"
-    cfg = tiny_config(**{"guard.nan": "skip", "train.rounds": 3})
+    cfg = tiny_config(**{"guard.nan": "skip", "train.rounds": 3, "method": method, **METHOD_OVERRIDES[method]})
     check_world_size(cfg, world_size)
     row = run(cfg, init_topology(), tmp_path / "run")
     rows = [None] * world_size
     tdist.all_gather_object(rows, row)
     assert [u["guard_skipped_rounds"] for u in rows] == [0, 1]
-    assert all(math.isfinite(u["test_ppl"]) and u["test_ppl"] < u["base_test_ppl"] for u in rows)
+    assert all(math.isfinite(u["test_ppl"]) and u["test_ppl"] < u["base_test_ppl"] for u in rows), rows
 
 
-def test_a_nan_injected_in_a_run_is_skipped_and_counted(tmp_path):
-    """COMIGS_FAULT=nan in a whole run under guard.nan=skip: the run finishes with finite perplexities
-    and user 1's row of results.json counts one skipped round."""
-    run_on_ranks(_run_skip_worker, 2, tmp_path)
+@pytest.mark.parametrize("method", list(METHOD_OVERRIDES))
+def test_a_nan_injected_in_a_run_is_skipped_and_counted(tmp_path, method):
+    """COMIGS_FAULT=nan in a whole run under guard.nan=skip (user 1's first shared tensor and, for a
+    method that aggregates tensors itself, the first of those): the run finishes with finite
+    perplexities for every user and user 1's row of results.json counts one skipped round."""
+    run_on_ranks(_run_skip_worker, 2, tmp_path, method)
+
+
+def _own_stop_worker(rank, world_size, tmp_path):
+    cfg, topo, r = _prepare(rank, world_size, method="hetlora")
+    if rank == 1:
+        with torch.no_grad():  # only in the MLP LoRA, which HetLoRA aggregates outside the groups
+            r.method.own_aggregated(r.model)[0][1].view(-1)[0] = math.nan
+    comm = CommHandle(topo, "server", "fp32")
+    if rank == 1:
+        with pytest.raises(FloatingPointError, match=r"user 1, round 3: .*method's own aggregation.* holds nan"):
+            _aggregate(r, topo, comm)
+        dist.report_failure("FloatingPointError: nan in the MLP LoRA")
+    else:
+        with pytest.raises(dist.PeerFailure):
+            _aggregate(r, topo, comm)
+
+
+def test_stop_covers_what_a_method_aggregates_itself(tmp_path):
+    """guard.nan=stop also checks HetLoRA's MLP LoRA (outside the shared groups): user 1 stops
+    naming it, before it reaches any collective; the others learn that user 1 is gone."""
+    run_on_ranks(_own_stop_worker, 2, tmp_path)
 
 
 class _Run:

@@ -142,6 +142,13 @@ class Method:
         """Which parameters are aggregated across users."""
         return share_generalists(tag)
 
+    def own_aggregated(self, model) -> list[tuple[str, Any]]:
+        """(name, tensor) of what ``aggregate`` sends outside ``is_shared`` (tensors whose shapes
+        differ between users). The guard checks them with the shared ones before every
+        aggregation; under guard.nan=skip the method must then leave this user's values out
+        (``ctx.comm.contributing`` is False)."""
+        return []
+
     def trains_in_expert_phase(self, tag: ParamTag) -> bool:
         if self.router_training == "joint":
             return True

@@ -70,12 +70,16 @@ class FlexLoRA(HeteroRankMethod):
     def aggregate(self, ctx) -> None:
         super().aggregate(ctx)  # attention LoRA: uniform mean over users
         comm, r_max = ctx.comm, self.max_rank
-        (total,) = comm.sum_scalars("hetero_rank", [float(ctx.n_train_tokens)])
-        weight = ctx.n_train_tokens / total
+        # a user sitting the round out (guard.nan=skip) weighs 0 and sends zeros
+        n_mine = float(ctx.n_train_tokens) if comm.contributing else 0.0
+        (total,) = comm.sum_scalars("hetero_rank", [n_mine])
+        weight = n_mine / total
         # each user's factors, scaled and zero-padded to r_max, gathered by everyone
         mine = []
         for p in self.pairs:
             a, b = pad_rank(p.A.detach().float(), p.B.detach().float(), r_max)
+            if not comm.contributing:
+                a, b = torch.zeros_like(a), torch.zeros_like(b)
             mine += [weight * self.scale * b, a]
         gathered = comm.gather("hetero_rank", mine)
         members = comm.members("hetero_rank")

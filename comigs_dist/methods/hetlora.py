@@ -108,15 +108,18 @@ class HetLoRA(HeteroRankMethod):
     def aggregate(self, ctx) -> None:
         super().aggregate(ctx)  # attention LoRA: uniform mean over users
         o = self.options
+        sends = ctx.comm.contributing  # False: non-finite factors (guard.nan=skip), weight 0, zeros sent
         # 1. self-pruning against the global model this round started from
-        for p in self.pairs:
+        for p in self.pairs if sends else []:
             A_g, B_g = self.global_[p.key]
             r = self.ranks[p.key]
             new = compute_pruned_rank(p.A[:r], p.B[:, :r], A_g[:r], B_g[:, :r], r, o.gamma)
             self.ranks[p.key] = new
         self.after_expert_step(ctx.model)
         # 2. weights from norms summed over users (one scalar all_reduce)
-        if o.reference_quirks:
+        if not sends:
+            norms = [0.0] * (2 * len(self.pairs))
+        elif o.reference_quirks:
             norms = [float(torch.linalg.vector_norm(m)) for p in self.pairs for m in (p.A, p.B)]
         else:
             norms = [compute_update_norm(p.A, p.B) for p in self.pairs for _ in (0, 1)]
@@ -127,6 +130,8 @@ class HetLoRA(HeteroRankMethod):
         buffers = []
         for i, p in enumerate(self.pairs):
             a, b = pad_rank(p.A.detach().float(), p.B.detach().float(), self.max_rank)
+            if not sends:
+                a, b = torch.zeros_like(a), torch.zeros_like(b)
             buffers += [weights[2 * i] * a, weights[2 * i + 1] * b]
         ctx.comm.sum("hetero_rank", buffers)
         self.global_ = {p.key: (buffers[2 * i], buffers[2 * i + 1]) for i, p in enumerate(self.pairs)}

@@ -175,3 +175,7 @@ class HeteroRankMethod(Method):
 
     def sharing_groups(self, n_users):
         return {"generalists": list(range(n_users)), "hetero_rank": list(range(n_users))}
+
+    def own_aggregated(self, model) -> list[tuple[str, torch.Tensor]]:
+        return [(f"{'.'.join(map(str, p.key))}.lora_{m}", t) for p in expert_lora_pairs(model)
+                for m, t in (("A", p.A), ("B", p.B))]

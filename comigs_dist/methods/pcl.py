@@ -79,10 +79,20 @@ class PCL(Method):
             return
         tensors = [p.data for params in ctx.shared.values() for _, p in params]
         group = next(iter(ctx.shared))
-        vectors = ctx.comm.gather(group, tensors)
+        # a user sitting the round out (guard.nan=skip) sends zeros and a flag 0 instead of its
+        # non-finite model: the others give it trust 0, and it takes the mix of theirs
+        sends = ctx.comm.contributing
+        payload = tensors if sends else [torch.zeros_like(t) for t in tensors]
+        vectors = ctx.comm.gather(group, payload + [tensors[0].new_full((1,), 1.0 if sends else 0.0)])
+        if not any(float(v[-1]) > 0.5 for v in vectors):
+            raise FloatingPointError("every user sat this PCL round out with non-finite parameters (guard.nan=skip): "
+                                     "there is no model left to mix; lower train.lr or check the data, then resume")
         own = [t.clone() for t in tensors]
         ppl = []
-        for v in vectors:  # every user's model on this user's validation split
+        for v in vectors:  # every user's model on this user's validation split (the flag is ignored)
+            if float(v[-1]) < 0.5:
+                ppl.append(math.inf)  # trust exp(-inf) = 0
+                continue
             dist.unflatten_into(v, tensors)
             ppl.append(math.exp(min(ctx.evaluate_valid(), 700.0)))
         for t, o in zip(tensors, own):
