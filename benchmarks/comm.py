@@ -11,8 +11,8 @@ counted as communication; a phase takes as long as its slowest rank. The first r
 For each configuration: the aggregation's median time as a share of the round (local steps +
 aggregation), and the bytes per round that dist.py counted for one user, beside the analytic
 figure (delivered payload, dist.round_bytes). Ends with the ratios that have a target:
-    bytes all2all / server, N ranks: N (target == N)
-    counted / analytic bytes, all2all fp32, N ranks: 1 (target == 1)
+    comm_bytes_all2all_over_server_N_ranks: N (target == N)
+    comm_bytes_counted_over_analytic_worst_N_ranks: 1 (target == 1), the worst of every configuration
 and, without a target, the communication shares and exact / plain server time.
 
     python benchmarks/comm.py [--ranks 2 4] [--rounds 4] [--local-steps 2] [--batch 1] [--seq-len 64]
@@ -155,9 +155,9 @@ def main() -> int:
         print(f"exact / plain server fp32 aggregation time, {n} ranks: {comm['server fp32'] / comm['server fp32 plain']:.2f}")
     for n, rows, compute, comm in summary:
         ratio = min(r["counted"]["all2all fp32"][0] / r["counted"]["server fp32"][0] for r in rows)
-        print(f"bytes all2all / server, {n} ranks: {ratio:.2f} (target == {n})")
+        print(f"comm_bytes_all2all_over_server_{n}_ranks: {ratio:.2f} (target == {n:.2f})")
         worst = max(abs(r["counted"][label][0] / r["analytic"][label]["sent"] - 1) for r in rows for label, *_ in CONFIGS)
-        print(f"counted / analytic bytes, every configuration, {n} ranks: {1 + worst:.2f} (target == 1)")
+        print(f"comm_bytes_counted_over_analytic_worst_{n}_ranks: {1 + worst:.2f} (target == 1.00)")
     return 0
 
 

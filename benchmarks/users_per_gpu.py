@@ -1,9 +1,10 @@
 """How many simulated users of GPT-2 124M and of Llama 3.2 1B fit on one 80 GB GPU.
 
 Measures, on this machine's CPU, what each user holds (no GPU is needed):
-  * parameter bytes, exact: the frozen base (fp32, as the simulator loads it; bf16 autocast
-    casts per operation and keeps the weights in fp32) and the CoMiGS-1G1S adapters and router,
-    each trainable parameter costing 16 bytes (fp32 value, gradient, two AdamW moments);
+  * parameter bytes, exact: the frozen base in --base-dtype (bf16 by default: model.dtype=auto
+    keeps the frozen base in bf16 on a CUDA GPU; fp32 with model.dtype=fp32) and the CoMiGS-1G1S
+    adapters and router, each trainable parameter costing 16 bytes (fp32 value, gradient, two
+    AdamW moments);
   * activation bytes of one expert step (forward, backward, AdamW), measured as the rise of peak
     resident memory (VmHWM) over the step, and, deterministically, the bytes autograd saves for
     the backward pass. Both in fp32 on CPU, at a few sequences of 128 tokens; bf16 autocast on a
@@ -13,7 +14,7 @@ and 2 decoder layers (full width and vocabulary) and extrapolated linearly to 16
 every layer holds the same activations. Activations are extrapolated linearly in the number of
 sequences. The per-process CUDA context is not measurable here: the estimate assumes 0.5 GiB.
 
-    python benchmarks/users_per_gpu.py [--gpu-gib 74.5] [--context-gib 0.5]
+    python benchmarks/users_per_gpu.py [--gpu-gib 74.5] [--context-gib 0.5] [--base-dtype bf16|fp32]
 """
 from __future__ import annotations
 
@@ -130,6 +131,8 @@ def main() -> int:
     parser.add_argument("--gpu-gib", type=float, default=74.5, help="usable memory of the GPU (80 GB = 74.5 GiB)")
     parser.add_argument("--context-gib", type=float, default=0.5, help="CUDA context per process (assumed)")
     parser.add_argument("--seqs", type=int, default=2, help="sequences of 128 tokens per measured step")
+    parser.add_argument("--base-dtype", choices=("bf16", "fp32"), default="bf16",
+                        help="the frozen base on the GPU: bf16 (model.dtype=auto on CUDA) or fp32 (model.dtype=fp32)")
     args = parser.parse_args()
     if not Path("/proc/self/clear_refs").exists():
         print("this benchmark reads /proc/self/status and resets VmHWM: Linux only", file=sys.stderr)
@@ -138,7 +141,8 @@ def main() -> int:
     rows = {}
     for kind, name, vocab in (("gpt2", "GPT-2 124M", 50257), ("llama", "Llama 3.2 1B", 128256)):
         start = time.perf_counter()
-        base, trainable, base_bytes = parameter_bytes(kind)
+        base, trainable, _ = parameter_bytes(kind)
+        base_bytes = base * (2 if args.base_dtype == "bf16" else 4)
         if kind == "gpt2":
             peak, saved = step_bytes(kind, None, args.seqs, vocab)
             how = f"measured, 12 layers, {args.seqs} x {SEQ_LEN}"
@@ -150,14 +154,15 @@ def main() -> int:
         per_seq = peak / args.seqs
         rows[name] = dict(base=base, trainable=trainable, base_bytes=base_bytes, peak_per_seq=per_seq,
                           saved_per_seq=saved / args.seqs)
-        print(f"{name}: base {base / 1e6:.1f} M parameters ({base_bytes / GIB:.2f} GiB fp32), trainable "
+        print(f"{name}: base {base / 1e6:.1f} M parameters ({base_bytes / GIB:.2f} GiB {args.base_dtype}), trainable "
               f"{trainable / 1e6:.2f} M ({trainable * 16 / GIB:.3f} GiB with gradients and AdamW); one step "
               f"per sequence of {SEQ_LEN}: peak {per_seq / GIB:.3f} GiB, saved for backward "
               f"{saved / args.seqs / GIB:.3f} GiB ({how}) [{time.perf_counter() - start:.0f} s]", flush=True)
 
     print()
     print(f"users per GPU of {args.gpu_gib} GiB, assuming {args.context_gib} GiB of CUDA context per process; "
-          f"fp32 activations (bf16 autocast needs less)")
+          f"the base in {args.base_dtype}; fp32 activations (bf16 autocast needs less, so these are upper "
+          f"bounds and the user counts lower bounds)")
     print("| model | sequences per forward (train.micro_batch_size) | GiB per user | users | "
           "GiB per user if the base were shared on the GPU | users then |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -1,13 +1,15 @@
 """The benchmark scripts run and end with their target lines (no timing is asserted here).
 
-Only the step-cost script is fast enough for the suite in its --quick mode (in this process, on a
-tiny GPT-2); the others start fresh processes or process groups and are run by hand
-(README, Performance).
+The step-cost script runs in this process in its --quick mode (a tiny GPT-2); the memory and
+sync scripts run as the README's commands with --quick (fresh processes and a process group of
+tiny users, marked slow). Their full runs are by hand (README, Performance).
 """
 import re
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,3 +34,21 @@ def test_step_cost_quick_runs_and_prints_one_target_line_per_target(capsys):
     assert [m.group(3, 4) for m in targets] == [("<=", "1.10"), ("<=", "1.20")]
     assert set(ratios) == {label for label, *_ in step_cost.VARIANTS}
     assert all(r > 0 for r in ratios.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,names", [
+    ("memory.py", ["peak_memory_8_over_2_experts"]),
+    ("sync_overhead.py", ["sync_over_bare_all_reduce"]),
+])
+def test_quick_benchmarks_run_and_end_with_their_target_lines(script, names):
+    """`python benchmarks/<script> --quick` exits 0 and its last lines are its targets, in the
+    `<name>: <ratio> (target <op> <value>)` form, with a positive ratio."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()[-len(names):]
+    matches = [TARGET_LINE.match(line) for line in lines]
+    assert all(matches), lines
+    assert [m.group(1) for m in matches] == names
+    assert all(float(m.group(2)) > 0 for m in matches)

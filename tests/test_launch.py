@@ -199,3 +199,26 @@ def test_local_executor_runs_a_two_user_job(tmp_path, monkeypatch):
     results = json.loads((Path(manifest["jobs"][0]["out_dir"]) / "results.json").read_text())
     assert results["world_size"] == 2 and [u["user"] for u in results["users"]] == [0, 1]
     assert all(u["bytes_sent"] > 0 for u in results["users"])
+
+
+def test_one_srun_task_per_user_maps_slurm_variables_onto_torch_ones(monkeypatch):
+    """`srun python -m comigs_dist.main` (README, one task per user): SLURM_PROCID, SLURM_NTASKS,
+    SLURM_LOCALID and SLURM_NTASKS_PER_NODE become RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE;
+    under torchrun or submitit (RANK already set) nothing is touched."""
+    from comigs_dist import dist
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4(x2)")  # Slurm's form for 2 nodes of 4 tasks
+    dist._export_slurm_env()
+    assert [os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")] == \
+        ["5", "8", "1", "4", "29500"]
+    assert (dist.env_rank(), dist.env_world_size()) == (5, 8)
+
+    monkeypatch.setenv("RANK", "2")  # torchrun's own variables win
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("SLURM_PROCID", "7")
+    dist._export_slurm_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("2", "4")

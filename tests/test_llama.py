@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from comigs_dist.config import check_world_size
@@ -57,6 +58,33 @@ def test_llama_mixture_equals_explicit_sum_of_gated_expert_mlps():
     torch.testing.assert_close(moe(u), expected, rtol=1e-5, atol=1e-5)
     moe.shared_frozen = False
     torch.testing.assert_close(moe(u), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_experts,top_k", [(1, 1), (2, 1), (2, 2), (8, 1), (8, 2)])
+def test_llama_gated_mixture_equals_naive_forward_and_gradients(n_experts, top_k):
+    """Llama's two-input gated MLP (silu(gate u) * up u, under plain autograd): computing the frozen
+    products once gives the k-full-MLP output, input gradient and every trainable gradient."""
+    from test_model import _assert_close_fp32, _fused_and_naive
+    model = _llama()
+    inject_adapters(model, AdapterSpec(n_experts, 1, 4, 16.0, 4, top_k, n_experts > 1, "uniform"))
+    g = torch.Generator().manual_seed(3)
+    moe = mlp_modules(model)[0]
+    with torch.no_grad():
+        for n, p in moe.named_parameters():
+            if n.endswith("lora_B") or n.endswith("router.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "router" in n else 0.1))
+    for n, p in moe.named_parameters():
+        p.requires_grad_("lora_" in n or "router" in n)
+    u = torch.randn(3, 10, moe.d_model, generator=g, requires_grad=True)
+    if moe.router is not None:  # every expert must get tokens, else some gradients are not compared
+        assert moe.router(u.detach().reshape(-1, moe.d_model)).indices.unique().numel() == n_experts
+    ((y0, gu0, gp0), (y1, gu1, gp1)), trainable = _fused_and_naive(moe, u)
+    assert len([n for n in trainable if "lora_" in n]) == n_experts * 3 * 2  # gate, up, down: A and B
+    _assert_close_fp32(y0, y1, "output")
+    _assert_close_fp32(gu0, gu1, "input gradient")
+    for n in trainable:
+        assert gp0[n].abs().sum() > 0, f"{n}: zero gradient, the comparison would be vacuous"
+        _assert_close_fp32(gp0[n], gp1[n], n)
 
 
 def _llama_round_worker(rank, world_size, tmp_path):

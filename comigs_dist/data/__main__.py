@@ -10,7 +10,7 @@ EPILOG = """examples:
   python -m comigs_dist.data prepare --dataset agnews --out data/agnews                  # hub (network)
   python -m comigs_dist.data prepare --dataset agnews --source ../shared/data/ag_news --out data/agnews
   python -m comigs_dist.data prepare --dataset multilingual --source ../shared/data/multilingual \\
-      --fit scale --out data/multilingual
+      --out data/multilingual
   python -m comigs_dist.data prepare --dataset slimpajama --source ../shared/data/domains --fit scale \\
       --low-data stackexchange,github --data-ratio 4 --out data/slimpajama-lowhigh
   python -m comigs_dist.data prepare --dataset text --source my_corpus/ --scenario out \\
