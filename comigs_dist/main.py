@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         if topo.rank == 0:
             (out_dir / "config.yaml").write_text(to_yaml(cfg))
         say(f"{cfg.method}: {topo.world_size} users on {topo.device.type} ({topo.backend}), writing to {out_dir}")
+        if dist.restart_count() > 0 and cfg.resume == "false":
+            say(f"warning: this is restart {dist.restart_count()} of the job, and resume=false starts it over from "
+                f"round 1; pass resume=auto (with checkpoint.every) to continue from the last checkpoint instead")
         from comigs_dist import train
         from comigs_dist.metrics import build_results, format_table, write_json_atomic
         row = train.run(cfg, topo, out_dir, say)

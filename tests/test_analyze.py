@@ -50,7 +50,8 @@ def test_tensorboard_event_files_hold_the_documented_tags(trained_run):
     out, _, results = trained_run
     documented = ["train/loss", "train/ce", "train/lb", "lr/expert", "lr/router", "valid/loss",
                   "perf/tokens_per_second", "comm/bytes_sent", "comm/bytes_received", "test/loss", "test/ppl",
-                  "base/loss", "base/ppl"]
+                  "base/loss", "base/ppl", "comm/round_bytes_sent", "comm/round_bytes_received",
+                  "comm/analytic_round_bytes", "comm/round_seconds"]
     for layer in range(2):
         for j in range(2):
             documented += [f"router/prob/layer_{layer:02d}/expert_{j}", f"router/share/layer_{layer:02d}/expert_{j}",
@@ -62,6 +63,13 @@ def test_tensorboard_event_files_hold_the_documented_tags(trained_run):
         last = lambda tag: acc.Scalars(tag)[-1].value
         assert last("test/ppl") == pytest.approx(row["test_ppl"], rel=1e-6)
         assert last("comm/bytes_sent") == row["bytes_sent"] and last("comm/bytes_received") == row["bytes_received"]
+        # counted bytes per round equal the analytic size of the shared parameters (server mode)
+        # (round 0 only broadcasts the initialisation, which is set-up and not counted)
+        rounds = [e.value for e in acc.Scalars("comm/round_bytes_sent")]
+        assert len(rounds) == results["rounds"] == 3
+        assert rounds[0] == 0 and all(v == row["analytic_bytes_per_round"]["sent"] for v in rounds[1:])
+        assert sum(rounds) == row["bytes_sent"]
+        assert last("comm/analytic_round_bytes") == row["analytic_bytes_per_round"]["sent"]
         assert [e.step for e in acc.Scalars("test/ppl")] == [p["step"] for p in row["test_curve"]]
         assert len(acc.Scalars("train/loss")) == row["local_steps"] == 3 * 4
         for layer in range(2):  # the expert scores are probabilities: they sum to 1 at every step
