@@ -163,13 +163,28 @@ def build_progress(enabled: bool, stream=None, lines=None) -> NullProgress:
     return Progress(stream, lines) if enabled else NullProgress()
 
 
+def _finite(obj: Any) -> Any:
+    """NaN and infinities become null: JSON has no such numbers (Python would write NaN, which
+    strict readers refuse); a diverged user's perplexity reads as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (a temporary file, fsync, rename), non-finite
+    floats as null."""
     path = Path(path)
+    obj = _finite(obj)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=_json_default)
+            json.dump(obj, f, indent=2, default=_json_default, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -180,7 +195,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def _json_default(o):
     if hasattr(o, "item"):
-        return o.item()
+        return _finite(o.item())
     raise TypeError(f"cannot write {type(o).__name__} to JSON")
 
 

@@ -92,6 +92,20 @@ def test_unwritable_or_full_output_directories_are_found_before_training(tmp_pat
     assert "has 0.5 MiB free but one round of checkpoints needs about 3.0 MiB" in problem
 
 
+def test_json_is_written_atomically_and_strictly_with_non_finite_numbers_as_null(tmp_path):
+    """results.json and the manifest: a diverged user's NaN or inf perplexity becomes null (valid
+    JSON for any reader), tensors become numbers, and nothing but the final file is left behind."""
+    import json
+    from comigs_dist.metrics import write_json_atomic
+    path = tmp_path / "out" / "results.json"
+    write_json_atomic(path, {"mean_test_ppl": float("nan"), "users": [{"test_ppl": float("inf"), "n": 3}],
+                             "loss": torch.tensor(2.5), "bad": torch.tensor(float("-inf"))})
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"mean_test_ppl": None, "users": [{"test_ppl": None, "n": 3}], "loss": 2.5, "bad": None}
+    assert [p.name for p in path.parent.iterdir()] == ["results.json"]
+
+
 def test_generators_round_trip_through_a_weights_only_file(tmp_path):
     """python, numpy and torch generators restored from a checkpoint draw the same numbers again."""
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
