@@ -197,6 +197,30 @@ def test_shared_frozen_compute_equals_naive_forward_and_gradients(n_experts, top
 
 
 @pytest.mark.parametrize("combine", ["one_node", "autograd"])
+@pytest.mark.parametrize("n_experts,top_k", [(2, 2), (8, 2), (8, 1)])
+def test_frozen_projections_run_once_per_token_whatever_the_experts(n_experts, top_k, combine):
+    """The fused mixture calls the frozen c_fc and c_proj once each, on exactly the N tokens; the
+    naive computation calls them once per selected expert on that expert's tokens (N k rows)."""
+    moe = _moe(n_experts, top_k, combine=combine)
+    rows = {"c_fc": [], "c_proj": []}
+    hooks = [getattr(moe.base, name).register_forward_hook(
+        lambda mod, args, out, name=name: rows[name].append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+        for name in rows]
+    u = torch.randn(4, 16, 16, requires_grad=True)
+    try:
+        moe.shared_frozen = True
+        moe(u).sum().backward()
+        assert rows == {"c_fc": [64], "c_proj": [64]}, rows
+        rows["c_fc"].clear(), rows["c_proj"].clear()
+        moe.shared_frozen = False
+        moe(u).sum().backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert sum(rows["c_fc"]) == sum(rows["c_proj"]) == 64 * top_k and len(rows["c_fc"]) > 1, rows
+
+
+@pytest.mark.parametrize("combine", ["one_node", "autograd"])
 @pytest.mark.parametrize("n_experts", [2, 8])
 def test_shared_frozen_compute_equals_naive_without_router(n_experts, combine):
     """The uniform mixture (no router: Local, FedAvg) takes the same fused path: same output and gradients."""
