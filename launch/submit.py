@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
 from datetime import datetime
@@ -48,6 +49,10 @@ class Experiment(submitit.helpers.Checkpointable):
         # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from Slurm's (or the local executor's)
         # task variables; dist.init_distributed then takes its env:// path. Device selection stays
         # with dist.py (LOCAL_RANK), as under torchrun.
+        # A MASTER_PORT inherited from the submitting shell would give every job of a sweep the same
+        # port, and two jobs sharing a node would collide; without it submitit derives the port
+        # from the job id (the same on every task of the job).
+        os.environ.pop("MASTER_PORT", None)
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         from comigs_dist.main import main
         code = main(self.argv)

@@ -206,19 +206,18 @@ def test_one_srun_task_per_user_maps_slurm_variables_onto_torch_ones(monkeypatch
     SLURM_LOCALID and SLURM_NTASKS_PER_NODE become RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE;
     under torchrun or submitit (RANK already set) nothing is touched."""
     from comigs_dist import dist
+    # a private copy of the environment: what the function writes must not reach the jobs that
+    # later tests submit from this process (they would all inherit MASTER_PORT=29500)
+    monkeypatch.setattr(os, "environ", dict(os.environ))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("SLURM_PROCID", "5")
-    monkeypatch.setenv("SLURM_NTASKS", "8")
-    monkeypatch.setenv("SLURM_LOCALID", "1")
-    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4(x2)")  # Slurm's form for 2 nodes of 4 tasks
+        os.environ.pop(key, None)
+    os.environ.update({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+                       "SLURM_NTASKS_PER_NODE": "4(x2)"})  # Slurm's form for 2 nodes of 4 tasks
     dist._export_slurm_env()
     assert [os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")] == \
         ["5", "8", "1", "4", "29500"]
     assert (dist.env_rank(), dist.env_world_size()) == (5, 8)
 
-    monkeypatch.setenv("RANK", "2")  # torchrun's own variables win
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    monkeypatch.setenv("SLURM_PROCID", "7")
+    os.environ.update({"RANK": "2", "WORLD_SIZE": "4", "SLURM_PROCID": "7"})  # torchrun's own variables win
     dist._export_slurm_env()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("2", "4")

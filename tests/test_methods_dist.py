@@ -290,7 +290,8 @@ def _pcl_check(topo0, rank, world_size):
     sent = topo.stats.bytes_sent
     m.aggregate(_context(r, comm, round_idx=1))  # after round 0: mixing
     numel = sum(p.numel() for p in r.model.report.params.values())
-    assert topo.stats.bytes_sent - sent == numel * 4 * world_size  # delivered to each of the N members
+    # the model and the contributor flag (guard.nan=skip), delivered to each of the N members
+    assert topo.stats.bytes_sent - sent == (numel + 1) * 4 * world_size
     # this user's row of the trust matrix, recomputed independently for every other user's model
     for j in range(world_size):
         with torch.no_grad():
