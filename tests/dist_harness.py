@@ -26,11 +26,31 @@ def _entry(rank: int, worker, world_size: int, port: int, tmp_path, args, timeou
     from comigs_dist import dist
     try:
         worker(rank, world_size, tmp_path, *args)
+        _leave_together(world_size)
     except BaseException:
         traceback.print_exc()
         raise
     finally:
         dist.shutdown()
+
+
+def _leave_together(world_size: int, timeout_s: float = 10.0) -> None:
+    """Wait (through the store, not gloo) until every rank's worker has returned, for at most
+    ``timeout_s``: a rank that tears gloo down while another still talks to it can abort
+    ("terminate called without an active exception"), which main.py avoids the same way. A
+    worker whose peers are stuck on purpose (failure tests) waits out the timeout, then leaves."""
+    import time
+    import torch.distributed as tdist
+    if not tdist.is_initialized():
+        return
+    try:
+        store = tdist.distributed_c10d._get_default_store()
+        store.add("harness/left", 1)
+        deadline = time.monotonic() + timeout_s
+        while store.add("harness/left", 0) < world_size and time.monotonic() < deadline:
+            time.sleep(0.02)
+    except Exception:  # the store went away with rank 0: everyone is leaving anyway
+        pass
 
 
 def init_topology(timeout_s: float = 60.0, device: str = "cpu"):
