@@ -75,12 +75,12 @@ def build(kind: str, n_layers: int | None, meta: bool):
     return UserModel(base, report, spec)
 
 
-def parameter_bytes(kind: str) -> tuple[int, int, int]:
-    """(base parameters, trainable parameters, base bytes in fp32), exact, on the meta device."""
+def parameter_counts(kind: str) -> tuple[int, int]:
+    """(base parameters, trainable parameters), exact, on the meta device."""
     model = build(kind, None, meta=True)
     trainable = model.report.count()
     base = sum(p.numel() for p in model.parameters()) - trainable
-    return base, trainable, base * 4
+    return base, trainable
 
 
 def step_bytes(kind: str, n_layers: int | None, n_seq: int, vocab: int) -> tuple[int, int]:
@@ -141,7 +141,7 @@ def main() -> int:
     rows = {}
     for kind, name, vocab in (("gpt2", "GPT-2 124M", 50257), ("llama", "Llama 3.2 1B", 128256)):
         start = time.perf_counter()
-        base, trainable, _ = parameter_bytes(kind)
+        base, trainable = parameter_counts(kind)
         base_bytes = base * (2 if args.base_dtype == "bf16" else 4)
         if kind == "gpt2":
             peak, saved = step_bytes(kind, None, args.seqs, vocab)

@@ -37,8 +37,9 @@ _ROOT = Path(__file__).resolve().parents[1]
 DEBUG_CONFIG = str(_ROOT / "configs" / "debug.yaml")
 
 
-def subprocess_env(**extra) -> dict:
-    """The environment of a run started by a test: one thread, this checkout first on the path."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+def subprocess_env(one_thread: bool = True, **extra) -> dict:
+    """The environment of a run started by a test: this checkout first on the path and, unless
+    one_thread=False (jobs that size their own threads), one intra-op thread."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if one_thread else {}), **extra}
     env["PYTHONPATH"] = os.pathsep.join([str(_ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     return env

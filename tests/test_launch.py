@@ -10,14 +10,11 @@ import pytest
 
 from comigs_dist.config import ConfigError, load_config
 from launch import collect, common, plan, submit
+from helpers import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = str(ROOT / "configs" / "debug.yaml")
 FAST = ["log.tensorboard=false", "eval.max_tokens=2048"]
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
 
 
 def test_users_per_node_spreads_users_over_nodes():
@@ -68,19 +65,19 @@ def test_plan_output_round_trips_through_bash(tmp_path):
     """What slurm/comigs.sh evals gives back the exact arguments (spaces and brackets included); bad input exits 2."""
     script = (f'eval "$({sys.executable} -m launch.plan --job-id 5 --nodes 1 --resume "" -- --config {DEBUG} '
               f'"moe.n_experts=[2, 3]" seed=7)" && printf "%s\\n" "$USERS_PER_NODE" "${{MAIN_ARGS[@]}}"')
-    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=_env(), capture_output=True, text=True)
+    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=subprocess_env(one_thread=False), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["2", "--config", DEBUG, "moe.n_experts=[2, 3]", "seed=7",
                                         f"out_dir={tmp_path}/runs/slurm-5_comigs_1g1s_s7"]
     bad = subprocess.run([sys.executable, "-m", "launch.plan", "--job-id", "5", "--nodes", "1", "--",
-                          "--config", DEBUG, "train.rounds=0"], cwd=tmp_path, env=_env(), capture_output=True, text=True)
+                          "--config", DEBUG, "train.rounds=0"], cwd=tmp_path, env=subprocess_env(one_thread=False), capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stdout == ""
     assert "train.rounds (0) must be > 0" in bad.stderr
 
 
 def test_sbatch_script_refuses_to_run_outside_slurm(tmp_path):
     """bash slurm/comigs.sh without an allocation says how to submit it instead of starting anything."""
-    env = {k: v for k, v in _env().items() if not k.startswith("SLURM_")}
+    env = {k: v for k, v in subprocess_env(one_thread=False).items() if not k.startswith("SLURM_")}
     proc = subprocess.run(["bash", str(ROOT / "slurm" / "comigs.sh"), DEBUG], cwd=tmp_path, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "sbatch slurm/comigs.sh" in proc.stderr
@@ -179,11 +176,11 @@ def test_collect_cli_writes_csv_and_lists_missing_jobs(tmp_path):
     assert collect.missing_jobs([json.loads((tmp_path / "jobs.json").read_text())]) == [
         "job 2 seed-45: no results.json (state unknown); log: l2"]
     proc = subprocess.run([sys.executable, "-m", "launch.collect", str(tmp_path), "--csv", str(tmp_path / "t.csv")],
-                          env=_env(), capture_output=True, text=True)
+                          env=subprocess_env(one_thread=False), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "fedavg  42     1  11.000 ± -" in proc.stdout and "job 2 seed-45: no results.json" in proc.stdout
     assert (tmp_path / "t.csv").read_text().splitlines()[1].startswith("fedavg,42,1,11.0,nan,142.0,2.0,")
-    empty = subprocess.run([sys.executable, "-m", "launch.collect", str(tmp_path / "seed-45")], env=_env(),
+    empty = subprocess.run([sys.executable, "-m", "launch.collect", str(tmp_path / "seed-45")], env=subprocess_env(one_thread=False),
                            capture_output=True, text=True)
     assert empty.returncode == 2 and "does not exist" in empty.stderr
 
@@ -191,7 +188,7 @@ def test_collect_cli_writes_csv_and_lists_missing_jobs(tmp_path):
 @pytest.mark.slow
 def test_local_executor_runs_a_two_user_job(tmp_path, monkeypatch):
     """--executor local (debugging without Slurm): submitit starts 2 processes that form one gloo group."""
-    monkeypatch.setenv("PYTHONPATH", _env()["PYTHONPATH"])
+    monkeypatch.setenv("PYTHONPATH", subprocess_env(one_thread=False)["PYTHONPATH"])
     lines = []
     manifest = submit.submit(["--config", DEBUG, *FAST], [], root=tmp_path, name="local", cluster="local",
                              timeout_min=5, wait=True, echo=lines.append)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "slurm" / "comigs.sh"
 DEBUG = ROOT / "configs" / "debug.yaml"
@@ -44,10 +46,6 @@ def slurm():
         if os.environ.get("COMIGS_REQUIRE_SLURM") == "1":
             pytest.fail(f"COMIGS_REQUIRE_SLURM=1 but {problem}")
         pytest.skip(problem)
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
 
 
 def _sacct_states(job_id: str) -> list[str]:
@@ -89,7 +87,7 @@ def _sbatch(tmp_path: Path, *args: str) -> str:
     equivalent but sleeps 2, 8, then 32 s between its checks: 30 s lost per job.
     """
     proc = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", f"--output={tmp_path}/%x-%j.out", *args],
-                          cwd=tmp_path, env=_env(), capture_output=True, text=True)
+                          cwd=tmp_path, env=subprocess_env(one_thread=False), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
@@ -175,7 +173,7 @@ def test_submitit_sweep_completes_and_collects(slurm, tmp_path):
 
     csv_path = tmp_path / "table.csv"
     proc = subprocess.run([sys.executable, "-m", "launch.collect", str(folder), "--csv", str(csv_path)],
-                          cwd=tmp_path, env=_env(), capture_output=True, text=True)
+                          cwd=tmp_path, env=subprocess_env(one_thread=False), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     mean, std = collect.mean_std(ppl)
     assert f"{mean:.3f} ± {std:.3f}" in proc.stdout and "42,45" in proc.stdout, proc.stdout
@@ -190,8 +188,8 @@ def test_submitit_failed_and_killed_jobs_are_reported_not_waited_on(slurm, tmp_p
     proc = subprocess.Popen([sys.executable, "-m", "launch.submit", "--config", str(DEBUG), *FAST, "train.rounds=500",
                              "--sweep", "model.name=/nonexistent/base,tiny", "--executor", "slurm",
                              "--cpus-per-task", "1", "--time", "10", "--root", str(tmp_path), "--wait"],
-                            cwd=tmp_path, env={**_env(), "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            cwd=tmp_path, env=subprocess_env(one_thread=False, PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     while len([ln for ln in lines if ln.startswith("  job ")]) < 2:
         line = proc.stdout.readline()

@@ -19,6 +19,13 @@ class AnalysisError(ValueError):
     """A problem with the input of an analysis command; the message names the file or flag and the fix."""
 
 
+def _add_runs(parser) -> None:
+    """The --runs argument of the commands that read many runs."""
+    parser.add_argument("--runs", required=True, nargs="+", metavar="DIR",
+                        help="run directories, results.json files, or directories searched recursively for "
+                             "results.json")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m comigs_dist.analyze",
                                 description="Tables, plots and routing pictures from finished comigs_dist runs.")
@@ -47,8 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("table", help="mean (std) over seeds of the mean test perplexity (Markdown + CSV)",
                        description="A table of runs: one row per value of --rows, one column per value of --cols, "
                                    "each cell the mean (std) over seeds of --metric (paper Tables 1, 2, 4, 5).")
-    t.add_argument("--runs", required=True, nargs="+", metavar="DIR",
-                   help="run directories, results.json files, or directories searched recursively for results.json")
+    _add_runs(t)
     t.add_argument("--rows", default="method", help="results.json key of the rows (dotted, e.g. config.moe.n_experts)")
     t.add_argument("--cols", default="dataset", help="results.json key of the columns")
     t.add_argument("--metric", default="mean_test_ppl", help="results.json key averaged over seeds")
@@ -62,8 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("curves", help="test perplexity against iterations per user and method (PNG)",
                        description="Test perplexity against local iterations, one panel per user (and dataset), "
                                    "one line per --label value, mean over seeds with a +-std band.")
-    c.add_argument("--runs", required=True, nargs="+", metavar="DIR",
-                   help="run directories, results.json files, or directories searched recursively for results.json")
+    _add_runs(c)
     c.add_argument("--label", default="method", help="results.json key naming a line (e.g. config.moe.n_experts)")
     c.add_argument("--from-base", action="store_true", help="start every line at iteration 0 with the base perplexity")
     c.add_argument("--log-y", action="store_true", help="logarithmic perplexity axis")

@@ -177,5 +177,5 @@ class HeteroRankMethod(Method):
         return {"generalists": list(range(n_users)), "hetero_rank": list(range(n_users))}
 
     def own_aggregated(self, model) -> list[tuple[str, torch.Tensor]]:
-        return [(f"{'.'.join(map(str, p.key))}.lora_{m}", t) for p in expert_lora_pairs(model)
-                for m, t in (("A", p.A), ("B", p.B))]
+        # self.pairs: the model's MLP LoRA pairs, found once by the subclass's prepare_model
+        return [(f"{'.'.join(map(str, p.key))}.lora_{m}", t) for p in self.pairs for m, t in (("A", p.A), ("B", p.B))]
