@@ -220,12 +220,12 @@ def test_mixture_equals_explicit_sum_of_full_expert_mlps(n_experts, top_k, combi
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
 
 
-def _assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor, name: str = "") -> None:
+def _assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor, name: str = "", rel: float = 1e-5) -> None:
     """Equal to float32 rounding, measured against the largest entry: the two paths add over
     tokens, hidden units and experts in different orders, and the router's gradient is a small
     difference of large dot products, so an entry near zero can differ by ~1e-6 of the largest."""
     scale = expected.abs().max().item()
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale + 1e-7,
+    torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * scale + 1e-7,
                                msg=lambda m: f"{name}: {m}")
 
 
@@ -506,8 +506,9 @@ def test_packed_users_equal_each_user_alone(n_users, top_k, family):
         torch.testing.assert_close(lb1, lb0, rtol=1e-5, atol=1e-6, msg=lambda m: f"user {u} lb: {m}")
         for name in g0:
             assert (g0[name] is None) == (g1[name] is None), f"user {u} {name}: gradient in one path only"
-            if g0[name] is not None:
-                _assert_close_fp32(g1[name], g0[name], f"user {u} {name}")
+            if g0[name] is not None:  # the frozen products of all rows in one product: rounding
+                # differs from the one-user product and grows a little through the layers
+                _assert_close_fp32(g1[name], g0[name], f"user {u} {name}", rel=5e-5)
 
 
 def test_one_user_of_a_shared_base_does_not_see_the_others():

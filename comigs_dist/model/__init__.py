@@ -252,10 +252,8 @@ def forward_users(models: Sequence[UserModel], xs: Sequence[torch.Tensor], ys: S
     if any(m.base is not base for m in models):
         raise ValueError("forward_users packs users of one adapted base; these models hold different bases")
     logits = base.logits_for([m.adapters for m in models], xs)
-    out, start = [], 0
-    for m, x, y in zip(models, xs, ys):
-        rows = logits[start:start + x.shape[0]]
-        start += x.shape[0]
+    out = []
+    for m, rows, y in zip(models, logits.split([x.shape[0] for x in xs]), ys):
         ce = F.cross_entropy(rows.float().reshape(-1, rows.shape[-1]), y.reshape(-1))
         out.append(StepLoss(ce=ce, lb=m.load_balancing_loss()))
     return out

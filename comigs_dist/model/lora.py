@@ -97,8 +97,11 @@ class AdaptedLinear(nn.Module):
         segments = self.rows.current()
         if len(segments) == 1:
             return y + segments[0].adapters.attn_lora(self.layer, self.key)(x)
-        return torch.cat([y[s.start:s.stop] + s.adapters.attn_lora(self.layer, self.key)(x[s.start:s.stop])
-                          for s in segments])
+        # split, not slicing: the backward of a split concatenates the pieces' gradients once, where
+        # each slice's backward would write its gradient into a zero tensor of the whole batch
+        sizes = [s.stop - s.start for s in segments]
+        return torch.cat([y_s + s.adapters.attn_lora(self.layer, self.key)(x_s)
+                          for s, y_s, x_s in zip(segments, y.split(sizes), x.split(sizes))])
 
     def extra_repr(self) -> str:
         return f"layer={self.layer}, key={self.key!r}, in={self.in_features}, out={self.out_features}"

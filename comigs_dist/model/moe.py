@@ -391,29 +391,30 @@ class AdaptedMLP(nn.Module):
         factor = u.shape[0] // shape[0]                                     # tokens per batch row
         segments = [s.scaled(factor) for s in self.rows.current()]
         mixtures = [s.adapters.mixture(self.layer) for s in segments]
-        if len(segments) == 1 and not mixtures[0].shared_frozen:
-            y = mixtures[0].naive(self, u)
-        elif not all(m.shared_frozen for m in mixtures):
-            y = torch.cat([self._one_user(m, u[s.start:s.stop]) for m, s in zip(mixtures, segments)])
+        if len(segments) == 1:
+            y = self._one_user(mixtures[0], u)
         else:
-            # routing first: the autograd graph (and so the order gradients accumulate in) stays
-            # that of one user's mixture
-            routings = [m.route(u if len(segments) == 1 else u[s.start:s.stop]) for m, s in zip(mixtures, segments)]
-            frozen_in = [getattr(self.base, n)(u) for n in self.in_names]  # each (N, H): once for every user
-            if len(segments) == 1:
-                mix, delta = mixtures[0].fused(self, u, frozen_in, routings[0])
+            # split, not slicing: the backward of a split concatenates the pieces' gradients once,
+            # where each slice's backward would write its gradient into a zero tensor of all rows
+            sizes = [s.stop - s.start for s in segments]
+            u_parts = u.split(sizes)
+            if not all(m.shared_frozen for m in mixtures):
+                y = torch.cat([self._one_user(m, u_s) for m, u_s in zip(mixtures, u_parts)])
             else:
-                parts = [m.fused(self, u[s.start:s.stop], [f[s.start:s.stop] for f in frozen_in], r)
-                         for m, s, r in zip(mixtures, segments, routings)]
+                # routing first: each user's autograd graph is that of its own forward
+                routings = [m.route(u_s) for m, u_s in zip(mixtures, u_parts)]
+                frozen_in = [getattr(self.base, n)(u).split(sizes) for n in self.in_names]  # once for every user
+                parts = [m.fused(self, u_s, [f[i] for f in frozen_in], r)
+                         for i, (m, u_s, r) in enumerate(zip(mixtures, u_parts, routings))]
                 mix = torch.cat([p[0] for p in parts])
                 delta = torch.cat([p[1].to(mix.dtype) for p in parts])
-            y = getattr(self.base, self.out_name)(mix) + delta.to(mix.dtype)  # frozen W_out: once
+                y = getattr(self.base, self.out_name)(mix) + delta.to(mix.dtype)  # frozen W_out: once
         return y.reshape(*shape[:-1], y.shape[-1])
 
     def _one_user(self, mixture: MixtureAdapters, u: torch.Tensor) -> torch.Tensor:
         if not mixture.shared_frozen:
             return mixture.naive(self, u)
-        routing = mixture.route(u)
+        routing = mixture.route(u)  # first: routing, then the frozen products (a fixed gradient order)
         mix, delta = mixture.fused(self, u, [getattr(self.base, n)(u) for n in self.in_names], routing)
         return getattr(self.base, self.out_name)(mix) + delta.to(mix.dtype)
 
