@@ -151,8 +151,13 @@ class WandbLogger:
         self._send()
 
     def close(self) -> None:
+        import wandb
         self._send()
         self.run.finish()
+        # finish() may return before W&B's service has written everything to the run's files; the
+        # run is this process's only one, so stop the service now: the files are complete (for a
+        # `wandb sync` right after the run) whether or not the exit handlers run later
+        wandb.teardown()
 
     def _send(self) -> None:
         if self.row:
