@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             print(format_table(results))
             print(f"results: {out_dir / 'results.json'}")
             print(f"tensorboard --logdir {out_dir / 'tb'}")
+            if cfg.log.wandb == "offline":
+                print(f"wandb sync {out_dir / 'wandb'}/offline-run-*   # uploads the offline W&B runs")
         # leave together: a rank that tears gloo down while another still talks to it aborts
         dist.set_phase("the end of the run")
         dist.barrier(topo)
