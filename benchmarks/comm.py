@@ -141,8 +141,9 @@ def main() -> int:
         comm = {label: _phase(rows, label) for label, *_ in CONFIGS}
         for label, *_ in CONFIGS:
             sent, received = rows[0]["counted"][label]
-            table.append((n, label, f"{compute:.3f}", f"{comm[label]:.3f}", f"{comm[label] / (compute + comm[label]):.3f}",
-                          f"{sent / mib:.2f}", f"{received / mib:.2f}", f"{rows[0]['analytic'][label]['sent'] / mib:.2f}"))
+            share = comm[label] / (compute + comm[label])
+            table.append((n, label, f"{compute:.3f}", f"{comm[label]:.3f}", f"{share:.3f}", f"{sent / mib:.2f}",
+                          f"{received / mib:.2f}", f"{rows[0]['analytic'][label]['sent'] / mib:.2f}"))
         print(f"{n} ranks measured: {rows[0]['shared_params']:,} shared parameters per user "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
         summary.append((n, rows, compute, comm))

@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             train, excess = f"{r['training'] / mib:.0f}", f"{(r['training'] - r['model']) / mib:.0f}"
         rows.append((label, f"{r['peak'] / mib:.0f}", f"{r['model'] / mib:.0f}", train, excess,
                      f"{r['frozen_params']:,d}", f"{r['trainable_params']:,d}"))
-    print("\n" + format_table(("variant", peak_name + " MiB", "built MiB", "training MiB", "excess MiB", "frozen params",
-                               "trainable"), rows, "<" + ">" * 6))
+    header = ("variant", peak_name + " MiB", "built MiB", "training MiB", "excess MiB", "frozen params", "trainable")
+    print("\n" + format_table(header, rows, "<" + ">" * 6))
     frozen = {res[label]["frozen_params"] for label, *_ in VARIANTS}
     print(f"frozen base parameters per user: {', '.join(f'{f:,d}' for f in sorted(frozen))} "
           f"({'the same for every expert count' if len(frozen) == 1 else 'DIFFERENT across expert counts'})")

@@ -221,9 +221,10 @@ def main() -> int:
             else:
                 parent_col = "-"
             where = "base: one inode" if len(m["inodes"]) == 1 else ("base: private" if not m["inodes"] else m["inodes"])
-            table.append((launcher, share, n, f"{t['setup'] / mib:.0f}", f"{t['step'] / mib:.0f}", f"{t['peak'] / mib:.0f}",
+            table.append((launcher, share, n, *(f"{t[k] / mib:.0f}" for k in ("setup", "step", "peak")),
                           *(f"{x:.0f}" for x in parts), parent_col, f"{private:.0f}", where))
-            print(f"measured: start {launcher}, share {share}, {n} ranks ({time.perf_counter() - start:.0f} s)", flush=True)
+            print(f"measured: start {launcher}, share {share}, {n} ranks ({time.perf_counter() - start:.0f} s)",
+                  flush=True)
     from comigs_dist.tables import format_table
     print(format_table(("start", "share", "ranks", "set-up", "step", "peak", "heap", "libs", "shm", "parent", "private",
                         "base"), table, ">" * 11 + "<"))

@@ -110,9 +110,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         rc = C.paired_ratio(t["cpu"], times[ref]["cpu"])
         ratios[label] = rw if args.clock == "wall" else rc
         rows.append((label, f"{C.median(t['wall']):.3f}", f"{C.spread(t['wall']):.1%}", f"{C.median(t['cpu']):.3f}",
-                     f"{C.spread(t['cpu']):.1%}", f"{rw:.3f}", f"{rc:.3f}", f"{min(t['cpu']) / min(times[ref]['cpu']):.3f}"))
-    print("\n" + format_table(("variant", "wall s", "spread", "cpu s", "spread", "ratio wall", "ratio cpu", "min/min cpu"),
-                              rows))
+                     f"{C.spread(t['cpu']):.1%}", f"{rw:.3f}", f"{rc:.3f}",
+                     f"{min(t['cpu']) / min(times[ref]['cpu']):.3f}"))
+    header = ("variant", "wall s", "spread", "cpu s", "spread", "ratio wall", "ratio cpu", "min/min cpu")
+    print("\n" + format_table(header, rows))
     print("(spread = interquartile range / median over rounds; ratio = median over rounds of the ratio to one "
           "LoRA within the round;\n min/min = ratio of the fastest rounds, the least disturbed by other jobs)")
     print(f"\nnaive k-full-MLP ratios, for comparison: 1G1S {ratios[VARIANTS[2][0]]:.3f}, "

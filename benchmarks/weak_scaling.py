@@ -133,9 +133,9 @@ def measure(name: str, overrides: list[str], rounds: int, repeats: int, ctx) -> 
     ref = turns[names[0]]
     ratios = {label: C.paired_ratio(turns[label], ref) for label in names}
     print(f"\n{MODELS.get(name, (name,))[0]}; a round = sync + {cfg.train.local_steps} local expert steps")
-    print(format_table(("set-up", "round s", "spread", "ratio to 1 user"),
-                       [(label, f"{C.median(turns[label]):.3f}", f"{C.spread(turns[label]):.1%}", f"{ratios[label]:.3f}")
-                        for label in names]))
+    rows = [(label, f"{C.median(turns[label]):.3f}", f"{C.spread(turns[label]):.1%}", f"{ratios[label]:.3f}")
+            for label in names]
+    print(format_table(("set-up", "round s", "spread", "ratio to 1 user"), rows))
     return {"ranks": ratios[names[1]], "single_process": ratios[names[2]]}
 
 

@@ -21,8 +21,8 @@ def _help_text() -> str:
              "",
              "Runs one experiment: one process per simulated user. Options (key=value overrides the",
              "config file; nested keys are dotted):", ""]
-    lines.append(tables.format_table(None, [(f"{key}={default}", text) for key, default, text in describe_options()], "<<",
-                              indent="  "))
+    rows = [(f"{key}={default}", text) for key, default, text in describe_options()]
+    lines.append(tables.format_table(None, rows, "<<", indent="  "))
     lines += _method_option_lines()
     lines += ["", "other flags:", "  --config FILE   a YAML file (see configs/)",
               "  --methods       list the methods and exit", "  --print-config  print the resolved config and exit",

@@ -32,9 +32,9 @@ def redirected_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("redirected")
     out = tmp / "run"
     wandb = "offline" if _has_wandb() else "off"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "comigs_dist.main",
-           "--config", DEBUG_CONFIG, f"out_dir={out}", "train.rounds=3", "eval.every=2", "log.progress=true",
-           f"log.wandb={wandb}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "comigs_dist.main", "--config", DEBUG_CONFIG, f"out_dir={out}", "train.rounds=3", "eval.every=2",
+           "log.progress=true", f"log.wandb={wandb}"]
     env = subprocess_env(WANDB_CONFIG_DIR=str(tmp / "wandb_config"), WANDB_CACHE_DIR=str(tmp / "wandb_cache"),
                          WANDB_DATA_DIR=str(tmp / "wandb_data"))
     with open(tmp / "stdout.log", "wb") as stdout, open(tmp / "stderr.log", "wb") as stderr:
