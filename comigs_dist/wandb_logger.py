@@ -88,6 +88,21 @@ def id_file(out_dir: Path, user_idx: int) -> Path:
     return Path(out_dir) / "wandb" / f"user_{user_idx:02d}.id.json"
 
 
+def _read_id(path: Path) -> dict | None:
+    """The stored run of a user, or None (with a warning) when the file cannot be read: the resumed
+    attempt then starts a W&B run of its own rather than stopping the training."""
+    try:
+        stored = json.loads(path.read_text())
+        if isinstance(stored, dict) and isinstance(stored.get("id"), str) and stored["id"]:
+            return stored
+        problem = "it names no run id"
+    except (OSError, ValueError) as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    print(f"[comigs] warning: {path} cannot be read ({problem}); this attempt starts a new W&B run",
+          file=sys.stderr, flush=True)
+    return None
+
+
 class WandbLogger:
     """Scalars of one user to one W&B run, at TensorBoard's steps.
 
@@ -102,7 +117,7 @@ class WandbLogger:
         self.opts = opts
         (opts.out_dir / "wandb").mkdir(parents=True, exist_ok=True)
         path = id_file(opts.out_dir, opts.user_idx)
-        stored = json.loads(path.read_text()) if opts.resumed and path.is_file() else None
+        stored = _read_id(path) if opts.resumed and path.is_file() else None
         run_id = stored["id"] if stored else new_run_id()
         settings = wandb.Settings(console="off",        # cluster logs stay as the run prints them
                                   disable_git=True, save_code=False, silent=True)
@@ -118,6 +133,11 @@ class WandbLogger:
         if not stored:
             write_json_atomic(path, {"id": run_id, "project": opts.project, "entity": opts.entity,
                                      "group": opts.group, "name": opts.name})
+        if opts.user_idx == 0:  # W&B's own banner is silenced on every rank: one line instead
+            where = (self.run.url if opts.mode == "online" else None) or \
+                f"{opts.out_dir / 'wandb'} (upload with `wandb sync`)"
+            print(f"[comigs] W&B ({opts.mode}): group {opts.group!r} of project {opts.project!r}, one run per user; "
+                  f"{where}", flush=True)
         self.row: dict[str, float] = {}
         self.row_step: int | None = None
         self.sent_step = -1

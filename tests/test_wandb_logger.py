@@ -42,7 +42,7 @@ def _options(tmp_path, resumed: bool):
 def test_rows_per_step_summary_and_the_run_id_of_a_resume(tmp_path, monkeypatch, capsys):
     """Scalars of one step logged in several calls land in one W&B row; a step lower than one sent
     is reported, not silently lost; the summary is the row with NaN as null; a resumed logger
-    continues the stored run id, a fresh start makes a new one."""
+    continues the stored run id, a fresh start (or an unreadable id file) makes a new one."""
     pytest.importorskip("wandb", reason="the wandb client is not installed (pip install -e \".[dev]\" installs it)")
     from comigs_dist.wandb_logger import WandbLogger, id_file
     from wandb_records import offline_runs, read_run
@@ -81,3 +81,9 @@ def test_rows_per_step_summary_and_the_run_id_of_a_resume(tmp_path, monkeypatch,
     assert json.loads(id_file(out, 3).read_text())["id"] == new_id
     later = [r for r in map(read_run, offline_runs(out / "wandb")) if r.history.get("train/loss") == [(3, 0.5)]]
     assert [r.id for r in later] == [run.id]  # the resumed attempt's scalars went to the stored run
+
+    id_file(out, 3).write_text("{not json")  # a resume that cannot read the id starts a new run, and says so
+    capsys.readouterr()
+    WandbLogger(_options(tmp_path, resumed=True)).close()
+    assert "cannot be read (JSONDecodeError" in capsys.readouterr().err
+    assert json.loads(id_file(out, 3).read_text())["id"] not in ids
