@@ -27,14 +27,13 @@ def _has_wandb() -> bool:
 
 @pytest.fixture(scope="module")
 def redirected_run(tmp_path_factory):
-    """torchrun, 2 ranks, 3 rounds, progress on, stdout and stderr to files; log.wandb=offline when
-    wandb is installed (W&B's own files kept under the test's directory)."""
+    """2 ranks (forkrun: one import for both), 3 rounds, progress on, stdout and stderr to files;
+    log.wandb=offline when wandb is installed (W&B's own files kept under the test's directory)."""
     tmp = tmp_path_factory.mktemp("redirected")
     out = tmp / "run"
     wandb = "offline" if _has_wandb() else "off"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "comigs_dist.main", "--config", DEBUG_CONFIG, f"out_dir={out}", "train.rounds=3", "eval.every=2",
-           "log.progress=true", f"log.wandb={wandb}"]
+    cmd = [sys.executable, "-m", "comigs_dist.forkrun", "--nproc_per_node=2", "--config", DEBUG_CONFIG,
+           f"out_dir={out}", "train.rounds=3", "eval.every=2", "log.progress=true", f"log.wandb={wandb}"]
     env = subprocess_env(WANDB_CONFIG_DIR=str(tmp / "wandb_config"), WANDB_CACHE_DIR=str(tmp / "wandb_cache"),
                          WANDB_DATA_DIR=str(tmp / "wandb_data"))
     with open(tmp / "stdout.log", "wb") as stdout, open(tmp / "stderr.log", "wb") as stderr:
