@@ -133,9 +133,7 @@ def main() -> int:
           f"round, one thread per rank, gloo on loopback; {os.cpu_count()} CPU cores on this host")
     print("share = aggregation / (local steps + aggregation), medians over rounds of the slowest rank; bytes are one "
           "user's per round, counted by dist.py (delivered payload) and analytic")
-    print(f"{'ranks':>5} {'configuration':>18} {'steps s':>8} {'comm s':>8} {'share':>7} {'sent MiB':>9} "
-          f"{'recv MiB':>9} {'analytic MiB':>12}")
-    summary = []
+    summary, table = [], []
     for n in args.ranks:
         start = time.perf_counter()
         rows = measure(args, n)
@@ -143,11 +141,15 @@ def main() -> int:
         comm = {label: _phase(rows, label) for label, *_ in CONFIGS}
         for label, *_ in CONFIGS:
             sent, received = rows[0]["counted"][label]
-            print(f"{n:>5} {label:>18} {compute:>8.3f} {comm[label]:>8.3f} {comm[label] / (compute + comm[label]):>7.3f} "
-                  f"{sent / mib:>9.2f} {received / mib:>9.2f} {rows[0]['analytic'][label]['sent'] / mib:>12.2f}")
-        print(f"      ({rows[0]['shared_params']:,} shared parameters per user; {time.perf_counter() - start:.0f} s)",
-              flush=True)
+            share = comm[label] / (compute + comm[label])
+            table.append((n, label, f"{compute:.3f}", f"{comm[label]:.3f}", f"{share:.3f}", f"{sent / mib:.2f}",
+                          f"{received / mib:.2f}", f"{rows[0]['analytic'][label]['sent'] / mib:.2f}"))
+        print(f"{n} ranks measured: {rows[0]['shared_params']:,} shared parameters per user "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)
         summary.append((n, rows, compute, comm))
+    from comigs_dist.tables import format_table
+    print(format_table(("ranks", "configuration", "steps s", "comm s", "share", "sent MiB", "recv MiB", "analytic MiB"),
+                       table))
     print()
     for n, rows, compute, comm in summary:
         for label in ("server fp32", "all2all fp32"):

@@ -26,6 +26,8 @@ import sys
 
 import torch
 
+from comigs_dist.tables import format_table
+
 VARIANTS = (  # (label, n_experts, naive)
     ("2 experts, top-2", 2, False),
     ("8 experts, top-2", 8, False),
@@ -108,15 +110,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     mib = 1024 ** 2
     dev = res[VARIANTS[0][0]]["device"]
     peak_name = "peak RSS" if dev == "cpu" else "peak CUDA"
-    print(f"\n{'variant':38s} {peak_name + ' MiB':>14s} {'built MiB':>10s} {'training MiB':>13s} "
-          f"{'excess MiB':>11s} {'frozen params':>14s} {'trainable':>10s}")
+    rows = []
     for label, *_ in VARIANTS:
         r = res[label]
         train = excess = "n/a"
         if r["training"] is not None:
             train, excess = f"{r['training'] / mib:.0f}", f"{(r['training'] - r['model']) / mib:.0f}"
-        print(f"{label:38s} {r['peak'] / mib:14.0f} {r['model'] / mib:10.0f} {train:>13s} {excess:>11s} "
-              f"{r['frozen_params']:14,d} {r['trainable_params']:10,d}")
+        rows.append((label, f"{r['peak'] / mib:.0f}", f"{r['model'] / mib:.0f}", train, excess,
+                     f"{r['frozen_params']:,d}", f"{r['trainable_params']:,d}"))
+    header = ("variant", peak_name + " MiB", "built MiB", "training MiB", "excess MiB", "frozen params", "trainable")
+    print("\n" + format_table(header, rows, "<" + ">" * 6))
     frozen = {res[label]["frozen_params"] for label, *_ in VARIANTS}
     print(f"frozen base parameters per user: {', '.join(f'{f:,d}' for f in sorted(frozen))} "
           f"({'the same for every expert count' if len(frozen) == 1 else 'DIFFERENT across expert counts'})")

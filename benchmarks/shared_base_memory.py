@@ -202,8 +202,7 @@ def main() -> int:
     print("  parent     the fork launcher's own share, and how much of its resident memory the ranks still")
     print("             share after the step (the imported state, copy-on-write)")
     print("  private    what each rank holds alone after the step (Private_Clean + Private_Dirty)")
-    print(f"{'start':>6} {'share':>6} {'ranks':>5} {'set-up':>7} {'step':>6} {'peak':>6} {'heap':>6} {'libs':>6} "
-          f"{'shm':>6} {'parent':>13} {'private':>8}")
+    table = []
     for launcher, share in MODES:
         for n in args.ranks:
             start = time.perf_counter()
@@ -222,9 +221,13 @@ def main() -> int:
             else:
                 parent_col = "-"
             where = "base: one inode" if len(m["inodes"]) == 1 else ("base: private" if not m["inodes"] else m["inodes"])
-            print(f"{launcher:>6} {share:>6} {n:>5} {t['setup'] / mib:>7.0f} {t['step'] / mib:>6.0f} "
-                  f"{t['peak'] / mib:>6.0f} " + " ".join(f"{x:>6.0f}" for x in parts)
-                  + f" {parent_col:>13} {private:>8.0f}  {where}  [{time.perf_counter() - start:.0f} s]", flush=True)
+            table.append((launcher, share, n, *(f"{t[k] / mib:.0f}" for k in ("setup", "step", "peak")),
+                          *(f"{x:.0f}" for x in parts), parent_col, f"{private:.0f}", where))
+            print(f"measured: start {launcher}, share {share}, {n} ranks ({time.perf_counter() - start:.0f} s)",
+                  flush=True)
+    from comigs_dist.tables import format_table
+    print(format_table(("start", "share", "ranks", "set-up", "step", "peak", "heap", "libs", "shm", "parent", "private",
+                        "base"), table, ">" * 11 + "<"))
     lo, hi = min(args.ranks), max(args.ranks)
     ratio = {(mode, k): totals[(*mode, hi)][k] / totals[(*mode, lo)][k] for mode in MODES for k in ("setup", "step", "peak")}
     names = {("fresh", "false"): "fresh interpreters without sharing", ("fresh", "true"): "fresh interpreters with share_base",

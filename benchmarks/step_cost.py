@@ -27,6 +27,7 @@ import torch
 
 from comigs_dist.model import AdaptedBase, AdapterSpec, UserModel, build_adapters, build_base_model
 from comigs_dist.model.roles import Role
+from comigs_dist.tables import format_table
 
 VARIANTS = (  # (label, n_experts, top_k, naive)
     ("one LoRA (1 expert)", 1, 1, False),
@@ -100,16 +101,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                           progress=lambda msg: print("  " + msg, flush=True))
 
     ref = VARIANTS[0][0]
-    print(f"\n{'variant':34s} {'wall s':>8s} {'spread':>7s} {'cpu s':>8s} {'spread':>7s} "
-          f"{'ratio wall':>10s} {'ratio cpu':>9s} {'min/min cpu':>11s}")
-    ratios = {}
+    ratios, rows = {}, []
     for label, *_ in VARIANTS:
         t = times[label]
         rw = C.paired_ratio(t["wall"], times[ref]["wall"])
         rc = C.paired_ratio(t["cpu"], times[ref]["cpu"])
         ratios[label] = rw if args.clock == "wall" else rc
-        print(f"{label:34s} {C.median(t['wall']):8.3f} {C.spread(t['wall']):6.1%} {C.median(t['cpu']):8.3f} "
-              f"{C.spread(t['cpu']):6.1%} {rw:10.3f} {rc:9.3f} {min(t['cpu']) / min(times[ref]['cpu']):11.3f}")
+        rows.append((label, f"{C.median(t['wall']):.3f}", f"{C.spread(t['wall']):.1%}", f"{C.median(t['cpu']):.3f}",
+                     f"{C.spread(t['cpu']):.1%}", f"{rw:.3f}", f"{rc:.3f}",
+                     f"{min(t['cpu']) / min(times[ref]['cpu']):.3f}"))
+    header = ("variant", "wall s", "spread", "cpu s", "spread", "ratio wall", "ratio cpu", "min/min cpu")
+    print("\n" + format_table(header, rows))
     print("(spread = interquartile range / median over rounds; ratio = median over rounds of the ratio to one "
           "LoRA within the round;\n min/min = ratio of the fastest rounds, the least disturbed by other jobs)")
     print(f"\nnaive k-full-MLP ratios, for comparison: 1G1S {ratios[VARIANTS[2][0]]:.3f}, "

@@ -30,6 +30,7 @@ import time
 import torch
 
 import _rounds as R
+from comigs_dist.tables import format_table
 
 OVERRIDES = ["model.name=gpt2-random", "train.batch_size=1"]
 QUICK = ["model.name=tiny", "train.local_steps=2", "train.batch_size=2", "train.seq_len=32"]
@@ -120,9 +121,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     numel, sent = rows[0]["numel"], rows[0]["sent"]
     print(f"\nshared parameters per user: {numel:,d} ({numel * 4 / 2**20:.2f} MiB fp32); "
           f"bytes counted per sync: {sent:,.0f} sent")
-    print(f"{'call':12s} {'median ms':>10s} {'spread':>7s}")
-    for k, ts in per_call.items():
-        print(f"{k:12s} {C.median(ts) * 1e3:10.2f} {C.spread(ts):6.1%}")
+    print(format_table(("call", "median ms", "spread"),
+                       [(k, f"{C.median(ts) * 1e3:.2f}", f"{C.spread(ts):.1%}") for k, ts in per_call.items()]))
     print(f"round (sync + {cfg.train.local_steps} local steps): median {C.median(rounds):.2f} s, "
           f"of which the sync {C.median(syncs) * 1e3:.1f} ms")
     print(f"sync share of the round: {share:.4%}")

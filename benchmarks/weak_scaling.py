@@ -27,6 +27,7 @@ import time
 import torch
 
 import _rounds as R
+from comigs_dist.tables import format_table
 
 MODELS = {  # name: (label, overrides, rounds per turn)
     "embedded": ("embedded default (4-layer GPT-2, 0.86M parameters), batch 8 x 128", [], 5),
@@ -132,9 +133,9 @@ def measure(name: str, overrides: list[str], rounds: int, repeats: int, ctx) -> 
     ref = turns[names[0]]
     ratios = {label: C.paired_ratio(turns[label], ref) for label in names}
     print(f"\n{MODELS.get(name, (name,))[0]}; a round = sync + {cfg.train.local_steps} local expert steps")
-    print(f"{'set-up':34s} {'round s':>8s} {'spread':>7s} {'ratio to 1 user':>16s}")
-    for label in names:
-        print(f"{label:34s} {C.median(turns[label]):8.3f} {C.spread(turns[label]):6.1%} {ratios[label]:16.3f}")
+    rows = [(label, f"{C.median(turns[label]):.3f}", f"{C.spread(turns[label]):.1%}", f"{ratios[label]:.3f}")
+            for label in names]
+    print(format_table(("set-up", "round s", "spread", "ratio to 1 user"), rows))
     return {"ranks": ratios[names[1]], "single_process": ratios[names[2]]}
 
 

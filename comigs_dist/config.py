@@ -138,7 +138,14 @@ class EvalConfig:
 class LogConfig:
     tensorboard: bool = opt(True, "Write TensorBoard event files under <out_dir>/tb/user_XX.")
     every: int = opt(1, "Log training scalars every this many local iterations.")
-    progress: bool = opt(True, "Print progress lines on rank 0.")
+    progress: bool = opt(True, "Print progress on rank 0: bars on a terminal, plain lines on a file or pipe.")
+    wandb: Literal["off", "online", "offline"] = opt(
+        "off", "Also send every scalar to Weights & Biases, one W&B run per user: 'online', 'offline' (written "
+        "under <out_dir>/wandb, uploaded later with `wandb sync`), or 'off'. Needs `pip install -e \".[wandb]\"`.")
+    wandb_project: str = opt("comigs_dist", "W&B project of the runs (log.wandb).")
+    wandb_entity: Union[str, None] = opt(None, "W&B entity (user or team) of the runs; default your W&B default.")
+    wandb_group: Union[str, None] = opt(None, "W&B group that holds the users' runs of this experiment; default the "
+                                        "out_dir's name.")
 
 
 @dataclass
@@ -301,6 +308,10 @@ def collect_errors(cfg: RunConfig) -> list[str]:
                          f"lower moe.top_k or raise moe.n_experts")
         if not lengths:
             break  # every user is the same
+
+    if cfg.log.wandb != "off":
+        from comigs_dist.wandb_logger import config_errors as wandb_errors  # imports wandb itself only if on
+        e.extend(wandb_errors(cfg.log))
 
     if cfg.data.path != "embedded" and not Path(cfg.data.path).exists():
         e.append(f"data.path ({cfg.data.path}) does not exist; prepare it with "

@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 from comigs_dist.config import ConfigError, RunConfig, check_world_size, describe_options, load_config, to_yaml
+from comigs_dist import tables
 
 
 def _help_text() -> str:
@@ -20,10 +21,8 @@ def _help_text() -> str:
              "",
              "Runs one experiment: one process per simulated user. Options (key=value overrides the",
              "config file; nested keys are dotted):", ""]
-    rows = describe_options()
-    width = max(len(k) + len(d) for k, d, _ in rows) + 3
-    for key, default, text in rows:
-        lines.append(f"  {key}={default}".ljust(width + 2) + f"  {text}")
+    rows = [(f"{key}={default}", text) for key, default, text in describe_options()]
+    lines.append(tables.format_table(None, rows, "<<", indent="  "))
     lines += _method_option_lines()
     lines += ["", "other flags:", "  --config FILE   a YAML file (see configs/)",
               "  --methods       list the methods and exit", "  --print-config  print the resolved config and exit",
@@ -34,11 +33,10 @@ def _help_text() -> str:
 def _method_option_lines() -> list[str]:
     """Each method's own options (method_options.<key>=value), listed under the method."""
     from comigs_dist.methods import known_methods, method_class
-    lines = ["", "method options (method_options.<key>=value, accepted only by the method named):"]
-    for name in known_methods():
-        for key, default, text in method_class(name).option_rows():
-            lines.append(f"  [{name}] {key}={default}".ljust(50) + f"  {text}")
-    return lines
+    rows = [(f"[{name}] {key}={default}", text) for name in known_methods()
+            for key, default, text in method_class(name).option_rows()]
+    return ["", "method options (method_options.<key>=value, accepted only by the method named):",
+            tables.format_table(None, rows, "<<", indent="  ")]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -76,11 +74,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.methods:
             from comigs_dist.methods import known_methods, method_class
+            rows = []
             for name in known_methods():
                 cls = method_class(name)
-                print(f"{name:16s} {cls.description}")
-                for key, default, _ in cls.option_rows():
-                    print(f"{'':16s}   {key}={default}")
+                rows.append((name, cls.description))
+                rows += [("", f"  {key}={default}") for key, default, _ in cls.option_rows()]
+            print(tables.format_table(None, rows, "<<"))
             return 0
         cfg = load_config(args.config, args.overrides)
         check_world_size(cfg, dist.env_world_size())
@@ -137,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             print(format_table(results))
             print(f"results: {out_dir / 'results.json'}")
             print(f"tensorboard --logdir {out_dir / 'tb'}")
+            if cfg.log.wandb == "offline":
+                print(f"wandb sync {out_dir / 'wandb'}/offline-run-*   # uploads the offline W&B runs")
         # leave together: a rank that tears gloo down while another still talks to it aborts
         dist.set_phase("the end of the run")
         dist.barrier(topo)

@@ -1,7 +1,8 @@
 """Where numbers go: per-user TensorBoard writers, results.json and the summary table.
 
-Owns the logger chosen once per rank (a TensorBoard writer under ``<out_dir>/tb/user_XX``, or a
-no-op), the TensorBoard chart layout (custom scalars), the progress bars (rank 0 only), the
+Owns the logger chosen once per rank (a TensorBoard writer under ``<out_dir>/tb/user_XX``, a W&B
+run from ``wandb_logger``, both through one fan-out, or a no-op), the TensorBoard chart layout
+(custom scalars), the progress bars (rank 0 only; plain lines when not on a terminal), the
 results.json contract that analysis, sweeps and checks read, and the table rank 0 prints.
 Knows nothing of training decisions.
 """
@@ -12,6 +13,7 @@ import math
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -31,6 +33,10 @@ class NullLogger:
 
     def layout(self, layout: dict) -> None:
         """Chart layout for TensorBoard's custom-scalars dashboard (see ``scalar_layout``)."""
+        pass
+
+    def summary(self, values: dict[str, Any]) -> None:
+        """The user's results.json row, once at the end (W&B's run summary)."""
         pass
 
     def flush(self) -> None:
@@ -62,10 +68,54 @@ class TensorBoardLogger(NullLogger):
         self.writer.close()
 
 
-def build_logger(out_dir: Path, user_idx: int, enabled: bool, purge_step: int | None = None) -> NullLogger:
-    if not enabled:
+class FanOutLogger(NullLogger):
+    """Every call to each of several loggers (TensorBoard and W&B), so call sites stay the same."""
+
+    def __init__(self, loggers: list[NullLogger]):
+        self.loggers = loggers
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        for logger in self.loggers:
+            logger.scalar(tag, value, step)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for logger in self.loggers:
+            logger.scalars(values, step)
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        for logger in self.loggers:
+            logger.text(tag, text, step)
+
+    def layout(self, layout: dict) -> None:
+        for logger in self.loggers:
+            logger.layout(layout)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        for logger in self.loggers:
+            logger.summary(values)
+
+    def flush(self) -> None:
+        for logger in self.loggers:
+            logger.flush()
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
+
+
+def build_logger(out_dir: Path, user_idx: int, enabled: bool, purge_step: int | None = None,
+                 wandb=None) -> NullLogger:
+    """This user's logger: TensorBoard under ``<out_dir>/tb/user_XX`` when ``enabled``, plus a W&B
+    run when ``wandb`` (``wandb_logger.options_for``) is given; a no-op when neither."""
+    loggers: list[NullLogger] = []
+    if enabled:
+        loggers.append(TensorBoardLogger(Path(out_dir) / "tb" / f"user_{user_idx:02d}", purge_step))
+    if wandb is not None:
+        from comigs_dist.wandb_logger import WandbLogger
+        loggers.append(WandbLogger(wandb))
+    if not loggers:
         return NullLogger()
-    return TensorBoardLogger(Path(out_dir) / "tb" / f"user_{user_idx:02d}", purge_step)
+    return loggers[0] if len(loggers) == 1 else FanOutLogger(loggers)
 
 
 def scalar_layout(n_layers: int, n_experts: int, n_generalists: int) -> dict:
@@ -111,7 +161,7 @@ class NullProgress:
     """No bars and no lines: what every rank but 0 gets, and rank 0 with ``log.progress=false``."""
 
     def bar(self, iterable: Iterable | None = None, total: int | None = None, desc: str = "",
-            transient: bool = False):
+            transient: bool = False, unit: str = "it", unit_scale: bool = False):
         return _NullBar(iterable)
 
     def write(self, msg: str) -> None:
@@ -128,16 +178,90 @@ class _NullBar:
     def update(self, n: int = 1) -> None:
         pass
 
+    def set_postfix(self, **values) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
 
-class Progress(NullProgress):
-    """tqdm bars on one stream, and message lines that print above them instead of through them.
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
-    On a terminal, bars redraw in place and transient ones (evaluation) vanish when done. On a file
-    or a pipe (Slurm logs, CI) transient bars are skipped and the others redraw at most every
-    30 s, so a log gets a few updates rather than one per step."""
+
+class LineBar(_NullBar):
+    """A progress bar for a file or a pipe: whole lines at a steady pace, never a carriage return.
+
+    With a known total, a line each time the count passes another ``1/lines`` of it, provided
+    ``min_interval`` seconds went by since the last line; with no total, a line every
+    ``min_interval`` seconds. Closing prints the final count, except for a ``transient`` bar that
+    printed nothing (a quick evaluation leaves no trace, as its terminal bar vanishes). Each line
+    says the count, the fraction, the time spent and the time left at the pace so far."""
+
+    def __init__(self, stream, iterable=None, total: int | None = None, desc: str = "", unit: str = "it",
+                 lines: int = 10, min_interval: float = 10.0, transient: bool = False):
+        super().__init__(iterable)
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        self.stream, self.total, self.desc = stream, total, desc
+        self.unit = "" if unit == "it" else f" {unit}"  # tqdm's default unit says nothing in a line
+        self.every = max(1, -(-total // lines)) if total else None
+        self.min_interval, self.transient = min_interval, transient
+        self.n, self.printed, self.postfix = 0, 0, ""
+        self.start = self.last_time = time.perf_counter()
+        self.closed = False
+
+    def __iter__(self):
+        try:
+            for item in self.iterable:
+                yield item
+                self.update(1)
+        finally:
+            self.close()
+
+    def update(self, n: int = 1) -> None:
+        before, self.n = self.n, self.n + n
+        now = time.perf_counter()
+        due = self.n // self.every > before // self.every and self.n < self.total if self.every else True
+        if due and now - self.last_time >= self.min_interval:
+            self._line(now)
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.n != self.printed and not (self.transient and self.printed == 0):
+                self._line(time.perf_counter())
+
+    def _line(self, now: float) -> None:
+        elapsed = now - self.start
+        count = (f"{self.n:,}/{self.total:,}" if self.total else f"{self.n:,}") + self.unit
+        parts = [f"{self.desc}: {count}" if self.desc else count]
+        if self.total:
+            parts[0] += f" ({100 * self.n / self.total:.0f}%)"
+        parts.append(f"{_clock(elapsed)} elapsed")
+        if self.total and 0 < self.n < self.total:
+            parts.append(f"about {_clock(elapsed / self.n * (self.total - self.n))} left")
+        if self.postfix:
+            parts.append(self.postfix)
+        self.stream.write(", ".join(parts) + "\n")
+        self.stream.flush()
+        self.printed, self.last_time = self.n, now
+
+
+class Progress(NullProgress):
+    """Progress on one stream, and message lines on another that print above the bars.
+
+    On a terminal: tqdm bars that redraw in place, transient ones (evaluation) vanishing when
+    done. On a file or a pipe (Slurm or nohup logs, CI): ``LineBar`` lines, at most about ten per
+    bar and four per evaluation, at least ``min_interval`` seconds apart, so a log holds whole
+    lines only (no carriage returns) that grep reads."""
+
+    min_interval = 10.0
 
     def __init__(self, stream=None, lines=None):
         self.stream = stream if stream is not None else sys.stderr
@@ -145,14 +269,19 @@ class Progress(NullProgress):
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
 
     def bar(self, iterable: Iterable | None = None, total: int | None = None, desc: str = "",
-            transient: bool = False):
-        if transient and not self.tty:
-            return _NullBar(iterable)
+            transient: bool = False, unit: str = "it", unit_scale: bool = False):
+        """``unit_scale``: the terminal bar counts in k/M/G (lines print every digit)."""
+        if not self.tty:
+            return LineBar(self.stream, iterable, total, desc, unit, lines=4 if transient else 10,
+                           min_interval=self.min_interval, transient=transient)
         from tqdm import tqdm
-        return tqdm(iterable, total=total, desc=desc, leave=not transient, file=self.stream,
-                    mininterval=0.2 if self.tty else 30.0, dynamic_ncols=self.tty)
+        return tqdm(iterable, total=total, desc=desc, leave=not transient, file=self.stream, unit=unit,
+                    unit_scale=unit_scale, mininterval=0.2, dynamic_ncols=True)
 
     def write(self, msg: str) -> None:
+        if not self.tty:  # no bar to keep clear of: a plain line
+            print(msg, file=self.lines, flush=True)
+            return
         from tqdm import tqdm
         tqdm.write(msg, file=self.lines)
         self.lines.flush()
@@ -218,18 +347,14 @@ def build_results(cfg_dict: dict, users: list[dict], dataset: str, wall_seconds:
 
 
 def format_table(results: dict) -> str:
-    rows = [("user", "experts", "test ppl", "base ppl", "sent MB", "tok/s")]
-    for u in results["users"]:
-        rows.append((f"{u['user']}", f"{u['n_experts']}", f"{u['test_ppl']:.3f}", f"{u['base_test_ppl']:.3f}",
-                     f"{u['bytes_sent'] / 1e6:.2f}", f"{u['tokens_per_second']:.0f}"))
-    rows.append(("mean", "", f"{results['mean_test_ppl']:.3f}", f"{results['mean_base_test_ppl']:.3f}", "", ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    line = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))
-    sep = "  ".join("-" * w for w in widths)
-    out = [f"{results['method']} on {results['dataset']}, seed {results['seed']}, {results['rounds']} rounds, "
-           f"{results['world_size']} users, {results['wall_seconds']:.0f} s", line(rows[0]), sep]
-    out += [line(r) for r in rows[1:-1]] + [sep, line(rows[-1])]
-    return "\n".join(out)
+    from comigs_dist.tables import format_table as table
+    rows = [(u["user"], u["n_experts"], f"{u['test_ppl']:.3f}", f"{u['base_test_ppl']:.3f}",
+             f"{u['bytes_sent'] / 1e6:.2f}", f"{u['tokens_per_second']:.0f}") for u in results["users"]]
+    mean = ("mean", "", f"{results['mean_test_ppl']:.3f}", f"{results['mean_base_test_ppl']:.3f}", "", "")
+    title = (f"{results['method']} on {results['dataset']}, seed {results['seed']}, {results['rounds']} rounds, "
+             f"{results['world_size']} users, {results['wall_seconds']:.0f} s")
+    return title + "\n" + table(("user", "experts", "test ppl", "base ppl", "sent MB", "tok/s"), rows, ">" * 6,
+                                footer=[mean])
 
 
 def is_finite(x: float) -> bool:

@@ -78,10 +78,8 @@ def pretrain_gpt2(config: dict, tokens: np.ndarray, held_out: np.ndarray, *, ste
     sampler = BatchSampler(tokens, seq_len, seed)
     start = time.perf_counter()
     loss_value = float("nan")
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=steps, desc="pretrain", unit="step", file=sys.stderr, mininterval=2.0)
+    from comigs_dist.metrics import build_progress
+    bar = build_progress(progress).bar(total=steps, desc="pretrain", unit="step")  # lines on a file
     for step in range(steps):
         x, y = sampler.sample(batch_size)
         logits = model(input_ids=x, use_cache=False).logits
@@ -92,12 +90,10 @@ def pretrain_gpt2(config: dict, tokens: np.ndarray, held_out: np.ndarray, *, ste
         opt.zero_grad(set_to_none=True)
         sched.step()
         loss_value = loss.item()
-        if bar is not None:
-            bar.update(1)
-            if step % 10 == 0 or step == steps - 1:
-                bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
-    if bar is not None:
-        bar.close()
+        if step % 10 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+        bar.update(1)
+    bar.close()
     train_seconds = time.perf_counter() - start
     model.eval()
     ppl = evaluate_ppl(model, held_out, seq_len)

@@ -27,6 +27,7 @@ from comigs_dist.methods import Method, SyncContext, get_method
 from comigs_dist.metrics import NullProgress, build_logger, build_progress, scalar_layout
 from comigs_dist.model import UserModel, adapter_spec_for, build_user_model
 from comigs_dist.model.shared_base import plan_sharing
+from comigs_dist.wandb_logger import options_for as wandb_options
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,7 +301,8 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     done = resume.restore_user(user_run, out_dir, say)
     r, model, method, t = user_run, user_run.model, user_run.method, cfg.train
     # a resumed writer drops what the interrupted attempt logged after its checkpoint
-    logger = build_logger(out_dir, topo.user_idx, cfg.log.tensorboard, purge_step=r.step + 1 if done else None)
+    logger = build_logger(out_dir, topo.user_idx, cfg.log.tensorboard, purge_step=r.step + 1 if done else None,
+                          wandb=wandb_options(cfg, out_dir, topo.user_idx, resumed=bool(done)))
     autocast = autocast_for(topo.device, t.amp)
     comm = CommHandle(topo, cfg.comm.mode, cfg.comm.dtype, count=cfg.guard.nan == "skip", exact=cfg.comm.exact)
     analytic = analytic_round_bytes(r, cfg.comm, topo, comm.count)
@@ -400,9 +402,8 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     r.history.append({"round": rounds, "step": r.step, "test_ppl": final.ppl})
     if cfg.checkpoint.final and method.trains:
         save_checkpoint(r, out_dir, "final.pt", rounds)
-    logger.close()
     shared_numel = sum(p.numel() for params in r.shared.values() for _, p in params) if method.trains else 0
-    return {
+    row = {
         "user": topo.user_idx,
         "n_experts": model.spec.n_experts,          # as the method built it (HetLoRA: 1)
         "n_generalists": model.spec.n_generalists,
@@ -428,6 +429,9 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
         "guard_skipped_rounds": r.guard_skipped_rounds,
         "guard_skipped_steps": r.guard_skipped_steps,
     }
+    logger.summary(row)
+    logger.close()
+    return row
 
 
 def _comm_groups(topo: dist.Topology, analytic: dict) -> dict:

@@ -18,6 +18,7 @@ import math
 import sys
 from pathlib import Path
 
+from comigs_dist import tables
 from comigs_dist.checkpoint import flatten_keys
 
 MANIFEST = "jobs.json"
@@ -116,9 +117,7 @@ def format_table(columns: list[str], rows: list[dict]) -> str:
                f"{_fmt(row['test_ppl_mean'])} ± {_fmt(row['test_ppl_std'])}",
                _fmt(row["base_ppl_mean"]), f"{row['mb_sent_per_user']:.2f}"]
             for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)] if body else [len(h) for h in header]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in body])
+    return tables.format_table(header, body, "<" * len(header))
 
 
 def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:

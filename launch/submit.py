@@ -26,6 +26,7 @@ from pathlib import Path
 
 import submitit
 
+from comigs_dist import tables
 from comigs_dist.config import ConfigError, check_world_size, load_config
 from comigs_dist.main import parse_args
 
@@ -239,8 +240,9 @@ def submit(job_argv: list[str], sweep: list[str], *, root: Path = Path("runs/swe
                 "n_tasks": nodes * per_node, "job_argv": list(job_argv), "sweep": list(sweep), "jobs": jobs}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
     echo(f"submitted {len(jobs)} job(s) to {executor.cluster}: {nodes} node(s) x {per_node} users each")
-    for rec in jobs:
-        echo(f"  job {rec['job_id']:>8}  {rec['label']:<28} -> {rec['out_dir']}/results.json")
+    for line in tables.format_table(None, [(f"job {rec['job_id']}", rec["label"], f"-> {rec['out_dir']}/results.json")
+                                           for rec in jobs], "<<<", indent="  ").splitlines():
+        echo(line)
     echo(f"{note}")
     echo(f"logs:    {folder / 'logs'}/<job id>_<task>_log.out (.err)")
     echo(f"collect: python -m launch.collect {folder}")

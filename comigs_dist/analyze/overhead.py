@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from comigs_dist import tables
 from comigs_dist.analyze import AnalysisError
 
 MIB = 2 ** 20
@@ -321,12 +322,15 @@ def format_overhead(o: Overhead) -> str:
         if len(rep.shared_by_group) > 1:
             lines.append("    groups: " + ", ".join(f"{g} ({len(o.groups[g])} users) {numel:,}"
                                                     for g, numel in rep.shared_by_group.items()))
+        rows = []
         for mode in ("server", "all2all"):
-            cells = []
+            cells = [mode]
             for dtype in ("bf16", "fp32"):
                 sent, received = bytes_per_round(rep, dtype, mode, o.groups, o.count)
-                cells.append(f"{dtype}: {_bytes(sent)} sent, {_bytes(received)} received")
-            lines.append(f"    {mode:8s} " + ";  ".join(cells))
+                cells += [_bytes(sent), _bytes(received)]
+            rows.append(cells)
+        lines.append(tables.format_table(("mode", "bf16 sent", "bf16 received", "fp32 sent", "fp32 received"), rows,
+                                         "<>>>>", indent="    "))
         if paper:
             lines.append(f"    [paper: {PAPER['comm_mib_bf16']} MB in bf16, which is the generalist experts alone "
                          f"({_bytes(rep.shared_expert_params * 2)} here); the attention LoRA, also shared, adds "

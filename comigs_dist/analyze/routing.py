@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from comigs_dist import tables
 from comigs_dist.analyze import AnalysisError
 
 # the paper's colours: orange for the generalist(s), blue for the specialist(s); more experts of
@@ -392,8 +393,8 @@ def run_routing(args) -> dict:
     (out / "routing.json").write_text(json.dumps(record))
     for t in texts:
         print(f"{t['name']}: {len(t['ids'])} tokens{' (truncated)' if t['truncated'] else ''}; share of tokens per top-1 expert")
-        for user, by_layer in t["users"].items():
-            for layer, dec in by_layer.items():
-                print(f"  user {user}, layer {layer:2d}: {share_text(dec)}")
+        rows = [(user, layer, share_text(dec))
+                for user, by_layer in t["users"].items() for layer, dec in by_layer.items()]
+        print(tables.format_table(("user", "layer", "top-1 share"), rows, ">><", indent="  "))
     print(f"wrote {out / 'routing.html'}, {', '.join(str(p) for p in pngs)} and {out / 'routing.json'}")
     return record

@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from comigs_dist import tables
 from comigs_dist.analyze import AnalysisError
 
 BASE_ROW = "pretrained base"   # the --pretrained row (a method may itself be called "pretrained")
@@ -180,7 +181,7 @@ def format_markdown(table: Table, digits: int = 2) -> str:
     counts = Counter(len(c.values) for (r, _), c in table.cells.items() if r != BASE_ROW)
     usual = counts.most_common(1)[0][0] if counts else 1
     header = [table.row_key] + table.cols
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(table.cols)) + "|"]
+    body = []
     for row in table.rows:
         out = [row]
         for col in table.cols:
@@ -196,10 +197,10 @@ def format_markdown(table: Table, digits: int = 2) -> str:
             if len(cell.values) != usual and row != BASE_ROW:
                 text += f" [{len(cell.values)} seeds]"
             out.append(text)
-        lines.append("| " + " | ".join(out) + " |")
+        body.append(out)
     caption = (f"{table.metric}: mean (std) over {usual} seed{'s' if usual != 1 else ''} per cell; "
                f"bold = lowest in its column.")
-    return "\n".join(lines) + "\n\n" + caption + "\n"
+    return tables.format_markdown(header, body, "<" + ">" * len(table.cols)) + "\n\n" + caption + "\n"
 
 
 def write_csv(table: Table, path: Path) -> None:

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from comigs_dist.data.shards import DataError, read_meta
+from comigs_dist.tables import format_table
 
 EPILOG = """examples:
   python -m comigs_dist.data prepare --dataset agnews --out data/agnews                  # hub (network)
@@ -76,13 +77,14 @@ def describe(path: str) -> str:
              f"tokenizer {meta.get('tokenizer', {}).get('name', '?')} (vocab {meta['vocab_size']}, {meta['dtype']})"]
     if b:
         lines.append(f"budgets: fit {b.get('fit')}, scale {b.get('scale', 1.0):.4f}")
-    lines.append("user  category       train     valid      test  valid/test mix")
+    rows = []
     for u in meta["users"]:
         s = u["splits"]
         mix = u.get("mix", {}).get("test", {})
         mix_text = " ".join(f"{c}:{n}" for c, n in mix.items()) if len(mix) > 1 else "own category"
-        lines.append(f"{u['user']:>4}  {u.get('category', '?'):<12} {s['train']['tokens']:>8}  {s['valid']['tokens']:>8}"
-                     f"  {s['test']['tokens']:>8}  {mix_text}")
+        rows.append((u["user"], u.get("category", "?"), s["train"]["tokens"], s["valid"]["tokens"], s["test"]["tokens"],
+                     mix_text))
+    lines.append(format_table(("user", "category", "train", "valid", "test", "valid/test mix"), rows, "><>>><"))
     return "\n".join(lines)
 
 

@@ -27,7 +27,6 @@ which ``comigs_dist.pretrain --exclude`` checks). Knows nothing of models.
 from __future__ import annotations
 
 import math
-import sys
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
@@ -394,15 +393,15 @@ def _exhausted_message(pool: Pool, failed: Draw, categories, scenario, used, poo
 
 
 class _Progress:
-    """A tqdm bar over the tokens drawn, opened once the total is known (or nothing)."""
+    """A bar over the tokens drawn (lines on a file or pipe), opened once the total is known."""
 
     def __init__(self, on: bool):
         self.on, self.bar = on, None
 
     def start(self, total: int) -> None:
         if self.on:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, unit="tok", unit_scale=True, desc="tokens drawn", file=sys.stderr)
+            from comigs_dist.metrics import build_progress
+            self.bar = build_progress(True).bar(total=total, unit="tok", desc="tokens drawn", unit_scale=True)
 
     def update(self, n: int) -> None:
         if self.bar is not None:

@@ -13,6 +13,7 @@ AG News (World, Sports, Business, Sci/Tech). Table 3 gives the token counts per 
 """
 from __future__ import annotations
 
+import sys
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
@@ -194,8 +195,10 @@ def open_local(spec: DatasetSpec, sources: list[Path], categories: list[str], se
 # --------------------------------------------------------------------------------------------
 
 def _default_loader() -> Callable:
-    from datasets import load_dataset
-    return load_dataset
+    import datasets
+    if not sys.stderr.isatty():  # download bars redraw with carriage returns: noise in a log file
+        datasets.disable_progress_bars()
+    return datasets.load_dataset
 
 
 def clean_wiki40b(text: str) -> str:
