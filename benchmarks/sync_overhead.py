@@ -9,8 +9,8 @@ layer, 1,179,648 numbers at r = 8. Timed in alternation, after a barrier each ti
     sync         dist.sync_mean over the generalist group with comm.exact=false: flatten into one
                  buffer, one fp32 all_reduce, divide, unflatten into the parameters, count the bytes
     sync exact   the same with comm.exact=true (the default): the all_reduce runs on a float64
-                 copy, so that server and all2all give bit-identical results (README,
-                 Communication); printed beside the target, not part of it
+                 copy, so that server and all2all give bit-identical results
+                 (docs/communication.md); printed beside the target, not part of it
     all_reduce   one bare torch.distributed.all_reduce of an fp32 buffer of the same size
     all_reduce f64  the same of a float64 buffer (what the exact sync moves), for comparison
 

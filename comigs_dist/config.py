@@ -122,7 +122,7 @@ class CommConfig:
                       "and all2all give bit-identical parameters (the server all_reduce then carries float64).")
     groups: list[GroupConfig] = opt([], "Sharing groups: a list of {name, users, experts, attention}; empty = one "
                                     "group 'generalists' of every user sharing expert 0..n_generalists-1 and the "
-                                    "attention LoRA. See README 'Communication'.")
+                                    "attention LoRA. See docs/communication.md.")
     backend: Literal["auto", "gloo", "nccl"] = opt("auto", "torch.distributed backend; 'auto' = nccl when every rank has a GPU, else gloo.")
     timeout_s: float = opt(300.0, "Seconds a collective may wait before the run stops with an error (a dead rank never hangs the run).")
 

@@ -329,7 +329,7 @@ def _json_default(o):
 
 
 def build_results(cfg_dict: dict, users: list[dict], dataset: str, wall_seconds: float) -> dict:
-    """The results.json contract (see the README): run identity, means over users, per-user rows."""
+    """The results.json contract (see docs/monitoring.md): run identity, means over users, per-user rows."""
     users = sorted(users, key=lambda u: u["user"])
     mean = lambda key: sum(u[key] for u in users) / len(users)
     return {

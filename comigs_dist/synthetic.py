@@ -124,7 +124,7 @@ def sample_chain(chains: list[np.ndarray], n_tokens: int, seed: list[int], walke
 
 def chain_entropy_rate(chain: np.ndarray) -> float:
     """Entropy rate (nats/token) of a chain under its stationary distribution: log of the best
-    achievable perplexity, for reference in tests and the README."""
+    achievable perplexity, for reference in tests and docs/data.md."""
     evals, evecs = np.linalg.eig(chain.T)
     pi = np.real(evecs[:, np.argmin(np.abs(evals - 1))])
     pi = pi / pi.sum()

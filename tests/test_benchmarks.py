@@ -1,8 +1,8 @@
 """The benchmark scripts run and end with their target lines (no timing is asserted here).
 
 The step-cost script runs in this process in its --quick mode (a tiny GPT-2); the memory and
-sync scripts run as the README's commands with --quick (fresh processes and a process group of
-tiny users, marked slow). Their full runs are by hand (README, Performance).
+sync scripts run as the commands of docs/performance.md with --quick (fresh processes and a
+process group of tiny users, marked slow). Their full runs are by hand (docs/performance.md).
 """
 import re
 import subprocess
