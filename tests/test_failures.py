@@ -3,7 +3,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -39,10 +38,10 @@ def test_an_unwritable_out_dir_stops_the_run_before_training(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_killed_rank_ends_the_run_with_its_name_within_the_timeout(tmp_path):
-    """3 users; user 1 is SIGKILLed halfway through round 2: users 0 and 2 exit non-zero well within
-    comm.timeout_s with a message naming user 1 as gone; nothing hangs."""
-    timeout_s = 30
+def test_a_killed_rank_ends_the_run_with_its_name_not_by_the_timeout(tmp_path):
+    """3 users; user 1 is SIGKILLed halfway through round 2: users 0 and 2 exit with code 1 and a
+    message naming user 1 as no longer running. comm.timeout_s is far longer than the test's own
+    bound, so they can only have left because they noticed user 1 was gone; nothing hangs."""
     port = str(29_000 + os.getpid() % 2_000)
     procs = []
     for rank in range(3):
@@ -50,26 +49,25 @@ def test_a_killed_rank_ends_the_run_with_its_name_within_the_timeout(tmp_path):
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port, COMIGS_FAULT="kill,user=1,round=2")
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "comigs_dist.main", "--config", DEBUG, "n_users=3", "train.rounds=4",
-             f"out_dir={tmp_path / 'run'}", f"comm.timeout_s={timeout_s}", "checkpoint.every=1"],
+             f"out_dir={tmp_path / 'run'}", "comm.timeout_s=3600", "checkpoint.every=1"],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
         procs[1].wait(timeout=600)
-        died = time.monotonic()
         outs = {}
         for rank in (0, 2):
-            out, err = procs[rank].communicate(timeout=timeout_s + 60)
-            outs[rank] = (time.monotonic() - died, procs[rank].returncode, err)
+            out, err = procs[rank].communicate(timeout=300)  # a bound, far below comm.timeout_s
+            outs[rank] = (procs[rank].returncode, err)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
     assert procs[1].returncode == -9
-    for rank, (after, code, err) in outs.items():
+    for rank, (code, err) in outs.items():
         assert code == 1, err[-3000:]
-        assert after < timeout_s, f"user {rank} left {after:.1f} s after user 1 died"
         assert f"user {rank} (rank {rank}) failed: PeerFailure: user {rank} lost contact with the other users in " \
                f"round 2" in err, err[-3000:]
         assert "user 1 (pid" in err and "is no longer running" in err, err[-3000:]
+        assert "slower than comm.timeout_s" not in err, err[-3000:]
     # round 1 is on disk for every user, ready for resume=true (the survivors also wrote round 2, but
     # user 1 never did, so a resume starts from round 1)
     rounds = [checkpoint.available_rounds(checkpoint.user_dir(tmp_path / "run", u)) for u in range(3)]

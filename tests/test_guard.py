@@ -1,6 +1,5 @@
 """The non-finite guard on real process groups: stop names the user, skip averages the others."""
 import math
-import time
 
 import pytest
 import torch
@@ -25,10 +24,10 @@ def _by_role(model, role):
     return {n: p.detach().clone() for n, p in model.report.params.items() if model.report.tags[n].role == role}
 
 
-def _prepare(rank, world_size, **overrides):
+def _prepare(rank, world_size, timeout_s=30, **overrides):
     cfg = tiny_config(**overrides)
     check_world_size(cfg, world_size)
-    topo = init_topology(timeout_s=30)
+    topo = init_topology(timeout_s=timeout_s)
     r = setup_user(cfg, topo)
     with torch.no_grad():  # users hold different generalists: rank-dependent, exactly representable shifts
         for _, p in r.shared["generalists"]:
@@ -85,7 +84,8 @@ def test_skip_leaves_a_poisoned_user_out_of_the_average(tmp_path, mode):
 
 
 def _stop_worker(rank, world_size, tmp_path):
-    cfg, topo, r = _prepare(rank, world_size)
+    # a collective timeout longer than the harness's: only user 1 leaving can end the others' wait
+    cfg, topo, r = _prepare(rank, world_size, timeout_s=900)
     comm = CommHandle(topo, "server", "fp32")
     name = r.shared["generalists"][2][0]
     if rank == 1:
@@ -96,12 +96,11 @@ def _stop_worker(rank, world_size, tmp_path):
             _aggregate(r, topo, comm)
         dist.report_failure("FloatingPointError: inf in a generalist")  # as main.py does before exiting
         return  # the harness tears the group down: the others' collective fails at once
-    start = time.monotonic()
     with pytest.raises(dist.PeerFailure) as info:
         _aggregate(r, topo, comm)
-    print(f"rank {rank}: PeerFailure after {time.monotonic() - start:.1f} s", flush=True)
-    assert time.monotonic() - start < 25, "the failure came from the timeout (30 s), not from user 1 leaving"
     text = str(info.value)
+    # caused by user 1 leaving, not by the collective's timeout (then every user would still run)
+    assert "still running" not in text and "slower than comm.timeout_s" not in text, text
     assert text.startswith(f"user {rank} lost contact") and "all_reduce on group 'generalists'" in text
     # rank 0 hosts the store the note sits in; rank 2 may find the store gone and fall back to the pid
     assert "user 1 failed: FloatingPointError: inf in a generalist" in text or (
