@@ -83,22 +83,64 @@ _DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quo
                 errno.EPERM: "operation not permitted"}
 
 
-def save_atomic(obj, path: Path) -> None:
-    path = Path(path)
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it portably; set straight back
+    os.umask(mask)
+    return mask
+
+
+def publish_mode(directory: Path) -> None:
+    """Give a directory made by ``tempfile.mkdtemp`` (0700) the mode a plain mkdir would have
+    (0777 minus the umask) before it is renamed into place, so that the user's group can read it."""
+    os.chmod(directory, 0o777 & ~_umask())
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (the directory entry, not only the file's data);
+    a file system that cannot fsync a directory is left as it is."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
     except OSError as exc:
-        raise _disk_error(path, exc) from exc
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, write, text: bool = False, before_publish=None) -> None:
+    """Write a file under ``path`` so that it is complete or absent: ``write(f)`` fills a temporary
+    file in the same directory, which is fsynced, given the mode a plain ``open`` would give it
+    (0666 minus the umask: mkstemp's 0600 would hide results from the user's group), renamed into
+    place, and the directory fsynced. ``before_publish()`` runs between the write and the rename
+    (the fault injection of a checkpoint write). On any failure nothing partial is left."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "w" if text else "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_publish is not None:
+            before_publish()
         os.replace(tmp, path)
-    except BaseException as exc:
+    except BaseException:
         Path(tmp).unlink(missing_ok=True)  # never leave a partial file behind
-        if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+        raise
+    fsync_dir(path.parent)
+
+
+def save_atomic(obj, path: Path, before_publish=None) -> None:
+    path = Path(path)
+    try:
+        write_atomic(path, lambda f: torch.save(obj, f), before_publish=before_publish)
+    except OSError as exc:
+        if exc.errno in _DISK_ERRNOS:
             raise _disk_error(path, exc) from exc
         raise
 

@@ -106,6 +106,43 @@ def test_json_is_written_atomically_and_strictly_with_non_finite_numbers_as_null
     assert [p.name for p in path.parent.iterdir()] == ["results.json"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_writes_get_the_umask_mode_and_fsync_the_directory_after_the_rename(tmp_path, monkeypatch, umask):
+    """Checkpoints, JSON files and a dataset directory get 0666 (0777) minus the umask, not
+    mkstemp's 0600 (mkdtemp's 0700); every atomic rename is followed by an fsync of its directory."""
+    import stat
+    from comigs_dist.data import write_dataset
+    from comigs_dist.metrics import write_json_atomic
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync_dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync_file", fd))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", str(dst)))
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    old = os.umask(umask)
+    try:
+        checkpoint.save_atomic({"a": torch.zeros(2)}, tmp_path / "c" / "round_0001.pt")
+        write_json_atomic(tmp_path / "c" / "results.json", {"x": 1})
+        write_dataset(tmp_path / "data", [{s: np.arange(40) for s in ("train", "valid", "test")}], vocab_size=64)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "c" / "round_0001.pt").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "c" / "results.json").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "data").stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((tmp_path / "data" / "meta.json").stat().st_mode) == 0o666 & ~umask
+    renames = [i for i, e in enumerate(events) if e[0] == "rename"]
+    assert len(renames) == 3, events
+    for i in renames:  # the file's data before the rename, its directory entry right after
+        assert events[i - 1][0] == "fsync_file" or events[i][1].endswith("data"), events
+        assert events[i + 1][0] == "fsync_dir", events
+
+
 def test_generators_round_trip_through_a_weights_only_file(tmp_path):
     """python, numpy and torch generators restored from a checkpoint draw the same numbers again."""
     random.seed(1), np.random.seed(2), torch.manual_seed(3)

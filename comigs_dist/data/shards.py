@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from comigs_dist.checkpoint import fsync_dir, publish_mode  # the atomic-write primitives
+
 FORMAT = "comigs-shards/1"
 SPLITS = ("train", "valid", "test")
 
@@ -89,12 +91,14 @@ def write_dataset(out: str | Path, users: list[dict[str, np.ndarray]], vocab_siz
             meta["files"] = files
         # meta.json is written last: a directory without it is never taken for a dataset
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        publish_mode(tmp)
         old = None
         if out.exists():
             # move the old dataset aside first, so that a failure here leaves one or the other
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "d")
         os.replace(tmp, out)
+        fsync_dir(out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
