@@ -300,6 +300,9 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     user_run = setup_user(cfg, topo)
     # a fresh start, or every user restored to the newest round they all checkpointed
     done = resume.restore_user(user_run, out_dir, say)
+    if topo.rank == 0:  # only now: a refused start or resume leaves the directory as it found it
+        from comigs_dist.checkpoint import write_atomic
+        write_atomic(Path(out_dir) / "config.yaml", lambda f: f.write(to_yaml(cfg)), text=True)
     r, model, method, t = user_run, user_run.model, user_run.method, cfg.train
     # a resumed writer drops what the interrupted attempt logged after its checkpoint
     logger = build_logger(out_dir, topo.user_idx, cfg.log.tensorboard, purge_step=r.step + 1 if done else None)

@@ -165,6 +165,56 @@ def test_rounds_are_listed_and_pruned_per_user(tmp_path):
     assert checkpoint.available_rounds(d) == [3, 10]
 
 
+def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_message(tmp_path):
+    """A process that took out_dir's lock and was SIGKILLed leaves its lock file (pid and host inside)
+    but not its flock: the next run takes it over and says whose it was; release removes the file."""
+    import json
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from helpers import subprocess_env
+    out = tmp_path / "run"
+    out.mkdir()
+    script = ("import os, signal, sys; from pathlib import Path; from comigs_dist.checkpoint import OutDirLock; "
+              "OutDirLock(Path(sys.argv[1])).acquire(); os.kill(os.getpid(), signal.SIGKILL)")
+    proc = subprocess.run([sys.executable, "-c", script, str(out)], env=subprocess_env(), timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    record = json.loads((out / checkpoint.LOCK_FILE).read_text())
+    assert record["host"] == socket.gethostname() and record["pid"] != os.getpid()
+    dead_pid = record["pid"]
+    cfg = tiny_config().to_dict()
+    lock, notes = checkpoint.claim_out_dir(out, "false", cfg)
+    try:
+        assert notes == [f"took over the stale lock of pid {dead_pid} on host {socket.gethostname()}, since "
+                         f"{record['started']} (no longer running) on out_dir {out}"], notes
+        assert json.loads((out / checkpoint.LOCK_FILE).read_text())["pid"] == os.getpid()
+    finally:
+        lock.release()
+    assert list(out.iterdir()) == []
+
+
+def test_resume_agreement_never_starts_over_silently():
+    """Users disagreeing about their rounds stop any resume naming every user, also under
+    resume=auto (it once started over and deleted the manifest); a manifest whose rounds no user
+    holds is an error, not a fresh start; a common round is resumed from."""
+    cfg = lambda mode: tiny_config(resume=mode, out_dir="x")
+    lost = [{"rounds": [1, 2], "manifest_round": 2}, {"rounds": []}]
+    for mode in ("auto", "true"):
+        start, problem = resume._choose_round(cfg(mode), lost, Path("x"))
+        assert start == 0 and "the users disagree about the rounds they checkpointed" in problem, problem
+        assert "(user 0: rounds [1, 2]; user 1: none)" in problem, problem
+        start, problem = resume._choose_round(cfg(mode), [{"rounds": [2], "manifest_round": 2}, {"rounds": [1]}],
+                                              Path("x"))
+        assert start == 0 and "(user 0: rounds [2]; user 1: rounds [1])" in problem
+        start, problem = resume._choose_round(cfg(mode), [{"rounds": [], "manifest_round": 3}, {"rounds": []}],
+                                              Path("x"))
+        assert start == 0 and "records round 3 as complete but no user finds any round checkpoint" in problem
+        assert resume._choose_round(cfg(mode), [{"rounds": [1, 2], "manifest_round": 1}, {"rounds": [1]}],
+                                    Path("x")) == (1, None)
+    assert resume._choose_round(cfg("auto"), [{"rounds": []}, {"rounds": []}], Path("x")) == (0, None)
+
+
 # --------------------------------------------------------------------------------------------
 # resume on real process groups
 # --------------------------------------------------------------------------------------------
@@ -263,3 +313,59 @@ def _full_disk_worker(rank, world_size, tmp_path):
 def test_a_full_disk_during_a_checkpoint_stops_every_user_with_one_message(tmp_path):
     """ENOSPC on one user: every user raises the same CheckpointError, no partial file, no manifest."""
     run_on_ranks(_full_disk_worker, 2, tmp_path)
+
+
+def _fingerprint_worker(rank, world_size, tmp_path):
+    from comigs_dist.data import write_dataset
+    data, out = tmp_path / "data", tmp_path / "run"
+    init_topology()  # the group, for the barriers below; each run builds a topology of its own
+
+    def prepare(seed):  # the same shapes, other tokens for another seed: a dataset prepared again
+        if rank == 0:
+            rng = np.random.default_rng(seed)
+            write_dataset(data, [{s: rng.integers(0, 100, 500) for s in ("train", "valid", "test")} for _ in range(2)],
+                          100)
+        tdist.barrier()
+
+    def go(**extra):
+        cfg = tiny_config(**{"data.path": str(data), "train.rounds": 2, "checkpoint.every": 1, "out_dir": str(out),
+                             **extra})
+        check_world_size(cfg, world_size)
+        return train.run(cfg, init_topology(), out)
+
+    prepare(0)
+    go()
+    # a key that changes results is refused, naming it and both values
+    with pytest.raises(ConfigError, match=r"train.lr=0.005 but this run has train.lr=0.001"):
+        go(resume="true", **{"train.lr": 1e-3})
+    # keys safe to change on resume: more rounds, logging, evaluation points
+    row = go(resume="true", **{"train.rounds": 3, "log.every": 2, "eval.every": 1})
+    assert checkpoint.available_rounds(checkpoint.user_dir(out, rank)) == [1, 2, 3] and row["local_steps"] == 9
+    # the dataset prepared again under the same path: the checkpoints' data fingerprint names the shards
+    prepare(1)
+    with pytest.raises(ConfigError, match=r"checkpoints \S+user_00/round_0003\.pt, \S+user_01/round_0003\.pt were "
+                                          r"written on other data than this run reads \(shard user_00/test\.bin: 500 "
+                                          r"tokens, sha256 \w{12} then, 500 tokens, sha256 \w{12} now; shard "
+                                          r"user_00/train\.bin"):
+        go(resume="true", **{"train.rounds": 3})
+    prepare(0)  # the original tokens again: accepted
+    go(resume="true", **{"train.rounds": 3})
+    # user 1 loses every round checkpoint: resume=auto stops naming each user, the manifest stays
+    tdist.barrier()
+    if rank == 1:
+        for f in checkpoint.user_dir(out, 1).glob("round_*.pt"):
+            f.unlink()
+    tdist.barrier()
+    with pytest.raises(ConfigError, match=r"the users disagree about the rounds they checkpointed .*\(user 0: rounds "
+                                          r"\[1, 2, 3\]; user 1: none\)"):
+        go(resume="auto", **{"train.rounds": 3})
+    assert checkpoint.read_manifest(out)["rounds"] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_resume_checks_the_data_and_the_keys_that_change_results(tmp_path):
+    """2 users: a resume changing train.lr is refused naming it; train.rounds, log.every and eval.every
+    may change; a dataset prepared again at the same path is refused naming its shards and both
+    checksums; after user 1 loses its checkpoints resume=auto stops, naming every user's rounds,
+    and the manifest is kept."""
+    run_on_ranks(_fingerprint_worker, 2, tmp_path, timeout_s=600)
