@@ -249,12 +249,17 @@ def optimizer_step(run: UserRun, sampler: BatchSampler, opt: torch.optim.Optimiz
     # a non-finite loss stops the run (guard.nan=stop) before any collective, or drops the step
     drop = not math.isfinite(totals[0]) and guard.check_loss(run, totals[0], expert_phase)
     params = [p for g in opt.param_groups for p in g["params"]]
+    averaged = expert_phase and comm is not None and run.method.reduces_gradients
     if expert_phase and comm is not None:
+        if not drop and averaged:  # gradients are about to meet the other users': none may be NaN or inf
+            drop = guard.check_gradients(run, params)
         with comm.abstaining(drop):
             run.method.reduce_gradients(comm, [p for p in params if p.grad is not None])
-    if drop:
+    if drop and not averaged:
         opt.zero_grad(set_to_none=True)
         return totals[0], totals[1], totals[2]
+    # a user that sat out a gradient average received the others' mean: it steps with it, so that
+    # data-parallel replicas stay one model
     if t.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
     opt.step()

@@ -178,3 +178,44 @@ def test_a_non_finite_loss_stops_or_drops_the_step():
         guard.check_loss(_Run("stop"), math.nan, True)
     run_ = _Run("skip")
     assert guard.check_loss(run_, math.inf, False) and run_.guard_skipped_steps == 1
+
+
+def _gradient_worker(rank, world_size, tmp_path, mode):
+    from comigs_dist.train import autocast_for, optimizer_step
+    cfg, topo, r = _prepare(rank, world_size, timeout_s=900, method="centralized", **{"guard.nan": mode})
+    comm = CommHandle(topo, "server", "fp32", count=mode == "skip")
+    for group, params in r.shared.items():  # one model: every replica starts from user 0's
+        comm.broadcast(group, [p.data for _, p in params])
+    r.model.set_trainable(r.method.trains_in_expert_phase)
+    name, param = next((n, p) for n, p in r.model.report.params.items() if n.endswith("lora_B") and p.requires_grad)
+    if rank == 1:  # an overflow in the backward only: the loss stays finite
+        param.register_hook(lambda g: torch.full_like(g, math.inf))
+    before = {n: p.detach().clone() for n, p in r.model.report.params.items()}
+    step = lambda: optimizer_step(r, r.train_sampler, r.expert_opt, autocast_for(topo.device, "off"), True, comm)
+    if mode == "stop":
+        if rank == 1:
+            with pytest.raises(FloatingPointError, match=rf"user 1: the gradient of {name} holds inf at local "
+                                                         rf"iteration 0 \(round 1\) before it is averaged"):
+                step()
+            dist.report_failure("FloatingPointError: inf in a gradient")
+            dist.shutdown()  # leave at once: the other user waits in the all_reduce
+            return
+        with pytest.raises(dist.PeerFailure, match="user 1 failed: FloatingPointError: inf in a gradient"):
+            step()
+        return
+    loss, _, _ = step()
+    assert math.isfinite(loss)
+    after = _gather({n: p.detach() for n, p in r.model.report.params.items()})
+    assert r.guard_skipped_steps == (1 if rank == 1 else 0)
+    for n in after[0]:  # both replicas took the step of user 0's gradient alone: still one model, finite
+        assert torch.isfinite(after[0][n]).all() and torch.equal(after[0][n], after[1][n]), n
+    assert any(not torch.equal(after[0][n], before[n]) for n in before if r.model.report.params[n].requires_grad)
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_gradients_are_checked_before_the_data_parallel_average(tmp_path, mode):
+    """Centralized, a finite loss but an inf gradient on user 1: stop raises on user 1 before the
+    all_reduce, naming the parameter, and user 0 learns why; skip leaves user 1's gradient out, both
+    replicas step with user 0's and stay equal and finite (no NaN ever reaches the average)."""
+    run_on_ranks(_gradient_worker, 2, tmp_path, mode)
+
