@@ -184,6 +184,19 @@ def read_manifest(out_dir: Path) -> dict | None:
     return manifest
 
 
+_PARTIAL_FILE = re.compile(r"^\.(round_\d{4,}|final)\.pt\.[A-Za-z0-9_]+$")
+
+
+def remove_partial(directory: Path) -> list[Path]:
+    """Delete the temporary files a killed writer left in one user's directory (never a file under
+    its final name: those are complete); returns what went."""
+    directory = Path(directory)
+    gone = [f for f in directory.iterdir() if _PARTIAL_FILE.match(f.name)] if directory.is_dir() else []
+    for f in gone:
+        f.unlink(missing_ok=True)
+    return gone
+
+
 def prune(directory: Path, keep: int) -> list[Path]:
     """Delete all but the ``keep`` newest round checkpoints of one user; returns what went."""
     if keep <= 0:

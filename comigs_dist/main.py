@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         # process per host builds under a file lock while the others wait, outside any collective
         from comigs_dist import faults
         from comigs_dist.train import prepare_assets
-        faults.from_env()  # a malformed COMIGS_FAULT is an error before anything starts
+        faults.check(faults.from_env(), cfg)  # a malformed or unreachable COMIGS_FAULT: an error before anything starts
         prepare_assets(cfg, dist.env_world_size(), progress=is_rank0 and cfg.log.progress)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from comigs_dist import checkpoint, dist
+from comigs_dist import checkpoint, dist, faults
 from comigs_dist.config import ConfigError
 from comigs_dist.data import data_fingerprint
 
@@ -105,7 +105,8 @@ def save_user(run, out_dir: Path, name: str, round_idx: int) -> Path:
     path = checkpoint.user_dir(out_dir, user) / name
     problem, size = None, 0
     try:
-        checkpoint.save_atomic(user_state(run, round_idx), path)
+        checkpoint.save_atomic(user_state(run, round_idx), path,
+                               before_publish=lambda: faults.during_checkpoint(run, round_idx))
         size = path.stat().st_size
     except OSError as exc:
         problem = f"user {user}: {exc.strerror or exc}"
@@ -244,6 +245,7 @@ def restore_user(run, out_dir: Path, say=lambda msg: None) -> int:
     if all_problems:
         raise ConfigError(f"cannot {'resume' if start else 'start'} the run in {out_dir}: " + "; ".join(all_problems[:8])
                           + ("" if len(all_problems) <= 8 else f"; ... ({len(all_problems)} problems)"))
+    checkpoint.remove_partial(my_dir)  # what a writer killed mid-file left (the run holds out_dir's lock)
     if not start:
         return 0  # a manifest is never deleted here: _choose_round refused any that describes files
     apply_state(run, state)

@@ -303,6 +303,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     """Run Algorithm 1 for this rank's user; returns the user's row of results.json."""
     dist.set_phase("setup")
     user_run = setup_user(cfg, topo)
+    faults.at_setup(user_run)
     # a fresh start, or every user restored to the newest round they all checkpointed
     done = resume.restore_user(user_run, out_dir, say)
     if topo.rank == 0:  # only now: a refused start or resume leaves the directory as it found it
@@ -378,6 +379,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
                 for _ in range(t.router_steps):
                     router_losses.append(optimizer_step(r, r.router_sampler, r.router_opt, autocast, False)[0])
                     r.router_step += 1
+                    faults.during_router(r, round_idx)
                 # on validation batches this is the documented valid/loss; on training batches
                 # (-tr variants) it must not collide with the expert phase's train/loss
                 router_tag = "valid/loss" if method.router_split == "valid" else f"{method.router_split}/router_loss"
@@ -405,6 +407,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
 
     # the user's model after its last local steps (what Algorithm 1 returns)
     dist.set_phase("the final evaluation")
+    faults.at_final_eval(r)
     final = evaluate_test(r, autocast, progress)
     log_eval(logger, final, r.step)
     r.history.append({"round": rounds, "step": r.step, "test_ppl": final.ppl})
