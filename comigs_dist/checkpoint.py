@@ -596,6 +596,10 @@ def claim_out_dir(out_dir: Path, resume: str, config: dict, job: str | None = No
         problem = out_dir_problem(out_dir, resume, config)  # again under the lock: another run may have started
         if problem:
             raise CheckpointError(problem)
+        h = holdings(out_dir)
+        if resume == "auto" and h and not h.rounds and not h.manifest:  # its own unfinished first attempt
+            notes.append(f"out_dir {out_dir} holds an earlier attempt of this run that checkpointed no round "
+                         f"({h.describe()}): it starts over (resume={resume})")
         return lock, notes
     except BaseException:
         lock.release()

@@ -194,6 +194,26 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_message(tmp_path):
     assert list(out.iterdir()) == []
 
 
+def test_resume_auto_starts_over_only_its_own_first_attempt(tmp_path):
+    """resume=auto in an out_dir where an attempt of the same run left config.yaml and events but no
+    checkpoint: it starts over and says so; with another learning rate in config.yaml it is another
+    run's directory: refused naming the key, and left untouched."""
+    from comigs_dist.config import to_yaml
+    out = tmp_path / "run"
+    (out / "tb" / "user_00").mkdir(parents=True)
+    (out / "tb" / "user_00" / "events.out.tfevents.1").write_bytes(b"x")
+    (out / "config.yaml").write_text(to_yaml(tiny_config(**{"train.lr": 0.01})))
+    lock, notes = checkpoint.claim_out_dir(out, "auto", tiny_config(**{"train.lr": 0.01, "log.every": 3}).to_dict())
+    lock.release()
+    assert notes == [f"out_dir {out} holds an earlier attempt of this run that checkpointed no round (config.yaml, "
+                     f"TensorBoard events (tb/)): it starts over (resume=auto)"], notes
+    with pytest.raises(checkpoint.CheckpointError, match=r"holds another run \(config.yaml, TensorBoard events "
+                                                         r"\(tb/\)\) configured differently: train.lr=0.01 but this "
+                                                         r"run has train.lr=0.005.*another out_dir.*resume=true"):
+        checkpoint.claim_out_dir(out, "auto", tiny_config().to_dict())
+    assert sorted(p.name for p in out.rglob("*")) == ["config.yaml", "events.out.tfevents.1", "tb", "user_00"]
+
+
 def test_resume_agreement_never_starts_over_silently():
     """Users disagreeing about their rounds stop any resume naming every user, also under
     resume=auto (it once started over and deleted the manifest); a manifest whose rounds no user
