@@ -81,7 +81,7 @@ def _drain(errors) -> dict[int, str]:
     return found
 
 
-def run_on_ranks(worker, world_size: int, tmp_path, *args, timeout_s: float = 120.0,
+def run_on_ranks(worker, world_size: int, tmp_path, *args, timeout_s: float = 300.0,
                  expect_exit: dict[int, int] | None = None) -> None:
     """Run ``worker`` on ``world_size`` ranks; fail on the first rank that fails, or when
     ``timeout_s`` passes with ranks still running (they are killed first)."""
