@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from comigs_dist.checkpoint import publish_mode
 from comigs_dist.dist import env_get
 
 VOCAB_SIZE = 256
@@ -215,6 +216,7 @@ def ensure_embedded_base(progress: bool = False) -> Path:
                                        progress=progress)
                 report["entropy_rate_nats"] = chain_entropy_rate(public_chain())
                 (tmp / "pretrain.json").write_text(json.dumps(report, indent=2))
+                publish_mode(tmp)
                 os.replace(tmp, out)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
