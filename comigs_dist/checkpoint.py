@@ -15,12 +15,16 @@ output directory before training. Knows nothing of process groups or of training
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import socket
 import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +39,14 @@ REQUIRED_KEYS = ("format", "user", "round", "method", "params", "config")
 # keys a resume needs on top (final.pt from an older version may lack them)
 RESUME_KEYS = ("step", "router_step", "expert_opt", "expert_sched", "router_opt", "train_sampler",
                "router_sampler", "rng", "counters", "history", "base", "comm")
-# options that may change between a run and its resume without changing what it computes
+# options that may change between a run and its resume: where and how it runs, what it logs and
+# keeps, how far it goes (train.rounds: more rounds continue the run; under the cosine schedule the
+# decay then spans the new total), how often it evaluates, and where the data lie (data.path: the
+# data fingerprint checks that the tokens are the same). Every other key changes what a run
+# computes: a resume with another value is refused, naming the key.
 RESUME_MAY_DIFFER = ("resume", "out_dir", "log.", "checkpoint.", "guard.", "comm.timeout_s", "comm.backend",
-                     "model.device", "model.share_base", "train.threads", "data.verify")
+                     "model.device", "model.share_base", "train.threads", "train.rounds", "eval.every",
+                     "data.path", "data.verify")
 
 
 class CheckpointError(ValueError):
@@ -83,22 +92,64 @@ _DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quo
                 errno.EPERM: "operation not permitted"}
 
 
-def save_atomic(obj, path: Path) -> None:
-    path = Path(path)
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it portably; set straight back
+    os.umask(mask)
+    return mask
+
+
+def publish_mode(directory: Path) -> None:
+    """Give a directory made by ``tempfile.mkdtemp`` (0700) the mode a plain mkdir would have
+    (0777 minus the umask) before it is renamed into place, so that the user's group can read it."""
+    os.chmod(directory, 0o777 & ~_umask())
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (the directory entry, not only the file's data);
+    a file system that cannot fsync a directory is left as it is."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
     except OSError as exc:
-        raise _disk_error(path, exc) from exc
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, write, text: bool = False, before_publish=None) -> None:
+    """Write a file under ``path`` so that it is complete or absent: ``write(f)`` fills a temporary
+    file in the same directory, which is fsynced, given the mode a plain ``open`` would give it
+    (0666 minus the umask: mkstemp's 0600 would hide results from the user's group), renamed into
+    place, and the directory fsynced. ``before_publish()`` runs between the write and the rename
+    (the fault injection of a checkpoint write). On any failure nothing partial is left."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "w" if text else "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_publish is not None:
+            before_publish()
         os.replace(tmp, path)
-    except BaseException as exc:
+    except BaseException:
         Path(tmp).unlink(missing_ok=True)  # never leave a partial file behind
-        if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+        raise
+    fsync_dir(path.parent)
+
+
+def save_atomic(obj, path: Path, before_publish=None) -> None:
+    path = Path(path)
+    try:
+        write_atomic(path, lambda f: torch.save(obj, f), before_publish=before_publish)
+    except OSError as exc:
+        if exc.errno in _DISK_ERRNOS:
             raise _disk_error(path, exc) from exc
         raise
 
@@ -131,6 +182,19 @@ def read_manifest(out_dir: Path) -> dict | None:
                               f"{manifest.get('format') if isinstance(manifest, dict) else None!r}, "
                               f"expected {FORMAT!r}); choose another out_dir")
     return manifest
+
+
+_PARTIAL_FILE = re.compile(r"^\.(round_\d{4,}|final)\.pt\.[A-Za-z0-9_]+$")
+
+
+def remove_partial(directory: Path) -> list[Path]:
+    """Delete the temporary files a killed writer left in one user's directory (never a file under
+    its final name: those are complete); returns what went."""
+    directory = Path(directory)
+    gone = [f for f in directory.iterdir() if _PARTIAL_FILE.match(f.name)] if directory.is_dir() else []
+    for f in gone:
+        f.unlink(missing_ok=True)
+    return gone
 
 
 def prune(directory: Path, keep: int) -> list[Path]:
@@ -167,7 +231,7 @@ def load(path: Path) -> dict:
 
 
 def validate(state: dict, path: Path, user_idx: int, method: str, params: dict[str, torch.Tensor],
-             config: dict | None = None, for_resume: bool = True) -> list[str]:
+             config: dict | None = None, for_resume: bool = True, data: dict | None = None) -> list[str]:
     """Everything that keeps ``state`` from being loaded into this user's model, each problem
     naming the file and the key or parameter (empty when it fits)."""
     where = f"checkpoint {path}"
@@ -204,6 +268,13 @@ def validate(state: dict, path: Path, user_idx: int, method: str, params: dict[s
             problems.append(f"{where}: parameter {name} has dtype {theirs.dtype}, not a floating point type")
     if config is not None and isinstance(state.get("config"), dict):
         problems += [f"{where} was written with {d}" for d in config_differences(state["config"], config)]
+    if data is not None and isinstance(state.get("data"), dict):
+        from comigs_dist.data.shards import fingerprint_differences
+        diffs = fingerprint_differences(state["data"], data)
+        if diffs:
+            problems.append(f"{where} was written on other data than this run reads ({'; '.join(diffs)}): the "
+                            f"dataset was prepared again or data.path points elsewhere; resume on the data the run "
+                            f"started with, or start a new run in another out_dir")
     return problems
 
 
@@ -216,6 +287,17 @@ def flatten_keys(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def result_keys(config: dict) -> dict:
+    """The options of a config (dotted keys) that change what a run computes."""
+    return {k: v for k, v in flatten_keys(config).items() if not k.startswith(RESUME_MAY_DIFFER)}
+
+
+def config_fingerprint(config: dict) -> str:
+    """A short digest of the options that change what a run computes (equal for a run and its resume)."""
+    text = json.dumps(result_keys(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
@@ -295,3 +377,236 @@ def check_writable(directory: Path, need_bytes: int = 0, what: str = "out_dir") 
                 f"{need_bytes / 2**20:.1f} MiB; free space, point out_dir at a larger disk, or set "
                 f"checkpoint.every=0 checkpoint.final=false to write none")
     return None
+
+
+@dataclass
+class Holdings:
+    """What earlier runs left in an output directory (temporary files aside)."""
+    config: bool = False
+    results: bool = False
+    tensorboard: bool = False
+    manifest: list[int] = field(default_factory=list)          # rounds the manifest records
+    rounds: dict[int, list[int]] = field(default_factory=dict)   # user -> complete round checkpoints
+    finals: list[int] = field(default_factory=list)              # users with final.pt
+
+    def __bool__(self) -> bool:
+        return bool(self.config or self.results or self.tensorboard or self.manifest or self.rounds or self.finals)
+
+    def describe(self) -> str:
+        parts = []
+        if self.results:
+            parts.append("results.json (a finished run)")
+        if self.rounds:
+            parts.append("round checkpoints (" + "; ".join(f"user {u}: rounds {r}" for u, r in sorted(self.rounds.items()))
+                         + ")")
+        if self.finals:
+            parts.append(f"final checkpoints of users {self.finals}")
+        if self.manifest:
+            parts.append(f"checkpoints/manifest.json (rounds {self.manifest})" if self.manifest != [-1]
+                         else "an unreadable checkpoints/manifest.json")
+        if self.config:
+            parts.append("config.yaml")
+        if self.tensorboard:
+            parts.append("TensorBoard events (tb/)")
+        return ", ".join(parts)
+
+
+def holdings(out_dir: Path) -> Holdings:
+    """Read-only: what ``out_dir`` holds of earlier runs."""
+    out_dir = Path(out_dir)
+    h = Holdings(config=(out_dir / "config.yaml").is_file(), results=(out_dir / "results.json").is_file(),
+                 tensorboard=(out_dir / "tb").is_dir() and any(p.is_file() for p in (out_dir / "tb").rglob("*")))
+    try:
+        h.manifest = list((read_manifest(out_dir) or {}).get("rounds") or [])
+    except CheckpointError:
+        h.manifest = [-1]  # unreadable: restore_user names it
+    ckpt = checkpoints_dir(out_dir)
+    if ckpt.is_dir():
+        for d in sorted(ckpt.glob("user_*")):
+            m = re.fullmatch(r"user_(\d+)", d.name)
+            if not m or not d.is_dir():
+                continue
+            if rounds := available_rounds(d):
+                h.rounds[int(m.group(1))] = rounds
+            if (d / "final.pt").is_file():
+                h.finals.append(int(m.group(1)))
+    return h
+
+
+def out_dir_problem(out_dir: Path, resume: str, config: dict) -> str | None:
+    """Whether a run (``resume``, resolved ``config``) may write into ``out_dir``, judged on what it
+    holds: nothing, or round checkpoints to resume from (restore_user then checks them), or, with
+    resume=auto, the unfinished first attempt of this very run that checkpointed nothing yet (same
+    config.yaml). Anything else belongs to another run: the problem names what it holds and the ways out."""
+    h = holdings(out_dir)
+    if not h:
+        return None
+    ways = "start this run in another out_dir, or continue that run with resume=true"
+    if not h.rounds and not h.manifest:
+        ways += " (it holds no round checkpoint to continue from: another out_dir it is)"
+    if resume == "false":
+        return (f"out_dir {out_dir} already holds another run's files: {h.describe()}; resume=false would overwrite "
+                f"them. Nothing was written; {ways}")
+    if h.rounds or h.manifest:
+        return None  # every user's files decide where to resume (resume.restore_user)
+    if h.results:
+        return (f"out_dir {out_dir} holds a finished run ({h.describe()}) with no round checkpoint to continue from, "
+                f"and resume={resume} would start it over and overwrite its results. Nothing was written; {ways}")
+    if resume == "auto" and h.config:
+        try:
+            import yaml
+            saved = yaml.safe_load((out_dir / "config.yaml").read_text())
+        except (OSError, ValueError) as exc:
+            return f"out_dir {out_dir} holds a config.yaml that cannot be read ({exc}); {ways}"
+        diffs = config_differences(saved, config) if isinstance(saved, dict) else ["config.yaml is not a mapping"]
+        if diffs:
+            return (f"out_dir {out_dir} holds another run ({h.describe()}) configured differently: "
+                    f"{'; '.join(diffs[:5])}. Nothing was written; {ways}")
+    return None
+
+
+def fresh_run_dir(parent: Path, stem: str) -> Path:
+    """Create and return ``parent/stem``, or ``stem-2``, ``stem-3``, ... if taken: mkdir is atomic,
+    so two runs started at the same moment never get one directory."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        candidate = parent / (stem if n == 1 else f"{stem}-{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise OSError(errno.EEXIST, f"no free directory name for {parent / stem} after 9999 tries")
+
+
+LOCK_FILE = ".comigs.lock"
+
+
+class OutDirLock:
+    """One live run per output directory: an exclusive flock on ``<out_dir>/.comigs.lock``, held by
+    rank 0 while the run lives, with the holder's pid, host and job recorded inside. The kernel
+    drops the flock of a process that dies, so a lock file whose flock is free is stale (taken over
+    with a note); a restarted job (a later attempt of the same Slurm or torchrun job) also takes
+    over a lock its earlier attempt still appears to hold (a dead node's lease on a shared disk)."""
+
+    def __init__(self, out_dir: Path, job: str | None = None, attempt: int = 0):
+        self.path = Path(out_dir) / LOCK_FILE
+        self.job, self.attempt = job, attempt
+        self.fd: int | None = None
+
+    def _record(self) -> dict:
+        return {"pid": os.getpid(), "host": socket.gethostname(), "job": self.job, "attempt": self.attempt,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+    def _read(self, fd: int) -> dict:
+        try:
+            data = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    @staticmethod
+    def _holder(rec: dict) -> str:
+        job = f", job {rec['job']} attempt {rec.get('attempt', 0)}" if rec.get("job") else ""
+        return (f"pid {rec.get('pid', '?')} on host {rec.get('host', '?')}{job}, since {rec.get('started', '?')}")
+
+    def acquire(self) -> list[str]:
+        """Take the lock or raise CheckpointError naming the holder; returns notes (a stale lock taken over)."""
+        import fcntl
+        for _ in range(20):  # the file may be replaced under us by a holder leaving: retry on the new one
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = True
+            except BlockingIOError:
+                held = False
+            except OSError:  # a file system without flock: judge by the record alone
+                held = None
+            previous = self._read(fd)
+            if held is False or held is None:
+                same_job = bool(self.job) and previous.get("job") == self.job and previous.get("attempt", 0) < self.attempt
+                dead = (held is None and previous.get("host") == socket.gethostname()
+                        and not _pid_alive(int(previous.get("pid", 0) or 0)))
+                if previous and not same_job and not dead:
+                    os.close(fd)
+                    raise CheckpointError(
+                        f"out_dir {self.path.parent} is in use by another run: {self._holder(previous)} holds its "
+                        f"lock ({self.path}). Two runs in one out_dir would mix their files: wait for that run to "
+                        f"end, or give this one another out_dir")
+            try:
+                same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same_file = False
+            if not same_file:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(self._record()).encode(), 0)
+            os.fsync(fd)
+            self.fd = fd
+            if previous and previous.get("pid") != os.getpid():
+                why = ("an earlier attempt of this job" if held is not True and self.job
+                       and previous.get("job") == self.job else "no longer running")
+                return [f"took over the stale lock of {self._holder(previous)} ({why}) on out_dir {self.path.parent}"]
+            return []
+        raise CheckpointError(f"could not lock out_dir {self.path.parent}: its lock file keeps changing")
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # still ours: we hold its flock
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim_out_dir(out_dir: Path, resume: str, config: dict, job: str | None = None, attempt: int = 0,
+                  created: bool = False) -> tuple[OutDirLock, list[str]]:
+    """Rank 0, before anything of the run is written: check that the run may write into ``out_dir``
+    (``out_dir_problem``), lock it against a second live run, check that it is writable, and return
+    the held lock with notes to print. On any problem, raise CheckpointError and leave the
+    directory as it was (a directory this call or ``created`` made is removed again)."""
+    out_dir = Path(out_dir)
+    made = [] if out_dir.exists() else [p for p in (out_dir, *out_dir.parents) if not p.exists()]
+    if created:
+        made.append(out_dir)
+    problem = out_dir_problem(out_dir, resume, config) if out_dir.is_dir() else None  # read-only, before any write
+    if problem:
+        raise CheckpointError(problem)
+    lock = OutDirLock(out_dir, job, attempt)
+    try:
+        problem = check_writable(out_dir)  # creates it; a probe file, removed again
+        if problem:
+            raise CheckpointError(problem)
+        notes = lock.acquire()
+        problem = out_dir_problem(out_dir, resume, config)  # again under the lock: another run may have started
+        if problem:
+            raise CheckpointError(problem)
+        h = holdings(out_dir)
+        if resume == "auto" and h and not h.rounds and not h.manifest:  # its own unfinished first attempt
+            notes.append(f"out_dir {out_dir} holds an earlier attempt of this run that checkpointed no round "
+                         f"({h.describe()}): it starts over (resume={resume})")
+        return lock, notes
+    except BaseException:
+        lock.release()
+        for p in made:  # deepest first; only what is still empty
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
+

@@ -89,7 +89,8 @@ class TrainConfig:
     weight_decay: float = opt(0.01, "Decoupled weight decay on adapters and routers.")
     betas: list[float] = opt([0.9, 0.95], "AdamW betas.")
     grad_clip: float = opt(0.0, "Clip the gradient norm of each step to this value; 0 = no clipping (paper: none).")
-    amp: Literal["auto", "bf16", "fp16", "off"] = opt("auto", "Autocast: 'auto' = bf16 on CUDA devices that support it, off on CPU.")
+    amp: Literal["auto", "bf16", "fp16", "off"] = opt("auto", "Autocast: 'auto' = bf16 on CUDA devices that support it, off on CPU. "
+                                                      "'fp16' is refused (it needs loss scaling, not implemented): use bf16.")
     threads: int = opt(0, "torch threads per rank; 0 = cores of the host divided by ranks on the host (at least 1).")
 
 
@@ -122,7 +123,7 @@ class CommConfig:
                       "and all2all give bit-identical parameters (the server all_reduce then carries float64).")
     groups: list[GroupConfig] = opt([], "Sharing groups: a list of {name, users, experts, attention}; empty = one "
                                     "group 'generalists' of every user sharing expert 0..n_generalists-1 and the "
-                                    "attention LoRA. See README 'Communication'.")
+                                    "attention LoRA. See docs/communication.md.")
     backend: Literal["auto", "gloo", "nccl"] = opt("auto", "torch.distributed backend; 'auto' = nccl when every rank has a GPU, else gloo.")
     timeout_s: float = opt(300.0, "Seconds a collective may wait before the run stops with an error (a dead rank never hangs the run).")
 
@@ -130,7 +131,8 @@ class CommConfig:
 @dataclass
 class EvalConfig:
     every: int = opt(5, "Evaluate test perplexity every this many rounds (and always at the end); 0 = only at the end.")
-    max_tokens: int = opt(65_536, "Cap on test tokens per evaluation (non-overlapping windows from the start of the split); 0 = the whole split.")
+    max_tokens: int = opt(65_536, "Cap on test tokens per evaluation (non-overlapping windows of train.seq_len "
+                          "predicted tokens from the start of the split); 0 = the whole split, else >= train.seq_len.")
     batch_size: int = opt(16, "Sequences per evaluation forward pass.")
 
 
@@ -208,7 +210,7 @@ class RunConfig:
         return int(self.per_user("moe.n_experts", user_idx))
 
     def n_generalists(self, user_idx: int) -> int:
-        return min(int(self.per_user("moe.n_generalists", user_idx)), self.n_experts(user_idx))
+        return int(self.per_user("moe.n_generalists", user_idx))  # <= n_experts (validated)
 
     def top_k(self, user_idx: int) -> int:
         n = self.n_experts(user_idx)
@@ -259,6 +261,13 @@ def collect_errors(cfg: RunConfig) -> list[str]:
         e.append(f"train.min_lr_ratio ({t.min_lr_ratio}) must be in (0, 1]")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         e.append(f"train.betas ({t.betas}) must be two numbers in [0, 1)")
+    if t.amp == "fp16":
+        e.append("train.amp (fp16) is refused: fp16 gradients need loss scaling (a GradScaler) not to underflow "
+                 "to zero, and comigs_dist does not scale losses; use train.amp=bf16 (no scaling needed) or off")
+    if cfg.eval.max_tokens and 0 < t.seq_len and cfg.eval.max_tokens < t.seq_len:
+        e.append(f"eval.max_tokens ({cfg.eval.max_tokens}) is below one evaluation window of train.seq_len "
+                 f"({t.seq_len}) predicted tokens, so nothing would be evaluated; set it to 0 (the whole split) "
+                 f"or to at least {t.seq_len}")
     if cfg.model.dtype == "bf16" and t.amp in ("off", "fp16"):
         e.append("model.dtype (bf16) needs bf16 autocast; set train.amp=bf16 (or auto on a GPU) or model.dtype=fp32")
     if t.micro_batch_size and t.batch_size % t.micro_batch_size:
@@ -294,6 +303,11 @@ def collect_errors(cfg: RunConfig) -> list[str]:
             e.append(f"moe.n_experts ({n_exp}) must be >= 1{who}")
         if n_gen < 0:
             e.append(f"moe.n_generalists ({n_gen}) must be >= 0{who}")
+        elif n_exp >= 1 and n_gen > n_exp:
+            # the value as given; methods that set their own count (comigs_2g, local, ...) ignore it,
+            # but a count above the experts is a mistake either way (it was once clamped silently)
+            e.append(f"moe.n_generalists ({n_gen}) must be <= moe.n_experts ({n_exp}){who}: a user cannot share "
+                     f"more experts than it holds; lower moe.n_generalists or raise moe.n_experts")
         if rank < 1:
             e.append(f"lora.rank ({rank}) must be >= 1{who}")
         if not 0 < share <= 1:

@@ -7,7 +7,7 @@ Takes the arguments of ``python -m comigs_dist.main`` and starts the same run th
 the parent imports torch, transformers' model classes and comigs_dist once, then ``os.fork()``s
 one child per rank. The children share the parent's imported state copy-on-write. That state is
 about 280 MiB of heap per interpreter, more than a GPT-2 124M user's own state, so with many users
-per host it decides how many fit (README, "Many users per host").
+per host it decides how many fit (docs/performance.md, "Many users per host").
 
 The parent stays safe to fork: it runs no tensor operation (so the intra-op thread pool is never
 started and CUDA is never initialised), starts no thread of its own, and freezes the garbage
@@ -247,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     from comigs_dist.config import ConfigError, check_world_size, load_config
     if any(a in ("-h", "--help") for a in rest):
         print("usage: python -m comigs_dist.forkrun --nproc_per_node=N [--config FILE] [key=value ...]\n"
-              "One host, many users: imports once and forks one process per user (README, 'Many users\n"
-              "per host'). Every other argument goes to comigs_dist.main, whose help follows.\n", flush=True)
+              "One host, many users: imports once and forks one process per user (docs/performance.md,\n"
+              "'Many users per host'). Every other argument goes to comigs_dist.main, whose help follows.\n", flush=True)
     if any(a in ("-h", "--help", "--methods", "--print-config") for a in rest):
         # information only: one process answers, as rank 0 of N would
         return _run_once(cli.main, rest, ours.nproc_per_node or 1)

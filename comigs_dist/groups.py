@@ -6,7 +6,7 @@ and every check of that configuration, each message naming the key, the value an
 Knows nothing of torch.distributed, models or methods: it works on user and expert indices, and
 is told how many generalists each user holds.
 
-Rules (README "Communication"):
+Rules (docs/communication.md):
 - a group lists ``users`` ("all" or indices) and the generalist ``experts`` (indices) its users
   average together; every generalist expert of every user is averaged in exactly one group;
 - the attention LoRA is shared too (the paper always aggregates it, section 4.1.2): in the group

@@ -1,6 +1,7 @@
 """Non-finite numbers never reach a collective.
 
-Owns the finiteness checks (a step's loss; every shared tensor before a round's aggregation, one
+Owns the finiteness checks (a step's loss; the gradients of a step before a method averages them
+over users, Centralized's data parallelism; every shared tensor before a round's aggregation, one
 ``isfinite`` over each group's flattened buffer, the parameter named only on failure; the same for
 what a method aggregates itself, ``Method.own_aggregated``) and the
 policy ``guard.nan``: ``stop`` raises a FloatingPointError naming the user, the round and the
@@ -79,5 +80,36 @@ def check_loss(run, loss: float, expert_phase: bool) -> bool:
         raise FloatingPointError(f"{where}; the run stops before it reaches any collective (guard.nan=stop). Lower "
                                  f"train.lr, set train.grad_clip or check the data; guard.nan=skip drops such steps")
     run.guard_skipped_steps += 1
-    _warn(f"{where}; guard.nan=skip: the step is dropped ({run.guard_skipped_steps} step(s) dropped so far)")
+    _warn(f"{where}; guard.nan=skip: {_skipped(run, expert_phase)} ({run.guard_skipped_steps} step(s) skipped so far)")
     return True
+
+
+def _skipped(run, expert_phase: bool) -> str:
+    method = getattr(run, "method", None)
+    if expert_phase and method is not None and method.reduces_gradients:
+        return (f"user {run.topo.user_idx} contributes nothing to this step's gradient average and steps with the "
+                f"other users' average")
+    return "the step is dropped"
+
+
+def check_gradients(run, params: list) -> bool:
+    """Before gradients reach a collective (``Method.reduce_gradients``): every gradient must be
+    finite, also when the loss was (an overflow in the backward). Returns True when this user
+    sits the average out (guard.nan=skip: it contributes nothing and steps with the others' mean);
+    raises FloatingPointError under guard.nan=stop, before the collective."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or bool(torch.isfinite(torch.cat([g.detach().reshape(-1) for g in grads])).all()):
+        return False
+    names = {id(p): n for n, p in run.model.report.params.items()}
+    name, kind = first_nonfinite((names.get(id(p), "?"), p.grad) for p in params if p.grad is not None)
+    t = run.cfg.train
+    where = (f"user {run.topo.user_idx}: the gradient of {name} holds {kind} at local iteration {run.step} "
+             f"(round {run.step // t.local_steps + 1}) before it is averaged with the other users' gradients")
+    if run.cfg.guard.nan == "stop":
+        raise FloatingPointError(f"{where}; averaging it would poison every user's model, so the run stops "
+                                 f"(guard.nan=stop). Lower train.lr, set train.grad_clip or check the data; "
+                                 f"guard.nan=skip drops such steps")
+    run.guard_skipped_steps += 1
+    _warn(f"{where}; guard.nan=skip: {_skipped(run, True)} ({run.guard_skipped_steps} step(s) skipped so far)")
+    return True
+

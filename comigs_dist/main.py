@@ -54,13 +54,40 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def default_out_dir(cfg: RunConfig) -> Path:
-    """A fresh directory per run; with resume=auto under Slurm or torchrun, one named after the
-    job instead, so that a requeued or restarted job finds its own checkpoints again."""
+def default_out_dir(cfg: RunConfig, stamp: str | None = None) -> tuple[Path, bool]:
+    """(directory, created): with resume=auto under Slurm or torchrun, one named after the job, so
+    that a requeued or restarted job finds its own checkpoints again; otherwise a fresh directory,
+    created here, named by the time, the method, the seed and a digest of the options that change
+    results (runs of a sweep differ in it), with -2, -3, ... for runs that start in the same second
+    with the same options (claimed with an atomic mkdir)."""
     from comigs_dist import dist
+    from comigs_dist.checkpoint import config_fingerprint, fresh_run_dir
     tag = dist.job_tag() if cfg.resume == "auto" else None
-    stamp = tag or datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{stamp}_{cfg.method}_s{cfg.seed}"
+    if tag:
+        return Path("runs") / f"{tag}_{cfg.method}_s{cfg.seed}", False
+    stamp = stamp or datetime.now().strftime("%Y%m%d-%H%M%S")
+    stem = f"{stamp}_{cfg.method}_s{cfg.seed}_{config_fingerprint(cfg.to_dict())[:8]}"
+    return fresh_run_dir(Path("runs"), stem), True
+
+
+def claim_out_dir(cfg: RunConfig):
+    """Rank 0: the run's out_dir, locked and checked (checkpoint.claim_out_dir) before anything is
+    written. Returns (out_dir, lock or None, notes, problem or None)."""
+    from comigs_dist import dist
+    from comigs_dist.checkpoint import CheckpointError, check_writable, claim_out_dir as claim
+    created = False
+    try:
+        if cfg.out_dir:
+            chosen = Path(cfg.out_dir)
+        else:
+            chosen, created = default_out_dir(cfg)
+    except OSError as exc:
+        return Path("runs"), None, [], check_writable(Path("runs")) or f"cannot create a run directory: {exc}"
+    try:
+        lock, notes = claim(chosen, cfg.resume, cfg.to_dict(), dist.job_tag(), dist.restart_count(), created)
+    except CheckpointError as exc:
+        return chosen, None, [], str(exc)
+    return chosen, lock, notes, None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         # process per host builds under a file lock while the others wait, outside any collective
         from comigs_dist import faults
         from comigs_dist.train import prepare_assets
-        faults.from_env()  # a malformed COMIGS_FAULT is an error before anything starts
+        faults.check(faults.from_env(), cfg)  # a malformed or unreachable COMIGS_FAULT: an error before anything starts
         prepare_assets(cfg, dist.env_world_size(), progress=is_rank0 and cfg.log.progress)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -106,20 +133,22 @@ def main(argv: list[str] | None = None) -> int:
     from comigs_dist.metrics import build_progress
     lines = build_progress(topo.rank == 0 and cfg.log.progress)  # prints above rank 0's bars, nothing elsewhere
     say = lambda msg: lines.write(f"[comigs] {msg}")
-    from comigs_dist.checkpoint import CheckpointError, check_writable
+    from comigs_dist.checkpoint import CheckpointError
+    lock = None
     try:
-        # rank 0 picks out_dir and checks it can write there; every rank learns both at once, so
-        # an unwritable out_dir stops every rank with one message before any training
+        # rank 0 picks out_dir, locks it and checks that this run may write there; every rank learns
+        # the verdict at once, so a refusal stops every rank with one message before anything is
+        # written (config.yaml included: train.run writes it once the resume is agreed)
         choice = None
         if topo.rank == 0:
-            chosen = Path(cfg.out_dir or default_out_dir(cfg))
-            choice = (str(chosen), check_writable(chosen))
-        out_dir, problem = dist.broadcast_object(choice)
+            out_dir, lock, notes, problem = claim_out_dir(cfg)
+            choice = (str(out_dir), problem, notes)
+        out_dir, problem, notes = dist.broadcast_object(choice)
         out_dir = Path(out_dir)
         if problem:
             raise ConfigError(problem)
-        if topo.rank == 0:
-            (out_dir / "config.yaml").write_text(to_yaml(cfg))
+        for note in notes:
+            say(note)
         say(f"{cfg.method}: {topo.world_size} users on {topo.device.type} ({topo.backend}), writing to {out_dir}")
         if dist.restart_count() > 0 and cfg.resume == "false":
             say(f"warning: this is restart {dist.restart_count()} of the job, and resume=false starts it over from "
@@ -157,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1  # the message names the user, round and parameter: a traceback adds nothing
         raise
     finally:
+        if lock is not None:
+            lock.release()
         dist.shutdown()
 
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -305,21 +303,11 @@ def _finite(obj: Any) -> Any:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically (a temporary file, fsync, rename), non-finite
-    floats as null."""
-    path = Path(path)
+    """Write ``obj`` as JSON to ``path`` atomically (``checkpoint.write_atomic``: a temporary
+    file, fsync, rename, the directory fsynced), non-finite floats as null."""
+    from comigs_dist.checkpoint import write_atomic
     obj = _finite(obj)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=_json_default, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(Path(path), lambda f: json.dump(obj, f, indent=2, default=_json_default, allow_nan=False), text=True)
 
 
 def _json_default(o):
@@ -329,7 +317,7 @@ def _json_default(o):
 
 
 def build_results(cfg_dict: dict, users: list[dict], dataset: str, wall_seconds: float) -> dict:
-    """The results.json contract (see the README): run identity, means over users, per-user rows."""
+    """The results.json contract (see docs/monitoring.md): run identity, means over users, per-user rows."""
     users = sorted(users, key=lambda u: u["user"])
     mean = lambda key: sum(u[key] for u in users) / len(users)
     return {

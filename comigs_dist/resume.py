@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from comigs_dist import checkpoint, dist
+from comigs_dist import checkpoint, dist, faults
 from comigs_dist.config import ConfigError
+from comigs_dist.data import data_fingerprint
 
 _COUNTERS = ("train_tokens", "train_seconds", "last_loss", "guard_skipped_rounds", "guard_skipped_steps")
 
@@ -47,6 +48,10 @@ def user_state(run, round_idx: int) -> dict:
         "history": list(run.history),
         "base": dataclasses.asdict(run.base) if run.base is not None else None,
         "comm": dataclasses.asdict(run.topo.stats),
+        # what a resume must find unchanged: the tokens (meta.json's shard checksums) and, beside
+        # the full config above, a digest of the options that change results
+        "data": data_fingerprint(run.data.meta),
+        "fingerprint": checkpoint.config_fingerprint(run.cfg.to_dict()),
     }
 
 
@@ -100,7 +105,8 @@ def save_user(run, out_dir: Path, name: str, round_idx: int) -> Path:
     path = checkpoint.user_dir(out_dir, user) / name
     problem, size = None, 0
     try:
-        checkpoint.save_atomic(user_state(run, round_idx), path)
+        checkpoint.save_atomic(user_state(run, round_idx), path,
+                               before_publish=lambda: faults.during_checkpoint(run, round_idx))
         size = path.stat().st_size
     except OSError as exc:
         problem = f"user {user}: {exc.strerror or exc}"
@@ -125,6 +131,8 @@ def save_user(run, out_dir: Path, name: str, round_idx: int) -> Path:
             rounds = rounds[-run.cfg.checkpoint.keep:]
         manifest.update({"format": checkpoint.FORMAT, "method": run.cfg.method, "seed": run.cfg.seed,
                          "n_users": topo.world_size, "round": max(rounds) if rounds else None, "rounds": rounds,
+                         "config_fingerprint": checkpoint.config_fingerprint(run.cfg.to_dict()),
+                         "data_fingerprint": data_fingerprint(run.data.meta)["digest"],
                          "restart_count": dist.restart_count(), "written": time.strftime("%Y-%m-%dT%H:%M:%S")})
         manifest["final" if not is_round else "users"] = entries_without_problem(entries)
         checkpoint.write_manifest(out_dir, manifest)
@@ -140,30 +148,61 @@ def entries_without_problem(entries: list[dict]) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 
 def _choose_round(cfg, gathered: list[dict], out_dir: Path) -> tuple[int, str | None]:
-    """(round to resume from (0 = fresh), problem) from every user's list of checkpointed rounds."""
+    """(round to resume from (0 = fresh), problem) from every user's list of checkpointed rounds.
+    Never a silent fresh start: when users disagree so that no round is common to all (one lost
+    its files, or sees another disk), or the manifest records rounds no user holds, the run stops
+    naming each user and its rounds, whatever ``resume`` says."""
     per_user = [set(g["rounds"]) for g in gathered]
     common = set.intersection(*per_user) if per_user else set()
     have = {u: sorted(r) for u, r in enumerate(per_user) if r}
-    listing = "; ".join(f"user {u}: rounds {r}" for u, r in have.items()) or "no user has any"
+    listing = "; ".join(f"user {u}: rounds {sorted(r)}" if r else f"user {u}: none" for u, r in enumerate(per_user))
+    where = checkpoint.checkpoints_dir(out_dir)
+    manifest = gathered[0].get("manifest_round")
     if cfg.resume == "false":
         if have:
             return 0, (f"out_dir {out_dir} already holds round checkpoints ({listing}) and resume=false: continue "
-                       f"that run with resume=true (or resume=auto), or start a new one in another out_dir "
-                       f"(or delete {checkpoint.checkpoints_dir(out_dir)})")
+                       f"that run with resume=true (or resume=auto), or start a new one in another out_dir")
+        return 0, None
+    if not have:
+        if manifest is not None:
+            return 0, (f"{checkpoint.manifest_path(out_dir)} records round {manifest} as complete but no user finds "
+                       f"any round checkpoint ({listing}): the files were deleted or lie on a disk the users do not "
+                       f"see; restore them, or start a new run in another out_dir")
+        if cfg.resume == "true":
+            return 0, (f"resume=true but no round was checkpointed by every user in {where} ({listing}); check "
+                       f"out_dir, or start with resume=auto (fresh when there is nothing to resume) and "
+                       f"checkpoint.every > 0")
         return 0, None
     if not common:
-        if cfg.resume == "true":
-            return 0, (f"resume=true but no round was checkpointed by every user in {checkpoint.checkpoints_dir(out_dir)} "
-                       f"({listing}); check out_dir, or start with resume=auto (fresh when there is nothing "
-                       f"to resume) and checkpoint.every > 0")
-        return 0, None
+        return 0, (f"cannot resume={cfg.resume} in {out_dir}: the users disagree about the rounds they checkpointed "
+                   f"in {where} ({listing}) and no round was checkpointed by every user, so the run can neither "
+                   f"resume nor start over without discarding the others' work; restore the missing files (a "
+                   f"disk that is not mounted on every node?), or start a new run in another out_dir")
     start = max(common)
-    manifest = gathered[0].get("manifest_round")
     if manifest is not None and manifest > start:
         return 0, (f"{checkpoint.manifest_path(out_dir)} records round {manifest} as complete but not every user "
                    f"still has its file ({listing}): checkpoint files were deleted or are on a disk this user "
-                   f"cannot see; restore them, or delete the manifest to resume from round {start}")
+                   f"cannot see; restore them, or move the manifest aside to resume from round {start}")
     return start, None
+
+
+def _merge_alike(problems: list[str]) -> list[str]:
+    """One entry for a problem every user's checkpoint shares (other data, another option), naming
+    all the files, instead of the same sentence once per user."""
+    grouped: dict[str, list[str]] = {}
+    for p in problems:
+        head, _, rest = p.partition(" ")
+        path, _, rest = rest.partition(" ")
+        if head != "checkpoint" or not rest:
+            grouped.setdefault(p, [])
+            continue
+        grouped.setdefault(rest, []).append(path)
+    plural = {"was ": "were ", "is ": "are ", "holds ": "hold ", "lacks ": "lack "}
+
+    def verb(rest: str) -> str:
+        return next((new + rest[len(old):] for old, new in plural.items() if rest.startswith(old)), rest)
+    return [(f"checkpoints {', '.join(files)} {verb(rest)}" if len(files) > 1 else f"checkpoint {files[0]} {rest}")
+            if files else rest for rest, files in grouped.items()]
 
 
 def restore_user(run, out_dir: Path, say=lambda msg: None) -> int:
@@ -196,22 +235,24 @@ def restore_user(run, out_dir: Path, say=lambda msg: None) -> int:
             try:
                 state = checkpoint.load(path)
                 problems += checkpoint.validate(state, path, user, cfg.method, run.model.trainable_state(),
-                                                cfg.to_dict())
+                                                cfg.to_dict(), data=data_fingerprint(run.data.meta))
             except (checkpoint.CheckpointError, FileNotFoundError) as exc:
                 problems.append(str(exc))
     verdicts = dist.all_gather_objects(problems)
     if problem is not None:
         raise ConfigError(problem)
-    all_problems = [p for ps in verdicts for p in ps]
+    all_problems = _merge_alike([p for ps in verdicts for p in ps])
     if all_problems:
         raise ConfigError(f"cannot {'resume' if start else 'start'} the run in {out_dir}: " + "; ".join(all_problems[:8])
                           + ("" if len(all_problems) <= 8 else f"; ... ({len(all_problems)} problems)"))
+    checkpoint.remove_partial(my_dir)  # what a writer killed mid-file left (the run holds out_dir's lock)
     if not start:
-        if topo.rank == 0 and manifest_round is not None:
-            checkpoint.manifest_path(out_dir).unlink(missing_ok=True)  # describes files that are gone
-        return 0
+        return 0  # a manifest is never deleted here: _choose_round refused any that describes files
     apply_state(run, state)
     attempt = dist.restart_count()
+    ahead = {u: sorted(r for r in g["rounds"] if r > start) for u, g in enumerate(gathered)}
+    ahead_text = "; ".join(f"user {u} also holds rounds {r}" for u, r in ahead.items() if r)
     say(f"resuming from round {start} (the newest round every user checkpointed) in {out_dir}"
-        + (f", attempt {attempt + 1}" if attempt else ""))
+        + (f", attempt {attempt + 1}" if attempt else "")
+        + (f" ({ahead_text}, which not every user completed: they are computed again)" if ahead_text else ""))
     return start

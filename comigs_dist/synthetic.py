@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from comigs_dist.checkpoint import publish_mode
 from comigs_dist.dist import env_get
 
 VOCAB_SIZE = 256
@@ -124,7 +125,7 @@ def sample_chain(chains: list[np.ndarray], n_tokens: int, seed: list[int], walke
 
 def chain_entropy_rate(chain: np.ndarray) -> float:
     """Entropy rate (nats/token) of a chain under its stationary distribution: log of the best
-    achievable perplexity, for reference in tests and the README."""
+    achievable perplexity, for reference in tests and docs/data.md."""
     evals, evecs = np.linalg.eig(chain.T)
     pi = np.real(evecs[:, np.argmin(np.abs(evals - 1))])
     pi = pi / pi.sum()
@@ -215,6 +216,7 @@ def ensure_embedded_base(progress: bool = False) -> Path:
                                        progress=progress)
                 report["entropy_rate_nats"] = chain_entropy_rate(public_chain())
                 (tmp / "pretrain.json").write_text(json.dumps(report, indent=2))
+                publish_mode(tmp)
                 os.replace(tmp, out)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)

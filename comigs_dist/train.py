@@ -45,11 +45,13 @@ def resolve_dataset(cfg: RunConfig, n_users: int) -> Path:
 
 def prepare_assets(cfg: RunConfig, n_users: int, progress: bool = False) -> None:
     """Generate the embedded corpus and pretrain the embedded base if they are not cached yet;
-    refuse data tokenized differently from the model."""
+    refuse a dataset that cannot serve this run (a malformed meta.json, fewer users than ranks,
+    splits shorter than one window) and data tokenized differently from the model."""
     data_dir = resolve_dataset(cfg, n_users)
-    from comigs_dist.data import read_meta
+    from comigs_dist.data import check_dataset
     from comigs_dist.model import check_model_matches_data
-    check_model_matches_data(cfg.model.name, read_meta(data_dir), f"data.path={cfg.data.path}")
+    meta = check_dataset(data_dir, n_users, cfg.train.seq_len)
+    check_model_matches_data(cfg.model.name, meta, f"data.path={cfg.data.path}")
     if cfg.model.name == "embedded":
         from comigs_dist.synthetic import ensure_embedded_base
         ensure_embedded_base(progress=progress)
@@ -248,12 +250,17 @@ def optimizer_step(run: UserRun, sampler: BatchSampler, opt: torch.optim.Optimiz
     # a non-finite loss stops the run (guard.nan=stop) before any collective, or drops the step
     drop = not math.isfinite(totals[0]) and guard.check_loss(run, totals[0], expert_phase)
     params = [p for g in opt.param_groups for p in g["params"]]
+    averaged = expert_phase and comm is not None and run.method.reduces_gradients
     if expert_phase and comm is not None:
+        if not drop and averaged:  # gradients are about to meet the other users': none may be NaN or inf
+            drop = guard.check_gradients(run, params)
         with comm.abstaining(drop):
             run.method.reduce_gradients(comm, [p for p in params if p.grad is not None])
-    if drop:
+    if drop and not averaged:
         opt.zero_grad(set_to_none=True)
         return totals[0], totals[1], totals[2]
+    # a user that sat out a gradient average received the others' mean: it steps with it, so that
+    # data-parallel replicas stay one model
     if t.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
     opt.step()
@@ -297,8 +304,12 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     """Run Algorithm 1 for this rank's user; returns the user's row of results.json."""
     dist.set_phase("setup")
     user_run = setup_user(cfg, topo)
+    faults.at_setup(user_run)
     # a fresh start, or every user restored to the newest round they all checkpointed
     done = resume.restore_user(user_run, out_dir, say)
+    if topo.rank == 0:  # only now: a refused start or resume leaves the directory as it found it
+        from comigs_dist.checkpoint import write_atomic
+        write_atomic(Path(out_dir) / "config.yaml", lambda f: f.write(to_yaml(cfg)), text=True)
     r, model, method, t = user_run, user_run.model, user_run.method, cfg.train
     # a resumed writer drops what the interrupted attempt logged after its checkpoint
     logger = build_logger(out_dir, topo.user_idx, cfg.log.tensorboard, purge_step=r.step + 1 if done else None,
@@ -370,6 +381,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
                 for _ in range(t.router_steps):
                     router_losses.append(optimizer_step(r, r.router_sampler, r.router_opt, autocast, False)[0])
                     r.router_step += 1
+                    faults.during_router(r, round_idx)
                 # on validation batches this is the documented valid/loss; on training batches
                 # (-tr variants) it must not collide with the expert phase's train/loss
                 router_tag = "valid/loss" if method.router_split == "valid" else f"{method.router_split}/router_loss"
@@ -397,6 +409,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
 
     # the user's model after its last local steps (what Algorithm 1 returns)
     dist.set_phase("the final evaluation")
+    faults.at_final_eval(r)
     final = evaluate_test(r, autocast, progress)
     log_eval(logger, final, r.step)
     r.history.append({"round": rounds, "step": r.step, "test_ppl": final.ppl})

@@ -1,14 +1,18 @@
-"""Run a test worker on N real processes (gloo on CPU, one thread each).
+"""Run a test worker on N real processes (gloo on CPU, one thread each), bounded by a timeout.
 
-``run_on_ranks(worker, world_size, tmp_path, *args)`` spawns ``world_size`` processes; each sets
-the launcher environment torchrun would set, joins the group through the project's own
-``init_distributed`` and calls ``worker(rank, world_size, tmp_path, *args)``. Workers are
-module-level functions that assert inside; a failure in any rank fails the test with its
-traceback. The group is destroyed in ``finally``.
+``run_on_ranks(worker, world_size, tmp_path, *args, timeout_s=...)`` starts ``world_size``
+processes; each sets the launcher environment torchrun would set, joins the group through the
+project's own ``init_distributed`` and calls ``worker(rank, world_size, tmp_path, *args)``.
+Workers are module-level functions that assert inside; a failure in any rank fails the test with
+its traceback and ends the other ranks at once. When ``timeout_s`` passes with a rank still
+running, every rank still alive is killed and the test fails naming them (a hung collective never
+hangs the suite). ``expect_exit={rank: code}`` lets a rank end otherwise than with 0 (a rank that
+kills itself on purpose: -9). The group is destroyed in ``finally``.
 """
 from __future__ import annotations
 
 import os
+import time
 import traceback
 
 import torch.multiprocessing as mp
@@ -16,7 +20,15 @@ import torch.multiprocessing as mp
 from comigs_dist.dist import free_port
 
 
-def _entry(rank: int, worker, world_size: int, port: int, tmp_path, args, timeout_s: float) -> None:
+class RanksTimedOut(AssertionError):
+    """Raised when ranks outlive ``timeout_s``; ``killed`` maps each killed rank to its pid."""
+
+    def __init__(self, message: str, killed: dict[int, int]):
+        super().__init__(message)
+        self.killed = killed
+
+
+def _entry(rank: int, worker, world_size: int, port: int, tmp_path, args, errors) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                        "OMP_NUM_THREADS": "1"})
@@ -28,8 +40,10 @@ def _entry(rank: int, worker, world_size: int, port: int, tmp_path, args, timeou
         worker(rank, world_size, tmp_path, *args)
         _leave_together(world_size)
     except BaseException:
-        traceback.print_exc()
-        raise
+        text = traceback.format_exc()
+        print(text, flush=True)
+        errors.put((rank, text))
+        raise SystemExit(1)
     finally:
         dist.shutdown()
 
@@ -39,7 +53,6 @@ def _leave_together(world_size: int, timeout_s: float = 10.0) -> None:
     ``timeout_s``: a rank that tears gloo down while another still talks to it can abort
     ("terminate called without an active exception"), which main.py avoids the same way. A
     worker whose peers are stuck on purpose (failure tests) waits out the timeout, then leaves."""
-    import time
     import torch.distributed as tdist
     if not tdist.is_initialized():
         return
@@ -59,6 +72,56 @@ def init_topology(timeout_s: float = 60.0, device: str = "cpu"):
     return dist.init_distributed("gloo", device, timeout_s, threads=1)
 
 
-def run_on_ranks(worker, world_size: int, tmp_path, *args, timeout_s: float = 60.0) -> None:
-    mp.spawn(_entry, args=(worker, world_size, free_port(), tmp_path, args, timeout_s),
-             nprocs=world_size, join=True)
+def _drain(errors) -> dict[int, str]:
+    """Tracebacks the ranks sent so far (read while they run: a full pipe would block a rank)."""
+    found = {}
+    while not errors.empty():
+        rank, text = errors.get()
+        found.setdefault(rank, text)
+    return found
+
+
+def run_on_ranks(worker, world_size: int, tmp_path, *args, timeout_s: float = 300.0,
+                 expect_exit: dict[int, int] | None = None) -> None:
+    """Run ``worker`` on ``world_size`` ranks; fail on the first rank that fails, or when
+    ``timeout_s`` passes with ranks still running (they are killed first)."""
+    expect_exit = expect_exit or {}
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(rank, worker, world_size, port, tmp_path, args, errors))
+             for rank in range(world_size)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    failed: list[int] = []
+    tracebacks: dict[int, str] = {}
+    try:
+        while True:
+            tracebacks.update({r: t for r, t in _drain(errors).items() if r not in tracebacks})
+            running = [r for r, p in enumerate(procs) if p.exitcode is None]
+            failed = [r for r, p in enumerate(procs) if p.exitcode is not None and p.exitcode != expect_exit.get(r, 0)]
+            if failed or not running:
+                break
+            if time.monotonic() > deadline:
+                killed = {r: procs[r].pid for r in running}
+                for r in running:
+                    procs[r].kill()
+                for r in running:
+                    procs[r].join(10)
+                raise RanksTimedOut(f"rank(s) {', '.join(map(str, running))} (pid(s) "
+                                    f"{', '.join(str(procs[r].pid) for r in running)}) still running after "
+                                    f"timeout_s={timeout_s:g} s; killed", killed)
+            procs[running[0]].join(0.05)
+    finally:
+        for p in procs:  # the first failure ends the others at once, as mp.spawn did
+            if p.exitcode is None:
+                p.kill()
+        for p in procs:
+            p.join(10)
+    if failed:
+        tracebacks.update({r: t for r, t in _drain(errors).items() if r not in tracebacks})
+        parts = [f"rank {r} exited with code {procs[r].exitcode}"
+                 + (f" (expected {expect_exit[r]})" if r in expect_exit else "")
+                 + (f":\n{tracebacks[r]}" if r in tracebacks else "") for r in failed]
+        raise AssertionError("\n".join(parts))

@@ -1,8 +1,9 @@
 """The benchmark scripts run and end with their target lines (no timing is asserted here).
 
-The step-cost script runs in this process in its --quick mode (a tiny GPT-2); the memory and
-sync scripts run as the README's commands with --quick (fresh processes and a process group of
-tiny users, marked slow). Their full runs are by hand (README, Performance).
+The step-cost script runs in this process in its --quick mode (a tiny GPT-2); the memory, sync
+and communication scripts run as the commands of docs/performance.md with --quick (fresh
+processes and a process group of tiny users, marked slow). Their full runs are by hand
+(docs/performance.md).
 """
 import re
 import subprocess
@@ -14,7 +15,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TARGET_LINE = re.compile(r"^(\w+): (\d+\.\d+) \(target (<=|>=|<|>) (\d+\.\d+)\)$")
+TARGET_LINE = re.compile(r"^(\w+): (\d+\.\d+) \(target (<=|>=|<|>|==) (\d+\.\d+)\)$")
 
 
 def test_step_cost_quick_runs_and_prints_one_target_line_per_target(capsys):
@@ -39,11 +40,13 @@ def test_step_cost_quick_runs_and_prints_one_target_line_per_target(capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("script,names", [
     ("memory.py", ["peak_memory_8_over_2_experts"]),
-    ("sync_overhead.py", ["sync_over_bare_all_reduce"]),
+    ("sync_overhead.py", ["sync_exact_over_bare_f64_all_reduce"]),
+    ("comm.py", ["comm_bytes_all2all_over_server_2_ranks", "comm_bytes_at_collective_over_analytic_worst_2_ranks"]),
 ])
 def test_quick_benchmarks_run_and_end_with_their_target_lines(script, names):
     """`python benchmarks/<script> --quick` exits 0 and its last lines are its targets, in the
-    `<name>: <ratio> (target <op> <value>)` form, with a positive ratio."""
+    `<name>: <ratio> (target <op> <value>)` form, with a positive ratio; equality targets (bytes,
+    not time) hold: what the collectives were handed matches the analytic formula."""
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--quick"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -52,3 +55,4 @@ def test_quick_benchmarks_run_and_end_with_their_target_lines(script, names):
     assert all(matches), lines
     assert [m.group(1) for m in matches] == names
     assert all(float(m.group(2)) > 0 for m in matches)
+    assert all(m.group(2) == m.group(4) for m in matches if m.group(3) == "=="), lines

@@ -106,6 +106,43 @@ def test_json_is_written_atomically_and_strictly_with_non_finite_numbers_as_null
     assert [p.name for p in path.parent.iterdir()] == ["results.json"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_writes_get_the_umask_mode_and_fsync_the_directory_after_the_rename(tmp_path, monkeypatch, umask):
+    """Checkpoints, JSON files and a dataset directory get 0666 (0777) minus the umask, not
+    mkstemp's 0600 (mkdtemp's 0700); every atomic rename is followed by an fsync of its directory."""
+    import stat
+    from comigs_dist.data import write_dataset
+    from comigs_dist.metrics import write_json_atomic
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync_dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync_file", fd))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", str(dst)))
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    old = os.umask(umask)
+    try:
+        checkpoint.save_atomic({"a": torch.zeros(2)}, tmp_path / "c" / "round_0001.pt")
+        write_json_atomic(tmp_path / "c" / "results.json", {"x": 1})
+        write_dataset(tmp_path / "data", [{s: np.arange(40) for s in ("train", "valid", "test")}], vocab_size=64)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "c" / "round_0001.pt").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "c" / "results.json").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "data").stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((tmp_path / "data" / "meta.json").stat().st_mode) == 0o666 & ~umask
+    renames = [i for i, e in enumerate(events) if e[0] == "rename"]
+    assert len(renames) == 3, events
+    for i in renames:  # the file's data before the rename, its directory entry right after
+        assert events[i - 1][0] == "fsync_file" or events[i][1].endswith("data"), events
+        assert events[i + 1][0] == "fsync_dir", events
+
+
 def test_generators_round_trip_through_a_weights_only_file(tmp_path):
     """python, numpy and torch generators restored from a checkpoint draw the same numbers again."""
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
@@ -126,6 +163,76 @@ def test_rounds_are_listed_and_pruned_per_user(tmp_path):
     assert checkpoint.available_rounds(d) == [1, 2, 3, 10]
     assert [p.name for p in checkpoint.prune(d, 2)] == ["round_0001.pt", "round_0002.pt"]
     assert checkpoint.available_rounds(d) == [3, 10]
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_message(tmp_path):
+    """A process that took out_dir's lock and was SIGKILLed leaves its lock file (pid and host inside)
+    but not its flock: the next run takes it over and says whose it was; release removes the file."""
+    import json
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from helpers import subprocess_env
+    out = tmp_path / "run"
+    out.mkdir()
+    script = ("import os, signal, sys; from pathlib import Path; from comigs_dist.checkpoint import OutDirLock; "
+              "OutDirLock(Path(sys.argv[1])).acquire(); os.kill(os.getpid(), signal.SIGKILL)")
+    proc = subprocess.run([sys.executable, "-c", script, str(out)], env=subprocess_env(), timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    record = json.loads((out / checkpoint.LOCK_FILE).read_text())
+    assert record["host"] == socket.gethostname() and record["pid"] != os.getpid()
+    dead_pid = record["pid"]
+    cfg = tiny_config().to_dict()
+    lock, notes = checkpoint.claim_out_dir(out, "false", cfg)
+    try:
+        assert notes == [f"took over the stale lock of pid {dead_pid} on host {socket.gethostname()}, since "
+                         f"{record['started']} (no longer running) on out_dir {out}"], notes
+        assert json.loads((out / checkpoint.LOCK_FILE).read_text())["pid"] == os.getpid()
+    finally:
+        lock.release()
+    assert list(out.iterdir()) == []
+
+
+def test_resume_auto_starts_over_only_its_own_first_attempt(tmp_path):
+    """resume=auto in an out_dir where an attempt of the same run left config.yaml and events but no
+    checkpoint: it starts over and says so; with another learning rate in config.yaml it is another
+    run's directory: refused naming the key, and left untouched."""
+    from comigs_dist.config import to_yaml
+    out = tmp_path / "run"
+    (out / "tb" / "user_00").mkdir(parents=True)
+    (out / "tb" / "user_00" / "events.out.tfevents.1").write_bytes(b"x")
+    (out / "config.yaml").write_text(to_yaml(tiny_config(**{"train.lr": 0.01})))
+    lock, notes = checkpoint.claim_out_dir(out, "auto", tiny_config(**{"train.lr": 0.01, "log.every": 3}).to_dict())
+    lock.release()
+    assert notes == [f"out_dir {out} holds an earlier attempt of this run that checkpointed no round (config.yaml, "
+                     f"TensorBoard events (tb/)): it starts over (resume=auto)"], notes
+    with pytest.raises(checkpoint.CheckpointError, match=r"holds another run \(config.yaml, TensorBoard events "
+                                                         r"\(tb/\)\) configured differently: train.lr=0.01 but this "
+                                                         r"run has train.lr=0.005.*another out_dir.*resume=true"):
+        checkpoint.claim_out_dir(out, "auto", tiny_config().to_dict())
+    assert sorted(p.name for p in out.rglob("*")) == ["config.yaml", "events.out.tfevents.1", "tb", "user_00"]
+
+
+def test_resume_agreement_never_starts_over_silently():
+    """Users disagreeing about their rounds stop any resume naming every user, also under
+    resume=auto (it once started over and deleted the manifest); a manifest whose rounds no user
+    holds is an error, not a fresh start; a common round is resumed from."""
+    cfg = lambda mode: tiny_config(resume=mode, out_dir="x")
+    lost = [{"rounds": [1, 2], "manifest_round": 2}, {"rounds": []}]
+    for mode in ("auto", "true"):
+        start, problem = resume._choose_round(cfg(mode), lost, Path("x"))
+        assert start == 0 and "the users disagree about the rounds they checkpointed" in problem, problem
+        assert "(user 0: rounds [1, 2]; user 1: none)" in problem, problem
+        start, problem = resume._choose_round(cfg(mode), [{"rounds": [2], "manifest_round": 2}, {"rounds": [1]}],
+                                              Path("x"))
+        assert start == 0 and "(user 0: rounds [2]; user 1: rounds [1])" in problem
+        start, problem = resume._choose_round(cfg(mode), [{"rounds": [], "manifest_round": 3}, {"rounds": []}],
+                                              Path("x"))
+        assert start == 0 and "records round 3 as complete but no user finds any round checkpoint" in problem
+        assert resume._choose_round(cfg(mode), [{"rounds": [1, 2], "manifest_round": 1}, {"rounds": [1]}],
+                                    Path("x")) == (1, None)
+    assert resume._choose_round(cfg("auto"), [{"rounds": []}, {"rounds": []}], Path("x")) == (0, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,3 +333,59 @@ def _full_disk_worker(rank, world_size, tmp_path):
 def test_a_full_disk_during_a_checkpoint_stops_every_user_with_one_message(tmp_path):
     """ENOSPC on one user: every user raises the same CheckpointError, no partial file, no manifest."""
     run_on_ranks(_full_disk_worker, 2, tmp_path)
+
+
+def _fingerprint_worker(rank, world_size, tmp_path):
+    from comigs_dist.data import write_dataset
+    data, out = tmp_path / "data", tmp_path / "run"
+    init_topology()  # the group, for the barriers below; each run builds a topology of its own
+
+    def prepare(seed):  # the same shapes, other tokens for another seed: a dataset prepared again
+        if rank == 0:
+            rng = np.random.default_rng(seed)
+            write_dataset(data, [{s: rng.integers(0, 100, 500) for s in ("train", "valid", "test")} for _ in range(2)],
+                          100)
+        tdist.barrier()
+
+    def go(**extra):
+        cfg = tiny_config(**{"data.path": str(data), "train.rounds": 2, "checkpoint.every": 1, "out_dir": str(out),
+                             **extra})
+        check_world_size(cfg, world_size)
+        return train.run(cfg, init_topology(), out)
+
+    prepare(0)
+    go()
+    # a key that changes results is refused, naming it and both values
+    with pytest.raises(ConfigError, match=r"train.lr=0.005 but this run has train.lr=0.001"):
+        go(resume="true", **{"train.lr": 1e-3})
+    # keys safe to change on resume: more rounds, logging, evaluation points
+    row = go(resume="true", **{"train.rounds": 3, "log.every": 2, "eval.every": 1})
+    assert checkpoint.available_rounds(checkpoint.user_dir(out, rank)) == [1, 2, 3] and row["local_steps"] == 9
+    # the dataset prepared again under the same path: the checkpoints' data fingerprint names the shards
+    prepare(1)
+    with pytest.raises(ConfigError, match=r"checkpoints \S+user_00/round_0003\.pt, \S+user_01/round_0003\.pt were "
+                                          r"written on other data than this run reads \(shard user_00/test\.bin: 500 "
+                                          r"tokens, sha256 \w{12} then, 500 tokens, sha256 \w{12} now; shard "
+                                          r"user_00/train\.bin"):
+        go(resume="true", **{"train.rounds": 3})
+    prepare(0)  # the original tokens again: accepted
+    go(resume="true", **{"train.rounds": 3})
+    # user 1 loses every round checkpoint: resume=auto stops naming each user, the manifest stays
+    tdist.barrier()
+    if rank == 1:
+        for f in checkpoint.user_dir(out, 1).glob("round_*.pt"):
+            f.unlink()
+    tdist.barrier()
+    with pytest.raises(ConfigError, match=r"the users disagree about the rounds they checkpointed .*\(user 0: rounds "
+                                          r"\[1, 2, 3\]; user 1: none\)"):
+        go(resume="auto", **{"train.rounds": 3})
+    assert checkpoint.read_manifest(out)["rounds"] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_resume_checks_the_data_and_the_keys_that_change_results(tmp_path):
+    """2 users: a resume changing train.lr is refused naming it; train.rounds, log.every and eval.every
+    may change; a dataset prepared again at the same path is refused naming its shards and both
+    checksums; after user 1 loses its checkpoints resume=auto stops, naming every user's rounds,
+    and the manifest is kept."""
+    run_on_ranks(_fingerprint_worker, 2, tmp_path, timeout_s=600)

@@ -113,3 +113,31 @@ def test_yaml_boolean_words_are_read_as_choices(tmp_path):
     assert cfg.train.amp == "off" and cfg.model.share_base == "true"
     with pytest.raises(ConfigError, match=r"model.dtype \(bf16\) needs bf16 autocast"):
         load_config(f, ["model.dtype=bf16"])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    # once clamped silently to the user's count (comigs_1gxs then shared user 1's every expert)
+    (["method=comigs_1gxs", "moe.n_experts=[3, 1]", "moe.n_generalists=2"],
+     r"moe.n_generalists \(2\) must be <= moe.n_experts \(1\) for user 1: a user cannot share more experts"),
+    (["moe.n_experts=2", "moe.n_generalists=3", "method=comigs_2g"], r"moe.n_generalists \(3\) must be <= moe.n_experts \(2\)"),
+    (["eval.max_tokens=100", "train.seq_len=128"],
+     r"eval.max_tokens \(100\) is below one evaluation window of train.seq_len \(128\).*at least 128"),
+    (["train.amp=fp16"], r"train.amp \(fp16\) is refused: fp16 gradients need loss scaling .* train.amp=bf16"),
+])
+def test_inputs_once_accepted_silently_are_refused_before_any_group(overrides, message):
+    """A generalist count above a user's experts, an evaluation cap below one window and fp16
+    without loss scaling are configuration errors naming the key, the value and the fix."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_method_set_generalist_counts_and_edge_values_stay_valid():
+    """Methods that set their own generalists (comigs_2g, local) accept the default value; a cap of
+    exactly one window, and 0 (the whole split), are valid."""
+    from comigs_dist.model import adapter_spec_for
+    from comigs_dist.methods import get_method
+    cfg = load_config(None, ["method=comigs_2g", "moe.n_experts=3"])
+    assert get_method("comigs_2g", cfg).adapter_spec(cfg, 0, adapter_spec_for(cfg, 0, True)).n_generalists == 3
+    assert load_config(None, ["eval.max_tokens=128", "train.seq_len=128"]).eval.max_tokens == 128
+    assert load_config(None, ["eval.max_tokens=0", "train.seq_len=128"]).eval.max_tokens == 0
+    assert load_config(None, ["method=comigs_1gxs", "moe.n_experts=[3, 1]"]).n_generalists(1) == 1

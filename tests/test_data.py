@@ -103,3 +103,70 @@ def test_embedded_corpus_is_deterministic_and_heterogeneous(tmp_path, monkeypatc
     meta = json.loads((d / "meta.json").read_text())
     assert meta["scenario"] == "out" and meta["vocab_size"] == 256
     assert synthetic.ensure_embedded_dataset(2, "out", [3000, 3000], 1000, 1000) == d
+
+
+def _main_before_any_group(monkeypatch, tmp_path, *overrides):
+    """main() in this process on the tiny model; forming a process group fails the test."""
+    from comigs_dist import dist
+    from comigs_dist.main import main
+    monkeypatch.setattr(dist, "init_distributed", lambda *a, **k: pytest.fail("a process group was formed"))
+    return main(["model.name=tiny", "train.seq_len=16", "log.progress=false", f"out_dir={tmp_path / 'run'}",
+                 *overrides])
+
+
+def _set(*keys_and_value):
+    *keys, value = keys_and_value
+
+    def edit(meta):
+        node = meta
+        for k in keys[:-1]:
+            node = node[k]
+        if value is None:
+            del node[keys[-1]]
+        else:
+            node[keys[-1]] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_set("users", 0, "splits", "valid", "sha256", None), "key 'users[0].splits.valid.sha256' is missing"),
+    (_set("users", 0, "splits", "test", None), "key 'users[0].splits.test' is missing"),
+    (_set("vocab_size", None), "key 'vocab_size' ('missing') must be an integer >= 1"),
+    (_set("users", None), "key 'users' (missing) must be a list of users"),
+    (_set("users", 0, "splits", "train", "tokens", "many"), "key 'users[0].splits.train.tokens' ('many') must be an "
+                                                            "integer >= 0"),
+    (_set("users", 0, "splits", "train", "file", "../outside.bin"), "key 'users[0].splits.train.file' "
+                                                                    "('../outside.bin') points outside the dataset"),
+    (_set("users", 0, "splits", "train", "file", "/etc/hostname"), "key 'users[0].splits.train.file' "
+                                                                   "('/etc/hostname') points outside the dataset"),
+])
+def test_a_malformed_meta_json_stops_the_run_before_any_group_naming_the_key(tmp_path, monkeypatch, capsys, edit,
+                                                                             message):
+    """A meta.json missing a key, with a key of the wrong type, or with a shard path leaving the
+    dataset directory: exit 2 with a DataError naming the file and the key (never a KeyError, never
+    a read outside the directory), before any process group and without writing out_dir."""
+    write_dataset(tmp_path / "d", _users(1), 100)
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    edit(meta)
+    (tmp_path / "d" / "meta.json").write_text(json.dumps(meta))
+    code = _main_before_any_group(monkeypatch, tmp_path, f"data.path={tmp_path / 'd'}")
+    err = capsys.readouterr().err
+    assert code == 2 and f"{tmp_path / 'd' / 'meta.json'}: {message}" in err and "prepare the dataset again" in err, err
+    assert "KeyError" not in err and not (tmp_path / "run").exists()
+    with pytest.raises(DataError, match="meta.json: key"):
+        load_user_data(tmp_path / "d", 0, 16)
+
+
+def test_fewer_users_or_windows_than_the_run_needs_stop_it_before_any_group(tmp_path, monkeypatch, capsys):
+    """2 ranks on a dataset of 1 user, or a split shorter than one window: exit 2 naming the dataset,
+    both counts and the fix, before any process group forms."""
+    write_dataset(tmp_path / "d", _users(1, size=40), 100)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = _main_before_any_group(monkeypatch, tmp_path, f"data.path={tmp_path / 'd'}")
+    err = capsys.readouterr().err
+    assert code == 2 and f"{tmp_path / 'd'} holds 1 user(s) but this run has 2 (n_users" in err, err
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    code = _main_before_any_group(monkeypatch, tmp_path, f"data.path={tmp_path / 'd'}", "train.seq_len=64")
+    err = capsys.readouterr().err
+    assert code == 2 and "user_00/train.bin holds 40 tokens (meta.json), fewer than one window" in err, err
+    assert not (tmp_path / "run").exists()

@@ -199,9 +199,9 @@ def test_local_executor_runs_a_two_user_job(tmp_path, monkeypatch):
 
 
 def test_one_srun_task_per_user_maps_slurm_variables_onto_torch_ones(monkeypatch):
-    """`srun python -m comigs_dist.main` (README, one task per user): SLURM_PROCID, SLURM_NTASKS,
-    SLURM_LOCALID and SLURM_NTASKS_PER_NODE become RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE;
-    under torchrun or submitit (RANK already set) nothing is touched."""
+    """`srun python -m comigs_dist.main` (docs/cluster.md, one task per user): SLURM_PROCID,
+    SLURM_NTASKS, SLURM_LOCALID and SLURM_NTASKS_PER_NODE become RANK, WORLD_SIZE, LOCAL_RANK,
+    LOCAL_WORLD_SIZE; under torchrun or submitit (RANK already set) nothing is touched."""
     from comigs_dist import dist
     # a private copy of the environment: what the function writes must not reach the jobs that
     # later tests submit from this process (they would all inherit MASTER_PORT=29500)

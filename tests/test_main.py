@@ -44,3 +44,78 @@ def test_cli_refuses_more_users_than_ranks(tmp_path):
     assert proc.returncode != 0
     assert "n_users (3) must equal the number of ranks (2)" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# the output directory: never another run's, one live run at a time, unique default names
+# --------------------------------------------------------------------------------------------
+
+DEBUG = str(ROOT / "configs" / "debug.yaml")
+SMALL = ["--config", DEBUG, "n_users=1", "train.rounds=1", "train.local_steps=2", "eval.max_tokens=256",
+         "log.progress=false"]
+
+
+def _snapshot(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_finished_run_is_never_overwritten_and_a_refusal_writes_nothing(tmp_path, capsys):
+    """A finished run (checkpoint.every=0: results.json, final.pt, config.yaml, TensorBoard) and a
+    second run pointed at its out_dir: with resume=false and with resume=auto it exits 2 naming the
+    directory, what it holds and the ways out, and not one byte or timestamp there changes."""
+    from comigs_dist.main import main
+    out = tmp_path / "run"
+    assert main([*SMALL, f"out_dir={out}"]) == 0
+    before = _snapshot(out)
+    assert {"results.json", "config.yaml", "checkpoints/user_00/final.pt"} <= set(before)
+    for resume in ("false", "auto"):
+        capsys.readouterr()
+        assert main([*SMALL, f"out_dir={out}", f"resume={resume}", "train.lr=1e-3"]) == 2
+        err = capsys.readouterr().err
+        assert f"out_dir {out}" in err and "results.json (a finished run)" in err, err
+        assert "final checkpoints of users [0]" in err and "config.yaml" in err, err
+        assert "another out_dir" in err and "resume=true" in err and "Nothing was written" in err, err
+        assert _snapshot(out) == before
+
+
+def test_a_live_run_holds_its_out_dir_and_a_second_one_is_refused_naming_it(tmp_path, capsys):
+    """While a run holds out_dir's lock (pid and host recorded), another run there exits 2 naming the
+    holder's pid and host, and leaves the directory as it was."""
+    import socket
+    from comigs_dist.checkpoint import OutDirLock
+    from comigs_dist.main import main
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = OutDirLock(out)
+    assert lock.acquire() == []
+    try:
+        before = _snapshot(out)
+        assert main([*SMALL, f"out_dir={out}"]) == 2
+        err = capsys.readouterr().err
+        assert f"out_dir {out} is in use by another run: pid {os.getpid()} on host {socket.gethostname()}" in err, err
+        assert _snapshot(out) == before
+    finally:
+        lock.release()
+    assert list(out.iterdir()) == []
+
+
+def test_default_out_dirs_are_unique_within_one_second_and_differ_by_what_changes_results(tmp_path, monkeypatch):
+    """Runs started in the same second get distinct directories, claimed by an atomic mkdir (-2, -3);
+    the name carries a digest of the options that change results, so a sweep's runs differ in it
+    and a logging option does not; under a job with resume=auto the name is the job's, stable."""
+    from comigs_dist.config import load_config
+    from comigs_dist.main import default_out_dir
+    monkeypatch.chdir(tmp_path)
+    for key in ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(key, raising=False)
+    stamp = "20250101-120000"
+    a, made = default_out_dir(load_config(None, ["seed=1"]), stamp)
+    b, _ = default_out_dir(load_config(None, ["seed=1"]), stamp)
+    c, _ = default_out_dir(load_config(None, ["seed=1", "train.lr=1e-3"]), stamp)
+    d, _ = default_out_dir(load_config(None, ["seed=1", "log.every=5"]), stamp)
+    assert made and a.is_dir() and b.is_dir() and c.is_dir()
+    assert a.name.startswith(f"{stamp}_comigs_1g1s_s1_") and b.name == a.name + "-2" and d.name == a.name + "-3"
+    assert c.name.rsplit("_", 1)[1] != a.name.rsplit("_", 1)[1]
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    assert default_out_dir(load_config(None, ["seed=1", "resume=auto"])) == (Path("runs/slurm-77_comigs_1g1s_s1"), False)

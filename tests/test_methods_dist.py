@@ -177,7 +177,7 @@ def test_each_method_moves_and_shares_the_right_parameters_and_runs_end_to_end(t
     in the router phase; after a round the shared ones are bit-identical across users and equal to
     the hand-computed mean, the local ones still differ, and local methods send nothing. Then
     train.run completes for all 18 methods: trained ones beat the base, Pretrained is the base."""
-    run_on_ranks(_methods_worker, 2, tmp_path, sorted(CASES), timeout_s=120)
+    run_on_ranks(_methods_worker, 2, tmp_path, sorted(CASES), timeout_s=600)
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,7 +320,7 @@ def test_hetlora_flexlora_and_pcl_aggregations_match_the_pure_math(tmp_path):
     """3 users with ranks (8, 16, 32) and unequal data: HetLoRA's pruned, norm-weighted, zero-padded
     average and truncation; FlexLoRA's data-size weighted SVD (each user holds the best approximation
     of its rank); PCL's trust row and mix: all equal to the pure computations on gathered values."""
-    run_on_ranks(_aggregation_worker, 3, tmp_path, timeout_s=120)
+    run_on_ranks(_aggregation_worker, 3, tmp_path, timeout_s=600)
 
 
 # --------------------------------------------------------------------------------------------

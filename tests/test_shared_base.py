@@ -79,6 +79,33 @@ def test_load_shared_keeps_ties_and_copies_buffers(tmp_path):
     assert torch.equal(model.b(model.a(x)), ref.b(ref.a(x)))
 
 
+def test_the_shared_base_directory_is_private_or_refused(tmp_path, monkeypatch):
+    """A new root is made 0700 even under a lax umask; an existing one with another mode, a symlink, or
+    one of another user is refused with an error naming it and the fixes (share_base=auto too)."""
+    old = os.umask(0)
+    try:
+        sb.check_private_root(tmp_path / "fresh" / "root")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "fresh" / "root").stat().st_mode & 0o777 == 0o700
+    lax = tmp_path / "lax"
+    lax.mkdir()
+    lax.chmod(0o755)
+    for required in (True, False):
+        with pytest.raises(ValueError, match=rf"shared-base directory {lax} has mode 0755, not 0700.*COMIGS_SHM_DIR"):
+            sb.load_shared({"name": "tied"}, _tied_private, _tied_skeleton, _plan(lax, "t0", required=required))
+    assert list(lax.iterdir()) == []
+    (tmp_path / "link").symlink_to(tmp_path / "fresh" / "root")
+    with pytest.raises(ValueError, match=r"link is not a directory \(a symlink or a file\)"):
+        sb.check_private_root(tmp_path / "link")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    uid = os.getuid()
+    monkeypatch.setattr(sb.os, "getuid", lambda: uid + 1)
+    with pytest.raises(ValueError, match=rf"{theirs} belongs to uid {uid}, not to this user \(uid {uid + 1}\)"):
+        sb.check_private_root(theirs)
+
+
 def test_a_full_directory_is_an_error_with_true_and_a_private_copy_with_auto(tmp_path, monkeypatch):
     """Too little space, or a failed write: share_base=true names the fix, auto warns and keeps a
     private base."""

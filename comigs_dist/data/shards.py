@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from comigs_dist.checkpoint import fsync_dir, publish_mode  # the atomic-write primitives
+
 FORMAT = "comigs-shards/1"
 SPLITS = ("train", "valid", "test")
 
@@ -89,12 +91,14 @@ def write_dataset(out: str | Path, users: list[dict[str, np.ndarray]], vocab_siz
             meta["files"] = files
         # meta.json is written last: a directory without it is never taken for a dataset
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        publish_mode(tmp)
         old = None
         if out.exists():
             # move the old dataset aside first, so that a failure here leaves one or the other
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "d")
         os.replace(tmp, out)
+        fsync_dir(out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -108,6 +112,8 @@ def write_dataset(out: str | Path, users: list[dict[str, np.ndarray]], vocab_siz
 # --------------------------------------------------------------------------------------------
 
 def read_meta(path: str | Path) -> dict:
+    """meta.json of a prepared dataset, checked: every key a run reads is present and of its type
+    (a DataError names the first that is not), and every shard path stays inside the directory."""
     path = Path(path)
     meta_path = path / "meta.json"
     if not meta_path.is_file():
@@ -117,9 +123,96 @@ def read_meta(path: str | Path) -> dict:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
         raise DataError(f"{meta_path} is not valid JSON ({exc}); prepare the dataset again") from None
-    if meta.get("format") != FORMAT:
-        raise DataError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}; prepare the dataset again")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise DataError(f"{meta_path} has format {found!r}, expected {FORMAT!r}; prepare the dataset again")
+    problem = meta_problem(meta)
+    if problem:
+        raise DataError(f"{meta_path}: {problem}; the file is incomplete or was edited: prepare the dataset again "
+                        f"(python -m comigs_dist.data prepare ... --out {path})")
     return meta
+
+
+def _is_int(value, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def meta_problem(meta: dict) -> str | None:
+    """The first key of meta.json that is missing or malformed, named by its path, or None."""
+    if not _is_int(meta.get("vocab_size"), 1):
+        return f"key 'vocab_size' ({meta.get('vocab_size', 'missing')!r}) must be an integer >= 1"
+    if meta.get("dtype") not in ("uint16", "uint32"):
+        return f"key 'dtype' ({meta.get('dtype', 'missing')!r}) must be 'uint16' or 'uint32'"
+    users = meta.get("users")
+    if not isinstance(users, list):
+        return f"key 'users' ({'missing' if users is None else type(users).__name__}) must be a list of users"
+    for u, entry in enumerate(users):
+        splits = entry.get("splits") if isinstance(entry, dict) else None
+        if not isinstance(splits, dict):
+            return f"key 'users[{u}].splits' is missing or not a mapping of train/valid/test"
+        for split in SPLITS:
+            info, key = splits.get(split), f"users[{u}].splits.{split}"
+            if not isinstance(info, dict):
+                return f"key '{key}' is missing"
+            for field, ok, rule in (("file", lambda v: isinstance(v, str) and v, "a relative path"),
+                                    ("tokens", _is_int, "an integer >= 0"),
+                                    ("sha256", lambda v: isinstance(v, str) and len(v) == 64, "64 hex digits")):
+                if field not in info:
+                    return f"key '{key}.{field}' is missing"
+                if not ok(info[field]):
+                    return f"key '{key}.{field}' ({info[field]!r}) must be {rule}"
+            rel = Path(info["file"])
+            if rel.is_absolute() or ".." in rel.parts:
+                return (f"key '{key}.file' ({info['file']!r}) points outside the dataset directory; shard files "
+                        f"must lie inside it (a relative path without '..', e.g. user_{u:02d}/{split}.bin)")
+    return None
+
+
+def check_dataset(path: str | Path, n_users: int, seq_len: int) -> dict:
+    """Before any process group: the dataset holds ``n_users`` users whose splits each hold at least
+    one window of ``seq_len + 1`` tokens (as meta.json says). Returns meta.json."""
+    path = Path(path)
+    meta = read_meta(path)
+    users = meta["users"]
+    if len(users) < n_users:
+        raise DataError(f"{path} holds {len(users)} user(s) but this run has {n_users} (n_users, one rank per user); "
+                        f"run with at most {len(users)} users or prepare the dataset for {n_users}")
+    for u in range(n_users):
+        for split in SPLITS:
+            info = users[u]["splits"][split]
+            if info["tokens"] < seq_len + 1:
+                raise DataError(f"shard {path / info['file']} holds {info['tokens']} tokens (meta.json), fewer than "
+                                f"one window of train.seq_len + 1 ({seq_len + 1}); lower train.seq_len or prepare "
+                                f"more tokens")
+    return meta
+
+
+def data_fingerprint(meta: dict) -> dict:
+    """What identifies the tokens of a dataset (checkpoints record it, a resume compares it): the
+    vocabulary, the token dtype and every shard's token count and sha256 (from meta.json), with one
+    digest over all of it. Paths of the dataset and side files do not enter."""
+    shards = {info["file"]: f"{info['tokens']}:{info['sha256']}"
+              for entry in meta["users"] for info in (entry["splits"][s] for s in SPLITS)}
+    identity = {"vocab_size": meta["vocab_size"], "dtype": meta["dtype"], "shards": shards}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return {"digest": digest, **identity}
+
+
+def fingerprint_differences(saved: dict, current: dict) -> list[str]:
+    """How two data fingerprints differ, one entry per key (empty when the digests agree)."""
+    if saved.get("digest") == current.get("digest"):
+        return []
+    diffs = [f"{key} {saved.get(key)!r} then, {current.get(key)!r} now" for key in ("vocab_size", "dtype")
+             if saved.get(key) != current.get(key)]
+    a, b = saved.get("shards", {}), current.get("shards", {})
+    changed = [f for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)]
+    for f in changed[:5]:
+        then, now = (v.split(":")[0] + " tokens, sha256 " + v.split(":")[1][:12] if v else "absent"
+                     for v in (a.get(f), b.get(f)))
+        diffs.append(f"shard {f}: {then} then, {now} now")
+    if len(changed) > 5:
+        diffs.append(f"... and {len(changed) - 5} more shards")
+    return diffs or [f"digest {saved.get('digest', '')[:12]} then, {current.get('digest', '')[:12]} now"]
 
 
 @dataclass

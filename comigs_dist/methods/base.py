@@ -207,6 +207,12 @@ class Method:
         averaging of every gradient for Centralized)."""
         return None
 
+    @property
+    def reduces_gradients(self) -> bool:
+        """Whether gradients reach a collective (the method overrides ``reduce_gradients``): the
+        guard then checks them before every such step."""
+        return type(self).reduce_gradients is not Method.reduce_gradients
+
     def after_expert_step(self, model) -> None:
         """Called after every expert optimiser step (e.g. re-apply rank masks)."""
         return None

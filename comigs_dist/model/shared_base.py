@@ -318,9 +318,33 @@ def sweep_stale(root: Path) -> list[Path]:
     return removed
 
 
+def check_private_root(root: Path) -> None:
+    """Create ``root`` with mode 0700, or accept an existing one only if it is a real directory
+    (not a symlink) of this OS user with mode 0700: in a world-writable place such as /dev/shm,
+    another user could otherwise have made it first and swap the files ranks map."""
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o700)
+        os.chmod(root, 0o700)  # a umask never widens a mode, but say it outright
+    except FileExistsError:
+        pass
+    st = os.lstat(root)
+    problem = None
+    if not os.path.isdir(root) or os.path.islink(root):
+        problem = "is not a directory (a symlink or a file)"
+    elif st.st_uid != os.getuid():
+        problem = f"belongs to uid {st.st_uid}, not to this user (uid {os.getuid()})"
+    elif st.st_mode & 0o777 != 0o700:
+        problem = f"has mode {st.st_mode & 0o777:04o}, not 0700"
+    if problem:
+        raise ValueError(f"the shared-base directory {root} {problem}; the frozen base is shared only through a "
+                         f"directory of your own that nobody else can write: remove it (if it is yours: chmod 700 "
+                         f"{root}), point ${SHM_DIR_ENV} at another directory, or set model.share_base=false")
+
+
 def _register(plan: SharePlan) -> Path:
     """Sweep dead runs, create this run's directory and enter this process as one of its owners."""
-    plan.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    check_private_root(plan.root)
     run_dir = plan.root / f"run-{plan.token}"
     with _flock(plan.root / ".lock", plan.timeout_s, "another run's shared-base bookkeeping"):
         sweep_stale(plan.root)
