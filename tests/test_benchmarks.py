@@ -40,6 +40,7 @@ def test_step_cost_quick_runs_and_prints_one_target_line_per_target(capsys):
 @pytest.mark.parametrize("script,names", [
     ("memory.py", ["peak_memory_8_over_2_experts"]),
     ("sync_overhead.py", ["sync_over_bare_all_reduce"]),
+    ("cpu_split.py", ["round_kernel_share"]),
 ])
 def test_quick_benchmarks_run_and_end_with_their_target_lines(script, names):
     """`python benchmarks/<script> --quick` exits 0 and its last lines are its targets, in the
