@@ -82,6 +82,18 @@ class Clock:
         return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def usage() -> dict[str, float]:
+    """This process's clocks: wall, user and kernel CPU seconds (all its threads), minor page faults."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return {"wall": time.perf_counter(), "user": r.ru_utime, "sys": r.ru_stime, "minflt": float(r.ru_minflt)}
+
+
+def usage_since(before: dict[str, float]) -> dict[str, float]:
+    now = usage()
+    return {k: now[k] - before[k] for k in before}
+
+
 def interleaved(variants: dict[str, Callable[[], object]], warmup: int, rounds: int, clock: Clock,
                 progress: Callable[[str], None] = lambda msg: None) -> dict[str, dict[str, list[float]]]:
     """Time every variant once per round, rotating the order each round; the warm-up rounds

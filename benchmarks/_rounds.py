@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import queue
-import resource
 import time
 import types
 
 import torch
 
+from _common import usage, usage_since
 from comigs_dist import dist
 from comigs_dist.config import RunConfig, load_config
 from comigs_dist.data import BatchSampler, load_user_data
@@ -62,17 +62,6 @@ def dist_round(run: UserRun, comm: CommHandle) -> tuple[float, float]:
     synced = time.perf_counter()
     local_steps(run, comm)
     return time.perf_counter() - start, synced - start
-
-
-def usage() -> dict[str, float]:
-    """This process's clocks: wall, user and kernel CPU seconds (every thread), minor page faults."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return {"wall": time.perf_counter(), "user": r.ru_utime, "sys": r.ru_stime, "minflt": float(r.ru_minflt)}
-
-
-def usage_since(before: dict[str, float]) -> dict[str, float]:
-    now = usage()
-    return {k: now[k] - before[k] for k in before}
 
 
 class PhaseMeter:
