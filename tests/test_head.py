@@ -189,3 +189,31 @@ def test_evaluation_does_not_depend_on_the_chunk():
     assert b.loss == pytest.approx(a.loss, rel=1e-6) and b.ppl == pytest.approx(a.ppl, rel=1e-5)
     assert b.accuracy == a.accuracy
     assert b.routing == a.routing
+
+
+def _run_worker(rank, world_size, tmp_path, chunk):
+    import json
+    from dist_harness import init_topology
+    from helpers import tiny_config
+    from comigs_dist.train import run
+    cfg = tiny_config(**{"train.loss_chunk": chunk, "train.batch_size": 4, "train.seq_len": 32})
+    row = run(cfg, init_topology(), tmp_path / f"run_{chunk}")
+    (tmp_path / f"row_{chunk}_{rank}.json").write_text(json.dumps(
+        {k: row[k] for k in ("test_loss", "test_accuracy", "final_train_loss", "base_test_ppl")}))
+
+
+@pytest.mark.slow
+def test_a_run_with_chunks_of_16_tokens_ends_where_the_whole_logits_run_ends(tmp_path):
+    """Algorithm 1 on 2 ranks (expert and router steps, sync, evaluation) with train.loss_chunk=16
+    (8 chunks per micro-batch of 4 x 32 tokens) gives every user the losses and accuracy of the
+    same run with the whole logits, to float32 rounding accumulated over its steps."""
+    import json
+    from dist_harness import run_on_ranks
+    for chunk in (0, 16):
+        run_on_ranks(_run_worker, 2, tmp_path, chunk)
+    for rank in range(2):
+        whole, chunked = (json.loads((tmp_path / f"row_{c}_{rank}.json").read_text()) for c in (0, 16))
+        assert chunked["base_test_ppl"] == pytest.approx(whole["base_test_ppl"], rel=1e-6)
+        for key in ("test_loss", "final_train_loss"):
+            assert chunked[key] == pytest.approx(whole[key], rel=1e-4), key
+        assert chunked["test_accuracy"] == pytest.approx(whole["test_accuracy"], abs=2e-3)
