@@ -150,11 +150,13 @@ def test_user_model_loss_and_gradients_do_not_depend_on_the_chunk(name, vocab):
                                        msg=lambda m, n=n: f"{n}: {m}")
 
 
-def test_forward_is_the_models_own_logits_cross_entropy():
-    """UserModel.forward with chunks equals F.cross_entropy over the Hugging Face model's logits."""
-    model = _user_model("tiny", 128, 7)
-    x, y = torch.randint(0, 128, (2, 32)), torch.randint(0, 128, (2, 32))
-    want = F.cross_entropy(model.lm(input_ids=x).logits.reshape(-1, 128), y.reshape(-1))
+@pytest.mark.parametrize("name,vocab", [("tiny", 128), ("llama-tiny", 96)])
+def test_forward_is_the_models_own_logits_cross_entropy(name, vocab):
+    """UserModel.forward (the base model's final hidden states through the output projection, in
+    chunks) equals F.cross_entropy over the Hugging Face model's own logits, GPT-2 and Llama."""
+    model = _user_model(name, vocab, 7)
+    x, y = torch.randint(0, vocab, (2, 32)), torch.randint(0, vocab, (2, 32))
+    want = F.cross_entropy(model.lm(input_ids=x).logits.reshape(-1, vocab), y.reshape(-1))
     torch.testing.assert_close(model(x, y).ce, want, rtol=1e-6, atol=1e-6)
 
 
