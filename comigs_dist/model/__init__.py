@@ -2,7 +2,8 @@
 
 ``build_base_model`` loads or builds the frozen base (a hub name or path, or a built-in config);
 ``build_user_model`` injects the adapters and wraps everything in a ``UserModel`` whose
-``forward`` returns the cross-entropy and the load-balancing loss.
+``forward`` returns the cross-entropy (over chunks of tokens, ``head.py``) and the
+load-balancing loss.
 """
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from comigs_dist.model.head import lm_cross_entropy, output_head, token_sums
 from comigs_dist.model.inject import AdapterSpec, InjectionReport, inject_adapters, mlp_modules
 from comigs_dist.model.roles import ParamTag, Role
 
@@ -151,23 +152,44 @@ class StepLoss:
     lb: torch.Tensor
 
 
-class UserModel(nn.Module):
-    """A base LM with adapters; ``forward(x, y)`` -> StepLoss(ce, lb)."""
+# tokens per chunk of the output projection and loss (train.loss_chunk): GPT-2's fp32 logits of
+# 128 tokens take 25.7 MB, under glibc's 32 MiB limit above which every allocation is fresh pages
+DEFAULT_LOSS_CHUNK = 128
 
-    def __init__(self, lm: nn.Module, report: InjectionReport, spec: AdapterSpec):
+
+class UserModel(nn.Module):
+    """A base LM with adapters; ``forward(x, y)`` -> StepLoss(ce, lb). ``loss_chunk``: tokens whose
+    logits exist at once in the loss (0 = a whole micro-batch's)."""
+
+    def __init__(self, lm: nn.Module, report: InjectionReport, spec: AdapterSpec,
+                 loss_chunk: int = DEFAULT_LOSS_CHUNK):
         super().__init__()
         self.lm = lm
         self.report = report
         self.spec = spec
         self.moe = mlp_modules(lm)
+        self.loss_chunk = loss_chunk
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The final hidden states (B, T, D): what the output projection reads."""
+        return self.lm.base_model(input_ids=x, use_cache=False).last_hidden_state
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm(input_ids=x, use_cache=False).logits
 
+    def lm_loss(self, hidden: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the targets y (B, T) given the final hidden states."""
+        weight, bias = output_head(self.lm)
+        return lm_cross_entropy(hidden, weight, bias, y, self.loss_chunk)
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> StepLoss:
-        logits = self.logits(x)
-        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        ce = self.lm_loss(self.hidden(x), y)
         return StepLoss(ce=ce, lb=self.load_balancing_loss())
+
+    def token_sums(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int, int]:
+        """(summed cross-entropy, correct argmax predictions, tokens) of one evaluation batch."""
+        weight, bias = output_head(self.lm)
+        return token_sums(self.hidden(x), weight, bias, y, self.loss_chunk)
 
     def load_balancing_loss(self) -> torch.Tensor:
         """Mean over MoE layers of the last forward's load-balancing losses."""
@@ -221,7 +243,7 @@ def build_user_model(cfg, user_idx: int, vocab_size: int, routed: bool, spec: Ad
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + user_idx)
         report = inject_adapters(base, spec, cfg.model.family)
-    return UserModel(base, report, spec)
+    return UserModel(base, report, spec, cfg.train.loss_chunk)
 
 
 __all__ = ["AdapterSpec", "InjectionReport", "ParamTag", "Role", "UserModel", "build_base_model",
