@@ -81,6 +81,18 @@ class Clock:
         return time.perf_counter() - wall, time.process_time() - cpu
 
 
+def usage() -> dict[str, float]:
+    """This process's clocks: wall, user and kernel CPU seconds (all its threads), minor page faults."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return {"wall": time.perf_counter(), "user": r.ru_utime, "sys": r.ru_stime, "minflt": float(r.ru_minflt)}
+
+
+def usage_since(before: dict[str, float]) -> dict[str, float]:
+    now = usage()
+    return {k: now[k] - before[k] for k in before}
+
+
 def interleaved(variants: dict[str, Callable[[], object]], warmup: int, rounds: int, clock: Clock,
                 progress: Callable[[str], None] = lambda msg: None) -> dict[str, dict[str, list[float]]]:
     """Time every variant once per round, rotating the order each round; the warm-up rounds
@@ -175,6 +187,68 @@ def randomise_adapters(model: torch.nn.Module, seed: int = 0, b_std: float = 0.0
                 p.copy_(torch.randn(p.shape, generator=g) * b_std)
             elif name.endswith("router.weight"):
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+
+
+def bench_cache() -> Path:
+    """Where benchmark inputs built here are kept between runs (under $COMIGS_CACHE_DIR)."""
+    from comigs_dist.synthetic import cache_root
+    return cache_root() / "bench"
+
+
+def _build_once(out: Path, build: Callable[[Path], None]) -> Path:
+    """``build(tmp)`` into a sibling directory renamed into place: a half-built input is never used."""
+    if out.exists():
+        return out
+    import shutil
+    import tempfile
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        build(tmp)
+        tmp.rename(out)
+    except OSError:
+        if not out.exists():  # another benchmark built it meanwhile, or a real failure
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# seeded random GPT-2 bases saved as Hugging Face checkpoints (what model.name=<dir> and the
+# reference's loader read): the small one of `python -m comigs_dist.pretrain --config small`
+# and GPT-2 124M's shapes (the built-in gpt2-random's weights)
+GPT2_BASES = {
+    "small": dict(n_layer=4, n_head=4, n_embd=128, n_positions=256),
+    "124m": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),
+    "tiny": dict(n_layer=1, n_head=2, n_embd=32, n_positions=128),
+}
+
+
+def random_gpt2_base(kind: str, vocab_size: int = 50257, seed: int = 1234) -> Path:
+    """A GPT-2 of GPT2_BASES[kind] with weights drawn from ``seed``, saved once under bench_cache()."""
+    def build(tmp: Path) -> None:
+        from transformers import GPT2LMHeadModel
+        from comigs_dist.pretrain import _quiet_gpt2_config, save_hf_checkpoint
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = GPT2LMHeadModel(_quiet_gpt2_config(vocab_size=vocab_size, **GPT2_BASES[kind]))
+        save_hf_checkpoint(model, tmp)
+    return _build_once(bench_cache() / f"gpt2-{kind}-v{vocab_size}-s{seed}", build)
+
+
+def random_token_dataset(n_users: int, vocab_size: int = 50257, train_tokens: int = 200_000,
+                         eval_tokens: int = 8_192, seed: int = 0) -> Path:
+    """A prepared dataset (shards + meta.json) of uniformly random token ids per user: timing
+    does not depend on what the tokens say."""
+    out = bench_cache() / f"random-{n_users}u-v{vocab_size}-t{train_tokens}-e{eval_tokens}-s{seed}"
+    if not (out / "meta.json").exists():
+        import numpy as np
+        from comigs_dist.data import write_dataset  # writes a sibling and renames it into place
+        rng = np.random.default_rng(seed)
+        users = [{"train": rng.integers(0, vocab_size, train_tokens), "valid": rng.integers(0, vocab_size, eval_tokens),
+                  "test": rng.integers(0, vocab_size, eval_tokens)} for _ in range(n_users)]
+        write_dataset(out, users, vocab_size)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

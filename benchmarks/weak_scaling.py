@@ -21,8 +21,6 @@ from __future__ import annotations
 import _common as C  # noqa: I001  (puts the checkout on sys.path)
 
 import multiprocessing as mp
-import queue
-import time
 
 import torch
 
@@ -37,78 +35,10 @@ MODELS = {  # name: (label, overrides, rounds per turn)
 QUICK = ["model.name=tiny", "train.local_steps=2", "train.batch_size=2", "train.seq_len=32"]
 
 
-def rank_worker(rank: int, world_size: int, port: int, overrides: list[str], commands, results) -> None:
-    """One user per rank; waits for 'time N rounds' commands until told to stop."""
-    from comigs_dist import dist
-    cfg = R.bench_config(overrides)
-    topo, run, comm = R.setup_rank(cfg, threads=1)
-    try:
-        results.put(("ready", rank, None))
-        while True:
-            n_rounds = commands.get()
-            if n_rounds is None:
-                break
-            times = []
-            for _ in range(n_rounds):
-                dist.barrier(topo)  # every rank starts the round together (not timed)
-                times.append(R.dist_round(run, comm)[0])
-            results.put(("times", rank, times))
-        dist.barrier(topo)
-    finally:
-        dist.shutdown()
-
-
-class World:
-    """A running group of ranks, one command queue per rank."""
-
-    def __init__(self, world_size: int, overrides: list[str], ctx):
-        self.world_size = world_size
-        self.commands = [ctx.Queue() for _ in range(world_size)]
-        self.results = ctx.Queue()
-        from comigs_dist.dist import free_port
-        port = free_port()
-        self.procs = [ctx.Process(target=C._rank_entry, daemon=True,
-                                  args=(rank_worker, r, world_size, port,
-                                        (overrides, self.commands[r], self.results)))
-                      for r in range(world_size)]
-        for p in self.procs:
-            p.start()
-
-    def _collect(self, kind: str, timeout_s: float) -> dict[int, object]:
-        got = {}
-        deadline = time.monotonic() + timeout_s
-        while len(got) < self.world_size:
-            try:
-                k, rank, payload = self.results.get(timeout=5)
-            except queue.Empty:
-                dead = [p.exitcode for p in self.procs if not p.is_alive()]
-                if dead or time.monotonic() > deadline:
-                    raise RuntimeError(f"a benchmark rank died or hung (exit codes {dead}); see its traceback above")
-                continue
-            assert k == kind, (k, kind)
-            got[rank] = payload
-        return got
-
-    def ready(self, timeout_s: float = 1800) -> None:
-        self._collect("ready", timeout_s)
-
-    def time_rounds(self, n_rounds: int, timeout_s: float = 3600) -> list[float]:
-        """Round times of the group: per round, the slowest rank (the round ends when it does)."""
-        for q in self.commands:
-            q.put(n_rounds)
-        per_rank = self._collect("times", timeout_s)
-        return [max(per_rank[r][i] for r in per_rank) for i in range(n_rounds)]
-
-    def stop(self) -> None:
-        for q in self.commands:
-            q.put(None)
-        C.join_ranks(self.procs, timeout_s=120)
-
-
 def measure(name: str, overrides: list[str], rounds: int, repeats: int, ctx) -> dict[str, float]:
     cfg = R.bench_config(overrides)
     R.prepare(cfg, 1, 2)
-    one, two = World(1, overrides, ctx), World(2, overrides, ctx)
+    one, two = R.RankGroup(1, overrides, ctx), R.RankGroup(2, overrides, ctx)
     try:
         torch.set_num_threads(2)
         users = R.build_local_users(cfg, 2)

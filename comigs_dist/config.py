@@ -80,6 +80,9 @@ class TrainConfig:
     router_steps: int = opt(10, "s: router optimiser steps per router phase, on validation batches (paper: 10).")
     batch_size: int = opt(8, "Sequences per optimiser step (paper: 64; the embedded default uses 8).")
     micro_batch_size: int = opt(0, "Sequences per forward pass; gradients accumulate up to batch_size. 0 = batch_size.")
+    loss_chunk: int = opt(128, "Tokens whose vocabulary-sized logits exist at once in the loss and the evaluation "
+                          "(output projection and cross-entropy a chunk at a time, forward and backward; the "
+                          "same loss to float32 rounding); 0 = a whole micro-batch's at once. See docs/performance.md.")
     seq_len: int = opt(128, "Tokens per sequence (paper: 128).")
     lr: float = opt(5e-3, "Expert (and attention LoRA) learning rate, AdamW (paper: 2e-3; the embedded default's "
                     "small model uses 5e-3).")
@@ -255,7 +258,7 @@ def collect_errors(cfg: RunConfig) -> list[str]:
         positive(key, get_dotted(cfg, key))
     for key in ("train.router_steps", "train.router_lr", "train.weight_decay", "train.grad_clip",
                 "moe.lb_weight", "eval.every", "eval.max_tokens", "checkpoint.every", "checkpoint.keep",
-                "train.micro_batch_size", "train.threads", "data.valid_tokens", "data.test_tokens"):
+                "train.micro_batch_size", "train.loss_chunk", "train.threads", "data.valid_tokens", "data.test_tokens"):
         positive(key, get_dotted(cfg, key), allow_zero=True)
     if not 0 < t.min_lr_ratio <= 1:
         e.append(f"train.min_lr_ratio ({t.min_lr_ratio}) must be in (0, 1]")

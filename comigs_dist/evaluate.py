@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from comigs_dist.data import eval_windows, iter_eval_batches
 
@@ -39,11 +38,10 @@ def evaluate_split(model, tokens: np.ndarray, seq_len: int, batch_size: int, max
         batches = progress.bar(batches, total=n_batches, desc="evaluation", transient=True)
     for x, y in batches:
         with autocast():
-            logits = model.logits(x)
-        logits = logits.float().reshape(-1, logits.shape[-1])
-        total += F.cross_entropy(logits, y.reshape(-1), reduction="sum").item()
-        correct += (logits.argmax(-1) == y.reshape(-1)).sum().item()
-        n = y.numel()
+            # the logits a chunk of tokens at a time (train.loss_chunk), never a whole batch's
+            loss_sum, hits, n = model.token_sums(x, y)
+        total += loss_sum
+        correct += hits
         count += n
         stats = model.routing_stats()
         if stats and stats[0] is not None:

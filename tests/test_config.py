@@ -42,6 +42,7 @@ def test_yaml_then_overrides(tmp_path):
     (["data.path=/does/not/exist"], r"data.path \(/does/not/exist\) does not exist"),
     (["train.batch_size=10", "train.micro_batch_size=4"], r"micro_batch_size \(4\) must divide"),
     (["data.share=1.5"], r"data.share \(1.5\) must be in \(0, 1\]"),
+    (["train.loss_chunk=-1"], r"train.loss_chunk \(-1\) must be >= 0"),
 ])
 def test_each_validation_error_names_key_and_fix(overrides, message):
     """Every rejected value produces a ConfigError naming the key, and no process group exists."""

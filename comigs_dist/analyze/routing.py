@@ -159,7 +159,7 @@ def route_tokens(model, ids: list[int], seq_len: int, layers: list[int], n_gener
     try:
         for start in range(0, len(ids), seq_len):
             x = torch.tensor([ids[start:start + seq_len]], dtype=torch.long, device=device)
-            model.logits(x)
+            model.hidden(x)  # the routing decisions; the output projection is not needed
             for layer in layers:
                 m, dec = moe[layer], out[layer]
                 if m.router is None:

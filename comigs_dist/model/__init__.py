@@ -3,8 +3,9 @@
 ``build_base_model`` loads or builds the frozen base (a hub name or path, or a built-in config);
 ``build_adapted_base`` adapts it (``AdaptedBase``: it can serve any users' adapters);
 ``build_user_model`` builds one user's adapters over such a base and wraps them in a ``UserModel``
-whose ``forward`` returns the cross-entropy and the load-balancing loss; ``forward_users`` runs
-several users' batches through the base in one forward (packed users).
+whose ``forward`` returns the cross-entropy (over chunks of tokens, ``head.py``) and the
+load-balancing loss; ``forward_users`` runs several users' batches through the base in one
+forward (packed users).
 """
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from comigs_dist.model.head import lm_cross_entropy, output_head, token_sums
 from comigs_dist.model.inject import (AdapterSpec, BaseLayout, InjectionReport, UserAdapters, adapt_base,
                                       mlp_modules)
 from comigs_dist.model.roles import ParamTag, Role
@@ -154,6 +155,11 @@ class StepLoss:
     lb: torch.Tensor
 
 
+# tokens per chunk of the output projection and loss (train.loss_chunk): GPT-2's fp32 logits of
+# 128 tokens take 25.7 MB, under glibc's 32 MiB limit above which every allocation is fresh pages
+DEFAULT_LOSS_CHUNK = 128
+
+
 class AdaptedBase(nn.Module):
     """A frozen base LM whose attention projections and MLPs apply the adapters of the users a
     forward serves (``serving``). One per rank, whatever the number of users it hosts."""
@@ -177,6 +183,19 @@ class AdaptedBase(nn.Module):
         with self.serving([(a, xi.shape[0]) for a, xi in zip(users, xs)]):
             return self.lm(input_ids=x, use_cache=False).logits
 
+    def hidden_for(self, users: Sequence[UserAdapters], xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The final hidden states (B, T, D) of every user's batch, one forward (what the output
+        projection reads); rows in the order of ``users``."""
+        x = xs[0] if len(xs) == 1 else torch.cat(list(xs))
+        with self.serving([(a, xi.shape[0]) for a, xi in zip(users, xs)]):
+            return self.lm.base_model(input_ids=x, use_cache=False).last_hidden_state
+
+    def lm_loss(self, hidden: torch.Tensor, y: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Mean cross-entropy of the targets y (B, T) given the final hidden states, ``chunk``
+        tokens' logits at a time (0 = all at once)."""
+        weight, bias = output_head(self.lm)
+        return lm_cross_entropy(hidden, weight, bias, y, chunk)
+
     @torch.no_grad()
     def cast_frozen_(self, dtype: torch.dtype) -> None:
         """Store the frozen base in ``dtype`` (e.g. bf16 on a GPU); users' adapters are not part of it."""
@@ -186,14 +205,16 @@ class AdaptedBase(nn.Module):
 
 
 class UserModel(nn.Module):
-    """One user's adapters over a (possibly shared) adapted base; ``forward(x, y)`` -> StepLoss(ce, lb)."""
+    """One user's adapters over a (possibly shared) adapted base; ``forward(x, y)`` -> StepLoss(ce, lb).
+    ``loss_chunk``: tokens whose logits exist at once in the loss (0 = a whole micro-batch's)."""
 
-    def __init__(self, base: AdaptedBase, adapters: UserAdapters):
+    def __init__(self, base: AdaptedBase, adapters: UserAdapters, loss_chunk: int = DEFAULT_LOSS_CHUNK):
         super().__init__()
         self.base = base
         self.adapters = adapters
         self.report: InjectionReport = adapters.report
         self.spec: AdapterSpec = adapters.spec
+        self.loss_chunk = loss_chunk
 
     @property
     def lm(self) -> nn.Module:
@@ -205,13 +226,25 @@ class UserModel(nn.Module):
         """This user's mixture of every MLP layer (experts, router, last routing statistics)."""
         return self.adapters.mixtures()
 
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The final hidden states (B, T, D): what the output projection reads."""
+        return self.base.hidden_for([self.adapters], [x])
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.base.logits_for([self.adapters], [x])
 
+    def lm_loss(self, hidden: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the targets y (B, T) given the final hidden states."""
+        return self.base.lm_loss(hidden, y, self.loss_chunk)
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> StepLoss:
-        logits = self.logits(x)
-        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        ce = self.lm_loss(self.hidden(x), y)
         return StepLoss(ce=ce, lb=self.load_balancing_loss())
+
+    def token_sums(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int, int]:
+        """(summed cross-entropy, correct argmax predictions, tokens) of one evaluation batch."""
+        weight, bias = output_head(self.lm)
+        return token_sums(self.hidden(x), weight, bias, y, self.loss_chunk)
 
     def load_balancing_loss(self) -> torch.Tensor:
         """Mean over MoE layers of the last forward's load-balancing losses."""
@@ -251,12 +284,9 @@ def forward_users(models: Sequence[UserModel], xs: Sequence[torch.Tensor], ys: S
     base = models[0].base
     if any(m.base is not base for m in models):
         raise ValueError("forward_users packs users of one adapted base; these models hold different bases")
-    logits = base.logits_for([m.adapters for m in models], xs)
-    out = []
-    for m, rows, y in zip(models, logits.split([x.shape[0] for x in xs]), ys):
-        ce = F.cross_entropy(rows.float().reshape(-1, rows.shape[-1]), y.reshape(-1))
-        out.append(StepLoss(ce=ce, lb=m.load_balancing_loss()))
-    return out
+    hidden = base.hidden_for([m.adapters for m in models], xs)
+    return [StepLoss(ce=m.lm_loss(rows, y), lb=m.load_balancing_loss())
+            for m, rows, y in zip(models, hidden.split([x.shape[0] for x in xs]), ys)]
 
 
 def adapter_spec_for(cfg, user_idx: int, routed: bool) -> AdapterSpec:
@@ -285,16 +315,16 @@ def build_user_model(cfg, user_idx: int, vocab_size: int, routed: bool, spec: Ad
     shared copy (see ``shared_base.plan_sharing``) when the base is built here."""
     base = base if base is not None else build_adapted_base(cfg, vocab_size, share)
     spec = spec or adapter_spec_for(cfg, user_idx, routed)
-    return UserModel(base, build_adapters(base.layout, spec, cfg.seed + user_idx))
+    return UserModel(base, build_adapters(base.layout, spec, cfg.seed + user_idx), cfg.train.loss_chunk)
 
 
-def wrap_user_model(model: nn.Module, spec: AdapterSpec, family: str = "auto", seed: int | None = None) -> UserModel:
+def wrap_user_model(model: nn.Module, spec: AdapterSpec, family: str = "auto", seed: int | None = None,
+                    loss_chunk: int = DEFAULT_LOSS_CHUNK) -> UserModel:
     """Adapt the Hugging Face ``model`` and give it one user's adapters (tests, analysis); the
     adapters draw from the global generator unless ``seed`` is given."""
     base = AdaptedBase(model, family)
-    if seed is not None:
-        return UserModel(base, build_adapters(base.layout, spec, seed))
-    return UserModel(base, UserAdapters(base.layout, spec))
+    adapters = build_adapters(base.layout, spec, seed) if seed is not None else UserAdapters(base.layout, spec)
+    return UserModel(base, adapters, loss_chunk)
 
 
 __all__ = ["AdaptedBase", "AdapterSpec", "InjectionReport", "ParamTag", "Role", "UserAdapters", "UserModel",
