@@ -102,6 +102,9 @@ class DataConfig:
     test_tokens: int = opt(16_000, "Embedded corpus only: test tokens per user.")
     share: FloatOrList = opt(1.0, "Fraction of its training split each user trains on (0 < share <= 1); int or per-user list.")
     verify: bool = opt(True, "Check each shard's size and sha256 against meta.json before training.")
+    categories: list[str] = opt([], "The category of each user, in user order, as the prepared dataset must hold them "
+                                "(its meta.json), e.g. [de, nl, fr, it]: per-user lists such as moe.n_experts then "
+                                "mean what the config says; checked before training. Empty = not checked.")
 
 
 @dataclass
@@ -215,11 +218,14 @@ class RunConfig:
 # validation
 # --------------------------------------------------------------------------------------------
 
-PER_USER_KEYS = ("moe.n_experts", "moe.n_generalists", "lora.rank", "data.train_tokens", "data.share")
+PER_USER_KEYS = ("moe.n_experts", "moe.n_generalists", "lora.rank", "data.train_tokens", "data.share",
+                 "data.categories")
 
 
 def _list_lengths(cfg: RunConfig) -> dict[str, int]:
-    return {k: len(v) for k in PER_USER_KEYS if isinstance(v := get_dotted(cfg, k), list)}
+    # data.categories empty means "not checked", not "no users"
+    return {k: len(v) for k in PER_USER_KEYS
+            if isinstance(v := get_dotted(cfg, k), list) and (v or k != "data.categories")}
 
 
 def inferred_n_users(cfg: RunConfig) -> int | None:

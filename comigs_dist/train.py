@@ -44,11 +44,14 @@ def resolve_dataset(cfg: RunConfig, n_users: int) -> Path:
 
 def prepare_assets(cfg: RunConfig, n_users: int, progress: bool = False) -> None:
     """Generate the embedded corpus and pretrain the embedded base if they are not cached yet;
-    refuse data tokenized differently from the model."""
+    refuse data tokenized differently from the model, or whose users hold other categories than
+    data.categories says."""
     data_dir = resolve_dataset(cfg, n_users)
-    from comigs_dist.data import read_meta
+    from comigs_dist.data import check_categories, read_meta
     from comigs_dist.model import check_model_matches_data
-    check_model_matches_data(cfg.model.name, read_meta(data_dir), f"data.path={cfg.data.path}")
+    meta = read_meta(data_dir)
+    check_categories(cfg.data.categories, meta, f"data.path={cfg.data.path}")
+    check_model_matches_data(cfg.model.name, meta, f"data.path={cfg.data.path}")
     if cfg.model.name == "embedded":
         from comigs_dist.synthetic import ensure_embedded_base
         ensure_embedded_base(progress=progress)

@@ -129,8 +129,8 @@ def test_multilingual_in_distribution_and_data_quantity(tmp_path):
     kw = dict(source=[ML_DIR], train_tokens=4000, valid_tokens=1000, test_tokens=1000, seed=5, join="eot")
     std = prepare_dataset("multilingual", tmp_path / "std", **kw)
     low = prepare_dataset("multilingual", tmp_path / "low", low_data=["de", "nl"], data_ratio=4, **kw)
-    assert std["scenario"] == "in" and std["categories"] == ["de", "fr", "it", "nl"]
-    assert [u["splits"]["train"]["tokens"] for u in low["users"]] == [1000, 4000, 4000, 1000]
+    assert std["scenario"] == "in" and std["categories"] == ["de", "nl", "fr", "it"]
+    assert [u["splits"]["train"]["tokens"] for u in low["users"]] == [1000, 1000, 4000, 4000]
     for u_std, u_low in zip(std["users"], low["users"]):
         for split in ("valid", "test"):
             assert u_std["splits"][split]["sha256"] == u_low["splits"][split]["sha256"]
@@ -194,15 +194,15 @@ def test_generic_text_source_document_modes_and_scenarios(tmp_path):
 
 def test_bad_input_is_refused_with_the_file_and_the_fix(tmp_path):
     """Missing files, unknown categories, unusable budgets, an existing --out: clear errors, nothing written."""
-    with pytest.raises(DataError, match=r"source files .*ml/fr\.txt \(category 'fr'\); .*ml/it\.txt \(category 'it'\); .*ml/nl\.txt "
-                                        r"\(category 'nl'\) do not exist; put each category's text there"):
+    with pytest.raises(DataError, match=r"source files .*ml/nl\.txt \(category 'nl'\); .*ml/fr\.txt \(category 'fr'\); .*ml/it\.txt "
+                                        r"\(category 'it'\) do not exist; put each category's text there"):
         partial = tmp_path / "ml"
         partial.mkdir()
         (partial / "de.txt").write_text("Ein Satz.\n" * 10)
         prepare_dataset("multilingual", tmp_path / "x", source=[partial])
     with pytest.raises(DataError, match=r"source file .*nope.csv does not exist"):
         prepare_dataset("agnews", tmp_path / "x", source=[tmp_path / "nope.csv"])
-    with pytest.raises(DataError, match=r"--categories: 'es' not in dataset multilingual; choose from: de, fr, it, nl"):
+    with pytest.raises(DataError, match=r"--categories: 'es' not in dataset multilingual; choose from: de, nl, fr, it"):
         prepare_dataset("multilingual", tmp_path / "x", source=[ML_DIR], categories=["de", "es"])
     with pytest.raises(DataError, match=r"--dataset 'wiki' is not known"):
         prepare_dataset("wiki", tmp_path / "x")
