@@ -166,7 +166,8 @@ class RunConfig:
     method_options: dict[str, Any] = opt({}, "Options of the chosen method, as method_options.<key>=value "
                                          "(e.g. method_options.lambda_p=5e-3 for hetlora); each method's "
                                          "options are listed below and by --methods. Unknown keys are errors.")
-    seed: int = opt(42, "Seed; user u uses seed + u for its own random streams (paper: 42, 45, 47).")
+    seed: int = opt(42, "Seed; each user's random streams (adapter init, training and router batches) are drawn "
+                    "from a hash of (seed, user, stream), so no two seeds share one (paper: 42, 45, 47).")
     out_dir: Union[str, None] = opt(None, "Where the run writes; default a fresh runs/<timestamp>_<method> directory "
                                     "(with resume=auto under Slurm or torchrun: runs/<job id>_<method>_s<seed>).")
     resume: Literal["false", "true", "auto"] = opt("false", "Continue from the newest round every user checkpointed in "

@@ -27,6 +27,7 @@ from comigs_dist.methods import Method, SyncContext, get_method
 from comigs_dist.metrics import NullProgress, build_logger, build_progress, scalar_layout
 from comigs_dist.model import UserModel, adapter_spec_for, build_user_model
 from comigs_dist.model.shared_base import plan_sharing
+from comigs_dist.seeds import derive_seed
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,11 +179,6 @@ def analytic_round_bytes(run: UserRun, comm_cfg, topo: dist.Topology, count: boo
     return {"groups": groups, "total": total}
 
 
-def _sampler_seed(seed: int, user_idx: int, stream: int) -> int:
-    # one independent stream per (seed, user, split): users never share a random stream
-    return (seed * 1_000_003 + user_idx * 7_919 + stream) % (2 ** 63)
-
-
 def setup_user(cfg: RunConfig, topo: dist.Topology) -> UserRun:
     user = topo.user_idx
     method = get_method(cfg.method, cfg)
@@ -224,8 +220,8 @@ def setup_user(cfg: RunConfig, topo: dist.Topology) -> UserRun:
     router_tokens = data.valid if method.router_split == "valid" else data.train
     return UserRun(cfg=cfg, topo=topo, method=method, model=model, data=data, shared=shared,
                    expert_opt=expert_opt, expert_sched=expert_sched, router_opt=router_opt,
-                   train_sampler=BatchSampler(data.train, t.seq_len, _sampler_seed(cfg.seed, user, 1)),
-                   router_sampler=BatchSampler(router_tokens, t.seq_len, _sampler_seed(cfg.seed, user, 2)))
+                   train_sampler=BatchSampler(data.train, t.seq_len, derive_seed(cfg.seed, user, "train_batches")),
+                   router_sampler=BatchSampler(router_tokens, t.seq_len, derive_seed(cfg.seed, user, "router_batches")))
 
 
 def optimizer_step(run: UserRun, sampler: BatchSampler, opt: torch.optim.Optimizer, autocast,
