@@ -68,7 +68,8 @@ class MoEConfig:
     n_generalists: IntOrList = opt(1, "How many of the experts (the first ones) are generalists, shared with other users; int or per-user list.")
     top_k: Union[int, None] = opt(None, "Experts per token; default min(2, n_i). Must not exceed any user's n_i.")
     load_balancing: Literal["none", "uniform", "generalist"] = opt(
-        "generalist", "Load-balancing loss (Table 5): none, uniform (Switch), or generalist-favoured (eq. 5); uniform and generalist agree for n_i = 2.")
+        "generalist", "Load-balancing loss (Table 5): none, uniform (Switch: n sum_j f_j P_j), or generalist-favoured "
+        "(paper eq. 5 as written); with n_i = 2 and top-2 both are constant.")
     lb_weight: float = opt(0.01, "Weight lambda of the load-balancing loss (paper: 0.01).")
 
 
