@@ -5,7 +5,9 @@ synchronise the shared parameters, take the local expert steps on training batch
 frozen) and, every tau local iterations, the router steps on the router's split (experts
 frozen); evaluate; checkpoint. Methods plug in through their hooks; this file never branches on
 a method's name. Gradients never leak between the two levels: only the phase's parameters
-require gradients, and gradients are dropped after every step. Resuming
+require gradients, and gradients are dropped after every step (unless a method reproduces the
+reference code's leak, ``Method.requires_grad_in``: then each optimiser clears only its own
+gradients, and the other level's pile up as in the reference). Resuming
 (``resume.restore_user``) and the non-finite guard (``guard``) are called from here but live in
 modules of their own.
 """
@@ -341,7 +343,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
         for local_idx in range(t.local_steps):
             faults.during_round(r, round_idx, local_idx)
             # expert steps on training batches, router frozen (eq. 2)
-            model.set_trainable(method.trains_in_expert_phase)
+            model.set_trainable(method.requires_grad_in("expert"))
             step_start = time.perf_counter()
             loss, ce, lb = optimizer_step(r, r.train_sampler, r.expert_opt, autocast, True, comm)
             r.expert_sched.step()
@@ -362,7 +364,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
 
             # router steps every tau local iterations, on the router's split, experts frozen (eq. 3)
             if r.router_opt is not None and r.step % t.router_every == 0 and t.router_steps > 0:
-                model.set_trainable(method.trains_in_router_phase)
+                model.set_trainable(method.requires_grad_in("router"))
                 router_losses = []
                 for _ in range(t.router_steps):
                     router_losses.append(optimizer_step(r, r.router_sampler, r.router_opt, autocast, False)[0])
