@@ -148,6 +148,15 @@ def test_multilingual_in_distribution_and_data_quantity(tmp_path):
             seen |= set(body)
 
 
+def test_budget_scale_keeps_table3_proportions(tmp_path):
+    """--budget-scale 0.001: Table 3's budgets of each language (German and Dutch the smaller columns)
+    times 0.001, rounded, in the users' order de, nl, fr, it."""
+    meta = prepare_dataset("multilingual", tmp_path / "ml", source=[ML_DIR], budget_scale=0.001, seq_len=32)
+    tokens = {split: [u["splits"][split]["tokens"] for u in meta["users"]] for split in ("train", "valid", "test")}
+    assert tokens == {"train": [407, 452, 558, 557], "valid": [216, 166, 301, 220], "test": [220, 173, 230, 211]}
+    assert meta["budgets"]["budget_scale"] == 0.001
+
+
 def test_slimpajama_local_names_and_budget_error(tmp_path):
     """SlimPajama reads code.txt for github and books.txt for book; a budget the source cannot meet is an
     error naming the file and the fix (with --fit error)."""
