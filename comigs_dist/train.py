@@ -67,6 +67,20 @@ def resolve_amp(device: torch.device, amp: str) -> str:
     return amp
 
 
+def resolve_base_dtype(dtype: str, device: torch.device, amp: str) -> torch.dtype:
+    """How the frozen base is stored. 'auto' and 'fp32': fp32, computed under the autocast of
+    train.amp (bf16 on a GPU), as the reference runs it; 'bf16' only when asked for, which halves
+    the base's memory but runs the residual stream in bf16 (README: the measured difference)."""
+    if dtype in ("auto", "fp32"):
+        return torch.float32
+    if dtype == "bf16":
+        if resolve_amp(device, amp) != "bf16":
+            raise ValueError(f"model.dtype=bf16 needs bf16 autocast, but train.amp={amp} runs without it on "
+                             f"{device.type}; set train.amp=bf16 or model.dtype=fp32")
+        return torch.bfloat16
+    raise ValueError(f"model.dtype ({dtype!r}) must be 'auto', 'fp32' or 'bf16'")
+
+
 def autocast_for(device: torch.device, amp: str):
     """A context factory: bf16 autocast on CUDA when supported ('auto'), or as configured."""
     amp = resolve_amp(device, amp)
@@ -191,10 +205,7 @@ def setup_user(cfg: RunConfig, topo: dist.Topology) -> UserRun:
     share = plan_sharing(cfg.model.share_base, cfg.comm.timeout_s, topo)
     model = build_user_model(cfg, user, data.vocab_size, method.routed, spec, share).to(topo.device)
     method.prepare_model(model, user)
-    base_dtype = cfg.model.dtype
-    if base_dtype == "auto":
-        base_dtype = "bf16" if resolve_amp(topo.device, cfg.train.amp) == "bf16" and topo.device.type == "cuda" else "fp32"
-    if base_dtype == "bf16":
+    if resolve_base_dtype(cfg.model.dtype, topo.device, cfg.train.amp) == torch.bfloat16:
         model.cast_frozen_(torch.bfloat16)
 
     # process groups, created once on every rank in a fixed order

@@ -221,3 +221,36 @@ def test_reference_quirks_leak_gradients_between_router_and_expert_steps(tmp_pat
         assert torch.equal(v, on["experts_after_step_1"][n]), n
     assert all(not torch.equal(v, on["router_after_router_step"][n]) for n, v in off["router_after_router_step"].items())
     assert any(not torch.equal(v, on["experts_after_step_2"][n]) for n, v in off["experts_after_step_2"].items())
+
+
+def test_auto_keeps_the_frozen_base_in_fp32_under_bf16_autocast(monkeypatch):
+    """model.dtype=auto stores the base in fp32 on CPU and on a CUDA device whose autocast is bf16
+    (the reference's fp32 weights under bf16 autocast); only model.dtype=bf16 stores it in bf16,
+    and only where bf16 autocast runs."""
+    from comigs_dist.train import resolve_base_dtype
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert resolve_base_dtype("auto", cuda, "auto") == torch.float32   # was bf16
+    assert resolve_base_dtype("auto", cuda, "bf16") == torch.float32
+    assert resolve_base_dtype("auto", cpu, "bf16") == torch.float32
+    assert resolve_base_dtype("fp32", cuda, "auto") == torch.float32
+    assert resolve_base_dtype("bf16", cuda, "auto") == torch.bfloat16
+    assert resolve_base_dtype("bf16", cpu, "bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match=r"model.dtype=bf16 needs bf16 autocast, but train.amp=auto runs without it "
+                                         r"on cpu; set train.amp=bf16"):
+        resolve_base_dtype("bf16", cpu, "auto")
+
+
+def _dtype_worker(rank, world_size, tmp_path, dtype):
+    from comigs_dist.train import setup_user
+    r = setup_user(tiny_config(**{"model.dtype": dtype, "train.amp": "bf16"}), init_topology())
+    trainable = {id(p) for p in r.model.report.params.values()}
+    frozen = {p.dtype for p in r.model.lm.parameters() if id(p) not in trainable}
+    assert frozen == ({torch.float32} if dtype == "auto" else {torch.bfloat16}), (dtype, frozen)
+    assert {p.dtype for p in r.model.report.params.values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bf16"])
+def test_setup_user_stores_the_base_as_resolved(tmp_path, dtype):
+    """Under bf16 autocast the built model's frozen weights are fp32 with auto, bf16 with bf16; adapters fp32."""
+    run_on_ranks(_dtype_worker, 1, tmp_path, dtype)
