@@ -167,3 +167,26 @@ def test_expert_lists_put_the_papers_counts_on_the_papers_users(path, monkeypatc
     else:  # Table 5 (hetero) reports the Table 2 setting that starts with 2 experts
         row = {"agnews": [2, 4, 4, 4], "multilingual": [2, 2, 4, 4], "slimpajama": [2, 4, 4, 2]}[dataset]
     assert dict(zip(cfg.data.categories, cfg.moe.n_experts)) == dict(zip(PAPER_USERS[dataset], row))
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.glob("configs/data_quantity/*.yaml")) + [ROOT / "configs/sensitivity/tau_s.yaml"],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_figure_configs_carry_the_paper_hyper_parameters(path, monkeypatch):
+    """The data-quantity (Figures 4-6, 11-13) and tau/s (Figure 7) configs run the paper's settings
+    (appendix B), 50 rounds on SlimPajama; the data-quantity ones evaluate after every round (the
+    figures are curves) with one generalist and per-user expert counts; every documented line is a
+    different configuration."""
+    monkeypatch.chdir(ROOT)
+    cfg = load_config(path, ["data.path=embedded"])
+    t = cfg.train
+    assert cfg.model.name == "gpt2" and cfg.n_users == 4 and cfg.seed == 42
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.moe.lb_weight, t.lr, t.batch_size, t.micro_batch_size) == \
+        (8, 16.0, 0.01, 2e-3, 64, 8)
+    assert (t.local_steps, t.router_every, t.router_steps) == (10, 30, 10)
+    assert t.rounds == (50 if "slimpajama" in path.read_text().split("path: data/")[1].split()[0] else 20)
+    rows = [tuple(o) for _, _, o in _commands(path)][1:]  # the first command is the file's own
+    assert len(rows) == len(set(rows)) >= 9
+    if path.parent.name == "data_quantity":
+        assert cfg.method == "comigs_1gxs" and cfg.eval.every == 1 and cfg.n_generalists(0) == 1
+        counts = {load_config(path, list(o) + ["data.path=embedded"]).moe.n_experts[0] for o in rows}
+        assert counts == {1, 2, 4, 8}
