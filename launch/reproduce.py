@@ -345,8 +345,12 @@ def in_flight(launches: Path) -> dict[str, str]:
 
 
 def command_line(run: Run, n_users: int) -> str:
+    """The run as one torchrun command (paths under the current directory shown relative to it)."""
+    import os
     import shlex
-    return f"torchrun --nproc_per_node={n_users} -m comigs_dist.main " + " ".join(shlex.quote(a) for a in run.argv)
+    here = Path.cwd()
+    show = lambda a: os.path.relpath(a, here) if Path(a).is_absolute() and Path(a).is_relative_to(here) else a
+    return f"torchrun --nproc_per_node={n_users} -m comigs_dist.main " + " ".join(shlex.quote(show(a)) for a in run.argv)
 
 
 def execute(runs: list[Run], root: Path, scale: str, key: str, *, cluster: str, max_parallel: int, wait: bool,
@@ -542,7 +546,7 @@ def plot(spec: Spec, results: list[Result], path: Path) -> Path | None:
 
 def _prepare_cpu(echo) -> None:
     for out, command in CPU_PREPARE:
-        if (ROOT / out).exists() or Path(out).exists():
+        if Path(out).exists():
             echo(f"prepare: {out} exists")
             continue
         echo(f"prepare: {command}")
