@@ -330,7 +330,8 @@ ACTIVE = {"RUNNING", "PENDING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPEN
 
 def in_flight(launches: Path) -> dict[str, str]:
     """out_dir -> job id of the jobs an earlier call submitted that the scheduler still runs (so a
-    second call does not start a second run writing into the same directory)."""
+    second call does not start a second run writing into the same directory). Slurm answers for
+    its jobs; local jobs belong to the call that started them, which waits for them."""
     from launch.collect import _scheduler_state
     out = {}
     for manifest_path in sorted(launches.glob("*/jobs.json")) if launches.is_dir() else []:
@@ -647,6 +648,10 @@ def main(argv: list[str] | None = None) -> int:
                            timeout_min=ns.time, partition=ns.partition, slurm_args=_slurm_kv(ns.slurm), echo=echo)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # the scheduler refused (no Slurm controller, a bad partition, ...)
+        print(f"error: submitting to {kind} failed: {type(exc).__name__}: {exc}; check the cluster, or run with "
+              f"--executor local", file=sys.stderr)
         return 2
     failed = [d for d, o in outcomes.items() if o != "COMPLETED"]
     results = collect_results(spec, runs, numbers)
