@@ -52,10 +52,10 @@ class ModelConfig:
         "auto", "Hold the frozen base once per host: one rank writes it to a file in /dev/shm ($COMIGS_SHM_DIR) "
         "and every rank of the host maps it read-only. 'auto' = on when several ranks share a host and the "
         "model stays on CPU; on CUDA 'true' only shares the host copy used while loading.")
-    dtype: Literal["auto", "fp32", "bf16"] = opt("auto", "Storage type of the frozen base weights; 'auto' = fp32 (computed "
-                                                  "under train.amp's autocast, bf16 on a GPU, as the reference does); "
-                                                  "'bf16' halves the base's memory (needs train.amp=bf16, or auto on a "
-                                                  "GPU). Adapters and routers stay fp32.")
+    dtype: Literal["auto", "fp32", "bf16"] = opt(
+        "auto", "Storage type of the frozen base weights; 'auto' = fp32 (computed under train.amp's autocast, bf16 "
+        "on a GPU, as the reference does); 'bf16' halves the base's memory (needs train.amp=bf16, or auto on a "
+        "GPU). Adapters and routers stay fp32.")
 
 
 @dataclass

@@ -234,7 +234,8 @@ def setup_user(cfg: RunConfig, topo: dist.Topology) -> UserRun:
     return UserRun(cfg=cfg, topo=topo, method=method, model=model, data=data, shared=shared,
                    expert_opt=expert_opt, expert_sched=expert_sched, router_opt=router_opt,
                    train_sampler=BatchSampler(data.train, t.seq_len, derive_seed(cfg.seed, user, "train_batches")),
-                   router_sampler=BatchSampler(router_tokens, t.seq_len, derive_seed(cfg.seed, user, "router_batches")))
+                   router_sampler=BatchSampler(router_tokens, t.seq_len,
+                                               derive_seed(cfg.seed, user, "router_batches")))
 
 
 def optimizer_step(run: UserRun, sampler: BatchSampler, opt: torch.optim.Optimizer, autocast,

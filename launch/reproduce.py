@@ -137,7 +137,8 @@ def build_spec(key: str) -> Spec:
             for digits in TABLE2_SETTINGS[ds]:
                 row = f"{NAMES[ds]} {_fmt_list(digits)}"
                 rows.append(row)
-                cells += [Cell(row, col, f"configs/{ds}/table2_{digits}.yaml", ov, ds) for col, ov in TABLE2_COLS.items()]
+                cells += [Cell(row, col, f"configs/{ds}/table2_{digits}.yaml", ov, ds)
+                          for col, ov in TABLE2_COLS.items()]
         return Spec(key, "Table 2: heterogeneous models (experts per user; HetLoRA/FlexLoRA match active or full "
                          "parameters)", rows, list(TABLE2_COLS), cells)
     if key == "5":
@@ -159,15 +160,17 @@ def build_spec(key: str) -> Spec:
         ds, lines, title = FIGURES[key]
         users = USERS[ds]
         cols = [f"{c} ({'low' if u < 2 else 'high'})" for u, c in enumerate(users)]
-        cells = [Cell(_fmt_list(n), col, f"configs/data_quantity/{ds}.yaml", (f"moe.n_experts=[{','.join(map(str, n))}]",),
-                      ds, user=u) for n in FIGURE_LINES[lines] for u, col in enumerate(cols)]
+        cells = [Cell(_fmt_list(n), col, f"configs/data_quantity/{ds}.yaml",
+                      (f"moe.n_experts=[{','.join(map(str, n))}]",), ds, user=u)
+                 for n in FIGURE_LINES[lines] for u, col in enumerate(cols)]
         return Spec(key, title + " (final test perplexity per user; the paper plots the curves)",
                     [_fmt_list(n) for n in FIGURE_LINES[lines]], cols, cells, plot="curves",
                     note="the paper shows this as a figure only: no numbers to compare")
     if key == "tau_s":
         taus, steps = TAU_S
         cells = [Cell(f"tau={t}", f"s={s}", "configs/sensitivity/tau_s.yaml",
-                      (f"train.router_every={t}", f"train.router_steps={s}"), "slimpajama") for t in taus for s in steps]
+                      (f"train.router_every={t}", f"train.router_steps={s}"), "slimpajama")
+                 for t in taus for s in steps]
         return Spec(key, "Figure 7: router period tau and router steps s, CoMiGS-1G1S on SlimPajama",
                     [f"tau={t}" for t in taus], [f"s={s}" for s in steps], cells, plot="sweep",
                     note="the paper shows this as a figure only: no numbers to compare")
@@ -351,7 +354,8 @@ def command_line(run: Run, n_users: int) -> str:
     import shlex
     here = Path.cwd()
     show = lambda a: os.path.relpath(a, here) if Path(a).is_absolute() and Path(a).is_relative_to(here) else a
-    return f"torchrun --nproc_per_node={n_users} -m comigs_dist.main " + " ".join(shlex.quote(show(a)) for a in run.argv)
+    args = " ".join(shlex.quote(show(a)) for a in run.argv)
+    return f"torchrun --nproc_per_node={n_users} -m comigs_dist.main {args}"
 
 
 def execute(runs: list[Run], root: Path, scale: str, key: str, *, cluster: str, max_parallel: int, wait: bool,
@@ -484,7 +488,8 @@ def format_text(spec: Spec, results: list[Result], numbers: dict, seeds: list[in
 
 
 def _row_header(spec: Spec) -> str:
-    return {"2": "setting", "5": "dataset", "tau_s": "tau"}.get(spec.key, "experts" if spec.plot == "curves" else "method")
+    default = "experts" if spec.plot == "curves" else "method"
+    return {"2": "setting", "5": "dataset", "tau_s": "tau"}.get(spec.key, default)
 
 
 def _metric_text(spec: Spec) -> str:
@@ -621,7 +626,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: preparing the CPU scale failed: {exc}", file=sys.stderr)
         return 2
 
-    counts = {s: sum(1 for r in runs if r.status.split(" ")[0].rstrip(":") == s) for s in ("done", "running", "to", "invalid")}
+    counts = {s: sum(1 for r in runs if r.status.split(" ")[0].rstrip(":") == s)
+              for s in ("done", "running", "to", "invalid")}
     echo(f"table {spec.key}, scale {ns.scale}: {len(runs)} run(s): {counts['done']} done, {counts['running']} running, "
          f"{counts['to']} to run" + (f", {counts['invalid']} invalid" if counts["invalid"] else ""))
     invalid = [r for r in runs if r.status.startswith("invalid")]

@@ -152,7 +152,8 @@ def test_config_user_lists_follow_the_prepared_datasets_user_order(path, prepare
             check_categories(cfg.data.categories, shuffled, "the dataset")
 
 
-@pytest.mark.parametrize("path", sorted(ROOT.glob("configs/*/table2_*.yaml")) + sorted(ROOT.glob("configs/*/table5_hetero.yaml")),
+@pytest.mark.parametrize("path", sorted(ROOT.glob("configs/*/table2_*.yaml"))
+                         + sorted(ROOT.glob("configs/*/table5_hetero.yaml")),
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_expert_lists_put_the_papers_counts_on_the_papers_users(path, monkeypatch):
     """Table 2 / 5 (hetero) rows name expert counts in the paper's user order, e.g. multilingual
@@ -169,7 +170,8 @@ def test_expert_lists_put_the_papers_counts_on_the_papers_users(path, monkeypatc
     assert dict(zip(cfg.data.categories, cfg.moe.n_experts)) == dict(zip(PAPER_USERS[dataset], row))
 
 
-@pytest.mark.parametrize("path", sorted(ROOT.glob("configs/data_quantity/*.yaml")) + [ROOT / "configs/sensitivity/tau_s.yaml"],
+@pytest.mark.parametrize("path", sorted(ROOT.glob("configs/data_quantity/*.yaml"))
+                         + [ROOT / "configs/sensitivity/tau_s.yaml"],
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_figure_configs_carry_the_paper_hyper_parameters(path, monkeypatch):
     """The data-quantity (Figures 4-6, 11-13) and tau/s (Figure 7) configs run the paper's settings

@@ -203,8 +203,9 @@ def test_generic_text_source_document_modes_and_scenarios(tmp_path):
 
 def test_bad_input_is_refused_with_the_file_and_the_fix(tmp_path):
     """Missing files, unknown categories, unusable budgets, an existing --out: clear errors, nothing written."""
-    with pytest.raises(DataError, match=r"source files .*ml/nl\.txt \(category 'nl'\); .*ml/fr\.txt \(category 'fr'\); .*ml/it\.txt "
-                                        r"\(category 'it'\) do not exist; put each category's text there"):
+    with pytest.raises(DataError, match=r"source files .*ml/nl\.txt \(category 'nl'\); .*ml/fr\.txt "
+                                        r"\(category 'fr'\); .*ml/it\.txt \(category 'it'\) do not exist; "
+                                        r"put each category's text there"):
         partial = tmp_path / "ml"
         partial.mkdir()
         (partial / "de.txt").write_text("Ein Satz.\n" * 10)

@@ -132,8 +132,9 @@ def check_categories(expected: list[str], meta: dict, where: str) -> None:
     held = [u.get("category") for u in users] if users and all("category" in u for u in users) \
         else list(meta.get("categories") or [])
     if not held:
-        raise DataError(f"data.categories ({', '.join(expected)}) is set but {where} records no categories per user "
-                        f"(the embedded corpus has none); remove data.categories or point data.path at a prepared dataset")
+        raise DataError(f"data.categories ({', '.join(expected)}) is set but {where} records no categories per "
+                        f"user (the embedded corpus has none); remove data.categories or point data.path at a "
+                        f"prepared dataset")
     if list(expected) != held[:len(expected)]:
         raise DataError(f"data.categories ({', '.join(expected)}) does not match {where}, whose users hold "
                         f"{', '.join(map(str, held))} in that order: the config's per-user lists (moe.n_experts, "
