@@ -459,7 +459,8 @@ def test_hub_sources_through_the_datasets_library(tmp_path):
                          test_tokens=300)
     assert "google/wiki40b nl" in ml["source"]["datasets"]
     enc = load_tokenizer("gpt2")
-    nl_text = enc.decode(np.fromfile(tmp_path / "ml" / "user_03" / "train.bin", dtype=np.uint16))
+    nl_user = ml["categories"].index("nl")  # user 1: de, nl, fr, it
+    nl_text = enc.decode(np.fromfile(tmp_path / "ml" / f"user_{nl_user:02d}" / "train.bin", dtype=np.uint16))
     assert "_START_" not in nl_text and "_NEWLINE_" not in nl_text and "Titel" in nl_text
     sp = prepare_dataset("slimpajama", tmp_path / "sp", loader=load, train_tokens=3000, valid_tokens=600,
                          test_tokens=600)

@@ -276,7 +276,9 @@ def open_hub(spec: DatasetSpec, categories: list[str], seed: int, loader: Callab
             name, config = WIKI_HUB[c]
             stream = load(name, config, split="train", streaming=True).shuffle(seed=seed, buffer_size=shuffle_buffer)
             clean = clean_wiki40b if name == "google/wiki40b" else (lambda t: t)
-            src = DocSource(f"{name} {config}", _unique(clean(ex["text"]) for ex in stream), False)
+            # map binds this language's cleaner now; a generator expression would look ``clean`` up
+            # lazily and clean every language as the last one of the loop
+            src = DocSource(f"{name} {config}", _unique(map(clean, (ex["text"] for ex in stream))), False)
             out[c] = (src, src)
             names.append(f"{name} {config}")
         return out, {"kind": "hub", "datasets": names}
