@@ -34,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from comigs_dist.config import PER_USER_KEYS, ConfigError, get_dotted, load_config
+from launch.collect import mean_std
 
 ROOT = Path(__file__).resolve().parents[1]          # the checkout: configs/ live here
 PAPER_NUMBERS = Path(__file__).with_name("paper_numbers.yaml")
@@ -412,15 +413,11 @@ class Result:
 
     @property
     def mean(self) -> float:
-        return sum(self.values) / len(self.values) if self.values else math.nan
+        return mean_std(self.values)[0] if self.values else math.nan
 
     @property
     def std(self) -> float:
-        n = len(self.values)
-        if n < 2:
-            return math.nan
-        m = self.mean
-        return math.sqrt(sum((v - m) ** 2 for v in self.values) / (n - 1))
+        return mean_std(self.values)[1] if self.values else math.nan  # sample std (n - 1), as launch.collect
 
     @property
     def diff(self) -> float:
