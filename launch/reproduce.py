@@ -284,12 +284,17 @@ def scale_overrides(cell: Cell, scale: str) -> list[str]:
 
 @dataclass
 class Run:
-    cell: Cell
+    cells: list[Cell]                # every cell this run fills (a figure's line: one per user)
     seed: int
     out_dir: Path
     argv: list[str]
     status: str = "to run"           # "done" | "running" | "to run" | "invalid: ..."
     job: dict | None = None          # the planned job (launch.submit.plan_jobs)
+
+    @property
+    def label(self) -> str:
+        c = self.cells[0]
+        return f"{c.row} / {c.col}" if len(self.cells) == 1 else f"{c.row} / {len(self.cells)} columns"
 
 
 def cell_dir(root: Path, scale: str, cell: Cell, extra: list[str]) -> Path:
@@ -301,24 +306,32 @@ def cell_dir(root: Path, scale: str, cell: Cell, extra: list[str]) -> Path:
 
 def plan_runs(spec: Spec, seeds: list[int], scale: str, root: Path, quirks: bool = False, cpus_per_task: int = 0,
               gpus_per_node: int = 0) -> list[Run]:
-    """One Run per cell and seed, each with its fixed out_dir and its state; a cell whose
-    configuration is invalid (e.g. a dataset not prepared yet) is marked, not raised."""
+    """One Run per configuration and seed (cells made by one configuration, such as the users of a
+    figure's line, share it), each with its fixed out_dir and its state; a configuration that is
+    invalid (e.g. a dataset not prepared yet) is marked, not raised."""
     from launch.submit import plan_jobs
-    runs = []
+    by_folder: dict[Path, list[Cell]] = {}
+    extras: dict[Path, list[str]] = {}
     for cell in spec.cells:
         extra = []
         if quirks and "reference_quirks" in _read(cell, []).method_options:
             extra.append("method_options.reference_quirks=true")
         folder = cell_dir(root, scale, cell, extra)
+        by_folder.setdefault(folder, []).append(cell)
+        extras[folder] = extra
+    runs = []
+    for folder, cells in by_folder.items():
+        cell = cells[0]
         try:
-            job_argv = ["--config", str(ROOT / cell.config), *cell.overrides, *extra, *scale_overrides(cell, scale)]
+            job_argv = ["--config", str(ROOT / cell.config), *cell.overrides, *extras[folder],
+                        *scale_overrides(cell, scale)]
             jobs, _ = plan_jobs(job_argv, [f"seed={','.join(map(str, seeds))}"], folder, 1, None, gpus_per_node,
                                 cpus_per_task, None)
             for seed, job in zip(seeds, jobs):
-                runs.append(Run(cell, seed, Path(job["out_dir"]), job["argv"], job=job))
+                runs.append(Run(cells, seed, Path(job["out_dir"]), job["argv"], job=job))
         except ConfigError as exc:
             why = str(exc).split("fix these first:\n  - ")[-1].replace("\n  - ", "; ")
-            runs += [Run(cell, seed, folder / f"seed-{seed}", [], f"invalid: {why}") for seed in seeds]
+            runs += [Run(cells, seed, folder / f"seed-{seed}", [], f"invalid: {why}") for seed in seeds]
     launches = root / scale / "launches"
     running = in_flight(launches)
     for run in runs:
@@ -395,7 +408,8 @@ def execute(runs: list[Run], root: Path, scale: str, key: str, *, cluster: str, 
 
 def slug_of(run: Run) -> str:
     from launch.common import slug
-    return slug(f"{run.cell.row} {run.cell.col} seed {run.seed}")[:60]
+    c = run.cells[0]
+    return slug(f"{c.row} {c.col if len(run.cells) == 1 else ''} seed {run.seed}")[:60]
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,20 +442,23 @@ def collect_results(spec: Spec, runs: list[Run], numbers: dict) -> list[Result]:
     paper = numbers.get(spec.key, {}).get("cells", {})
     out = []
     for cell in spec.cells:
-        mine = [r for r in runs if r.cell == cell]
+        mine = [r for r in runs if cell in r.cells]
         values, seeds, dirs = [], [], []
         for r in mine:
             f = r.out_dir / "results.json"
             if not f.is_file():
                 continue
             res = json.loads(f.read_text())
+            if cell.user is not None and cell.user >= len(res["users"]):
+                continue  # the debug scale runs two users only
             value = res["mean_test_ppl"] if cell.user is None else res["users"][cell.user]["test_ppl"]
             if value is None:  # a diverged run (guard.nan=skip) writes null
                 value = math.nan
             values.append(float(value))
             seeds.append(r.seed)
             dirs.append(str(r.out_dir))
-        out.append(Result(cell, paper.get((cell.row, cell.col)), values, seeds, dirs, len(mine) - len(values)))
+        pending = sum(1 for r in mine if not (r.out_dir / "results.json").is_file())
+        out.append(Result(cell, paper.get((cell.row, cell.col)), values, seeds, dirs, pending))
     return out
 
 
@@ -461,25 +478,39 @@ def cell_texts(r: Result, n_seeds: int) -> tuple[str, str, str]:
     return paper, ours, diff
 
 
+def _parts(spec: Spec, numbers: dict) -> tuple[str, ...]:
+    """The sub-columns of a column: the paper's number, ours and the difference; ours alone for the
+    figures, which have no numbers in the paper's text."""
+    return ("paper", "ours", "diff") if spec.key in numbers else ("ours",)
+
+
+def _cell(by: dict, row: str, col: str, seeds: list[int], parts: tuple[str, ...]) -> list[str]:
+    if (row, col) not in by:
+        return [""] * len(parts)
+    texts = dict(zip(("paper", "ours", "diff"), cell_texts(by[(row, col)], len(seeds))))
+    return [texts[p] for p in parts]
+
+
 def format_text(spec: Spec, results: list[Result], numbers: dict, seeds: list[int], scale: str) -> str:
     by = {(r.cell.row, r.cell.col): r for r in results}
     head1, head2 = [""], [_row_header(spec)]
     for col in spec.cols:
         name = spec.col_names.get(col, col)
-        head1 += [name, "", ""]
-        head2 += ["paper", "ours", "diff"]
+        parts = _parts(spec, numbers)
+        head1 += [name] + [""] * (len(parts) - 1)
+        head2 += list(parts)
     body = []
     for row in spec.rows:
         line = [row]
         for col in spec.cols:
-            line += list(cell_texts(by[(row, col)], len(seeds))) if (row, col) in by else ["", "", ""]
+            line += _cell(by, row, col, seeds, _parts(spec, numbers))
         body.append(line)
     widths = [max(len(x[i]) for x in [head1, head2] + body) for i in range(len(head2))]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
     source = numbers.get(spec.key, {}).get("source", spec.note or "no numbers in the paper's text")
     lines = [f"{spec.title}",
-             f"{_metric_text(spec)}; ours: mean (sample std) over seeds {','.join(map(str, seeds))}, scale {scale}; "
-             f"diff = ours - paper",
+             f"{_metric_text(spec)}; ours: mean (sample std) over seeds {','.join(map(str, seeds))}, scale {scale}"
+             + ("; diff = ours - paper" if "diff" in _parts(spec, numbers) else ""),
              f"paper: {source}", fmt(head1), fmt(head2), fmt(["-" * w for w in widths])]
     return "\n".join(lines + [fmt(b) for b in body])
 
@@ -497,17 +528,18 @@ def _metric_text(spec: Spec) -> str:
 def format_markdown(spec: Spec, results: list[Result], numbers: dict, seeds: list[int], scale: str) -> str:
     by = {(r.cell.row, r.cell.col): r for r in results}
     header = [_row_header(spec)] + [f"{spec.col_names.get(c, c)} {part}" for c in spec.cols
-                                    for part in ("paper", "ours", "diff")]
+                                    for part in _parts(spec, numbers)]
     lines = [f"**{spec.title}**", "",
              "| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for row in spec.rows:
         cells = [row]
         for col in spec.cols:
-            cells += list(cell_texts(by[(row, col)], len(seeds))) if (row, col) in by else ["", "", ""]
+            cells += _cell(by, row, col, seeds, _parts(spec, numbers))
         lines.append("| " + " | ".join(cells) + " |")
     source = numbers.get(spec.key, {}).get("source", spec.note or "no numbers in the paper's text")
+    diff = "; diff = ours - paper" if "diff" in _parts(spec, numbers) else ""
     lines += ["", f"{_metric_text(spec)}; ours: mean (sample std) over seeds {','.join(map(str, seeds))}, scale "
-                  f"{scale}; diff = ours - paper. Paper: {source}."]
+                  f"{scale}{diff}. Paper: {source}."]
     return "\n".join(lines) + "\n"
 
 
@@ -604,7 +636,8 @@ def main(argv: list[str] | None = None) -> int:
         if not seeds:
             raise ConfigError("--seeds is empty; give e.g. --seeds 42,45,47")
         datasets = [d.strip() for d in ns.dataset.split(",")] if ns.dataset else None
-        rows = [r.strip() for r in ns.rows.split(",")] if ns.rows else None
+        from launch.submit import split_values
+        rows = split_values(ns.rows) if ns.rows else None  # commas inside (4,2,2,2) belong to the label
         spec = select(build_spec(ns.table), datasets, rows)
         numbers = paper_numbers()
         root = Path(ns.root).resolve()
@@ -631,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.dry_run:
         for r in runs:
             n_users = r.job["users_per_node"] if r.job else "?"
-            echo(f"  [{r.status}] {r.cell.row} / {r.cell.col}, seed {r.seed}: {r.out_dir}")
+            echo(f"  [{r.status}] {r.label}, seed {r.seed}: {r.out_dir}")
             if r.argv and r.status == "to run":
                 echo(f"      {command_line(r, n_users)}")
         return 0
@@ -661,7 +694,8 @@ def main(argv: list[str] | None = None) -> int:
     echo("")
     echo(format_text(spec, results, numbers, seeds, ns.scale))
     suffix = f"_{'_'.join(sorted({c.dataset for c in spec.cells}))}" if spec.key in ("1", "2", "4", "5", "6") else ""
-    out = Path(ns.out) if ns.out else root / ns.scale / f"table{spec.key}{suffix}"
+    name = f"table{spec.key}{suffix}" if spec.key in ("1", "2", "4", "5", "6") else spec.key
+    out = Path(ns.out) if ns.out else root / ns.scale / name
     out.parent.mkdir(parents=True, exist_ok=True)
     md, csv_path = out.with_name(out.name + ".md"), out.with_name(out.name + ".csv")
     md.write_text(format_markdown(spec, results, numbers, seeds, ns.scale))

@@ -65,6 +65,14 @@ def test_figures_and_sweep_cells():
     assert not {"fig4", "tau_s"} & set(NUMBERS)
 
 
+def test_a_figures_users_share_one_run(tmp_path):
+    """The four user columns of a figure's line are one configuration: one run per line and seed,
+    never four runs writing into one directory."""
+    runs = reproduce.plan_runs(reproduce.build_spec("fig6"), [42, 45], "debug", tmp_path)
+    assert len(runs) == 4 * 2 and len({r.out_dir for r in runs}) == 8
+    assert all(len(r.cells) == 4 and {c.user for c in r.cells} == {0, 1, 2, 3} for r in runs)
+
+
 def test_scales_rewrite_every_run():
     """cpu: the small base on data/cpu/<dataset>, batch 8, 5 local steps with tau and s halved (the
     row's own tau/s too); debug: a tiny model, 2 users, per-user lists cut to their first two."""
@@ -113,7 +121,7 @@ def test_finished_runs_are_read_not_rerun_and_the_table_shows_paper_ours_diff(tm
                                [42, 45], "debug", root)
     values = {("Local", 42): 40.0, ("Local", 45): 42.0, ("CoMiGS-1G1S", 42): 33.0, ("CoMiGS-1G1S", 45): 34.0}
     for r in runs:
-        _fake_results(r.out_dir, values[(r.cell.row, r.seed)])
+        _fake_results(r.out_dir, values[(r.cells[0].row, r.seed)])
     rc = reproduce.main(args)
     out = capsys.readouterr().out
     assert rc == 0 and "4 run(s): 4 done, 0 running, 0 to run" in out and "submitted" not in out
