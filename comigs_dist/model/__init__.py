@@ -235,13 +235,14 @@ def adapter_spec_for(cfg, user_idx: int, routed: bool) -> AdapterSpec:
 
 def build_user_model(cfg, user_idx: int, vocab_size: int, routed: bool, spec: AdapterSpec | None = None,
                      share: "SharePlan | None" = None) -> UserModel:
-    """Base model plus this user's adapters (``spec``, default: what cfg says); adapter inits
-    draw from seed + user. ``share``: map the frozen base from the host's shared copy (see
-    ``shared_base.plan_sharing``)."""
+    """Base model plus this user's adapters (``spec``, default: what cfg says); adapter and router
+    inits draw from the user's ``adapters`` stream (``seeds.derive_seed``). ``share``: map the
+    frozen base from the host's shared copy (see ``shared_base.plan_sharing``)."""
+    from comigs_dist.seeds import derive_seed
     base = build_base_model(cfg.model.name, vocab_size, cfg.train.seq_len, share)
     spec = spec or adapter_spec_for(cfg, user_idx, routed)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed + user_idx)
+        torch.manual_seed(derive_seed(cfg.seed, user_idx, "adapters"))
         report = inject_adapters(base, spec, cfg.model.family)
     return UserModel(base, report, spec, cfg.train.loss_chunk)
 
