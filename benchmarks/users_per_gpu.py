@@ -1,8 +1,8 @@
 """How many simulated users of GPT-2 124M and of Llama 3.2 1B fit on one 80 GB GPU.
 
 Measures, on this machine's CPU, what each user holds (no GPU is needed):
-  * parameter bytes, exact: the frozen base in --base-dtype (bf16 by default: model.dtype=auto
-    keeps the frozen base in bf16 on a CUDA GPU; fp32 with model.dtype=fp32) and the CoMiGS-1G1S
+  * parameter bytes, exact: the frozen base in --base-dtype (bf16 by default, as model.dtype=bf16
+    stores it; fp32 with model.dtype=auto or fp32) and the CoMiGS-1G1S
     adapters and router, each trainable parameter costing 16 bytes (fp32 value, gradient, two
     AdamW moments);
   * activation bytes of one expert step (forward, backward, AdamW), measured as the rise of peak
@@ -131,7 +131,7 @@ def main() -> int:
     parser.add_argument("--context-gib", type=float, default=0.5, help="CUDA context per process (assumed)")
     parser.add_argument("--seqs", type=int, default=2, help="sequences of 128 tokens per measured step")
     parser.add_argument("--base-dtype", choices=("bf16", "fp32"), default="bf16",
-                        help="the frozen base on the GPU: bf16 (model.dtype=auto on CUDA) or fp32 (model.dtype=fp32)")
+                        help="the frozen base on the GPU: bf16 (model.dtype=bf16) or fp32 (model.dtype=auto or fp32)")
     args = parser.parse_args()
     if not Path("/proc/self/clear_refs").exists():
         print("this benchmark reads /proc/self/status and resets VmHWM: Linux only", file=sys.stderr)

@@ -52,7 +52,10 @@ class ModelConfig:
         "auto", "Hold the frozen base once per host: one rank writes it to a file in /dev/shm ($COMIGS_SHM_DIR) "
         "and every rank of the host maps it read-only. 'auto' = on when several ranks share a host and the "
         "model stays on CPU; on CUDA 'true' only shares the host copy used while loading.")
-    dtype: Literal["auto", "fp32", "bf16"] = opt("auto", "Storage type of the frozen base weights; 'auto' = bf16 when training runs under bf16 autocast on a GPU, else fp32. Adapters and routers stay fp32.")
+    dtype: Literal["auto", "fp32", "bf16"] = opt(
+        "auto", "Storage type of the frozen base weights; 'auto' = fp32 (computed under train.amp's autocast, bf16 "
+        "on a GPU, as the reference does); 'bf16' halves the base's memory (needs train.amp=bf16, or auto on a "
+        "GPU). Adapters and routers stay fp32.")
 
 
 @dataclass
@@ -68,7 +71,8 @@ class MoEConfig:
     n_generalists: IntOrList = opt(1, "How many of the experts (the first ones) are generalists, shared with other users; int or per-user list.")
     top_k: Union[int, None] = opt(None, "Experts per token; default min(2, n_i). Must not exceed any user's n_i.")
     load_balancing: Literal["none", "uniform", "generalist"] = opt(
-        "generalist", "Load-balancing loss (Table 5): none, uniform (Switch), or generalist-favoured (eq. 5); uniform and generalist agree for n_i = 2.")
+        "generalist", "Load-balancing loss (Table 5): none, uniform (Switch: n sum_j f_j P_j), or generalist-favoured "
+        "(paper eq. 5 as written); with n_i = 2 and top-2 both are constant.")
     lb_weight: float = opt(0.01, "Weight lambda of the load-balancing loss (paper: 0.01).")
 
 
@@ -106,6 +110,9 @@ class DataConfig:
     test_tokens: int = opt(16_000, "Embedded corpus only: test tokens per user.")
     share: FloatOrList = opt(1.0, "Fraction of its training split each user trains on (0 < share <= 1); int or per-user list.")
     verify: bool = opt(True, "Check each shard's size and sha256 against meta.json before training.")
+    categories: list[str] = opt([], "The category of each user, in user order, as the prepared dataset must hold them "
+                                "(its meta.json), e.g. [de, nl, fr, it]: per-user lists such as moe.n_experts then "
+                                "mean what the config says; checked before training. Empty = not checked.")
 
 
 @dataclass
@@ -175,7 +182,8 @@ class RunConfig:
     method_options: dict[str, Any] = opt({}, "Options of the chosen method, as method_options.<key>=value "
                                          "(e.g. method_options.lambda_p=5e-3 for hetlora); each method's "
                                          "options are listed below and by --methods. Unknown keys are errors.")
-    seed: int = opt(42, "Seed; user u uses seed + u for its own random streams (paper: 42, 45, 47).")
+    seed: int = opt(42, "Seed; each user's random streams (adapter init, training and router batches) are drawn "
+                    "from a hash of (seed, user, stream), so no two seeds share one (paper: 42, 45, 47).")
     out_dir: Union[str, None] = opt(None, "Where the run writes; default a fresh runs/<timestamp>_<method> directory "
                                     "(with resume=auto under Slurm or torchrun: runs/<job id>_<method>_s<seed>).")
     resume: Literal["false", "true", "auto"] = opt("false", "Continue from the newest round every user checkpointed in "
@@ -227,11 +235,14 @@ class RunConfig:
 # validation
 # --------------------------------------------------------------------------------------------
 
-PER_USER_KEYS = ("moe.n_experts", "moe.n_generalists", "lora.rank", "data.train_tokens", "data.share")
+PER_USER_KEYS = ("moe.n_experts", "moe.n_generalists", "lora.rank", "data.train_tokens", "data.share",
+                 "data.categories")
 
 
 def _list_lengths(cfg: RunConfig) -> dict[str, int]:
-    return {k: len(v) for k in PER_USER_KEYS if isinstance(v := get_dotted(cfg, k), list)}
+    # data.categories empty means "not checked", not "no users"
+    return {k: len(v) for k in PER_USER_KEYS
+            if isinstance(v := get_dotted(cfg, k), list) and (v or k != "data.categories")}
 
 
 def inferred_n_users(cfg: RunConfig) -> int | None:

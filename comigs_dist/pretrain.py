@@ -8,7 +8,8 @@ command line that pretrains a small GPT-2 on real text with GPT-2 BPE:
 The saved directory loads with ``model.name=DIR`` like any Hugging Face checkpoint; it also holds
 ``comigs_tokenizer.json`` (the tokenizer it was trained with, checked against a dataset's meta.json)
 and ``pretrain.json`` (sources, steps, time, held-out perplexity). ``--exclude`` refuses to
-pretrain on text that a prepared dataset's user splits hold (its ``passages.u64`` manifest).
+pretrain on text that a prepared dataset's user splits hold (its ``passages.u64`` manifest), or with
+``--drop-excluded`` leaves those documents out.
 Knows nothing of users, adapters or methods.
 """
 from __future__ import annotations
@@ -163,6 +164,26 @@ def check_no_overlap(corpus: list[tuple[Path, str]], exclude: list[str | Path], 
     return checked
 
 
+def drop_overlap(corpus: list[tuple[Path, str]], exclude: list[str | Path],
+                 threshold: float = 0.5) -> tuple[list[tuple[Path, str]], dict]:
+    """The corpus without the documents that a prepared dataset's user splits hold (the test of
+    ``check_no_overlap``), and per dataset what was dropped, for pretrain.json: pretraining on the
+    rest of a corpus whose other documents became user data (the CPU-scale SlimPajama-like split)."""
+    from comigs_dist.data.documents import overlap_fraction
+    from comigs_dist.data.prepare import read_passages
+    checked = {}
+    for d in exclude:
+        try:
+            known = read_passages(d)
+        except ValueError as exc:
+            raise PretrainError(f"--exclude {d}: {exc}") from None
+        kept = [(path, text) for path, text in corpus if overlap_fraction(text, known) < threshold]
+        checked[str(d)] = {"passages": int(len(known)), "documents_checked": len(corpus),
+                           "dropped": len(corpus) - len(kept)}
+        corpus = kept
+    return corpus, checked
+
+
 def unigram_ppl(train: np.ndarray, held_out: np.ndarray, vocab_size: int) -> float:
     """Perplexity of add-one unigram frequencies of the training tokens on the held-out tokens: the
     floor a model must beat to have learnt more than token frequencies."""
@@ -181,6 +202,8 @@ def pretrain_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="checkpoint directory to write")
     parser.add_argument("--exclude", nargs="*", default=[], metavar="PREPARED_DIR",
                         help="refuse if the corpus holds text of these prepared datasets")
+    parser.add_argument("--drop-excluded", action="store_true",
+                        help="leave out the documents --exclude finds instead of refusing (pretrain.json counts them)")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=None)
@@ -234,7 +257,10 @@ def pretrain_files(args) -> dict:
         torch.set_num_threads(args.threads)
 
     corpus = read_corpus(args.source, args.docs)
-    exclusion = check_no_overlap(corpus, args.exclude)
+    if getattr(args, "drop_excluded", False):
+        corpus, exclusion = drop_overlap(corpus, args.exclude)
+    else:
+        exclusion = check_no_overlap(corpus, args.exclude)
     tok = load_tokenizer(args.tokenizer)
     if tok.eot_id is None:
         raise PretrainError(f"--tokenizer {tok.name!r} has no end-of-text token to separate documents")

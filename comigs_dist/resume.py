@@ -38,6 +38,8 @@ def user_state(run, round_idx: int) -> dict:
         "format": checkpoint.FORMAT, "user": run.topo.user_idx, "round": round_idx, "method": run.cfg.method,
         "config": run.cfg.to_dict(), "step": run.step, "router_step": run.router_step,
         "params": {k: v.detach().cpu() for k, v in run.model.trainable_state().items()},
+        # gradients carried into the next round: only under the reference's leak (reference_quirks)
+        "pending_grads": {k: p.grad.detach().cpu() for k, p in run.model.report.params.items() if p.grad is not None},
         "expert_opt": run.expert_opt.state_dict() if run.expert_opt else None,
         "expert_sched": run.expert_sched.state_dict() if run.expert_sched else None,
         "router_opt": run.router_opt.state_dict() if run.router_opt else None,
@@ -61,6 +63,8 @@ def apply_state(run, state: dict) -> None:
     with torch.no_grad():
         for name, p in run.model.report.params.items():
             p.copy_(state["params"][name].to(device=p.device, dtype=p.dtype))
+            pending = (state.get("pending_grads") or {}).get(name)
+            p.grad = None if pending is None else pending.to(device=p.device, dtype=p.dtype)
     for key in ("expert_opt", "expert_sched", "router_opt"):
         obj = getattr(run, key)
         # validate() checked the method, so both sides hold the same optimisers

@@ -5,7 +5,9 @@ synchronise the shared parameters, take the local expert steps on training batch
 frozen) and, every tau local iterations, the router steps on the router's split (experts
 frozen); evaluate; checkpoint. Methods plug in through their hooks; this file never branches on
 a method's name. Gradients never leak between the two levels: only the phase's parameters
-require gradients, and gradients are dropped after every step. Resuming
+require gradients, and gradients are dropped after every step (unless a method reproduces the
+reference code's leak, ``Method.requires_grad_in``: then each optimiser clears only its own
+gradients, and the other level's pile up as in the reference). Resuming
 (``resume.restore_user``) and the non-finite guard (``guard``) are called from here but live in
 modules of their own.
 """
@@ -28,6 +30,7 @@ from comigs_dist.metrics import NullProgress, build_logger, build_progress, scal
 from comigs_dist.model import UserModel, adapter_spec_for, build_user_model
 from comigs_dist.model.shared_base import plan_sharing
 from comigs_dist.wandb_logger import options_for as wandb_options
+from comigs_dist.seeds import derive_seed
 
 
 # --------------------------------------------------------------------------------------------
@@ -46,11 +49,13 @@ def resolve_dataset(cfg: RunConfig, n_users: int) -> Path:
 def prepare_assets(cfg: RunConfig, n_users: int, progress: bool = False) -> None:
     """Generate the embedded corpus and pretrain the embedded base if they are not cached yet;
     refuse a dataset that cannot serve this run (a malformed meta.json, fewer users than ranks,
-    splits shorter than one window) and data tokenized differently from the model."""
+    splits shorter than one window, users holding other categories than data.categories says) and
+    data tokenized differently from the model."""
     data_dir = resolve_dataset(cfg, n_users)
-    from comigs_dist.data import check_dataset
+    from comigs_dist.data import check_categories, check_dataset
     from comigs_dist.model import check_model_matches_data
     meta = check_dataset(data_dir, n_users, cfg.train.seq_len)
+    check_categories(cfg.data.categories, meta, f"data.path={cfg.data.path}")
     check_model_matches_data(cfg.model.name, meta, f"data.path={cfg.data.path}")
     if cfg.model.name == "embedded":
         from comigs_dist.synthetic import ensure_embedded_base
@@ -62,6 +67,20 @@ def resolve_amp(device: torch.device, amp: str) -> str:
     if amp == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
     return amp
+
+
+def resolve_base_dtype(dtype: str, device: torch.device, amp: str) -> torch.dtype:
+    """How the frozen base is stored. 'auto' and 'fp32': fp32, computed under the autocast of
+    train.amp (bf16 on a GPU), as the reference runs it; 'bf16' only when asked for, which halves
+    the base's memory but runs the residual stream in bf16 (README: the measured difference)."""
+    if dtype in ("auto", "fp32"):
+        return torch.float32
+    if dtype == "bf16":
+        if resolve_amp(device, amp) != "bf16":
+            raise ValueError(f"model.dtype=bf16 needs bf16 autocast, but train.amp={amp} runs without it on "
+                             f"{device.type}; set train.amp=bf16 or model.dtype=fp32")
+        return torch.bfloat16
+    raise ValueError(f"model.dtype ({dtype!r}) must be 'auto', 'fp32' or 'bf16'")
 
 
 def autocast_for(device: torch.device, amp: str):
@@ -178,11 +197,6 @@ def analytic_round_bytes(run: UserRun, comm_cfg, topo: dist.Topology, count: boo
     return {"groups": groups, "total": total}
 
 
-def _sampler_seed(seed: int, user_idx: int, stream: int) -> int:
-    # one independent stream per (seed, user, split): users never share a random stream
-    return (seed * 1_000_003 + user_idx * 7_919 + stream) % (2 ** 63)
-
-
 def setup_user(cfg: RunConfig, topo: dist.Topology) -> UserRun:
     user = topo.user_idx
     method = get_method(cfg.method, cfg)
@@ -193,10 +207,7 @@ def setup_user(cfg: RunConfig, topo: dist.Topology) -> UserRun:
     share = plan_sharing(cfg.model.share_base, cfg.comm.timeout_s, topo)
     model = build_user_model(cfg, user, data.vocab_size, method.routed, spec, share).to(topo.device)
     method.prepare_model(model, user)
-    base_dtype = cfg.model.dtype
-    if base_dtype == "auto":
-        base_dtype = "bf16" if resolve_amp(topo.device, cfg.train.amp) == "bf16" and topo.device.type == "cuda" else "fp32"
-    if base_dtype == "bf16":
+    if resolve_base_dtype(cfg.model.dtype, topo.device, cfg.train.amp) == torch.bfloat16:
         model.cast_frozen_(torch.bfloat16)
 
     # process groups, created once on every rank in a fixed order
@@ -224,8 +235,9 @@ def setup_user(cfg: RunConfig, topo: dist.Topology) -> UserRun:
     router_tokens = data.valid if method.router_split == "valid" else data.train
     return UserRun(cfg=cfg, topo=topo, method=method, model=model, data=data, shared=shared,
                    expert_opt=expert_opt, expert_sched=expert_sched, router_opt=router_opt,
-                   train_sampler=BatchSampler(data.train, t.seq_len, _sampler_seed(cfg.seed, user, 1)),
-                   router_sampler=BatchSampler(router_tokens, t.seq_len, _sampler_seed(cfg.seed, user, 2)))
+                   train_sampler=BatchSampler(data.train, t.seq_len, derive_seed(cfg.seed, user, "train_batches")),
+                   router_sampler=BatchSampler(router_tokens, t.seq_len,
+                                               derive_seed(cfg.seed, user, "router_batches")))
 
 
 def optimizer_step(run: UserRun, sampler: BatchSampler, opt: torch.optim.Optimizer, autocast,
@@ -355,7 +367,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
         for local_idx in range(t.local_steps):
             faults.during_round(r, round_idx, local_idx)
             # expert steps on training batches, router frozen (eq. 2)
-            model.set_trainable(method.trains_in_expert_phase)
+            model.set_trainable(method.requires_grad_in("expert"))
             step_start = time.perf_counter()
             loss, ce, lb = optimizer_step(r, r.train_sampler, r.expert_opt, autocast, True, comm)
             r.expert_sched.step()
@@ -376,7 +388,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
 
             # router steps every tau local iterations, on the router's split, experts frozen (eq. 3)
             if r.router_opt is not None and r.step % t.router_every == 0 and t.router_steps > 0:
-                model.set_trainable(method.trains_in_router_phase)
+                model.set_trainable(method.requires_grad_in("router"))
                 router_losses = []
                 for _ in range(t.router_steps):
                     router_losses.append(optimizer_step(r, r.router_sampler, r.router_opt, autocast, False)[0])

@@ -90,7 +90,11 @@ def summarize(runs: list[dict]) -> tuple[list[str], list[dict]]:
         groups.setdefault(key, []).append(run)
     identities = [members[0]["identity"] for members in groups.values()]
     all_keys = sorted({k for ident in identities for k in ident})
-    varying = [k for k in all_keys if len({json.dumps(ident.get(k), default=str) for ident in identities}) > 1]
+    # a method's own options exist only for that method (the method column tells that apart): they
+    # vary only when groups that have them disagree
+    varying = [k for k in all_keys
+               if len({json.dumps(ident.get(k), default=str) for ident in identities
+                       if k in ident or not k.startswith("method_options.")}) > 1]
     columns = ["method"] + [k for k in varying if k != "method"]
     rows = []
     for members in groups.values():

@@ -214,16 +214,12 @@ def wait_for(jobs: list, records: list[dict], poll_s: float = 1.0, force_every_s
     return outcomes
 
 
-def submit(job_argv: list[str], sweep: list[str], *, root: Path = Path("runs/sweeps"), name: str | None = None,
-           cluster: str = "auto", nodes: int = 1, users_per_node_: int | None = None, gpus_per_node: int = 0,
-           cpus_per_task: int = 0, timeout_min: int = 240, partition: str | None = None,
-           slurm_args: dict | None = None, resume: str | None = None, wait: bool = False, echo=None) -> dict:
-    """Validate every combination, submit one job each, write the manifest; optionally wait."""
+def launch_jobs(jobs: list[dict], folder: Path, *, cluster: str = "auto", nodes: int = 1, gpus_per_node: int = 0,
+                cpus_per_task: int = 0, timeout_min: int = 240, partition: str | None = None,
+                slurm_args: dict | None = None, manifest_extra: dict | None = None, echo=None) -> tuple[dict, list]:
+    """Submit planned jobs (``plan_jobs``; every job the same users per node) with one executor
+    whose logs go to ``folder/logs``, and write ``folder/jobs.json``. Returns (manifest, submitit jobs)."""
     echo = echo or (lambda line: print(line, flush=True))
-    base = parse_args(job_argv)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    folder = (Path(root) / f"{stamp}_{name or (Path(base.config).stem if base.config else 'default')}").resolve()
-    jobs, note = plan_jobs(job_argv, sweep, folder, nodes, users_per_node_, gpus_per_node, cpus_per_task, resume)
     per_node = jobs[0]["users_per_node"]
     folder.mkdir(parents=True, exist_ok=False)
     executor = make_executor(folder, cluster, nodes=nodes, tasks_per_node=per_node, gpus_per_node=gpus_per_node,
@@ -236,13 +232,31 @@ def submit(job_argv: list[str], sweep: list[str], *, root: Path = Path("runs/swe
         rec["job_id"] = str(job.job_id)
         rec["log"] = str(job.paths.stdout)
         submitted.append(job)
-    manifest = {"created": stamp, "cluster": executor.cluster, "nodes": nodes, "users_per_node": per_node,
-                "n_tasks": nodes * per_node, "job_argv": list(job_argv), "sweep": list(sweep), "jobs": jobs}
+    manifest = {"created": folder.name, "cluster": executor.cluster, "nodes": nodes, "users_per_node": per_node,
+                "n_tasks": nodes * per_node, **(manifest_extra or {}), "jobs": jobs}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
     echo(f"submitted {len(jobs)} job(s) to {executor.cluster}: {nodes} node(s) x {per_node} users each")
     for line in tables.format_table(None, [(f"job {rec['job_id']}", rec["label"], f"-> {rec['out_dir']}/results.json")
                                            for rec in jobs], "<<<", indent="  ").splitlines():
         echo(line)
+    return manifest, submitted
+
+
+def submit(job_argv: list[str], sweep: list[str], *, root: Path = Path("runs/sweeps"), name: str | None = None,
+           cluster: str = "auto", nodes: int = 1, users_per_node_: int | None = None, gpus_per_node: int = 0,
+           cpus_per_task: int = 0, timeout_min: int = 240, partition: str | None = None,
+           slurm_args: dict | None = None, resume: str | None = None, wait: bool = False, echo=None) -> dict:
+    """Validate every combination, submit one job each, write the manifest; optionally wait."""
+    echo = echo or (lambda line: print(line, flush=True))
+    base = parse_args(job_argv)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder = (Path(root) / f"{stamp}_{name or (Path(base.config).stem if base.config else 'default')}").resolve()
+    jobs, note = plan_jobs(job_argv, sweep, folder, nodes, users_per_node_, gpus_per_node, cpus_per_task, resume)
+    manifest, submitted = launch_jobs(jobs, folder, cluster=cluster, nodes=nodes, gpus_per_node=gpus_per_node,
+                                      cpus_per_task=cpus_per_task, timeout_min=timeout_min, partition=partition,
+                                      slurm_args=slurm_args, echo=echo,
+                                      manifest_extra={"created": stamp, "job_argv": list(job_argv),
+                                                      "sweep": list(sweep)})
     echo(f"{note}")
     echo(f"logs:    {folder / 'logs'}/<job id>_<task>_log.out (.err)")
     echo(f"collect: python -m launch.collect {folder}")

@@ -345,6 +345,28 @@ def test_curves_average_seeds_per_user_and_method(tmp_path):
     assert out.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_sweep_plots_the_final_perplexity_against_tau_one_line_per_s(tmp_path):
+    """Figure 7: mean test perplexity against train.router_every, one line per train.router_steps,
+    mean and sample std over seeds by hand; panel names for the data-quantity curves."""
+    values = {(10, 5): [30.0, 32.0], (30, 5): [28.0, 28.0], (10, 10): [29.0, 31.0], (30, 10): [27.0, 29.0]}
+    for (tau, steps), ppls in values.items():
+        for seed, ppl in zip((42, 45), ppls):
+            run = _fake_results(tmp_path / f"t{tau}s{steps}", "comigs_1g1s", "slim", seed, ppl)
+            res = json.loads((run / "results.json").read_text())
+            res["config"]["train"] = {"router_every": tau, "router_steps": steps}
+            (run / "results.json").write_text(json.dumps(res))
+    out = tmp_path / "tau_s.png"
+    assert analyze(["sweep", "--runs", str(tmp_path), "--out", str(out)]) == 0
+    rows = [(r["config.train.router_steps"], float(r["config.train.router_every"]), float(r["mean_test_ppl_mean"]),
+             r["mean_test_ppl_std"], r["n_seeds"]) for r in csv.DictReader(open(out.with_suffix(".csv")))]
+    assert rows == [("10", 10.0, 30.0, repr(math.sqrt(2)), "2"), ("10", 30.0, 28.0, repr(math.sqrt(2)), "2"),
+                    ("5", 10.0, 31.0, repr(math.sqrt(2)), "2"), ("5", 30.0, 28.0, "0.0", "2")]
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    curves = tmp_path / "curves.png"
+    assert analyze(["curves", "--runs", str(tmp_path / "t10s5"), "--out", str(curves),
+                    "--user-names", "de (low),nl (low)"]) == 0 and curves.is_file()
+
+
 # --------------------------------------------------------------------------------------------
 # overhead
 # --------------------------------------------------------------------------------------------

@@ -330,7 +330,8 @@ def test_hetlora_flexlora_and_pcl_aggregations_match_the_pure_math(tmp_path):
 def _centralized_worker(rank, world_size, tmp_path):
     from comigs_dist.data import BatchSampler, load_user_data
     from comigs_dist.model import build_user_model
-    from comigs_dist.train import _sampler_seed, build_optimizer, cosine_schedule, resolve_dataset
+    from comigs_dist.seeds import derive_seed
+    from comigs_dist.train import build_optimizer, cosine_schedule, resolve_dataset
     cfg = tiny_config(method="centralized", **{"train.batch_size": 4, "train.micro_batch_size": 2})
     check_world_size(cfg, world_size)
     topo = init_topology()
@@ -350,8 +351,8 @@ def _centralized_worker(rank, world_size, tmp_path):
     opt = build_optimizer(params, t.lr, t, torch.device("cpu"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(t.rounds * t.local_steps, t.min_lr_ratio))
     data_dir = resolve_dataset(cfg, world_size)
-    samplers = [BatchSampler(load_user_data(data_dir, u, t.seq_len).train, t.seq_len, _sampler_seed(cfg.seed, u, 1))
-                for u in range(world_size)]
+    samplers = [BatchSampler(load_user_data(data_dir, u, t.seq_len).train, t.seq_len,
+                             derive_seed(cfg.seed, u, "train_batches")) for u in range(world_size)]
     for _ in range(n_steps):
         xs, ys = [], []
         for s in samplers:  # each user draws its two micro-batches of 2, in order

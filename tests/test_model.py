@@ -89,7 +89,8 @@ def test_topk_routing_against_hand_values():
 
 
 def test_load_balancing_losses_against_hand_values():
-    """L = n * sum_j c_j f_j P_j with f the slot shares and P the mean full-softmax probabilities."""
+    """Uniform: n * sum_j f_j P_j with f the slot shares; generalist-favoured: eq. 5 with f the
+    fraction of tokens choosing j; P the mean full-softmax probabilities."""
     probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]])
     indices = torch.tensor([[0, 1], [1, 2]])
     r = Routing(weights=torch.full((2, 2), 0.5), indices=indices, probs=probs, n_experts=3)
@@ -97,14 +98,34 @@ def test_load_balancing_losses_against_hand_values():
     p = [0.3, 0.45, 0.25]
     uniform = 3 * sum(fj * pj for fj, pj in zip(f, p))
     assert compute_load_balancing_loss(r, "uniform").item() == pytest.approx(uniform)
-    # eq. 5 factors for n = 3: 1/5 and 2/5, scaled by n so they average to 1
-    c = [3 / 5, 6 / 5, 6 / 5]
-    assert importance_weights(3, "generalist").tolist() == pytest.approx(c)
-    favoured = 3 * sum(cj * fj * pj for cj, fj, pj in zip(c, f, p))
+    # eq. 5 factors for n = 3: 1/5 and 2/5; tokens choosing each expert: 1/2, 2/2, 1/2
+    assert importance_weights(3, "generalist").tolist() == pytest.approx([1 / 5, 2 / 5, 2 / 5])
+    favoured = 1 / 5 * 1 / 2 * 0.3 + 2 / 5 * 1 * 0.45 + 2 / 5 * 1 / 2 * 0.25  # = 0.26
     assert compute_load_balancing_loss(r, "generalist").item() == pytest.approx(favoured)
     assert compute_load_balancing_loss(r, "none").item() == 0.0
-    # n = 2: the generalist-favoured loss is the uniform one (paper, appendix C.4)
-    assert importance_weights(2, "generalist").tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("n,rows,expected", [
+    # n = 2, top-2: both experts chosen by both tokens (f = 1, 1), P = (0.45, 0.55);
+    # w = (1/2, 1/2): L = 0.5 * 0.45 + 0.5 * 0.55 = 0.5 (constant in the router, as with Switch)
+    (2, [[0.7, 0.3], [0.2, 0.8]], 0.5),
+    # n = 4, w = (1/10, 3/10, 3/10, 3/10); top-2 of token 1 = {0, 1}, of token 2 = {0, 3}:
+    # f = (1, 1/2, 0, 1/2), P = (0.45, 0.2, 0.175, 0.175)
+    # L = 0.1 * 1 * 0.45 + 0.3 * (0.5 * 0.2 + 0 * 0.175 + 0.5 * 0.175) = 0.045 + 0.05625 = 0.10125
+    (4, [[0.4, 0.3, 0.2, 0.1], [0.5, 0.1, 0.15, 0.25]], 0.10125),
+    # n = 8, w = (1/50, 7/50 x 7); top-2 of token 1 = {0, 1}, of token 2 = {7, 6}:
+    # f = (1/2, 1/2, 0, 0, 0, 0, 1/2, 1/2), P = (0.175, 0.125, 0.1, 0.1, 0.1, 0.1, 0.125, 0.175)
+    # L = 0.02 * 0.5 * 0.175 + 0.14 * 0.5 * (0.125 + 0.125 + 0.175) = 0.00175 + 0.02975 = 0.0315
+    (8, [[0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05], [0.05, 0.05, 0.1, 0.1, 0.1, 0.1, 0.2, 0.3]], 0.0315),
+])
+def test_generalist_favoured_load_balancing_is_eq5_as_written(n, rows, expected):
+    """Paper eq. 5 and 6 by hand for n = 2, 4, 8 and top-2 routing, through the router's own top-k
+    (logits log p give softmax p): no factor n^2 / k (the old scaling gave 1.0, 0.81, 1.008)."""
+    logits = torch.tensor(rows, dtype=torch.float64).log()
+    r = compute_topk_routing(logits, 2)
+    assert compute_load_balancing_loss(r, "generalist").item() == pytest.approx(expected, rel=1e-6)
+    denom = (n - 1) ** 2 + 1
+    assert importance_weights(n, "generalist").tolist() == pytest.approx([1 / denom] + [(n - 1) / denom] * (n - 1))
 
 
 def test_load_balancing_gradient_reaches_router_only_through_probabilities():

@@ -129,8 +129,8 @@ def test_multilingual_in_distribution_and_data_quantity(tmp_path):
     kw = dict(source=[ML_DIR], train_tokens=4000, valid_tokens=1000, test_tokens=1000, seed=5, join="eot")
     std = prepare_dataset("multilingual", tmp_path / "std", **kw)
     low = prepare_dataset("multilingual", tmp_path / "low", low_data=["de", "nl"], data_ratio=4, **kw)
-    assert std["scenario"] == "in" and std["categories"] == ["de", "fr", "it", "nl"]
-    assert [u["splits"]["train"]["tokens"] for u in low["users"]] == [1000, 4000, 4000, 1000]
+    assert std["scenario"] == "in" and std["categories"] == ["de", "nl", "fr", "it"]
+    assert [u["splits"]["train"]["tokens"] for u in low["users"]] == [1000, 1000, 4000, 4000]
     for u_std, u_low in zip(std["users"], low["users"]):
         for split in ("valid", "test"):
             assert u_std["splits"][split]["sha256"] == u_low["splits"][split]["sha256"]
@@ -146,6 +146,15 @@ def test_multilingual_in_distribution_and_data_quantity(tmp_path):
             assert body and all(l in lines[cat] for l in body), (cat, split)
             assert not seen & set(body), "a sentence in two splits"
             seen |= set(body)
+
+
+def test_budget_scale_keeps_table3_proportions(tmp_path):
+    """--budget-scale 0.001: Table 3's budgets of each language (German and Dutch the smaller columns)
+    times 0.001, rounded, in the users' order de, nl, fr, it."""
+    meta = prepare_dataset("multilingual", tmp_path / "ml", source=[ML_DIR], budget_scale=0.001, seq_len=32)
+    tokens = {split: [u["splits"][split]["tokens"] for u in meta["users"]] for split in ("train", "valid", "test")}
+    assert tokens == {"train": [407, 452, 558, 557], "valid": [216, 166, 301, 220], "test": [220, 173, 230, 211]}
+    assert meta["budgets"]["budget_scale"] == 0.001
 
 
 def test_slimpajama_local_names_and_budget_error(tmp_path):
@@ -194,15 +203,16 @@ def test_generic_text_source_document_modes_and_scenarios(tmp_path):
 
 def test_bad_input_is_refused_with_the_file_and_the_fix(tmp_path):
     """Missing files, unknown categories, unusable budgets, an existing --out: clear errors, nothing written."""
-    with pytest.raises(DataError, match=r"source files .*ml/fr\.txt \(category 'fr'\); .*ml/it\.txt \(category 'it'\); .*ml/nl\.txt "
-                                        r"\(category 'nl'\) do not exist; put each category's text there"):
+    with pytest.raises(DataError, match=r"source files .*ml/nl\.txt \(category 'nl'\); .*ml/fr\.txt "
+                                        r"\(category 'fr'\); .*ml/it\.txt \(category 'it'\) do not exist; "
+                                        r"put each category's text there"):
         partial = tmp_path / "ml"
         partial.mkdir()
         (partial / "de.txt").write_text("Ein Satz.\n" * 10)
         prepare_dataset("multilingual", tmp_path / "x", source=[partial])
     with pytest.raises(DataError, match=r"source file .*nope.csv does not exist"):
         prepare_dataset("agnews", tmp_path / "x", source=[tmp_path / "nope.csv"])
-    with pytest.raises(DataError, match=r"--categories: 'es' not in dataset multilingual; choose from: de, fr, it, nl"):
+    with pytest.raises(DataError, match=r"--categories: 'es' not in dataset multilingual; choose from: de, nl, fr, it"):
         prepare_dataset("multilingual", tmp_path / "x", source=[ML_DIR], categories=["de", "es"])
     with pytest.raises(DataError, match=r"--dataset 'wiki' is not known"):
         prepare_dataset("wiki", tmp_path / "x")
@@ -450,7 +460,8 @@ def test_hub_sources_through_the_datasets_library(tmp_path):
                          test_tokens=300)
     assert "google/wiki40b nl" in ml["source"]["datasets"]
     enc = load_tokenizer("gpt2")
-    nl_text = enc.decode(np.fromfile(tmp_path / "ml" / "user_03" / "train.bin", dtype=np.uint16))
+    nl_user = ml["categories"].index("nl")  # user 1: de, nl, fr, it
+    nl_text = enc.decode(np.fromfile(tmp_path / "ml" / f"user_{nl_user:02d}" / "train.bin", dtype=np.uint16))
     assert "_START_" not in nl_text and "_NEWLINE_" not in nl_text and "Titel" in nl_text
     sp = prepare_dataset("slimpajama", tmp_path / "sp", loader=load, train_tokens=3000, valid_tokens=600,
                          test_tokens=600)

@@ -97,6 +97,11 @@ def test_pretrain_refuses_text_of_a_prepared_dataset(tmp_path, capsys):
     check_no_overlap(one_in_four, [d])
     with pytest.raises(PretrainError, match="1 documents"):
         check_no_overlap([(Path("x"), text + "\nanother line, also long enough to count here")], [d])
+    # --drop-excluded: the shared document is left out, the others kept, and the count recorded
+    from comigs_dist.pretrain import drop_overlap
+    kept, report = drop_overlap(read_corpus([leaking]) + corpus, [d])
+    assert len(kept) == len(corpus) + 1 and all(t != text for _, t in kept)
+    assert report[str(d)]["dropped"] == 1 and report[str(d)]["documents_checked"] == len(corpus) + 2
     rc = pretrain_main(["--source", str(leaking), "--config", "tiny", "--out", str(out), "--exclude",
                         str(tmp_path), "--quiet"])
     assert rc == 2 and "is not a prepared dataset (no meta.json)" in capsys.readouterr().err

@@ -138,3 +138,120 @@ def _mismatch_worker(rank, world_size, tmp_path):
 def test_generalists_of_different_shapes_are_refused_before_any_collective(tmp_path):
     """Generalists whose shapes differ between users: an error naming the user and the parameter."""
     run_on_ranks(_mismatch_worker, 2, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# the reference's gradient leakage between the two levels (method_options.reference_quirks)
+# --------------------------------------------------------------------------------------------
+
+def _phase_gradient(r, sampler, predicate):
+    """The gradient of CE + lambda * LB on the sampler's next batch for the parameters ``predicate``
+    selects, at the current parameters; the sampler is left where it was."""
+    state = sampler.state_dict()
+    x, y = sampler.sample(r.cfg.train.batch_size)
+    sampler.load_state_dict(state)
+    names = [n for n, tag in r.model.report.tags.items() if predicate(tag)]
+    params = [r.model.report.params[n] for n in names]
+    r.model.set_trainable(predicate)
+    out = r.model(x, y)
+    grads = torch.autograd.grad(out.ce + r.cfg.moe.lb_weight * out.lb, params)
+    return dict(zip(names, grads))
+
+
+def _leak_worker(rank, world_size, tmp_path, quirks):
+    from comigs_dist import resume
+    from comigs_dist.train import setup_user
+    cfg = tiny_config(**{"method_options.reference_quirks": quirks})
+    topo = init_topology()
+    r = setup_user(cfg, topo)
+    assert r.method.leaks_gradients == quirks
+    off = lambda: torch.autocast("cpu", enabled=False)
+    m, params = r.method, r.model.report.params
+    router = lambda: _snapshot(r.model, Role.ROUTER)
+    experts = lambda: {n: p for n, p in _snapshot(r.model).items() if r.model.report.tags[n].role != Role.ROUTER}
+    grad_of = lambda names: {n: params[n].grad for n in names}
+    out = {}
+
+    # an expert step: the router's weights never move, but under the leak it keeps the training gradient
+    train_grad = _phase_gradient(r, r.train_sampler, m.trains_in_router_phase)
+    before = router()
+    r.model.set_trainable(m.requires_grad_in("expert"))
+    optimizer_step(r, r.train_sampler, r.expert_opt, off)
+    assert all(torch.equal(v, router()[k]) for k, v in before.items()), "router moved in an expert step"
+    out["experts_after_step_1"] = experts()
+    for n, g in grad_of(before).items():
+        if quirks:
+            torch.testing.assert_close(g, train_grad[n], rtol=1e-5, atol=1e-7)
+        else:
+            assert g is None, n
+    # a checkpoint carries the pending gradients into the next round (and only them)
+    pending = resume.user_state(r, 0)["pending_grads"]
+    assert set(pending) == (set(before) if quirks else set())
+
+    # a router step: it applies its validation gradient (plus the pending training one under the leak);
+    # the experts keep the validation gradient under the leak
+    valid_grad = _phase_gradient(r, r.router_sampler, m.trains_in_expert_phase)
+    r.model.set_trainable(m.requires_grad_in("router"))
+    optimizer_step(r, r.router_sampler, r.router_opt, off, False)
+    out["router_after_router_step"] = router()
+    assert all(params[n].grad is None for n in before), "router gradients left after a router step"
+    for n, g in grad_of(out["experts_after_step_1"]).items():
+        if quirks:
+            torch.testing.assert_close(g, valid_grad[n], rtol=1e-5, atol=1e-7)
+        else:
+            assert g is None, n
+
+    # the next expert step adds that validation gradient to its own
+    r.model.set_trainable(m.requires_grad_in("expert"))
+    optimizer_step(r, r.train_sampler, r.expert_opt, off)
+    out["experts_after_step_2"] = experts()
+    torch.save(out, tmp_path / f"leak_{quirks}.pt")
+
+
+def test_reference_quirks_leak_gradients_between_router_and_expert_steps(tmp_path):
+    """Off (the paper): after an expert step the router holds no gradient, so the following router
+    step sees only its validation gradient, and vice versa. On (the reference, baselines.md 1.6):
+    the router keeps the expert step's training gradient (equal to one computed by hand) and its
+    next step differs; the experts keep the router steps' validation gradient and their next step
+    differs; the first expert step is the same either way."""
+    for quirks in (False, True):
+        run_on_ranks(_leak_worker, 1, tmp_path, quirks)
+    off, on = torch.load(tmp_path / "leak_False.pt"), torch.load(tmp_path / "leak_True.pt")
+    for n, v in off["experts_after_step_1"].items():
+        assert torch.equal(v, on["experts_after_step_1"][n]), n
+    routers = off["router_after_router_step"].items()
+    assert all(not torch.equal(v, on["router_after_router_step"][n]) for n, v in routers)
+    assert any(not torch.equal(v, on["experts_after_step_2"][n]) for n, v in off["experts_after_step_2"].items())
+
+
+def test_auto_keeps_the_frozen_base_in_fp32_under_bf16_autocast(monkeypatch):
+    """model.dtype=auto stores the base in fp32 on CPU and on a CUDA device whose autocast is bf16
+    (the reference's fp32 weights under bf16 autocast); only model.dtype=bf16 stores it in bf16,
+    and only where bf16 autocast runs."""
+    from comigs_dist.train import resolve_base_dtype
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert resolve_base_dtype("auto", cuda, "auto") == torch.float32   # was bf16
+    assert resolve_base_dtype("auto", cuda, "bf16") == torch.float32
+    assert resolve_base_dtype("auto", cpu, "bf16") == torch.float32
+    assert resolve_base_dtype("fp32", cuda, "auto") == torch.float32
+    assert resolve_base_dtype("bf16", cuda, "auto") == torch.bfloat16
+    assert resolve_base_dtype("bf16", cpu, "bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match=r"model.dtype=bf16 needs bf16 autocast, but train.amp=auto runs without it "
+                                         r"on cpu; set train.amp=bf16"):
+        resolve_base_dtype("bf16", cpu, "auto")
+
+
+def _dtype_worker(rank, world_size, tmp_path, dtype):
+    from comigs_dist.train import setup_user
+    r = setup_user(tiny_config(**{"model.dtype": dtype, "train.amp": "bf16"}), init_topology())
+    trainable = {id(p) for p in r.model.report.params.values()}
+    frozen = {p.dtype for p in r.model.lm.parameters() if id(p) not in trainable}
+    assert frozen == ({torch.float32} if dtype == "auto" else {torch.bfloat16}), (dtype, frozen)
+    assert {p.dtype for p in r.model.report.params.values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bf16"])
+def test_setup_user_stores_the_base_as_resolved(tmp_path, dtype):
+    """Under bf16 autocast the built model's frozen weights are fp32 with auto, bf16 with bf16; adapters fp32."""
+    run_on_ranks(_dtype_worker, 1, tmp_path, dtype)

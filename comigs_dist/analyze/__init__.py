@@ -4,6 +4,7 @@ Commands (each one module):
   routing   colour each token of a text by its top-1 expert, per user and layer (paper Fig. 2, 14-19)
   table     methods x datasets, mean (std) over seeds of the mean test perplexity (Tables 1, 2, 4, 5)
   curves    test perplexity against iterations, per user and method (Figures 4-6, 9, 11-13)
+  sweep     the final mean test perplexity against an option, one line per another (Figure 7: tau, s)
   overhead  forward FLOPs, router memory and bytes per round of a configuration (appendix B.1)
 
 Reads only what a run writes (results.json, config.yaml, checkpoints); never talks to a process
@@ -29,7 +30,7 @@ def _add_runs(parser) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m comigs_dist.analyze",
                                 description="Tables, plots and routing pictures from finished comigs_dist runs.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{routing,table,curves,overhead}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{routing,table,curves,sweep,overhead}")
 
     r = sub.add_parser("routing", help="colour a text's tokens by each user's top-1 expert (HTML + PNG)",
                        description="Colour every token of a text by the expert its router ranks first, for each "
@@ -72,7 +73,18 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--label", default="method", help="results.json key naming a line (e.g. config.moe.n_experts)")
     c.add_argument("--from-base", action="store_true", help="start every line at iteration 0 with the base perplexity")
     c.add_argument("--log-y", action="store_true", help="logarithmic perplexity axis")
+    c.add_argument("--user-names", default=None, help="panel titles by user, comma-separated (e.g. 'de (low),nl (low),"
+                                                       "fr (high),it (high)' for Figures 4-6)")
     c.add_argument("--out", default="curves.png", help="PNG path; the plotted points go to the same name .csv")
+
+    w = sub.add_parser("sweep", help="final metric against an option, one line per another option (PNG)",
+                       description="The final --metric (mean and std over seeds) against the numeric option --x, one "
+                                   "line per value of --label (paper Figure 7: tau and s).")
+    _add_runs(w)
+    w.add_argument("--x", default="config.train.router_every", help="results.json key of the x axis")
+    w.add_argument("--label", default="config.train.router_steps", help="results.json key naming a line")
+    w.add_argument("--metric", default="mean_test_ppl", help="results.json key plotted")
+    w.add_argument("--out", default="sweep.png", help="PNG path; the plotted points go to the same name .csv")
 
     o = sub.add_parser("overhead", help="forward FLOPs, router memory and bytes per round (appendix B.1)",
                        description="For a configuration: forward FLOPs added by adapters and routers relative to "
@@ -98,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "curves":
             from comigs_dist.analyze.runs import run_curves
             run_curves(args)
+        elif args.command == "sweep":
+            from comigs_dist.analyze.runs import run_sweep
+            run_sweep(args)
         else:
             from comigs_dist.analyze.overhead import run_overhead
             run_overhead(args)

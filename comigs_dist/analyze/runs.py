@@ -276,7 +276,9 @@ def build_curves(runs: list[Run], label: str = "method", from_base: bool = False
     return curves
 
 
-def plot_curves(curves: list[Curve], out: Path, label_key: str, log_y: bool = False) -> None:
+def plot_curves(curves: list[Curve], out: Path, label_key: str, log_y: bool = False,
+                user_names: dict[int, str] | None = None) -> None:
+    """One panel per (dataset, user), titled with ``user_names`` where given (e.g. 'de (low)')."""
     plt = pyplot()
     datasets = list(dict.fromkeys(c.dataset for c in curves))
     users = sorted({c.user for c in curves})
@@ -294,7 +296,7 @@ def plot_curves(curves: list[Curve], out: Path, label_key: str, log_y: bool = Fa
     for i, dataset in enumerate(datasets):
         for j, user in enumerate(users):
             ax = axes[i][j]
-            ax.set_title(f"{dataset}: user {user}", fontsize=9)
+            ax.set_title(f"{dataset}: {(user_names or {}).get(user, f'user {user}')}", fontsize=9)
             ax.grid(alpha=0.3)
             if log_y:
                 ax.set_yscale("log")
@@ -325,7 +327,69 @@ def run_curves(args) -> None:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise AnalysisError(f"--out {out}: the curves are written as PNG; give a path ending in .png")
-    plot_curves(curves, out, args.label, args.log_y)
+    names = dict(enumerate(n.strip() for n in args.user_names.split(","))) if args.user_names else None
+    plot_curves(curves, out, args.label, args.log_y, names)
     csv_path = out.with_suffix(".csv")
     write_curves_csv(curves, csv_path, args.label)
     print(f"wrote {out} ({len(curves)} curves) and {csv_path}")
+
+
+# --------------------------------------------------------------------------------------------
+# sweep: the final metric against one option, one line per another (Figure 7: tau and s)
+# --------------------------------------------------------------------------------------------
+
+def build_sweep(runs: list[Run], x: str, label: str, metric: str = "mean_test_ppl") -> dict[str, list[tuple]]:
+    """label value -> [(x value, mean, std, n_seeds)] sorted by x, mean and sample std over seeds."""
+    groups: dict[tuple[str, float], list[float]] = {}
+    for run in runs:
+        x_value = get_key(run.results, x, run.path)
+        if not isinstance(x_value, (int, float)):
+            raise AnalysisError(f"{run.path}: {x} is {x_value!r}; the sweep's x axis must be a number")
+        value = get_key(run.results, metric, run.path)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise AnalysisError(f"{run.path}: {metric} is {value!r}, not a finite number")
+        groups.setdefault((format_value(get_key(run.results, label, run.path)), float(x_value)), []).append(value)
+    out: dict[str, list[tuple]] = {}
+    for (name, x_value), values in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        out.setdefault(name, []).append((x_value, *mean_std(values), len(values)))
+    return out
+
+
+def plot_sweep(runs: list[Run], out: Path, x: str, label: str, metric: str = "mean_test_ppl",
+               x_name: str | None = None, label_name: str | None = None) -> dict[str, list[tuple]]:
+    """The final ``metric`` against ``x``, one line per ``label`` value (mean +- std over seeds); the
+    points also go to OUT.csv."""
+    plt = pyplot()
+    lines = build_sweep(runs, x, label, metric)
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for i, (name, points) in enumerate(lines.items()):
+        xs, means, stds = [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
+        colour = plt.get_cmap("tab10")(i % 10)
+        ax.plot(xs, means, marker="o", color=colour, label=name)
+        if any(not math.isnan(sd) for sd in stds):
+            ax.fill_between(xs, [m - (0 if math.isnan(sd) else sd) for m, sd in zip(means, stds)],
+                            [m + (0 if math.isnan(sd) else sd) for m, sd in zip(means, stds)], color=colour,
+                            alpha=0.2, linewidth=0)
+    ax.set_xlabel(x_name or x)
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.grid(alpha=0.3)
+    ax.legend(title=label_name or label, fontsize=8, title_fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([label, x, f"{metric}_mean", f"{metric}_std", "n_seeds"])
+        for name, points in lines.items():
+            for x_value, m, sd, n in points:
+                w.writerow([name, x_value, repr(m), "" if math.isnan(sd) else repr(sd), n])
+    return lines
+
+
+def run_sweep(args) -> None:
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise AnalysisError(f"--out {out}: the sweep is written as PNG; give a path ending in .png")
+    lines = plot_sweep(load_runs(args.runs), out, args.x, args.label, args.metric)
+    print(f"wrote {out} ({len(lines)} lines) and {out.with_suffix('.csv')}")

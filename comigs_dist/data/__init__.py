@@ -14,10 +14,10 @@ Modules:
 ``python -m comigs_dist.data prepare --dataset agnews --out data/agnews`` is the command line.
 The package knows nothing of models, methods or process groups.
 """
-from comigs_dist.data.shards import (FORMAT, SPLITS, BatchSampler, DataError, UserData, check_dataset,
-                                     data_fingerprint, eval_windows, iter_eval_batches, load_user_data, read_meta, sha256_file, token_dtype,
-                                     write_dataset)
+from comigs_dist.data.shards import (FORMAT, SPLITS, BatchSampler, DataError, UserData, check_categories,
+                                     check_dataset, data_fingerprint, eval_windows, iter_eval_batches, load_user_data,
+                                     read_meta, sha256_file, token_dtype, write_dataset)
 
-__all__ = ["FORMAT", "SPLITS", "BatchSampler", "DataError", "UserData", "check_dataset", "data_fingerprint",
-           "eval_windows", "iter_eval_batches",
-           "load_user_data", "read_meta", "sha256_file", "token_dtype", "write_dataset"]
+__all__ = ["FORMAT", "SPLITS", "BatchSampler", "DataError", "UserData", "check_categories", "check_dataset",
+           "data_fingerprint", "eval_windows", "iter_eval_batches", "load_user_data", "read_meta", "sha256_file",
+           "token_dtype", "write_dataset"]

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     for split in ("train", "valid", "test"):
         p.add_argument(f"--{split}-tokens", default=None,
                        help=f"{split} tokens per user: one value or one per user (default: Table 3 of the paper)")
+    p.add_argument("--budget-scale", type=float, default=1.0,
+                   help="multiply every budget (Table 3's or the given ones) by this, e.g. 0.1 for a CPU-sized copy "
+                        "with Table 3's proportions")
     p.add_argument("--low-data", default=None,
                    help="comma-separated categories whose users get the training budget / --data-ratio "
                         "(section 4.3.2, appendix D)")
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                         test_tokens=args.test_tokens, low_data=_split_list(args.low_data), data_ratio=args.data_ratio,
                         fit=args.fit, tokenizer=args.tokenizer, join=args.join, docs=args.docs,
                         lines_per_doc=args.lines_per_doc, seed=args.seed, seq_len=args.seq_len, force=args.force,
-                        progress=not args.quiet)
+                        progress=not args.quiet, budget_scale=args.budget_scale)
         print(describe(args.out))
         return 0
     except DataError as exc:

@@ -199,9 +199,11 @@ def prepare_dataset(dataset: str, out: str | Path, *, source: list[str | Path] |
                     train_tokens=None, valid_tokens=None, test_tokens=None, low_data: list[str] | None = None,
                     data_ratio: float = 4.0, fit: str | None = None, tokenizer: str = "gpt2", join: str = "space",
                     docs: str = "auto", lines_per_doc: int | None = None, seed: int = 0, seq_len: int = 128,
-                    force: bool = False, loader: Callable | None = None, progress: bool = False) -> dict:
+                    force: bool = False, loader: Callable | None = None, progress: bool = False,
+                    budget_scale: float = 1.0) -> dict:
     """Prepare ``dataset`` into ``out``; returns the meta.json written. Every argument problem is
-    reported before any text is read."""
+    reported before any text is read. ``budget_scale`` multiplies every budget (Table 3's defaults
+    or the given ones) before anything else, e.g. 0.1 for a CPU-sized copy with Table 3's proportions."""
     spec = get_spec(dataset)
     out = Path(out)
     sources = [Path(s) for s in source] if source else None
@@ -241,6 +243,10 @@ def prepare_dataset(dataset: str, out: str | Path, *, source: list[str | Path] |
                                 f"and --test-tokens (one value, or one per user)")
             values = [spec.table3[split][c] for c in categories]
         requested[split] = values
+    if not 0 < budget_scale <= 1e6:
+        raise DataError(f"--budget-scale ({budget_scale}) must be > 0 (e.g. 0.1 for a tenth of every budget)")
+    if budget_scale != 1.0:
+        requested = {split: [max(1, round(b * budget_scale)) for b in values] for split, values in requested.items()}
     low_data = [c.strip() for c in (low_data or []) if c.strip()]
     bad = [c for c in low_data if c not in categories]
     if bad:
@@ -326,7 +332,7 @@ def prepare_dataset(dataset: str, out: str | Path, *, source: list[str | Path] |
         "dataset": spec.name, "scenario": scenario, "categories": categories,
         "tokenizer": tok.describe(), "join": join, "seed": seed, "min_seq_len": seq_len,
         "source": source_meta,
-        "budgets": {"fit": fit, "scale": scale, "requested": requested, "used": used,
+        "budgets": {"fit": fit, "scale": scale, "budget_scale": budget_scale, "requested": requested, "used": used,
                     "available": available, "low_data": low_data, "data_ratio": data_ratio if low_data else None},
         "manifest": {"documents": MANIFEST, "passages": PASSAGES},
     }

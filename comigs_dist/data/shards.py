@@ -215,6 +215,26 @@ def fingerprint_differences(saved: dict, current: dict) -> list[str]:
     return diffs or [f"digest {saved.get('digest', '')[:12]} then, {current.get('digest', '')[:12]} now"]
 
 
+def check_categories(expected: list[str], meta: dict, where: str) -> None:
+    """Refuse a dataset whose users hold other categories, or the same in another order, than a
+    configuration's ``data.categories`` expects (its per-user lists would land on other users). A
+    run of n users reads the dataset's first n users, so those must match."""
+    if not expected:
+        return
+    users = meta.get("users") or []
+    held = [u.get("category") for u in users] if users and all("category" in u for u in users) \
+        else list(meta.get("categories") or [])
+    if not held:
+        raise DataError(f"data.categories ({', '.join(expected)}) is set but {where} records no categories per "
+                        f"user (the embedded corpus has none); remove data.categories or point data.path at a "
+                        f"prepared dataset")
+    if list(expected) != held[:len(expected)]:
+        raise DataError(f"data.categories ({', '.join(expected)}) does not match {where}, whose users hold "
+                        f"{', '.join(map(str, held))} in that order: the config's per-user lists (moe.n_experts, "
+                        f"...) would land on other users; prepare the dataset again (`python -m comigs_dist.data "
+                        f"prepare ... --categories {','.join(expected)}`) or fix data.categories")
+
+
 @dataclass
 class UserData:
     """One user's three splits as memory-mapped token streams."""

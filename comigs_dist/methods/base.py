@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
+from comigs_dist.config import opt
 from comigs_dist.groups import DEFAULT_GROUP, SharingPlan, build_plan
 from comigs_dist.model.roles import ParamTag, Role
 
@@ -96,6 +97,18 @@ class NoOptions:
     """A method without options of its own."""
 
 
+LEAK = ("the expert steps' backward passes also write router gradients, which pile up until the next router "
+        "phase (its first step applies them with its validation gradient), and the router steps' backward "
+        "passes write expert gradients, which the next expert step adds to its training gradient")
+LEAK_HELP = f"Reproduce the reference code's gradient leakage between the two levels (baselines.md 1.6): {LEAK}."
+
+
+@dataclass
+class AlternatingOptions:
+    """Options of a method whose router alternates with the experts (Algorithm 1)."""
+    reference_quirks: bool = opt(False, LEAK_HELP)
+
+
 class Method:
     """Defaults: CoMiGS-1G1S (routed experts, router alternating on validation data, generalists
     averaged over every user each round). Override the class attributes or hooks that differ."""
@@ -156,6 +169,22 @@ class Method:
 
     def trains_in_router_phase(self, tag: ParamTag) -> bool:
         return self.router_training == "alternating" and is_router(tag)
+
+    @property
+    def leaks_gradients(self) -> bool:
+        """The reference's leak between router and expert steps (baselines.md 1.6, a [DIFF]-bug),
+        reproduced under ``method_options.reference_quirks`` by the methods whose router alternates."""
+        return self.router_training == "alternating" and bool(getattr(self.options, "reference_quirks", False))
+
+    def requires_grad_in(self, phase: str) -> Callable[[ParamTag], bool]:
+        """Which parameters receive gradients in a phase ('expert' or 'router'): the ones the phase
+        trains (the paper: the other level is frozen and keeps no gradient), or, when the method
+        reproduces the reference's leak, both levels' trainable parameters. The phase's optimiser
+        steps and clears only its own, so the other level's gradients accumulate."""
+        own = self.trains_in_expert_phase if phase == "expert" else self.trains_in_router_phase
+        if not self.leaks_gradients:
+            return own
+        return lambda tag: self.trains_in_expert_phase(tag) or self.trains_in_router_phase(tag)
 
     # -- groups ----------------------------------------------------------------------------------
     def sharing_groups(self, n_users: int) -> dict[str, list[int]]:

@@ -14,17 +14,24 @@ iterations for ``train.router_steps`` steps on validation batches, with the expe
 - ``comigs_2s``: both experts are specialists. The paper states that the attention LoRA "is always
   aggregated during synchronization" (section 4.1.2), so it is averaged every round here; the
   reference runs 2S as one round with nothing shared (``method_options.reference_quirks=true``).
+
+The two levels never see each other's gradients, as eqs. 2 and 3 require. The reference code
+leaks them (baselines.md 1.6): ``method_options.reference_quirks=true`` reproduces that for every
+variant here (router gradients of the expert steps pile up until the next router phase; the router
+steps' expert gradients join the next expert step).
 """
 from dataclasses import dataclass, replace
 
 from comigs_dist.config import opt
-from comigs_dist.methods.base import Method, register_method, share_experts, share_generalists
+from comigs_dist.methods.base import (LEAK, AlternatingOptions, Method, register_method, share_experts,
+                                      share_generalists)
 
 
 @register_method("comigs_1g1s")
 class CoMiGS1G1S(Method):
     description = "CoMiGS-1G1S: 1 generalist + 1 specialist per layer, router alternating on validation data"
     paper_row = "Tables 1, 4 (group iv), 5: CoMiGS-1G1S"
+    Options = AlternatingOptions
 
 
 @register_method("comigs_1gxs")
@@ -62,7 +69,8 @@ class CoMiGS2G(CoMiGS1G1S):
 @dataclass
 class CoMiGS2SOptions:
     reference_quirks: bool = opt(False, "Run 2S as the reference does: nothing shared after the common "
-                                 "initialisation, attention LoRA included (the paper aggregates attention).")
+                                 "initialisation, attention LoRA included (the paper aggregates attention); and "
+                                 f"its gradient leakage between the two levels (baselines.md 1.6): {LEAK}.")
 
 
 @register_method("comigs_2s")

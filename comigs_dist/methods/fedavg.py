@@ -6,11 +6,12 @@ round with uniform weights 1/N (McMahan et al. 2017; uniform, as in the paper).
 - ``fedavg_moe``: a per-token router, trained jointly with the experts on the training loss and
   kept local (Table 4, group ii).
 - ``fedavg_moe_tr``: the router alternates with the experts as in Algorithm 1, on fresh training
-  batches (Table 4, group iii).
+  batches (Table 4, group iii); ``method_options.reference_quirks=true`` reproduces the reference's
+  gradient leakage between router and expert steps (baselines.md 1.6).
 """
 from dataclasses import replace
 
-from comigs_dist.methods.base import Method, register_method, share_experts
+from comigs_dist.methods.base import AlternatingOptions, Method, register_method, share_experts
 
 
 @register_method("fedavg")
@@ -39,5 +40,6 @@ class FedAvgMoE(FedAvg):
 class FedAvgMoETr(FedAvgMoE):
     description = "FedAvg-MoE-tr: all LoRA averaged every round; local router alternating on fresh training batches"
     paper_row = "Table 4 group iii: FedAvg-MoE-tr"
+    Options = AlternatingOptions
     router_training = "alternating"
     router_split = "train"

@@ -34,6 +34,7 @@ from comigs_dist.methods.base import register_method
 from comigs_dist.methods.lowrank import (HeteroRankMethod, RankOptions, compute_norm_weights,
                                          compute_pruned_rank, compute_tail_norm, compute_tail_start, compute_update_norm,
                                          expert_lora_pairs, matched_rank, n_users_of, pad_rank)
+from comigs_dist.seeds import EVERY_USER, derive_seed
 
 
 @dataclass
@@ -46,8 +47,8 @@ class HetLoRAOptions(RankOptions):
 
 def global_init(cfg, pairs, rank: int) -> dict:
     """The global LoRA every user starts from: A Kaiming-uniform (U(-1/sqrt(in), 1/sqrt(in)), as a
-    fresh LoRA) from a generator seeded by the run's seed alone, so every user draws the same; B = 0."""
-    gen = torch.Generator().manual_seed(cfg.seed * 7_919 + 17)
+    fresh LoRA) from the run's common ``global_init`` stream, so every user draws the same; B = 0."""
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, EVERY_USER, "global_init"))
     out = {}
     for pair in pairs:  # a fixed order, the same on every user
         fan_in = pair.A.shape[1]

@@ -6,11 +6,13 @@ initialisation (the reference starts every user from the server's initial adapte
 - ``local_moe``: the same two experts with a per-token router trained jointly with them on the
   training loss (Table 4, group ii).
 - ``local_moe_tr``: the router alternates with the experts as in Algorithm 1, but its steps use
-  fresh training batches instead of validation batches (Table 4, group iii).
+  fresh training batches instead of validation batches (Table 4, group iii);
+  ``method_options.reference_quirks=true`` reproduces the reference's gradient leakage between
+  router and expert steps (baselines.md 1.6).
 """
 from dataclasses import replace
 
-from comigs_dist.methods.base import Method, register_method, share_all, share_experts
+from comigs_dist.methods.base import AlternatingOptions, Method, register_method, share_all, share_experts
 
 
 @register_method("local")
@@ -54,5 +56,6 @@ class LocalMoE(Method):
 class LocalMoETr(LocalMoE):
     description = "Local-MoE-tr: router alternating with the experts on fresh training batches, no communication"
     paper_row = "Table 4 group iii: Local-MoE-tr"
+    Options = AlternatingOptions
     router_training = "alternating"
     router_split = "train"

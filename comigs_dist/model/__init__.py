@@ -311,11 +311,14 @@ def build_adapters(layout: BaseLayout, spec: AdapterSpec, seed: int) -> UserAdap
 def build_user_model(cfg, user_idx: int, vocab_size: int, routed: bool, spec: AdapterSpec | None = None,
                      share: "SharePlan | None" = None, base: AdaptedBase | None = None) -> UserModel:
     """This user's adapters (``spec``, default: what cfg says) over ``base`` (default: a base built
-    here); adapter inits draw from seed + user. ``share``: map the frozen base from the host's
-    shared copy (see ``shared_base.plan_sharing``) when the base is built here."""
+    here); adapter and router inits draw from the user's ``adapters`` stream (``seeds.derive_seed``).
+    ``share``: map the frozen base from the host's shared copy (see ``shared_base.plan_sharing``)
+    when the base is built here."""
+    from comigs_dist.seeds import derive_seed
     base = base if base is not None else build_adapted_base(cfg, vocab_size, share)
     spec = spec or adapter_spec_for(cfg, user_idx, routed)
-    return UserModel(base, build_adapters(base.layout, spec, cfg.seed + user_idx), cfg.train.loss_chunk)
+    adapters = build_adapters(base.layout, spec, derive_seed(cfg.seed, user_idx, "adapters"))
+    return UserModel(base, adapters, cfg.train.loss_chunk)
 
 
 def wrap_user_model(model: nn.Module, spec: AdapterSpec, family: str = "auto", seed: int | None = None,

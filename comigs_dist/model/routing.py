@@ -71,20 +71,20 @@ def compute_topk_routing(logits: torch.Tensor, top_k: int) -> Routing:
 
 
 def importance_weights(n_experts: int, kind: str, device=None) -> torch.Tensor:
-    """Per-expert factors of the load-balancing loss, normalised to mean 1.
+    """Per-expert factors of the load-balancing loss.
 
     'uniform': all ones (Switch Transformer, Fedus et al. 2022).
-    'generalist': paper eq. 5, 1/((n-1)^2+1) for expert 0 and (n-1)/((n-1)^2+1) for the others,
-    which asks for a routing share of 0.5 on the generalist. We scale eq. 5 by n so that the
-    factors average to 1; then n = 2 gives exactly the uniform loss, as the paper notes.
+    'generalist': paper eq. 5 as written, 1/((n-1)^2+1) for expert 0 and (n-1)/((n-1)^2+1) for
+    each of the n-1 others (no rescaling): the ratio 1 : n-1 asks for a routing share of 0.5 on
+    the generalist.
     """
     n = n_experts
     if kind == "uniform" or n == 1:
         return torch.ones(n, device=device)
     if kind == "generalist":
         denom = (n - 1) ** 2 + 1
-        w = torch.full((n,), n * (n - 1) / denom, device=device)
-        w[0] = n / denom
+        w = torch.full((n,), (n - 1) / denom, device=device)
+        w[0] = 1 / denom
         return w
     raise ValueError(f"moe.load_balancing ({kind!r}) must be 'none', 'uniform' or 'generalist'")
 
@@ -99,15 +99,24 @@ def compute_expert_shares(routing: Routing) -> torch.Tensor:
 
 
 def compute_load_balancing_loss(routing: Routing, kind: str) -> torch.Tensor:
-    """L_LB = n * sum_j c_j f_j P_j, f_j the slot share (no gradient), P_j the mean full-softmax
-    probability (gradient to the router); minimal (= 1 for 'uniform') when routing is balanced."""
+    """The load-balancing loss of one MoE layer; P_j is the mean full-softmax probability of expert
+    j (gradient to the router), f_j counts routing decisions (no gradient).
+
+    'uniform' (Switch): n * sum_j f_j P_j with f_j the share of the N*K routing slots (sums to 1);
+    1 when routing is balanced.
+    'generalist' (paper eq. 5 and 6, exactly): sum_j w_j f_j P_j with w from ``importance_weights``
+    and f_j = (1/T) sum_x 1{j in the top-k of x}, the fraction of tokens that selected j (sums to k).
+    """
     if kind == "none" or routing.probs is None or routing.n_experts == 1:
         return routing.weights.new_zeros(())
     n = routing.n_experts
-    f = compute_expert_shares(routing).detach()                  # (E,)
+    f = compute_expert_shares(routing).detach()                  # (E,) slot shares
     p = routing.probs.mean(dim=0)                                # (E,)
-    c = importance_weights(n, kind, device=p.device)
-    return n * (c * f * p).sum()
+    if kind == "uniform":
+        return n * (f * p).sum()
+    w = importance_weights(n, kind, device=p.device)
+    tokens_selecting = f * routing.indices.shape[1]              # slot share * k
+    return (w * tokens_selecting * p).sum()
 
 
 @torch.no_grad()

@@ -1,0 +1,171 @@
+"""launch.reproduce: every table's cells, the paper's numbers as the texts print them, the scales,
+the printed comparison, and one table end to end on the debug scale with the local executor."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from comigs_dist.config import load_config
+from launch import reproduce
+from helpers import subprocess_env
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS_DIR = ROOT.parent / "shared" / "seeds"
+TEXTS = {"002": next(SEEDS_DIR.glob("002_*.txt"), None), "000": next(SEEDS_DIR.glob("000_*.txt"), None)}
+NUMBERS = reproduce.paper_numbers()
+
+
+@pytest.mark.parametrize("key", ["1", "2", "4", "5", "6"])
+def test_every_table_cell_has_a_run_and_the_papers_number(key):
+    """The cells launch.reproduce runs are exactly the cells of paper_numbers.yaml, and each cell's
+    configuration (YAML + the row's overrides) is valid for 4 users."""
+    spec = reproduce.build_spec(key)
+    cells = {(c.row, c.col) for c in spec.cells}
+    assert cells == set(NUMBERS[key]["cells"]), cells ^ set(NUMBERS[key]["cells"])
+    assert spec.cols == NUMBERS[key]["columns"] and len(cells) == len(spec.rows) * len(spec.cols)
+    for c in spec.cells:
+        cfg = load_config(ROOT / c.config, list(c.overrides) + ["data.path=embedded", "data.categories=[]"])
+        assert cfg.n_users == 4, c
+
+
+def _numbers_of(line: str) -> list[float]:
+    return [float(x) for x in re.findall(r"\d+\.\d+", line)]
+
+
+@pytest.mark.skipif(None in TEXTS.values(), reason="the paper's texts are not in ../shared/seeds")
+@pytest.mark.parametrize("key", ["1", "2", "4", "5", "6"])
+def test_paper_numbers_are_the_ones_the_texts_print(key):
+    """Each row of paper_numbers.yaml (mean, std, mean, std, ... in the table's column order) is a run
+    of numbers on one line of the paper's text (002; Table 6 from 000)."""
+    text = TEXTS["000" if key == "6" else "002"].read_text().splitlines()
+    lines = [_numbers_of(l) for l in text]
+    table = NUMBERS[key]
+    for row in dict.fromkeys(r for r, _ in table["cells"]):
+        expected = []
+        for col in table["columns"]:
+            mean, std = table["cells"][(row, col)]
+            expected += [mean] + ([] if std is None else [std])
+        found = any(expected == nums[i:i + len(expected)] for nums in lines for i in range(len(nums)))
+        assert found, f"table {key}, {row}: {expected} is on no line of {TEXTS['000' if key == '6' else '002'].name}"
+
+
+def test_figures_and_sweep_cells():
+    """Figures 4-6 / 11-13: one line per expert setting, one column per user (low-data users first);
+    Figure 7: the tau x s grid; none has paper numbers (figures only)."""
+    fig4 = reproduce.build_spec("fig4")
+    assert fig4.rows == ["(2,2,2,2)", "(2,2,4,4)", "(2,2,8,8)"]
+    assert fig4.cols == ["de (low)", "nl (low)", "fr (high)", "it (high)"]
+    assert {c.user for c in fig4.cells} == {0, 1, 2, 3} and fig4.plot == "curves"
+    assert reproduce.build_spec("fig13").cells[0].config == "configs/data_quantity/slimpajama.yaml"
+    tau_s = reproduce.build_spec("tau_s")
+    assert len(tau_s.cells) == 9 and ("tau=30", "s=10") in {(c.row, c.col) for c in tau_s.cells}
+    assert not {"fig4", "tau_s"} & set(NUMBERS)
+
+
+def test_a_figures_users_share_one_run(tmp_path):
+    """The four user columns of a figure's line are one configuration: one run per line and seed,
+    never four runs writing into one directory."""
+    runs = reproduce.plan_runs(reproduce.build_spec("fig6"), [42, 45], "debug", tmp_path)
+    assert len(runs) == 4 * 2 and len({r.out_dir for r in runs}) == 8
+    assert all(len(r.cells) == 4 and {c.user for c in r.cells} == {0, 1, 2, 3} for r in runs)
+
+
+def test_scales_rewrite_every_run():
+    """cpu: the small base on data/cpu/<dataset>, batch 8, 5 local steps with tau and s halved (the
+    row's own tau/s too); debug: a tiny model, 2 users, per-user lists cut to their first two."""
+    spec = reproduce.build_spec("2")
+    cell = next(c for c in spec.cells if c.row == "AG News (4,2,2,2)" and c.col == "HetLoRA Full")
+    cpu = reproduce.scale_overrides(cell, "cpu")
+    assert {"model.name=models/small-gpt2", "data.path=data/cpu/agnews", "train.batch_size=8",
+            "train.local_steps=5", "train.router_every=15", "train.router_steps=5"} <= set(cpu)
+    debug = reproduce.scale_overrides(cell, "debug")
+    assert {"model.name=tiny", "n_users=2", "moe.n_experts=[4,2]", "data.path=embedded"} <= set(debug)
+    cfg = load_config(ROOT / cell.config, list(cell.overrides) + debug)
+    assert cfg.n_users == 2 and cfg.method_options["match"] == "full"
+    tau = next(c for c in reproduce.build_spec("tau_s").cells if c.row == "tau=50" and c.col == "s=20")
+    assert {"train.router_every=25", "train.router_steps=10"} <= set(reproduce.scale_overrides(tau, "cpu"))
+    fig = reproduce.build_spec("fig12").cells[0]
+    assert "data.path=data/cpu/slimpajama-lowdata" in reproduce.scale_overrides(fig, "cpu")
+    llama = reproduce.build_spec("6").cells[0]
+    assert "model.name=llama-tiny" in reproduce.scale_overrides(llama, "debug")
+    with pytest.raises(Exception, match="Llama 3.2 1B, which has no CPU scale"):
+        reproduce.scale_overrides(llama, "cpu")
+
+
+def test_dry_run_lists_every_run_and_creates_nothing(tmp_path, capsys):
+    """--dry-run: one line per (cell, seed) with its fixed directory and command; nothing is written."""
+    rc = reproduce.main(["--table", "5", "--dataset", "agnews", "--scale", "debug", "--seeds", "42,45,47",
+                         "--root", str(tmp_path / "r"), "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "table 5, scale debug: 18 run(s): 0 done, 0 running, 18 to run" in out
+    assert out.count("[to run]") == 18 and "moe.load_balancing=uniform" in out
+    assert "/debug/agnews/table5_hetero/moe.load_balancing-none/seed-47" in out
+    assert not (tmp_path / "r").exists()
+
+
+def _fake_results(out_dir: Path, ppl: float, users=(1.0, 2.0)) -> None:
+    out_dir.mkdir(parents=True)
+    (out_dir / "results.json").write_text(json.dumps({"mean_test_ppl": ppl, "users": [{"test_ppl": u} for u in users]}))
+
+
+def test_finished_runs_are_read_not_rerun_and_the_table_shows_paper_ours_diff(tmp_path, capsys):
+    """With every run's results.json in place nothing is submitted; each cell holds the paper's
+    number, ours (mean (sample std) over seeds, by hand) and ours - paper; CSV and Markdown agree."""
+    root = tmp_path / "r"
+    args = ["--table", "1", "--dataset", "agnews", "--rows", "Local,CoMiGS-1G1S", "--scale", "debug",
+            "--seeds", "42,45", "--root", str(root), "--executor", "local"]
+    runs = reproduce.plan_runs(reproduce.select(reproduce.build_spec("1"), ["agnews"], ["Local", "CoMiGS-1G1S"]),
+                               [42, 45], "debug", root)
+    values = {("Local", 42): 40.0, ("Local", 45): 42.0, ("CoMiGS-1G1S", 42): 33.0, ("CoMiGS-1G1S", 45): 34.0}
+    for r in runs:
+        _fake_results(r.out_dir, values[(r.cells[0].row, r.seed)])
+    rc = reproduce.main(args)
+    out = capsys.readouterr().out
+    assert rc == 0 and "4 run(s): 4 done, 0 running, 0 to run" in out and "submitted" not in out
+    assert not (root / "debug" / "launches").exists()
+    lines = {l.split()[0]: l for l in out.splitlines() if l.startswith(("Local ", "CoMiGS-1G1S "))}
+    # Local: paper 41.46 (0.06); ours mean 41, sample std sqrt(2) = 1.41; diff -0.46
+    assert re.search(r"41\.46 \(0\.06\)\s+41\.00 \(1\.41\)\s+-0\.46$", lines["Local"])
+    # CoMiGS-1G1S: paper 33.53 (0.03); ours 33.50 (0.71); diff -0.03
+    assert re.search(r"33\.53 \(0\.03\)\s+33\.50 \(0\.71\)\s+-0\.03$", lines["CoMiGS-1G1S"])
+    assert "paper  ours  diff" in re.sub(r" +", "  ", out)
+    table = root / "debug" / "table1_agnews"
+    rows = (table.with_suffix(".csv")).read_text().splitlines()
+    assert rows[0].startswith("table,row,col,paper_mean,paper_std,ours_mean,ours_std,n_seeds")
+    assert rows[1].startswith("1,Local,agnews,41.46,0.06,41.0,1.414") and ",2,42 45," in rows[1]
+    md = table.with_suffix(".md").read_text()
+    assert "| method | AG News paper | AG News ours | AG News diff |" in md
+    assert "| Local | 41.46 (0.06) | 41.00 (1.41) | -0.46 |" in md
+
+
+@pytest.mark.slow
+def test_reproduce_end_to_end_on_the_debug_scale(tmp_path):
+    """Two rows, two seeds, the local executor: four real runs, the printed table holds both rows
+    with the paper's column and the difference; a second call finds them done and runs nothing."""
+    root = tmp_path / "r"
+    cmd = [sys.executable, "-m", "launch.reproduce", "--table", "1", "--dataset", "agnews", "--rows", "Local,FedAvg",
+           "--seeds", "42,45", "--scale", "debug", "--executor", "local", "--max-parallel", "2", "--root", str(root)]
+    first = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    out = first.stdout
+    assert "4 run(s): 0 done, 0 running, 4 to run" in out and out.count(": COMPLETED") == 4
+    header = next(l for l in out.splitlines() if l.startswith("method "))
+    assert header.split() == ["method", "paper", "ours", "diff"]
+    for row, paper in (("Local", "41.46 (0.06)"), ("FedAvg", "31.84 (0.02)")):
+        line = next(l for l in out.splitlines() if l.startswith(row + " "))
+        cells = re.split(r"\s{2,}", line.strip())
+        assert cells[1] == paper and re.fullmatch(r"\d+\.\d\d \(\d+\.\d\d\)", cells[2]) and \
+            re.fullmatch(r"[+-]\d+\.\d\d", cells[3]), line
+        ours = float(cells[2].split()[0])
+        assert float(cells[3]) == pytest.approx(ours - float(paper.split()[0]), abs=0.011)
+    results = sorted(root.rglob("results.json"))
+    assert len(results) == 4
+    stamps = [p.stat().st_mtime_ns for p in results]
+    again = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "4 run(s): 4 done, 0 running, 0 to run" in again.stdout and "submitted" not in again.stdout
+    assert [p.stat().st_mtime_ns for p in sorted(root.rglob("results.json"))] == stamps
+    assert (root / "debug" / "table1_agnews.csv").is_file() and (root / "debug" / "table1_agnews.md").is_file()
