@@ -48,6 +48,7 @@ def user_state(run, round_idx: int) -> dict:
         "rng": checkpoint.capture_rng(),
         "counters": {k: getattr(run, k) for k in _COUNTERS},
         "history": list(run.history),
+        "train_curve": list(run.train_curve),
         "base": dataclasses.asdict(run.base) if run.base is not None else None,
         "comm": dataclasses.asdict(run.topo.stats),
         # what a resume must find unchanged: the tokens (meta.json's shard checksums) and, beside
@@ -79,6 +80,7 @@ def apply_state(run, state: dict) -> None:
         if key in state["counters"]:
             setattr(run, key, state["counters"][key])
     run.history = list(state["history"])
+    run.train_curve = list(state.get("train_curve", []))  # absent from checkpoints of older versions
     if state["base"] is not None:
         run.base = EvalResult(**state["base"])
     run.topo.stats = dist.CommStats(**state["comm"])

