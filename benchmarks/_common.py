@@ -11,7 +11,6 @@ median over rounds of their ratio within the round (both saw about the same mach
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import re
 import statistics
@@ -176,13 +175,6 @@ def current_rss_bytes() -> int | None:
 # --------------------------------------------------------------------------------------------
 # models
 # --------------------------------------------------------------------------------------------
-
-def share_frozen(base: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``base`` whose frozen weights are the very same tensors (not copies), so that
-    several variants of one model can be benchmarked side by side for the memory of one."""
-    memo = {id(t): t for t in list(base.parameters()) + list(base.buffers())}
-    return copy.deepcopy(base, memo)
-
 
 def randomise_adapters(model: torch.nn.Module, seed: int = 0, b_std: float = 0.02) -> None:
     """Give every LoRA B a small random value and the routers spread-out weights, so that the

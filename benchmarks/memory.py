@@ -37,7 +37,7 @@ VARIANTS = (  # (label, n_experts, naive)
 
 def child(n_experts: int, naive: bool, steps: int, quick: bool, device_name: str) -> dict:
     """One user in this (fresh) process: build, train a few steps, report memory."""
-    from comigs_dist.model import AdapterSpec, UserModel, build_base_model, inject_adapters
+    from comigs_dist.model import AdapterSpec, build_base_model, wrap_user_model
     from comigs_dist.model.roles import Role
 
     torch.set_num_threads(1)
@@ -47,7 +47,7 @@ def child(n_experts: int, naive: bool, steps: int, quick: bool, device_name: str
     spec = AdapterSpec(n_experts=n_experts, n_generalists=1, rank=8, alpha=16.0, attn_rank=8, top_k=2,
                        routed=True, load_balancing="generalist")
     torch.manual_seed(0)
-    model = UserModel(lm, inject_adapters(lm, spec), spec).to(device)
+    model = wrap_user_model(lm, spec).to(device)
     C.randomise_adapters(model)
     for m in model.moe:
         m.shared_frozen = not naive

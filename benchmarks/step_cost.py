@@ -25,7 +25,7 @@ import _common as C  # noqa: I001  (puts the checkout on sys.path)
 
 import torch
 
-from comigs_dist.model import AdapterSpec, UserModel, build_base_model, inject_adapters
+from comigs_dist.model import AdaptedBase, AdapterSpec, UserModel, build_adapters, build_base_model
 from comigs_dist.model.roles import Role
 from comigs_dist.tables import format_table
 
@@ -39,16 +39,14 @@ VARIANTS = (  # (label, n_experts, top_k, naive)
 
 
 def build_models(quick: bool, seq_len: int, device: torch.device) -> dict[int, UserModel]:
-    """One user model per expert count, all on the same frozen weights."""
+    """One user model per expert count, all served by the same adapted base."""
     name, vocab = ("tiny", 256) if quick else ("gpt2-random", 50257)
-    base = build_base_model(name, vocab, seq_len)
+    base = AdaptedBase(build_base_model(name, vocab, seq_len))
     models = {}
     for n in sorted({v[1] for v in VARIANTS}):
-        lm = C.share_frozen(base)
         spec = AdapterSpec(n_experts=n, n_generalists=1, rank=8, alpha=16.0, attn_rank=8, top_k=min(2, n),
                            routed=True, load_balancing="generalist")
-        torch.manual_seed(n)
-        model = UserModel(lm, inject_adapters(lm, spec), spec)
+        model = UserModel(base, build_adapters(base.layout, spec, seed=n))
         C.randomise_adapters(model, seed=n)
         model.set_trainable(lambda t: t.role != Role.ROUTER)  # the expert phase: router frozen
         models[n] = model.to(device)

@@ -60,7 +60,7 @@ def build(kind: str, n_layers: int | None, meta: bool):
     """A CoMiGS-1G1S user model (2 experts, rank 8, routed) over the base of the given kind."""
     from transformers import GPT2LMHeadModel, LlamaForCausalLM
     from comigs_dist.config import load_config
-    from comigs_dist.model import UserModel, adapter_spec_for, inject_adapters
+    from comigs_dist.model import adapter_spec_for, wrap_user_model
     from comigs_dist.pretrain import _quiet_gpt2_config
     where = torch.device("meta") if meta else torch.device("cpu")
     torch.manual_seed(0)
@@ -71,8 +71,7 @@ def build(kind: str, n_layers: int | None, meta: bool):
             base = LlamaForCausalLM(llama_32_1b_config(n_layers or 16))
     base.eval()
     spec = adapter_spec_for(load_config(None, ["model.name=tiny"]), 0, routed=True)
-    report = inject_adapters(base, spec)
-    return UserModel(base, report, spec)
+    return wrap_user_model(base, spec)
 
 
 def parameter_counts(kind: str) -> tuple[int, int]:

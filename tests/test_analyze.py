@@ -140,14 +140,15 @@ def _router_top1_by_hand(cfg, run_dir, user, vocab, ids, seq_len):
     """The top-1 expert of every token, computed from the router weights and the MLP inputs."""
     from comigs_dist import checkpoint
     from comigs_dist.methods import get_method
-    from comigs_dist.model import build_user_model
+    from comigs_dist.model import build_user_model, mlp_modules
     model = build_user_model(cfg, user, vocab, get_method(cfg.method).routed)
     state = torch.load(checkpoint.user_dir(run_dir, user) / "final.pt", weights_only=True)["params"]
     with torch.no_grad():
         for name, p in model.report.params.items():
             p.copy_(state[name])
     inputs = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, args, l=l: inputs.__setitem__(l, args[0])) for l, m in enumerate(model.moe)]
+    hooks = [m.register_forward_pre_hook(lambda mod, args, l=l: inputs.__setitem__(l, args[0]))
+             for l, m in enumerate(mlp_modules(model.lm))]
     top1 = {l: [] for l in range(len(model.moe))}
     with torch.no_grad():
         for start in range(0, len(ids), seq_len):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from comigs_dist.evaluate import evaluate_split
-from comigs_dist.model import AdapterSpec, UserModel, build_base_model, inject_adapters
+from comigs_dist.model import AdapterSpec, UserModel, build_base_model, wrap_user_model
 from comigs_dist.model.head import IGNORE_INDEX, lm_cross_entropy, output_head, token_sums
 
 SPEC = AdapterSpec(n_experts=2, n_generalists=1, rank=4, alpha=16.0, attn_rank=4, top_k=2, routed=True,
@@ -102,7 +102,7 @@ def test_token_sums_count_the_same_loss_hits_and_tokens_as_the_whole_logits(chun
 def _user_model(name: str, vocab: int, chunk: int) -> UserModel:
     lm = build_base_model(name, vocab, 32)
     torch.manual_seed(3)
-    model = UserModel(lm, inject_adapters(lm, SPEC), SPEC, loss_chunk=chunk)
+    model = wrap_user_model(lm, SPEC, loss_chunk=chunk)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():  # experts that differ, so that every trainable parameter gets a gradient
         for pname, p in model.named_parameters():
@@ -156,7 +156,7 @@ def test_forward_is_the_models_own_logits_cross_entropy(name, vocab):
     chunks) equals F.cross_entropy over the Hugging Face model's own logits, GPT-2 and Llama."""
     model = _user_model(name, vocab, 7)
     x, y = torch.randint(0, vocab, (2, 32)), torch.randint(0, vocab, (2, 32))
-    want = F.cross_entropy(model.lm(input_ids=x).logits.reshape(-1, vocab), y.reshape(-1))
+    want = F.cross_entropy(model.logits(x).reshape(-1, vocab), y.reshape(-1))
     torch.testing.assert_close(model(x, y).ce, want, rtol=1e-6, atol=1e-6)
 
 

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from comigs_dist.config import check_world_size
-from comigs_dist.model import AdapterSpec, Role, build_base_model, inject_adapters
-from comigs_dist.model.inject import mlp_modules
-from comigs_dist.model.lora import LoRALinear
+from comigs_dist.model import AdapterSpec, Role, build_base_model, mlp_modules, wrap_user_model
+from comigs_dist.model.lora import AdaptedLinear
 from comigs_dist.methods import SyncContext
 from comigs_dist.train import CommHandle, optimizer_step, setup_user
 from dist_harness import init_topology, run_on_ranks
@@ -28,28 +27,28 @@ def test_untrained_adapters_leave_llama_logits_unchanged():
     """B = 0 on q, k, v, o and on every expert's gate, up and down: logits equal the base's."""
     x = torch.randint(0, 96, (2, 12))
     ref = _llama()(input_ids=x).logits
-    model = _llama()
-    report = inject_adapters(model, AdapterSpec(3, 1, 4, 16.0, 4, 2, True, "generalist"))
+    model = wrap_user_model(_llama(), AdapterSpec(3, 1, 4, 16.0, 4, 2, True, "generalist"))
+    report = model.report
     assert {t.module for t in report.tags.values() if t.kind == "attn"} == {
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
     assert {t.module for t in report.tags.values() if t.kind == "expert"} == {
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
-    assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 4 * 2
-    torch.testing.assert_close(model(input_ids=x).logits, ref, rtol=0, atol=1e-5)
+    assert sum(isinstance(m, AdaptedLinear) for m in model.lm.modules()) == 4 * 2
+    torch.testing.assert_close(model.logits(x), ref, rtol=0, atol=1e-5)
 
 
 def test_llama_mixture_equals_explicit_sum_of_gated_expert_mlps():
     """y = sum_j w_j down_j(silu(gate_j u) * up_j u) with merged weights, frozen products shared."""
-    model = _llama()
-    inject_adapters(model, AdapterSpec(4, 1, 4, 16.0, 4, 2, True, "uniform"))
+    from test_model import _OneUserMLP
+    model = wrap_user_model(_llama(), AdapterSpec(4, 1, 4, 16.0, 4, 2, True, "uniform"))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for n, p in model.adapters.named_parameters():
             if n.endswith("lora_B"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
             if n.endswith("router.weight"):
                 p.copy_(torch.randn(p.shape, generator=g))
-    moe = mlp_modules(model)[0]
+    moe = _OneUserMLP(mlp_modules(model.lm)[0], model.moe[0])
     u = torch.randn(10, moe.d_model, generator=g)
     r = moe.router(u)
     outs = torch.stack([moe.expert_output_merged(j, u) for j in range(4)], 1)
@@ -64,17 +63,14 @@ def test_llama_mixture_equals_explicit_sum_of_gated_expert_mlps():
 def test_llama_gated_mixture_equals_naive_forward_and_gradients(n_experts, top_k):
     """Llama's two-input gated MLP (silu(gate u) * up u, under plain autograd): computing the frozen
     products once gives the k-full-MLP output, input gradient and every trainable gradient."""
-    from test_model import _assert_close_fp32, _fused_and_naive
-    model = _llama()
-    inject_adapters(model, AdapterSpec(n_experts, 1, 4, 16.0, 4, top_k, n_experts > 1, "uniform"))
+    from test_model import _OneUserMLP, _assert_close_fp32, _fused_and_naive
+    model = wrap_user_model(_llama(), AdapterSpec(n_experts, 1, 4, 16.0, 4, top_k, n_experts > 1, "uniform"))
     g = torch.Generator().manual_seed(3)
-    moe = mlp_modules(model)[0]
+    moe = _OneUserMLP(mlp_modules(model.lm)[0], model.moe[0])
     with torch.no_grad():
-        for n, p in moe.named_parameters():
+        for n, p in moe.mix.named_parameters():
             if n.endswith("lora_B") or n.endswith("router.weight"):
                 p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "router" in n else 0.1))
-    for n, p in moe.named_parameters():
-        p.requires_grad_("lora_" in n or "router" in n)
     u = torch.randn(3, 10, moe.d_model, generator=g, requires_grad=True)
     if moe.router is not None:  # every expert must get tokens, else some gradients are not compared
         assert moe.router(u.detach().reshape(-1, moe.d_model)).indices.unique().numel() == n_experts
@@ -107,7 +103,7 @@ def _llama_round_worker(rank, world_size, tmp_path):
     for name in after[0]:
         assert torch.equal(after[0][name], after[1][name]), name
         torch.testing.assert_close(after[0][name], (gathered[0][name] + gathered[1][name]) / 2)
-    assert any(".self_attn.q_proj." in n for n in after[0]) and any(".mlp.experts.0." in n for n in after[0])
+    assert any(".attn.q_proj." in n for n in after[0]) and any(".mlp.experts.0." in n for n in after[0])
     assert all(torch.equal(v, snap(Role.SPECIALIST)[k]) for k, v in specialists.items())
     others = [None] * world_size
     torch.distributed.all_gather_object(others, specialists)

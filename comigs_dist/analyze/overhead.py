@@ -137,41 +137,39 @@ def _attention_width(config) -> int:
     return heads * head_dim
 
 
-def count_flops(model: nn.Module, seq_len: int) -> FlopCount:
-    """Forward FLOPs per token of an injected model (see the module docstring)."""
-    from comigs_dist.model.lora import LoRALinear, in_out_features
-    from comigs_dist.model.moe import MoELoRAMLP
+def count_flops(model, seq_len: int) -> FlopCount:
+    """Forward FLOPs per token of one user's model (a ``UserModel``; see the module docstring)."""
+    from comigs_dist.model.lora import in_out_features
     c = FlopCount()
-    for m in model.modules():
+    for m in model.lm.modules():
         if _is_projection(m):
             n_in, n_out = in_out_features(m)
             c.base_matmul += 2 * n_in * n_out
-        elif isinstance(m, LoRALinear):
-            c.attn_lora += _lora_flops(m.lora)
-        elif isinstance(m, MoELoRAMLP):
-            per_expert = [sum(_lora_flops(l) for l in (*e.in_loras, e.out_lora)) for e in m.experts]
-            if m.router is None:
-                c.experts += sum(per_expert)           # no router: every expert, uniformly mixed
-            else:
-                # top-k: k experts per token; the experts of one layer share their shapes
-                c.experts += m.router.top_k * sum(per_expert) // len(per_expert)
-                c.router += 2 * m.router.weight.shape[1] * m.router.weight.shape[0]
-    head = model.get_output_embeddings()
+    for block in model.adapters.blocks:
+        c.attn_lora += sum(_lora_flops(lora) for lora in block.attn.values())
+        m = block.mlp
+        per_expert = [sum(_lora_flops(l) for l in (*e.in_loras, e.out_lora)) for e in m.experts]
+        if m.router is None:
+            c.experts += sum(per_expert)           # no router: every expert, uniformly mixed
+        else:
+            # top-k: k experts per token; the experts of one layer share their shapes
+            c.experts += m.router.top_k * sum(per_expert) // len(per_expert)
+            c.router += 2 * m.router.weight.shape[1] * m.router.weight.shape[0]
+    head = model.lm.get_output_embeddings()
     if head is not None:
         n_in, n_out = in_out_features(head)
         c.lm_head = 2 * n_in * n_out
-    n_layers = sum(1 for m in model.modules() if isinstance(m, MoELoRAMLP))
-    c.attention = n_layers * 4 * seq_len * _attention_width(model.config)
+    c.attention = len(model.adapters.blocks) * 4 * seq_len * _attention_width(model.lm.config)
     return c
 
 
 def report_for(base: nn.Module, spec, label: str, seq_len: int, family: str, is_shared=None,
                group_of=None) -> ModelReport:
-    from comigs_dist.model.inject import inject_adapters
+    from comigs_dist.model import wrap_user_model
     from comigs_dist.model.roles import Role
-    model = copy.deepcopy(base)
     with torch.device("meta"):
-        report = inject_adapters(model, spec, family)
+        model = wrap_user_model(copy.deepcopy(base), spec, family)
+    report = model.report
     shared = [n for n, t in report.tags.items() if is_shared is not None and is_shared(t)]
     numel = lambda names: sum(report.params[n].numel() for n in names)
     out = ModelReport(label=label, flops_per_token=count_flops(model, seq_len), seq_len=seq_len,

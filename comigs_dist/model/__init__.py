@@ -1,21 +1,24 @@
-"""One user's model: a frozen Hugging Face causal LM with injected adapters.
+"""Users' models: one frozen Hugging Face causal LM per rank, adapted once, and each user's adapters.
 
 ``build_base_model`` loads or builds the frozen base (a hub name or path, or a built-in config);
-``build_user_model`` injects the adapters and wraps everything in a ``UserModel`` whose
-``forward`` returns the cross-entropy (over chunks of tokens, ``head.py``) and the
-load-balancing loss.
+``build_adapted_base`` adapts it (``AdaptedBase``: it can serve any users' adapters);
+``build_user_model`` builds one user's adapters over such a base and wraps them in a ``UserModel``
+whose ``forward`` returns the cross-entropy (over chunks of tokens, ``head.py``) and the
+load-balancing loss; ``forward_users`` runs several users' batches through the base in one
+forward (packed users).
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import nn
 
 from comigs_dist.model.head import lm_cross_entropy, output_head, token_sums
-from comigs_dist.model.inject import AdapterSpec, InjectionReport, inject_adapters, mlp_modules
+from comigs_dist.model.inject import (AdapterSpec, BaseLayout, InjectionReport, UserAdapters, adapt_base,
+                                      mlp_modules)
 from comigs_dist.model.roles import ParamTag, Role
 
 if TYPE_CHECKING:
@@ -157,30 +160,82 @@ class StepLoss:
 DEFAULT_LOSS_CHUNK = 128
 
 
-class UserModel(nn.Module):
-    """A base LM with adapters; ``forward(x, y)`` -> StepLoss(ce, lb). ``loss_chunk``: tokens whose
-    logits exist at once in the loss (0 = a whole micro-batch's)."""
+class AdaptedBase(nn.Module):
+    """A frozen base LM whose attention projections and MLPs apply the adapters of the users a
+    forward serves (``serving``). One per rank, whatever the number of users it hosts."""
 
-    def __init__(self, lm: nn.Module, report: InjectionReport, spec: AdapterSpec,
-                 loss_chunk: int = DEFAULT_LOSS_CHUNK):
+    def __init__(self, lm: nn.Module, family: str = "auto"):
         super().__init__()
         self.lm = lm
-        self.report = report
-        self.spec = spec
-        self.moe = mlp_modules(lm)
+        self.layout, self.rows = adapt_base(lm, family)
+
+    @property
+    def family(self) -> str:
+        return self.layout.family
+
+    def serving(self, users):
+        """Within the block, forwards serve ``users`` = [(UserAdapters, batch rows)] in batch order."""
+        return self.rows.serve(users)
+
+    def logits_for(self, users: Sequence[UserAdapters], xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The logits of every user's batch, one forward; rows in the order of ``users``."""
+        x = xs[0] if len(xs) == 1 else torch.cat(list(xs))
+        with self.serving([(a, xi.shape[0]) for a, xi in zip(users, xs)]):
+            return self.lm(input_ids=x, use_cache=False).logits
+
+    def hidden_for(self, users: Sequence[UserAdapters], xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The final hidden states (B, T, D) of every user's batch, one forward (what the output
+        projection reads); rows in the order of ``users``."""
+        x = xs[0] if len(xs) == 1 else torch.cat(list(xs))
+        with self.serving([(a, xi.shape[0]) for a, xi in zip(users, xs)]):
+            return self.lm.base_model(input_ids=x, use_cache=False).last_hidden_state
+
+    def lm_loss(self, hidden: torch.Tensor, y: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Mean cross-entropy of the targets y (B, T) given the final hidden states, ``chunk``
+        tokens' logits at a time (0 = all at once)."""
+        weight, bias = output_head(self.lm)
+        return lm_cross_entropy(hidden, weight, bias, y, chunk)
+
+    @torch.no_grad()
+    def cast_frozen_(self, dtype: torch.dtype) -> None:
+        """Store the frozen base in ``dtype`` (e.g. bf16 on a GPU); users' adapters are not part of it."""
+        for p in self.lm.parameters():
+            if p.dtype != dtype and p.is_floating_point():
+                p.data = p.data.to(dtype)
+
+
+class UserModel(nn.Module):
+    """One user's adapters over a (possibly shared) adapted base; ``forward(x, y)`` -> StepLoss(ce, lb).
+    ``loss_chunk``: tokens whose logits exist at once in the loss (0 = a whole micro-batch's)."""
+
+    def __init__(self, base: AdaptedBase, adapters: UserAdapters, loss_chunk: int = DEFAULT_LOSS_CHUNK):
+        super().__init__()
+        self.base = base
+        self.adapters = adapters
+        self.report: InjectionReport = adapters.report
+        self.spec: AdapterSpec = adapters.spec
         self.loss_chunk = loss_chunk
+
+    @property
+    def lm(self) -> nn.Module:
+        """The frozen Hugging Face model underneath (shared with the rank's other users)."""
+        return self.base.lm
+
+    @property
+    def moe(self) -> list:
+        """This user's mixture of every MLP layer (experts, router, last routing statistics)."""
+        return self.adapters.mixtures()
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """The final hidden states (B, T, D): what the output projection reads."""
-        return self.lm.base_model(input_ids=x, use_cache=False).last_hidden_state
+        return self.base.hidden_for([self.adapters], [x])
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm(input_ids=x, use_cache=False).logits
+        return self.base.logits_for([self.adapters], [x])
 
     def lm_loss(self, hidden: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the targets y (B, T) given the final hidden states."""
-        weight, bias = output_head(self.lm)
-        return lm_cross_entropy(hidden, weight, bias, y, self.loss_chunk)
+        return self.base.lm_loss(hidden, y, self.loss_chunk)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> StepLoss:
         ce = self.lm_loss(self.hidden(x), y)
@@ -213,17 +268,25 @@ class UserModel(nn.Module):
                 chosen.append(p)
         return chosen
 
-    @torch.no_grad()
     def cast_frozen_(self, dtype: torch.dtype) -> None:
-        """Store the frozen base in ``dtype`` (e.g. bf16 on a GPU); adapters and routers stay fp32."""
-        trainable = {id(p) for p in self.report.params.values()}
-        for p in self.lm.parameters():
-            if id(p) not in trainable and p.dtype != dtype and p.is_floating_point():
-                p.data = p.data.to(dtype)
+        """Store the frozen base in ``dtype``; this user's adapters and router stay fp32."""
+        self.base.cast_frozen_(dtype)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Every adapter and router tensor by name (what a checkpoint holds)."""
         return {n: p.detach() for n, p in self.report.params.items()}
+
+
+def forward_users(models: Sequence[UserModel], xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> list[StepLoss]:
+    """Packed users: every user's batch through the shared base in one forward; each user's loss
+    (its mean token cross-entropy and its load-balancing loss) as if it had run alone. The sum of
+    the losses back-propagates to each user's own adapters only."""
+    base = models[0].base
+    if any(m.base is not base for m in models):
+        raise ValueError("forward_users packs users of one adapted base; these models hold different bases")
+    hidden = base.hidden_for([m.adapters for m in models], xs)
+    return [StepLoss(ce=m.lm_loss(rows, y), lb=m.load_balancing_loss())
+            for m, rows, y in zip(models, hidden.split([x.shape[0] for x in xs]), ys)]
 
 
 def adapter_spec_for(cfg, user_idx: int, routed: bool) -> AdapterSpec:
@@ -233,19 +296,40 @@ def adapter_spec_for(cfg, user_idx: int, routed: bool) -> AdapterSpec:
                        load_balancing=cfg.moe.load_balancing)
 
 
-def build_user_model(cfg, user_idx: int, vocab_size: int, routed: bool, spec: AdapterSpec | None = None,
-                     share: "SharePlan | None" = None) -> UserModel:
-    """Base model plus this user's adapters (``spec``, default: what cfg says); adapter and router
-    inits draw from the user's ``adapters`` stream (``seeds.derive_seed``). ``share``: map the
-    frozen base from the host's shared copy (see ``shared_base.plan_sharing``)."""
-    from comigs_dist.seeds import derive_seed
-    base = build_base_model(cfg.model.name, vocab_size, cfg.train.seq_len, share)
-    spec = spec or adapter_spec_for(cfg, user_idx, routed)
+def build_adapted_base(cfg, vocab_size: int, share: "SharePlan | None" = None) -> AdaptedBase:
+    """The rank's frozen base, adapted once so that it can serve any of the rank's users."""
+    return AdaptedBase(build_base_model(cfg.model.name, vocab_size, cfg.train.seq_len, share), cfg.model.family)
+
+
+def build_adapters(layout: BaseLayout, spec: AdapterSpec, seed: int) -> UserAdapters:
+    """One user's adapters, initialised from ``seed`` (the global generator is left untouched)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(cfg.seed, user_idx, "adapters"))
-        report = inject_adapters(base, spec, cfg.model.family)
-    return UserModel(base, report, spec, cfg.train.loss_chunk)
+        torch.manual_seed(seed)
+        return UserAdapters(layout, spec)
 
 
-__all__ = ["AdapterSpec", "InjectionReport", "ParamTag", "Role", "UserModel", "build_base_model",
-           "build_user_model", "check_model_matches_data", "inject_adapters"]
+def build_user_model(cfg, user_idx: int, vocab_size: int, routed: bool, spec: AdapterSpec | None = None,
+                     share: "SharePlan | None" = None, base: AdaptedBase | None = None) -> UserModel:
+    """This user's adapters (``spec``, default: what cfg says) over ``base`` (default: a base built
+    here); adapter and router inits draw from the user's ``adapters`` stream (``seeds.derive_seed``).
+    ``share``: map the frozen base from the host's shared copy (see ``shared_base.plan_sharing``)
+    when the base is built here."""
+    from comigs_dist.seeds import derive_seed
+    base = base if base is not None else build_adapted_base(cfg, vocab_size, share)
+    spec = spec or adapter_spec_for(cfg, user_idx, routed)
+    adapters = build_adapters(base.layout, spec, derive_seed(cfg.seed, user_idx, "adapters"))
+    return UserModel(base, adapters, cfg.train.loss_chunk)
+
+
+def wrap_user_model(model: nn.Module, spec: AdapterSpec, family: str = "auto", seed: int | None = None,
+                    loss_chunk: int = DEFAULT_LOSS_CHUNK) -> UserModel:
+    """Adapt the Hugging Face ``model`` and give it one user's adapters (tests, analysis); the
+    adapters draw from the global generator unless ``seed`` is given."""
+    base = AdaptedBase(model, family)
+    adapters = build_adapters(base.layout, spec, seed) if seed is not None else UserAdapters(base.layout, spec)
+    return UserModel(base, adapters, loss_chunk)
+
+
+__all__ = ["AdaptedBase", "AdapterSpec", "InjectionReport", "ParamTag", "Role", "UserAdapters", "UserModel",
+           "build_adapted_base", "build_adapters", "build_base_model", "build_user_model", "check_model_matches_data",
+           "forward_users", "mlp_modules", "wrap_user_model"]

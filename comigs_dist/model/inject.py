@@ -1,9 +1,11 @@
-"""Walk a Hugging Face causal LM and inject the adapters, per model family.
+"""Walk a Hugging Face causal LM, adapt it once, and build each user's adapters, per model family.
 
 Owns: the list of target modules of each family (GPT-2; Llama is one more ``Family``), freezing
-the base, wrapping attention projections with one LoRA each, replacing each MLP with a
-mixture of LoRA experts, and collecting the role tag of every trainable parameter into an
-``InjectionReport``. Knows nothing of training or of which method runs.
+the base and replacing its attention projections (``AdaptedLinear``) and MLPs (``AdaptedMLP``)
+once per base (``adapt_base``), each user's adapters as one module of its own (``UserAdapters``:
+one LoRA per attention projection, a mixture of LoRA experts and a router per MLP), and the role
+tag of every trainable parameter (``InjectionReport``). One adapted base serves every user of a
+rank. Knows nothing of training or of which method runs.
 """
 from __future__ import annotations
 
@@ -13,9 +15,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from comigs_dist.model.lora import LoRALinear
-from comigs_dist.model.moe import MoELoRAMLP, TanhGELU
+from comigs_dist.model.lora import AdaptedLinear, LoRAFactors
+from comigs_dist.model.moe import AdaptedMLP, MixtureAdapters, TanhGELU
 from comigs_dist.model.roles import ParamTag, Role
+from comigs_dist.model.routing import TopKRouter
+from comigs_dist.model.serving import ServedRows
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,7 @@ def family_of(model: nn.Module, requested: str = "auto") -> Family:
 
 @dataclass
 class InjectionReport:
-    """Every trainable parameter of the injected model with its role tag."""
+    """Every trainable parameter of one user's adapters with its role tag."""
     family: str
     tags: dict[str, ParamTag] = field(default_factory=dict)
     params: dict[str, nn.Parameter] = field(default_factory=dict)
@@ -99,15 +103,41 @@ class InjectionReport:
         return {r.value: self.count(lambda t, r=r: t.role == r) for r in Role}
 
 
+@dataclass(frozen=True)
+class LayerShape:
+    """What the adapters of one transformer block attach to: attention targets (dotted suffix,
+    key, in, out) and the MLP's projections."""
+    attn: tuple[tuple[str, str, int, int], ...]
+    mlp_in: tuple[tuple[int, int], ...]
+    mlp_out: tuple[int, int]
+    mlp_in_names: tuple[str, ...]
+    mlp_out_name: str
+
+
+@dataclass(frozen=True)
+class BaseLayout:
+    """The shapes every user's adapters of one base must have (one entry per block)."""
+    family: str
+    layers: tuple[LayerShape, ...]
+
+
 def _get_submodule(root: nn.Module, dotted: str) -> tuple[nn.Module, str, nn.Module]:
     parent_path, _, leaf = dotted.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     return parent, leaf, getattr(parent, leaf)
 
 
-def inject_adapters(model: nn.Module, spec: AdapterSpec, family: str = "auto") -> InjectionReport:
-    """Freeze the model and add one LoRA per attention target and a MoE of LoRA experts per MLP."""
+def _attn_key(target: str) -> str:
+    """The name of an attention target among a block's adapters: its last component (c_attn, q_proj)."""
+    return target.rpartition(".")[2]
+
+
+def adapt_base(model: nn.Module, family: str = "auto", rows: ServedRows | None = None) -> tuple[BaseLayout, ServedRows]:
+    """Freeze the model and replace every attention target and MLP by its adapted version, which
+    adds the adapters of whichever users a forward serves (``rows``). Returns the layout users'
+    adapters must follow and the rows table the adapted modules read."""
     fam = family_of(model, family)
+    rows = rows if rows is not None else ServedRows()
     for p in model.parameters():
         p.requires_grad_(False)
     try:
@@ -117,48 +147,88 @@ def inject_adapters(model: nn.Module, spec: AdapterSpec, family: str = "auto") -
                          f"check model.family") from None
     if len(blocks) == 0:
         raise ValueError(f"no transformer blocks found in {type(model).__name__}")
+    layers = []
     for layer, block in enumerate(blocks):
+        attn = []
         for target in fam.attn_targets:
             try:
                 parent, leaf, base = _get_submodule(block, target)
             except AttributeError:
                 raise ValueError(f"block {layer} of {type(model).__name__} has no module {target!r}; "
                                  f"{fam.name} targets are {', '.join(fam.attn_targets)}") from None
-            setattr(parent, leaf, LoRALinear(
-                base, spec.attn_rank, spec.alpha,
-                ParamTag(Role.GENERALIST, "attn", layer, target, -1, "A"),
-                ParamTag(Role.GENERALIST, "attn", layer, target, -1, "B")))
+            adapted = AdaptedLinear(base, rows, layer, _attn_key(target))
+            setattr(parent, leaf, adapted)
+            attn.append((target, _attn_key(target), adapted.in_features, adapted.out_features))
         mlp = getattr(block, fam.mlp_name)
         missing = [n for n in (*fam.mlp_in, fam.mlp_out) if not hasattr(mlp, n)]
         if missing:
             raise ValueError(f"the MLP of block {layer} has no {missing}; {fam.name} MLP targets are "
                              f"{', '.join((*fam.mlp_in, fam.mlp_out))}")
-        setattr(block, fam.mlp_name, MoELoRAMLP(
-            mlp, fam.mlp_in, fam.mlp_out, fam.combine(mlp), n_experts=spec.n_experts,
-            n_generalists=spec.n_generalists, rank=spec.rank, alpha=spec.alpha, top_k=spec.top_k,
-            routed=spec.routed, load_balancing=spec.load_balancing, layer=layer))
-    return collect_tags(model, fam.name)
+        adapted_mlp = AdaptedMLP(mlp, fam.mlp_in, fam.mlp_out, fam.combine(mlp), rows, layer)
+        setattr(block, fam.mlp_name, adapted_mlp)
+        layers.append(LayerShape(tuple(attn), tuple(adapted_mlp.in_dims), adapted_mlp.out_dim, fam.mlp_in, fam.mlp_out))
+    return BaseLayout(fam.name, tuple(layers)), rows
 
 
-def collect_tags(model: nn.Module, family: str) -> InjectionReport:
-    """Ask every adapter module for its parameters' tags; every trainable parameter must have one."""
+class BlockAdapters(nn.Module):
+    """One user's adapters of one transformer block: a LoRA per attention target, a mixture per MLP."""
+
+    def __init__(self, shape: LayerShape, spec: AdapterSpec, layer: int):
+        super().__init__()
+        # built in the order of the block (attention, then the MLP's experts, then its router), so
+        # a seed gives the same initial values whatever else the rank holds
+        self.attn = nn.ModuleDict({key: LoRAFactors(n_in, n_out, spec.attn_rank, spec.alpha,
+                                                    ParamTag(Role.GENERALIST, "attn", layer, target, -1, "A"),
+                                                    ParamTag(Role.GENERALIST, "attn", layer, target, -1, "B"))
+                                   for target, key, n_in, n_out in shape.attn})
+        self.mlp = MixtureAdapters(shape.mlp_in, shape.mlp_out, shape.mlp_in_names, shape.mlp_out_name,
+                                   n_experts=spec.n_experts, n_generalists=spec.n_generalists, rank=spec.rank,
+                                   alpha=spec.alpha, top_k=spec.top_k, routed=spec.routed,
+                                   load_balancing=spec.load_balancing, layer=layer)
+
+
+class UserAdapters(nn.Module):
+    """Everything one user trains: its adapters of every block, each parameter tagged with its role
+    (``report``). A base adapted by ``adapt_base`` applies them to the rows the user owns."""
+
+    def __init__(self, layout: BaseLayout, spec: AdapterSpec):
+        super().__init__()
+        self.spec = spec
+        self.blocks = nn.ModuleList(BlockAdapters(shape, spec, layer) for layer, shape in enumerate(layout.layers))
+        self.report = collect_tags(self, layout.family)
+
+    def attn_lora(self, layer: int, key: str) -> LoRAFactors:
+        return self.blocks[layer].attn[key]
+
+    def mixture(self, layer: int) -> MixtureAdapters:
+        return self.blocks[layer].mlp
+
+    def mixtures(self) -> list[MixtureAdapters]:
+        return [b.mlp for b in self.blocks]
+
+
+def collect_tags(adapters: nn.Module, family: str) -> InjectionReport:
+    """The role tag of every parameter of a user's adapters, each declared by the module that owns
+    it (LoRA factors, routers); a parameter without a tag is a bug."""
     report = InjectionReport(family=family)
-    named = dict(model.named_parameters())
-    for mod_name, module in model.named_modules():
-        if not hasattr(module, "adapter_tags"):
+    for mod_name, module in adapters.named_modules():
+        if isinstance(module, LoRAFactors):
+            owned = ((f"{mod_name}.{n}", t) for n, t in module.tags.items())
+        elif isinstance(module, TopKRouter):
+            owned = ((f"{mod_name}.weight", module.tag),)
+        else:
             continue
-        for rel, tag in module.adapter_tags():
-            full = f"{mod_name}.{rel}" if mod_name else rel
-            if full in report.tags:
-                continue  # reported by an enclosing module already
+        for full, tag in owned:
             report.tags[full] = tag
-            report.params[full] = named[full]
-    # nested adapter modules (an ExpertLoRA inside a MoE) report the same parameter twice; the
-    # first (outermost) name wins above. Every tagged parameter trains; nothing else does.
-    for name, p in named.items():
-        p.requires_grad_(name in report.tags)
+    params = dict(adapters.named_parameters())
+    untagged = sorted(set(params) - set(report.tags))
+    assert not untagged, f"adapter parameters without a role tag: {untagged}"
+    report.params = {n: params[n] for n in report.tags}
+    for p in params.values():
+        p.requires_grad_(True)
     return report
 
 
-def mlp_modules(model: nn.Module) -> list[MoELoRAMLP]:
-    return [m for m in model.modules() if isinstance(m, MoELoRAMLP)]
+def mlp_modules(model: nn.Module) -> list[AdaptedMLP]:
+    """The adapted MLPs of an adapted base, in block order."""
+    return [m for m in model.modules() if isinstance(m, AdaptedMLP)]

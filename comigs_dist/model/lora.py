@@ -2,18 +2,22 @@
 
 Owns the LoRA factors (A: Kaiming-uniform, B: zeros, so an untrained adapter changes nothing),
 the rank-stabilised scale g = alpha / sqrt(r), and the wrapper around a frozen projection
-(``nn.Linear`` or GPT-2's ``Conv1D``, whose weight is stored in x out).
-Knows nothing of routers or of which adapters are shared.
+(``nn.Linear`` or GPT-2's ``Conv1D``, whose weight is stored in x out) that adds, row by row, the
+LoRA of the user each row belongs to. Knows nothing of routers or of which adapters are shared.
 """
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from comigs_dist.model.roles import ParamTag
+
+if TYPE_CHECKING:
+    from comigs_dist.model.serving import ServedRows
 
 
 def in_out_features(layer: nn.Module) -> tuple[int, int]:
@@ -74,25 +78,30 @@ class LoRAFactors(nn.Module):
         return f"in={self.lora_A.shape[1]}, out={self.lora_B.shape[0]}, r={self.rank}, scale={self.scale:.3f}"
 
 
-class LoRALinear(nn.Module):
-    """A frozen projection (kept as ``base_layer``) with one LoRA adapter."""
+class AdaptedLinear(nn.Module):
+    """A frozen projection (kept as ``base_layer``) that adds the LoRA of whichever user owns each
+    row of the batch: ``rows`` (shared by every adapted module of one base) names the users being
+    served and the rows each owns; ``layer`` and ``key`` find the user's LoRA in its adapters.
+    The frozen product runs once over all rows, each user's low-rank update on its own rows."""
 
-    def __init__(self, base_layer: nn.Module, rank: int, alpha: float, tag_a: ParamTag, tag_b: ParamTag):
+    def __init__(self, base_layer: nn.Module, rows: "ServedRows", layer: int, key: str):
         super().__init__()
         self.base_layer = base_layer
         for p in self.base_layer.parameters():
             p.requires_grad_(False)
-        fan_in, fan_out = in_out_features(base_layer)
-        self.lora = LoRAFactors(fan_in, fan_out, rank, alpha, tag_a, tag_b)
+        self.rows, self.layer, self.key = rows, layer, key
+        self.in_features, self.out_features = in_out_features(base_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + self.lora(x)
+        y = self.base_layer(x)
+        segments = self.rows.current()
+        if len(segments) == 1:
+            return y + segments[0].adapters.attn_lora(self.layer, self.key)(x)
+        # split, not slicing: the backward of a split concatenates the pieces' gradients once, where
+        # each slice's backward would write its gradient into a zero tensor of the whole batch
+        sizes = [s.stop - s.start for s in segments]
+        return torch.cat([y_s + s.adapters.attn_lora(self.layer, self.key)(x_s)
+                          for s, y_s, x_s in zip(segments, y.split(sizes), x.split(sizes))])
 
-    def adapter_tags(self):
-        """(parameter name relative to this module, tag) for each trainable parameter."""
-        for name, tag in self.lora.tags.items():
-            yield f"lora.{name}", tag
-
-    @torch.no_grad()
-    def merged_weight_out_in(self) -> torch.Tensor:
-        return frozen_weight_out_in(self.base_layer) + self.lora.delta_weight()
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, key={self.key!r}, in={self.in_features}, out={self.out_features}"

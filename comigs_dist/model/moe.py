@@ -1,6 +1,8 @@
 """Mixture of LoRA experts over one frozen MLP, with the frozen products computed once.
 
-Owns the MoE-of-LoRA MLP. Expert j is the frozen MLP with its own LoRA on every projection:
+Owns one user's mixture for one MLP (``MixtureAdapters``: its experts and router) and the adapted
+MLP of a base (``AdaptedMLP``), which serves every user of a forward: the frozen products run
+once over all users' rows, each user's router and experts on its own rows. Expert j is the frozen MLP with its own LoRA on every projection:
     E_j(u) = W_out' combine(W_in' u + b_in) + b_out,   W' = W + dW_j
 (GPT-2: one input projection c_fc and combine = GELU; Llama: gate and up, combine = silu(g) * u).
 Because the routing weights of a token sum to 1 and the output projection is linear,
@@ -21,7 +23,7 @@ Shape letters: N tokens, D model width, H hidden width, E experts, K experts per
 from __future__ import annotations
 
 import abc
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,9 @@ from comigs_dist.model.lora import LoRAFactors, frozen_weight_out_in, in_out_fea
 from comigs_dist.model.roles import ParamTag, Role
 from comigs_dist.model.routing import (Routing, TopKRouter, compute_load_balancing_loss,
                                        compute_routing_stats, uniform_routing)
+
+if TYPE_CHECKING:
+    from comigs_dist.model.serving import ServedRows
 
 
 class ElementwiseActivation(abc.ABC):
@@ -164,44 +169,29 @@ class ExpertLoRA(nn.Module):
         self.out_lora = LoRAFactors(*out_dim, rank, alpha, *tags(f"mlp.{out_name}"))
         self.role = role
 
-    def adapter_tags(self):
-        for i, lora in enumerate(self.in_loras):
-            for name, tag in lora.tags.items():
-                yield f"in_loras.{i}.{name}", tag
-        for name, tag in self.out_lora.tags.items():
-            yield f"out_lora.{name}", tag
 
+class MixtureAdapters(nn.Module):
+    """One user's mixture for one MLP: its LoRA experts and (routed, several experts) its router.
 
-class MoELoRAMLP(nn.Module):
-    """Replaces a model's MLP: a routed (or uniformly mixed) mixture of LoRA experts.
-
-    base:      the original MLP module; its projections stay frozen and are used in place
-    in_names:  attribute names of the input projections on ``base`` (('c_fc',) for GPT-2)
-    out_name:  attribute name of the output projection (``'c_proj'`` for GPT-2)
-    combine:   maps the list of input-projection outputs to the hidden state (the activation)
-    routed:    True: per-token top-k router; False: every token averages all experts (no router)
+    Holds what the user's last forward through this layer left behind: the load-balancing loss
+    (``aux_loss``), the routing statistics (``last_stats``) and, when ``keep_routing`` is set by
+    analysis code, the routing decision itself. ``shared_frozen = False`` selects the naive
+    computation for this user (benchmarks, tests). The frozen MLP is the ``AdaptedMLP`` of the
+    base, handed to every computation: the same base serves every user of a rank.
     """
 
-    def __init__(self, base: nn.Module, in_names: Sequence[str], out_name: str,
-                 combine: Callable[[list[torch.Tensor]], torch.Tensor], *, n_experts: int, n_generalists: int,
-                 rank: int, alpha: float, top_k: int, routed: bool, load_balancing: str, layer: int):
+    def __init__(self, in_dims: Sequence[tuple[int, int]], out_dim: tuple[int, int], in_names: Sequence[str],
+                 out_name: str, *, n_experts: int, n_generalists: int, rank: int, alpha: float, top_k: int,
+                 routed: bool, load_balancing: str, layer: int):
         super().__init__()
         if n_experts < 1:
             raise ValueError(f"n_experts ({n_experts}) must be >= 1")
-        self.base = base
-        for p in self.base.parameters():
-            p.requires_grad_(False)
-        self.in_names = tuple(in_names)
-        self.out_name = out_name
-        self.combine = combine
         self.n_experts = n_experts
         self.load_balancing = load_balancing
         self.layer = layer
-        in_dims = [in_out_features(getattr(base, n)) for n in self.in_names]
-        out_dim = in_out_features(getattr(base, out_name))
         self.d_model = in_dims[0][0]
         self.experts = nn.ModuleList(
-            ExpertLoRA(in_dims, out_dim, rank, alpha, self.in_names, out_name,
+            ExpertLoRA(in_dims, out_dim, rank, alpha, in_names, out_name,
                        Role.GENERALIST if j < n_generalists else Role.SPECIALIST, layer, j)
             for j in range(n_experts))
         self.router = None
@@ -214,34 +204,59 @@ class MoELoRAMLP(nn.Module):
         self.last_routing: Routing | None = None
         self.keep_routing = False   # set by analysis code to keep the last decision
 
-    # -- bookkeeping ---------------------------------------------------------------------------
-    def adapter_tags(self):
-        for j, expert in enumerate(self.experts):
-            for name, tag in expert.adapter_tags():
-                yield f"experts.{j}.{name}", tag
-        if self.router is not None:
-            yield from (("router." + n, t) for n, t in self.router.adapter_tags())
-
+    # -- routing -------------------------------------------------------------------------------
     def route(self, u: torch.Tensor) -> Routing:
+        """The routing of N tokens (N, D); records the LB loss and the statistics of this forward."""
         if self.router is None:
-            return uniform_routing(u.shape[0], self.n_experts, u.device)
-        return self.router(u)
-
-    # -- forward -------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        u = x.reshape(-1, shape[-1])                                        # (N, D)
-        routing = self.route(u)
+            routing = uniform_routing(u.shape[0], self.n_experts, u.device)
+        else:
+            routing = self.router(u)
         self.aux_loss = compute_load_balancing_loss(routing, self.load_balancing)
         self.last_stats = compute_routing_stats(routing)
         if self.keep_routing:
             self.last_routing = Routing(routing.weights.detach(), routing.indices.detach(),
                                         None if routing.probs is None else routing.probs.detach(), routing.n_experts)
-        if self.shared_frozen:
-            y = self._forward_shared(u, routing)
+        return routing
+
+    # -- the two computations --------------------------------------------------------------------
+    def fused(self, mlp: "AdaptedMLP", u: torch.Tensor, frozen_in: list[torch.Tensor], routing: Routing):
+        """(mix (N, H), delta (N, D)): the routed mixture of hidden states and the output LoRAs'
+        contribution, given the routing (``route``) and the frozen input products of these tokens;
+        the caller applies the frozen output projection once to the mix (of every user's rows) and
+        adds delta."""
+        rows_in, u_rows, blocks = self._plan(u, frozen_in, routing)
+        if isinstance(mlp.combine, ElementwiseActivation) and len(frozen_in) == 1:
+            mix, codes = self._experts_one_node(mlp.combine, rows_in[0], u_rows, blocks, u.shape[0])
         else:
-            y = self._forward_naive(u, routing)
-        return y.reshape(*shape[:-1], y.shape[-1])
+            mix, codes = self._experts_autograd(mlp.combine, rows_in, u_rows, blocks, u.shape[0])
+        delta = None
+        for (j, _, tok, w), c in zip(blocks, codes):
+            if w is not None:
+                c = c * (w.to(c.dtype) if torch.is_tensor(w) else w)
+            d = c @ self.experts[j].out_lora.up_t(c.dtype)                   # (N_j, D)
+            if tok is not None:
+                if delta is None:
+                    delta = torch.zeros(u.shape[0], d.shape[1], dtype=d.dtype, device=d.device)
+                delta.index_add_(0, tok, d)
+            else:
+                delta = d if delta is None else delta.add_(d)
+        return mix, delta
+
+    def naive(self, mlp: "AdaptedMLP", u: torch.Tensor) -> torch.Tensor:
+        """Every selected expert runs the whole MLP, frozen products included (k full MLPs)."""
+        routing = self.route(u)
+        out = None
+        out_proj = getattr(mlp.base, mlp.out_name)
+        for j, tok, w in self._dispatch(routing, u.shape[0]):
+            expert = self.experts[j]
+            u_j = u if tok is None else u[tok]
+            h = mlp.combine([getattr(mlp.base, n)(u_j) + lora(u_j) for n, lora in zip(mlp.in_names, expert.in_loras)])
+            y = out_proj(h) + expert.out_lora(h)
+            w = w.to(y.dtype) if torch.is_tensor(w) else w
+            if out is None:
+                out = torch.zeros(u.shape[0], y.shape[1], dtype=y.dtype, device=y.device)
+            out = out + w * y if tok is None else out.index_add(0, tok, w * y)
+        return out
 
     def _dispatch(self, routing: Routing, n_tokens: int):
         """Yield (expert index, token ids or None for all tokens, weights (N_j, 1) or scalar)."""
@@ -260,27 +275,6 @@ class MoELoRAMLP(nn.Module):
             tok, slot = (routing.indices == j).nonzero(as_tuple=True)       # (N_j,), (N_j,)
             if tok.numel():
                 yield j, tok, routing.weights[tok, slot].unsqueeze(1)        # (N_j, 1)
-
-    def _forward_shared(self, u: torch.Tensor, routing: Routing) -> torch.Tensor:
-        frozen_in = [getattr(self.base, n)(u) for n in self.in_names]         # each (N, H): once
-        rows_in, u_rows, blocks = self._plan(u, frozen_in, routing)
-        if isinstance(self.combine, ElementwiseActivation) and len(frozen_in) == 1:
-            mix, codes = self._experts_one_node(rows_in[0], u_rows, blocks, u.shape[0])
-        else:
-            mix, codes = self._experts_autograd(rows_in, u_rows, blocks, u.shape[0])
-        delta = None
-        for (j, _, tok, w), c in zip(blocks, codes):
-            if w is not None:
-                c = c * (w.to(c.dtype) if torch.is_tensor(w) else w)
-            d = c @ self.experts[j].out_lora.up_t(c.dtype)                   # (N_j, D)
-            if tok is not None:
-                if delta is None:
-                    delta = torch.zeros(u.shape[0], d.shape[1], dtype=d.dtype, device=d.device)
-                delta.index_add_(0, tok, d)
-            else:
-                delta = d if delta is None else delta.add_(d)
-        out_proj = getattr(self.base, self.out_name)
-        return out_proj(mix) + delta.to(mix.dtype)                           # frozen W_out: once
 
     def _plan(self, u: torch.Tensor, frozen_in: list[torch.Tensor], routing: Routing):
         """Which rows each expert runs on. Returns (frozen products per row, u per row, blocks),
@@ -313,14 +307,14 @@ class MoELoRAMLP(nn.Module):
             start += count
         return [f.index_select(0, tok) for f in frozen_in], u.index_select(0, tok), blocks
 
-    def _experts_autograd(self, rows_in: list[torch.Tensor], u_rows: torch.Tensor, blocks, n_tokens: int):
+    def _experts_autograd(self, combine, rows_in: list[torch.Tensor], u_rows: torch.Tensor, blocks, n_tokens: int):
         """Any combine (e.g. Llama's silu(gate) * up): plain autograd. Returns (mix, codes per block)."""
         mix, codes = None, []
         for j, rows, tok, w in blocks:
             expert = self.experts[j]
             u_j = u_rows if rows is None else u_rows[rows]
-            h = self.combine([lora.add_to(f if rows is None else f[rows], u_j)
-                              for f, lora in zip(rows_in, expert.in_loras)])  # (N_j, H)
+            h = combine([lora.add_to(f if rows is None else f[rows], u_j)
+                         for f, lora in zip(rows_in, expert.in_loras)])       # (N_j, H)
             codes.append(expert.out_lora.down(h))                            # (N_j, r)
             if w is not None:
                 h = h * (w.to(h.dtype) if torch.is_tensor(w) else w)
@@ -333,7 +327,8 @@ class MoELoRAMLP(nn.Module):
                 mix = h if mix is None else mix.add_(h)
         return mix, codes
 
-    def _experts_one_node(self, f: torch.Tensor, u_rows: torch.Tensor, blocks, n_tokens: int):
+    def _experts_one_node(self, act: ElementwiseActivation, f: torch.Tensor, u_rows: torch.Tensor, blocks,
+                          n_tokens: int):
         """An elementwise activation of one input projection (GPT-2): the experts' hidden states,
         their mixture and their output-LoRA codes in one autograd node (``_ExpertsMix``)."""
         layout, tensors = [], []
@@ -345,33 +340,83 @@ class MoELoRAMLP(nn.Module):
             if torch.is_tensor(w):
                 tensors.append(w)
             layout.append((rows, tok, "tensor" if torch.is_tensor(w) else w))
-        mix, *codes = _ExpertsMix.apply(self.combine, n_tokens, layout, f, *tensors)
+        mix, *codes = _ExpertsMix.apply(act, n_tokens, layout, f, *tensors)
         return mix, codes
-
-    def _forward_naive(self, u: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Every selected expert runs the whole MLP, frozen products included (k full MLPs)."""
-        out = None
-        out_proj = getattr(self.base, self.out_name)
-        for j, tok, w in self._dispatch(routing, u.shape[0]):
-            expert = self.experts[j]
-            u_j = u if tok is None else u[tok]
-            h = self.combine([getattr(self.base, n)(u_j) + lora(u_j) for n, lora in zip(self.in_names, expert.in_loras)])
-            y = out_proj(h) + expert.out_lora(h)
-            w = w.to(y.dtype) if torch.is_tensor(w) else w
-            if out is None:
-                out = torch.zeros(u.shape[0], y.shape[1], dtype=y.dtype, device=y.device)
-            out = out + w * y if tok is None else out.index_add(0, tok, w * y)
-        return out
 
     # -- reference computation (tests) ------------------------------------------------------------
     @torch.no_grad()
-    def expert_output_merged(self, j: int, u: torch.Tensor) -> torch.Tensor:
+    def expert_output_merged(self, mlp: "AdaptedMLP", j: int, u: torch.Tensor) -> torch.Tensor:
         """E_j(u) computed from dense merged weights W + g B A (an independent path, for tests)."""
         expert = self.experts[j]
         pre = []
-        for name, lora in zip(self.in_names, expert.in_loras):
-            layer = getattr(self.base, name)
+        for name, lora in zip(mlp.in_names, expert.in_loras):
+            layer = getattr(mlp.base, name)
             pre.append(F.linear(u, frozen_weight_out_in(layer) + lora.delta_weight(), layer.bias))
-        h = self.combine(pre)
-        out = getattr(self.base, self.out_name)
+        h = mlp.combine(pre)
+        out = getattr(mlp.base, mlp.out_name)
         return F.linear(h, frozen_weight_out_in(out) + expert.out_lora.delta_weight(), out.bias)
+
+
+class AdaptedMLP(nn.Module):
+    """Replaces a model's MLP: every served user's mixture of LoRA experts over one frozen MLP.
+
+    The frozen input products run once over the rows of every user in the batch, each user's
+    router and experts on its own rows, and the frozen output projection once over all rows.
+
+    base:      the original MLP module; its projections stay frozen and are used in place
+    in_names:  attribute names of the input projections on ``base`` (('c_fc',) for GPT-2)
+    out_name:  attribute name of the output projection (``'c_proj'`` for GPT-2)
+    combine:   maps the list of input-projection outputs to the hidden state (the activation)
+    rows:      the users served by the forward in progress (shared by the base's adapted modules)
+    """
+
+    def __init__(self, base: nn.Module, in_names: Sequence[str], out_name: str,
+                 combine: Callable[[list[torch.Tensor]], torch.Tensor], rows: "ServedRows", layer: int):
+        super().__init__()
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.in_names = tuple(in_names)
+        self.out_name = out_name
+        self.combine = combine
+        self.rows = rows
+        self.layer = layer
+        self.in_dims = [in_out_features(getattr(base, n)) for n in self.in_names]
+        self.out_dim = in_out_features(getattr(base, out_name))
+        self.d_model = self.in_dims[0][0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        u = x.reshape(-1, shape[-1])                                        # (N, D)
+        factor = u.shape[0] // shape[0]                                     # tokens per batch row
+        segments = [s.scaled(factor) for s in self.rows.current()]
+        mixtures = [s.adapters.mixture(self.layer) for s in segments]
+        if len(segments) == 1:
+            y = self._one_user(mixtures[0], u)
+        else:
+            # split, not slicing: the backward of a split concatenates the pieces' gradients once,
+            # where each slice's backward would write its gradient into a zero tensor of all rows
+            sizes = [s.stop - s.start for s in segments]
+            u_parts = u.split(sizes)
+            if not all(m.shared_frozen for m in mixtures):
+                y = torch.cat([self._one_user(m, u_s) for m, u_s in zip(mixtures, u_parts)])
+            else:
+                # routing first: each user's autograd graph is that of its own forward
+                routings = [m.route(u_s) for m, u_s in zip(mixtures, u_parts)]
+                frozen_in = [getattr(self.base, n)(u).split(sizes) for n in self.in_names]  # once for every user
+                parts = [m.fused(self, u_s, [f[i] for f in frozen_in], r)
+                         for i, (m, u_s, r) in enumerate(zip(mixtures, u_parts, routings))]
+                mix = torch.cat([p[0] for p in parts])
+                delta = torch.cat([p[1].to(mix.dtype) for p in parts])
+                y = getattr(self.base, self.out_name)(mix) + delta.to(mix.dtype)  # frozen W_out: once
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    def _one_user(self, mixture: MixtureAdapters, u: torch.Tensor) -> torch.Tensor:
+        if not mixture.shared_frozen:
+            return mixture.naive(self, u)
+        routing = mixture.route(u)  # first: routing, then the frozen products (a fixed gradient order)
+        mix, delta = mixture.fused(self, u, [getattr(self.base, n)(u) for n in self.in_names], routing)
+        return getattr(self.base, self.out_name)(mix) + delta.to(mix.dtype)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, in={self.in_names}, out={self.out_name!r}"

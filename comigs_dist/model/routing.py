@@ -53,9 +53,6 @@ class TopKRouter(nn.Module):
         nn.init.normal_(self.weight, mean=0.0, std=0.02)  # GPT-2's init for linear layers
         self.tag = tag
 
-    def adapter_tags(self):
-        yield "weight", self.tag
-
     def forward(self, u: torch.Tensor) -> Routing:
         logits = (u @ self.weight.t().to(u.dtype)).float()        # (N, E)
         return compute_topk_routing(logits, self.top_k)
