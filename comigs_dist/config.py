@@ -372,7 +372,8 @@ def comm_group_errors(cfg: RunConfig, n_users: int | None) -> list[str]:
         return [f"comm.groups is set, but method {cfg.method!r} shares its parameters its own way; remove "
                 f"comm.groups or choose one of: {', '.join(takers)}"]
     try:
-        n_generalists = cls(cfg).generalist_counter(cfg)
+        from comigs_dist.methods.base import generalist_counter
+        n_generalists = generalist_counter(cls(cfg), cfg)
         if n_users is not None:
             [n_generalists(u) for u in range(n_users)]
     except (IndexError, TypeError, ValueError):

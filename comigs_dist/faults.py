@@ -120,7 +120,7 @@ def _due(run, phase: str, round_idx: int | None = None) -> Fault | None:
     """The fault to fire here: this user, this phase, this round (0-based; None for roundless phases)
     and this attempt."""
     fault = from_env()
-    if (fault is None or fault.phase != phase or fault.user != run.topo.user_idx
+    if (fault is None or fault.phase != phase or fault.user != run.user_idx
             or fault.attempt != dist.restart_count()):
         return None
     if round_idx is not None and fault.round != round_idx + 1:
@@ -166,7 +166,7 @@ def before_sync(run, round_idx: int) -> None:
             if run.shared[group]:
                 run.shared[group][0][1].view(-1)[0] = math.nan
                 break
-        own = run.method.own_aggregated(run.model)  # e.g. HetLoRA's MLP LoRA, outside the groups
+        own = run.method.own_aggregated(run)  # e.g. HetLoRA's MLP LoRA, outside the groups
         if own:
             own[0][1].view(-1)[0] = math.nan
 

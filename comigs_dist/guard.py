@@ -52,12 +52,12 @@ def check_shared(run, round_idx: int) -> bool:
     be finite. Returns whether this user contributes to the round (False only under
     guard.nan=skip); raises FloatingPointError under guard.nan=stop."""
     bad = nonfinite_shared(run.shared)
-    own = first_nonfinite(run.method.own_aggregated(run.model))
+    own = first_nonfinite(run.method.own_aggregated(run))
     if own is not None:
         bad.append(("the method's own aggregation", *own))
     if not bad:
         return True
-    user = run.topo.user_idx
+    user = run.user_idx
     what = "; ".join(f"shared parameter {name} (group {group!r}) holds {kind}" for group, name, kind in bad)
     where = f"user {user}, round {round_idx + 1}: {what} before the round's aggregation"
     if run.cfg.guard.nan == "stop":
@@ -74,7 +74,7 @@ def check_loss(run, loss: float, expert_phase: bool) -> bool:
     """A step's loss is not finite: raise (stop) or return True to drop the step (skip)."""
     t = run.cfg.train
     phase = "expert" if expert_phase else "router"
-    where = (f"user {run.topo.user_idx}: the {phase} loss is {loss} at local iteration {run.step} "
+    where = (f"user {run.user_idx}: the {phase} loss is {loss} at local iteration {run.step} "
              f"(round {run.step // t.local_steps + 1})")
     if run.cfg.guard.nan == "stop":
         raise FloatingPointError(f"{where}; the run stops before it reaches any collective (guard.nan=stop). Lower "
@@ -87,7 +87,7 @@ def check_loss(run, loss: float, expert_phase: bool) -> bool:
 def _skipped(run, expert_phase: bool) -> str:
     method = getattr(run, "method", None)
     if expert_phase and method is not None and method.reduces_gradients:
-        return (f"user {run.topo.user_idx} contributes nothing to this step's gradient average and steps with the "
+        return (f"user {run.user_idx} contributes nothing to this step's gradient average and steps with the "
                 f"other users' average")
     return "the step is dropped"
 
@@ -103,7 +103,7 @@ def check_gradients(run, params: list) -> bool:
     names = {id(p): n for n, p in run.model.report.params.items()}
     name, kind = first_nonfinite((names.get(id(p), "?"), p.grad) for p in params if p.grad is not None)
     t = run.cfg.train
-    where = (f"user {run.topo.user_idx}: the gradient of {name} holds {kind} at local iteration {run.step} "
+    where = (f"user {run.user_idx}: the gradient of {name} holds {kind} at local iteration {run.step} "
              f"(round {run.step // t.local_steps + 1}) before it is averaged with the other users' gradients")
     if run.cfg.guard.nan == "stop":
         raise FloatingPointError(f"{where}; averaging it would poison every user's model, so the run stops "

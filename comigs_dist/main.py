@@ -32,9 +32,9 @@ def _help_text() -> str:
 
 def _method_option_lines() -> list[str]:
     """Each method's own options (method_options.<key>=value), listed under the method."""
-    from comigs_dist.methods import known_methods, method_class
+    from comigs_dist.methods import known_methods, method_class, option_rows
     rows = [(f"[{name}] {key}={default}", text) for name in known_methods()
-            for key, default, text in method_class(name).option_rows()]
+            for key, default, text in option_rows(method_class(name))]
     return ["", "method options (method_options.<key>=value, accepted only by the method named):",
             tables.format_table(None, rows, "<<", indent="  ")]
 
@@ -100,12 +100,12 @@ def main(argv: list[str] | None = None) -> int:
             print(_help_text())
             return 0
         if args.methods:
-            from comigs_dist.methods import known_methods, method_class
+            from comigs_dist.methods import known_methods, method_class, option_rows
             rows = []
             for name in known_methods():
                 cls = method_class(name)
                 rows.append((name, cls.description))
-                rows += [("", f"  {key}={default}") for key, default, _ in cls.option_rows()]
+                rows += [("", f"  {key}={default}") for key, default, _ in option_rows(cls)]
             print(tables.format_table(None, rows, "<<"))
             return 0
         cfg = load_config(args.config, args.overrides)
@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     topo = dist.init_distributed(cfg.comm.backend, cfg.model.device, cfg.comm.timeout_s, cfg.train.threads)
+    # every process group of the run, built once on every rank from (config, method, users)
+    from comigs_dist.methods import get_method
+    topo.build_groups(get_method(cfg.method, cfg).sharing_groups(topo.n_users))
     from comigs_dist.metrics import build_progress
     lines = build_progress(topo.rank == 0 and cfg.log.progress)  # prints above rank 0's bars, nothing elsewhere
     say = lambda msg: lines.write(f"[comigs] {msg}")
@@ -143,21 +146,21 @@ def main(argv: list[str] | None = None) -> int:
         if topo.rank == 0:
             out_dir, lock, notes, problem = claim_out_dir(cfg)
             choice = (str(out_dir), problem, notes)
-        out_dir, problem, notes = dist.broadcast_object(choice)
+        out_dir, problem, notes = dist.broadcast_object(topo, choice)
         out_dir = Path(out_dir)
         if problem:
             raise ConfigError(problem)
         for note in notes:
             say(note)
-        say(f"{cfg.method}: {topo.world_size} users on {topo.device.type} ({topo.backend}), writing to {out_dir}")
+        say(f"{cfg.method}: {topo.n_users} users on {topo.device.type} ({topo.backend}), writing to {out_dir}")
         if dist.restart_count() > 0 and cfg.resume == "false":
             say(f"warning: this is restart {dist.restart_count()} of the job, and resume=false starts it over from "
                 f"round 1; pass resume=auto (with checkpoint.every) to continue from the last checkpoint instead")
         from comigs_dist import train
         from comigs_dist.metrics import build_results, format_table, write_json_atomic
-        row = train.run(cfg, topo, out_dir, say)
-        dist.set_phase("gathering the results")
-        rows = dist.all_gather_objects(row)
+        mine = train.run(cfg, topo, out_dir, say)
+        topo.set_phase("gathering the results")
+        rows = [row for part in dist.all_gather_objects(topo, mine) for row in part]
         if topo.rank == 0:
             dataset = cfg.data.path if cfg.data.path != "embedded" else f"embedded-{cfg.data.scenario}"
             results = build_results(cfg.to_dict(), rows, dataset, time.perf_counter() - start)
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             if cfg.log.wandb == "offline":
                 print(f"wandb sync {out_dir / 'wandb'}/offline-run-*   # uploads the offline W&B runs")
         # leave together: a rank that tears gloo down while another still talks to it aborts
-        dist.set_phase("the end of the run")
+        topo.set_phase("the end of the run")
         dist.barrier(topo)
         return 0
     except (ConfigError, CheckpointError) as exc:
@@ -177,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     except Exception as exc:
-        print(f"[comigs] user {topo.user_idx} (rank {topo.rank}) failed: {type(exc).__name__}: {exc}",
-              file=sys.stderr, flush=True)
+        users = topo.local_users
+        who = f"user {users[0]}" if len(users) == 1 else f"users {users[0]}-{users[-1]}"
+        print(f"[comigs] {who} (rank {topo.rank}) failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         if isinstance(exc, dist.PeerFailure):
             return 1  # a consequence of another user's failure; the message says which
         dist.report_failure(f"{type(exc).__name__}: {exc}")  # so the other users can name the cause

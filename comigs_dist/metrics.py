@@ -1,9 +1,9 @@
 """Where numbers go: per-user TensorBoard writers, results.json and the summary table.
 
-Owns the logger chosen once per rank (a TensorBoard writer under ``<out_dir>/tb/user_XX``, a W&B
-run from ``wandb_logger``, both through one fan-out, or a no-op), the TensorBoard chart layout
-(custom scalars), the progress bars (rank 0 only; plain lines when not on a terminal), the
-results.json contract that analysis, sweeps and checks read, and the table rank 0 prints.
+Owns the loggers (a TensorBoard writer under ``<out_dir>/tb/user_XX``, a W&B run from
+``wandb_logger``, both through one fan-out, or a no-op), the progress bars (rank 0 only; plain
+lines when not on a terminal), the results.json contract that analysis, sweeps and checks read,
+and the table rank 0 prints. What is logged under which tag is ``monitor``'s.
 Knows nothing of training decisions.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ class NullLogger:
         pass
 
     def layout(self, layout: dict) -> None:
-        """Chart layout for TensorBoard's custom-scalars dashboard (see ``scalar_layout``)."""
+        """Chart layout for TensorBoard's custom-scalars dashboard (``monitor.scalar_layout``)."""
         pass
 
     def summary(self, values: dict[str, Any]) -> None:
@@ -114,41 +114,6 @@ def build_logger(out_dir: Path, user_idx: int, enabled: bool, purge_step: int | 
     if not loggers:
         return NullLogger()
     return loggers[0] if len(loggers) == 1 else FanOutLogger(loggers)
-
-
-def scalar_layout(n_layers: int, n_experts: int, n_generalists: int) -> dict:
-    """Custom-scalars charts for one user, over the tags train.py logs.
-
-    The paper's Figures 3 and 10 plot, per user, the expert score (mean router probability) of
-    the generalist and of the specialist against iterations, one curve per layer; here they are
-    two charts (generalists, specialists) with one curve per layer, plus one chart per layer
-    with every expert of that layer. Figures 4-6 and 9 plot test perplexity against iterations.
-    Charts match tags by regular expression (anchored at the start), so the layout is the same
-    for every user with the same expert counts and TensorBoard shows it once.
-    """
-    def experts_regex(ids: list[int]) -> str:
-        return rf"router/prob/layer_\d+/expert_({'|'.join(map(str, ids))})$"
-    generalists, specialists = list(range(n_generalists)), list(range(n_generalists, n_experts))
-    scores = {}
-    for name, ids in (("generalist", generalists), ("specialist", specialists)):
-        if ids:
-            label = f"expert {ids[0]}" if len(ids) == 1 else f"experts {ids[0]}-{ids[-1]}"
-            scores[f"{name} expert score ({label}), one curve per layer"] = ["Multiline", [experts_regex(ids)]]
-    layers = {f"layer {layer:02d}: every expert": ["Multiline", [rf"router/prob/layer_{layer:02d}/expert_\d+$"]]
-              for layer in range(n_layers)}
-    return {
-        "expert scores (paper Fig. 3, 10)": scores,
-        "expert scores by layer": layers,
-        "perplexity (paper Fig. 4-6, 9)": {
-            "test perplexity": ["Multiline", [r"test/ppl$", r"base/ppl$"]],
-            "losses": ["Multiline", [r"train/loss$", r"train/ce$", r"train/router_loss$", r"valid/loss$", r"test/loss$"]],
-        },
-        "communication": {"bytes": ["Multiline", [r"comm/bytes_sent$", r"comm/bytes_received$"]],
-                          "bytes per round, counted and analytic": [
-                              "Multiline", [r"comm/round_bytes_sent$", r"comm/round_bytes_received$",
-                                            r"comm/analytic_round_bytes$"]],
-                          "seconds in collectives per round": ["Multiline", [r"comm/round_seconds$"]]},
-    }
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ _COUNTERS = ("train_tokens", "train_seconds", "last_loss", "guard_skipped_rounds
 def user_state(run, round_idx: int) -> dict:
     """Everything that decides this user's next round, in types a weights_only load accepts."""
     return {
-        "format": checkpoint.FORMAT, "user": run.topo.user_idx, "round": round_idx, "method": run.cfg.method,
+        "format": checkpoint.FORMAT, "user": run.user_idx, "round": round_idx, "method": run.cfg.method,
         "config": run.cfg.to_dict(), "step": run.step, "router_step": run.router_step,
         "params": {k: v.detach().cpu() for k, v in run.model.trainable_state().items()},
         # gradients carried into the next round: only under the reference's leak (reference_quirks)
@@ -44,13 +44,13 @@ def user_state(run, round_idx: int) -> dict:
         "expert_sched": run.expert_sched.state_dict() if run.expert_sched else None,
         "router_opt": run.router_opt.state_dict() if run.router_opt else None,
         "train_sampler": run.train_sampler.state_dict(), "router_sampler": run.router_sampler.state_dict(),
-        "method_state": run.method.state_dict(),
+        "method_state": run.method.state_dict(run),
         "rng": checkpoint.capture_rng(),
         "counters": {k: getattr(run, k) for k in _COUNTERS},
         "history": list(run.history),
         "train_curve": list(run.train_curve),
         "base": dataclasses.asdict(run.base) if run.base is not None else None,
-        "comm": dataclasses.asdict(run.topo.stats),
+        "comm": dataclasses.asdict(run.stats),
         # what a resume must find unchanged: the tokens (meta.json's shard checksums) and, beside
         # the full config above, a digest of the options that change results
         "data": data_fingerprint(run.data.meta),
@@ -74,7 +74,7 @@ def apply_state(run, state: dict) -> None:
             obj.load_state_dict(state[key])
     run.train_sampler.load_state_dict(state["train_sampler"])
     run.router_sampler.load_state_dict(state["router_sampler"])
-    run.method.load_state_dict(state.get("method_state") or {})  # e.g. HetLoRA's pruned ranks
+    run.method.load_state_dict(run, state.get("method_state") or {})  # e.g. HetLoRA's pruned ranks
     run.step, run.router_step = int(state["step"]), int(state["router_step"])
     for key in _COUNTERS:
         if key in state["counters"]:
@@ -83,7 +83,7 @@ def apply_state(run, state: dict) -> None:
     run.train_curve = list(state.get("train_curve", []))  # absent from checkpoints of older versions
     if state["base"] is not None:
         run.base = EvalResult(**state["base"])
-    run.topo.stats = dist.CommStats(**state["comm"])
+    run.stats.__dict__.update(dataclasses.asdict(dist.CommStats(**state["comm"])))  # the object Comm counts into
     checkpoint.restore_rng(state["rng"])
 
 
@@ -103,27 +103,33 @@ def _checkpointing(cfg) -> bool:
 # saving (every user at the same round: a collective)
 # --------------------------------------------------------------------------------------------
 
-def save_user(run, out_dir: Path, name: str, round_idx: int) -> Path:
-    """Write this user's state as ``name``; once every user has written (a small gather), rank 0
-    records the round in the manifest and each user prunes to ``checkpoint.keep`` rounds. A
-    failed write (disk full) stops every user with the same message, with no partial file."""
-    topo, user = run.topo, run.topo.user_idx
-    path = checkpoint.user_dir(out_dir, user) / name
-    problem, size = None, 0
-    try:
-        checkpoint.save_atomic(user_state(run, round_idx), path,
-                               before_publish=lambda: faults.during_checkpoint(run, round_idx))
-        size = path.stat().st_size
-    except OSError as exc:
-        problem = f"user {user}: {exc.strerror or exc}"
-    entries = dist.all_gather_objects({"user": user, "file": str(path.relative_to(checkpoint.checkpoints_dir(out_dir))),
-                                       "bytes": size, "problem": problem})
+def save(rank, out_dir: Path, name: str, round_idx: int) -> None:
+    """Write every user's state as ``name``; once every user of every rank has written (a small
+    gather), rank 0 records the round in the manifest and each user prunes to
+    ``checkpoint.keep`` rounds. A failed write (disk full) stops every user with the same
+    message, with no partial file."""
+    topo, cfg = rank.topo, rank.cfg
+    mine = []
+    for run in rank.users:
+        user = run.user_idx
+        path = checkpoint.user_dir(out_dir, user) / name
+        problem, size = None, 0
+        try:
+            checkpoint.save_atomic(user_state(run, round_idx), path,
+                                   before_publish=lambda run=run: faults.during_checkpoint(run, round_idx))
+            size = path.stat().st_size
+        except OSError as exc:
+            problem = f"user {user}: {exc.strerror or exc}"
+        mine.append({"user": user, "file": str(path.relative_to(checkpoint.checkpoints_dir(out_dir))),
+                     "bytes": size, "problem": problem})
+    entries = sorted((e for part in dist.all_gather_objects(topo, mine) for e in part), key=lambda e: e["user"])
     problems = [e["problem"] for e in entries if e["problem"]]
     if problems:
         raise checkpoint.CheckpointError("; ".join(problems))
     is_round = name == checkpoint.round_file(round_idx)
     if is_round:
-        checkpoint.prune(path.parent, run.cfg.checkpoint.keep)
+        for run in rank.users:
+            checkpoint.prune(checkpoint.user_dir(out_dir, run.user_idx), cfg.checkpoint.keep)
     if topo.rank == 0:
         try:
             manifest = checkpoint.read_manifest(out_dir) or {}
@@ -133,16 +139,15 @@ def save_user(run, out_dir: Path, name: str, round_idx: int) -> Path:
         if is_round:
             rounds.add(round_idx)
         rounds = sorted(rounds)
-        if is_round and run.cfg.checkpoint.keep:
-            rounds = rounds[-run.cfg.checkpoint.keep:]
-        manifest.update({"format": checkpoint.FORMAT, "method": run.cfg.method, "seed": run.cfg.seed,
-                         "n_users": topo.world_size, "round": max(rounds) if rounds else None, "rounds": rounds,
-                         "config_fingerprint": checkpoint.config_fingerprint(run.cfg.to_dict()),
-                         "data_fingerprint": data_fingerprint(run.data.meta)["digest"],
+        if is_round and cfg.checkpoint.keep:
+            rounds = rounds[-cfg.checkpoint.keep:]
+        manifest.update({"format": checkpoint.FORMAT, "method": cfg.method, "seed": cfg.seed,
+                         "n_users": topo.n_users, "round": max(rounds) if rounds else None, "rounds": rounds,
+                         "config_fingerprint": checkpoint.config_fingerprint(cfg.to_dict()),
+                         "data_fingerprint": data_fingerprint(rank.users[0].data.meta)["digest"],
                          "restart_count": dist.restart_count(), "written": time.strftime("%Y-%m-%dT%H:%M:%S")})
         manifest["final" if not is_round else "users"] = entries_without_problem(entries)
         checkpoint.write_manifest(out_dir, manifest)
-    return path
 
 
 def entries_without_problem(entries: list[dict]) -> list[dict]:
@@ -153,7 +158,7 @@ def entries_without_problem(entries: list[dict]) -> list[dict]:
 # before training: where to start (every user agrees), and can we write
 # --------------------------------------------------------------------------------------------
 
-def _choose_round(cfg, gathered: list[dict], out_dir: Path) -> tuple[int, str | None]:
+def _choose_round(cfg, gathered: list[dict], out_dir: Path, manifest_round: int | None) -> tuple[int, str | None]:
     """(round to resume from (0 = fresh), problem) from every user's list of checkpointed rounds.
     Never a silent fresh start: when users disagree so that no round is common to all (one lost
     its files, or sees another disk), or the manifest records rounds no user holds, the run stops
@@ -163,7 +168,7 @@ def _choose_round(cfg, gathered: list[dict], out_dir: Path) -> tuple[int, str | 
     have = {u: sorted(r) for u, r in enumerate(per_user) if r}
     listing = "; ".join(f"user {u}: rounds {sorted(r)}" if r else f"user {u}: none" for u, r in enumerate(per_user))
     where = checkpoint.checkpoints_dir(out_dir)
-    manifest = gathered[0].get("manifest_round")
+    manifest = manifest_round
     if cfg.resume == "false":
         if have:
             return 0, (f"out_dir {out_dir} already holds round checkpoints ({listing}) and resume=false: continue "
@@ -211,13 +216,12 @@ def _merge_alike(problems: list[str]) -> list[str]:
             if files else rest for rest, files in grouped.items()]
 
 
-def restore_user(run, out_dir: Path, say=lambda msg: None) -> int:
-    """Agree with every user where the run starts, check the output directory, and restore this
-    user's state when resuming. Returns the number of rounds already done (0 on a fresh start).
-    Raises ConfigError on every rank together when something is wrong."""
-    cfg, topo, user = run.cfg, run.topo, run.topo.user_idx
+def restore(rank, out_dir: Path, say=lambda msg: None) -> int:
+    """Agree with every user where the run starts, check the output directory, and restore the
+    rank's users' states when resuming. Returns the number of rounds already done (0 on a fresh
+    start). Raises ConfigError on every rank together when something is wrong."""
+    cfg, topo = rank.cfg, rank.topo
     out_dir = Path(out_dir)
-    my_dir = checkpoint.user_dir(out_dir, user)
     manifest_round = None
     if topo.rank == 0:
         try:
@@ -225,36 +229,44 @@ def restore_user(run, out_dir: Path, say=lambda msg: None) -> int:
             manifest_round = manifest.get("round") if manifest else None
         except checkpoint.CheckpointError:
             manifest_round = None  # the per-user files decide; a broken manifest is rewritten at the next save
-    gathered = dist.all_gather_objects({"rounds": checkpoint.available_rounds(my_dir),
-                                        "bytes": checkpoint_bytes(run), "manifest_round": manifest_round})
-    start, problem = _choose_round(cfg, gathered, out_dir)
+    mine = {run.user_idx: {"rounds": checkpoint.available_rounds(checkpoint.user_dir(out_dir, run.user_idx)),
+                           "bytes": checkpoint_bytes(run)} for run in rank.users}
+    parts = dist.all_gather_objects(topo, (manifest_round, mine))
+    manifest_round = parts[0][0]
+    by_user = {u: g for _, part in parts for u, g in part.items()}
+    gathered = [by_user[u] for u in range(topo.n_users)]
+    start, problem = _choose_round(cfg, gathered, out_dir, manifest_round)
 
-    problems = []
+    problems, states = [], {}
     if problem is None:
-        if _checkpointing(cfg) and run.method.trains:
-            # conservative: every user's checkpoint may land on the same file system
-            need = sum(g["bytes"] for g in gathered)
-            if (p := checkpoint.check_writable(my_dir, need, f"the checkpoint directory of user {user}")) is not None:
-                problems.append(p)
-        if start:
-            path = my_dir / checkpoint.round_file(start)
-            try:
-                state = checkpoint.load(path)
-                problems += checkpoint.validate(state, path, user, cfg.method, run.model.trainable_state(),
-                                                cfg.to_dict(), data=data_fingerprint(run.data.meta))
-            except (checkpoint.CheckpointError, FileNotFoundError) as exc:
-                problems.append(str(exc))
-    verdicts = dist.all_gather_objects(problems)
+        for run in rank.users:
+            user, my_dir = run.user_idx, checkpoint.user_dir(out_dir, run.user_idx)
+            if _checkpointing(cfg) and run.method.trains:
+                # conservative: every user's checkpoint may land on the same file system
+                need = sum(g["bytes"] for g in gathered)
+                if (p := checkpoint.check_writable(my_dir, need, f"the checkpoint directory of user {user}")) is not None:
+                    problems.append(p)
+            if start:
+                path = my_dir / checkpoint.round_file(start)
+                try:
+                    states[user] = checkpoint.load(path)
+                    problems += checkpoint.validate(states[user], path, user, cfg.method, run.model.trainable_state(),
+                                                    cfg.to_dict(), data=data_fingerprint(run.data.meta))
+                except (checkpoint.CheckpointError, FileNotFoundError) as exc:
+                    problems.append(str(exc))
+    verdicts = dist.all_gather_objects(topo, problems)
     if problem is not None:
         raise ConfigError(problem)
     all_problems = _merge_alike([p for ps in verdicts for p in ps])
     if all_problems:
         raise ConfigError(f"cannot {'resume' if start else 'start'} the run in {out_dir}: " + "; ".join(all_problems[:8])
                           + ("" if len(all_problems) <= 8 else f"; ... ({len(all_problems)} problems)"))
-    checkpoint.remove_partial(my_dir)  # what a writer killed mid-file left (the run holds out_dir's lock)
+    for run in rank.users:  # what a writer killed mid-file left (the run holds out_dir's lock)
+        checkpoint.remove_partial(checkpoint.user_dir(out_dir, run.user_idx))
     if not start:
         return 0  # a manifest is never deleted here: _choose_round refused any that describes files
-    apply_state(run, state)
+    for run in rank.users:
+        apply_state(run, states[run.user_idx])
     attempt = dist.restart_count()
     ahead = {u: sorted(r for r in g["rounds"] if r > start) for u, g in enumerate(gathered)}
     ahead_text = "; ".join(f"user {u} also holds rounds {r}" for u, r in ahead.items() if r)

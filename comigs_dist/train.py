@@ -1,15 +1,15 @@
 """Algorithm 1 of the paper as a readable loop, with its optimisers and schedules.
 
-Owns one user's run: build the model, data, optimisers and samplers; then, every round,
-synchronise the shared parameters, take the local expert steps on training batches (router
-frozen) and, every tau local iterations, the router steps on the router's split (experts
-frozen); evaluate; checkpoint. Methods plug in through their hooks; this file never branches on
-a method's name. Gradients never leak between the two levels: only the phase's parameters
-require gradients, and gradients are dropped after every step (unless a method reproduces the
-reference code's leak, ``Method.requires_grad_in``: then each optimiser clears only its own
-gradients, and the other level's pile up as in the reference). Resuming
-(``resume.restore_user``) and the non-finite guard (``guard``) are called from here but live in
-modules of their own.
+Owns a rank's run: the frozen base (one per rank) and each of its users' state (``UserState``:
+adapters, optimisers, samplers, counters); then, every round: synchronise the shared parameters
+(the method's ``sync``, the first round included), take the local expert steps on training
+batches (router frozen, eq. 2) and, every tau local iterations, the router steps on the router's
+split (experts frozen, eq. 3); evaluate; checkpoint. Methods plug in through their hooks; this
+file never branches on a method's name. Gradients never leak between the two levels: only the
+phase's parameters require gradients, and gradients are dropped after every step (unless a method
+reproduces the reference code's leak, ``Method.requires_grad_in``: then each optimiser clears only
+its own gradients). Monitoring (``monitor``), resuming (``resume``), the non-finite guard
+(``guard``) and injected faults (``faults``) are called from here but own their details.
 """
 from __future__ import annotations
 
@@ -26,10 +26,9 @@ from comigs_dist.config import RunConfig, to_yaml
 from comigs_dist.data import BatchSampler, UserData, load_user_data
 from comigs_dist.evaluate import EvalResult, evaluate_split
 from comigs_dist.methods import Method, SyncContext, get_method
-from comigs_dist.metrics import NullProgress, build_logger, build_progress, scalar_layout
-from comigs_dist.model import UserModel, adapter_spec_for, build_user_model
+from comigs_dist.model import AdaptedBase, UserModel, adapter_spec_for, build_user_model
 from comigs_dist.model.shared_base import plan_sharing
-from comigs_dist.wandb_logger import options_for as wandb_options
+from comigs_dist.monitor import Monitor
 from comigs_dist.seeds import derive_seed
 
 
@@ -48,9 +47,9 @@ def resolve_dataset(cfg: RunConfig, n_users: int) -> Path:
 
 def prepare_assets(cfg: RunConfig, n_users: int, progress: bool = False) -> None:
     """Generate the embedded corpus and pretrain the embedded base if they are not cached yet;
-    refuse a dataset that cannot serve this run (a malformed meta.json, fewer users than ranks,
-    splits shorter than one window, users holding other categories than data.categories says) and
-    data tokenized differently from the model."""
+    refuse a dataset that cannot serve this run (a malformed meta.json, fewer users than the run
+    has, splits shorter than one window, users holding other categories than data.categories
+    says) and data tokenized differently from the model."""
     data_dir = resolve_dataset(cfg, n_users)
     from comigs_dist.data import check_categories, check_dataset
     from comigs_dist.model import check_model_matches_data
@@ -72,7 +71,7 @@ def resolve_amp(device: torch.device, amp: str) -> str:
 def resolve_base_dtype(dtype: str, device: torch.device, amp: str) -> torch.dtype:
     """How the frozen base is stored. 'auto' and 'fp32': fp32, computed under the autocast of
     train.amp (bf16 on a GPU), as the reference runs it; 'bf16' only when asked for, which halves
-    the base's memory but runs the residual stream in bf16 (README: the measured difference)."""
+    the base's memory but runs the residual stream in bf16 (docs: the measured difference)."""
     if dtype in ("auto", "fp32"):
         return torch.float32
     if dtype == "bf16":
@@ -107,86 +106,131 @@ def build_optimizer(params: list[torch.nn.Parameter], lr: float, cfg_train, devi
                              weight_decay=cfg_train.weight_decay, fused=device.type == "cuda")
 
 
-class CommHandle:
-    """The communication a method may use, bound to this run's topology and comm settings.
-
-    ``count=True`` (guard.nan=skip) sends a contributor count with every mean, and
-    ``contributing`` says whether this user takes part in the next ones: a user whose shared
-    parameters are not finite sits the round out and receives the others' average. A method
-    with its own aggregation operator must honour ``contributing`` too."""
-
-    def __init__(self, topo: dist.Topology, mode: str, dtype: str, count: bool = False, exact: bool = True):
-        self.topo, self.mode, self.dtype, self.count, self.exact = topo, mode, dtype, count, exact
-        self.contributing = True
-
-    def mean(self, group: str, tensors: list[torch.Tensor]) -> int:
-        return dist.sync_mean(self.topo, group, tensors, self.mode, self.dtype, self.count, self.contributing,
-                              self.exact)
-
-    @contextlib.contextmanager
-    def abstaining(self, abstain: bool = True):
-        """Within the block this user contributes nothing to a mean (it still takes part)."""
-        before = self.contributing
-        self.contributing = before and not abstain
-        try:
-            yield
-        finally:
-            self.contributing = before
-
-    def broadcast(self, group: str, tensors: list[torch.Tensor]) -> None:
-        dist.broadcast_from(self.topo, group, tensors)
-
-    def sum(self, group: str, tensors: list[torch.Tensor]) -> int:
-        """In place: each tensor becomes its sum over the group (weighted means, scalars first)."""
-        return dist.sync_sum(self.topo, group, tensors, self.dtype, self.exact)
-
-    def gather(self, group: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Every member's tensors as one flat fp32 vector per member, in member order."""
-        return dist.gather_flat(self.topo, group, tensors, self.dtype)
-
-    def sum_scalars(self, group: str, values: list[float]) -> list[float]:
-        return dist.sync_sum_scalars(self.topo, group, values)
-
-    def mean_gradients(self, group: str, params: list[torch.nn.Parameter]) -> int:
-        return dist.mean_gradients(self.topo, group, params, self.count, self.contributing, self.exact)
-
-    def members(self, group: str) -> tuple[int, ...]:
-        return self.topo.members(group)
-
+# --------------------------------------------------------------------------------------------
+# a user, and a rank's users
+# --------------------------------------------------------------------------------------------
 
 @dataclass
-class UserRun:
-    """Everything one user holds during a run."""
+class UserState:
+    """Everything one user holds during a run: it trains, sits a round out, checkpoints and is
+    restored on its own."""
     cfg: RunConfig
-    topo: dist.Topology
+    user_idx: int
+    device: torch.device
     method: Method
     model: UserModel
     data: UserData
-    shared: dict[str, list]
+    shared: dict[str, list]                   # group -> [(name, parameter)], one flat buffer per group
     expert_opt: torch.optim.Optimizer | None
     expert_sched: torch.optim.lr_scheduler.LambdaLR | None
     router_opt: torch.optim.Optimizer | None
     train_sampler: BatchSampler
     router_sampler: BatchSampler
-    step: int = 0                 # local iterations done, counted across rounds (s in the paper's appendix)
+    stats: dist.CommStats = field(default_factory=dist.CommStats)  # what this user sent and received
+    method_state: object = None               # what the method keeps for this user (HetLoRA's ranks, ...)
+    step: int = 0                             # local iterations done, across rounds (s in the paper's appendix)
     router_step: int = 0
     train_tokens: int = 0
     train_seconds: float = 0.0
     last_loss: float = float("nan")
-    history: list = field(default_factory=list)
+    history: list = field(default_factory=list)      # test perplexity at evaluations
     train_curve: list = field(default_factory=list)  # per round: the mean loss of its expert steps
     base: EvalResult | None = None            # the model before training (kept for a resume)
     guard_skipped_rounds: int = 0             # rounds this user sat out (guard.nan=skip)
     guard_skipped_steps: int = 0              # optimiser steps dropped for a non-finite loss
+    contributing: bool = True                 # takes part in this round's means (guard.nan=skip)
+    sits_out_gradients: bool = False          # sits this step's gradient average out (guard.nan=skip)
+
+    @property
+    def n_train_tokens(self) -> int:
+        return len(self.data.train)
+
+    def expert_params(self) -> list[torch.nn.Parameter]:
+        """The parameters the expert optimiser steps that hold a gradient now."""
+        if self.expert_opt is None:
+            return []
+        return [p for g in self.expert_opt.param_groups for p in g["params"] if p.grad is not None]
 
 
-def analytic_round_bytes(run: UserRun, comm_cfg, topo: dist.Topology, count: bool) -> dict:
-    """What one aggregation round should cost this user, from the shapes of its shared parameters
+@dataclass
+class RankRun:
+    """One rank's part of a run: the topology, the method, the communication, the frozen base its
+    users share, and its users."""
+    cfg: RunConfig
+    topo: dist.Topology
+    method: Method
+    comm: dist.Comm
+    base: AdaptedBase
+    users: list[UserState]
+    autocast: object
+
+
+def build_user(cfg: RunConfig, topo: dist.Topology, method: Method, base: AdaptedBase | None, user: int,
+               share=None) -> UserState:
+    """One user's model over the rank's base, its data, shared groups, optimisers and samplers."""
+    data_dir = resolve_dataset(cfg, topo.n_users)
+    data = load_user_data(data_dir, user, cfg.train.seq_len, float(cfg.per_user("data.share", user)), cfg.data.verify)
+    spec = method.adapter_spec(cfg, user, adapter_spec_for(cfg, user, method.routed))
+    model = build_user_model(cfg, user, data.vocab_size, method.routed, spec, share, base).to(topo.device)
+    shared: dict[str, list] = {}
+    for name, tag in model.report.tags.items():
+        if method.is_shared(tag):
+            shared.setdefault(method.group_of(tag, user), []).append((name, model.report.params[name]))
+    t = cfg.train
+    expert_params = model.set_trainable(lambda tag: method.trains_in("expert", tag)) if method.trains else []
+    router_params = ([p for _, p in model.report.select(lambda tag: method.trains_in("router", tag))]
+                     if method.trains else [])
+    expert_opt = build_optimizer(expert_params, t.lr, t, topo.device)
+    expert_sched = None
+    if expert_opt is not None:
+        factor = cosine_schedule(t.rounds * t.local_steps, t.min_lr_ratio) if t.schedule == "cosine" else (lambda s: 1.0)
+        expert_sched = torch.optim.lr_scheduler.LambdaLR(expert_opt, factor)
+    router_opt = build_optimizer(router_params, t.router_lr, t, topo.device)
+    router_tokens = data.valid if method.router_split == "valid" else data.train
+    state = UserState(cfg=cfg, user_idx=user, device=topo.device, method=method, model=model, data=data,
+                      shared={g: shared[g] for g in sorted(shared)}, expert_opt=expert_opt,
+                      expert_sched=expert_sched, router_opt=router_opt,
+                      train_sampler=BatchSampler(data.train, t.seq_len, derive_seed(cfg.seed, user, "train_batches")),
+                      router_sampler=BatchSampler(router_tokens, t.seq_len, derive_seed(cfg.seed, user, "router_batches")))
+    method.prepare_user(state)
+    return state
+
+
+def build_rank(cfg: RunConfig, topo: dist.Topology, method: Method | None = None) -> RankRun:
+    """The rank's base (one read-only copy per host when sharing is on, cast once), its users,
+    their shared groups' shape handshake and packed buffers, and the communication handle."""
+    method = method or get_method(cfg.method, cfg)
+    if not topo.groups:  # main builds them right after the process group forms
+        topo.build_groups(method.sharing_groups(topo.n_users))
+    share = plan_sharing(cfg.model.share_base, cfg.comm.timeout_s, topo)
+    users: list[UserState] = []
+    base = None
+    for u in topo.local_users:
+        state = build_user(cfg, topo, method, base, u, share)
+        base = state.model.base
+        users.append(state)
+    if resolve_base_dtype(cfg.model.dtype, topo.device, cfg.train.amp) == torch.bfloat16:
+        base.cast_frozen_(torch.bfloat16)
+    # shape handshake before the first collective: names the group, user and parameter that differ
+    dist.check_group_shapes(topo, {u.user_idx: u.shared for u in users})
+    for u in users:
+        for params in u.shared.values():  # each group's parameters in one buffer: the sync copies nothing
+            dist.pack_flat([p for _, p in params])
+    comm = dist.Comm(topo, cfg.comm.mode, cfg.comm.dtype, exact=cfg.comm.exact, count=cfg.guard.nan == "skip")
+    comm.mark_checked(topo.groups)
+    for u in users:
+        u.stats = comm.user_stats[u.user_idx]
+    return RankRun(cfg=cfg, topo=topo, method=method, comm=comm, base=base, users=users,
+                   autocast=autocast_for(topo.device, cfg.train.amp))
+
+
+def analytic_round_bytes(user: UserState, comm_cfg, topo: dist.Topology, count: bool) -> dict:
+    """What one aggregation round should cost a user, from the shapes of its shared parameters
     (``dist.round_bytes``: S up and down in server mode, N*S each way in all2all, S in comm.dtype
     plus the contributor count under guard.nan=skip): per group and in total. This is the mean
     every method defaults to; methods with an aggregation of their own move what they move."""
     groups, total = {}, {"sent": 0, "received": 0}
-    for group, params in run.shared.items():
+    for group, params in user.shared.items():
         numel = sum(p.numel() for _, p in params)
         members = topo.members(group)
         payload = dist.payload_bytes(numel + (1 if count else 0), comm_cfg.dtype)
@@ -198,280 +242,263 @@ def analytic_round_bytes(run: UserRun, comm_cfg, topo: dist.Topology, count: boo
     return {"groups": groups, "total": total}
 
 
-def setup_user(cfg: RunConfig, topo: dist.Topology) -> UserRun:
-    user = topo.user_idx
-    method = get_method(cfg.method, cfg)
-    data_dir = resolve_dataset(cfg, topo.world_size)
-    data = load_user_data(data_dir, user, cfg.train.seq_len, float(cfg.per_user("data.share", user)), cfg.data.verify)
-    spec = method.adapter_spec(cfg, user, adapter_spec_for(cfg, user, method.routed))
-    # the frozen base: one read-only copy per host, mapped by every local rank, when sharing is on
-    share = plan_sharing(cfg.model.share_base, cfg.comm.timeout_s, topo)
-    model = build_user_model(cfg, user, data.vocab_size, method.routed, spec, share).to(topo.device)
-    method.prepare_model(model, user)
-    if resolve_base_dtype(cfg.model.dtype, topo.device, cfg.train.amp) == torch.bfloat16:
-        model.cast_frozen_(torch.bfloat16)
+# --------------------------------------------------------------------------------------------
+# the steps of Algorithm 1
+# --------------------------------------------------------------------------------------------
 
-    # process groups, created once on every rank in a fixed order
-    topo.build_groups(method.sharing_groups(topo.world_size))
-    by_group: dict[str, list] = {}
-    for name, tag in model.report.tags.items():
-        if method.is_shared(tag):
-            by_group.setdefault(method.group_of(tag, user), []).append((name, model.report.params[name]))
-    # sorted: a user in several groups meets the others in each group's collective in one order
-    shared = {group: by_group[group] for group in sorted(by_group)}
-    # shape handshake before the first collective: names the group, user and parameter that differ
-    dist.check_group_shapes(topo, shared)
-    for params in shared.values():  # each group's parameters in one buffer: the sync copies nothing
-        dist.pack_flat([p for _, p in params])
-
-    expert_params = model.set_trainable(method.trains_in_expert_phase) if method.trains else []
-    router_params = [p for n, p in model.report.select(method.trains_in_router_phase)] if method.trains else []
-    t = cfg.train
-    expert_opt = build_optimizer(expert_params, t.lr, t, topo.device)
-    expert_sched = None
-    if expert_opt is not None:
-        factor = cosine_schedule(t.rounds * t.local_steps, t.min_lr_ratio) if t.schedule == "cosine" else (lambda s: 1.0)
-        expert_sched = torch.optim.lr_scheduler.LambdaLR(expert_opt, factor)
-    router_opt = build_optimizer(router_params, t.router_lr, t, topo.device)
-    router_tokens = data.valid if method.router_split == "valid" else data.train
-    return UserRun(cfg=cfg, topo=topo, method=method, model=model, data=data, shared=shared,
-                   expert_opt=expert_opt, expert_sched=expert_sched, router_opt=router_opt,
-                   train_sampler=BatchSampler(data.train, t.seq_len, derive_seed(cfg.seed, user, "train_batches")),
-                   router_sampler=BatchSampler(router_tokens, t.seq_len,
-                                               derive_seed(cfg.seed, user, "router_batches")))
+def sync(rank: RankRun, round_idx: int) -> None:
+    """The shared parameters of the rank's users meet the other users' (the method's ``sync``):
+    round 0 is the common start, later rounds download the aggregate of what the users uploaded.
+    No NaN or inf reaches a collective: a user stops the run or sits the round out (guard.nan)."""
+    users = rank.users
+    for u in users:
+        if round_idx > 0:
+            faults.before_sync(u, round_idx)
+            u.contributing = guard.check_shared(u, round_idx)
+    rank.method.sync(SyncContext(round_idx=round_idx, comm=rank.comm, users=users,
+                                 evaluate_valid=lambda u: evaluate_valid(u, rank.autocast).loss))
+    for u in users:
+        u.contributing = True
 
 
-def optimizer_step(run: UserRun, sampler: BatchSampler, opt: torch.optim.Optimizer, autocast,
-                   expert_phase: bool = True, comm: "CommHandle | None" = None) -> tuple[float, float, float]:
-    """One optimiser step on ``train.batch_size`` sequences, accumulated over micro-batches.
-    Returns (loss, cross-entropy, load-balancing loss) averaged over the micro-batches."""
-    t = run.cfg.train
+def _micro_batches(user: UserState, sampler: BatchSampler, expert_phase: bool, autocast) -> tuple[float, float, float]:
+    """Forward and backward of one optimiser step's micro-batches (gradients accumulate);
+    returns (loss, cross-entropy, load-balancing loss) averaged over them."""
+    t, model = user.cfg.train, user.model
     micro = t.micro_batch_size or t.batch_size
     n_micro = t.batch_size // micro
     totals = [0.0, 0.0, 0.0]
     for _ in range(n_micro):
-        x, y = sampler.sample(micro, run.topo.device)
+        x, y = sampler.sample(micro, user.device)
         with autocast():
-            out = run.model(x, y)
-            loss = out.ce + run.cfg.moe.lb_weight * out.lb
-            extra = run.method.extra_loss(run.model) if expert_phase else None
+            out = model(x, y)
+            loss = out.ce + user.cfg.moe.lb_weight * out.lb
+            extra = user.method.extra_loss(user) if expert_phase else None
             if extra is not None:
                 loss = loss + extra
         (loss / n_micro).backward()
         for i, v in enumerate((loss, out.ce, out.lb)):
             totals[i] += float(v.detach()) / n_micro
-    # a non-finite loss stops the run (guard.nan=stop) before any collective, or drops the step
-    drop = not math.isfinite(totals[0]) and guard.check_loss(run, totals[0], expert_phase)
-    params = [p for g in opt.param_groups for p in g["params"]]
-    averaged = expert_phase and comm is not None and run.method.reduces_gradients
-    if expert_phase and comm is not None:
-        if not drop and averaged:  # gradients are about to meet the other users': none may be NaN or inf
-            drop = guard.check_gradients(run, params)
-        with comm.abstaining(drop):
-            run.method.reduce_gradients(comm, [p for p in params if p.grad is not None])
-    if drop and not averaged:
-        opt.zero_grad(set_to_none=True)
-        return totals[0], totals[1], totals[2]
-    # a user that sat out a gradient average received the others' mean: it steps with it, so that
-    # data-parallel replicas stay one model
-    if t.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    if expert_phase:
-        run.method.after_expert_step(run.model)
     return totals[0], totals[1], totals[2]
 
 
-def evaluate_test(run: UserRun, autocast, progress: NullProgress = NullProgress()) -> EvalResult:
-    e = run.cfg.eval
-    return evaluate_split(run.model, run.data.test, run.cfg.train.seq_len, e.batch_size, e.max_tokens,
-                          run.topo.device, autocast, progress=progress)
+def _step(opt: torch.optim.Optimizer, grad_clip: float) -> None:
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
-def evaluate_valid(run: UserRun, autocast) -> EvalResult:
-    e = run.cfg.eval
-    return evaluate_split(run.model, run.data.valid, run.cfg.train.seq_len, e.batch_size, e.max_tokens,
-                          run.topo.device, autocast)
+def expert_step(rank: RankRun, users: list[UserState]) -> list[tuple[float, float, float]]:
+    """One local iteration of the experts on training batches, router frozen (eq. 2), for each
+    user; a method that averages gradients (Centralized) does so between the backward and the
+    step. Returns each user's (loss, cross-entropy, load-balancing loss)."""
+    method, t = rank.method, rank.cfg.train
+    results, dropped = [], []
+    for u in users:
+        u.model.set_trainable(method.requires_grad_in("expert"))
+        start = time.perf_counter()
+        losses = _micro_batches(u, u.train_sampler, True, rank.autocast)
+        # a non-finite loss stops the run (guard.nan=stop) before any collective, or drops the step
+        drop = not math.isfinite(losses[0]) and guard.check_loss(u, losses[0], True)
+        if method.reduces_gradients and not drop:  # gradients are about to meet the other users'
+            drop = guard.check_gradients(u, u.expert_params())
+        u.sits_out_gradients = drop
+        u.train_seconds += time.perf_counter() - start
+        results.append(losses)
+        dropped.append(drop)
+    if method.reduces_gradients:
+        method.reduce_gradients(rank.comm, users)
+    for u, losses, drop in zip(users, results, dropped):
+        start = time.perf_counter()
+        if drop and not method.reduces_gradients:
+            u.expert_opt.zero_grad(set_to_none=True)
+        else:
+            # a user that sat out a gradient average received the others' mean: it steps with it,
+            # so that data-parallel replicas stay one model
+            _step(u.expert_opt, t.grad_clip)
+            method.after_expert_step(u)
+        u.sits_out_gradients = False
+        u.expert_sched.step()
+        u.step += 1
+        u.train_tokens += t.batch_size * t.seq_len
+        u.train_seconds += time.perf_counter() - start
+        u.last_loss = losses[0]
+    return results
 
 
-def log_eval(logger, res: EvalResult, step: int, prefix: str = "test") -> None:
-    logger.scalar(f"{prefix}/loss", res.loss, step)
-    logger.scalar(f"{prefix}/ppl", res.ppl, step)
-    for layer, (probs, shares) in enumerate(res.routing):
-        for j, (p, s) in enumerate(zip(probs, shares)):
-            logger.scalar(f"{prefix}_router/prob/layer_{layer:02d}/expert_{j}", p, step)
-            logger.scalar(f"{prefix}_router/share/layer_{layer:02d}/expert_{j}", s, step)
+def router_steps(rank: RankRun, user: UserState, round_idx: int) -> float:
+    """s optimiser steps of a user's routers on its router split, experts frozen (eq. 3);
+    returns their mean loss."""
+    user.model.set_trainable(rank.method.requires_grad_in("router"))
+    losses = []
+    for _ in range(rank.cfg.train.router_steps):
+        loss = _micro_batches(user, user.router_sampler, False, rank.autocast)[0]
+        if math.isfinite(loss) or not guard.check_loss(user, loss, False):
+            _step(user.router_opt, rank.cfg.train.grad_clip)
+        else:
+            user.router_opt.zero_grad(set_to_none=True)
+        losses.append(loss)
+        user.router_step += 1
+        faults.during_router(user, round_idx)
+    return sum(losses) / len(losses)
 
 
-def save_checkpoint(run: UserRun, out_dir: Path, name: str, round_idx: int) -> Path:
-    """Every user's full state (a collective: every user saves the same round); see resume.py."""
-    return resume.save_user(run, out_dir, name, round_idx)
+def router_due(rank: RankRun, user: UserState) -> bool:
+    """Router steps come after every tau-th local iteration (counted across rounds)."""
+    t = rank.cfg.train
+    return user.router_opt is not None and t.router_steps > 0 and user.step % t.router_every == 0
+
+
+def run_round(rank: RankRun, round_idx: int, monitor: Monitor | None = None) -> None:
+    """One round of Algorithm 1 for the rank's users: sync, then the local iterations (expert
+    steps; router steps every tau). Benchmarks and tests drive rounds through this function."""
+    monitor = monitor or Monitor.silent([u.user_idx for u in rank.users])
+    sync(rank, round_idx)
+    round_losses: dict[int, list[float]] = {u.user_idx: [] for u in rank.users}
+    for local_idx in range(rank.cfg.train.local_steps):
+        for u in rank.users:
+            faults.during_round(u, round_idx, local_idx)
+        for u, (loss, ce, lb) in zip(rank.users, expert_step(rank, rank.users)):
+            round_losses[u.user_idx].append(loss)
+            monitor.expert_step(u.user_idx, u.step, loss, ce, lb, u.expert_opt.param_groups[0]["lr"],
+                                u.train_tokens / max(u.train_seconds, 1e-9), u.model.routing_stats())
+        for u in rank.users:
+            if router_due(rank, u):
+                mean = router_steps(rank, u, round_idx)
+                monitor.router_phase(u.user_idx, u.step, rank.method.router_split, mean,
+                                     u.router_opt.param_groups[0]["lr"])
+    for u in rank.users:
+        losses = round_losses[u.user_idx]
+        u.train_curve.append({"round": round_idx + 1, "loss": sum(losses) / len(losses)})
+
+
+def evaluate_test(user: UserState, autocast, progress=None) -> EvalResult:
+    e = user.cfg.eval
+    return evaluate_split(user.model, user.data.test, user.cfg.train.seq_len, e.batch_size, e.max_tokens,
+                          user.device, autocast, progress=progress)
+
+
+def evaluate_valid(user: UserState, autocast) -> EvalResult:
+    e = user.cfg.eval
+    return evaluate_split(user.model, user.data.valid, user.cfg.train.seq_len, e.batch_size, e.max_tokens,
+                          user.device, autocast)
 
 
 # --------------------------------------------------------------------------------------------
 # the loop
 # --------------------------------------------------------------------------------------------
 
-def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None) -> dict:
-    """Run Algorithm 1 for this rank's user; returns the user's row of results.json."""
-    dist.set_phase("setup")
-    user_run = setup_user(cfg, topo)
-    faults.at_setup(user_run)
+def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None) -> list[dict]:
+    """Run Algorithm 1 for this rank's users; returns their rows of results.json."""
+    topo.set_phase("setup")
+    rank = build_rank(cfg, topo)
+    for u in rank.users:
+        faults.at_setup(u)
     # a fresh start, or every user restored to the newest round they all checkpointed
-    done = resume.restore_user(user_run, out_dir, say)
+    done = resume.restore(rank, out_dir, say)
     if topo.rank == 0:  # only now: a refused start or resume leaves the directory as it found it
         from comigs_dist.checkpoint import write_atomic
         write_atomic(Path(out_dir) / "config.yaml", lambda f: f.write(to_yaml(cfg)), text=True)
-    r, model, method, t = user_run, user_run.model, user_run.method, cfg.train
-    # a resumed writer drops what the interrupted attempt logged after its checkpoint
-    logger = build_logger(out_dir, topo.user_idx, cfg.log.tensorboard, purge_step=r.step + 1 if done else None,
-                          wandb=wandb_options(cfg, out_dir, topo.user_idx, resumed=bool(done)))
-    autocast = autocast_for(topo.device, t.amp)
-    comm = CommHandle(topo, cfg.comm.mode, cfg.comm.dtype, count=cfg.guard.nan == "skip", exact=cfg.comm.exact)
-    analytic = analytic_round_bytes(r, cfg.comm, topo, comm.count)
-    logger.layout(scalar_layout(len(model.moe), model.spec.n_experts, model.spec.n_generalists))
-    progress = build_progress(topo.rank == 0 and cfg.log.progress)  # bars on rank 0 only
+    method, t = rank.method, cfg.train
+    monitor = Monitor.build(cfg, topo.rank, [u.user_idx for u in rank.users], out_dir,
+                            {u.user_idx: u.step for u in rank.users} if done else {}, say)
+    analytic = {u.user_idx: analytic_round_bytes(u, cfg.comm, topo, rank.comm.count) for u in rank.users}
 
     # the base model: untrained adapters leave it unchanged (B = 0)
-    if r.base is None:
-        logger.text("config", "```\n" + to_yaml(cfg) + "\n```")
-        r.base = evaluate_test(r, autocast, progress)
-        log_eval(logger, r.base, 0, "base")
-    base = r.base
-    say(f"base model: mean test ppl over users {_mean_over_users(topo, base.ppl):.3f}")
+    for u in rank.users:
+        monitor.start(u.user_idx, None if u.base is not None else to_yaml(cfg), len(u.model.moe),
+                      u.model.spec.n_experts, u.model.spec.n_generalists)
+        if u.base is None:
+            u.base = evaluate_test(u, rank.autocast, monitor.progress)
+            monitor.evaluation(u.user_idx, 0, u.base, "base")
+    say(f"base model: mean test ppl over users {_mean_over_users(rank, lambda u: u.base.ppl):.3f}")
 
     rounds = t.rounds if method.trains else 0
-    round_bar = progress.bar(total=rounds - done, desc="rounds")
+    monitor.rounds_started(rounds - done)
     for round_idx in range(done, rounds):
+        topo.set_phase(f"round {round_idx + 1}")
         round_start = time.perf_counter()
-        comm_before = (topo.stats.bytes_sent, topo.stats.bytes_received, topo.stats.seconds)
-        dist.set_phase(f"round {round_idx + 1}")
-
-        # sync generalists: users download the aggregate of what they uploaded last round
-        # (Algorithm 1 aggregates at the start of each round; round 0 starts every shared
-        # parameter from user 0's initialisation instead)
-        if round_idx == 0:
-            if method.initial_sync:
-                for group, params in r.shared.items():
-                    comm.broadcast(group, [p.data for _, p in params])
-        else:
-            # no NaN or inf reaches the collective: stop, or sit the round out (guard.nan)
-            faults.before_sync(r, round_idx)
-            comm.contributing = guard.check_shared(r, round_idx)
-            method.aggregate(SyncContext(
-                shared=r.shared, comm=comm, round_idx=round_idx, user_idx=topo.user_idx, n_users=topo.world_size,
-                evaluate_valid=lambda: evaluate_valid(r, autocast).loss, n_train_tokens=len(r.data.train),
-                model=model))
-            comm.contributing = True
-
-        round_losses = []
-        for local_idx in range(t.local_steps):
-            faults.during_round(r, round_idx, local_idx)
-            # expert steps on training batches, router frozen (eq. 2)
-            model.set_trainable(method.requires_grad_in("expert"))
-            step_start = time.perf_counter()
-            loss, ce, lb = optimizer_step(r, r.train_sampler, r.expert_opt, autocast, True, comm)
-            r.expert_sched.step()
-            r.step += 1
-            r.train_tokens += t.batch_size * t.seq_len
-            r.train_seconds += time.perf_counter() - step_start
-            r.last_loss = loss
-            round_losses.append(loss)
-            if r.step % cfg.log.every == 0:
-                logger.scalars({"train/loss": loss, "train/ce": ce, "train/lb": lb,
-                                "lr/expert": r.expert_opt.param_groups[0]["lr"],
-                                "perf/tokens_per_second": r.train_tokens / max(r.train_seconds, 1e-9)}, r.step)
-                for layer, stats in enumerate(model.routing_stats()):
-                    if stats is None:
-                        continue
-                    for j, (p, s) in enumerate(zip(*stats)):
-                        logger.scalar(f"router/prob/layer_{layer:02d}/expert_{j}", float(p), r.step)
-                        logger.scalar(f"router/share/layer_{layer:02d}/expert_{j}", float(s), r.step)
-
-            # router steps every tau local iterations, on the router's split, experts frozen (eq. 3)
-            if r.router_opt is not None and r.step % t.router_every == 0 and t.router_steps > 0:
-                model.set_trainable(method.requires_grad_in("router"))
-                router_losses = []
-                for _ in range(t.router_steps):
-                    router_losses.append(optimizer_step(r, r.router_sampler, r.router_opt, autocast, False)[0])
-                    r.router_step += 1
-                    faults.during_router(r, round_idx)
-                # on validation batches this is the documented valid/loss; on training batches
-                # (-tr variants) it must not collide with the expert phase's train/loss
-                router_tag = "valid/loss" if method.router_split == "valid" else f"{method.router_split}/router_loss"
-                logger.scalars({router_tag: sum(router_losses) / len(router_losses),
-                                "lr/router": r.router_opt.param_groups[0]["lr"]}, r.step)
-
-        r.train_curve.append({"round": round_idx + 1, "loss": sum(round_losses) / len(round_losses)})
-        s = topo.stats
-        logger.scalars({"comm/bytes_sent": s.bytes_sent, "comm/bytes_received": s.bytes_received,
-                        "comm/round_bytes_sent": s.bytes_sent - comm_before[0],
-                        "comm/round_bytes_received": s.bytes_received - comm_before[1],
-                        "comm/analytic_round_bytes": analytic["total"]["sent"],
-                        "comm/round_seconds": s.seconds - comm_before[2],
-                        "guard/skipped_rounds": r.guard_skipped_rounds, "guard/skipped_steps": r.guard_skipped_steps},
-                       r.step)
+        before = {u.user_idx: (u.stats.bytes_sent, u.stats.bytes_received, u.stats.seconds) for u in rank.users}
+        # sync; local expert steps; router steps every tau (Algorithm 1)
+        run_round(rank, round_idx, monitor)
+        for u in rank.users:
+            monitor.round_end(u.user_idx, u.step, u.stats, before[u.user_idx],
+                              analytic[u.user_idx]["total"]["sent"], u.guard_skipped_rounds, u.guard_skipped_steps)
+        # evaluate
         if cfg.eval.every and (round_idx + 1) % cfg.eval.every == 0 and round_idx + 1 < rounds:
-            res = evaluate_test(r, autocast, progress)
-            log_eval(logger, res, r.step)
-            r.history.append({"round": round_idx + 1, "step": r.step, "test_ppl": res.ppl})
+            for u in rank.users:
+                res = evaluate_test(u, rank.autocast, monitor.progress)
+                monitor.evaluation(u.user_idx, u.step, res)
+                u.history.append({"round": round_idx + 1, "step": u.step, "test_ppl": res.ppl})
+        # checkpoint
         if cfg.checkpoint.every and (round_idx + 1) % cfg.checkpoint.every == 0:
-            save_checkpoint(r, out_dir, f"round_{round_idx + 1:04d}.pt", round_idx + 1)
-        say(f"round {round_idx + 1}/{rounds}: mean train loss {_mean_over_users(topo, r.last_loss):.4f} "
+            resume.save(rank, out_dir, f"round_{round_idx + 1:04d}.pt", round_idx + 1)
+        say(f"round {round_idx + 1}/{rounds}: mean train loss {_mean_over_users(rank, lambda u: u.last_loss):.4f} "
             f"({time.perf_counter() - round_start:.1f}s)")
-        round_bar.update(1)
-    round_bar.close()
+        monitor.round_done()
+    monitor.rounds_finished()
 
-    # the user's model after its last local steps (what Algorithm 1 returns)
-    dist.set_phase("the final evaluation")
-    faults.at_final_eval(r)
-    final = evaluate_test(r, autocast, progress)
-    log_eval(logger, final, r.step)
-    r.history.append({"round": rounds, "step": r.step, "test_ppl": final.ppl})
+    # each user's model after its last local steps (what Algorithm 1 returns)
+    topo.set_phase("the final evaluation")
+    rows = {}
+    for u in rank.users:
+        faults.at_final_eval(u)
+        final = evaluate_test(u, rank.autocast, monitor.progress)
+        monitor.evaluation(u.user_idx, u.step, final)
+        u.history.append({"round": rounds, "step": u.step, "test_ppl": final.ppl})
+        rows[u.user_idx] = final
     if cfg.checkpoint.final and method.trains:
-        save_checkpoint(r, out_dir, "final.pt", rounds)
-    shared_numel = sum(p.numel() for params in r.shared.values() for _, p in params) if method.trains else 0
-    row = {
-        "user": topo.user_idx,
+        resume.save(rank, out_dir, "final.pt", rounds)
+    out = {u.user_idx: user_row(u, rows[u.user_idx], analytic[u.user_idx], topo) for u in rank.users}
+    monitor.finish(out)
+    return [out[u.user_idx] for u in rank.users]
+
+
+def user_row(u: UserState, final: EvalResult, analytic: dict, topo: dist.Topology) -> dict:
+    """A user's row of results.json."""
+    model = u.model
+    shared_numel = sum(p.numel() for params in u.shared.values() for _, p in params) if u.method.trains else 0
+    return {
+        "user": u.user_idx,
         "n_experts": model.spec.n_experts,          # as the method built it (HetLoRA: 1)
         "n_generalists": model.spec.n_generalists,
         "lora_rank": model.spec.rank,
         "test_ppl": final.ppl,
         "test_loss": final.loss,
         "test_accuracy": final.accuracy,
-        "base_test_ppl": base.ppl,
-        "bytes_sent": topo.stats.bytes_sent,
-        "bytes_received": topo.stats.bytes_received,
-        "comm_seconds": topo.stats.seconds,
+        "base_test_ppl": u.base.ppl,
+        "bytes_sent": u.stats.bytes_sent,
+        "bytes_received": u.stats.bytes_received,
+        "comm_seconds": u.stats.seconds,
         "analytic_bytes_per_round": analytic["total"],
-        "comm_groups": _comm_groups(topo, analytic),
+        "comm_groups": _comm_groups(u, topo, analytic),
         "shared_params": shared_numel,
         "trainable_params": model.report.count(),
-        "tokens_per_second": r.train_tokens / r.train_seconds if r.train_seconds else 0.0,
-        "train_tokens": r.train_tokens,
-        "local_steps": r.step,
-        "router_steps": r.router_step,
-        "final_train_loss": r.last_loss,
+        "tokens_per_second": u.train_tokens / u.train_seconds if u.train_seconds else 0.0,
+        "train_tokens": u.train_tokens,
+        "local_steps": u.step,
+        "router_steps": u.router_step,
+        "final_train_loss": u.last_loss,
         "routing": final.routing,
-        "test_curve": r.history,
-        "train_curve": r.train_curve,
-        "guard_skipped_rounds": r.guard_skipped_rounds,
-        "guard_skipped_steps": r.guard_skipped_steps,
+        "test_curve": u.history,
+        "train_curve": u.train_curve,
+        "guard_skipped_rounds": u.guard_skipped_rounds,
+        "guard_skipped_steps": u.guard_skipped_steps,
     }
-    logger.summary(row)
-    logger.close()
-    return row
 
 
-def _comm_groups(topo: dist.Topology, analytic: dict) -> dict:
+def _comm_groups(u: UserState, topo: dist.Topology, analytic: dict) -> dict:
     """Per group this user belongs to: its members, the analytic figures (groups of shared
     parameters) and what was counted (every group that moved bytes, a method's own included)."""
     none = {"bytes_sent": 0, "bytes_received": 0, "collectives": 0}
-    names = sorted(set(analytic["groups"]) | set(topo.stats.by_group))
-    return {g: {"members": list(topo.members(g)), **analytic["groups"].get(g, {}), **topo.stats.by_group.get(g, none)}
+    names = sorted(set(analytic["groups"]) | set(u.stats.by_group))
+    return {g: {"members": list(topo.members(g)), **analytic["groups"].get(g, {}), **u.stats.by_group.get(g, none)}
             for g in names}
 
 
-def _mean_over_users(topo: dist.Topology, value: float) -> float:
-    return dist.sum_scalars([value], topo.device)[0] / topo.world_size
+def _mean_over_users(rank: RankRun, value) -> float:
+    """The mean over every user of the run of a per-user number (one scalar all_reduce)."""
+    (total,) = dist.sum_scalars(rank.topo, [sum(value(u) for u in rank.users)])
+    return total / rank.topo.n_users

@@ -120,7 +120,7 @@ def test_progress_helpers_are_quiet_when_off_and_draw_on_a_terminal():
 def test_scalar_layout_separates_generalists_from_specialists():
     """Two generalists of four experts: the generalist chart takes experts 0-1 of every layer, the
     specialist chart 2-3, and each layer has a chart of its own."""
-    from comigs_dist.metrics import scalar_layout
+    from comigs_dist.monitor import scalar_layout
     layout = scalar_layout(n_layers=3, n_experts=4, n_generalists=2)
     tags = [f"router/prob/layer_{l:02d}/expert_{j}" for l in range(3) for j in range(4)] + ["router/prob/layer_00/expert_10"]
     (gen_title, gen), (spec_title, spec) = layout["expert scores (paper Fig. 3, 10)"].items()

@@ -48,20 +48,30 @@ def get_method(name: str, cfg=None) -> "Method":
 
 @dataclass
 class SyncContext:
-    """What a method needs at the end of a round to aggregate: its shared parameters by group,
-    a communication handle (``comm.mean(group, tensors)`` and friends), and where it is.
-    ``evaluate_valid()`` returns the user's current validation loss (PCL's trust weights);
-    ``n_train_tokens`` is the size of the user's training split (data-size weighted averages);
-    ``model`` is the user's ``UserModel`` (tags of every parameter, for methods that aggregate
-    tensors outside the standard groups)."""
-    shared: dict[str, list[tuple[str, Any]]]
-    comm: Any
+    """What a method's ``sync`` works with at the start of a round: the round (0 = the start, before
+    any local step), the communication handle and the rank's users that take part. Each user
+    carries its shared parameters by group (``user.shared``: each group's parameters are views of
+    one flat buffer), its model, its own state (``user.method_state``), its training-split size
+    and whether it contributes (``user.contributing``: False when the guard made it sit the round
+    out; it still receives the others' aggregate)."""
     round_idx: int
-    user_idx: int
-    n_users: int
-    evaluate_valid: Callable[[], float] | None = None
-    n_train_tokens: int = 0
-    model: Any = None
+    comm: Any
+    users: list
+    evaluate_valid: Callable[[Any], float] | None = None   # user -> its validation loss now
+
+    def groups(self) -> list[str]:
+        """Every group a user of this rank shares parameters in, sorted: users in several groups
+        meet the others in each group's collective in the same order."""
+        return sorted({g for u in self.users for g in u.shared})
+
+    def tensors(self, group: str) -> dict[int, list]:
+        """The rank's users' shared parameters of one group, by user."""
+        return {u.user_idx: [p.data for _, p in u.shared[group]] for u in self.users if group in u.shared}
+
+    @property
+    def skip(self) -> set[int]:
+        """Users that sit this round's means out (guard.nan=skip)."""
+        return {u.user_idx for u in self.users if not u.contributing}
 
 
 # sharing patterns (baselines.md section 2), as predicates on parameter tags
@@ -109,20 +119,28 @@ class AlternatingOptions:
     reference_quirks: bool = opt(False, LEAK_HELP)
 
 
+ROUTER_MODES = ("none", "joint", "alternating_valid", "alternating_train")
+
+
 class Method:
     """Defaults: CoMiGS-1G1S (routed experts, router alternating on validation data, generalists
-    averaged over every user each round). Override the class attributes or hooks that differ."""
+    averaged over every user each round). Override the class attributes or hooks that differ.
+
+    Hooks that concern one user take its state (``user``: ``user.model``, ``user.user_idx``,
+    ``user.method_state``, ...); ``sync`` takes the rank's users together, since a rank's users
+    meet the others in one collective per group."""
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    paper_row: ClassVar[str] = ""                  # where the paper reports it
-    Options: ClassVar[type] = NoOptions             # the method's own options (method_options.<key>)
-    routed: ClassVar[bool] = True                  # False: every token averages all experts (no router)
-    router_training: ClassVar[str] = "alternating"  # "alternating" | "joint" | "none"
-    router_split: ClassVar[str] = "valid"           # split the router trains on when alternating
-    trains: ClassVar[bool] = True                   # False: evaluate the base only (Pretrained)
-    initial_sync: ClassVar[bool] = True             # start shared parameters from one init (user 0's)
-    accepts_comm_groups: ClassVar[bool] = True      # comm.groups may split the generalists into groups
+    paper_row: ClassVar[str] = ""                   # where the paper reports it
+    Options: ClassVar[type] = NoOptions              # the method's own options (method_options.<key>)
+    # how the router trains: 'none' (no router: every token averages the experts), 'joint' (with the
+    # experts, on the training loss), 'alternating_valid' (Algorithm 1: its own steps every tau local
+    # iterations on validation batches, experts frozen) or 'alternating_train' (the same on fresh
+    # training batches, the -tr variants)
+    router: ClassVar[str] = "alternating_valid"
+    trains: ClassVar[bool] = True                    # False: evaluate the base only (Pretrained)
+    accepts_comm_groups: ClassVar[bool] = True       # comm.groups may split the generalists into groups
 
     def __init__(self, cfg=None):
         self.cfg = cfg
@@ -131,6 +149,17 @@ class Method:
         else:
             from comigs_dist.config import method_options_of
             self.options = method_options_of(cfg)
+
+    # -- what the router mode implies ----------------------------------------------------------
+    @property
+    def routed(self) -> bool:
+        """Whether the users' mixtures have a router (else every token averages the experts)."""
+        return self.router != "none"
+
+    @property
+    def router_split(self) -> str | None:
+        """The split the router's own steps draw from ('valid', 'train'), or None without them."""
+        return {"alternating_valid": "valid", "alternating_train": "train"}.get(self.router)
 
     # -- configuration -------------------------------------------------------------------------
     @classmethod
@@ -145,9 +174,10 @@ class Method:
         generalists, ...) return an edited copy (``dataclasses.replace``)."""
         return spec
 
-    def prepare_model(self, model, user_idx: int) -> None:
-        """Called once after the user's model is built, before anything trains or is shared
-        (e.g. start heterogeneous-rank adapters from one global initialisation)."""
+    def prepare_user(self, user) -> None:
+        """Called once per user after its model is built, before anything trains or is shared
+        (e.g. start heterogeneous-rank adapters from one global initialisation); what the method
+        keeps for the user between rounds goes into ``user.method_state``."""
         return None
 
     # -- roles ---------------------------------------------------------------------------------
@@ -155,52 +185,43 @@ class Method:
         """Which parameters are aggregated across users."""
         return share_generalists(tag)
 
-    def own_aggregated(self, model) -> list[tuple[str, Any]]:
-        """(name, tensor) of what ``aggregate`` sends outside ``is_shared`` (tensors whose shapes
-        differ between users). The guard checks them with the shared ones before every
-        aggregation; under guard.nan=skip the method must then leave this user's values out
-        (``ctx.comm.contributing`` is False)."""
-        return []
-
-    def trains_in_expert_phase(self, tag: ParamTag) -> bool:
-        if self.router_training == "joint":
-            return True
-        return is_adapter(tag)
-
-    def trains_in_router_phase(self, tag: ParamTag) -> bool:
-        return self.router_training == "alternating" and is_router(tag)
+    def trains_in(self, phase: str, tag: ParamTag) -> bool:
+        """Whether a parameter trains in a phase: 'expert' (the adapters; the router too when it
+        trains jointly) or 'router' (the router's own steps, when it alternates)."""
+        if phase == "expert":
+            return self.router == "joint" or is_adapter(tag)
+        return self.router_split is not None and is_router(tag)
 
     @property
     def leaks_gradients(self) -> bool:
         """The reference's leak between router and expert steps (baselines.md 1.6, a [DIFF]-bug),
         reproduced under ``method_options.reference_quirks`` by the methods whose router alternates."""
-        return self.router_training == "alternating" and bool(getattr(self.options, "reference_quirks", False))
+        return self.router_split is not None and bool(getattr(self.options, "reference_quirks", False))
 
     def requires_grad_in(self, phase: str) -> Callable[[ParamTag], bool]:
-        """Which parameters receive gradients in a phase ('expert' or 'router'): the ones the phase
-        trains (the paper: the other level is frozen and keeps no gradient), or, when the method
-        reproduces the reference's leak, both levels' trainable parameters. The phase's optimiser
-        steps and clears only its own, so the other level's gradients accumulate."""
-        own = self.trains_in_expert_phase if phase == "expert" else self.trains_in_router_phase
+        """Which parameters receive gradients in a phase: the ones the phase trains (the paper: the
+        other level is frozen and keeps no gradient), or, when the method reproduces the
+        reference's leak, both levels' trainable parameters. The phase's optimiser steps and clears
+        only its own, so the other level's gradients accumulate."""
         if not self.leaks_gradients:
-            return own
-        return lambda tag: self.trains_in_expert_phase(tag) or self.trains_in_router_phase(tag)
+            return lambda tag: self.trains_in(phase, tag)
+        return lambda tag: self.trains_in("expert", tag) or self.trains_in("router", tag)
 
     # -- groups ----------------------------------------------------------------------------------
     def sharing_groups(self, n_users: int) -> dict[str, list[int]]:
         """Process groups the method communicates on (created once, before the first round): the
         groups of ``comm.groups``, or one group ``generalists`` of every user."""
-        if not self._configured_groups():
+        if not configured_groups(self):
             return {DEFAULT_GROUP: list(range(n_users))}
-        return {name: list(users) for name, users in self.sharing_plan(n_users).members.items()}
+        return {name: list(users) for name, users in sharing_plan(self, n_users).members.items()}
 
     def group_of(self, tag: ParamTag, user_idx: int) -> str:
         """The group in which user ``user_idx`` averages a shared parameter: with ``comm.groups``,
         the group listing that user and expert (the attention LoRA: the user's attention group);
         otherwise ``generalists``."""
-        if not self._configured_groups():
+        if not configured_groups(self):
             return DEFAULT_GROUP
-        plan = self.sharing_plan()
+        plan = sharing_plan(self)
         if tag.kind == "attn":
             return plan.attention[user_idx]
         if tag.kind == "expert" and (user_idx, tag.expert) in plan.experts:
@@ -208,32 +229,15 @@ class Method:
         raise ValueError(f"method {self.name!r} shares {tag.kind} parameter {tag} of user {user_idx}, which no "
                          f"group of comm.groups holds; only generalist experts and the attention LoRA can be grouped")
 
-    def generalist_counter(self, cfg) -> Callable[[int], int]:
-        """user -> how many generalist experts the method gives that user (its adapter_spec)."""
-        from comigs_dist.model import adapter_spec_for
-        return lambda u: self.adapter_spec(cfg, u, adapter_spec_for(cfg, u, self.routed)).n_generalists
-
-    def sharing_plan(self, n_users: int | None = None) -> SharingPlan:
-        """comm.groups resolved for the run's users (built once)."""
-        if getattr(self, "_plan", None) is None:
-            from comigs_dist.config import inferred_n_users
-            n = n_users if n_users is not None else inferred_n_users(self.cfg)
-            groups = self.cfg.comm.groups if self.cfg is not None else []
-            self._plan = build_plan(groups, n, self.generalist_counter(self.cfg),
-                                    f"moe.n_generalists with method {self.name}")
-        return self._plan
-
-    def _configured_groups(self) -> bool:
-        return self.cfg is not None and bool(self.cfg.comm.groups)
-
     # -- per-step hooks (no-ops by default) -----------------------------------------------------
-    def extra_loss(self, model) -> Any:
-        """A term added to the expert-phase loss (e.g. a pruning regulariser); None for nothing."""
+    def extra_loss(self, user) -> Any:
+        """A term added to the user's expert-phase loss (a pruning regulariser, FedProx's proximal
+        term); None for nothing."""
         return None
 
-    def reduce_gradients(self, comm, params: list) -> None:
-        """Called after the expert-phase backward, before the optimiser step (e.g. data-parallel
-        averaging of every gradient for Centralized)."""
+    def reduce_gradients(self, comm, users: list) -> None:
+        """Called after the expert-phase backward of the rank's users, before their optimiser steps
+        (e.g. data-parallel averaging of every gradient for Centralized)."""
         return None
 
     @property
@@ -242,29 +246,61 @@ class Method:
         guard then checks them before every such step."""
         return type(self).reduce_gradients is not Method.reduce_gradients
 
-    def after_expert_step(self, model) -> None:
-        """Called after every expert optimiser step (e.g. re-apply rank masks)."""
+    def after_expert_step(self, user) -> None:
+        """Called after every expert optimiser step of a user (e.g. re-apply rank masks)."""
         return None
+
+    # -- communication ---------------------------------------------------------------------------
+    def sync(self, ctx: SyncContext) -> None:
+        """Every round, the first included. Round 0 (before any local step): every shared parameter
+        starts from its group's first member's initialisation (one common start). Later rounds:
+        every shared parameter becomes its mean over its group (weight 1/N), the users that sit the
+        round out (guard.nan=skip) left out of the mean; groups in sorted order."""
+        for group in ctx.groups():
+            if ctx.round_idx == 0:
+                ctx.comm.broadcast(group, ctx.tensors(group))
+            else:
+                ctx.comm.mean(group, ctx.tensors(group), skip=ctx.skip)
+
+    def own_aggregated(self, user) -> list[tuple[str, Any]]:
+        """(name, tensor) of what ``sync`` sends for a user outside ``is_shared`` (tensors whose
+        shapes differ between users). The guard checks them with the shared ones before every
+        round; under guard.nan=skip the method must then leave a non-contributing user out."""
+        return []
 
     # -- state beyond the parameters (checkpoints) -----------------------------------------------
-    def state_dict(self) -> dict:
-        """What the method keeps between rounds besides the model (HetLoRA: pruned ranks and the
-        global LoRA); saved with every checkpoint. Tensors, numbers, strings and lists only."""
+    def state_dict(self, user) -> dict:
+        """What the method keeps for a user between rounds besides its model (HetLoRA: pruned ranks
+        and the global LoRA); saved with every checkpoint. Tensors, numbers, strings and lists only."""
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, user, state: dict) -> None:
         return None
 
-    # -- description -----------------------------------------------------------------------------
-    @classmethod
-    def option_rows(cls) -> list[tuple[str, str, str]]:
-        """(key, default, help) of every option of the method, for --help and --methods."""
-        from comigs_dist.config import describe_options
-        return describe_options(cls.Options, "method_options.") if dataclasses.fields(cls.Options) else []
 
-    # -- aggregation -----------------------------------------------------------------------------
-    def aggregate(self, ctx: SyncContext) -> None:
-        """End of round: replace every shared parameter by its mean over its group (weight 1/N).
-        Groups in sorted order: users in several groups meet in each collective in the same order."""
-        for group in sorted(ctx.shared):
-            ctx.comm.mean(group, [p.data for _, p in ctx.shared[group]])
+def configured_groups(method: Method) -> bool:
+    """Whether ``comm.groups`` splits the generalists into groups of the configuration's own."""
+    return method.cfg is not None and bool(method.cfg.comm.groups)
+
+
+def generalist_counter(method: Method, cfg) -> Callable[[int], int]:
+    """user -> how many generalist experts the method gives that user (its adapter_spec)."""
+    from comigs_dist.model import adapter_spec_for
+    return lambda u: method.adapter_spec(cfg, u, adapter_spec_for(cfg, u, method.routed)).n_generalists
+
+
+def sharing_plan(method: Method, n_users: int | None = None) -> SharingPlan:
+    """``comm.groups`` resolved for the run's users (built once per method instance)."""
+    if getattr(method, "_plan", None) is None:
+        from comigs_dist.config import inferred_n_users
+        n = n_users if n_users is not None else inferred_n_users(method.cfg)
+        groups = method.cfg.comm.groups if method.cfg is not None else []
+        method._plan = build_plan(groups, n, generalist_counter(method, method.cfg),
+                                  f"moe.n_generalists with method {method.name}")
+    return method._plan
+
+
+def option_rows(cls: type[Method]) -> list[tuple[str, str, str]]:
+    """(key, default, help) of every option of a method, for --help and --methods."""
+    from comigs_dist.config import describe_options
+    return describe_options(cls.Options, "method_options.") if dataclasses.fields(cls.Options) else []

@@ -20,8 +20,7 @@ class Centralized(Method):
     description = "Centralized: one 2x LoRA model on all users' data (replicas, gradients averaged every step)"
     paper_row = "Table 1 / Table 4 group i: Centralized"
     accepts_comm_groups = False  # one model: gradients averaged over everyone
-    routed = False
-    router_training = "none"
+    router = "none"
 
     @classmethod
     def config_errors(cls, cfg) -> list[str]:
@@ -41,8 +40,11 @@ class Centralized(Method):
     def is_shared(self, tag) -> bool:
         return share_experts(tag)  # the replicas start from one initialisation (round 0 broadcast)
 
-    def reduce_gradients(self, comm, params) -> None:
-        comm.mean_gradients("data_parallel", params)
+    def reduce_gradients(self, comm, users) -> None:
+        comm.mean_gradients("data_parallel", {u.user_idx: u.expert_params() for u in users},
+                            skip={u.user_idx for u in users if u.sits_out_gradients})
 
-    def aggregate(self, ctx) -> None:
-        return None  # the replicas are identical already: every step used the same mean gradient
+    def sync(self, ctx) -> None:
+        if ctx.round_idx == 0:
+            super().sync(ctx)  # the replicas start from one initialisation; every step then used
+            # the same mean gradient, so they stay identical

@@ -51,7 +51,7 @@ class CoMiGS1GXS(CoMiGS1G1S):
 class CoMiGSTr(CoMiGS1G1S):
     description = "CoMiGS-tr: as 1G1S, but the router alternates on fresh training batches"
     paper_row = "Table 4 group iii: CoMiGS-tr"
-    router_split = "train"
+    router = "alternating_train"
 
 
 @register_method("comigs_2g")
@@ -85,7 +85,7 @@ class CoMiGS2S(CoMiGS1G1S):
     def is_shared(self, tag) -> bool:
         return share_generalists(tag)  # with no generalist expert: the attention LoRA only
 
-    def aggregate(self, ctx) -> None:
-        if self.options.reference_quirks:
+    def sync(self, ctx) -> None:
+        if self.options.reference_quirks and ctx.round_idx > 0:
             return None  # shared only through the common initialisation
-        super().aggregate(ctx)
+        super().sync(ctx)

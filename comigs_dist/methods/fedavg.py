@@ -18,8 +18,7 @@ from comigs_dist.methods.base import AlternatingOptions, Method, register_method
 class FedAvg(Method):
     description = "FedAvg: 2x LoRA (uniform mix, no router), all LoRA averaged every round"
     paper_row = "Table 1 / Table 4 group i: FedAvg"
-    routed = False
-    router_training = "none"
+    router = "none"
 
     def adapter_spec(self, cfg, user_idx, spec):
         return replace(spec, n_generalists=spec.n_experts)  # every expert is shared
@@ -32,8 +31,7 @@ class FedAvg(Method):
 class FedAvgMoE(FedAvg):
     description = "FedAvg-MoE: all LoRA averaged every round; local router trained jointly on the training loss"
     paper_row = "Table 4 group ii: FedAvg-MoE"
-    routed = True
-    router_training = "joint"
+    router = "joint"
 
 
 @register_method("fedavg_moe_tr")
@@ -41,5 +39,4 @@ class FedAvgMoETr(FedAvgMoE):
     description = "FedAvg-MoE-tr: all LoRA averaged every round; local router alternating on fresh training batches"
     paper_row = "Table 4 group iii: FedAvg-MoE-tr"
     Options = AlternatingOptions
-    router_training = "alternating"
-    router_split = "train"
+    router = "alternating_train"

@@ -36,17 +36,18 @@ class FFALoRA(Method):
     paper_row = "Table 4 group i: FFA-LoRA"
     Options = FFALoRAOptions
     accepts_comm_groups = False  # A and B travel in groups of their own
-    routed = False
-    router_training = "none"
+    router = "none"
 
     def adapter_spec(self, cfg, user_idx, spec):
         return replace(spec, n_experts=1, n_generalists=1, top_k=1, routed=False,
                        rank=cfg.n_experts(user_idx) * spec.rank)
 
-    def prepare_model(self, model, user_idx) -> None:
-        self.pairs = expert_lora_pairs(model)
+    def prepare_user(self, user) -> None:
+        user.method_state = expert_lora_pairs(user.model)
 
-    def trains_in_expert_phase(self, tag) -> bool:
+    def trains_in(self, phase, tag) -> bool:
+        if phase != "expert":
+            return False
         if self.options.reference_quirks:
             return is_adapter(tag)
         return is_adapter(tag) and tag.matrix != "A"
@@ -62,17 +63,19 @@ class FFALoRA(Method):
             return "frozen_init"  # broadcast once (round 0), never averaged: it never changes
         return "generalists"
 
-    def extra_loss(self, model):
+    def extra_loss(self, user):
         if not self.options.reference_quirks:
             return None
         terms = []
-        for p in self.pairs:
+        for p in user.method_state:
             rank = p.A.shape[0]
             k = compute_tail_start(rank, QUIRK_GAMMA)
             if k < rank:
                 terms.append(compute_tail_norm(p.A, p.B, k, rank))
         return QUIRK_LAMBDA * torch.stack(terms).sum() if terms else None
 
-    def aggregate(self, ctx) -> None:
-        params = ctx.shared.get("generalists", [])
-        ctx.comm.mean("generalists", [p.data for _, p in params])
+    def sync(self, ctx) -> None:
+        if ctx.round_idx == 0:
+            super().sync(ctx)  # one common start: the A matrices (frozen_init) and the B matrices
+            return
+        ctx.comm.mean("generalists", ctx.tensors("generalists"), skip=ctx.skip)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from comigs_dist import dist
+from comigs_dist.dist import unflatten_into
 from comigs_dist.methods.base import register_method
 from comigs_dist.methods.lowrank import (HeteroRankMethod, RankOptions, compute_svd_factors,
                                          compute_user_factors, expert_lora_pairs, matched_rank, n_users_of, pad_rank)
@@ -46,62 +46,86 @@ def compute_flexlora_update(Bs_scaled: list[torch.Tensor], As: list[torch.Tensor
     return delta
 
 
+@dataclass
+class FlexLoRAState:
+    """What FlexLoRA keeps for one user: its MLP LoRA pairs, its rank and scale, and the largest
+    rank of any user."""
+    pairs: list
+    rank: int
+    scale: float
+    max_rank: int
+
+
 @register_method("flexlora")
 class FlexLoRA(HeteroRankMethod):
     description = "FlexLoRA: one MLP LoRA of per-user rank, data-size weighted full updates, SVD back to each rank"
     paper_row = "Table 2: FlexLoRA (active / full)"
     Options = FlexLoRAOptions
 
-    def prepare_model(self, model, user_idx) -> None:
-        cfg = self.cfg
-        self.pairs = expert_lora_pairs(model)
-        self.rank = model.spec.rank
-        self.scale = rs_scale(model.spec.alpha, self.rank)
-        self.max_rank = max(matched_rank(cfg, u, self.options.match) for u in range(n_users_of(cfg)))
+    def prepare_user(self, user) -> None:
+        cfg, model = self.cfg, user.model
+        pairs = expert_lora_pairs(model)
+        rank = model.spec.rank
+        max_rank = max(matched_rank(cfg, u, self.options.match) for u in range(n_users_of(cfg)))
+        user.method_state = FlexLoRAState(pairs, rank, rs_scale(model.spec.alpha, rank), max_rank)
         # every user starts from the same LoRA: the top-left block of one global initialisation
         from comigs_dist.methods.hetlora import global_init
-        start = global_init(cfg, self.pairs, self.max_rank)
+        start = global_init(cfg, pairs, max_rank)
         with torch.no_grad():
-            for p in self.pairs:
-                p.A.copy_(start[p.key][0][: self.rank])
+            for p in pairs:
+                p.A.copy_(start[p.key][0][:rank])
                 p.B.zero_()
 
     @torch.no_grad()
-    def aggregate(self, ctx) -> None:
-        super().aggregate(ctx)  # attention LoRA: uniform mean over users
-        comm, r_max = ctx.comm, self.max_rank
+    def sync(self, ctx) -> None:
+        super().sync(ctx)  # attention LoRA: one common start, then the uniform mean over users
+        if ctx.round_idx == 0:
+            return  # the MLP LoRA starts from the global initialisation (prepare_user)
+        comm = ctx.comm
         # a user sitting the round out (guard.nan=skip) weighs 0 and sends zeros
-        n_mine = float(ctx.n_train_tokens) if comm.contributing else 0.0
-        (total,) = comm.sum_scalars("hetero_rank", [n_mine])
-        weight = n_mine / total
+        n_mine = {u.user_idx: [float(u.n_train_tokens) if u.contributing else 0.0] for u in ctx.users}
+        (total,) = comm.sum_scalars("hetero_rank", n_mine)
         # each user's factors, scaled and zero-padded to r_max, gathered by everyone
-        mine = []
-        for p in self.pairs:
-            a, b = pad_rank(p.A.detach().float(), p.B.detach().float(), r_max)
-            if not comm.contributing:
-                a, b = torch.zeros_like(a), torch.zeros_like(b)
-            mine += [weight * self.scale * b, a]
+        mine = {}
+        for u in ctx.users:
+            st = u.method_state
+            weight = n_mine[u.user_idx][0] / total
+            out = []
+            for p in st.pairs:
+                a, b = pad_rank(p.A.detach().float(), p.B.detach().float(), st.max_rank)
+                if not u.contributing:
+                    a, b = torch.zeros_like(a), torch.zeros_like(b)
+                out += [weight * st.scale * b, a]
+            mine[u.user_idx] = out
         gathered = comm.gather("hetero_rank", mine)
         members = comm.members("hetero_rank")
-        me = members.index(ctx.user_idx)
+        template = next(iter(mine.values()))
         theirs = []
         for flat in gathered:
-            parts = [torch.empty_like(t) for t in mine]
-            dist.unflatten_into(flat, parts)
+            parts = [torch.empty_like(t) for t in template]
+            unflatten_into(flat, parts)
             theirs.append(parts)
-        # SVD of pair i on member i mod N; the factors reach everyone through one sum
-        factors = []
-        for i, p in enumerate(self.pairs):
-            US = torch.zeros(p.B.shape[0], r_max, device=p.B.device)
-            Vt = torch.zeros(r_max, p.A.shape[1], device=p.A.device)
-            if i % len(members) == me:
-                delta = compute_flexlora_update([t[2 * i] for t in theirs], [t[2 * i + 1] for t in theirs])
-                us, vt = compute_svd_factors(delta, r_max)
-                US[:, : us.shape[1]] = us
-                Vt[: vt.shape[0]] = vt
-            factors += [US, Vt]
+        # SVD of pair i on member i mod N (every user of a rank computes its members' share); the
+        # factors reach everyone through one sum
+        factors = {}
+        for u in ctx.users:
+            st = u.method_state
+            me = members.index(u.user_idx)
+            out = []
+            for i, p in enumerate(st.pairs):
+                US = torch.zeros(p.B.shape[0], st.max_rank, device=p.B.device)
+                Vt = torch.zeros(st.max_rank, p.A.shape[1], device=p.A.device)
+                if i % len(members) == me:
+                    delta = compute_flexlora_update([t[2 * i] for t in theirs], [t[2 * i + 1] for t in theirs])
+                    us, vt = compute_svd_factors(delta, st.max_rank)
+                    US[:, : us.shape[1]] = us
+                    Vt[: vt.shape[0]] = vt
+                out += [US, Vt]
+            factors[u.user_idx] = out
         comm.sum("hetero_rank", factors)
-        for i, p in enumerate(self.pairs):
-            A, B = compute_user_factors(factors[2 * i], factors[2 * i + 1], self.rank, self.scale)
-            p.A.copy_(A)
-            p.B.copy_(B)
+        for u in ctx.users:
+            st, out = u.method_state, factors[u.user_idx]
+            for i, p in enumerate(st.pairs):
+                A, B = compute_user_factors(out[2 * i], out[2 * i + 1], st.rank, st.scale)
+                p.A.copy_(A)
+                p.B.copy_(B)

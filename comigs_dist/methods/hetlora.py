@@ -58,6 +58,17 @@ def global_init(cfg, pairs, rank: int) -> dict:
     return out
 
 
+@dataclass
+class HetLoRAState:
+    """What HetLoRA keeps for one user: its MLP LoRA pairs, their allocated and current ranks, the
+    largest rank of any user, and the global LoRA (identical on every user)."""
+    pairs: list
+    alloc_rank: int
+    max_rank: int
+    ranks: dict
+    global_: dict
+
+
 @register_method("hetlora")
 class HetLoRA(HeteroRankMethod):
     description = "HetLoRA: one MLP LoRA of per-user rank, zero-padded norm-weighted average, truncation, self-pruning"
@@ -74,89 +85,104 @@ class HetLoRA(HeteroRankMethod):
             errors.append(f"method_options.lambda_p ({o.lambda_p}) must be >= 0")
         return errors
 
-    def prepare_model(self, model, user_idx) -> None:
+    def prepare_user(self, user) -> None:
         cfg = self.cfg
-        self.pairs = expert_lora_pairs(model)
-        self.alloc_rank = model.spec.rank
-        self.max_rank = max(matched_rank(cfg, u, self.options.match) for u in range(n_users_of(cfg)))
-        self.ranks = {p.key: self.alloc_rank for p in self.pairs}
-        self.global_ = global_init(cfg, self.pairs, self.max_rank)
-        self._distribute()
+        pairs = expert_lora_pairs(user.model)
+        alloc = user.model.spec.rank
+        max_rank = max(matched_rank(cfg, u, self.options.match) for u in range(n_users_of(cfg)))
+        user.method_state = HetLoRAState(pairs, alloc, max_rank, {p.key: alloc for p in pairs},
+                                         global_init(cfg, pairs, max_rank))
+        self._distribute(user.method_state)
 
     # -- local training ------------------------------------------------------------------------
-    def extra_loss(self, model):
-        o = self.options
+    def extra_loss(self, user):
+        o, st = self.options, user.method_state
         if o.lambda_p == 0:
             return None
         terms = []
-        for p in self.pairs:
-            rank = self.alloc_rank if o.reference_quirks else self.ranks[p.key]
+        for p in st.pairs:
+            rank = st.alloc_rank if o.reference_quirks else st.ranks[p.key]
             k = compute_tail_start(rank, o.gamma)
             if k < rank:
                 terms.append(compute_tail_norm(p.A, p.B, k, rank))
         return o.lambda_p * torch.stack(terms).sum() if terms else None
 
     @torch.no_grad()
-    def after_expert_step(self, model) -> None:
-        for p in self.pairs:  # pruned slots stay zero (Adam moments would move them)
-            r = self.ranks[p.key]
-            if r < self.alloc_rank:
+    def after_expert_step(self, user) -> None:
+        st = user.method_state
+        for p in st.pairs:  # pruned slots stay zero (Adam moments would move them)
+            r = st.ranks[p.key]
+            if r < st.alloc_rank:
                 p.A[r:] = 0
                 p.B[:, r:] = 0
 
     # -- aggregation -----------------------------------------------------------------------------
     @torch.no_grad()
-    def aggregate(self, ctx) -> None:
-        super().aggregate(ctx)  # attention LoRA: uniform mean over users
+    def sync(self, ctx) -> None:
+        super().sync(ctx)  # attention LoRA: one common start, then the uniform mean over users
+        if ctx.round_idx == 0:
+            return  # the MLP LoRA starts from the global initialisation (prepare_user)
         o = self.options
-        sends = ctx.comm.contributing  # False: non-finite factors (guard.nan=skip), weight 0, zeros sent
-        # 1. self-pruning against the global model this round started from
-        for p in self.pairs if sends else []:
-            A_g, B_g = self.global_[p.key]
-            r = self.ranks[p.key]
-            new = compute_pruned_rank(p.A[:r], p.B[:, :r], A_g[:r], B_g[:, :r], r, o.gamma)
-            self.ranks[p.key] = new
-        self.after_expert_step(ctx.model)
+        # 1. self-pruning against the global model this round started from (a user sitting the
+        # round out, guard.nan=skip, has non-finite factors: weight 0, zeros sent)
+        for u in ctx.users:
+            st = u.method_state
+            for p in st.pairs if u.contributing else []:
+                A_g, B_g = st.global_[p.key]
+                r = st.ranks[p.key]
+                st.ranks[p.key] = compute_pruned_rank(p.A[:r], p.B[:, :r], A_g[:r], B_g[:, :r], r, o.gamma)
+            self.after_expert_step(u)
         # 2. weights from norms summed over users (one scalar all_reduce)
-        if not sends:
-            norms = [0.0] * (2 * len(self.pairs))
-        elif o.reference_quirks:
-            norms = [float(torch.linalg.vector_norm(m)) for p in self.pairs for m in (p.A, p.B)]
-        else:
-            norms = [compute_update_norm(p.A, p.B) for p in self.pairs for _ in (0, 1)]
+        norms = {}
+        for u in ctx.users:
+            pairs = u.method_state.pairs
+            if not u.contributing:
+                norms[u.user_idx] = [0.0] * (2 * len(pairs))
+            elif o.reference_quirks:
+                norms[u.user_idx] = [float(torch.linalg.vector_norm(m)) for p in pairs for m in (p.A, p.B)]
+            else:
+                norms[u.user_idx] = [compute_update_norm(p.A, p.B) for p in pairs for _ in (0, 1)]
         totals = ctx.comm.sum_scalars("hetero_rank", norms)
-        weights = [compute_norm_weights([n, t - n])[0] if t > 0 else 1.0 / ctx.n_users
-                   for n, t in zip(norms, totals)]
+        n_users = len(ctx.comm.members("hetero_rank"))
         # 3. weighted zero-padded factors, summed over users (one all_reduce)
-        buffers = []
-        for i, p in enumerate(self.pairs):
-            a, b = pad_rank(p.A.detach().float(), p.B.detach().float(), self.max_rank)
-            if not sends:
-                a, b = torch.zeros_like(a), torch.zeros_like(b)
-            buffers += [weights[2 * i] * a, weights[2 * i + 1] * b]
+        buffers = {}
+        for u in ctx.users:
+            st, mine = u.method_state, norms[u.user_idx]
+            weights = [compute_norm_weights([n, t - n])[0] if t > 0 else 1.0 / n_users for n, t in zip(mine, totals)]
+            out = []
+            for i, p in enumerate(st.pairs):
+                a, b = pad_rank(p.A.detach().float(), p.B.detach().float(), st.max_rank)
+                if not u.contributing:
+                    a, b = torch.zeros_like(a), torch.zeros_like(b)
+                out += [weights[2 * i] * a, weights[2 * i + 1] * b]
+            buffers[u.user_idx] = out
         ctx.comm.sum("hetero_rank", buffers)
-        self.global_ = {p.key: (buffers[2 * i], buffers[2 * i + 1]) for i, p in enumerate(self.pairs)}
         # 4. truncation to each user's current rank
-        self._distribute()
+        for u in ctx.users:
+            st, out = u.method_state, buffers[u.user_idx]
+            st.global_ = {p.key: (out[2 * i], out[2 * i + 1]) for i, p in enumerate(st.pairs)}
+            self._distribute(st)
 
-    def state_dict(self) -> dict:
-        return {"pairs": [{"key": list(p.key), "rank": self.ranks[p.key], "A": self.global_[p.key][0].cpu(),
-                           "B": self.global_[p.key][1].cpu()} for p in self.pairs]}
+    def state_dict(self, user) -> dict:
+        st = user.method_state
+        return {"pairs": [{"key": list(p.key), "rank": st.ranks[p.key], "A": st.global_[p.key][0].cpu(),
+                           "B": st.global_[p.key][1].cpu()} for p in st.pairs]}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, user, state: dict) -> None:
+        st = user.method_state
         by_key = {tuple(e["key"]): e for e in state["pairs"]}
-        for p in self.pairs:
+        for p in st.pairs:
             e = by_key[p.key]
-            self.ranks[p.key] = int(e["rank"])
-            self.global_[p.key] = (e["A"].to(p.A.device), e["B"].to(p.B.device))
+            st.ranks[p.key] = int(e["rank"])
+            st.global_[p.key] = (e["A"].to(p.A.device), e["B"].to(p.B.device))
 
+    @staticmethod
     @torch.no_grad()
-    def _distribute(self) -> None:
-        for p in self.pairs:
-            A_g, B_g = self.global_[p.key]
-            r = self.ranks[p.key]
+    def _distribute(st: HetLoRAState) -> None:
+        for p in st.pairs:
+            A_g, B_g = st.global_[p.key]
+            r = st.ranks[p.key]
             p.A.zero_()
             p.B.zero_()
             p.A[:r] = A_g[:r].to(p.A.dtype)
             p.B[:, :r] = B_g[:, :r].to(p.B.dtype)
-

@@ -20,8 +20,7 @@ class Local(Method):
     description = "Local: 2x LoRA per user (uniform mix, no router), no communication"
     paper_row = "Table 1 / Table 4 group i: Local"
     accepts_comm_groups = False  # nothing is averaged after the common start
-    routed = False
-    router_training = "none"
+    router = "none"
 
     def adapter_spec(self, cfg, user_idx, spec):
         return replace(spec, n_generalists=0)  # nothing is shared with anyone
@@ -30,8 +29,9 @@ class Local(Method):
         # shared only for the common initialisation; never aggregated
         return share_experts(tag)
 
-    def aggregate(self, ctx) -> None:
-        return None
+    def sync(self, ctx) -> None:
+        if ctx.round_idx == 0:
+            super().sync(ctx)  # one common start, then nothing
 
 
 @register_method("local_moe")
@@ -39,7 +39,7 @@ class LocalMoE(Method):
     description = "Local-MoE: 2 LoRA experts + router trained jointly on the training loss, no communication"
     paper_row = "Table 4 group ii: Local-MoE"
     accepts_comm_groups = False  # nothing is averaged after the common start
-    router_training = "joint"
+    router = "joint"
 
     def adapter_spec(self, cfg, user_idx, spec):
         return replace(spec, n_generalists=0)
@@ -48,8 +48,9 @@ class LocalMoE(Method):
         # the reference's 'all' pattern: adapters and routers start from one initialisation
         return share_all(tag)
 
-    def aggregate(self, ctx) -> None:
-        return None
+    def sync(self, ctx) -> None:
+        if ctx.round_idx == 0:
+            super().sync(ctx)  # one common start, then nothing
 
 
 @register_method("local_moe_tr")
@@ -57,5 +58,4 @@ class LocalMoETr(LocalMoE):
     description = "Local-MoE-tr: router alternating with the experts on fresh training batches, no communication"
     paper_row = "Table 4 group iii: Local-MoE-tr"
     Options = AlternatingOptions
-    router_training = "alternating"
-    router_split = "train"
+    router = "alternating_train"

@@ -159,8 +159,7 @@ class HeteroRankMethod(Method):
     shape handshake) and the subclass moves it itself in the ``hetero_rank`` group."""
     Options = RankOptions
     accepts_comm_groups = False  # the MLP LoRA travels in a group of its own
-    routed = False
-    router_training = "none"
+    router = "none"
 
     @classmethod
     def config_errors(cls, cfg) -> list[str]:
@@ -176,6 +175,7 @@ class HeteroRankMethod(Method):
     def sharing_groups(self, n_users):
         return {"generalists": list(range(n_users)), "hetero_rank": list(range(n_users))}
 
-    def own_aggregated(self, model) -> list[tuple[str, torch.Tensor]]:
-        # self.pairs: the model's MLP LoRA pairs, found once by the subclass's prepare_model
-        return [(f"{'.'.join(map(str, p.key))}.lora_{m}", t) for p in self.pairs for m, t in (("A", p.A), ("B", p.B))]
+    def own_aggregated(self, user) -> list[tuple[str, torch.Tensor]]:
+        # the user's MLP LoRA pairs, found once by the subclass's prepare_user
+        return [(f"{'.'.join(map(str, p.key))}.lora_{m}", t) for p in user.method_state.pairs
+                for m, t in (("A", p.A), ("B", p.B))]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from comigs_dist import dist
+from comigs_dist.dist import unflatten_into
 from comigs_dist.config import opt
 from comigs_dist.methods.base import Method, register_method, share_all
 
@@ -51,9 +51,7 @@ class PCL(Method):
     paper_row = "Table 1 / Table 4 group i: PCL"
     Options = PCLOptions
     accepts_comm_groups = False  # every user mixes every user's model
-    routed = False
-    router_training = "none"
-    initial_sync = False
+    router = "none"
 
     @classmethod
     def config_errors(cls, cfg) -> list[str]:
@@ -73,30 +71,36 @@ class PCL(Method):
         return finished_round >= o.mix_after and (finished_round - o.mix_after) % o.mix_every == 0
 
     @torch.no_grad()
-    def aggregate(self, ctx) -> None:
-        # aggregate runs at the start of round t, i.e. after round t - 1 finished
-        if not self.mixes_after(ctx.round_idx - 1):
+    def sync(self, ctx) -> None:
+        # no common start (users begin from their own initialisations, as in the reference); sync
+        # runs at the start of round t, i.e. after round t - 1 finished
+        if ctx.round_idx == 0 or not self.mixes_after(ctx.round_idx - 1):
             return
-        tensors = [p.data for params in ctx.shared.values() for _, p in params]
-        group = next(iter(ctx.shared))
+        (group,) = ctx.groups()
+        mine = {u.user_idx: [p.data for params in u.shared.values() for _, p in params] for u in ctx.users}
         # a user sitting the round out (guard.nan=skip) sends zeros and a flag 0 instead of its
         # non-finite model: the others give it trust 0, and it takes the mix of theirs
-        sends = ctx.comm.contributing
-        payload = tensors if sends else [torch.zeros_like(t) for t in tensors]
-        vectors = ctx.comm.gather(group, payload + [tensors[0].new_full((1,), 1.0 if sends else 0.0)])
+        payload = {}
+        for u in ctx.users:
+            tensors = mine[u.user_idx]
+            sent = tensors if u.contributing else [torch.zeros_like(t) for t in tensors]
+            payload[u.user_idx] = sent + [tensors[0].new_full((1,), 1.0 if u.contributing else 0.0)]
+        vectors = ctx.comm.gather(group, payload)
         if not any(float(v[-1]) > 0.5 for v in vectors):
             raise FloatingPointError("every user sat this PCL round out with non-finite parameters (guard.nan=skip): "
                                      "there is no model left to mix; lower train.lr or check the data, then resume")
-        own = [t.clone() for t in tensors]
-        ppl = []
-        for v in vectors:  # every user's model on this user's validation split (the flag is ignored)
-            if float(v[-1]) < 0.5:
-                ppl.append(math.inf)  # trust exp(-inf) = 0
-                continue
-            dist.unflatten_into(v, tensors)
-            ppl.append(math.exp(min(ctx.evaluate_valid(), 700.0)))
-        for t, o in zip(tensors, own):
-            t.copy_(o)
-        self.last_trust = compute_trust_weights(torch.tensor(ppl, dtype=torch.float64))
-        self.last_ppl = ppl
-        dist.unflatten_into(compute_mix(self.last_trust, vectors), tensors)
+        for u in ctx.users:
+            tensors = mine[u.user_idx]
+            own = [t.clone() for t in tensors]
+            ppl = []
+            for v in vectors:  # every user's model on this user's validation split (the flag is ignored)
+                if float(v[-1]) < 0.5:
+                    ppl.append(math.inf)  # trust exp(-inf) = 0
+                    continue
+                unflatten_into(v, tensors)
+                ppl.append(math.exp(min(ctx.evaluate_valid(u), 700.0)))
+            for t, o in zip(tensors, own):
+                t.copy_(o)
+            trust = compute_trust_weights(torch.tensor(ppl, dtype=torch.float64))
+            u.method_state = {"trust": trust, "ppl": ppl}  # the last mixing, for analysis and tests
+            unflatten_into(compute_mix(trust, vectors), tensors)

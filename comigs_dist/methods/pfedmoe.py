@@ -12,4 +12,4 @@ from comigs_dist.methods.base import Method, register_method
 class PFedMoE(Method):
     description = "pFedMoE: generalist averaged, specialist + router local, router trained jointly on training data"
     paper_row = "Table 1 / Table 4 group ii: pFedMoE"
-    router_training = "joint"
+    router = "joint"

@@ -12,10 +12,8 @@ class Pretrained(Method):
     description = "Pretrained: the base model, no training, no communication"
     paper_row = "Table 1 / Table 4 group i: Pretrained"
     accepts_comm_groups = False  # nothing is shared
-    routed = False
-    router_training = "none"
+    router = "none"
     trains = False
-    initial_sync = False
 
     def adapter_spec(self, cfg, user_idx, spec):
         return replace(spec, n_generalists=0)
@@ -23,5 +21,5 @@ class Pretrained(Method):
     def is_shared(self, tag) -> bool:
         return share_nothing(tag)
 
-    def aggregate(self, ctx) -> None:
-        return None
+    def sync(self, ctx) -> None:
+        return None  # nothing trains, nothing travels

@@ -96,7 +96,7 @@ def plan_sharing(setting: str, timeout_s: float, topo) -> SharePlan | None:
         return None
     from comigs_dist import dist
     if topo.world_size > 1:
-        token = dist.broadcast_object(uuid.uuid4().hex[:16] if topo.rank == 0 else None)
+        token = dist.broadcast_object(topo, uuid.uuid4().hex[:16] if topo.rank == 0 else None)
     else:
         token = uuid.uuid4().hex[:16]
     if not should_share(setting, topo.local_world_size, topo.device.type):

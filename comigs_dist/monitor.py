@@ -1,0 +1,177 @@
+"""What a run reports while it runs: one object that owns every tag name, per-user writers, progress.
+
+Owns the metric tags (``train/loss``, ``router/prob/layer_03/expert_1``, ``comm/round_bytes_sent``,
+...), the TensorBoard custom-scalars layout built from the same names, one logger per user of the
+rank (TensorBoard, W&B, both, or nothing), the progress bars and lines of rank 0, and the
+messages it prints. The training loop calls one method per event; it never spells a tag.
+Knows nothing of training decisions.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable
+
+from comigs_dist.metrics import NullLogger, build_logger, build_progress
+
+# -- the tags -----------------------------------------------------------------------------------
+TRAIN_LOSS, TRAIN_CE, TRAIN_LB = "train/loss", "train/ce", "train/lb"
+LR_EXPERT, LR_ROUTER = "lr/expert", "lr/router"
+TOKENS_PER_SECOND = "perf/tokens_per_second"
+VALID_LOSS = "valid/loss"
+BYTES_SENT, BYTES_RECEIVED = "comm/bytes_sent", "comm/bytes_received"
+ROUND_BYTES_SENT, ROUND_BYTES_RECEIVED = "comm/round_bytes_sent", "comm/round_bytes_received"
+ANALYTIC_ROUND_BYTES = "comm/analytic_round_bytes"
+ROUND_SECONDS = "comm/round_seconds"
+SKIPPED_ROUNDS, SKIPPED_STEPS = "guard/skipped_rounds", "guard/skipped_steps"
+
+
+def router_loss_tag(split: str) -> str:
+    """The router phase's loss: on validation batches the documented valid/loss; on training
+    batches (-tr variants) a tag of its own, so it never collides with the expert phase's."""
+    return VALID_LOSS if split == "valid" else f"{split}/router_loss"
+
+
+def routing_tag(what: str, layer: int, expert: int, prefix: str = "") -> str:
+    """``router/prob/layer_03/expert_1`` (mean router probability) or ``router/share/...`` (share of
+    routing slots), during training; ``test_router/...`` and ``base_router/...`` at evaluations."""
+    head = f"{prefix}_router" if prefix else "router"
+    return f"{head}/{what}/layer_{layer:02d}/expert_{expert}"
+
+
+def eval_tags(prefix: str) -> tuple[str, str]:
+    """(loss, perplexity) tags of an evaluation: ``test/...`` or ``base/...``."""
+    return f"{prefix}/loss", f"{prefix}/ppl"
+
+
+def scalar_layout(n_layers: int, n_experts: int, n_generalists: int) -> dict:
+    """Custom-scalars charts for one user, over the tags above.
+
+    The paper's Figures 3 and 10 plot, per user, the expert score (mean router probability) of
+    the generalist and of the specialist against iterations, one curve per layer; here they are
+    two charts (generalists, specialists) with one curve per layer, plus one chart per layer
+    with every expert of that layer. Figures 4-6 and 9 plot test perplexity against iterations.
+    Charts match tags by regular expression (anchored at the start), so the layout is the same
+    for every user with the same expert counts and TensorBoard shows it once.
+    """
+    prob = routing_tag("prob", 0, 0).split("/")[:2]  # ['router', 'prob']
+
+    def experts_regex(ids: list[int]) -> str:
+        return rf"{'/'.join(prob)}/layer_\d+/expert_({'|'.join(map(str, ids))})$"
+    generalists, specialists = list(range(n_generalists)), list(range(n_generalists, n_experts))
+    scores = {}
+    for name, ids in (("generalist", generalists), ("specialist", specialists)):
+        if ids:
+            label = f"expert {ids[0]}" if len(ids) == 1 else f"experts {ids[0]}-{ids[-1]}"
+            scores[f"{name} expert score ({label}), one curve per layer"] = ["Multiline", [experts_regex(ids)]]
+    layers = {f"layer {layer:02d}: every expert": ["Multiline", [rf"{'/'.join(prob)}/layer_{layer:02d}/expert_\d+$"]]
+              for layer in range(n_layers)}
+    test_ppl, base_ppl = eval_tags("test")[1], eval_tags("base")[1]
+    losses = [TRAIN_LOSS, TRAIN_CE, router_loss_tag("train"), VALID_LOSS, eval_tags("test")[0]]
+    return {
+        "expert scores (paper Fig. 3, 10)": scores,
+        "expert scores by layer": layers,
+        "perplexity (paper Fig. 4-6, 9)": {
+            "test perplexity": ["Multiline", [rf"{test_ppl}$", rf"{base_ppl}$"]],
+            "losses": ["Multiline", [rf"{t}$" for t in losses]],
+        },
+        "communication": {"bytes": ["Multiline", [rf"{BYTES_SENT}$", rf"{BYTES_RECEIVED}$"]],
+                          "bytes per round, counted and analytic": [
+                              "Multiline", [rf"{ROUND_BYTES_SENT}$", rf"{ROUND_BYTES_RECEIVED}$",
+                                            rf"{ANALYTIC_ROUND_BYTES}$"]],
+                          "seconds in collectives per round": ["Multiline", [rf"{ROUND_SECONDS}$"]]},
+    }
+
+
+class Monitor:
+    """Everything one rank reports: a logger per user, rank 0's progress, and its messages.
+
+    ``loggers``: user -> logger (a TensorBoard writer under ``<out_dir>/tb/user_XX``, a W&B run,
+    both, or a no-op), chosen once; call sites never check whether logging is on."""
+
+    def __init__(self, loggers: dict[int, NullLogger], progress, say: Callable[[str], None] = lambda m: None,
+                 every: int = 1):
+        self.loggers, self.progress, self.say, self.every = loggers, progress, say, every
+        self._round_bar = None
+
+    @classmethod
+    def silent(cls, users: Iterable[int]) -> "Monitor":
+        """Reports nothing (benchmarks and tests that drive rounds directly)."""
+        from comigs_dist.metrics import NullProgress
+        return cls({u: NullLogger() for u in users}, NullProgress())
+
+    @classmethod
+    def build(cls, cfg, rank: int, users: Iterable[int], out_dir: Path, resumed_steps: dict[int, int],
+              say: Callable[[str], None] = lambda m: None) -> "Monitor":
+        """The monitor of one rank: its users' loggers (a resumed user's writer drops what the
+        interrupted attempt logged after its checkpoint) and, on rank 0, progress."""
+        from comigs_dist.wandb_logger import options_for
+        loggers = {}
+        for u in users:
+            step = resumed_steps.get(u)
+            loggers[u] = build_logger(out_dir, u, cfg.log.tensorboard, purge_step=step + 1 if step else None,
+                                      wandb=options_for(cfg, out_dir, u, resumed=bool(step)))
+        return cls(loggers, build_progress(rank == 0 and cfg.log.progress), say, cfg.log.every)
+
+    # -- set-up --------------------------------------------------------------------------------
+    def start(self, user: int, config_yaml: str | None, n_layers: int, n_experts: int, n_generalists: int) -> None:
+        log = self.loggers[user]
+        log.layout(scalar_layout(n_layers, n_experts, n_generalists))
+        if config_yaml is not None:
+            log.text("config", "```\n" + config_yaml + "\n```")
+
+    # -- events --------------------------------------------------------------------------------
+    def expert_step(self, user: int, step: int, loss: float, ce: float, lb: float, lr: float,
+                    tokens_per_second: float, routing_stats) -> None:
+        if step % self.every:
+            return
+        log = self.loggers[user]
+        log.scalars({TRAIN_LOSS: loss, TRAIN_CE: ce, TRAIN_LB: lb, LR_EXPERT: lr,
+                     TOKENS_PER_SECOND: tokens_per_second}, step)
+        for layer, stats in enumerate(routing_stats):
+            if stats is None:
+                continue
+            for j, (p, s) in enumerate(zip(*stats)):
+                log.scalar(routing_tag("prob", layer, j), float(p), step)
+                log.scalar(routing_tag("share", layer, j), float(s), step)
+
+    def router_phase(self, user: int, step: int, split: str, mean_loss: float, lr: float) -> None:
+        self.loggers[user].scalars({router_loss_tag(split): mean_loss, LR_ROUTER: lr}, step)
+
+    def round_end(self, user: int, step: int, stats, before: tuple[int, int, float], analytic_sent: int,
+                  skipped_rounds: int, skipped_steps: int) -> None:
+        self.loggers[user].scalars({
+            BYTES_SENT: stats.bytes_sent, BYTES_RECEIVED: stats.bytes_received,
+            ROUND_BYTES_SENT: stats.bytes_sent - before[0], ROUND_BYTES_RECEIVED: stats.bytes_received - before[1],
+            ANALYTIC_ROUND_BYTES: analytic_sent, ROUND_SECONDS: stats.seconds - before[2],
+            SKIPPED_ROUNDS: skipped_rounds, SKIPPED_STEPS: skipped_steps}, step)
+
+    def evaluation(self, user: int, step: int, res, prefix: str = "test") -> None:
+        log = self.loggers[user]
+        loss_tag, ppl_tag = eval_tags(prefix)
+        log.scalar(loss_tag, res.loss, step)
+        log.scalar(ppl_tag, res.ppl, step)
+        for layer, (probs, shares) in enumerate(res.routing):
+            for j, (p, s) in enumerate(zip(probs, shares)):
+                log.scalar(routing_tag("prob", layer, j, prefix), p, step)
+                log.scalar(routing_tag("share", layer, j, prefix), s, step)
+
+    # -- progress ------------------------------------------------------------------------------
+    def rounds_started(self, total: int) -> None:
+        self._round_bar = self.progress.bar(total=total, desc="rounds")
+
+    def round_done(self) -> None:
+        if self._round_bar is not None:
+            self._round_bar.update(1)
+
+    def rounds_finished(self) -> None:
+        if self._round_bar is not None:
+            self._round_bar.close()
+            self._round_bar = None
+
+    # -- the end -------------------------------------------------------------------------------
+    def finish(self, rows: dict[int, dict]) -> None:
+        """Each user's results.json row as its run summary; every writer closed."""
+        for user, log in self.loggers.items():
+            if user in rows:
+                log.summary(rows[user])
+            log.close()
