@@ -1,11 +1,10 @@
-"""Rounds of Algorithm 1 assembled from the simulator's own pieces, for timing.
+"""Rounds of Algorithm 1 for timing, driven through the simulator's own round function.
 
-Owns what the benchmarks call a round: the sync of the shared parameters (the method's
-``aggregate`` through ``dist.sync_mean``) followed by ``train.local_steps`` expert steps
-(``train.optimizer_step``). Router phases (every tau = 30 local iterations) are left out, so that
-every timed round does the same work. Also a group of ranks kept alive between timed turns
-(``RankGroup``), the CPU and page faults of each phase of a rank's round (``PhaseMeter``), and
-the single-process comparison: several users held in one process and stepped one after the other,
+Owns what the benchmarks call a round: ``train.run_round`` (the method's ``sync``, then
+``train.local_steps`` expert steps) with router phases switched off (``train.router_steps=0``),
+so that every timed round does the same work. Also a group of ranks kept alive between timed
+turns (``RankGroup``), the CPU and page faults of each phase of a rank's round (``PhaseMeter``),
+and the single-process comparison: several users on one rank, stepped one after the other and
 their shared parameters averaged in memory, as a single-process simulator does.
 """
 from __future__ import annotations
@@ -13,20 +12,16 @@ from __future__ import annotations
 import contextlib
 import queue
 import time
-import types
 
 import torch
 
 from _common import usage, usage_since
-from comigs_dist import dist
+from comigs_dist import dist, train
 from comigs_dist.config import RunConfig, load_config
-from comigs_dist.data import BatchSampler, load_user_data
-from comigs_dist.methods import SyncContext, get_method
-from comigs_dist.model import build_user_model
-from comigs_dist.train import (CommHandle, UserRun, autocast_for, build_optimizer, optimizer_step,
-                               prepare_assets, resolve_dataset, setup_user)
+from comigs_dist.train import RankRun, prepare_assets
 
-QUIET = ["log.tensorboard=false", "log.progress=false", "eval.every=0", "checkpoint.final=false"]
+QUIET = ["log.tensorboard=false", "log.progress=false", "eval.every=0", "checkpoint.final=false",
+         "train.router_steps=0"]
 
 
 def bench_config(overrides: list[str]) -> RunConfig:
@@ -39,29 +34,33 @@ def prepare(cfg: RunConfig, *world_sizes: int) -> None:
         prepare_assets(cfg, n)
 
 
-def local_steps(run: UserRun, comm: CommHandle | None) -> None:
-    """train.local_steps expert steps, as in train.run (router frozen, eq. 2)."""
-    autocast = autocast_for(run.topo.device, run.cfg.train.amp)
-    run.model.set_trainable(run.method.trains_in_expert_phase)
-    for _ in range(run.cfg.train.local_steps):
-        optimizer_step(run, run.train_sampler, run.expert_opt, autocast, True, comm)
-        run.expert_sched.step()
+def local_steps(rank: RankRun) -> None:
+    """train.local_steps expert steps of the rank's users, as a round takes them (eq. 2)."""
+    for _ in range(rank.cfg.train.local_steps):
+        train.expert_step(rank, rank.users)
 
 
-def sync(run: UserRun, comm: CommHandle, round_idx: int = 1) -> None:
-    """The method's end-of-round aggregation, as train.run calls it."""
-    run.method.aggregate(SyncContext(shared=run.shared, comm=comm, round_idx=round_idx,
-                                     user_idx=run.topo.user_idx, n_users=run.topo.world_size,
-                                     n_train_tokens=len(run.data.train), model=run.model))
+def round_(rank: RankRun, round_idx: int = 1) -> None:
+    """One round as train.run takes it (sync, then the local steps)."""
+    train.run_round(rank, round_idx)
 
 
-def dist_round(run: UserRun, comm: CommHandle) -> tuple[float, float]:
+def dist_round(rank: RankRun) -> tuple[float, float]:
     """One round on this rank: (round seconds, of which sync seconds)."""
-    start = time.perf_counter()
-    sync(run, comm)
-    synced = time.perf_counter()
-    local_steps(run, comm)
-    return time.perf_counter() - start, synced - start
+    spent = []
+    sync = rank.method.sync
+
+    def timed(ctx):
+        start = time.perf_counter()
+        sync(ctx)
+        spent.append(time.perf_counter() - start)
+    rank.method.sync = timed
+    try:
+        start = time.perf_counter()
+        round_(rank)
+        return time.perf_counter() - start, spent[0]
+    finally:
+        del rank.method.sync
 
 
 class PhaseMeter:
@@ -114,7 +113,8 @@ class PhaseMeter:
                 return fn(*args, **kwargs)
         return timed
 
-    def install(self, run: UserRun) -> None:
+    def install(self, rank: RankRun) -> None:
+        run = rank.users[0]
         model = run.model
         model.hidden = self.wrap("forward", model.hidden)
         model.lm_loss = self.wrap("loss", model.lm_loss)
@@ -126,18 +126,17 @@ class PhaseMeter:
             opt.register_step_pre_hook(lambda *_, s=started: s.append(self._begin()))
             opt.register_step_post_hook(lambda *_, s=started: self._end("optimiser", s.pop()))
             opt.zero_grad = self.wrap("optimiser", opt.zero_grad)
-        # the backward pass is started by train.optimizer_step; this process only benchmarks
+        # the backward pass is started inside train.expert_step; this process only benchmarks
         self._backward = torch.Tensor.backward
         torch.Tensor.backward = self.wrap("backward", self._backward)
+        rank.method.sync = self.wrap("sync", rank.method.sync)
 
-    def round(self, run: UserRun, comm: CommHandle) -> dict[str, dict[str, float]]:
-        """One round (sync, then the expert steps) with its phases; {phase: usage} with
-        ``round`` (the whole) and ``other`` (what no phase covers)."""
+    def round(self, rank: RankRun) -> dict[str, dict[str, float]]:
+        """One round (train.run_round: sync, then the expert steps) with its phases; {phase:
+        usage} with ``round`` (the whole) and ``other`` (what no phase covers)."""
         self.reset()
         before = usage()
-        with self.span("sync"):
-            sync(run, comm)
-        local_steps(run, comm)
+        round_(rank)
         whole = usage_since(before)
         out = {p: dict(v) for p, v in self.totals.items()}
         out["other"] = {k: whole[k] - sum(v[k] for v in self.totals.values()) for k in whole}
@@ -145,14 +144,13 @@ class PhaseMeter:
         return out
 
 
-def setup_rank(cfg: RunConfig, threads: int = 1) -> tuple[dist.Topology, UserRun, CommHandle]:
-    """Join the group the launcher set up (env://) and build this rank's user, as main.py does."""
-    topo = dist.init_distributed("gloo", "cpu", cfg.comm.timeout_s, threads=threads)
-    run = setup_user(cfg, topo)
-    comm = CommHandle(topo, cfg.comm.mode, cfg.comm.dtype)
-    for group, params in run.shared.items():  # round 0: one initialisation for shared parameters
-        comm.broadcast(group, [p.data for _, p in params])
-    return topo, run, comm
+def setup_rank(cfg: RunConfig, threads: int = 1, n_users: int | None = None) -> RankRun:
+    """Join the group the launcher set up (env://) and build this rank's users, as main.py does;
+    round 0's sync (one initialisation for shared parameters) is taken here."""
+    topo = dist.init_distributed("gloo", "cpu", cfg.comm.timeout_s, threads=threads, n_users=n_users)
+    rank = train.build_rank(cfg, topo)
+    train.sync(rank, 0)
+    return rank
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,10 +163,11 @@ def group_worker(rank: int, world_size: int, port: int, overrides: list[str], co
     {"rounds": n, "loss_chunk": tokens or None (leave as configured)}; the answer is one usage()
     difference per round (with ``phases``: one PhaseMeter.round dict per round)."""
     cfg = bench_config(overrides)
-    topo, run, comm = setup_rank(cfg, threads=1)
+    rank_run = setup_rank(cfg, threads=1)
+    topo, run = rank_run.topo, rank_run.users[0]
     meter = PhaseMeter() if phases else None
     if meter is not None:
-        meter.install(run)
+        meter.install(rank_run)
     try:
         results.put(("ready", rank, None))
         while True:
@@ -181,11 +180,10 @@ def group_worker(rank: int, world_size: int, port: int, overrides: list[str], co
             for _ in range(command["rounds"]):
                 dist.barrier(topo)  # every rank starts the round together (not timed)
                 if meter is not None:
-                    rounds.append(meter.round(run, comm))
+                    rounds.append(meter.round(rank_run))
                 else:
                     before = usage()
-                    sync(run, comm)
-                    local_steps(run, comm)
+                    round_(rank_run)
                     rounds.append(usage_since(before))
             results.put(("rounds", rank, rounds))
         dist.barrier(topo)
@@ -251,49 +249,17 @@ class RankGroup:
 # the single-process comparison
 # --------------------------------------------------------------------------------------------
 
-def build_local_users(cfg: RunConfig, n_users: int) -> list[UserRun]:
-    """n_users users in this process (no process group): model, data, optimiser, sampler each."""
-    method = get_method(cfg.method)
-    data_dir = resolve_dataset(cfg, n_users)
-    runs = []
-    for user in range(n_users):
-        data = load_user_data(data_dir, user, cfg.train.seq_len, float(cfg.per_user("data.share", user)), False)
-        model = build_user_model(cfg, user, data.vocab_size, method.routed)
-        shared: dict[str, list] = {}
-        for name, tag in model.report.tags.items():
-            if method.is_shared(tag):
-                shared.setdefault(method.group_of(tag, user), []).append((name, model.report.params[name]))
-        params = model.set_trainable(method.trains_in_expert_phase)
-        t = cfg.train
-        opt = build_optimizer(params, t.lr, t, torch.device("cpu"))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        # optimizer_step reads only the device and the user index of the topology
-        where = types.SimpleNamespace(device=torch.device("cpu"), user_idx=user, world_size=n_users)
-        runs.append(UserRun(cfg=cfg, topo=where, method=method, model=model, data=data, shared=shared,
-                            expert_opt=opt, expert_sched=sched, router_opt=None,
-                            train_sampler=BatchSampler(data.train, t.seq_len, 1000 + user),
-                            router_sampler=BatchSampler(data.valid, t.seq_len, 2000 + user)))
-    sync_in_process(runs)  # one initialisation for shared parameters, as the broadcast does
-    return runs
+def build_local_users(cfg: RunConfig, n_users: int) -> RankRun:
+    """n_users users on one rank of a group of one (this process): each its own adapters, data,
+    optimiser and sampler over one frozen base; round 0's common start taken."""
+    from comigs_dist.dist.env import export_rank_env, free_port
+    export_rank_env(0, 1, free_port())
+    return setup_rank(cfg, threads=torch.get_num_threads(), n_users=n_users)
 
 
-@torch.no_grad()
-def sync_in_process(runs: list[UserRun]) -> None:
-    """Average every shared group over the users in memory: flatten, mean, unflatten."""
-    for group in runs[0].shared:
-        tensors = [[p.data for _, p in run.shared[group]] for run in runs]
-        flat = torch.stack([torch.cat([t.reshape(-1) for t in ts]) for ts in tensors]).mean(0)
-        for ts in tensors:
-            offset = 0
-            for t in ts:
-                t.copy_(flat[offset:offset + t.numel()].view_as(t))
-                offset += t.numel()
-
-
-def local_round(runs: list[UserRun]) -> float:
-    """One round of every in-process user, one after the other; seconds."""
+def local_round(rank: RankRun) -> float:
+    """One round of every user of the rank, one after the other, shared parameters averaged in
+    memory; seconds."""
     start = time.perf_counter()
-    sync_in_process(runs)
-    for run in runs:
-        local_steps(run, None)
+    round_(rank)
     return time.perf_counter() - start

@@ -94,31 +94,31 @@ def _rank(rank: int, n_ranks: int, port: int, args, out_path: str) -> None:
     cfg = load_config(None, _overrides(args, n_ranks))
     topo = dist.init_distributed("gloo", "cpu", 600.0, threads=1)
     try:
-        run = train.setup_user(cfg, topo)
-        autocast = train.autocast_for(topo.device, "off")
+        rank_run = train.build_rank(cfg, topo)
+        run = rank_run.users[0]
         times = {"compute": [], **{label: [] for label, *_ in CONFIGS}}
         counted, delivered = {}, {}
         for _ in range(args.rounds):
             dist.barrier(topo)
             start = time.perf_counter()
-            run.model.set_trainable(run.method.trains_in_expert_phase)
             for _ in range(cfg.train.local_steps):
-                train.optimizer_step(run, run.train_sampler, run.expert_opt, autocast)
+                train.expert_step(rank_run, rank_run.users)
             times["compute"].append(time.perf_counter() - start)
             for label, mode, dtype, exact in CONFIGS:
-                comm = train.CommHandle(topo, mode, dtype, exact=exact)
-                before = (topo.stats.bytes_sent, topo.stats.bytes_received)
+                comm = dist.Comm(topo, mode, dtype, exact=exact)
+                comm.mark_checked(topo.groups)
+                stats = comm.user_stats[run.user_idx]
+                before = (stats.bytes_sent, stats.bytes_received)
                 dist.barrier(topo)
                 meter.take(0)
                 start = time.perf_counter()
-                run.method.aggregate(SyncContext(shared=run.shared, comm=comm, round_idx=1, user_idx=topo.user_idx,
-                                                 n_users=n_ranks))
+                run.method.sync(SyncContext(round_idx=1, comm=comm, users=rank_run.users))
                 times[label].append(time.perf_counter() - start)
                 delivered[label] = meter.take(dist.payload_bytes(1, dtype))
-                counted[label] = (topo.stats.bytes_sent - before[0], topo.stats.bytes_received - before[1])
+                counted[label] = (stats.bytes_sent - before[0], stats.bytes_received - before[1])
         analytic = {label: train.analytic_round_bytes(run, cfg.comm.__class__(mode=mode, dtype=dtype), topo,
                                                       False)["total"] for label, mode, dtype, _ in CONFIGS}
-        rows = dist.all_gather_objects({"times": times, "counted": counted, "delivered": delivered, "analytic": analytic,
+        rows = dist.all_gather_objects(topo, {"times": times, "counted": counted, "delivered": delivered, "analytic": analytic,
                                         "shared_params": sum(p.numel() for ps in run.shared.values() for _, p in ps)})
         if topo.rank == 0:
             Path(out_path).write_text(json.dumps(rows))

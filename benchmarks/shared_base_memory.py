@@ -66,7 +66,8 @@ def _rank(overrides: list[str], conn) -> int:
     train.prepare_assets(cfg, cfg.n_users)  # as main does: the embedded corpus, built once under a lock
     topo = dist.init_distributed("gloo", "cpu", 600.0, threads=1)
     try:
-        run = train.setup_user(cfg, topo)
+        rank_run = train.build_rank(cfg, topo)
+        run = rank_run.users[0]
         # what train.run does first (the base evaluation): a forward without gradients, which
         # also faults every base page into this rank's address space, so PSS counts them
         with torch.no_grad():
@@ -76,8 +77,7 @@ def _rank(overrides: list[str], conn) -> int:
         conn.recv()
         with contextlib.suppress(OSError):  # peak RSS (VmHWM) from here on: the step's own peak
             Path("/proc/self/clear_refs").write_text("5")
-        run.model.set_trainable(run.method.trains_in_expert_phase)
-        train.optimizer_step(run, run.train_sampler, run.expert_opt, train.autocast_for(topo.device, "off"))
+        train.expert_step(rank_run, rank_run.users)
         conn.send(("step", None))
         conn.recv()
         dist.barrier(topo)

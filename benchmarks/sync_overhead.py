@@ -45,7 +45,12 @@ def rank_worker(rank: int, world_size: int, port: int, overrides: list[str], ite
     import torch.distributed as tdist
     from comigs_dist import dist
     cfg = R.bench_config(overrides)
-    topo, run, comm = R.setup_rank(cfg, threads=1)
+    rank_run = R.setup_rank(cfg, threads=1)
+    topo, run = rank_run.topo, rank_run.users[0]
+    plain = dist.Comm(topo, "server", "fp32", exact=False)
+    exact = dist.Comm(topo, "server", "fp32", exact=True)
+    plain.mark_checked(topo.groups)
+    exact.mark_checked(topo.groups)
     try:
         (group, params), = run.shared.items()
         tensors = [p.data for _, p in params]
@@ -61,30 +66,31 @@ def rank_worker(rank: int, world_size: int, port: int, overrides: list[str], ite
             return time.perf_counter() - start
 
         calls = {
-            "sync": lambda: dist.sync_mean(topo, group, tensors, "server", "fp32", exact=False),
-            "sync exact": lambda: dist.sync_mean(topo, group, tensors, "server", "fp32", exact=True),
+            "sync": lambda: plain.mean(group, {run.user_idx: tensors}),
+            "sync exact": lambda: exact.mean(group, {run.user_idx: tensors}),
             "all_reduce": lambda: tdist.all_reduce(bare, op=tdist.ReduceOp.SUM, group=pg),
             "all_reduce f64": lambda: tdist.all_reduce(bare64, op=tdist.ReduceOp.SUM, group=pg),
         }
         for _ in range(3):  # warm-up (and the shape handshake of the first sync)
             for fn in calls.values():
                 timed(fn)
-        sent_before = topo.stats.bytes_sent
+        sent_before = plain.user_stats[run.user_idx].bytes_sent + exact.user_stats[run.user_idx].bytes_sent
         times = {k: [] for k in calls}
         for i in range(iters):
             order = list(calls) if i % 2 == 0 else list(calls)[::-1]
             for k in order:
                 times[k].append(timed(calls[k]))
-        sent = (topo.stats.bytes_sent - sent_before) / iters / 2  # two syncs per iteration
+        sent_now = plain.user_stats[run.user_idx].bytes_sent + exact.user_stats[run.user_idx].bytes_sent
+        sent = (sent_now - sent_before) / iters / 2  # two syncs per iteration
 
         round_times, sync_times = [], []
-        R.local_steps(run, comm)  # warm-up round
+        R.local_steps(rank_run)  # warm-up round
         for _ in range(rounds):
             dist.barrier(topo)
-            total, synced = R.dist_round(run, comm)
+            total, synced = R.dist_round(rank_run)
             round_times.append(total)
             sync_times.append(synced)
-        rows = dist.all_gather_objects({"times": times, "round": round_times, "sync": sync_times,
+        rows = dist.all_gather_objects(topo, {"times": times, "round": round_times, "sync": sync_times,
                                         "numel": numel, "sent": sent})
         if rank == 0:
             results.put(rows)

@@ -90,7 +90,7 @@ def step_bytes(kind: str, n_layers: int | None, n_seq: int, vocab: int) -> tuple
     model = build(kind, n_layers, meta=False)
     method = get_method("comigs_1g1s")
     cfg = load_config(None, [])
-    params = model.set_trainable(method.trains_in_expert_phase)
+    params = model.set_trainable(lambda tag: method.trains_in("expert", tag))
     opt = build_optimizer(params, 1e-3, cfg.train, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
 

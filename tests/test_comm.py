@@ -56,15 +56,16 @@ def _modes_worker(rank, world_size, tmp_path):
         results = {}
         for mode in ("server", "all2all"):
             mine = _inputs(rank)
-            before = (topo.stats.bytes_sent, topo.stats.bytes_received, topo.stats.collectives)
-            dist.sync_mean(topo, "generalists", mine, mode, dtype)
+            comm = dist.Comm(topo, mode, dtype)
+            comm.mean("generalists", {rank: mine})
+            stats = comm.user_stats[rank]
             results[mode] = mine
             # delivered payload, in the wire dtype: S up and S down, or N*S each way; one collective
             payload = sum(torch.Size(s).numel() for s in SHAPES) * wire.itemsize
             copies = 1 if mode == "server" else n
-            assert topo.stats.bytes_sent - before[0] == payload * copies == dist.round_bytes(payload, mode, n)[0]
-            assert topo.stats.bytes_received - before[1] == payload * copies
-            assert topo.stats.collectives - before[2] == 1
+            assert stats.bytes_sent == payload * copies == dist.round_bytes(payload, mode, n)[0]
+            assert stats.bytes_received == payload * copies
+            assert stats.collectives == 1
         # the exact mean of what travelled, whatever the order: round_fp32(float64 sum / N)
         for i in range(len(SHAPES)):
             exact = sum(inputs[u][i].to(wire).double() for u in range(n)) / n
@@ -75,8 +76,8 @@ def _modes_worker(rank, world_size, tmp_path):
 
     # the plain wire-dtype reduction (comm.exact=false) is what the exact one replaces: report it
     plain, a2a = _inputs(rank), _inputs(rank)
-    dist.sync_mean(topo, "generalists", plain, "server", "fp32", exact=False)
-    dist.sync_mean(topo, "generalists", a2a, "all2all", "fp32", exact=False)
+    dist.Comm(topo, "server", "fp32", exact=False).mean("generalists", {rank: plain})
+    dist.Comm(topo, "all2all", "fp32", exact=False).mean("generalists", {rank: a2a})
     differ = sum(int((p != a).sum()) for p, a in zip(plain, a2a))
     print(f"rank {rank}: comm.exact=false, server vs all2all: {differ} of {sum(p.numel() for p in plain)} "
           f"elements differ", flush=True)
@@ -86,19 +87,20 @@ def _modes_worker(rank, world_size, tmp_path):
     for mode, exact in (("server", True), ("server", False), ("all2all", True)):
         copied, packed = _inputs(rank), [torch.nn.Parameter(t) for t in _inputs(rank)]
         assert dist.pack_flat(packed) and all(torch.equal(p, t) for p, t in zip(packed, _inputs(rank)))
-        buffer = dist._packed(packed)
+        buffer = dist.packed_buffer(packed)
         assert buffer is not None and buffer.numel() == sum(p.numel() for p in packed)
-        assert dist._packed(copied) is None  # separate tensors: the sync flattens a copy
-        dist.sync_mean(topo, "generalists", copied, mode, "fp32", exact=exact)
-        dist.sync_mean(topo, "generalists", [p.data for p in packed], mode, "fp32", exact=exact)
+        assert dist.packed_buffer(copied) is None  # separate tensors: the sync flattens a copy
+        comm = dist.Comm(topo, mode, "fp32", exact=exact)
+        comm.mean("generalists", {rank: copied})
+        comm.mean("generalists", {rank: [p.data for p in packed]})
         assert all(torch.equal(p, c) for p, c in zip(packed, copied)), (mode, exact)
-        assert dist._packed(packed).data_ptr() == buffer.data_ptr()
+        assert dist.packed_buffer(packed).data_ptr() == buffer.data_ptr()
 
     # guard.nan=skip's contributor count keeps the modes identical too (user 3 sits out)
     results = {}
     for mode in ("server", "all2all"):
         mine = _inputs(rank)
-        dist.sync_mean(topo, "generalists", mine, mode, "fp32", count=True, contribute=rank != 3)
+        dist.Comm(topo, mode, "fp32", count=True).mean("generalists", {rank: mine}, skip={3})
         results[mode] = mine
     for i in range(len(SHAPES)):
         assert torch.equal(results["server"][i], results["all2all"][i])
@@ -106,25 +108,24 @@ def _modes_worker(rank, world_size, tmp_path):
 
     # a group of two: its members average between them, the others keep their tensors
     mine = _inputs(rank)
-    sent = topo.stats.bytes_sent
-    dist.sync_mean(topo, "pair", mine, "all2all", "fp32")
+    comm = dist.Comm(topo, "all2all", "fp32")
+    comm.mean("pair", {rank: mine})
     for i in range(len(SHAPES)):
         expected = ((inputs[1][i].double() + inputs[2][i].double()) / 2).float() if rank in (1, 2) else inputs[rank][i]
         assert torch.equal(mine[i], expected)
     payload = sum(torch.Size(s).numel() for s in SHAPES) * 4
-    assert topo.stats.bytes_sent - sent == (2 * payload if rank in (1, 2) else 0)
+    assert comm.user_stats[rank].bytes_sent == (2 * payload if rank in (1, 2) else 0)
 
     # a shape mismatch inside one group: every rank (members of the sound group too) raises the
     # same error naming the group, the user and the parameter, and nothing is sent
-    fresh = dataclasses.replace(topo, groups={}, stats=dist.CommStats(), _checked=set())
+    fresh = dataclasses.replace(topo, groups={})
     fresh.build_groups({"generalists": range(n), "cluster": [2, 3]})
     shared = {"generalists": [("attn.lora_A", torch.zeros(4, 8))]}
     if rank in (2, 3):
         shared["cluster"] = [("experts.1.lora_A", torch.zeros(4 if rank == 2 else 2, 8))]
     with pytest.raises(ValueError, match=r"group 'cluster' differ between users.*user 3 holds experts\.1\.lora_A "
                                          r"with shape \(2, 8\) \(torch.float32\) but user 2 holds \(4, 8\)"):
-        dist.check_group_shapes(fresh, shared)
-    assert fresh.stats.collectives == 0 and fresh.stats.bytes_sent == 0
+        dist.check_group_shapes(fresh, {rank: shared})
 
 
 def test_server_and_all2all_are_bit_identical_and_counted_as_delivered_payload(tmp_path):
@@ -144,12 +145,12 @@ GROUPS = "[{name: global, users: all, experts: [0]}, {name: cluster, users: [0, 
 
 def _groups_worker(rank, world_size, tmp_path):
     from comigs_dist.methods import SyncContext
-    from comigs_dist.train import CommHandle, analytic_round_bytes, optimizer_step, setup_user
-    off = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    from comigs_dist.train import analytic_round_bytes, build_rank, expert_step
     cfg = tiny_config(**{"moe.n_experts": 2, "moe.n_generalists": "[2, 2, 1, 1]", "comm.groups": GROUPS})
     check_world_size(cfg, world_size)
     topo = init_topology()
-    r = setup_user(cfg, topo)
+    rank_run = build_rank(cfg, topo)
+    r = rank_run.users[0]
     assert topo.members("global") == (0, 1, 2, 3) and topo.members("cluster") == (0, 1)
     assert list(r.shared) == (["cluster", "global"] if rank < 2 else ["global"])
     tags = r.model.report.tags
@@ -160,12 +161,12 @@ def _groups_worker(rank, world_size, tmp_path):
         assert where.get(n) == expected, (n, rank)
 
     for mode in ("server", "all2all"):
-        r.model.set_trainable(r.method.trains_in_expert_phase)
-        optimizer_step(r, r.train_sampler, r.expert_opt, off)  # every user's parameters now differ
+        expert_step(rank_run, rank_run.users)  # every user's parameters now differ
         before = _all([p.detach().clone() for p in r.model.report.params.values()])
-        stats = (topo.stats.bytes_sent, topo.stats.bytes_received, topo.stats.collectives)
-        comm = CommHandle(topo, mode, "fp32")
-        r.method.aggregate(SyncContext(shared=r.shared, comm=comm, round_idx=1, user_idx=rank, n_users=world_size))
+        comm = dist.Comm(topo, mode, "fp32")
+        comm.mark_checked(topo.groups)
+        r.method.sync(SyncContext(round_idx=1, comm=comm, users=[r]))
+        stats = comm.user_stats[rank]
         after = _all([p.detach().clone() for p in r.model.report.params.values()])
         for i, (n, t) in enumerate(tags.items()):
             if t.kind == "attn" or t.expert == 0:
@@ -184,9 +185,9 @@ def _groups_worker(rank, world_size, tmp_path):
                 assert not torch.equal(after[2][i], after[3][i])
         # counted == analytic: S per group (server) or N_group * S per group (all2all); one collective each
         analytic = analytic_round_bytes(r, SimpleNamespace(mode=mode, dtype="fp32"), topo, False)
-        assert topo.stats.bytes_sent - stats[0] == analytic["total"]["sent"]
-        assert topo.stats.bytes_received - stats[1] == analytic["total"]["received"]
-        assert topo.stats.collectives - stats[2] == len(r.shared)
+        assert stats.bytes_sent == analytic["total"]["sent"]
+        assert stats.bytes_received == analytic["total"]["received"]
+        assert stats.collectives == len(r.shared)
         for g, a in analytic["groups"].items():
             size = sum(p.numel() for _, p in r.shared[g]) * 4
             assert a["analytic_sent_per_round"] == (size if mode == "server" else size * len(topo.members(g)))
@@ -196,11 +197,10 @@ def _groups_worker(rank, world_size, tmp_path):
     bad = tiny_config(**{"moe.n_experts": 2, "moe.n_generalists": "[1, 1, 2, 2]", "lora.rank": "[8, 8, 8, 4]",
                          "comm.groups": "[{name: global, users: all, experts: [0]}, "
                                         "{name: cluster_b, users: [2, 3], experts: [1]}]"})
-    topo2 = dataclasses.replace(topo, groups={}, stats=dist.CommStats(), _checked=set())
+    topo2 = dataclasses.replace(topo, groups={})
     with pytest.raises(ValueError, match=r"group 'cluster_b' differ between users, so they cannot be averaged: "
                                          r"user 3 holds \S*experts\.1\.in_loras\.0\.lora_A with shape \(4, 32\)"):
-        setup_user(bad, topo2)
-    assert topo2.stats.collectives == 0
+        build_rank(bad, topo2)
 
 
 def test_groups_average_only_among_their_members(tmp_path):

@@ -7,9 +7,8 @@ import torch.distributed as tdist
 
 from comigs_dist import dist, guard
 from comigs_dist.config import check_world_size
-from comigs_dist.methods import SyncContext
 from comigs_dist.model.roles import Role
-from comigs_dist.train import CommHandle, run, setup_user
+from comigs_dist.train import build_rank, run, sync
 from dist_harness import init_topology, run_on_ranks
 from helpers import tiny_config
 
@@ -28,23 +27,21 @@ def _prepare(rank, world_size, timeout_s=30, **overrides):
     cfg = tiny_config(**overrides)
     check_world_size(cfg, world_size)
     topo = init_topology(timeout_s=timeout_s)
-    r = setup_user(cfg, topo)
+    rank_run = build_rank(cfg, topo)
+    r = rank_run.users[0]
     with torch.no_grad():  # users hold different generalists: rank-dependent, exactly representable shifts
         for _, p in r.shared["generalists"]:
             p.add_(0.25 * (rank + 1))
-    return cfg, topo, r
+    return cfg, topo, rank_run, r
 
 
-def _aggregate(r, topo, comm, round_idx=2):
-    """What train.run does at the start of a round (after the first)."""
-    with comm.abstaining(not guard.check_shared(r, round_idx)):
-        r.method.aggregate(SyncContext(shared=r.shared, comm=comm, round_idx=round_idx, user_idx=topo.user_idx,
-                                       n_users=topo.world_size))
+def _aggregate(rank_run, round_idx=2):
+    """What train.run does at the start of a round (after the first): the guard, then the sync."""
+    sync(rank_run, round_idx)
 
 
 def _skip_worker(rank, world_size, tmp_path, mode):
-    cfg, topo, r = _prepare(rank, world_size, **{"comm.mode": mode, "guard.nan": "skip"})
-    comm = CommHandle(topo, mode, "fp32", count=True)
+    cfg, topo, rank_run, r = _prepare(rank, world_size, **{"comm.mode": mode, "guard.nan": "skip"})
     poisoned = r.shared["generalists"][3][0]
     if rank == 1:
         with torch.no_grad():
@@ -52,7 +49,7 @@ def _skip_worker(rank, world_size, tmp_path, mode):
     before = _gather(_by_role(r.model, Role.GENERALIST))
     specialists = _by_role(r.model, Role.SPECIALIST)
 
-    _aggregate(r, topo, comm)
+    _aggregate(rank_run)
 
     after = _gather(_by_role(r.model, Role.GENERALIST))
     for name in before[0]:
@@ -63,17 +60,17 @@ def _skip_worker(rank, world_size, tmp_path, mode):
         assert torch.isfinite(after[1][name]).all()
     assert not torch.equal(before[1][poisoned], before[1][poisoned])  # it was NaN before
     assert all(torch.equal(v, _by_role(r.model, Role.SPECIALIST)[k]) for k, v in specialists.items())
-    assert r.guard_skipped_rounds == (1 if rank == 1 else 0) and comm.contributing
+    assert r.guard_skipped_rounds == (1 if rank == 1 else 0) and r.contributing
     # the contributor count travels in the same collective: one extra fp32 element
     payload = sum(p.numel() for _, p in r.shared["generalists"]) * 4 + 4
     copies = 1 if mode == "server" else world_size  # delivered payload (dist.py)
-    assert topo.stats.bytes_sent == payload * copies and topo.stats.collectives == 1
+    assert r.stats.bytes_sent == payload * copies and r.stats.collectives == 1
 
     # every user of the group sitting out: nothing to average, every user stops with one message
     with torch.no_grad():
         r.shared["generalists"][0][1].view(-1)[0] = math.inf
     with pytest.raises(FloatingPointError, match="every member of group 'generalists' .* sat this round out"):
-        _aggregate(r, topo, comm)
+        _aggregate(rank_run)
 
 
 @pytest.mark.parametrize("mode", ["server", "all2all"])
@@ -85,19 +82,18 @@ def test_skip_leaves_a_poisoned_user_out_of_the_average(tmp_path, mode):
 
 def _stop_worker(rank, world_size, tmp_path):
     # a collective timeout longer than the harness's: only user 1 leaving can end the others' wait
-    cfg, topo, r = _prepare(rank, world_size, timeout_s=900)
-    comm = CommHandle(topo, "server", "fp32")
+    cfg, topo, rank_run, r = _prepare(rank, world_size, timeout_s=900)
     name = r.shared["generalists"][2][0]
     if rank == 1:
         with torch.no_grad():
             r.shared["generalists"][2][1].view(-1)[0] = math.inf
         with pytest.raises(FloatingPointError, match=rf"user 1, round 3: shared parameter {name} \(group "
                                                      rf"'generalists'\) holds inf before the round's aggregation"):
-            _aggregate(r, topo, comm)
+            _aggregate(rank_run)
         dist.report_failure("FloatingPointError: inf in a generalist")  # as main.py does before exiting
         return  # the harness tears the group down: the others' collective fails at once
     with pytest.raises(dist.PeerFailure) as info:
-        _aggregate(r, topo, comm)
+        _aggregate(rank_run)
     text = str(info.value)
     # caused by user 1 leaving, not by the collective's timeout (then every user would still run)
     assert "still running" not in text and "slower than comm.timeout_s" not in text, text
@@ -128,7 +124,7 @@ def _run_skip_worker(rank, world_size, tmp_path, method):
     os.environ["COMIGS_FAULT"] = "nan,user=1,round=2"
     cfg = tiny_config(**{"guard.nan": "skip", "train.rounds": 3, "method": method, **METHOD_OVERRIDES[method]})
     check_world_size(cfg, world_size)
-    row = run(cfg, init_topology(), tmp_path / "run")
+    (row,) = run(cfg, init_topology(), tmp_path / "run")
     rows = [None] * world_size
     tdist.all_gather_object(rows, row)
     assert [u["guard_skipped_rounds"] for u in rows] == [0, 1]
@@ -144,18 +140,17 @@ def test_a_nan_injected_in_a_run_is_skipped_and_counted(tmp_path, method):
 
 
 def _own_stop_worker(rank, world_size, tmp_path):
-    cfg, topo, r = _prepare(rank, world_size, method="hetlora")
+    cfg, topo, rank_run, r = _prepare(rank, world_size, method="hetlora")
     if rank == 1:
         with torch.no_grad():  # only in the MLP LoRA, which HetLoRA aggregates outside the groups
-            r.method.own_aggregated(r.model)[0][1].view(-1)[0] = math.nan
-    comm = CommHandle(topo, "server", "fp32")
+            r.method.own_aggregated(r)[0][1].view(-1)[0] = math.nan
     if rank == 1:
         with pytest.raises(FloatingPointError, match=r"user 1, round 3: .*method's own aggregation.* holds nan"):
-            _aggregate(r, topo, comm)
+            _aggregate(rank_run)
         dist.report_failure("FloatingPointError: nan in the MLP LoRA")
     else:
         with pytest.raises(dist.PeerFailure):
-            _aggregate(r, topo, comm)
+            _aggregate(rank_run)
 
 
 def test_stop_covers_what_a_method_aggregates_itself(tmp_path):
@@ -168,7 +163,7 @@ class _Run:
     """The few attributes guard.check_loss reads."""
     def __init__(self, mode):
         self.cfg = tiny_config(**{"guard.nan": mode})
-        self.topo = type("T", (), {"user_idx": 3})()
+        self.user_idx = 3
         self.step, self.guard_skipped_steps = 14, 0
 
 
@@ -181,17 +176,15 @@ def test_a_non_finite_loss_stops_or_drops_the_step():
 
 
 def _gradient_worker(rank, world_size, tmp_path, mode):
-    from comigs_dist.train import autocast_for, optimizer_step
-    cfg, topo, r = _prepare(rank, world_size, timeout_s=900, method="centralized", **{"guard.nan": mode})
-    comm = CommHandle(topo, "server", "fp32", count=mode == "skip")
-    for group, params in r.shared.items():  # one model: every replica starts from user 0's
-        comm.broadcast(group, [p.data for _, p in params])
-    r.model.set_trainable(r.method.trains_in_expert_phase)
+    from comigs_dist.train import expert_step
+    cfg, topo, rank_run, r = _prepare(rank, world_size, timeout_s=900, method="centralized", **{"guard.nan": mode})
+    sync(rank_run, 0)  # one model: every replica starts from user 0's
+    r.model.set_trainable(lambda tag: r.method.trains_in("expert", tag))
     name, param = next((n, p) for n, p in r.model.report.params.items() if n.endswith("lora_B") and p.requires_grad)
     if rank == 1:  # an overflow in the backward only: the loss stays finite
         param.register_hook(lambda g: torch.full_like(g, math.inf))
     before = {n: p.detach().clone() for n, p in r.model.report.params.items()}
-    step = lambda: optimizer_step(r, r.train_sampler, r.expert_opt, autocast_for(topo.device, "off"), True, comm)
+    step = lambda: expert_step(rank_run, rank_run.users)[0]
     if mode == "stop":
         if rank == 1:
             with pytest.raises(FloatingPointError, match=rf"user 1: the gradient of {name} holds inf at local "

@@ -25,22 +25,22 @@ def test_every_paper_method_is_registered_with_a_description():
     for name in PAPER_METHODS:
         cls = method_class(name)
         assert cls.name == name and cls.description and cls.paper_row
-        assert cls.router_training in ("alternating", "joint", "none")
-        assert cls.router_split in ("valid", "train")
+        assert cls.router in ("none", "joint", "alternating_valid", "alternating_train")
 
 
-@pytest.mark.parametrize("name,routed,router_training,router_split", [
-    ("local", False, "none", "valid"), ("fedavg", False, "none", "valid"), ("pcl", False, "none", "valid"),
-    ("centralized", False, "none", "valid"), ("ffa_lora", False, "none", "valid"),
-    ("local_moe", True, "joint", "valid"), ("fedavg_moe", True, "joint", "valid"), ("pfedmoe", True, "joint", "valid"),
-    ("local_moe_tr", True, "alternating", "train"), ("fedavg_moe_tr", True, "alternating", "train"),
-    ("comigs_tr", True, "alternating", "train"), ("comigs_2s", True, "alternating", "valid"),
-    ("comigs_2g", True, "alternating", "valid"), ("comigs_1g1s", True, "alternating", "valid"),
+@pytest.mark.parametrize("name,router", [
+    ("local", "none"), ("fedavg", "none"), ("pcl", "none"), ("centralized", "none"), ("ffa_lora", "none"),
+    ("local_moe", "joint"), ("fedavg_moe", "joint"), ("pfedmoe", "joint"),
+    ("local_moe_tr", "alternating_train"), ("fedavg_moe_tr", "alternating_train"), ("comigs_tr", "alternating_train"),
+    ("comigs_2s", "alternating_valid"), ("comigs_2g", "alternating_valid"), ("comigs_1g1s", "alternating_valid"),
 ])
-def test_router_knobs_follow_table4_groups(name, routed, router_training, router_split):
-    """Group i: no router; ii: joint on training loss; iii: alternating on training batches; iv: on validation."""
-    m = method_class(name)
-    assert (m.routed, m.router_training, m.router_split) == (routed, router_training, router_split)
+def test_router_mode_follows_table4_groups(name, router):
+    """Group i: no router; ii: joint on training loss; iii: alternating on training batches; iv: on
+    validation; the router's mode is one value from which the rest follows."""
+    m = get_method(name)
+    assert m.router == router
+    assert m.routed == (router != "none")
+    assert m.router_split == {"alternating_valid": "valid", "alternating_train": "train"}.get(router)
 
 
 def test_method_options_are_typed_checked_and_resolved():

@@ -5,9 +5,8 @@ import torch.distributed as tdist
 
 from comigs_dist import dist
 from comigs_dist.config import check_world_size
-from comigs_dist.methods import SyncContext
 from comigs_dist.model.roles import Role
-from comigs_dist.train import CommHandle, optimizer_step, run, setup_user
+from comigs_dist.train import build_rank, expert_step, router_steps, run, sync
 from dist_harness import init_topology, run_on_ranks
 from helpers import tiny_config
 
@@ -27,21 +26,19 @@ def _round_worker(rank, world_size, tmp_path, mode):
     cfg = tiny_config(**{"comm.mode": mode})
     check_world_size(cfg, world_size)
     topo = init_topology()
-    r = setup_user(cfg, topo)
+    rank_run = build_rank(cfg, topo)
+    r = rank_run.users[0]
     for _ in range(2):  # local steps on each user's own data: every parameter now differs
-        r.model.set_trainable(r.method.trains_in_expert_phase)
-        optimizer_step(r, r.train_sampler, r.expert_opt, lambda: torch.autocast("cpu", enabled=False))
-        r.model.set_trainable(r.method.trains_in_router_phase)
-        optimizer_step(r, r.router_sampler, r.router_opt, lambda: torch.autocast("cpu", enabled=False), False)
+        expert_step(rank_run, rank_run.users)
+        router_steps(rank_run, r, 0)
     # the group's parameters live in one buffer (dist.pack_flat), which the sync reduces in place,
     # and the optimiser's steps above kept them there
-    packed = dist._packed([p for _, p in r.shared["generalists"]])
+    packed = dist.packed_buffer([p for _, p in r.shared["generalists"]])
     assert packed is not None and packed.numel() == sum(p.numel() for _, p in r.shared["generalists"])
     gen_before = _gather(_snapshot(r.model, Role.GENERALIST))
     local_before = _snapshot(r.model, Role.SPECIALIST) | _snapshot(r.model, Role.ROUTER)
 
-    r.method.aggregate(SyncContext(shared=r.shared, comm=CommHandle(topo, mode, "fp32"), round_idx=1,
-                                   user_idx=rank, n_users=world_size))
+    sync(rank_run, 1)  # what opens round 2: the mean of what the users hold
 
     gen_after = _gather(_snapshot(r.model, Role.GENERALIST))
     for name in gen_before[0]:
@@ -50,7 +47,7 @@ def _round_worker(rank, world_size, tmp_path, mode):
             assert torch.equal(gen_after[user][name], gen_after[0][name]), (name, user)
         torch.testing.assert_close(gen_after[0][name], expected, rtol=1e-6, atol=1e-7)
         assert not torch.equal(gen_before[0][name], gen_before[1][name])
-    assert dist._packed([p for _, p in r.shared["generalists"]]).data_ptr() == packed.data_ptr()
+    assert dist.packed_buffer([p for _, p in r.shared["generalists"]]).data_ptr() == packed.data_ptr()
     local_after = _snapshot(r.model, Role.SPECIALIST) | _snapshot(r.model, Role.ROUTER)
     assert local_after.keys() == local_before.keys() and local_after
     for name in local_after:  # untouched by the sync ...
@@ -63,7 +60,7 @@ def _round_worker(rank, world_size, tmp_path, mode):
     # received from each of the N members (all2all)
     payload = sum(p.numel() for _, p in r.shared["generalists"]) * 4
     copies = 1 if mode == "server" else world_size
-    assert topo.stats.bytes_sent == payload * copies and topo.stats.bytes_received == payload * copies
+    assert r.stats.bytes_sent == payload * copies and r.stats.bytes_received == payload * copies
 
 
 @pytest.mark.parametrize("world_size,mode", [(2, "server"), (4, "server"), (4, "all2all")])
@@ -76,20 +73,18 @@ def test_after_a_round_generalists_are_averaged_and_specialists_stay(tmp_path, w
 def _phase_worker(rank, world_size, tmp_path):
     cfg = tiny_config()
     topo = init_topology()
-    r = setup_user(cfg, topo)
-    off = lambda: torch.autocast("cpu", enabled=False)
+    rank_run = build_rank(cfg, topo)
+    r = rank_run.users[0]
     router = lambda: _snapshot(r.model, Role.ROUTER)
     experts = lambda: _snapshot(r.model, Role.GENERALIST) | _snapshot(r.model, Role.SPECIALIST)
     for _ in range(2):
         before_r, before_e = router(), experts()
-        r.model.set_trainable(r.method.trains_in_expert_phase)
-        optimizer_step(r, r.train_sampler, r.expert_opt, off)
+        expert_step(rank_run, rank_run.users)
         assert all(torch.equal(v, router()[k]) for k, v in before_r.items()), "router moved in an expert step"
         assert any(not torch.equal(v, experts()[k]) for k, v in before_e.items())
         assert all(p.grad is None for p in r.model.report.params.values()), "gradients left behind"
         before_r, before_e = router(), experts()
-        r.model.set_trainable(r.method.trains_in_router_phase)
-        optimizer_step(r, r.router_sampler, r.router_opt, off, False)
+        router_steps(rank_run, r, 0)
         assert all(torch.equal(v, experts()[k]) for k, v in before_e.items()), "experts moved in a router step"
         assert all(not torch.equal(v, router()[k]) for k, v in before_r.items())
         assert all(p.grad is None for p in r.model.report.params.values()), "gradients left behind"
@@ -114,7 +109,7 @@ def _hetero_worker_ckpt(rank, world_size, tmp_path):
     cfg = tiny_config(**{"moe.n_experts": "[1, 3]", "train.rounds": 3, "checkpoint.final": True})
     check_world_size(cfg, world_size)
     topo = init_topology()
-    row = run(cfg, topo, tmp_path / "run")
+    (row,) = run(cfg, topo, tmp_path / "run")
     assert row["n_experts"] == [1, 3][rank]
     assert row["test_ppl"] < row["base_test_ppl"]
     params = _snapshot_from_ckpt(tmp_path / "run", rank)
@@ -132,7 +127,7 @@ def _mismatch_worker(rank, world_size, tmp_path):
     topo = init_topology()
     with pytest.raises(ValueError, match=r"user 1 holds .*experts\.0\.in_loras\.0\.lora_A with shape \(8, 32\).*"
                                          r"user 0 holds \(4, 32\)"):
-        setup_user(cfg, topo)
+        build_rank(cfg, topo)
 
 
 def test_generalists_of_different_shapes_are_refused_before_any_collective(tmp_path):
@@ -160,23 +155,23 @@ def _phase_gradient(r, sampler, predicate):
 
 def _leak_worker(rank, world_size, tmp_path, quirks):
     from comigs_dist import resume
-    from comigs_dist.train import setup_user
-    cfg = tiny_config(**{"method_options.reference_quirks": quirks})
+    cfg = tiny_config(**{"method_options.reference_quirks": quirks, "train.router_steps": 1})
     topo = init_topology()
-    r = setup_user(cfg, topo)
+    rank_run = build_rank(cfg, topo)
+    r = rank_run.users[0]
     assert r.method.leaks_gradients == quirks
-    off = lambda: torch.autocast("cpu", enabled=False)
     m, params = r.method, r.model.report.params
+    in_router = lambda tag: m.trains_in("router", tag)
+    in_expert = lambda tag: m.trains_in("expert", tag)
     router = lambda: _snapshot(r.model, Role.ROUTER)
     experts = lambda: {n: p for n, p in _snapshot(r.model).items() if r.model.report.tags[n].role != Role.ROUTER}
     grad_of = lambda names: {n: params[n].grad for n in names}
     out = {}
 
     # an expert step: the router's weights never move, but under the leak it keeps the training gradient
-    train_grad = _phase_gradient(r, r.train_sampler, m.trains_in_router_phase)
+    train_grad = _phase_gradient(r, r.train_sampler, in_router)
     before = router()
-    r.model.set_trainable(m.requires_grad_in("expert"))
-    optimizer_step(r, r.train_sampler, r.expert_opt, off)
+    expert_step(rank_run, rank_run.users)
     assert all(torch.equal(v, router()[k]) for k, v in before.items()), "router moved in an expert step"
     out["experts_after_step_1"] = experts()
     for n, g in grad_of(before).items():
@@ -190,9 +185,8 @@ def _leak_worker(rank, world_size, tmp_path, quirks):
 
     # a router step: it applies its validation gradient (plus the pending training one under the leak);
     # the experts keep the validation gradient under the leak
-    valid_grad = _phase_gradient(r, r.router_sampler, m.trains_in_expert_phase)
-    r.model.set_trainable(m.requires_grad_in("router"))
-    optimizer_step(r, r.router_sampler, r.router_opt, off, False)
+    valid_grad = _phase_gradient(r, r.router_sampler, in_expert)
+    router_steps(rank_run, r, 0)
     out["router_after_router_step"] = router()
     assert all(params[n].grad is None for n in before), "router gradients left after a router step"
     for n, g in grad_of(out["experts_after_step_1"]).items():
@@ -202,8 +196,7 @@ def _leak_worker(rank, world_size, tmp_path, quirks):
             assert g is None, n
 
     # the next expert step adds that validation gradient to its own
-    r.model.set_trainable(m.requires_grad_in("expert"))
-    optimizer_step(r, r.train_sampler, r.expert_opt, off)
+    expert_step(rank_run, rank_run.users)
     out["experts_after_step_2"] = experts()
     torch.save(out, tmp_path / f"leak_{quirks}.pt")
 
@@ -243,8 +236,7 @@ def test_auto_keeps_the_frozen_base_in_fp32_under_bf16_autocast(monkeypatch):
 
 
 def _dtype_worker(rank, world_size, tmp_path, dtype):
-    from comigs_dist.train import setup_user
-    r = setup_user(tiny_config(**{"model.dtype": dtype, "train.amp": "bf16"}), init_topology())
+    r = build_rank(tiny_config(**{"model.dtype": dtype, "train.amp": "bf16"}), init_topology()).users[0]
     trainable = {id(p) for p in r.model.report.params.values()}
     frozen = {p.dtype for p in r.model.lm.parameters() if id(p) not in trainable}
     assert frozen == ({torch.float32} if dtype == "auto" else {torch.bfloat16}), (dtype, frozen)
