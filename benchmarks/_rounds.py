@@ -19,7 +19,7 @@ import torch
 
 from _common import usage, usage_since
 from comigs_dist import dist
-from comigs_dist.config import RunConfig, load_config
+from comigs_dist.config import RunConfig, load_config, resolve_users
 from comigs_dist.data import BatchSampler, load_user_data
 from comigs_dist.methods import SyncContext, get_method
 from comigs_dist.model import build_user_model
@@ -256,9 +256,10 @@ def build_local_users(cfg: RunConfig, n_users: int) -> list[UserRun]:
     method = get_method(cfg.method)
     data_dir = resolve_dataset(cfg, n_users)
     runs = []
-    for user in range(n_users):
-        data = load_user_data(data_dir, user, cfg.train.seq_len, float(cfg.per_user("data.share", user)), False)
-        model = build_user_model(cfg, user, data.vocab_size, method.routed)
+    for spec in resolve_users(cfg, n_users):
+        user = spec.user_idx
+        data = load_user_data(data_dir, user, cfg.train.seq_len, spec.share, False)
+        model = build_user_model(cfg, spec, data.vocab_size, method.routed)
         shared: dict[str, list] = {}
         for name, tag in model.report.tags.items():
             if method.is_shared(tag):

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from comigs_dist import dist, faults, guard, resume
-from comigs_dist.config import RunConfig, to_yaml
+from comigs_dist.config import RunConfig, resolve_users, to_yaml
 from comigs_dist.data import BatchSampler, UserData, load_user_data
 from comigs_dist.evaluate import EvalResult, evaluate_split
 from comigs_dist.methods import Method, SyncContext, get_method
@@ -42,7 +42,7 @@ def resolve_dataset(cfg: RunConfig, n_users: int) -> Path:
     if cfg.data.path != "embedded":
         return Path(cfg.data.path)
     from comigs_dist.synthetic import ensure_embedded_dataset
-    tokens = [int(cfg.per_user("data.train_tokens", u)) for u in range(n_users)]
+    tokens = [u.train_tokens for u in resolve_users(cfg, n_users)]
     return ensure_embedded_dataset(n_users, cfg.data.scenario, tokens, cfg.data.valid_tokens, cfg.data.test_tokens)
 
 
@@ -200,13 +200,14 @@ def analytic_round_bytes(run: UserRun, comm_cfg, topo: dist.Topology, count: boo
 
 def setup_user(cfg: RunConfig, topo: dist.Topology) -> UserRun:
     user = topo.user_idx
-    method = get_method(cfg.method, cfg)
+    users = resolve_users(cfg, topo.world_size)
+    method = get_method(cfg.method, cfg, users)
     data_dir = resolve_dataset(cfg, topo.world_size)
-    data = load_user_data(data_dir, user, cfg.train.seq_len, float(cfg.per_user("data.share", user)), cfg.data.verify)
-    spec = method.adapter_spec(cfg, user, adapter_spec_for(cfg, user, method.routed))
+    data = load_user_data(data_dir, user, cfg.train.seq_len, users[user].share, cfg.data.verify)
+    spec = method.adapter_spec(cfg, user, adapter_spec_for(cfg, users[user], method.routed))
     # the frozen base: one read-only copy per host, mapped by every local rank, when sharing is on
     share = plan_sharing(cfg.model.share_base, cfg.comm.timeout_s, topo)
-    model = build_user_model(cfg, user, data.vocab_size, method.routed, spec, share).to(topo.device)
+    model = build_user_model(cfg, users[user], data.vocab_size, method.routed, spec, share).to(topo.device)
     method.prepare_model(model, user)
     if resolve_base_dtype(cfg.model.dtype, topo.device, cfg.train.amp) == torch.bfloat16:
         model.cast_frozen_(torch.bfloat16)

@@ -28,7 +28,7 @@ import torch
 from comigs_dist import dist
 from comigs_dist.methods.base import register_method
 from comigs_dist.methods.lowrank import (HeteroRankMethod, RankOptions, compute_svd_factors,
-                                         compute_user_factors, expert_lora_pairs, matched_rank, n_users_of, pad_rank)
+                                         compute_user_factors, expert_lora_pairs, pad_rank)
 from comigs_dist.model.lora import rs_scale
 
 
@@ -57,7 +57,7 @@ class FlexLoRA(HeteroRankMethod):
         self.pairs = expert_lora_pairs(model)
         self.rank = model.spec.rank
         self.scale = rs_scale(model.spec.alpha, self.rank)
-        self.max_rank = max(matched_rank(cfg, u, self.options.match) for u in range(n_users_of(cfg)))
+        self.max_rank = self.max_matched_rank()
         # every user starts from the same LoRA: the top-left block of one global initialisation
         from comigs_dist.methods.hetlora import global_init
         start = global_init(cfg, self.pairs, self.max_rank)

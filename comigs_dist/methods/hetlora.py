@@ -29,11 +29,11 @@ from dataclasses import dataclass
 
 import torch
 
-from comigs_dist.config import opt
 from comigs_dist.methods.base import register_method
 from comigs_dist.methods.lowrank import (HeteroRankMethod, RankOptions, compute_norm_weights,
                                          compute_pruned_rank, compute_tail_norm, compute_tail_start, compute_update_norm,
-                                         expert_lora_pairs, matched_rank, n_users_of, pad_rank)
+                                         expert_lora_pairs, pad_rank)
+from comigs_dist.options import opt
 from comigs_dist.seeds import EVERY_USER, derive_seed
 
 
@@ -78,7 +78,7 @@ class HetLoRA(HeteroRankMethod):
         cfg = self.cfg
         self.pairs = expert_lora_pairs(model)
         self.alloc_rank = model.spec.rank
-        self.max_rank = max(matched_rank(cfg, u, self.options.match) for u in range(n_users_of(cfg)))
+        self.max_rank = self.max_matched_rank()
         self.ranks = {p.key: self.alloc_rank for p in self.pairs}
         self.global_ = global_init(cfg, self.pairs, self.max_rank)
         self._distribute()
