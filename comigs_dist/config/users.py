@@ -22,10 +22,11 @@ PER_USER_KEYS = ("moe.n_experts", "moe.n_generalists", "lora.rank", "data.train_
 
 @dataclass(frozen=True)
 class UserSpec:
-    """What the configuration says about one user."""
+    """What the configuration says about one user (its method may change the architecture on top:
+    ``Method.adapter_spec``)."""
     user_idx: int
     n_experts: int          # moe.n_experts: experts per MLP layer
-    n_generalists: int      # moe.n_generalists as given (validated <= n_experts, never clamped); methods may set their own
+    n_generalists: int      # moe.n_generalists as given (validated <= n_experts, never clamped)
     top_k: int              # moe.top_k, default min(2, n_experts)
     lora_rank: int          # lora.rank of every MLP expert
     train_tokens: int       # data.train_tokens (embedded corpus only)

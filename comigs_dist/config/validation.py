@@ -86,7 +86,8 @@ def collect_errors(cfg: RunConfig) -> list[str]:
             spec = user_spec(cfg, user)
         except (IndexError, TypeError, ValueError):
             break  # already reported as a list-length problem
-        n_exp, n_gen, rank, share, tokens = spec.n_experts, spec.n_generalists, spec.lora_rank, spec.share, spec.train_tokens
+        n_exp, n_gen, rank = spec.n_experts, spec.n_generalists, spec.lora_rank
+        share, tokens = spec.share, spec.train_tokens
         who = f" for user {user}" if lengths else ""
         if n_exp < 1:
             e.append(f"moe.n_experts ({n_exp}) must be >= 1{who}")
