@@ -59,7 +59,7 @@ def llama_32_1b_config(n_layers: int = 16):
 def build(kind: str, n_layers: int | None, meta: bool):
     """A CoMiGS-1G1S user model (2 experts, rank 8, routed) over the base of the given kind."""
     from transformers import GPT2LMHeadModel, LlamaForCausalLM
-    from comigs_dist.config import load_config
+    from comigs_dist.config import load_config, resolve_users
     from comigs_dist.model import adapter_spec_for, wrap_user_model
     from comigs_dist.pretrain import _quiet_gpt2_config
     where = torch.device("meta") if meta else torch.device("cpu")
@@ -70,7 +70,8 @@ def build(kind: str, n_layers: int | None, meta: bool):
         else:
             base = LlamaForCausalLM(llama_32_1b_config(n_layers or 16))
     base.eval()
-    spec = adapter_spec_for(load_config(None, ["model.name=tiny"]), 0, routed=True)
+    cfg = load_config(None, ["model.name=tiny"])
+    spec = adapter_spec_for(cfg, resolve_users(cfg, 1)[0], routed=True)
     return wrap_user_model(base, spec)
 
 

@@ -131,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     topo = dist.init_distributed(cfg.comm.backend, cfg.model.device, cfg.comm.timeout_s, cfg.train.threads)
     # every process group of the run, built once on every rank from (config, method, users)
+    from comigs_dist.config import resolve_users
     from comigs_dist.methods import get_method
-    topo.build_groups(get_method(cfg.method, cfg).sharing_groups(topo.n_users))
+    method = get_method(cfg.method, cfg, resolve_users(cfg, topo.n_users))
+    topo.build_groups(method.sharing_groups(topo.n_users))
     from comigs_dist.metrics import build_progress
     lines = build_progress(topo.rank == 0 and cfg.log.progress)  # prints above rank 0's bars, nothing elsewhere
     say = lambda msg: lines.write(f"[comigs] {msg}")

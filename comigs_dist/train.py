@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from comigs_dist import dist, faults, guard, resume
-from comigs_dist.config import RunConfig, to_yaml
+from comigs_dist.config import RunConfig, resolve_users, to_yaml
 from comigs_dist.data import BatchSampler, UserData, load_user_data
 from comigs_dist.evaluate import EvalResult, evaluate_split
 from comigs_dist.methods import Method, SyncContext, get_method
@@ -41,7 +41,7 @@ def resolve_dataset(cfg: RunConfig, n_users: int) -> Path:
     if cfg.data.path != "embedded":
         return Path(cfg.data.path)
     from comigs_dist.synthetic import ensure_embedded_dataset
-    tokens = [int(cfg.per_user("data.train_tokens", u)) for u in range(n_users)]
+    tokens = [u.train_tokens for u in resolve_users(cfg, n_users)]
     return ensure_embedded_dataset(n_users, cfg.data.scenario, tokens, cfg.data.valid_tokens, cfg.data.test_tokens)
 
 
@@ -169,9 +169,10 @@ def build_user(cfg: RunConfig, topo: dist.Topology, method: Method, base: Adapte
                share=None) -> UserState:
     """One user's model over the rank's base, its data, shared groups, optimisers and samplers."""
     data_dir = resolve_dataset(cfg, topo.n_users)
-    data = load_user_data(data_dir, user, cfg.train.seq_len, float(cfg.per_user("data.share", user)), cfg.data.verify)
-    spec = method.adapter_spec(cfg, user, adapter_spec_for(cfg, user, method.routed))
-    model = build_user_model(cfg, user, data.vocab_size, method.routed, spec, share, base).to(topo.device)
+    configured = method.run_users()[user]
+    data = load_user_data(data_dir, user, cfg.train.seq_len, configured.share, cfg.data.verify)
+    spec = method.adapter_spec(cfg, user, adapter_spec_for(cfg, configured, method.routed))
+    model = build_user_model(cfg, configured, data.vocab_size, method.routed, spec, share, base).to(topo.device)
     shared: dict[str, list] = {}
     for name, tag in model.report.tags.items():
         if method.is_shared(tag):
@@ -199,7 +200,7 @@ def build_user(cfg: RunConfig, topo: dist.Topology, method: Method, base: Adapte
 def build_rank(cfg: RunConfig, topo: dist.Topology, method: Method | None = None) -> RankRun:
     """The rank's base (one read-only copy per host when sharing is on, cast once), its users,
     their shared groups' shape handshake and packed buffers, and the communication handle."""
-    method = method or get_method(cfg.method, cfg)
+    method = method or get_method(cfg.method, cfg, resolve_users(cfg, topo.n_users))
     if not topo.groups:  # main builds them right after the process group forms
         topo.build_groups(method.sharing_groups(topo.n_users))
     share = plan_sharing(cfg.model.share_base, cfg.comm.timeout_s, topo)

@@ -25,6 +25,12 @@ def tiny_config(**overrides):
     return load_config(None, [f"{k}={v}" for k, v in base.items()])
 
 
+def user_of(cfg, user_idx: int):
+    """One user's resolved values (``config.resolve_users``) for a config whose user count may be unset."""
+    from comigs_dist.config import inferred_n_users, resolve_users
+    return resolve_users(cfg, inferred_n_users(cfg) or user_idx + 1)[user_idx]
+
+
 TIMING_KEYS = frozenset({"tokens_per_second", "comm_seconds"})  # per-user results that measure time
 
 

@@ -141,7 +141,8 @@ def _router_top1_by_hand(cfg, run_dir, user, vocab, ids, seq_len):
     from comigs_dist import checkpoint
     from comigs_dist.methods import get_method
     from comigs_dist.model import build_user_model, mlp_modules
-    model = build_user_model(cfg, user, vocab, get_method(cfg.method).routed)
+    from helpers import user_of
+    model = build_user_model(cfg, user_of(cfg, user), vocab, get_method(cfg.method).routed)
     state = torch.load(checkpoint.user_dir(run_dir, user) / "final.pt", weights_only=True)["params"]
     with torch.no_grad():
         for name, p in model.report.params.items():
@@ -207,14 +208,14 @@ def test_routing_with_gpt2_bpe_text(tmp_path):
     from comigs_dist.config import to_yaml
     from comigs_dist.data import write_dataset
     from comigs_dist.model import build_user_model
-    from helpers import tiny_config
+    from helpers import tiny_config, user_of
     tokens = np.arange(1000) % 50257
     data = tmp_path / "data"
     write_dataset(data, [{"train": tokens, "valid": tokens, "test": tokens}], 50257,
                   meta_extra={"tokenizer": {"kind": "tiktoken", "name": "gpt2"}})
     run = tmp_path / "run"
     cfg = tiny_config(**{"data.path": str(data), "n_users": 1, "moe.n_experts": 3, "moe.top_k": 1})
-    model = build_user_model(cfg, 0, 50257, True)
+    model = build_user_model(cfg, user_of(cfg, 0), 50257, True)
     with torch.no_grad():
         for name, p in model.report.params.items():
             if "router" in name:

@@ -5,7 +5,8 @@ import sys
 import pytest
 import torch.distributed as dist
 
-from comigs_dist.config import ConfigError, RunConfig, check_world_size, describe_options, load_config
+from comigs_dist.config import (ConfigError, RunConfig, check_world_size, describe_options, load_config,
+                                resolve_users, validate)
 from comigs_dist.main import main
 
 
@@ -24,8 +25,9 @@ def test_yaml_then_overrides(tmp_path):
     cfg = load_config(f, ["train.rounds=5", "seed=7", "comm.mode=all2all", "train.lr=5e-4", "moe.top_k=null"])
     assert cfg.method == "local" and cfg.train.rounds == 5 and cfg.seed == 7 and cfg.comm.mode == "all2all"
     assert cfg.train.lr == 5e-4 and isinstance(cfg.train.lr, float)
-    assert cfg.moe.n_experts == [2, 3] and cfg.n_experts(1) == 3 and cfg.top_k(0) == 2
-    assert load_config(None, ["moe.n_experts=1"]).top_k(0) == 1
+    users = resolve_users(cfg, 2)
+    assert cfg.moe.n_experts == [2, 3] and users[1].n_experts == 3 and users[0].top_k == 2
+    assert resolve_users(load_config(None, ["moe.n_experts=1"]), 1)[0].top_k == 1
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -102,7 +104,7 @@ def test_config_round_trips_through_yaml(tmp_path):
     f = tmp_path / "resolved.yaml"
     f.write_text(to_yaml(cfg))
     assert load_config(f).to_dict() == cfg.to_dict()
-    assert RunConfig().to_dict() == load_config().to_dict()
+    assert validate(RunConfig()).to_dict() == load_config().to_dict()
 
 
 def test_yaml_boolean_words_are_read_as_choices(tmp_path):
@@ -138,7 +140,66 @@ def test_method_set_generalist_counts_and_edge_values_stay_valid():
     from comigs_dist.model import adapter_spec_for
     from comigs_dist.methods import get_method
     cfg = load_config(None, ["method=comigs_2g", "moe.n_experts=3"])
-    assert get_method("comigs_2g", cfg).adapter_spec(cfg, 0, adapter_spec_for(cfg, 0, True)).n_generalists == 3
+    user = resolve_users(cfg, 1)[0]
+    assert get_method("comigs_2g", cfg).adapter_spec(cfg, 0, adapter_spec_for(cfg, user, True)).n_generalists == 3
     assert load_config(None, ["eval.max_tokens=128", "train.seq_len=128"]).eval.max_tokens == 128
     assert load_config(None, ["eval.max_tokens=0", "train.seq_len=128"]).eval.max_tokens == 0
-    assert load_config(None, ["method=comigs_1gxs", "moe.n_experts=[3, 1]"]).n_generalists(1) == 1
+    assert resolve_users(load_config(None, ["method=comigs_1gxs", "moe.n_experts=[3, 1]"]), 2)[1].n_generalists == 1
+
+
+# --------------------------------------------------------------------------------------------
+# per-user values, resolved once
+# --------------------------------------------------------------------------------------------
+
+def test_resolve_users_reads_every_per_user_list():
+    """Per-user lists give each user its own entry; top_k defaults to min(2, n_i) per user."""
+    from comigs_dist.config import UserSpec
+    cfg = load_config(None, ["moe.n_experts=[4, 2, 1]", "moe.n_generalists=[2, 1, 0]", "lora.rank=[8, 16, 4]",
+                             "data.train_tokens=[1000, 2000, 3000]", "data.share=[1.0, 0.5, 0.25]",
+                             "data.categories=[de, nl, fr]"])
+    assert resolve_users(cfg, 3) == [
+        UserSpec(user_idx=0, n_experts=4, n_generalists=2, top_k=2, lora_rank=8, train_tokens=1000, share=1.0,
+                 category="de"),
+        UserSpec(user_idx=1, n_experts=2, n_generalists=1, top_k=2, lora_rank=16, train_tokens=2000, share=0.5,
+                 category="nl"),
+        UserSpec(user_idx=2, n_experts=1, n_generalists=0, top_k=1, lora_rank=4, train_tokens=3000, share=0.25,
+                 category="fr")]
+
+
+def test_resolve_users_repeats_scalars_and_leaves_categories_unset():
+    """One value is everyone's; an explicit moe.top_k applies to every user; no categories -> None."""
+    import dataclasses
+    cfg = load_config(None, ["moe.n_experts=3", "moe.top_k=1", "lora.rank=4", "data.share=0.5", "n_users=2"])
+    users = resolve_users(cfg, 2)
+    assert [u.user_idx for u in users] == [0, 1]
+    for u in users:
+        assert (u.n_experts, u.n_generalists, u.top_k, u.lora_rank, u.train_tokens, u.share, u.category) == \
+            (3, 1, 1, 4, 4000, 0.5, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        users[0].share = 1.0
+
+
+def test_resolve_users_refuses_lists_of_another_length_and_keeps_generalists_as_given():
+    """A list that does not hold one entry per user is named; n_generalists is the configured value
+    (comigs_2g makes every expert a generalist in its adapter_spec, not here)."""
+    from comigs_dist.methods import get_method
+    from comigs_dist.model import adapter_spec_for
+    cfg = load_config(None, ["moe.n_experts=[2, 3, 2]"])
+    with pytest.raises(ConfigError, match=r"moe.n_experts has 3 entries but the run has 2 users"):
+        resolve_users(cfg, 2)
+    cfg = load_config(None, ["method=comigs_2g", "moe.n_experts=3"])
+    (user,) = resolve_users(cfg, 1)
+    assert user.n_generalists == 1
+    assert get_method("comigs_2g", cfg).adapter_spec(cfg, 0, adapter_spec_for(cfg, user, True)).n_generalists == 3
+
+
+def test_a_hand_built_config_is_checked_only_by_validate():
+    """RunConfig is plain data (building it imports no method and checks nothing); validate()
+    reports every problem and resolves the method's options, as load_config does."""
+    from comigs_dist.config import TrainConfig
+    cfg = RunConfig(train=TrainConfig(lr=-1.0, rounds=0))
+    assert cfg.method_options == {}
+    with pytest.raises(ConfigError, match=r"2 problems") as exc:
+        validate(cfg)
+    assert "train.lr (-1.0) must be > 0" in str(exc.value) and "train.rounds (0) must be > 0" in str(exc.value)
+    assert validate(RunConfig()).method_options == {"reference_quirks": False}

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from comigs_dist.config import ConfigError, check_world_size, load_config
+from helpers import user_of
 
 ROOT = Path(__file__).resolve().parents[1]
 YAMLS = sorted(ROOT.glob("configs/**/*.yaml"))
@@ -83,8 +84,10 @@ def test_the_configs_cover_every_method_and_table2_matching():
     assert PAPER_METHODS <= methods
     cfg = load_config(ROOT / "configs/agnews/table2_4222.yaml",
                       ["data.path=embedded", "method=hetlora", "method_options.match=full"])
-    m = get_method("hetlora", cfg)
-    assert [m.adapter_spec(cfg, u, adapter_spec_for(cfg, u, False)).rank for u in range(4)] == [32, 16, 16, 16]
+    from comigs_dist.config import resolve_users
+    users = resolve_users(cfg, 4)
+    m = get_method("hetlora", cfg, users)
+    assert [m.adapter_spec(cfg, u, adapter_spec_for(cfg, users[u], False)).rank for u in range(4)] == [32, 16, 16, 16]
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,6 +192,6 @@ def test_figure_configs_carry_the_paper_hyper_parameters(path, monkeypatch):
     rows = [tuple(o) for _, _, o in _commands(path)][1:]  # the first command is the file's own
     assert len(rows) == len(set(rows)) >= 9
     if path.parent.name == "data_quantity":
-        assert cfg.method == "comigs_1gxs" and cfg.eval.every == 1 and cfg.n_generalists(0) == 1
+        assert cfg.method == "comigs_1gxs" and cfg.eval.every == 1 and user_of(cfg, 0).n_generalists == 1
         counts = {load_config(path, list(o) + ["data.path=embedded"]).moe.n_experts[0] for o in rows}
         assert counts == {1, 2, 4, 8}

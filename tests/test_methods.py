@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from comigs_dist.config import ConfigError, load_config
+from comigs_dist.config import ConfigError, load_config, resolve_users
 from comigs_dist.methods import get_method, known_methods, method_class
 from comigs_dist.methods.flexlora import compute_flexlora_update
 from comigs_dist.methods.lowrank import (compute_hetlora_aggregate, compute_norm_weights, compute_pruned_rank,
@@ -72,22 +72,24 @@ def test_method_options_are_typed_checked_and_resolved():
 
 def test_parameter_matching_follows_table2_caption():
     """(4,2,2,2) rank-8 experts: 'full' gives ranks (32,16,16,16), 'active' (top-2) gives 16 each."""
-    cfg = load_config(None, ["moe.n_experts=[4, 2, 2, 2]"])
-    assert [matched_rank(cfg, u, "full") for u in range(4)] == [32, 16, 16, 16]
-    assert [matched_rank(cfg, u, "active") for u in range(4)] == [16, 16, 16, 16]
-    assert [matched_rank(load_config(None, ["lora.rank=[8, 16]"]), u, "none") for u in range(2)] == [8, 16]
+    users = resolve_users(load_config(None, ["moe.n_experts=[4, 2, 2, 2]"]), 4)
+    assert [matched_rank(u, "full") for u in users] == [32, 16, 16, 16]
+    assert [matched_rank(u, "active") for u in users] == [16, 16, 16, 16]
+    assert [matched_rank(u, "none") for u in resolve_users(load_config(None, ["lora.rank=[8, 16]"]), 2)] == [8, 16]
     for name, match in (("hetlora", "full"), ("flexlora", "active")):
         c = load_config(None, [f"method={name}", "moe.n_experts=[4, 2, 2, 2]", f"method_options.match={match}"])
-        m = get_method(name, c)
-        specs = [m.adapter_spec(c, u, adapter_spec_for(c, u, m.routed)) for u in range(4)]
+        users = resolve_users(c, 4)
+        m = get_method(name, c, users)
+        specs = [m.adapter_spec(c, u, adapter_spec_for(c, users[u], m.routed)) for u in range(4)]
         assert all(s.n_experts == 1 and not s.routed for s in specs)
         assert [s.rank for s in specs] == ([32, 16, 16, 16] if match == "full" else [16] * 4)
+        assert m.max_matched_rank() == (32 if match == "full" else 16)
     # baselines without routing: two uniformly mixed rank-8 experts, or one LoRA of rank 16 (FFA-LoRA)
     c = load_config(None, ["method=ffa_lora"])
-    spec = get_method("ffa_lora", c).adapter_spec(c, 0, adapter_spec_for(c, 0, False))
+    spec = get_method("ffa_lora", c).adapter_spec(c, 0, adapter_spec_for(c, resolve_users(c, 1)[0], False))
     assert (spec.n_experts, spec.rank) == (1, 16)
     c = load_config(None, ["method=fedavg"])
-    spec = get_method("fedavg", c).adapter_spec(c, 0, adapter_spec_for(c, 0, False))
+    spec = get_method("fedavg", c).adapter_spec(c, 0, adapter_spec_for(c, resolve_users(c, 1)[0], False))
     assert (spec.n_experts, spec.rank, spec.n_generalists) == (2, 8, 2)
 
 

@@ -18,7 +18,7 @@ from comigs_dist.methods.lowrank import (compute_hetlora_aggregate, compute_norm
 from comigs_dist.model.lora import rs_scale
 from comigs_dist.train import CommHandle, evaluate_valid, optimizer_step, run, setup_user
 from dist_harness import init_topology, run_on_ranks
-from helpers import tiny_config
+from helpers import tiny_config, user_of
 
 OFF = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
 
@@ -346,7 +346,7 @@ def _centralized_worker(rank, world_size, tmp_path):
     # one process, one model from user 0's initialisation (what round 0 broadcast), the same
     # batches every user drew, concatenated: a batch of N * B sequences per step
     t = cfg.train
-    ref = build_user_model(cfg, 0, r.data.vocab_size, False, r.model.spec)
+    ref = build_user_model(cfg, user_of(cfg, 0), r.data.vocab_size, False, r.model.spec)
     params = [p for _, p in ref.report.select(lambda tag: True)]
     opt = build_optimizer(params, t.lr, t, torch.device("cpu"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(t.rounds * t.local_steps, t.min_lr_ratio))

@@ -7,7 +7,7 @@ import torch
 
 from comigs_dist.seeds import EVERY_USER, STREAMS, derive_seed
 from dist_harness import init_topology, run_on_ranks
-from helpers import tiny_config
+from helpers import tiny_config, user_of
 
 PAPER_SEEDS = (42, 45, 47)
 
@@ -31,7 +31,7 @@ def test_adapter_inits_differ_between_seeds_for_every_user():
     inits = {}
     for seed, user in itertools.product(PAPER_SEEDS, range(4)):
         cfg = tiny_config(seed=seed, n_users=4)
-        model = build_user_model(cfg, user, 256, True)
+        model = build_user_model(cfg, user_of(cfg, user), 256, True)
         inits[(seed, user)] = {n: p.detach().clone() for n, p in model.report.params.items()
                                if n.endswith("lora_A") or "router" in n}
     names = next(iter(inits.values())).keys()

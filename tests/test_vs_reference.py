@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from comigs_dist.data import write_dataset
-from helpers import subprocess_env
+from helpers import subprocess_env, user_of
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -161,7 +161,8 @@ def test_both_sides_are_given_the_same_1g1s_configuration():
     assert cfg.method == "comigs_1g1s" and cfg.n_users == 4 and cfg.train.batch_size == 8
     assert cfg.train.local_steps == 10 and cfg.train.seq_len == 128 and cfg.seed == int(get["-seed"])
     assert cfg.train.lr == float(get["-lr"]) and cfg.moe.lb_weight == float(get["-lb_lam"])
-    assert cfg.n_experts(0) == 2 and cfg.top_k(0) == 2 and cfg.per_user("lora.rank", 0) == 8
+    user = user_of(cfg, 0)
+    assert user.n_experts == 2 and user.top_k == 2 and user.lora_rank == 8
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,7 +195,7 @@ def test_both_sides_untrained_logits_equal_the_hugging_face_models(tmp_path):
     assert any("per_token_router" in n for n in ref["trainable"])
     assert not any(n.endswith("wte.weight") for n in ref["trainable"])
     cfg = tiny_config(**{"model.name": str(ckpt), "train.seq_len": 24})
-    ours = build_user_model(cfg, 0, 512, routed=True)
+    ours = build_user_model(cfg, user_of(cfg, 0), 512, routed=True)
     with torch.no_grad():
         torch.testing.assert_close(ours.logits(tokens), want, rtol=0, atol=1e-5)
 

@@ -207,20 +207,21 @@ class Overhead:
 
 def compute_overhead(cfg, n_users: int | None = None) -> Overhead:
     """The report for every distinct user model of a configuration."""
-    from comigs_dist.config import inferred_n_users
+    from comigs_dist.config import inferred_n_users, resolve_users
     from comigs_dist.methods import get_method
     from comigs_dist.model import adapter_spec_for
     from comigs_dist.model.inject import FAMILIES, family_of
     notes = []
-    method = get_method(cfg.method, cfg)
     n = n_users or inferred_n_users(cfg)
     if n is None:
         n = 4
         notes.append("n_users is not set: 4 users assumed (the paper's N); set n_users=N to change it")
+    specs = resolve_users(cfg, n)
+    method = get_method(cfg.method, cfg, specs)
     base = build_shape_model(cfg, _vocab_size(cfg))
     fam = family_of(base, cfg.model.family).name
     seq_len = cfg.train.seq_len
-    spec0 = adapter_spec_for(cfg, 0, method.routed)
+    spec0 = adapter_spec_for(cfg, specs[0], method.routed)
     refs = [report_for(base, replace(spec0, n_experts=1, n_generalists=1, top_k=1, routed=False),
                        "one LoRA set, FedAvg with one LoRA (attention + 1 MLP LoRA)", seq_len, fam),
             report_for(base, replace(spec0, n_experts=2, n_generalists=1, top_k=2, routed=False),
@@ -229,7 +230,7 @@ def compute_overhead(cfg, n_users: int | None = None) -> Overhead:
     by_spec: dict = {}
     for user in range(n):
         # users with one model and the same groups for every shared tensor cost the same
-        spec = method.adapter_spec(cfg, user, adapter_spec_for(cfg, user, method.routed))
+        spec = method.adapter_spec(cfg, user, adapter_spec_for(cfg, specs[user], method.routed))
         by_spec.setdefault((spec, _group_signature(method, user, spec)), []).append(user)
     users = []
     for (spec, _), members in by_spec.items():

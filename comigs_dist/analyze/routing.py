@@ -111,6 +111,7 @@ def load_user_model(cfg, run_dir: Path, user: int, vocab_size: int, checkpoint_n
                     device: str = "cpu"):
     """The user's model as it ended the run: base + adapters, trainable state from its checkpoint."""
     from comigs_dist import checkpoint
+    from comigs_dist.config import inferred_n_users, resolve_users
     from comigs_dist.methods import get_method
     from comigs_dist.model import build_user_model
     path = checkpoint.user_dir(run_dir, user) / checkpoint_name
@@ -118,7 +119,8 @@ def load_user_model(cfg, run_dir: Path, user: int, vocab_size: int, checkpoint_n
         raise AnalysisError(f"{path} is missing; the run saved no such checkpoint (checkpoint.final=false?) - "
                             f"pass --checkpoint with a file that exists under {path.parent}")
     params = checkpoint.load(path)["params"]
-    model = build_user_model(cfg, user, vocab_size, get_method(cfg.method).routed)
+    spec = resolve_users(cfg, inferred_n_users(cfg) or user + 1)[user]
+    model = build_user_model(cfg, spec, vocab_size, get_method(cfg.method).routed)
     own = model.report.params
     if set(params) != set(own):
         diff = sorted(set(params) ^ set(own))[:4]
@@ -368,7 +370,7 @@ def run_routing(args) -> dict:
             default = sorted({0, n_layers // 2, n_layers - 1})
             layers = parse_indices(args.layers, n_layers, "--layers", default)
         for t in texts:
-            t["users"][user] = route_tokens(model, t["ids"], cfg.train.seq_len, layers, cfg.n_generalists(user),
+            t["users"][user] = route_tokens(model, t["ids"], cfg.train.seq_len, layers, model.spec.n_generalists,
                                             args.device)
         del model
     out = Path(args.out) if args.out else run_dir / "analysis" / "routing"

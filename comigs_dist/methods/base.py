@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
-from comigs_dist.config import opt
 from comigs_dist.groups import DEFAULT_GROUP, SharingPlan, build_plan
 from comigs_dist.model.roles import ParamTag, Role
+from comigs_dist.options import build_options, describe_options, opt
+
+if TYPE_CHECKING:  # never at run time: the config package imports this registry
+    from comigs_dist.config.users import UserSpec
 
 _REGISTRY: dict[str, type["Method"]] = {}
 
@@ -41,9 +44,11 @@ def method_class(name: str) -> type["Method"]:
     return _REGISTRY[name]
 
 
-def get_method(name: str, cfg=None) -> "Method":
-    """An instance of the named method, with its options read from ``cfg.method_options``."""
-    return method_class(name)(cfg)
+def get_method(name: str, cfg=None, users: Sequence[UserSpec] | None = None) -> "Method":
+    """An instance of the named method, with its options read from ``cfg.method_options``;
+    ``users``: every user's configured values (``config.resolve_users``), for the hooks that
+    look across users (sharing groups, a rank common to all)."""
+    return method_class(name)(cfg, users)
 
 
 @dataclass
@@ -142,13 +147,20 @@ class Method:
     trains: ClassVar[bool] = True                    # False: evaluate the base only (Pretrained)
     accepts_comm_groups: ClassVar[bool] = True       # comm.groups may split the generalists into groups
 
-    def __init__(self, cfg=None):
+    def __init__(self, cfg=None, users: Sequence[UserSpec] | None = None):
         self.cfg = cfg
+        self.users = list(users) if users is not None else None
         if cfg is None:
             self.options = self.Options()
         else:
-            from comigs_dist.config import method_options_of
-            self.options = method_options_of(cfg)
+            self.options = build_options(self.Options, cfg.method_options, f"method {cfg.method!r}")
+
+    def run_users(self) -> list[UserSpec]:
+        """Every user's configured values (given to ``get_method``)."""
+        if self.users is None:
+            raise ValueError(f"method {self.name!r} needs every user's values here; build it with "
+                             f"get_method(name, cfg, resolve_users(cfg, n_users))")
+        return self.users
 
     # -- what the router mode implies ----------------------------------------------------------
     @property
@@ -283,24 +295,23 @@ def configured_groups(method: Method) -> bool:
     return method.cfg is not None and bool(method.cfg.comm.groups)
 
 
-def generalist_counter(method: Method, cfg) -> Callable[[int], int]:
+def generalist_counter(method: Method) -> Callable[[int], int]:
     """user -> how many generalist experts the method gives that user (its adapter_spec)."""
     from comigs_dist.model import adapter_spec_for
-    return lambda u: method.adapter_spec(cfg, u, adapter_spec_for(cfg, u, method.routed)).n_generalists
+    users, cfg = method.run_users(), method.cfg
+    return lambda u: method.adapter_spec(cfg, u, adapter_spec_for(cfg, users[u], method.routed)).n_generalists
 
 
 def sharing_plan(method: Method, n_users: int | None = None) -> SharingPlan:
     """``comm.groups`` resolved for the run's users (built once per method instance)."""
     if getattr(method, "_plan", None) is None:
-        from comigs_dist.config import inferred_n_users
-        n = n_users if n_users is not None else inferred_n_users(method.cfg)
+        n = n_users if n_users is not None else len(method.run_users())
         groups = method.cfg.comm.groups if method.cfg is not None else []
-        method._plan = build_plan(groups, n, generalist_counter(method, method.cfg),
+        method._plan = build_plan(groups, n, generalist_counter(method),
                                   f"moe.n_generalists with method {method.name}")
     return method._plan
 
 
 def option_rows(cls: type[Method]) -> list[tuple[str, str, str]]:
     """(key, default, help) of every option of a method, for --help and --methods."""
-    from comigs_dist.config import describe_options
     return describe_options(cls.Options, "method_options.") if dataclasses.fields(cls.Options) else []

@@ -22,9 +22,9 @@ steps' expert gradients join the next expert step).
 """
 from dataclasses import dataclass, replace
 
-from comigs_dist.config import opt
 from comigs_dist.methods.base import (LEAK, AlternatingOptions, Method, register_method, share_experts,
                                       share_generalists)
+from comigs_dist.options import opt
 
 
 @register_method("comigs_1g1s")

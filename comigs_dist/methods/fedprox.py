@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from comigs_dist.config import opt
+from comigs_dist.options import opt
 from comigs_dist.methods.base import register_method
 from comigs_dist.methods.fedavg import FedAvg
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from comigs_dist.config import opt
 from comigs_dist.methods.base import Method, is_adapter, register_method, share_experts
 from comigs_dist.methods.lowrank import compute_tail_norm, compute_tail_start, expert_lora_pairs
+from comigs_dist.options import opt
 
 QUIRK_LAMBDA, QUIRK_GAMMA = 0.01, 0.99  # the reference scripts' --is_pruning settings
 
@@ -40,7 +40,7 @@ class FFALoRA(Method):
 
     def adapter_spec(self, cfg, user_idx, spec):
         return replace(spec, n_experts=1, n_generalists=1, top_k=1, routed=False,
-                       rank=cfg.n_experts(user_idx) * spec.rank)
+                       rank=spec.n_experts * spec.rank)  # the configured experts' ranks together
 
     def prepare_user(self, user) -> None:
         user.method_state = expert_lora_pairs(user.model)

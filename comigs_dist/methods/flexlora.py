@@ -28,7 +28,7 @@ import torch
 from comigs_dist.dist import unflatten_into
 from comigs_dist.methods.base import register_method
 from comigs_dist.methods.lowrank import (HeteroRankMethod, RankOptions, compute_svd_factors,
-                                         compute_user_factors, expert_lora_pairs, matched_rank, n_users_of, pad_rank)
+                                         compute_user_factors, expert_lora_pairs, pad_rank)
 from comigs_dist.model.lora import rs_scale
 
 
@@ -66,7 +66,7 @@ class FlexLoRA(HeteroRankMethod):
         cfg, model = self.cfg, user.model
         pairs = expert_lora_pairs(model)
         rank = model.spec.rank
-        max_rank = max(matched_rank(cfg, u, self.options.match) for u in range(n_users_of(cfg)))
+        max_rank = self.max_matched_rank()
         user.method_state = FlexLoRAState(pairs, rank, rs_scale(model.spec.alpha, rank), max_rank)
         # every user starts from the same LoRA: the top-left block of one global initialisation
         from comigs_dist.methods.hetlora import global_init

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 
 import torch
 
-from comigs_dist.config import opt
 from comigs_dist.methods.base import register_method
 from comigs_dist.methods.lowrank import (HeteroRankMethod, RankOptions, compute_norm_weights,
                                          compute_pruned_rank, compute_tail_norm, compute_tail_start, compute_update_norm,
-                                         expert_lora_pairs, matched_rank, n_users_of, pad_rank)
+                                         expert_lora_pairs, pad_rank)
+from comigs_dist.options import opt
 from comigs_dist.seeds import EVERY_USER, derive_seed
 
 
@@ -89,7 +89,7 @@ class HetLoRA(HeteroRankMethod):
         cfg = self.cfg
         pairs = expert_lora_pairs(user.model)
         alloc = user.model.spec.rank
-        max_rank = max(matched_rank(cfg, u, self.options.match) for u in range(n_users_of(cfg)))
+        max_rank = self.max_matched_rank()
         user.method_state = HetLoRAState(pairs, alloc, max_rank, {p.key: alloc for p in pairs},
                                          global_init(cfg, pairs, max_rank))
         self._distribute(user.method_state)

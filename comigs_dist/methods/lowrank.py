@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from comigs_dist.config import opt
 from comigs_dist.methods.base import Method
+from comigs_dist.options import opt
+
+if TYPE_CHECKING:
+    from comigs_dist.config.users import UserSpec
 
 MATCH_HELP = ("How each user's LoRA rank is chosen (Table 2): 'active' = top_k * lora.rank (the "
               "parameters a token uses in the matching CoMiGS model), 'full' = moe.n_experts * lora.rank "
@@ -25,15 +28,15 @@ MATCH_HELP = ("How each user's LoRA rank is chosen (Table 2): 'active' = top_k *
 Match = Literal["active", "full", "none"]
 
 
-def matched_rank(cfg, user_idx: int, match: str) -> int:
-    """The LoRA rank of one user under a matching rule (see the module docstring)."""
-    r = int(cfg.per_user("lora.rank", user_idx))
+def matched_rank(user: UserSpec, match: str) -> int:
+    """The LoRA rank of one user (its configured values) under a matching rule (see the module docstring)."""
+    r = user.lora_rank
     if match == "none":
         return r
     if match == "full":
-        return cfg.n_experts(user_idx) * r
+        return user.n_experts * r
     if match == "active":
-        return cfg.top_k(user_idx) * r
+        return user.top_k * r
     raise ValueError(f"method_options.match ({match!r}) must be 'active', 'full' or 'none'")
 
 
@@ -42,11 +45,6 @@ def match_errors(cfg, match: str) -> list[str]:
         return [f"lora.rank is a per-user list ({cfg.lora.rank}) but method_options.match is {match!r}, which "
                 f"derives the ranks from moe.n_experts; set method_options.match=none to use the list as given"]
     return []
-
-
-def n_users_of(cfg) -> int:
-    from comigs_dist.config import inferred_n_users
-    return inferred_n_users(cfg) or 1
 
 
 @dataclass
@@ -167,7 +165,11 @@ class HeteroRankMethod(Method):
 
     def adapter_spec(self, cfg, user_idx, spec):
         return replace(spec, n_experts=1, n_generalists=1, top_k=1, routed=False,
-                       rank=matched_rank(cfg, user_idx, self.options.match))
+                       rank=matched_rank(self.run_users()[user_idx], self.options.match))
+
+    def max_matched_rank(self) -> int:
+        """The largest rank any user holds (the global LoRA's)."""
+        return max(matched_rank(u, self.options.match) for u in self.run_users())
 
     def is_shared(self, tag) -> bool:
         return tag.kind == "attn"

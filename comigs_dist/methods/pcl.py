@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from comigs_dist.dist import unflatten_into
-from comigs_dist.config import opt
 from comigs_dist.methods.base import Method, register_method, share_all
+from comigs_dist.options import opt
 
 
 @dataclass

@@ -22,6 +22,7 @@ from comigs_dist.model.inject import (AdapterSpec, BaseLayout, InjectionReport, 
 from comigs_dist.model.roles import ParamTag, Role
 
 if TYPE_CHECKING:
+    from comigs_dist.config.users import UserSpec
     from comigs_dist.model.shared_base import SharePlan
 
 BUILTIN_MODELS = ("embedded", "tiny", "gpt2-random", "llama-tiny")
@@ -289,10 +290,11 @@ def forward_users(models: Sequence[UserModel], xs: Sequence[torch.Tensor], ys: S
             for m, rows, y in zip(models, hidden.split([x.shape[0] for x in xs]), ys)]
 
 
-def adapter_spec_for(cfg, user_idx: int, routed: bool) -> AdapterSpec:
-    return AdapterSpec(n_experts=cfg.n_experts(user_idx), n_generalists=cfg.n_generalists(user_idx),
-                       rank=int(cfg.per_user("lora.rank", user_idx)), alpha=cfg.lora.alpha,
-                       attn_rank=cfg.lora.attn_rank, top_k=cfg.top_k(user_idx), routed=routed,
+def adapter_spec_for(cfg, user: UserSpec, routed: bool) -> AdapterSpec:
+    """The adapters the configuration gives one user (``config.resolve_users``), before its
+    method's changes (``Method.adapter_spec``)."""
+    return AdapterSpec(n_experts=user.n_experts, n_generalists=user.n_generalists, rank=user.lora_rank,
+                       alpha=cfg.lora.alpha, attn_rank=cfg.lora.attn_rank, top_k=user.top_k, routed=routed,
                        load_balancing=cfg.moe.load_balancing)
 
 
@@ -308,16 +310,16 @@ def build_adapters(layout: BaseLayout, spec: AdapterSpec, seed: int) -> UserAdap
         return UserAdapters(layout, spec)
 
 
-def build_user_model(cfg, user_idx: int, vocab_size: int, routed: bool, spec: AdapterSpec | None = None,
+def build_user_model(cfg, user: UserSpec, vocab_size: int, routed: bool, spec: AdapterSpec | None = None,
                      share: "SharePlan | None" = None, base: AdaptedBase | None = None) -> UserModel:
-    """This user's adapters (``spec``, default: what cfg says) over ``base`` (default: a base built
-    here); adapter and router inits draw from the user's ``adapters`` stream (``seeds.derive_seed``).
+    """This user's adapters (``spec``, default: what cfg says for ``user``) over ``base`` (default: a
+    base built here); adapter and router inits draw from the user's ``adapters`` stream (``seeds.derive_seed``).
     ``share``: map the frozen base from the host's shared copy (see ``shared_base.plan_sharing``)
     when the base is built here."""
     from comigs_dist.seeds import derive_seed
     base = base if base is not None else build_adapted_base(cfg, vocab_size, share)
-    spec = spec or adapter_spec_for(cfg, user_idx, routed)
-    adapters = build_adapters(base.layout, spec, derive_seed(cfg.seed, user_idx, "adapters"))
+    spec = spec or adapter_spec_for(cfg, user, routed)
+    adapters = build_adapters(base.layout, spec, derive_seed(cfg.seed, user.user_idx, "adapters"))
     return UserModel(base, adapters, cfg.train.loss_chunk)
 
 

@@ -1,0 +1,169 @@
+"""Checking a run configuration: every problem at once, each naming the key, the value, the rule
+and the fix, before any process group exists.
+
+Owns ``collect_errors`` (the checks), ``validate`` (raise them together; resolve the method's
+options), the checks of ``comm.groups`` and of the world size. The only module of the config
+package that imports the method registry (a method's options and its own checks).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+from comigs_dist.config.schema import ConfigError, RunConfig
+from comigs_dist.config.users import inferred_n_users, list_lengths, resolve_users, user_spec
+from comigs_dist.groups import plan_errors
+from comigs_dist.methods import known_methods, method_class
+from comigs_dist.methods.base import generalist_counter
+from comigs_dist.options import format_errors, get_dotted, parse_options
+
+__all__ = ["check_world_size", "collect_errors", "comm_group_errors", "format_errors", "validate"]
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """``cfg`` checked (a ConfigError lists every problem), with ``method_options`` resolved to
+    every option of the method and its value (the resolved config records them all)."""
+    errors = collect_errors(cfg)
+    if errors:
+        raise ConfigError(format_errors(errors))
+    options, _ = parse_options(method_class(cfg.method).Options, cfg.method_options, f"method {cfg.method!r}")
+    cfg.method_options = dataclasses.asdict(options)
+    return cfg
+
+
+def collect_errors(cfg: RunConfig) -> list[str]:
+    """Every problem of a configuration, each naming the key, the value, the constraint and the fix."""
+    e: list[str] = []
+    t = cfg.train
+
+    def positive(key: str, value: float, allow_zero: bool = False) -> None:
+        bad = value < 0 if allow_zero else value <= 0
+        if bad or (isinstance(value, float) and not math.isfinite(value)):
+            e.append(f"{key} ({value}) must be {'>= 0' if allow_zero else '> 0'}")
+
+    for key in ("train.rounds", "train.local_steps", "train.router_every", "train.batch_size",
+                "train.seq_len", "train.lr", "lora.alpha", "lora.attn_rank", "comm.timeout_s",
+                "eval.batch_size", "log.every"):
+        positive(key, get_dotted(cfg, key))
+    for key in ("train.router_steps", "train.router_lr", "train.weight_decay", "train.grad_clip",
+                "moe.lb_weight", "eval.every", "eval.max_tokens", "checkpoint.every", "checkpoint.keep",
+                "train.micro_batch_size", "train.loss_chunk", "train.threads", "data.valid_tokens", "data.test_tokens"):
+        positive(key, get_dotted(cfg, key), allow_zero=True)
+    if not 0 < t.min_lr_ratio <= 1:
+        e.append(f"train.min_lr_ratio ({t.min_lr_ratio}) must be in (0, 1]")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        e.append(f"train.betas ({t.betas}) must be two numbers in [0, 1)")
+    if t.amp == "fp16":
+        e.append("train.amp (fp16) is refused: fp16 gradients need loss scaling (a GradScaler) not to underflow "
+                 "to zero, and comigs_dist does not scale losses; use train.amp=bf16 (no scaling needed) or off")
+    if cfg.eval.max_tokens and 0 < t.seq_len and cfg.eval.max_tokens < t.seq_len:
+        e.append(f"eval.max_tokens ({cfg.eval.max_tokens}) is below one evaluation window of train.seq_len "
+                 f"({t.seq_len}) predicted tokens, so nothing would be evaluated; set it to 0 (the whole split) "
+                 f"or to at least {t.seq_len}")
+    if cfg.model.dtype == "bf16" and t.amp in ("off", "fp16"):
+        e.append("model.dtype (bf16) needs bf16 autocast; set train.amp=bf16 (or auto on a GPU) or model.dtype=fp32")
+    if t.micro_batch_size and t.batch_size % t.micro_batch_size:
+        e.append(f"train.micro_batch_size ({t.micro_batch_size}) must divide train.batch_size ({t.batch_size})")
+    if cfg.n_users is not None and cfg.n_users < 1:
+        e.append(f"n_users ({cfg.n_users}) must be >= 1")
+    if cfg.resume == "true" and not cfg.out_dir:
+        e.append("resume=true needs out_dir: set out_dir to the directory of the run to continue "
+                 "(the one holding checkpoints/)")
+
+    # per-user lists: one length, matching n_users
+    lengths = list_lengths(cfg)
+    if len(set(lengths.values())) > 1:
+        e.append("per-user lists have different lengths: "
+                 + ", ".join(f"{k} has {n}" for k, n in lengths.items())
+                 + "; give one value per user in each")
+    elif lengths and cfg.n_users is not None and next(iter(lengths.values())) != cfg.n_users:
+        k, n = next(iter(lengths.items()))
+        e.append(f"{k} has {n} entries but n_users is {cfg.n_users}; give one value per user")
+
+    n_users = inferred_n_users(cfg) or 1
+    for user in range(n_users):
+        try:
+            spec = user_spec(cfg, user)
+        except (IndexError, TypeError, ValueError):
+            break  # already reported as a list-length problem
+        n_exp, n_gen, rank = spec.n_experts, spec.n_generalists, spec.lora_rank
+        share, tokens = spec.share, spec.train_tokens
+        who = f" for user {user}" if lengths else ""
+        if n_exp < 1:
+            e.append(f"moe.n_experts ({n_exp}) must be >= 1{who}")
+        if n_gen < 0:
+            e.append(f"moe.n_generalists ({n_gen}) must be >= 0{who}")
+        elif n_exp >= 1 and n_gen > n_exp:
+            # the value as given; methods that set their own count (comigs_2g, local, ...) ignore it,
+            # but a count above the experts is a mistake either way (it was once clamped silently)
+            e.append(f"moe.n_generalists ({n_gen}) must be <= moe.n_experts ({n_exp}){who}: a user cannot share "
+                     f"more experts than it holds; lower moe.n_generalists or raise moe.n_experts")
+        if rank < 1:
+            e.append(f"lora.rank ({rank}) must be >= 1{who}")
+        if not 0 < share <= 1:
+            e.append(f"data.share ({share}) must be in (0, 1]{who}")
+        if tokens <= 0:
+            e.append(f"data.train_tokens ({tokens}) must be > 0{who}")
+        if cfg.moe.top_k is not None and n_exp >= 1:
+            if cfg.moe.top_k < 1:
+                e.append(f"moe.top_k ({cfg.moe.top_k}) must be >= 1")
+            elif cfg.moe.top_k > n_exp:
+                e.append(f"moe.top_k ({cfg.moe.top_k}) must be <= moe.n_experts ({n_exp}){who}; "
+                         f"lower moe.top_k or raise moe.n_experts")
+        if not lengths:
+            break  # every user is the same
+
+    if cfg.log.wandb != "off":
+        from comigs_dist.wandb_logger import config_errors as wandb_errors  # imports wandb itself only if on
+        e.extend(wandb_errors(cfg.log))
+
+    if cfg.data.path != "embedded" and not Path(cfg.data.path).exists():
+        e.append(f"data.path ({cfg.data.path}) does not exist; prepare it with "
+                 f"`python -m comigs_dist.data prepare ... --out {cfg.data.path}` or use data.path=embedded")
+
+    methods = known_methods()
+    if cfg.method not in methods:
+        e.append(f"method ({cfg.method!r}) is not a known method; choose one of: {', '.join(sorted(methods))}")
+    else:
+        cls = method_class(cfg.method)
+        _, option_errors = parse_options(cls.Options, cfg.method_options, f"method {cfg.method!r}")
+        e.extend(option_errors)
+        if not option_errors:
+            e.extend(cls.config_errors(cfg))
+            if cfg.comm.groups:
+                e.extend(comm_group_errors(cfg, n_users if inferred_n_users(cfg) is not None else None))
+    return e
+
+
+def comm_group_errors(cfg: RunConfig, n_users: int | None) -> list[str]:
+    """Problems of comm.groups for the configured method and ``n_users`` users (None: unknown yet,
+    checked again by ``check_world_size``)."""
+    cls = method_class(cfg.method)
+    if not cls.accepts_comm_groups:
+        takers = [m for m in known_methods() if method_class(m).accepts_comm_groups]
+        return [f"comm.groups is set, but method {cfg.method!r} shares its parameters its own way; remove "
+                f"comm.groups or choose one of: {', '.join(takers)}"]
+    n_generalists = None
+    if n_users is not None:
+        try:
+            n_generalists = generalist_counter(cls(cfg, resolve_users(cfg, n_users)))
+            [n_generalists(u) for u in range(n_users)]
+        except (ConfigError, IndexError, TypeError, ValueError):
+            return []  # a per-user list problem, reported on its own
+    return plan_errors(cfg.comm.groups, n_users, n_generalists, f"moe.n_generalists with method {cfg.method}")
+
+
+def check_world_size(cfg: RunConfig, world_size: int) -> None:
+    """One rank per user: the configured number of users must equal the world size."""
+    n = inferred_n_users(cfg)
+    if n is not None and n != world_size:
+        raise ConfigError(
+            f"invalid configuration: n_users ({n}) must equal the number of ranks ({world_size}); "
+            f"start {n} processes (torchrun --nproc_per_node={n}) or set n_users={world_size}")
+    if n is None:
+        cfg.n_users = world_size
+        if cfg.comm.groups:  # user indices can be checked now that the number of users is known
+            errors = comm_group_errors(cfg, world_size)
+            if errors:
+                raise ConfigError(format_errors(errors))
