@@ -13,7 +13,7 @@ aggregation), and one user's bytes per round three ways: delivered, counted at t
 itself (every torch.distributed.all_reduce and all_gather the aggregation makes is intercepted and
 the tensors it passes are measured: elements times the size of comm.dtype, an all_reduce counted
 once up and once down, an all_gather's buffer once per member; the "backend" column is the bytes
-of those tensors as they are, float64 under comm.exact=true in server mode); counted by dist.py
+of those tensors as they are, float64 under comm.exact=true in server mode); counted by comigs_dist.dist
 (the figure results.json reports); and analytic (dist.round_bytes from the shapes). Ends with the
 ratios that have a target:
     comm_bytes_all2all_over_server_N_ranks: N (target == N), delivered at the collective
@@ -55,7 +55,7 @@ def _overrides(args, n_ranks: int) -> list[str]:
 
 
 class CollectiveMeter:
-    """Measures the tensors handed to torch.distributed.all_reduce and all_gather (what dist.py
+    """Measures the tensors handed to torch.distributed.all_reduce and all_gather (what comigs_dist.dist
     calls; the object collectives of the shape handshake call torch's internals and stay out)."""
 
     def __init__(self):
@@ -175,7 +175,7 @@ def main() -> int:
           f"round, one thread per rank, gloo on loopback; {os.cpu_count()} CPU cores on this host")
     print("share = aggregation / (local steps + aggregation), medians over rounds of the slowest rank; bytes are one "
           "user's per round (MiB): sent and received as delivered at the collective, the backend's own bytes, "
-          "dist.py's counter and the analytic figure")
+          "the dist package's counter and the analytic figure")
     summary, table = [], []
     for n in args.ranks:
         start = time.perf_counter()
@@ -193,7 +193,7 @@ def main() -> int:
         summary.append((n, rows, compute, comm))
     from comigs_dist.tables import format_table
     print(format_table(("ranks", "configuration", "steps s", "comm s", "share", "sent MiB", "recv MiB", "backend MiB",
-                        "dist.py MiB", "analytic MiB"),
+                        "counted MiB", "analytic MiB"),
                        table))
     print()
     for n, rows, compute, comm in summary:

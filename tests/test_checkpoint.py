@@ -254,7 +254,8 @@ def _resume_worker(rank, world_size, tmp_path):
     def go(out_dir, **extra):
         cfg = tiny_config(**{**settings, "out_dir": str(out_dir), **extra})
         check_world_size(cfg, world_size)
-        return train.run(cfg, init_topology(), out_dir)
+        [row] = train.run(cfg, init_topology(), out_dir)
+        return row
 
     row_a = go(a, **{"checkpoint.keep": 2})
     assert checkpoint.available_rounds(checkpoint.user_dir(a, rank)) == [3, 4]
@@ -316,8 +317,8 @@ def _full_disk_worker(rank, world_size, tmp_path):
     cfg = tiny_config(**{"checkpoint.every": 1})
     check_world_size(cfg, world_size)
     topo = init_topology()
-    r = train.setup_user(cfg, topo)
-    assert resume.restore_user(r, tmp_path) == 0
+    r = train.build_rank(cfg, topo)
+    assert resume.restore(r, tmp_path) == 0
     if rank == 1:
         def full_disk(obj, f):
             f.write(b"x" * 100)
@@ -325,7 +326,7 @@ def _full_disk_worker(rank, world_size, tmp_path):
         checkpoint.torch.save = full_disk
     with pytest.raises(checkpoint.CheckpointError, match=r"user 1: cannot write checkpoint .*user_01/round_0001\.pt: "
                                                           r"no space left on device"):
-        train.save_checkpoint(r, tmp_path, checkpoint.round_file(1), 1)
+        resume.save(r, tmp_path, checkpoint.round_file(1), 1)
     assert os.listdir(checkpoint.user_dir(tmp_path, 1)) == [] if rank == 1 else True
     assert checkpoint.read_manifest(tmp_path) is None  # the round was not recorded as complete
 
@@ -351,7 +352,8 @@ def _fingerprint_worker(rank, world_size, tmp_path):
         cfg = tiny_config(**{"data.path": str(data), "train.rounds": 2, "checkpoint.every": 1, "out_dir": str(out),
                              **extra})
         check_world_size(cfg, world_size)
-        return train.run(cfg, init_topology(), out)
+        [row] = train.run(cfg, init_topology(), out)
+        return row
 
     prepare(0)
     go()

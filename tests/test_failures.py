@@ -144,7 +144,8 @@ def _matrix_run(tmp_path, name, **extra):
     cfg = load_config(None, [f"{k}={v}" for k, v in {**_TINY, **MATRIX_SETTINGS, "out_dir": tmp_path / name,
                                                       **extra}.items()])
     cfg.n_users = 2
-    return train.run(cfg, init_topology(), tmp_path / name)
+    [row] = train.run(cfg, init_topology(), tmp_path / name)
+    return row
 
 
 def _killed_worker(rank, world_size, tmp_path, phase):

@@ -199,7 +199,7 @@ def _run_worker(rank, world_size, tmp_path, chunk):
     from helpers import tiny_config
     from comigs_dist.train import run
     cfg = tiny_config(**{"train.loss_chunk": chunk, "train.batch_size": 4, "train.seq_len": 32})
-    row = run(cfg, init_topology(), tmp_path / f"run_{chunk}")
+    [row] = run(cfg, init_topology(), tmp_path / f"run_{chunk}")
     (tmp_path / f"row_{chunk}_{rank}.json").write_text(json.dumps(
         {k: row[k] for k in ("test_loss", "test_accuracy", "final_train_loss", "base_test_ppl")}))
 

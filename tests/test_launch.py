@@ -210,11 +210,11 @@ def test_one_srun_task_per_user_maps_slurm_variables_onto_torch_ones(monkeypatch
         os.environ.pop(key, None)
     os.environ.update({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
                        "SLURM_NTASKS_PER_NODE": "4(x2)"})  # Slurm's form for 2 nodes of 4 tasks
-    dist._export_slurm_env()
+    dist.env.export_slurm_env()
     assert [os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")] == \
         ["5", "8", "1", "4", "29500"]
     assert (dist.env_rank(), dist.env_world_size()) == (5, 8)
 
     os.environ.update({"RANK": "2", "WORLD_SIZE": "4", "SLURM_PROCID": "7"})  # torchrun's own variables win
-    dist._export_slurm_env()
+    dist.env.export_slurm_env()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("2", "4")

@@ -12,7 +12,7 @@ from comigs_dist.config import check_world_size
 from comigs_dist.model import AdapterSpec, Role, build_base_model, mlp_modules, wrap_user_model
 from comigs_dist.model.lora import AdaptedLinear
 from comigs_dist.methods import SyncContext
-from comigs_dist.train import CommHandle, optimizer_step, setup_user
+from comigs_dist.train import build_rank, expert_step
 from dist_harness import init_topology, run_on_ranks
 from helpers import tiny_config
 
@@ -87,17 +87,15 @@ def _llama_round_worker(rank, world_size, tmp_path):
     cfg = tiny_config(**{"model.name": "llama-tiny"})
     check_world_size(cfg, world_size)
     topo = init_topology()
-    r = setup_user(cfg, topo)
-    off = lambda: torch.autocast("cpu", enabled=False)
-    r.model.set_trainable(r.method.trains_in_expert_phase)
-    optimizer_step(r, r.train_sampler, r.expert_opt, off)
+    rank_run = build_rank(cfg, topo)
+    r = rank_run.users[0]
+    expert_step(rank_run, rank_run.users)
     snap = lambda role: {n: p.detach().clone() for n, p in r.model.report.params.items()
                          if r.model.report.tags[n].role == role}
     gathered = [None] * world_size
     torch.distributed.all_gather_object(gathered, snap(Role.GENERALIST))
     specialists = snap(Role.SPECIALIST)
-    r.method.aggregate(SyncContext(shared=r.shared, comm=CommHandle(topo, "server", "fp32"), round_idx=1,
-                                   user_idx=rank, n_users=world_size))
+    r.method.sync(SyncContext(round_idx=1, comm=rank_run.comm, users=rank_run.users))
     after = [None] * world_size
     torch.distributed.all_gather_object(after, snap(Role.GENERALIST))
     for name in after[0]:

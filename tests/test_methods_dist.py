@@ -16,7 +16,7 @@ from comigs_dist.methods.flexlora import compute_flexlora_update
 from comigs_dist.methods.lowrank import (compute_hetlora_aggregate, compute_norm_weights, compute_svd_factors,
                                          compute_update_norm, compute_user_factors)
 from comigs_dist.model.lora import rs_scale
-from comigs_dist.train import CommHandle, evaluate_valid, optimizer_step, run, setup_user
+from comigs_dist.train import build_rank, evaluate_valid, expert_step, router_steps, run
 from dist_harness import init_topology, run_on_ranks
 from helpers import tiny_config, user_of
 
@@ -54,7 +54,7 @@ CASES = {
 
 def _fresh(topo):
     """A topology without groups: each method builds its own (all groups here are the world group)."""
-    return dataclasses.replace(topo, groups={}, stats=dist.CommStats(), _checked=set())
+    return dataclasses.replace(topo, groups={})
 
 
 def _state(model) -> dict:
@@ -67,23 +67,25 @@ def _gather(obj):
     return out
 
 
-def _round0(r, comm):
-    """What train.run does before the first local step."""
-    if r.method.initial_sync:
-        for group, params in r.shared.items():
-            comm.broadcast(group, [p.data for _, p in params])
+def _setup(cfg, topo):
+    """The rank (one user here) and that user."""
+    rank = build_rank(cfg, topo)
+    return rank, rank.users[0]
 
 
-def _expert_step(r, comm):
-    r.model.set_trainable(r.method.trains_in_expert_phase)
-    optimizer_step(r, r.train_sampler, r.expert_opt, OFF, True, comm)
-    r.expert_sched.step()
+def _round0(rank):
+    """What train.run does before the first local step: the method's sync of round 0."""
+    _sync(rank, 0)
 
 
-def _context(r, comm, round_idx=1):
-    return SyncContext(shared=r.shared, comm=comm, round_idx=round_idx, user_idx=r.topo.user_idx,
-                       n_users=r.topo.world_size, evaluate_valid=lambda: evaluate_valid(r, OFF).loss,
-                       n_train_tokens=len(r.data.train), model=r.model)
+def _expert_step(rank):
+    expert_step(rank, rank.users)
+
+
+def _sync(rank, round_idx=1):
+    """The method's sync at the start of round ``round_idx`` (1: after the first round)."""
+    rank.method.sync(SyncContext(round_idx=round_idx, comm=rank.comm, users=rank.users,
+                                 evaluate_valid=lambda u: evaluate_valid(u, OFF).loss))
 
 
 def _changed(before: dict, after: dict) -> set:
@@ -95,16 +97,15 @@ def _check_method(name, topo0, rank, world_size):
     cfg = tiny_config(method=name, **overrides)
     check_world_size(cfg, world_size)
     topo = _fresh(topo0)
-    r = setup_user(cfg, topo)
-    comm = CommHandle(topo, "server", "fp32")
+    rank_run, r = _setup(cfg, topo)
     tags = r.model.report.tags
     assert any(t.kind == "router" for t in tags.values()) == has_router, name
-    _round0(r, comm)
+    _round0(rank_run)
 
     # expert phase (twice, so that the router sees experts that differ)
     before = _state(r.model)
     for step in range(2):
-        _expert_step(r, comm)
+        _expert_step(rank_run)
         if name == "centralized":  # replicas stay bit-identical: every step used the same mean gradient
             states = _gather(_state(r.model))
             assert all(torch.equal(states[0][n], states[1][n]) for n in states[0]), f"replicas diverged at step {step}"
@@ -112,27 +113,26 @@ def _check_method(name, topo0, rank, world_size):
     assert moved == {n for n, t in tags.items() if expert_moves(t)}, (name, sorted(moved))
     if name == "centralized":  # one all_reduce of every LoRA gradient per step
         lora_bytes = sum(p.numel() for n, p in r.model.report.params.items() if LORA(tags[n])) * 4
-        assert topo.stats.by_group["data_parallel"]["bytes_sent"] == 2 * lora_bytes
+        assert rank_run.comm.user_stats[r.user_idx].by_group["data_parallel"]["bytes_sent"] == 2 * lora_bytes
 
     # router phase
     assert (r.router_opt is not None) == (router_moves is not None), name
     if router_moves is not None:
         before = _state(r.model)
-        r.model.set_trainable(r.method.trains_in_router_phase)
-        optimizer_step(r, r.router_sampler, r.router_opt, OFF, False)
+        router_steps(rank_run, r, 0)
         moved = _changed(before, _state(r.model))
         assert moved == {n for n, t in tags.items() if router_moves(t)}, (name, sorted(moved))
 
     # one aggregation (start of round 1)
     before_all = _gather(_state(r.model))
-    sent_before = topo.stats.bytes_sent
-    r.method.aggregate(_context(r, comm))
+    sent_before = rank_run.comm.user_stats[r.user_idx].bytes_sent
+    _sync(rank_run)
     after_all = _gather(_state(r.model))
     other = 1 - rank
     common = [n for n in after_all[rank] if n in after_all[other] and after_all[rank][n].shape == after_all[other][n].shape]
     if name == "pcl":
         vectors = [torch.cat([s[n].reshape(-1) for n in r.model.report.params]) for s in before_all]
-        W = r.method.last_trust
+        W = r.method_state["trust"]
         assert W.shape == (world_size,) and float(W.sum()) == pytest.approx(1.0)
         mixed = torch.cat([after_all[rank][n].reshape(-1) for n in r.model.report.params])
         torch.testing.assert_close(mixed, sum(float(w) * v for w, v in zip(W, vectors)), rtol=1e-5, atol=1e-6)
@@ -145,7 +145,7 @@ def _check_method(name, topo0, rank, world_size):
         elif not (name in ("hetlora", "flexlora") and tags[n].kind == "expert"):
             assert not torch.equal(after_all[0][n], after_all[1][n]), (name, n, "should differ between users")
     if equal_after is NOTHING:
-        assert topo.stats.bytes_sent == sent_before, f"{name} must not communicate after the initial sync"
+        assert rank_run.comm.user_stats[r.user_idx].bytes_sent == sent_before, f"{name} must not communicate after the initial sync"
     if name in ("hetlora", "flexlora"):
         # every user holds a truncation of one global LoRA: the smaller rank is a block of the larger
         ranks = _gather(r.model.spec.rank)
@@ -184,9 +184,9 @@ def test_each_method_moves_and_shares_the_right_parameters_and_runs_end_to_end(t
 # the heterogeneous-rank and trust-graph aggregations on 3 processes, against the pure math
 # --------------------------------------------------------------------------------------------
 
-def _train_a_little(r, comm):
+def _train_a_little(rank_run):
     for _ in range(2):
-        _expert_step(r, comm)
+        _expert_step(rank_run)
 
 
 def _hetlora_check(topo0, rank, world_size, tmp_path):
@@ -194,23 +194,22 @@ def _hetlora_check(topo0, rank, world_size, tmp_path):
                                            "method_options.gamma": 0.99})
     check_world_size(cfg, world_size)
     topo = _fresh(topo0)
-    r = setup_user(cfg, topo)
-    comm = CommHandle(topo, "server", "fp32")
-    _round0(r, comm)
-    m = r.method
+    rank_run, r = _setup(cfg, topo)
+    _round0(rank_run)
+    m = r.method_state
     assert m.alloc_rank == [8, 16, 32][rank] and m.max_rank == 32
     # every user starts from the top-left block of one global initialisation
     starts = _gather({p.key: p.A.detach().clone() for p in m.pairs})
     for key, A in starts[rank].items():
         torch.testing.assert_close(A, starts[2][key][: A.shape[0]])
-    _train_a_little(r, comm)
+    _train_a_little(rank_run)
     # force pruning of the first pair: its global tail is made larger than any user's
     first = m.pairs[0].key
     A_g, B_g = m.global_[first]
     m.global_[first] = (A_g + 100.0, B_g + 100.0)
     pairs = [(p.key, p.A.detach().clone(), p.B.detach().clone()) for p in m.pairs]
     everyone = _gather(pairs)
-    m.aggregate(_context(r, comm))
+    _sync(rank_run)
     assert m.ranks[first] == m.alloc_rank - 1  # floor(0.99 r) = r - 1: one slot dropped
     assert all(m.ranks[p.key] == m.alloc_rank for p in m.pairs[1:])  # global B = 0 elsewhere: no pruning
     p0 = m.pairs[0]
@@ -230,15 +229,15 @@ def _hetlora_check(topo0, rank, world_size, tmp_path):
         torch.testing.assert_close(p.A[:rr], A_g[:rr], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(p.B[:, :rr], B_g[:, :rr], rtol=1e-5, atol=1e-6)
     # the rank mask holds through later steps (Adam moments would move the pruned slots)
-    _expert_step(r, comm)
+    _expert_step(rank_run)
     assert torch.count_nonzero(p0.A[m.ranks[first]:]) == 0 and torch.count_nonzero(p0.B[:, m.ranks[first]:]) == 0
     # the pruned ranks and the global LoRA survive a checkpoint (weights_only load)
     from comigs_dist import checkpoint
-    checkpoint.save_atomic({"method_state": m.state_dict()}, tmp_path / f"hetlora_{rank}.pt")
+    checkpoint.save_atomic({"method_state": r.method.state_dict(r)}, tmp_path / f"hetlora_{rank}.pt")
     ranks, global_ = dict(m.ranks), dict(m.global_)
     m.ranks = {k: 0 for k in m.ranks}
     m.global_ = {}
-    m.load_state_dict(checkpoint.load(tmp_path / f"hetlora_{rank}.pt")["method_state"])
+    r.method.load_state_dict(r, checkpoint.load(tmp_path / f"hetlora_{rank}.pt")["method_state"])
     assert m.ranks == ranks
     assert all(torch.equal(m.global_[k][i], global_[k][i]) for k in ranks for i in (0, 1))
 
@@ -248,16 +247,15 @@ def _flexlora_check(topo0, rank, world_size):
                                             "data.train_tokens": "[3000, 4000, 6000]"})
     check_world_size(cfg, world_size)
     topo = _fresh(topo0)
-    r = setup_user(cfg, topo)
-    comm = CommHandle(topo, "server", "fp32")
-    _round0(r, comm)
-    _train_a_little(r, comm)
-    m = r.method
+    rank_run, r = _setup(cfg, topo)
+    _round0(rank_run)
+    _train_a_little(rank_run)
+    m = r.method_state
     mine = [(p.A.detach().clone(), p.B.detach().clone()) for p in m.pairs]
     everyone = _gather((len(r.data.train), m.scale, mine))
     total = sum(n for n, _, _ in everyone)
     assert len({n for n, _, _ in everyone}) == 3  # users hold different amounts of data
-    m.aggregate(_context(r, comm))
+    _sync(rank_run)
     for i, p in enumerate(m.pairs):
         dW = compute_flexlora_update([n / total * s * f[i][1] for n, s, f in everyone], [f[i][0] for _, _, f in everyone])
         # the user's update s_i B_i A_i is the best rank-r_i approximation of dW
@@ -276,22 +274,21 @@ def _pcl_check(topo0, rank, world_size):
     cfg = tiny_config(method="pcl", **{"method_options.mix_after": 0, "method_options.mix_every": 2})
     check_world_size(cfg, world_size)
     topo = _fresh(topo0)
-    r = setup_user(cfg, topo)
-    comm = CommHandle(topo, "server", "fp32")
+    rank_run, r = _setup(cfg, topo)
     starts = _gather(_state(r.model))
     names = list(r.model.report.params)
     assert not torch.equal(starts[0][names[0]], starts[1][names[0]])  # no common initialisation in PCL
-    _train_a_little(r, comm)
+    _train_a_little(rank_run)
     snap = _gather(_state(r.model))
     m = r.method
     assert [m.mixes_after(e) for e in range(5)] == [True, False, True, False, True]
-    m.aggregate(_context(r, comm, round_idx=2))  # after round 1: no mixing
+    _sync(rank_run, round_idx=2)  # after round 1: no mixing
     assert all(torch.equal(p, snap[rank][n]) for n, p in _state(r.model).items())
-    sent = topo.stats.bytes_sent
-    m.aggregate(_context(r, comm, round_idx=1))  # after round 0: mixing
+    sent = rank_run.comm.user_stats[r.user_idx].bytes_sent
+    _sync(rank_run, round_idx=1)  # after round 0: mixing
     numel = sum(p.numel() for p in r.model.report.params.values())
     # the model and the contributor flag (guard.nan=skip), delivered to each of the N members
-    assert topo.stats.bytes_sent - sent == (numel + 1) * 4 * world_size
+    assert rank_run.comm.user_stats[r.user_idx].bytes_sent - sent == (numel + 1) * 4 * world_size
     # this user's row of the trust matrix, recomputed independently for every other user's model
     for j in range(world_size):
         with torch.no_grad():
@@ -301,8 +298,8 @@ def _pcl_check(topo0, rank, world_size):
             ppl = math.exp(evaluate_valid(r, OFF).loss)
             for n, p in r.model.report.params.items():
                 p.copy_(probe[n])
-        assert m.last_ppl[j] == pytest.approx(ppl, rel=1e-6)
-    W = torch.softmax(-torch.tensor(m.last_ppl, dtype=torch.float64), 0)
+        assert r.method_state["ppl"][j] == pytest.approx(ppl, rel=1e-6)
+    W = torch.softmax(-torch.tensor(r.method_state["ppl"], dtype=torch.float64), 0)
     for n, p in r.model.report.params.items():
         torch.testing.assert_close(p.detach(), sum(float(W[j]) * snap[j][n] for j in range(world_size)).float(),
                                    rtol=1e-5, atol=1e-6)
@@ -335,12 +332,11 @@ def _centralized_worker(rank, world_size, tmp_path):
     cfg = tiny_config(method="centralized", **{"train.batch_size": 4, "train.micro_batch_size": 2})
     check_world_size(cfg, world_size)
     topo = init_topology()
-    r = setup_user(cfg, topo)
-    comm = CommHandle(topo, "server", "fp32")
-    _round0(r, comm)
+    rank_run, r = _setup(cfg, topo)
+    _round0(rank_run)
     n_steps = 3
     for _ in range(n_steps):
-        _expert_step(r, comm)
+        _expert_step(rank_run)
     if rank != 0:
         return
     # one process, one model from user 0's initialisation (what round 0 broadcast), the same
@@ -391,7 +387,7 @@ def _run_method(name, topo0, world_size, tmp_path):
     overrides = dict(CASES[name][0]) if name in CASES else {}
     cfg = tiny_config(method=name, **overrides, **{"train.rounds": 3, "train.local_steps": 2})
     check_world_size(cfg, world_size)
-    row = run(cfg, _fresh(topo0), tmp_path / name)
+    [row] = run(cfg, _fresh(topo0), tmp_path / name)
     assert math.isfinite(row["test_ppl"])
     if name == "pretrained":
         assert row["test_ppl"] == row["base_test_ppl"] and row["bytes_sent"] == 0 and row["local_steps"] == 0

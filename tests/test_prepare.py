@@ -322,7 +322,7 @@ def _own_shards_worker(rank, world_size, tmp_path, data_dir):
     from dist_harness import init_topology
     topo = init_topology()
     cfg = load_config(None, [f"data.path={data_dir}", "model.name=tiny", "train.seq_len=32", "n_users=2"])
-    run = train.setup_user(cfg, topo)
+    run = train.build_rank(cfg, topo).users[0]
     meta = read_meta(data_dir)
     for split in ("train", "valid", "test"):
         expected = np.fromfile(Path(data_dir) / f"user_{rank:02d}" / f"{split}.bin", dtype=np.uint16)

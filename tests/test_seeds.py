@@ -42,11 +42,11 @@ def test_adapter_inits_differ_between_seeds_for_every_user():
 
 
 def _streams_worker(rank, world_size, tmp_path):
-    from comigs_dist.train import setup_user
+    from comigs_dist.train import build_rank
     topo = init_topology()
     for seed in PAPER_SEEDS:
         topo.groups.clear()  # one process group serves the three set-ups (each creates its groups once)
-        r = setup_user(tiny_config(seed=seed), topo)
+        r = build_rank(tiny_config(seed=seed), topo).users[0]
         # the samplers draw from the user's own streams
         assert r.train_sampler.generator.initial_seed() == derive_seed(seed, rank, "train_batches")
         assert r.router_sampler.generator.initial_seed() == derive_seed(seed, rank, "router_batches")

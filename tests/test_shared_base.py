@@ -137,7 +137,7 @@ def _two_rank_worker(rank, world_size, tmp_path):
         model = build_base_model(name, 256, 32, plan)
         info = model.shared_base
         # both ranks map the same file (same inode), read-only and shared, and exactly one wrote it
-        seen = dist.all_gather_objects((info.inode, info.device, info.wrote, str(info.path)))
+        seen = dist.all_gather_objects(topo, (info.inode, info.device, info.wrote, str(info.path)))
         assert len({s[:2] for s in seen}) == 1 and sum(s[2] for s in seen) == 1, seen
         for pname, p in model.named_parameters():
             where = sb.mapping_of(p)
@@ -185,7 +185,7 @@ def _identical_worker(rank, world_size, tmp_path):
         cfg = tiny_config(**{"model.share_base": share, "checkpoint.final": True, "eval.every": 1,
                              "out_dir": str(tmp_path / share)})
         cfg.n_users = world_size
-        rows[share] = train.run(cfg, init_topology(), tmp_path / share)
+        [rows[share]] = train.run(cfg, init_topology(), tmp_path / share)
         params[share] = torch.load(tmp_path / share / "checkpoints" / f"user_{rank:02d}" / "final.pt",
                                    weights_only=True)["params"]
     assert len(calls) == 1  # the shared run mapped its base, the other did not

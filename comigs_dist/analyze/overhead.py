@@ -315,7 +315,7 @@ def format_overhead(o: Overhead) -> str:
         extra = f"   [paper: {PAPER['router_mib_bf16']} MB in bf16]" if paper else ""
         lines.append(f"  {rep.label}: {rep.router_params:,} parameters = {_bytes(rep.router_params * 2)} (bf16), "
                      f"{_bytes(rep.router_params * 4)} (fp32){extra}")
-    lines += ["", f"communication per user and round (the shared parameters, delivered payload as dist.py counts it; "
+    lines += ["", f"communication per user and round (the shared parameters, delivered payload as comigs_dist.dist counts it; "
                   f"this run's comm.dtype is {o.comm_dtype})"]
     for members, rep in o.users:
         lines.append(f"  {rep.label}: {rep.shared_params:,} shared parameters = attention LoRA "
