@@ -1,0 +1,381 @@
+"""``Comm``: every collective a method may use, over the users of sharing groups, with its bytes.
+
+Methods receive a ``Comm`` and never call torch.distributed. Every operation takes the tensors of
+this rank's users in a group (``{user: [tensors]}``): a rank first combines its own users, then
+crosses ranks in one collective per group.
+
+Bytes are counted per simulated user as *delivered payload* in ``comm.dtype`` (what a device
+would send; the contributor count of guard.nan=skip, one element, included), whatever the backend
+does underneath, and separately per rank as what the backend moved. With S the bytes of a user's
+flat buffer and N the group's members, one mean costs a user
+  server   S sent (the upload) and S received (the mean, downloaded once): a trusted server;
+  all2all  N*S sent (the buffer delivered to each of the N members, the sender's own copy
+           included, as all_gather materialises it) and N*S received (the N buffers): section
+           3.3's "N times the bytes". Between distinct peers that is (N - 1)*S each way.
+``round_bytes`` is that formula; results.json puts it beside what was counted. The round-0
+broadcast (one common start) is set-up and not counted.
+
+Means are exact by default (``comm.exact``): what travelled (fp32 or bf16) is summed in float64,
+and a float64 sum of N float32 (bf16) values is exact, so independent of the order it is added
+in, whenever the nonzero values of one element span less than a factor 2^(29 - log2 N)
+(2^(45 - log2 N) for bf16). Server (a float64 all_reduce, ring order), all2all (the gathered
+payloads added in member order) and any placement of users on ranks then give the same float64
+sum and so bit-identical parameters: round_fp32(sum / N). Beyond that span they can differ only
+where the sum lies within one float64 rounding of an fp32 rounding boundary. The server
+all_reduce then carries float64 on the backend (2x the fp32 payload); the counted bytes stay the
+payload in comm.dtype. ``comm.exact=false`` reduces in the wire dtype instead (backend order).
+Knows nothing of models or methods: it moves lists of tensors.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Collection, Iterable, Mapping, Sequence
+
+import torch
+import torch.distributed as tdist
+
+from comigs_dist.dist.buffers import Scratch, flatten, packed_buffer, unflatten_into
+from comigs_dist.dist.collectives import raise_shape_problems, shape_list, shape_problems
+from comigs_dist.dist.failures import collective
+from comigs_dist.dist.topology import Topology
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MODES = ("server", "all2all")
+Tensors = Mapping[int, Sequence[torch.Tensor]]
+
+
+def payload_bytes(numel: int, dtype: str) -> int:
+    """Bytes of ``numel`` elements in the wire dtype (comm.dtype)."""
+    return numel * _DTYPES[dtype].itemsize
+
+
+def round_bytes(payload: int, mode: str, n_members: int) -> tuple[int, int]:
+    """(sent, received) bytes one user is counted for one mean of a ``payload``-byte buffer over a
+    group of ``n_members`` (the definition in the module docstring)."""
+    if mode == "server":
+        return payload, payload
+    if mode == "all2all":
+        return payload * n_members, payload * n_members
+    raise ValueError(f"comm.mode ({mode!r}) must be 'server' or 'all2all'")
+
+
+@dataclass
+class CommStats:
+    """What one user (or one rank) moved, in bytes, and how long it waited."""
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    collectives: int = 0
+    seconds: float = 0.0
+    by_group: dict = field(default_factory=dict)
+
+    def add(self, group: str, sent: int, received: int, seconds: float) -> None:
+        self.bytes_sent += sent
+        self.bytes_received += received
+        self.collectives += 1
+        self.seconds += seconds
+        g = self.by_group.setdefault(group, {"bytes_sent": 0, "bytes_received": 0, "collectives": 0})
+        g["bytes_sent"] += sent
+        g["bytes_received"] += received
+        g["collectives"] += 1
+
+
+class Comm:
+    """The communication of one rank's users, bound to the run's topology and ``comm.*`` settings.
+
+    ``count=True`` (guard.nan=skip) sends a contributor count with every mean, so that a user
+    whose values are not finite can sit a mean out (``skip``) and still receive the others'
+    average in the same collective."""
+
+    def __init__(self, topo: Topology, mode: str = "server", dtype: str = "fp32", exact: bool = True,
+                 count: bool = False):
+        if mode not in MODES:
+            raise ValueError(f"comm.mode ({mode!r}) must be 'server' or 'all2all'")
+        self.topo, self.mode, self.dtype, self.exact, self.count = topo, mode, dtype, exact, count
+        self.wire = _DTYPES[dtype]
+        self.user_stats: dict[int, CommStats] = {u: CommStats() for u in topo.local_users}
+        self.rank_stats = CommStats()
+        self.scratch = Scratch(topo.device)
+        self._checked: set[tuple[str, str]] = set()
+
+    # -- who ---------------------------------------------------------------------------------
+    def members(self, group: str) -> tuple[int, ...]:
+        return self.topo.members(group)
+
+    def in_group(self, group: str) -> bool:
+        return self.topo.in_group(group)
+
+    def mark_checked(self, groups: Iterable[str], kind: str = "mean") -> None:
+        """Groups whose shapes a handshake has already checked (``collectives.check_group_shapes``)."""
+        self._checked.update((g, kind) for g in groups)
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _count(self, group: str, users: Iterable[int], sent: int, received: int, seconds: float,
+               moved: int) -> None:
+        for u in users:
+            self.user_stats.setdefault(u, CommStats()).add(group, sent, received, seconds)
+        self.rank_stats.add(group, moved, moved, seconds)
+
+    def _handshake(self, group: str, kind: str, tensors: Tensors) -> None:
+        """Before the first ``kind`` collective of a group: the members' tensors must agree in
+        count, shapes and dtypes (a ValueError on every rank naming the user otherwise)."""
+        if (group, kind) in self._checked:
+            return
+        mine = {u: shape_list([(f"#{i}", t) for i, t in enumerate(ts)]) for u, ts in tensors.items()}
+        everyone: dict[int, list] = dict(mine)
+        ranks = self.topo.ranks_of(group)
+        if len(ranks) > 1:  # over the group's ranks only: the others do not take part
+            parts: list = [None] * len(ranks)
+            with collective(self.topo.watch, "the shape handshake", group):
+                tdist.all_gather_object(parts, mine, group=self.topo.group(group))
+            for part in parts:
+                everyone.update(part)
+        members = [u for u in self.members(group) if u in everyone]
+        problems = shape_problems(members, [everyone[u] for u in members]) if members else []
+        raise_shape_problems({group: problems} if problems else {})
+        self._checked.add((group, kind))
+
+    def _local(self, group: str, tensors: Tensors) -> list[int]:
+        local = sorted(tensors)
+        members = set(self.members(group))
+        stray = [u for u in local if u not in members]
+        if stray:
+            raise ValueError(f"users {stray} are not members of group {group!r} ({sorted(members)})")
+        return local
+
+    # -- the mean ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def mean(self, group: str, tensors: Tensors, skip: Collection[int] = ()) -> int:
+        """Replace each tensor of every given user by its mean over the group's members that take
+        part (every member but those in ``skip``, whose values are left out; they still receive
+        the mean). One collective for the whole list, whatever the number of users on the rank.
+        Returns a user's payload in bytes."""
+        if not self.in_group(group) or not tensors:
+            return 0
+        self._handshake(group, "mean", tensors)
+        local = self._local(group, tensors)
+        if len(local) == 1:
+            return self._mean_one(group, local[0], tensors[local[0]], local[0] not in skip)
+        return self._mean_many(group, local, tensors, set(skip))
+
+    def _mean_one(self, group: str, user: int, tensors: Sequence[torch.Tensor], contribute: bool) -> int:
+        """The mean when this rank holds one member of the group: its packed buffer is reduced in
+        place where it travels as it is (fp32, no count, comm.exact=false)."""
+        topo, wire, count = self.topo, self.wire, self.count
+        pg = topo.group(group)
+        n = len(self.members(group))
+        if count and wire == torch.bfloat16 and n > 256 and self.mode == "server" and not self.exact:
+            raise ValueError(f"group {group!r} has {n} members: a contributor count above 256 is not exact in "
+                             f"bf16; use comm.dtype=fp32 or comm.exact=true with guard.nan=skip")
+        start = time.perf_counter()
+        numel = sum(t.numel() for t in tensors)
+        # the payload, what a deployment would send: the parameters' own buffer where they are
+        # packed in the wire dtype (pack_flat; the contributor count needs a copy), else a flat copy
+        flat = packed_buffer(tensors) if not count and tensors[0].dtype == wire else None
+        in_place = flat is not None
+        if not in_place:
+            flat = self.scratch.get(group, numel + int(count), wire)
+            flatten(tensors, wire, out=flat[:numel])
+        if count:
+            if not contribute:
+                flat.zero_()
+            flat[numel] = 1.0 if contribute else 0.0
+        elif not contribute:
+            raise ValueError("a member can sit a mean out only when contributor counts travel (guard.nan=skip)")
+        size = flat.numel() * flat.element_size()
+        acc = torch.float64 if self.exact else torch.float32
+        ranks = len(topo.ranks_of(group))
+        if self.mode == "server":
+            # float64 on the backend: its ring adds in an order of its own, which an exact sum ignores
+            if self.exact:
+                buf = self.scratch.get(group, flat.numel(), torch.float64)
+                buf.copy_(flat)
+            else:
+                buf = flat
+            if ranks > 1:
+                with collective(topo.watch, "all_reduce", group):
+                    tdist.all_reduce(buf, op=tdist.ReduceOp.SUM, group=pg)
+            total = buf if buf.dtype == acc else buf.to(acc)
+            moved = buf.numel() * buf.element_size()
+        else:
+            parts = [torch.empty_like(flat) for _ in range(ranks)]
+            with collective(topo.watch, "all_gather", group):
+                tdist.all_gather(parts, flat, group=pg)
+            total = torch.zeros(flat.numel(), dtype=acc, device=flat.device)
+            for p in parts:  # fixed member order: every rank computes the same sum
+                total.add_(p.to(acc))
+            moved = ranks * size
+        divisor = n
+        if count:
+            divisor = int(round(float(total[-1])))
+            total = total[:-1]
+            self._no_contributor_left(group, divisor)
+        if in_place and total.data_ptr() == flat.data_ptr():
+            total.div_(divisor)  # the sum landed in the parameters themselves
+        elif in_place:
+            torch.div(total, divisor, out=flat)
+        else:
+            unflatten_into(total, tensors, divisor)  # the mean, rounded once to the parameters' dtype
+        sent, received = round_bytes(size, self.mode, n)
+        self._count(group, [user], sent, received, time.perf_counter() - start, moved)
+        return size
+
+    def _mean_many(self, group: str, local: list[int], tensors: Tensors, skip: set[int]) -> int:
+        """The mean when this rank holds several members: their payloads (rounded to the wire
+        dtype, as they would travel) are summed here, then the rank's sums cross ranks."""
+        topo = self.topo
+        n = len(self.members(group))
+        start = time.perf_counter()
+        numel = sum(t.numel() for t in tensors[local[0]])
+        acc = torch.float64 if self.exact else torch.float32
+        extra = int(self.count)
+        if skip and not self.count:
+            raise ValueError("a member can sit a mean out only when contributor counts travel (guard.nan=skip)")
+        total = self.scratch.get(group + "#sum", numel + extra, acc)
+        total.zero_()
+        wire_buf = self.scratch.get(group + "#wire", numel, self.wire)
+        for u in local:
+            if u in skip:
+                continue
+            flat = packed_buffer(tensors[u])
+            if flat is None or flat.dtype != self.wire:
+                flat = flatten(tensors[u], self.wire, out=wire_buf)
+            total[:numel].add_(flat.to(acc))
+            if extra:
+                total[numel] += 1.0
+        size = (numel + extra) * self.wire.itemsize
+        ranks = len(topo.ranks_of(group))
+        if ranks > 1:
+            if self.mode == "server":
+                with collective(topo.watch, "all_reduce", group):
+                    tdist.all_reduce(total, op=tdist.ReduceOp.SUM, group=topo.group(group))
+                moved = total.numel() * total.element_size()
+            else:
+                parts = [torch.empty_like(total) for _ in range(ranks)]
+                with collective(topo.watch, "all_gather", group):
+                    tdist.all_gather(parts, total, group=topo.group(group))
+                total = torch.zeros_like(total)
+                for p in parts:  # rank order; exact sums do not depend on it
+                    total.add_(p)
+                moved = ranks * total.numel() * total.element_size()
+        else:
+            moved = 0
+        divisor = n
+        if extra:
+            divisor = int(round(float(total[-1])))
+            self._no_contributor_left(group, divisor)
+        mean = total[:numel]
+        for u in local:
+            unflatten_into(mean, tensors[u], divisor)
+        sent, received = round_bytes(size, self.mode, n)
+        self._count(group, local, sent, received, time.perf_counter() - start, moved)
+        return size
+
+    def _no_contributor_left(self, group: str, divisor: int) -> None:
+        if divisor == 0:
+            raise FloatingPointError(f"every member of group {group!r} ({', '.join(map(str, self.members(group)))}) "
+                                     f"sat this round out with non-finite shared parameters (guard.nan=skip): there "
+                                     f"is nothing left to average; lower train.lr or check the data, then resume")
+
+    # -- other collectives -------------------------------------------------------------------
+    @torch.no_grad()
+    def broadcast(self, group: str, tensors: Tensors, src_user: int | None = None) -> None:
+        """Copy the tensors of one member (the group's first by default) to every given member."""
+        if not self.in_group(group) or not tensors:
+            return
+        self._handshake(group, "mean", tensors)
+        topo = self.topo
+        src = self.members(group)[0] if src_user is None else src_user
+        local = self._local(group, tensors)
+        first = tensors[local[0]]
+        dtype = first[0].dtype if all(t.dtype == first[0].dtype for t in first) else torch.float32
+        if src in tensors:
+            flat = flatten(tensors[src], dtype)
+        else:
+            flat = torch.empty(sum(t.numel() for t in first), dtype=dtype, device=first[0].device)
+        if len(topo.ranks_of(group)) > 1:
+            with collective(topo.watch, "broadcast", group):
+                tdist.broadcast(flat, src=topo.user_ranks[src], group=topo.group(group))
+        for u in local:
+            if u != src:
+                unflatten_into(flat, tensors[u])
+
+    @torch.no_grad()
+    def sum(self, group: str, tensors: Tensors) -> int:
+        """Replace each tensor of every given user by its sum over the group's members (weighted
+        means: each member scales its own term first). One collective; summed in float64 when
+        ``comm.exact``. Counted like a server round trip. Returns a user's payload in bytes."""
+        if not self.in_group(group) or not tensors:
+            return 0
+        self._handshake(group, "sum", tensors)
+        local = self._local(group, tensors)
+        start = time.perf_counter()
+        acc = torch.float64 if self.exact else self.wire
+        total = None
+        for u in local:
+            flat = flatten(tensors[u], self.wire).to(acc)
+            total = flat if total is None else total.add_(flat)
+        size = total.numel() * self.wire.itemsize
+        moved = 0
+        if len(self.topo.ranks_of(group)) > 1:
+            with collective(self.topo.watch, "all_reduce", group):
+                tdist.all_reduce(total, op=tdist.ReduceOp.SUM, group=self.topo.group(group))
+            moved = total.numel() * total.element_size()
+        for u in local:
+            unflatten_into(total, tensors[u])
+        self._count(group, local, size, size, time.perf_counter() - start, moved)
+        return size
+
+    @torch.no_grad()
+    def gather(self, group: str, tensors: Tensors) -> list[torch.Tensor]:
+        """Every member's tensors, flattened into one fp32 vector per member, in member order (one
+        all_gather). Counted as all2all's mean is (module docstring)."""
+        if not self.in_group(group) or not tensors:
+            return []
+        self._handshake(group, "gather", tensors)
+        topo = self.topo
+        local = self._local(group, tensors)
+        start = time.perf_counter()
+        members = self.members(group)
+        ranks = topo.ranks_of(group)
+        per_rank = max(sum(1 for m in members if topo.user_ranks[m] == r) for r in ranks)
+        numel = sum(t.numel() for t in tensors[local[0]])
+        mine = torch.zeros(per_rank, numel, dtype=self.wire, device=topo.device)
+        for i, u in enumerate(local):
+            mine[i] = flatten(tensors[u], self.wire)
+        if len(ranks) > 1:
+            parts = [torch.empty_like(mine) for _ in ranks]
+            with collective(topo.watch, "all_gather", group):
+                tdist.all_gather(parts, mine, group=topo.group(group))
+        else:
+            parts = [mine]
+        by_user = {}
+        for r, part in zip(ranks, parts):
+            for i, u in enumerate([m for m in members if topo.user_ranks[m] == r]):
+                by_user[u] = part[i].to(torch.float32)
+        size = numel * self.wire.itemsize
+        sent, received = round_bytes(size, "all2all", len(members))
+        self._count(group, local, sent, received, time.perf_counter() - start, len(ranks) * mine.numel() * mine.element_size())
+        return [by_user[u] for u in members]
+
+    def sum_scalars(self, group: str, values: Mapping[int, Sequence[float]]) -> list[float]:
+        """A few floats summed over the group's members (float64; too small to count as traffic)."""
+        vals = list(values.values())
+        if not self.in_group(group) or not vals:
+            return list(vals[0]) if vals else []
+        t = torch.tensor([sum(col) for col in zip(*vals)], dtype=torch.float64, device=self.topo.device)
+        if len(self.topo.ranks_of(group)) > 1:
+            with collective(self.topo.watch, "all_reduce", group):
+                tdist.all_reduce(t, group=self.topo.group(group))
+        return t.tolist()
+
+    def mean_gradients(self, group: str, params: Mapping[int, Sequence[torch.Tensor]], skip: Collection[int] = ()) -> int:
+        """Data parallelism: every parameter's gradient becomes its mean over the members (fp32),
+        so that a step equals one step on the union of the members' batches."""
+        grads = {u: [p.grad for p in ps if p.grad is not None] for u, ps in params.items()}
+        saved = (self.mode, self.wire)
+        self.mode, self.wire = "server", torch.float32
+        try:
+            return self.mean(group, grads, skip)
+        finally:
+            self.mode, self.wire = saved
