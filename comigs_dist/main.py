@@ -125,11 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         from comigs_dist import faults
         from comigs_dist.train import prepare_assets
         faults.check(faults.from_env(), cfg)  # a malformed or unreachable COMIGS_FAULT: an error before anything starts
-        prepare_assets(cfg, dist.env_world_size(), progress=is_rank0 and cfg.log.progress)
+        prepare_assets(cfg, cfg.n_users, progress=is_rank0 and cfg.log.progress)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    topo = dist.init_distributed(cfg.comm.backend, cfg.model.device, cfg.comm.timeout_s, cfg.train.threads)
+    topo = dist.init_distributed(cfg.comm.backend, cfg.model.device, cfg.comm.timeout_s, cfg.train.threads,
+                                 n_users=cfg.n_users)
     # every process group of the run, built once on every rank from (config, method, users)
     from comigs_dist.config import resolve_users
     from comigs_dist.methods import get_method
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         from comigs_dist.metrics import build_results, format_table, write_json_atomic
         mine = train.run(cfg, topo, out_dir, say)
         topo.set_phase("gathering the results")
-        rows = [row for part in dist.all_gather_objects(topo, mine) for row in part]
+        rows = sorted((row for part in dist.all_gather_objects(topo, mine) for row in part), key=lambda r: r["user"])
         if topo.rank == 0:
             dataset = cfg.data.path if cfg.data.path != "embedded" else f"embedded-{cfg.data.scenario}"
             results = build_results(cfg.to_dict(), rows, dataset, time.perf_counter() - start)

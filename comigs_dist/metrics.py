@@ -290,8 +290,10 @@ def build_results(cfg_dict: dict, users: list[dict], dataset: str, wall_seconds:
         "dataset": dataset,
         "seed": cfg_dict["seed"],
         "rounds": cfg_dict["train"]["rounds"],
-        "world_size": len(users),
+        "world_size": len(users),   # kept for older readers: the number of users, not of ranks
+        "n_users": len(users),
         "mean_test_ppl": mean("test_ppl"),
+        "test_ppl_quantiles": quantiles([u["test_ppl"] for u in users]),
         "mean_base_test_ppl": mean("base_test_ppl"),
         "wall_seconds": wall_seconds,
         "users": users,
@@ -299,15 +301,40 @@ def build_results(cfg_dict: dict, users: list[dict], dataset: str, wall_seconds:
     }
 
 
+QUANTILES = (0.1, 0.5, 0.9)
+TABLE_USERS = 16  # more users than this: the table shows quantiles and the worst users, results.json has them all
+
+
+def quantiles(values: list[float]) -> dict[str, float]:
+    """p10, p50 and p90 of a list (linear interpolation between order statistics)."""
+    xs = sorted(values)
+    out = {}
+    for q in QUANTILES:
+        pos = q * (len(xs) - 1)
+        lo = int(math.floor(pos))
+        hi = min(lo + 1, len(xs) - 1)
+        out[f"p{round(q * 100)}"] = xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+    return out
+
+
 def format_table(results: dict) -> str:
     from comigs_dist.tables import format_table as table
+    users = results["users"]
+    shown = users
+    note = ""
+    if len(users) > TABLE_USERS:  # the worst users by test perplexity, then quantiles over everyone
+        shown = sorted(sorted(users, key=lambda u: -u["test_ppl"])[:5], key=lambda u: u["user"])
+        note = "\nthe 5 users with the highest test perplexity; every user's row is in results.json"
     rows = [(u["user"], u["n_experts"], f"{u['test_ppl']:.3f}", f"{u['base_test_ppl']:.3f}",
-             f"{u['bytes_sent'] / 1e6:.2f}", f"{u['tokens_per_second']:.0f}") for u in results["users"]]
-    mean = ("mean", "", f"{results['mean_test_ppl']:.3f}", f"{results['mean_base_test_ppl']:.3f}", "", "")
+             f"{u['bytes_sent'] / 1e6:.2f}", f"{u['tokens_per_second']:.0f}") for u in shown]
+    mean = [("mean", "", f"{results['mean_test_ppl']:.3f}", f"{results['mean_base_test_ppl']:.3f}", "", "")]
+    if len(users) > TABLE_USERS:
+        q = results.get("test_ppl_quantiles") or quantiles([u["test_ppl"] for u in users])
+        mean += [(name, "", f"{value:.3f}", "", "", "") for name, value in q.items()]
     title = (f"{results['method']} on {results['dataset']}, seed {results['seed']}, {results['rounds']} rounds, "
              f"{results['world_size']} users, {results['wall_seconds']:.0f} s")
     return title + "\n" + table(("user", "experts", "test ppl", "base ppl", "sent MB", "tok/s"), rows, ">" * 6,
-                                footer=[mean])
+                                footer=mean) + note
 
 
 def is_finite(x: float) -> bool:

@@ -82,6 +82,23 @@ def scalar_layout(n_layers: int, n_experts: int, n_generalists: int) -> dict:
     }
 
 
+FED_TRAIN_LOSS = "federation/train_loss"      # mean over the round's participants
+FED_PARTICIPANTS = "federation/participants"  # users that took part in the round
+FED_TEST_PPL = "federation/test_ppl"          # mean over every user, at evaluations
+
+
+def logged_users(spec, n_users: int | None) -> set[int]:
+    """The users ``log.users`` gives curves of their own."""
+    n = n_users or 0
+    if spec == "all":
+        return set(range(n))
+    if spec == "none":
+        return set()
+    if spec == "auto":
+        return set(range(n)) if n <= 16 else set(range(8))
+    return set(int(u) for u in spec)
+
+
 class Monitor:
     """Everything one rank reports: a logger per user, rank 0's progress, and its messages.
 
@@ -91,6 +108,7 @@ class Monitor:
     def __init__(self, loggers: dict[int, NullLogger], progress, say: Callable[[str], None] = lambda m: None,
                  every: int = 1):
         self.loggers, self.progress, self.say, self.every = loggers, progress, say, every
+        self.federation: NullLogger = NullLogger()  # rank 0's writer of means over the users
         self._round_bar = None
 
     @classmethod
@@ -101,16 +119,31 @@ class Monitor:
 
     @classmethod
     def build(cls, cfg, rank: int, users: Iterable[int], out_dir: Path, resumed_steps: dict[int, int],
-              say: Callable[[str], None] = lambda m: None) -> "Monitor":
-        """The monitor of one rank: its users' loggers (a resumed user's writer drops what the
-        interrupted attempt logged after its checkpoint) and, on rank 0, progress."""
+              say: Callable[[str], None] = lambda m: None, resumed_round: int = 0) -> "Monitor":
+        """The monitor of one rank: the loggers of its users that ``log.users`` picks (a resumed
+        user's writer drops what the interrupted attempt logged after its checkpoint), and on rank 0
+        progress and the federation's writer (means over every user, by round)."""
         from comigs_dist.wandb_logger import options_for
+        chosen = logged_users(cfg.log.users, cfg.n_users)
         loggers = {}
         for u in users:
             step = resumed_steps.get(u)
-            loggers[u] = build_logger(out_dir, u, cfg.log.tensorboard, purge_step=step + 1 if step else None,
-                                      wandb=options_for(cfg, out_dir, u, resumed=bool(step)))
-        return cls(loggers, build_progress(rank == 0 and cfg.log.progress), say, cfg.log.every)
+            loggers[u] = (build_logger(out_dir, u, cfg.log.tensorboard, purge_step=step + 1 if step else None,
+                                       wandb=options_for(cfg, out_dir, u, resumed=bool(step)))
+                          if u in chosen else NullLogger())
+        monitor = cls(loggers, build_progress(rank == 0 and cfg.log.progress), say, cfg.log.every)
+        if rank == 0 and cfg.log.tensorboard:
+            from comigs_dist.metrics import TensorBoardLogger
+            monitor.federation = TensorBoardLogger(Path(out_dir) / "tb" / "federation",
+                                                   resumed_round + 1 if resumed_round else None)
+        return monitor
+
+    def federation_round(self, round_num: int, mean_loss: float, participants: int) -> None:
+        """Rank 0: the round's mean training loss over its participants, and how many took part."""
+        self.federation.scalars({FED_TRAIN_LOSS: mean_loss, FED_PARTICIPANTS: participants}, round_num)
+
+    def federation_eval(self, round_num: int, mean_ppl: float) -> None:
+        self.federation.scalar(FED_TEST_PPL, mean_ppl, round_num)
 
     # -- set-up --------------------------------------------------------------------------------
     def start(self, user: int, config_yaml: str | None, n_layers: int, n_experts: int, n_generalists: int) -> None:
@@ -175,3 +208,4 @@ class Monitor:
             if user in rows:
                 log.summary(rows[user])
             log.close()
+        self.federation.close()

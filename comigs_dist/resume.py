@@ -25,7 +25,8 @@ from comigs_dist import checkpoint, dist, faults
 from comigs_dist.config import ConfigError
 from comigs_dist.data import data_fingerprint
 
-_COUNTERS = ("train_tokens", "train_seconds", "last_loss", "guard_skipped_rounds", "guard_skipped_steps")
+_COUNTERS = ("train_tokens", "train_seconds", "last_loss", "guard_skipped_rounds", "guard_skipped_steps",
+             "rounds_taken")
 
 
 # --------------------------------------------------------------------------------------------

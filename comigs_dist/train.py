@@ -14,6 +14,7 @@ its own gradients). Monitoring (``monitor``), resuming (``resume``), the non-fin
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,14 +23,14 @@ from pathlib import Path
 import torch
 
 from comigs_dist import dist, faults, guard, resume
-from comigs_dist.config import RunConfig, resolve_users, to_yaml
+from comigs_dist.config import RunConfig, resolve_users, to_yaml, users_per_round
 from comigs_dist.data import BatchSampler, UserData, load_user_data
 from comigs_dist.evaluate import EvalResult, evaluate_split
 from comigs_dist.methods import Method, SyncContext, get_method
 from comigs_dist.model import AdaptedBase, UserModel, adapter_spec_for, build_user_model
 from comigs_dist.model.shared_base import plan_sharing
 from comigs_dist.monitor import Monitor
-from comigs_dist.seeds import derive_seed
+from comigs_dist.seeds import EVERY_USER, derive_seed
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +139,8 @@ class UserState:
     base: EvalResult | None = None            # the model before training (kept for a resume)
     guard_skipped_rounds: int = 0             # rounds this user sat out (guard.nan=skip)
     guard_skipped_steps: int = 0              # optimiser steps dropped for a non-finite loss
-    contributing: bool = True                 # takes part in this round's means (guard.nan=skip)
+    contributing: bool = True                 # takes part in this round's means (guard.nan=skip, participation)
+    rounds_taken: int = 0                     # rounds this user took part in (train.participation)
     sits_out_gradients: bool = False          # sits this step's gradient average out (guard.nan=skip)
 
     @property
@@ -217,7 +219,7 @@ def build_rank(cfg: RunConfig, topo: dist.Topology, method: Method | None = None
     for u in users:
         for params in u.shared.values():  # each group's parameters in one buffer: the sync copies nothing
             dist.pack_flat([p for _, p in params])
-    comm = dist.Comm(topo, cfg.comm.mode, cfg.comm.dtype, exact=cfg.comm.exact, count=cfg.guard.nan == "skip")
+    comm = dist.Comm(topo, cfg.comm.mode, cfg.comm.dtype, exact=cfg.comm.exact, count=counts_contributors(cfg, topo.n_users))
     comm.mark_checked(topo.groups)
     for u in users:
         u.stats = comm.user_stats[u.user_idx]
@@ -247,19 +249,70 @@ def analytic_round_bytes(user: UserState, comm_cfg, topo: dist.Topology, count: 
 # the steps of Algorithm 1
 # --------------------------------------------------------------------------------------------
 
-def sync(rank: RankRun, round_idx: int) -> None:
+def counts_contributors(cfg: RunConfig, n_users: int) -> bool:
+    """Whether a contributor count travels with every mean: users may sit a mean out, under
+    guard.nan=skip or because they did not take part in the round before."""
+    return cfg.guard.nan == "skip" or users_per_round(cfg, n_users) < n_users
+
+
+def participants(cfg: RunConfig, n_users: int, round_idx: int) -> frozenset[int]:
+    """The users that take part in round ``round_idx``: every user at full participation, else
+    ``users_per_round`` of them drawn without replacement from the round's own seed (the same draw
+    on every rank, and recomputable alone after a resume)."""
+    k = users_per_round(cfg, n_users)
+    if k >= n_users:
+        return frozenset(range(n_users))
+    g = torch.Generator().manual_seed(derive_seed(cfg.seed, EVERY_USER, "participation", round_idx))
+    return frozenset(torch.randperm(n_users, generator=g)[:k].tolist())
+
+
+def _held(user: UserState) -> tuple[dict, dict]:
+    """A copy of what a sync may change in a user: its adapters' values and its method state."""
+    params = {n: p.detach().clone() for n, p in user.model.report.params.items()}
+    return params, copy.deepcopy(user.method.state_dict(user))
+
+
+@torch.no_grad()
+def _put_back(user: UserState, held: tuple[dict, dict]) -> None:
+    params, state = held
+    for n, p in user.model.report.params.items():
+        p.copy_(params[n])
+    user.method.load_state_dict(user, state)
+
+
+def sync(rank: RankRun, round_idx: int) -> list[UserState]:
     """The shared parameters of the rank's users meet the other users' (the method's ``sync``):
     round 0 is the common start, later rounds download the aggregate of what the users uploaded.
-    No NaN or inf reaches a collective: a user stops the run or sits the round out (guard.nan)."""
-    users = rank.users
+    Returns the rank's users that take part in this round.
+
+    Under partial participation, the aggregate is the mean over the users that trained in the
+    round before (the others sit it out), and only this round's participants download it: every
+    other user leaves the sync exactly as it entered (it downloads the latest aggregate when it
+    next takes part). No NaN or inf reaches a collective: a user stops the run or sits the round
+    out (guard.nan)."""
+    users, cfg, n = rank.users, rank.cfg, rank.topo.n_users
+    now = participants(cfg, n, round_idx)
+    uploaded = participants(cfg, n, round_idx - 1) if round_idx > 0 else frozenset(range(n))
     for u in users:
-        if round_idx > 0:
+        if round_idx > 0 and u.user_idx in uploaded:
             faults.before_sync(u, round_idx)
             u.contributing = guard.check_shared(u, round_idx)
-    rank.method.sync(SyncContext(round_idx=round_idx, comm=rank.comm, users=users,
-                                 evaluate_valid=lambda u: evaluate_valid(u, rank.autocast).loss))
+        else:
+            u.contributing = round_idx == 0
+    # round 0 is the common start: every user receives it
+    keep = {u.user_idx: _held(u) for u in users if round_idx > 0 and u.user_idx not in now}
+    rank.comm.set_round(upload={u.user_idx for u in users if u.contributing} if round_idx > 0 else None,
+                        download=now if round_idx > 0 else None)
+    try:
+        rank.method.sync(SyncContext(round_idx=round_idx, comm=rank.comm, users=users,
+                                     evaluate_valid=lambda u: evaluate_valid(u, rank.autocast).loss))
+    finally:
+        rank.comm.set_round(None, None)
     for u in users:
+        if u.user_idx in keep:
+            _put_back(u, keep[u.user_idx])
         u.contributing = True
+    return [u for u in users if u.user_idx in now]
 
 
 def _micro_batches(user: UserState, sampler: BatchSampler, expert_phase: bool, autocast) -> tuple[float, float, float]:
@@ -356,22 +409,29 @@ def run_round(rank: RankRun, round_idx: int, monitor: Monitor | None = None) -> 
     """One round of Algorithm 1 for the rank's users: sync, then the local iterations (expert
     steps; router steps every tau). Benchmarks and tests drive rounds through this function."""
     monitor = monitor or Monitor.silent([u.user_idx for u in rank.users])
-    sync(rank, round_idx)
-    round_losses: dict[int, list[float]] = {u.user_idx: [] for u in rank.users}
-    for local_idx in range(rank.cfg.train.local_steps):
-        for u in rank.users:
+    active = sync(rank, round_idx)  # the users that take part; the others are left as they are
+    local_iterations(rank, active, round_idx, monitor)
+
+
+def local_iterations(rank: RankRun, active: list[UserState], round_idx: int, monitor: Monitor) -> None:
+    """A round's local iterations of the participating users: expert steps, and router steps
+    every tau (Algorithm 1)."""
+    round_losses: dict[int, list[float]] = {u.user_idx: [] for u in active}
+    for local_idx in range(rank.cfg.train.local_steps if active else 0):
+        for u in active:
             faults.during_round(u, round_idx, local_idx)
-        for u, (loss, ce, lb) in zip(rank.users, expert_step(rank, rank.users)):
+        for u, (loss, ce, lb) in zip(active, expert_step(rank, active)):
             round_losses[u.user_idx].append(loss)
             monitor.expert_step(u.user_idx, u.step, loss, ce, lb, u.expert_opt.param_groups[0]["lr"],
                                 u.train_tokens / max(u.train_seconds, 1e-9), u.model.routing_stats())
-        for u in rank.users:
+        for u in active:
             if router_due(rank, u):
                 mean = router_steps(rank, u, round_idx)
                 monitor.router_phase(u.user_idx, u.step, rank.method.router_split, mean,
                                      u.router_opt.param_groups[0]["lr"])
-    for u in rank.users:
+    for u in active:
         losses = round_losses[u.user_idx]
+        u.rounds_taken += 1
         u.train_curve.append({"round": round_idx + 1, "loss": sum(losses) / len(losses)})
 
 
@@ -404,7 +464,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
         write_atomic(Path(out_dir) / "config.yaml", lambda f: f.write(to_yaml(cfg)), text=True)
     method, t = rank.method, cfg.train
     monitor = Monitor.build(cfg, topo.rank, [u.user_idx for u in rank.users], out_dir,
-                            {u.user_idx: u.step for u in rank.users} if done else {}, say)
+                            {u.user_idx: u.step for u in rank.users} if done else {}, say, resumed_round=done)
     analytic = {u.user_idx: analytic_round_bytes(u, cfg.comm, topo, rank.comm.count) for u in rank.users}
 
     # the base model: untrained adapters leave it unchanged (B = 0)
@@ -433,11 +493,19 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
                 res = evaluate_test(u, rank.autocast, monitor.progress)
                 monitor.evaluation(u.user_idx, u.step, res)
                 u.history.append({"round": round_idx + 1, "step": u.step, "test_ppl": res.ppl})
+            monitor.federation_eval(round_idx + 1, _mean_over_users(rank, lambda u: u.history[-1]["test_ppl"]))
         # checkpoint
         if cfg.checkpoint.every and (round_idx + 1) % cfg.checkpoint.every == 0:
             resume.save(rank, out_dir, f"round_{round_idx + 1:04d}.pt", round_idx + 1)
-        say(f"round {round_idx + 1}/{rounds}: mean train loss {_mean_over_users(rank, lambda u: u.last_loss):.4f} "
-            f"({time.perf_counter() - round_start:.1f}s)")
+        # the round's mean training loss over the users that took part in it
+        took_part = [u for u in rank.users if u.train_curve and u.train_curve[-1]["round"] == round_idx + 1]
+        total, count = dist.sum_scalars(rank.topo, [sum(u.train_curve[-1]["loss"] for u in took_part),
+                                                    float(len(took_part))])
+        mean_loss = total / max(count, 1.0)
+        monitor.federation_round(round_idx + 1, mean_loss, int(count))
+        say(f"round {round_idx + 1}/{rounds}: mean train loss {mean_loss:.4f}"
+            + (f" over {int(count)} participating users" if int(count) < topo.n_users else "")
+            + f" ({time.perf_counter() - round_start:.1f}s)")
         monitor.round_done()
     monitor.rounds_finished()
 
@@ -450,6 +518,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
         monitor.evaluation(u.user_idx, u.step, final)
         u.history.append({"round": rounds, "step": u.step, "test_ppl": final.ppl})
         rows[u.user_idx] = final
+    monitor.federation_eval(rounds, _mean_over_users(rank, lambda u: rows[u.user_idx].ppl))
     if cfg.checkpoint.final and method.trains:
         resume.save(rank, out_dir, "final.pt", rounds)
     out = {u.user_idx: user_row(u, rows[u.user_idx], analytic[u.user_idx], topo) for u in rank.users}
@@ -480,6 +549,7 @@ def user_row(u: UserState, final: EvalResult, analytic: dict, topo: dist.Topolog
         "tokens_per_second": u.train_tokens / u.train_seconds if u.train_seconds else 0.0,
         "train_tokens": u.train_tokens,
         "local_steps": u.step,
+        "rounds_taken": u.rounds_taken,
         "router_steps": u.router_step,
         "final_train_loss": u.last_loss,
         "routing": final.routing,

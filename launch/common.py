@@ -44,29 +44,35 @@ def resume_args(override: str | None = None) -> tuple[list[str], str]:
 
 
 def users_per_node(cfg: RunConfig, n_nodes: int, explicit: int | None = None, gpus_per_node: int = 0) -> int:
-    """How many users (processes) each node runs; the job's world size is n_nodes times this.
+    """How many ranks (processes) each node runs; the job's world size is n_nodes times this, and
+    the run's n_users users are spread evenly over all of its ranks (several per rank when n_users
+    is larger).
 
-    An explicit value wins; else n_users spread evenly over the nodes; else one user per GPU.
+    An explicit value wins; else one rank per GPU when there are more users than GPUs; else one
+    user per rank (n_users spread evenly over the nodes); else one rank per GPU.
     """
     n_users = inferred_n_users(cfg)
     if n_nodes < 1:
         raise ConfigError(f"the job has {n_nodes} nodes; it needs at least 1")
     if explicit:
         if explicit < 1:
-            raise ConfigError(f"users per node ({explicit}) must be >= 1")
-        if n_users is not None and n_users != explicit * n_nodes:
-            raise ConfigError(f"n_users ({n_users}) must equal nodes ({n_nodes}) x users per node ({explicit}); "
-                              f"change one of them or leave users per node unset")
+            raise ConfigError(f"ranks per node ({explicit}) must be >= 1")
+        if n_users is not None and n_users < explicit * n_nodes:
+            raise ConfigError(f"n_users ({n_users}) is smaller than nodes ({n_nodes}) x ranks per node ({explicit}): "
+                              f"every rank simulates at least one user; lower the ranks per node or raise n_users")
         return explicit
+    if n_users is not None and gpus_per_node > 0 and n_users > gpus_per_node * n_nodes:
+        return gpus_per_node  # users share a rank (and its frozen base) rather than a GPU between processes
     if n_users is not None:
         if n_users % n_nodes:
             raise ConfigError(f"n_users ({n_users}) cannot be spread evenly over {n_nodes} nodes; use a number of "
-                              f"nodes that divides it (e.g. --nodes=1)")
+                              f"nodes that divides it (e.g. --nodes=1), or set the ranks per node "
+                              f"(COMIGS_RANKS_PER_NODE for sbatch, --ranks-per-node for submit)")
         return n_users // n_nodes
     if gpus_per_node > 0:
         return gpus_per_node
     raise ConfigError("cannot tell how many users each node runs: set n_users=N in the config or as an override, "
-                      "or the users per node (COMIGS_USERS_PER_NODE for sbatch, --users-per-node for submit)")
+                      "or the ranks per node (COMIGS_RANKS_PER_NODE for sbatch, --ranks-per-node for submit)")
 
 
 def slug(text: str) -> str:

@@ -286,8 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--executor", choices=("auto", "slurm", "local"), default="auto",
                         help="slurm, local processes (debugging), or auto: slurm when sbatch is on PATH")
     parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--users-per-node", type=int, default=None,
-                        help="default: n_users / nodes, else --gpus-per-node")
+    parser.add_argument("--ranks-per-node", "--users-per-node", dest="users_per_node", type=int, default=None,
+                        help="processes per node; n_users are spread over all ranks (default: n_users / nodes, or "
+                             "--gpus-per-node when users outnumber the GPUs)")
     parser.add_argument("--gpus-per-node", type=int, default=0, help="GPUs to request per node (default none)")
     parser.add_argument("--cpus-per-task", type=int, default=0, help="CPUs per user (default: the cluster's, 1)")
     parser.add_argument("--time", type=int, default=240, help="time limit of each job, minutes")

@@ -3,14 +3,16 @@
 #
 # One experiment on one or more nodes: one task per node starts torchrun, the nodes meet in a
 # c10d rendezvous on the first node of the allocation, and the users are spread evenly over the
-# nodes (n_users / nodes per node; one user per GPU on GPU nodes). Submit from the checkout's
+# ranks (n_users / nodes ranks per node, one user each; with more users than GPUs, one rank per
+# GPU and several users on each rank). Submit from the checkout's
 # root: the log goes to logs/<job name>-<job id>.out, the run to the config's out_dir, else to
 # runs/slurm-<job id>_<method>_s<seed> (stable across requeues).
 #
 # Change the defaults below, or override them on the command line, e.g. 2 nodes x 4 GPUs:
 #   sbatch --nodes=2 slurm/comigs.sh configs/<name>.yaml n_users=8
 #
-# Environment knobs: COMIGS_USERS_PER_NODE (default: n_users / nodes, else GPUs per node),
+# Environment knobs: COMIGS_RANKS_PER_NODE (processes per node; default: n_users / nodes, or GPUs
+# per node when there are more users than GPUs; COMIGS_USERS_PER_NODE is the older name),
 # COMIGS_RDZV_PORT (default: derived from the job id), COMIGS_RESUME (the resume override,
 # default resume=auto; empty turns it off), PYTHON (default: python).
 #
@@ -62,7 +64,8 @@ ARGS+=("$@")
 # validate and plan on this (the first) node: a bad config ends the job here, with the message
 PLAN_OPTS=(--job-id "$JOB_ID" --nodes "$NNODES" --gpus-per-node "${SLURM_GPUS_ON_NODE:-0}"
            --cpus-per-task "${SLURM_CPUS_PER_TASK:-0}")
-[ -n "${COMIGS_USERS_PER_NODE:-}" ] && PLAN_OPTS+=(--users-per-node "$COMIGS_USERS_PER_NODE")
+RANKS_PER_NODE=${COMIGS_RANKS_PER_NODE:-${COMIGS_USERS_PER_NODE:-}}
+[ -n "$RANKS_PER_NODE" ] && PLAN_OPTS+=(--ranks-per-node "$RANKS_PER_NODE")
 [ -n "${COMIGS_RESUME+set}" ] && PLAN_OPTS+=(--resume "$COMIGS_RESUME")
 PLAN=$("$PYTHON" -m launch.plan "${PLAN_OPTS[@]}" -- "${ARGS[@]}") || exit 2
 eval "$PLAN"
@@ -71,7 +74,7 @@ eval "$PLAN"
 HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 PORT=${COMIGS_RDZV_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 say "job $JOB_ID start $(( ${SLURM_RESTART_COUNT:-0} + 1 )) at $(date '+%F %T') on $SLURM_JOB_NODELIST"
-say "$METHOD: $WORLD_SIZE users = $NNODES node(s) x $USERS_PER_NODE, rendezvous $HEAD:$PORT, threads per user: $THREADS"
+say "$METHOD: $N_USERS users on $WORLD_SIZE ranks = $NNODES node(s) x $USERS_PER_NODE, rendezvous $HEAD:$PORT, threads per rank: $THREADS"
 say "out_dir: $OUT_DIR"
 say "$RESUME_NOTE"
 
@@ -80,7 +83,7 @@ say "$RESUME_NOTE"
 STEP_OPTS=(--nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1)
 [ -n "${SLURM_CPUS_PER_TASK:-}" ] && STEP_OPTS+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
 srun "${STEP_OPTS[@]}" bash -c \
-    'echo "[comigs-slurm] node $SLURMD_NODENAME (node rank $SLURM_NODEID): torchrun for $1 users"; shift; exec "$@"' \
+    'echo "[comigs-slurm] node $SLURMD_NODENAME (node rank $SLURM_NODEID): torchrun for $1 ranks"; shift; exec "$@"' \
     comigs "$USERS_PER_NODE" \
     "$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$USERS_PER_NODE" \
     --rdzv_id="comigs-$JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$HEAD:$PORT" --max_restarts=0 \

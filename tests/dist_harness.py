@@ -66,10 +66,11 @@ def _leave_together(world_size: int, timeout_s: float = 10.0) -> None:
         pass
 
 
-def init_topology(timeout_s: float = 60.0, device: str = "cpu"):
-    """Inside a worker: join the group like main.py does."""
+def init_topology(timeout_s: float = 60.0, device: str = "cpu", n_users: int | None = None):
+    """Inside a worker: join the group like main.py does (``n_users`` spread over the ranks;
+    default one per rank)."""
     from comigs_dist import dist
-    return dist.init_distributed("gloo", device, timeout_s, threads=1)
+    return dist.init_distributed("gloo", device, timeout_s, threads=1, n_users=n_users)
 
 
 def _drain(errors) -> dict[int, str]:

@@ -24,8 +24,11 @@ def test_users_per_node_spreads_users_over_nodes():
     assert common.users_per_node(two, 2) == 1
     with pytest.raises(ConfigError, match=r"n_users \(2\) cannot be spread evenly over 3 nodes"):
         common.users_per_node(two, 3)
-    with pytest.raises(ConfigError, match=r"n_users \(2\) must equal nodes \(2\) x users per node \(2\)"):
+    with pytest.raises(ConfigError, match=r"n_users \(2\) is smaller than nodes \(2\) x ranks per node \(2\)"):
         common.users_per_node(two, 2, explicit=2)
+    many = load_config(None, ["n_users=1000"])
+    assert common.users_per_node(many, 2, explicit=1) == 1  # 1,000 users on 2 ranks: 500 per rank
+    assert common.users_per_node(many, 2, gpus_per_node=4) == 4  # one rank per GPU, 125 users each
     free = load_config(None)  # n_users unset: the world size decides
     assert common.users_per_node(free, 2, explicit=3) == 3
     assert common.users_per_node(free, 2, gpus_per_node=4) == 4

@@ -83,6 +83,11 @@ class TrainConfig:
     grad_clip: float = opt(0.0, "Clip the gradient norm of each step to this value; 0 = no clipping (paper: none).")
     amp: Literal["auto", "bf16", "fp16", "off"] = opt("auto", "Autocast: 'auto' = bf16 on CUDA devices that support it, off on CPU. "
                                                       "'fp16' is refused (it needs loss scaling, not implemented): use bf16.")
+    participation: float = opt(1.0, "Fraction of the users that take part in each round (0 < p <= 1): a seeded draw, the "
+                               "same on every rank, picks round(p * n_users) of them (at least 1); only they take "
+                               "local steps and join the round's aggregation. See docs/scale.md.")
+    users_per_round: int = opt(0, "The number of users that take part in each round, instead of a fraction; 0 = use "
+                               "train.participation.")
     threads: int = opt(0, "torch threads per rank; 0 = cores of the host divided by ranks on the host (at least 1).")
 
 
@@ -133,7 +138,11 @@ class EvalConfig:
 
 @dataclass
 class LogConfig:
-    tensorboard: bool = opt(True, "Write TensorBoard event files under <out_dir>/tb/user_XX.")
+    tensorboard: bool = opt(True, "Write TensorBoard event files under <out_dir>/tb/user_XX (the users of log.users) "
+                            "and <out_dir>/tb/federation (means over the users, on rank 0).")
+    users: Union[str, list[int]] = opt("auto", "The users that get their own TensorBoard / W&B curves: 'all', 'none', "
+                                       "a list such as [0, 5, 17], or 'auto' = all up to 16 users, else users 0-7. "
+                                       "Means over every user go to tb/federation whatever this says.")
     every: int = opt(1, "Log training scalars every this many local iterations.")
     progress: bool = opt(True, "Print progress on rank 0: bars on a terminal, plain lines on a file or pipe.")
     wandb: Literal["off", "online", "offline"] = opt(

@@ -75,3 +75,12 @@ def resolve_users(cfg: RunConfig, n_users: int) -> list[UserSpec]:
         raise ConfigError("; ".join(f"{k} has {n} entries but the run has {n_users} users" for k, n in wrong.items())
                           + "; give one value per user (or one value for everyone)")
     return [user_spec(cfg, u) for u in range(n_users)]
+
+
+def users_per_round(cfg: RunConfig, n_users: int) -> int:
+    """How many users take part in each round: ``train.users_per_round``, else
+    ``train.participation`` of them rounded, at least one."""
+    t = cfg.train
+    if t.users_per_round:
+        return t.users_per_round
+    return max(1, round(t.participation * n_users))

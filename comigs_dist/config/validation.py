@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 from comigs_dist.config.schema import ConfigError, RunConfig
-from comigs_dist.config.users import inferred_n_users, list_lengths, resolve_users, user_spec
+from comigs_dist.config.users import inferred_n_users, list_lengths, resolve_users, user_spec, users_per_round
 from comigs_dist.groups import plan_errors
 from comigs_dist.methods import known_methods, method_class
 from comigs_dist.methods.base import generalist_counter
@@ -67,6 +67,18 @@ def collect_errors(cfg: RunConfig) -> list[str]:
         e.append(f"train.micro_batch_size ({t.micro_batch_size}) must divide train.batch_size ({t.batch_size})")
     if cfg.n_users is not None and cfg.n_users < 1:
         e.append(f"n_users ({cfg.n_users}) must be >= 1")
+    lu = cfg.log.users
+    if isinstance(lu, str) and lu not in ("auto", "all", "none"):
+        e.append(f"log.users ({lu!r}) must be 'auto', 'all', 'none' or a list of user indices such as [0, 3]")
+    elif isinstance(lu, list) and cfg.n_users is not None and any(not 0 <= u < cfg.n_users for u in lu):
+        e.append(f"log.users ({lu}) names users outside 0..{cfg.n_users - 1}")
+    if not 0 < t.participation <= 1:
+        e.append(f"train.participation ({t.participation}) must be in (0, 1]: the fraction of the users that take "
+                 f"part in each round (1 = all of them)")
+    if t.users_per_round < 0:
+        e.append(f"train.users_per_round ({t.users_per_round}) must be >= 0 (0 = use train.participation)")
+    elif t.users_per_round and cfg.n_users is not None and t.users_per_round > cfg.n_users:
+        e.append(f"train.users_per_round ({t.users_per_round}) must be <= n_users ({cfg.n_users})")
     if cfg.resume == "true" and not cfg.out_dir:
         e.append("resume=true needs out_dir: set out_dir to the directory of the run to continue "
                  "(the one holding checkpoints/)")
@@ -131,6 +143,10 @@ def collect_errors(cfg: RunConfig) -> list[str]:
         e.extend(option_errors)
         if not option_errors:
             e.extend(cls.config_errors(cfg))
+            if (t.participation < 1 or t.users_per_round) and cls.full_participation_only:
+                e.append(f"method {cfg.method!r} cannot run with partial participation (train.participation="
+                         f"{t.participation}, train.users_per_round={t.users_per_round}): "
+                         f"{cls.full_participation_only}; set train.participation=1 and train.users_per_round=0")
             if cfg.comm.groups:
                 e.extend(comm_group_errors(cfg, n_users if inferred_n_users(cfg) is not None else None))
     return e
@@ -155,12 +171,20 @@ def comm_group_errors(cfg: RunConfig, n_users: int | None) -> list[str]:
 
 
 def check_world_size(cfg: RunConfig, world_size: int) -> None:
-    """One rank per user: the configured number of users must equal the world size."""
+    """Users spread over the ranks: every rank needs at least one user (n_users >= world size);
+    n_users unset means one user per rank."""
     n = inferred_n_users(cfg)
-    if n is not None and n != world_size:
+    if n is not None and n < world_size:
         raise ConfigError(
-            f"invalid configuration: n_users ({n}) must equal the number of ranks ({world_size}); "
-            f"start {n} processes (torchrun --nproc_per_node={n}) or set n_users={world_size}")
+            f"invalid configuration: n_users ({n}) is smaller than the number of ranks ({world_size}): every rank "
+            f"simulates at least one user; start at most {n} processes (torchrun --nproc_per_node={n}) or set "
+            f"n_users={world_size} or more")
+    if n is not None:
+        k = users_per_round(cfg, n)
+        if k < 1 or k > n:
+            raise ConfigError(f"invalid configuration: train.users_per_round ({cfg.train.users_per_round}) must be "
+                              f"between 1 and n_users ({n}); 0 takes train.participation ({cfg.train.participation}) "
+                              f"of the users")
     if n is None:
         cfg.n_users = world_size
         if cfg.comm.groups:  # user indices can be checked now that the number of users is known

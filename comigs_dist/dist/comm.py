@@ -97,6 +97,8 @@ class Comm:
         self.rank_stats = CommStats()
         self.scratch = Scratch(topo.device)
         self._checked: set[tuple[str, str]] = set()
+        self._upload: Collection[int] | None = None    # users whose sends count this round (None: all)
+        self._download: Collection[int] | None = None  # users whose receipts count this round (None: all)
 
     # -- who ---------------------------------------------------------------------------------
     def members(self, group: str) -> tuple[int, ...]:
@@ -110,10 +112,19 @@ class Comm:
         self._checked.update((g, kind) for g in groups)
 
     # -- bookkeeping -------------------------------------------------------------------------
+    def set_round(self, upload: Collection[int] | None, download: Collection[int] | None) -> None:
+        """Under partial participation: the users that upload (took part in the round before) and
+        download (take part in this one) in the coming collectives. A simulated device is counted
+        for what it would send and receive, nothing for a round it sits out; None = every user."""
+        self._upload, self._download = upload, download
+
     def _count(self, group: str, users: Iterable[int], sent: int, received: int, seconds: float,
                moved: int) -> None:
         for u in users:
-            self.user_stats.setdefault(u, CommStats()).add(group, sent, received, seconds)
+            s = sent if self._upload is None or u in self._upload else 0
+            r = received if self._download is None or u in self._download else 0
+            if s or r or (self._upload is None and self._download is None):
+                self.user_stats.setdefault(u, CommStats()).add(group, s, r, seconds)
         self.rank_stats.add(group, moved, moved, seconds)
 
     def _handshake(self, group: str, kind: str, tensors: Tensors) -> None:

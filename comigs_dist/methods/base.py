@@ -146,6 +146,7 @@ class Method:
     router: ClassVar[str] = "alternating_valid"
     trains: ClassVar[bool] = True                    # False: evaluate the base only (Pretrained)
     accepts_comm_groups: ClassVar[bool] = True       # comm.groups may split the generalists into groups
+    full_participation_only: ClassVar[str] = ""      # why train.participation < 1 is refused ("" = accepted)
 
     def __init__(self, cfg=None, users: Sequence[UserSpec] | None = None):
         self.cfg = cfg

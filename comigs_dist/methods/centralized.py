@@ -20,6 +20,7 @@ class Centralized(Method):
     description = "Centralized: one 2x LoRA model on all users' data (replicas, gradients averaged every step)"
     paper_row = "Table 1 / Table 4 group i: Centralized"
     accepts_comm_groups = False  # one model: gradients averaged over everyone
+    full_participation_only = "Centralized is one model trained on every user's data at every step"
     router = "none"
 
     @classmethod

@@ -1,0 +1,204 @@
+"""Many users per rank and partial participation: the same users on 8, 2 and 1 ranks give the same
+results; a round's participants are one seeded draw on every rank; users that sit a round out
+leave it exactly as they entered; the aggregate is the mean over the participants."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from comigs_dist.config import ConfigError, check_world_size, load_config
+from dist_harness import init_topology, run_on_ranks
+from helpers import tiny_config, without_timing
+
+N_USERS = 8
+# method -> overrides; the heterogeneous methods get users of different sizes
+METHODS = {
+    "comigs_1g1s": {},
+    "fedavg": {},
+    "hetlora": {"moe.n_experts": "[1, 2, 1, 2, 1, 2, 1, 2]", "method_options.match": "full"},
+    "pcl": {"method_options.mix_after": 0, "method_options.mix_every": 1},
+}
+
+
+def _config(name, participation=1.0, **extra):
+    return tiny_config(method=name, n_users=N_USERS, **METHODS.get(name, {}), **extra,
+                       **{"train.rounds": 3, "train.local_steps": 2, "train.router_every": 2,
+                          "train.router_steps": 1, "train.participation": participation,
+                          "eval.max_tokens": 256, "data.test_tokens": 512})
+
+
+def _rows_worker(rank, world_size, tmp_path, names, participation):
+    from comigs_dist import dist, train
+    topo = init_topology(n_users=N_USERS)
+    assert len(topo.local_users) == N_USERS // world_size
+    for name in names:
+        cfg = _config(name, participation)
+        check_world_size(cfg, world_size)
+        tag = f"{name}_{world_size}_{participation}"
+        mine = train.run(cfg, dataclasses.replace(topo, groups={}), tmp_path / tag)
+        rows = [r for part in dist.all_gather_objects(topo, mine) for r in part]
+        if rank == 0:
+            (tmp_path / f"{tag}.json").write_text(json.dumps(
+                sorted((without_timing(r) for r in rows), key=lambda r: r["user"])))
+
+
+def _rows(tmp_path, world_size, names, participation=1.0):
+    run_on_ranks(_rows_worker, world_size, tmp_path, names, participation, timeout_s=900)
+    return {name: json.loads((tmp_path / f"{name}_{world_size}_{participation}.json").read_text()) for name in names}
+
+
+@pytest.mark.slow
+def test_eight_users_on_eight_two_and_one_ranks_give_identical_results(tmp_path):
+    """Every user's results.json row (test perplexity, training curve, routing, bytes) is equal
+    bit for bit whether its 8 users run one per rank, four per rank or all on one rank: the
+    float64 mean of comm.exact does not depend on where the partial sums are taken."""
+    names = sorted(METHODS)
+    runs = {w: _rows(tmp_path, w, names) for w in (8, 2, 1)}
+    for name in names:
+        for w in (2, 1):
+            for a, b in zip(runs[8][name], runs[w][name]):
+                assert a == b, (name, w, a["user"], {k for k in a if a[k] != b.get(k)})
+
+
+@pytest.mark.slow
+def test_partial_participation_gives_identical_results_on_four_ranks_and_on_one(tmp_path):
+    """3 of 8 users per round (a seeded draw): the users' rows agree bit for bit between 4 ranks
+    and 1; users that never took part end where they started (their test perplexity is the base's)."""
+    names = ["comigs_1g1s", "pcl"]
+    runs = {w: _rows(tmp_path, w, names, participation=0.375) for w in (4, 1)}
+    for name in names:
+        for a, b in zip(runs[4][name], runs[1][name]):
+            assert a == b, (name, a["user"], {k for k in a if a[k] != b.get(k)})
+        taken = [u["rounds_taken"] for u in runs[1][name]]
+        assert sum(taken) == 3 * 3 and max(taken) < 3  # 3 rounds of 3 users; nobody every round here
+        for u in runs[1][name]:
+            assert (u["rounds_taken"] == 0) == (u["test_ppl"] == u["base_test_ppl"]), u["user"]
+
+
+def test_the_participants_are_a_seeded_draw_of_the_configured_size():
+    """Round r's participants: users_per_round of them, the same for the same (seed, round),
+    different across rounds and seeds, every user at full participation."""
+    from comigs_dist.train import participants
+    cfg = load_config(None, ["n_users=100", "train.participation=0.1"])
+    draws = [participants(cfg, 100, r) for r in range(20)]
+    assert all(len(d) == 10 and all(0 <= u < 100 for u in d) for d in draws)
+    assert draws == [participants(cfg, 100, r) for r in range(20)]
+    assert len(set(draws)) == 20
+    other = load_config(None, ["n_users=100", "train.participation=0.1", "seed=45"])
+    assert [participants(other, 100, r) for r in range(20)] != draws
+    counted = load_config(None, ["n_users=100", "train.users_per_round=7"])
+    assert len(participants(counted, 100, 3)) == 7
+    assert participants(load_config(None, ["n_users=5"]), 5, 0) == frozenset(range(5))
+    # every user takes part about as often: 20 rounds of 10 cover most of the 100
+    assert len(set().union(*draws)) > 80
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.participation=0"], r"train.participation \(0.0\) must be in \(0, 1\]"),
+    (["train.participation=1.5"], r"train.participation \(1.5\) must be in \(0, 1\]"),
+    (["n_users=4", "train.users_per_round=5"], r"train.users_per_round \(5\) must be <= n_users \(4\)"),
+    (["method=centralized", "train.participation=0.5"], r"method 'centralized' cannot run with partial participation"),
+])
+def test_bad_participation_is_refused_before_any_work(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_more_ranks_than_users_is_refused_with_the_way_out():
+    cfg = load_config(None, ["n_users=2"])
+    with pytest.raises(ConfigError, match=r"n_users \(2\) is smaller than the number of ranks \(4\).*"
+                                          r"--nproc_per_node=2"):
+        check_world_size(cfg, 4)
+    check_world_size(load_config(None, ["n_users=9"]), 4)  # uneven spreads are fine
+
+
+def _state(u) -> dict:
+    return {n: p.detach().clone() for n, p in u.model.report.params.items()}
+
+
+def _moments(u) -> list:
+    return [v.clone() for st in u.expert_opt.state_dict()["state"].values() for v in st.values() if torch.is_tensor(v)]
+
+
+def _participation_worker(rank, world_size, tmp_path):
+    """4 users on 2 ranks, 2 take part per round."""
+    from comigs_dist import dist, train
+    from comigs_dist.monitor import Monitor
+    topo = init_topology(n_users=4)
+    cfg = tiny_config(method="fedavg", n_users=4, **{"train.users_per_round": 2, "train.local_steps": 2})
+    check_world_size(cfg, world_size)
+    run = train.build_rank(cfg, topo)
+    draws = dist.all_gather_objects(topo, [sorted(train.participants(cfg, 4, r)) for r in range(6)])
+    assert all(d == draws[0] for d in draws), "every rank draws the same participants"
+    silent = Monitor.silent([u.user_idx for u in run.users])
+    train.run_round(run, 0)
+    for round_idx in range(1, 4):
+        now, before = train.participants(cfg, 4, round_idx), train.participants(cfg, 4, round_idx - 1)
+        held = {u.user_idx: (_state(u), u.step, u.train_sampler.generator.get_state().clone(),
+                             _moments(u))
+                for u in run.users}
+        # the aggregate by hand: the mean over last round's participants of what they uploaded
+        uploads = {u.user_idx: [p.detach().clone() for _, p in u.shared["generalists"]] for u in run.users}
+        everyone = {k: v for part in dist.all_gather_objects(topo, uploads) for k, v in part.items()}
+        mean = [(sum(everyone[u][i].double() for u in sorted(before)) / len(before)).float()
+                for i in range(len(everyone[0]))]
+        active = train.sync(run, round_idx)
+        assert sorted(u.user_idx for u in active) == sorted(set(now) & {u.user_idx for u in run.users})
+        for u in active:  # downloaded the mean over the participants of the round before
+            for (name, p), m in zip(u.shared["generalists"], mean):
+                torch.testing.assert_close(p.detach(), m, rtol=0, atol=0, msg=name)
+        train.local_iterations(run, active, round_idx, silent)
+        for u in run.users:
+            params, step, gen, moments = held[u.user_idx]
+            if u.user_idx in now:
+                assert u.step == step + 2
+                continue
+            assert u.step == step, "a user that sits out takes no step"
+            assert all(torch.equal(params[n], p) for n, p in _state(u).items()), "its tensors are untouched"
+            assert torch.equal(u.train_sampler.generator.get_state(), gen), "its sampler did not move"
+            after = _moments(u)
+            assert len(after) == len(moments) and all(torch.equal(a, b) for a, b in zip(moments, after)), \
+                "its AdamW moments are untouched"
+    rows = {u.user_idx: u.rounds_taken for u in run.users}
+    taken = {k: v for part in dist.all_gather_objects(topo, rows) for k, v in part.items()}
+    assert sum(taken.values()) == 2 * 4  # 4 rounds of 2 participants
+
+
+def test_users_that_sit_a_round_out_leave_it_as_they_entered(tmp_path):
+    """4 users on 2 ranks, 2 per round: a non-participant's parameters, optimiser moments, step
+    counters and sampler are exactly as before the round; the draw is the same on every rank."""
+    run_on_ranks(_participation_worker, 2, tmp_path, timeout_s=300)
+
+
+def _resume_rows(rank, world_size, tmp_path, what):
+    from comigs_dist import dist, train
+    topo = init_topology(n_users=4)
+    # a constant lr: the cut run's schedule would otherwise end at its own round 2
+    settings = {"n_users": 4, "train.participation": 0.5, "train.local_steps": 2, "checkpoint.every": 1,
+                "train.schedule": "constant"}
+    for name, rounds, resume in what:
+        cfg = tiny_config(**settings, **{"train.rounds": rounds, "resume": resume, "out_dir": str(tmp_path / name)})
+        check_world_size(cfg, world_size)
+        mine = train.run(cfg, dataclasses.replace(topo, groups={}), tmp_path / name)
+        rows = [r for part in dist.all_gather_objects(topo, mine) for r in part]
+        if rank == 0:
+            (tmp_path / f"{name}.json").write_text(json.dumps(sorted((without_timing(r) for r in rows),
+                                                                     key=lambda r: r["user"])))
+
+
+@pytest.mark.slow
+def test_a_run_checkpointed_on_two_ranks_resumes_on_one_or_four_with_identical_results(tmp_path):
+    """4 users, half taking part each round: 2 rounds on 2 ranks, then a resume to round 3 on 1
+    rank and on 4 ranks ends where 3 uninterrupted rounds on 2 ranks end, every user bit for bit."""
+    import shutil
+    run_on_ranks(_resume_rows, 2, tmp_path, [("whole", 3, "false"), ("cut", 2, "false")], timeout_s=600)
+    shutil.copytree(tmp_path / "cut", tmp_path / "on1")
+    shutil.copytree(tmp_path / "cut", tmp_path / "on4")
+    run_on_ranks(_resume_rows, 1, tmp_path, [("on1", 3, "true")], timeout_s=600)
+    run_on_ranks(_resume_rows, 4, tmp_path, [("on4", 3, "true")], timeout_s=600)
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    for name in ("on1", "on4"):
+        resumed = json.loads((tmp_path / f"{name}.json").read_text())
+        for a, b in zip(whole, resumed):
+            assert a == b, (name, a["user"], {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)})
