@@ -27,7 +27,7 @@ from comigs_dist.config import RunConfig, resolve_users, to_yaml, users_per_roun
 from comigs_dist.data import BatchSampler, UserData, load_user_data
 from comigs_dist.evaluate import EvalResult, evaluate_split
 from comigs_dist.methods import Method, SyncContext, get_method
-from comigs_dist.model import AdaptedBase, UserModel, adapter_spec_for, build_user_model
+from comigs_dist.model import AdaptedBase, UserModel, adapter_spec_for, build_user_model, forward_users
 from comigs_dist.model.shared_base import plan_sharing
 from comigs_dist.monitor import Monitor
 from comigs_dist.seeds import EVERY_USER, derive_seed
@@ -336,6 +336,38 @@ def _micro_batches(user: UserState, sampler: BatchSampler, expert_phase: bool, a
     return totals[0], totals[1], totals[2]
 
 
+def _packed_micro_batches(users: list[UserState], autocast) -> list[tuple[float, float, float]]:
+    """``_micro_batches`` of the expert phase for several users at once: each micro-batch of every
+    user goes through the shared base in one packed forward (``model.forward_users``), and the sum
+    of their losses in one backward, which reaches each user's own adapters only."""
+    cfg = users[0].cfg
+    t = cfg.train
+    micro = t.micro_batch_size or t.batch_size
+    n_micro = t.batch_size // micro
+    totals = [[0.0, 0.0, 0.0] for _ in users]
+    for _ in range(n_micro):
+        batches = [u.train_sampler.sample(micro, u.device) for u in users]
+        with autocast():
+            outs = forward_users([u.model for u in users], [x for x, _ in batches], [y for _, y in batches])
+            losses = []
+            for u, out in zip(users, outs):
+                loss = out.ce + cfg.moe.lb_weight * out.lb
+                extra = u.method.extra_loss(u)
+                losses.append(loss + extra if extra is not None else loss)
+        (sum(losses) / n_micro).backward()
+        for tot, loss, out in zip(totals, losses, outs):
+            for i, v in enumerate((loss, out.ce, out.lb)):
+                tot[i] += float(v.detach()) / n_micro
+    return [tuple(tot) for tot in totals]
+
+
+def packs_users(cfg: RunConfig, device: torch.device, users: list[UserState]) -> bool:
+    """Whether the expert steps of these users run packed (train.pack_users)."""
+    mode = cfg.train.pack_users
+    wanted = mode == "on" or (mode == "auto" and device.type == "cuda")
+    return wanted and len(users) > 1
+
+
 def _step(opt: torch.optim.Optimizer, grad_clip: float) -> None:
     params = [p for g in opt.param_groups for p in g["params"]]
     if grad_clip > 0:
@@ -350,10 +382,22 @@ def expert_step(rank: RankRun, users: list[UserState]) -> list[tuple[float, floa
     step. Returns each user's (loss, cross-entropy, load-balancing loss)."""
     method, t = rank.method, rank.cfg.train
     results, dropped = [], []
-    for u in users:
-        u.model.set_trainable(method.requires_grad_in("expert"))
+    packed = None
+    if packs_users(rank.cfg, rank.topo.device, users):
+        for u in users:
+            u.model.set_trainable(method.requires_grad_in("expert"))
         start = time.perf_counter()
-        losses = _micro_batches(u, u.train_sampler, True, rank.autocast)
+        packed = _packed_micro_batches(users, rank.autocast)
+        share = (time.perf_counter() - start) / len(users)  # each user is charged an equal part
+        for u in users:
+            u.train_seconds += share
+    for i, u in enumerate(users):
+        start = time.perf_counter()
+        if packed is not None:
+            losses = packed[i]
+        else:
+            u.model.set_trainable(method.requires_grad_in("expert"))
+            losses = _micro_batches(u, u.train_sampler, True, rank.autocast)
         # a non-finite loss stops the run (guard.nan=stop) before any collective, or drops the step
         drop = not math.isfinite(losses[0]) and guard.check_loss(u, losses[0], True)
         if method.reduces_gradients and not drop:  # gradients are about to meet the other users'

@@ -61,14 +61,17 @@ def test_all_problems_reported_together():
     assert "3 problems" in text and "train.lr" in text and "train.rounds" in text and "moe.top_k" in text
 
 
-def test_users_must_match_world_size():
-    """More users than ranks is refused before any group exists; n_users defaults to the world size."""
-    cfg = load_config(None, ["n_users=4"])
-    with pytest.raises(ConfigError, match=r"n_users \(4\) must equal the number of ranks \(2\)"):
-        check_world_size(cfg, 2)
+def test_users_must_cover_every_rank():
+    """Fewer users than ranks is refused before any group exists; more users are spread over the
+    ranks; n_users defaults to the world size."""
+    cfg = load_config(None, ["n_users=2"])
+    with pytest.raises(ConfigError, match=r"n_users \(2\) is smaller than the number of ranks \(4\)"):
+        check_world_size(cfg, 4)
     cfg = load_config(None, ["moe.n_experts=[1, 2, 4]"])
-    with pytest.raises(ConfigError, match=r"n_users \(3\) must equal the number of ranks \(2\)"):
-        check_world_size(cfg, 2)
+    with pytest.raises(ConfigError, match=r"n_users \(3\) is smaller than the number of ranks \(4\)"):
+        check_world_size(cfg, 4)
+    check_world_size(cfg, 2)  # 3 users on 2 ranks
+    assert cfg.n_users is None or cfg.n_users == 3
     cfg = load_config()
     check_world_size(cfg, 3)
     assert cfg.n_users == 3

@@ -38,12 +38,18 @@ def test_cli_end_to_end_with_two_processes(tmp_path):
     assert (out / "config.yaml").is_file()
 
 
-def test_cli_refuses_more_users_than_ranks(tmp_path):
-    """n_users=3 on 2 ranks: a clear message and a non-zero exit, before any group forms."""
-    proc = _torchrun(2, "--config", "configs/debug.yaml", "n_users=3", f"out_dir={tmp_path}/x", timeout=120)
+def test_cli_refuses_fewer_users_than_ranks_and_spreads_more(tmp_path):
+    """n_users=1 on 2 ranks: a clear message and a non-zero exit, before any group forms;
+    n_users=3 on 2 ranks: a run of 3 users (2 on rank 0, 1 on rank 1)."""
+    proc = _torchrun(2, "--config", "configs/debug.yaml", "n_users=1", f"out_dir={tmp_path}/x", timeout=120)
     assert proc.returncode != 0
-    assert "n_users (3) must equal the number of ranks (2)" in proc.stderr
+    assert "n_users (1) is smaller than the number of ranks (2)" in proc.stderr
     assert not (tmp_path / "x").exists()
+    proc = _torchrun(2, "--config", "configs/debug.yaml", "n_users=3", "train.rounds=1", f"out_dir={tmp_path}/y",
+                     timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "y" / "results.json").read_text())
+    assert [u["user"] for u in results["users"]] == [0, 1, 2] and results["n_users"] == 3
 
 
 # --------------------------------------------------------------------------------------------

@@ -202,3 +202,35 @@ def test_a_run_checkpointed_on_two_ranks_resumes_on_one_or_four_with_identical_r
         resumed = json.loads((tmp_path / f"{name}.json").read_text())
         for a, b in zip(whole, resumed):
             assert a == b, (name, a["user"], {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)})
+
+
+def _packed_worker(rank, world_size, tmp_path, overrides):
+    from comigs_dist import train
+    topo = init_topology(n_users=4)
+    runs = {}
+    for pack in ("off", "on"):
+        cfg = tiny_config(n_users=4, **overrides, **{"train.pack_users": pack, "train.local_steps": 3,
+                                                     "train.micro_batch_size": 2})
+        run = train.build_rank(cfg, dataclasses.replace(topo, groups={}))
+        assert train.packs_users(cfg, topo.device, run.users) == (pack == "on")
+        for r in range(2):
+            train.run_round(run, r)
+        runs[pack] = run
+    for a, b in zip(runs["off"].users, runs["on"].users):
+        assert a.step == b.step == 6
+        for ca, cb in zip(a.train_curve, b.train_curve):
+            assert cb["loss"] == pytest.approx(ca["loss"], rel=2e-5)
+        for n, p in a.model.report.params.items():
+            torch.testing.assert_close(b.model.report.params[n], p, rtol=2e-4, atol=2e-6, msg=n)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"method": "comigs_1g1s"},
+    {"method": "comigs_1gxs", "moe.n_experts": "[2, 3, 4, 2]", "moe.top_k": 1},
+    {"method": "fedavg"},
+])
+def test_packed_users_train_like_users_run_one_by_one(tmp_path, overrides):
+    """4 users on one rank, 2 rounds: train.pack_users=on (one packed forward and backward per
+    micro-batch) gives every user the losses and the final parameters of pack_users=off to float32
+    rounding, top-1 and top-2, with users of different numbers of experts."""
+    run_on_ranks(_packed_worker, 1, tmp_path, overrides, timeout_s=300)

@@ -83,6 +83,11 @@ class TrainConfig:
     grad_clip: float = opt(0.0, "Clip the gradient norm of each step to this value; 0 = no clipping (paper: none).")
     amp: Literal["auto", "bf16", "fp16", "off"] = opt("auto", "Autocast: 'auto' = bf16 on CUDA devices that support it, off on CPU. "
                                                       "'fp16' is refused (it needs loss scaling, not implemented): use bf16.")
+    pack_users: Literal["auto", "on", "off"] = opt("auto", "Run the expert steps of a rank's participating users as one "
+                                                   "packed forward and backward through the shared frozen base "
+                                                   "(each user's adapters on its own rows); 'auto' = on CUDA only "
+                                                   "(measured slower on CPU, docs/scale.md). Same losses to float32 "
+                                                   "rounding.")
     participation: float = opt(1.0, "Fraction of the users that take part in each round (0 < p <= 1): a seeded draw, the "
                                "same on every rank, picks round(p * n_users) of them (at least 1); only they take "
                                "local steps and join the round's aggregation. See docs/scale.md.")
