@@ -43,6 +43,8 @@ def test_step_cost_quick_runs_and_prints_one_target_line_per_target(capsys):
     ("sync_overhead.py", ["sync_exact_over_bare_f64_all_reduce"]),
     ("comm.py", ["comm_bytes_all2all_over_server_2_ranks", "comm_bytes_at_collective_over_analytic_worst_2_ranks"]),
     ("cpu_split.py", ["round_kernel_share"]),
+    ("packed_users.py", ["packed_over_sequential_embedded"]),
+    ("many_users.py", ["seconds_per_participating_user_round", "peak_rss_gib_40_users"]),
 ])
 def test_quick_benchmarks_run_and_end_with_their_target_lines(script, names):
     """`python benchmarks/<script> --quick` exits 0 and its last lines are its targets, in the
