@@ -219,20 +219,17 @@ def test_resume_agreement_never_starts_over_silently():
     resume=auto (it once started over and deleted the manifest); a manifest whose rounds no user
     holds is an error, not a fresh start; a common round is resumed from."""
     cfg = lambda mode: tiny_config(resume=mode, out_dir="x")
-    lost = [{"rounds": [1, 2], "manifest_round": 2}, {"rounds": []}]
+    lost = [{"rounds": [1, 2]}, {"rounds": []}]
     for mode in ("auto", "true"):
-        start, problem = resume._choose_round(cfg(mode), lost, Path("x"))
+        start, problem = resume._choose_round(cfg(mode), lost, Path("x"), 2)
         assert start == 0 and "the users disagree about the rounds they checkpointed" in problem, problem
         assert "(user 0: rounds [1, 2]; user 1: none)" in problem, problem
-        start, problem = resume._choose_round(cfg(mode), [{"rounds": [2], "manifest_round": 2}, {"rounds": [1]}],
-                                              Path("x"))
+        start, problem = resume._choose_round(cfg(mode), [{"rounds": [2]}, {"rounds": [1]}], Path("x"), 2)
         assert start == 0 and "(user 0: rounds [2]; user 1: rounds [1])" in problem
-        start, problem = resume._choose_round(cfg(mode), [{"rounds": [], "manifest_round": 3}, {"rounds": []}],
-                                              Path("x"))
+        start, problem = resume._choose_round(cfg(mode), [{"rounds": []}, {"rounds": []}], Path("x"), 3)
         assert start == 0 and "records round 3 as complete but no user finds any round checkpoint" in problem
-        assert resume._choose_round(cfg(mode), [{"rounds": [1, 2], "manifest_round": 1}, {"rounds": [1]}],
-                                    Path("x")) == (1, None)
-    assert resume._choose_round(cfg("auto"), [{"rounds": []}, {"rounds": []}], Path("x")) == (0, None)
+        assert resume._choose_round(cfg(mode), [{"rounds": [1, 2]}, {"rounds": [1]}], Path("x"), 1) == (1, None)
+    assert resume._choose_round(cfg("auto"), [{"rounds": []}, {"rounds": []}], Path("x"), None) == (0, None)
 
 
 # --------------------------------------------------------------------------------------------

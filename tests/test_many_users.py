@@ -15,6 +15,15 @@ N_USERS = 8
 # method -> overrides; the heterogeneous methods get users of different sizes
 METHODS = {
     "comigs_1g1s": {},
+    "comigs_1gxs": {"moe.n_experts": "[2, 3, 2, 3, 2, 3, 2, 3]"},
+    "comigs_2s": {},
+    "comigs_2g": {},
+    "comigs_tr": {},
+    "pfedmoe": {},
+    "local_moe": {},
+    "fedavg_moe": {},
+    "local_moe_tr": {},
+    "fedavg_moe_tr": {},
     "fedavg": {},
     "hetlora": {"moe.n_experts": "[1, 2, 1, 2, 1, 2, 1, 2]", "method_options.match": "full"},
     "pcl": {"method_options.mix_after": 0, "method_options.mix_every": 1},
@@ -50,9 +59,10 @@ def _rows(tmp_path, world_size, names, participation=1.0):
 
 @pytest.mark.slow
 def test_eight_users_on_eight_two_and_one_ranks_give_identical_results(tmp_path):
-    """Every user's results.json row (test perplexity, training curve, routing, bytes) is equal
-    bit for bit whether its 8 users run one per rank, four per rank or all on one rank: the
-    float64 mean of comm.exact does not depend on where the partial sums are taken."""
+    """Every routed method, FedAvg, HetLoRA and PCL: every user's results.json row (test
+    perplexity, training curve, routing, bytes) is equal bit for bit whether its 8 users run one
+    per rank, four per rank or all on one rank: the float64 mean of comm.exact does not depend on
+    where the partial sums are taken."""
     names = sorted(METHODS)
     runs = {w: _rows(tmp_path, w, names) for w in (8, 2, 1)}
     for name in names:
