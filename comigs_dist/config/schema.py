@@ -191,7 +191,8 @@ class RunConfig:
                                                    "out_dir: 'true' (out_dir required, a checkpoint must exist), "
                                                    "'auto' (resume if one exists, else start fresh: for torchrun "
                                                    "--max-restarts and Slurm requeues), 'false' (start fresh).")
-    n_users: Union[int, None] = opt(None, "Number of simulated users; must equal the world size (one rank per user). Default: the world size.")
+    n_users: Union[int, None] = opt(None, "Number of simulated users, spread evenly over the ranks (at least "
+                                        "one per rank; docs/scale.md). Default: the world size, one user per rank.")
     model: ModelConfig = sub(ModelConfig, "Base model.")
     lora: LoRAConfig = sub(LoRAConfig, "LoRA adapters.")
     moe: MoEConfig = sub(MoEConfig, "Mixture of LoRA experts and router.")

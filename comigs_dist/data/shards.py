@@ -175,7 +175,7 @@ def check_dataset(path: str | Path, n_users: int, seq_len: int) -> dict:
     meta = read_meta(path)
     users = meta["users"]
     if len(users) < n_users:
-        raise DataError(f"{path} holds {len(users)} user(s) but this run has {n_users} (n_users, one rank per user); "
+        raise DataError(f"{path} holds {len(users)} user(s) but this run has {n_users} (n_users); "
                         f"run with at most {len(users)} users or prepare the dataset for {n_users}")
     for u in range(n_users):
         for split in SPLITS:
