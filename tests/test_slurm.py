@@ -183,8 +183,7 @@ def test_submitit_sweep_completes_and_collects(slurm, tmp_path):
 
     csv_path = tmp_path / "table.csv"
     proc = subprocess.run([sys.executable, "-m", "launch.collect", str(folder), "--csv", str(csv_path)],
-                          cwd=tmp_path, env={**subprocess_env(one_thread=False), **(env or {})},
-                          capture_output=True, text=True)
+                          cwd=tmp_path, env=subprocess_env(one_thread=False), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     mean, std = collect.mean_std(ppl)
     assert f"{mean:.3f} ± {std:.3f}" in proc.stdout and "42,45" in proc.stdout, proc.stdout
