@@ -301,8 +301,9 @@ def sync(rank: RankRun, round_idx: int) -> list[UserState]:
             u.contributing = round_idx == 0
     # round 0 is the common start: every user receives it
     keep = {u.user_idx: _held(u) for u in users if round_idx > 0 and u.user_idx not in now}
-    rank.comm.set_round(upload={u.user_idx for u in users if u.contributing} if round_idx > 0 else None,
-                        download=now if round_idx > 0 else None)
+    # a device that trained last round uploads (a user the guard sets aside sends its flag and
+    # zeros); one that did not train sends nothing, and only this round's participants download
+    rank.comm.set_round(upload=uploaded if round_idx > 0 else None, download=now if round_idx > 0 else None)
     try:
         rank.method.sync(SyncContext(round_idx=round_idx, comm=rank.comm, users=users,
                                      evaluate_valid=lambda u: evaluate_valid(u, rank.autocast).loss))
