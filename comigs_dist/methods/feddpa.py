@@ -60,4 +60,5 @@ def compute_pair_weights(omega: torch.Tensor, weighted: str = "local") -> torch.
         return torch.stack([1.0 - omega, omega], dim=1)
     if weighted == "global":
         return torch.stack([omega, 1.0 - omega], dim=1)
-    raise ValueError(f"weighted ({weighted!r}) must be 'local' (omega to the local adapter) or 'global' (the released code)")
+    raise ValueError(f"weighted ({weighted!r}) must be 'local' (omega to the local adapter) or 'global' "
+                     f"(the released code)")
