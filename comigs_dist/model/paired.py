@@ -12,7 +12,8 @@ with B = 0, so an untrained pair changes nothing whatever its weights.
 The pair has the interface of ``LoRAFactors`` (``down``, ``up_t``, ``forward``, ``add_to``): it is
 one LoRA of rank 2r whose codes are weighted per token, so it plugs into an attention slot of
 ``AdaptedLinear`` as it is, and into an MLP expert on every path that calls those methods (the
-mixture's one-node GPT-2 path reads ``out_lora.lora_A`` directly and does not).
+mixture's one-node GPT-2 path reads ``out_lora.lora_A`` directly: experts built with pairs,
+``AdapterSpec.paired``, take the plain-autograd path instead).
 Knows nothing of which method uses it or how its halves are aggregated.
 """
 from __future__ import annotations
@@ -26,6 +27,8 @@ from torch import nn
 from comigs_dist.model.lora import LoRAFactors
 from comigs_dist.model.roles import ParamTag, Role
 from comigs_dist.model.routing import TopKRouter
+
+PAIRINGS = ("none", "mixer", "fixed")  # AdapterSpec.paired: a plain LoRA, a pair with a mixer, a fixed pair
 
 
 class TokenMixer(TopKRouter):
