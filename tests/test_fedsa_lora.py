@@ -6,49 +6,40 @@ import math
 
 import pytest
 import torch
-import torch.distributed as tdist
 
-from comigs_dist import dist
+from comigs_dist import dist, train
 from comigs_dist.config import check_world_size
-from comigs_dist.methods import SyncContext
-from comigs_dist.train import CommHandle, optimizer_step, run, setup_user
 from dist_harness import init_topology, run_on_ranks
 from helpers import tiny_config
-
-OFF = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
 
 
 def _state(model) -> dict:
     return {n: p.detach().clone() for n, p in model.report.params.items()}
 
 
-def _gather(obj):
-    out = [None] * tdist.get_world_size()
-    tdist.all_gather_object(out, obj)
-    return out
+def _everyone(topo, mine: dict) -> dict:
+    return {k: v for part in dist.all_gather_objects(topo, mine) for k, v in part.items()}
 
 
 def _fedsa_worker(rank, world_size, tmp_path):
     cfg = tiny_config(method="fedsa_lora")
     check_world_size(cfg, world_size)
     topo0 = init_topology()
-    topo = dataclasses.replace(topo0, groups={}, stats=dist.CommStats(), _checked=set())
-    r = setup_user(cfg, topo)
+    run = train.build_rank(cfg, dataclasses.replace(topo0, groups={}))
+    [r] = run.users
     tags = r.model.report.tags
     # one MLP LoRA of rank moe.n_experts * lora.rank, no router; every A shared in one group
-    assert r.model.spec.n_experts == 1 and r.model.spec.rank == cfg.n_experts(rank) * cfg.lora.rank
+    assert r.model.spec.n_experts == 1 and r.model.spec.rank == cfg.moe.n_experts * cfg.lora.rank
     assert not any(t.kind == "router" for t in tags.values())
     a_names = {n for n, t in tags.items() if t.matrix == "A"}
     b_names = {n for n, t in tags.items() if t.matrix == "B"}
     assert a_names and b_names and a_names | b_names == set(tags)
     assert list(r.shared) == ["generalists"] and {n for n, _ in r.shared["generalists"]} == a_names
     assert {t.kind for n, t in tags.items() if n in a_names} == {"attn", "expert"}
-    comm = CommHandle(topo, "server", "fp32")
 
     # round 0: every A from user 0's initialisation; B starts at zero everywhere
-    for group, params in r.shared.items():
-        comm.broadcast(group, [p.data for _, p in params])
-    start = _gather(_state(r.model))
+    train.sync(run, 0)
+    start = _everyone(topo0, {rank: _state(r.model)})
     for n in a_names:
         assert torch.equal(start[0][n], start[1][n]), n
     assert all(not start[rank][n].any() for n in b_names)
@@ -56,28 +47,28 @@ def _fedsa_worker(rank, world_size, tmp_path):
     # local steps: every A and every B moves (both factors train)
     before = _state(r.model)
     for _ in range(2):
-        r.model.set_trainable(r.method.trains_in_expert_phase)
-        optimizer_step(r, r.train_sampler, r.expert_opt, OFF, True, comm)
+        train.expert_step(run, run.users)
     assert {n for n in before if not torch.equal(before[n], r.model.report.params[n])} == set(tags)
 
     # the sync at the start of round 1
-    pre = _gather(_state(r.model))
-    sent = topo.stats.bytes_sent
-    r.method.aggregate(SyncContext(shared=r.shared, comm=comm, round_idx=1, user_idx=rank, n_users=world_size,
-                                   model=r.model))
-    post = _gather(_state(r.model))
+    pre = _everyone(topo0, {rank: _state(r.model)})
+    sent = r.stats.bytes_sent
+    train.sync(run, 1)
+    post = _everyone(topo0, {rank: _state(r.model)})
     for n in a_names:  # bit-identical on both users, equal to the hand-computed mean
         assert torch.equal(post[0][n], post[1][n]), n
-        torch.testing.assert_close(post[rank][n], (pre[0][n] + pre[1][n]) / 2, rtol=1e-6, atol=1e-7)
+        assert torch.equal(post[rank][n], ((pre[0][n].double() + pre[1][n].double()) / 2).float()), n
     for n in b_names:  # untouched by the sync, and different between the users
         assert torch.equal(post[rank][n], pre[rank][n]), n
         assert not torch.equal(post[0][n], post[1][n]), n
-    # bytes: the A matrices once up and once down (server), fp32, nothing else
-    assert topo.stats.bytes_sent - sent == sum(r.model.report.params[n].numel() for n in a_names) * 4
+    # bytes: the A matrices once up and once down (server), fp32, nothing else: the analytic figure
+    a_bytes = sum(r.model.report.params[n].numel() for n in a_names) * 4
+    assert r.stats.bytes_sent - sent == a_bytes
+    assert train.analytic_round_bytes(r, cfg.comm, run.topo, run.comm.count)["total"]["sent"] == a_bytes
 
     # the whole loop: train.run for three rounds of two steps beats the base model
     cfg_run = tiny_config(method="fedsa_lora", **{"train.rounds": 3, "train.local_steps": 2})
-    row = run(cfg_run, dataclasses.replace(topo0, groups={}, stats=dist.CommStats(), _checked=set()), tmp_path / "run")
+    [row] = train.run(cfg_run, dataclasses.replace(topo0, groups={}), tmp_path / "run")
     assert math.isfinite(row["test_ppl"]) and row["test_ppl"] < row["base_test_ppl"]
 
 

@@ -7,6 +7,7 @@ import torch
 from comigs_dist.groups import build_plan
 from comigs_dist.groups_learned import (compute_average_linkage, compute_cosine_similarity, compute_eigengap_scores,
                                         compute_learned_groups, compute_silhouette, learned_group_configs)
+from dist_harness import run_on_ranks
 
 # two pairs of users: cosine 0.6 inside a pair, 0.2 across (distance 0.4 and 0.8)
 PAIRS = np.array([[1.0, 0.6, 0.2, 0.2], [0.6, 1.0, 0.2, 0.2], [0.2, 0.2, 1.0, 0.6], [0.2, 0.2, 0.6, 1.0]])
@@ -151,3 +152,133 @@ def test_learned_groups_become_a_sharing_plan():
     assert build_plan([], 4, lambda u: 1).members == {"generalists": (0, 1, 2, 3)}
     with pytest.raises(ValueError, match=r"attention \('none'\) must be 'global' or 'cluster'"):
         learned_group_configs([[0], [1]], attention="none")
+
+
+# --------------------------------------------------------------------------------------------
+# CoMiGS with learned groups on real process groups (gloo, 4 users on 2 ranks, the tiny GPT-2)
+# --------------------------------------------------------------------------------------------
+
+def _shared(u) -> dict:
+    return {n: p.detach().clone() for n, p in u.shared["generalists"]}
+
+
+def _everyone(topo, mine: dict) -> dict:
+    from comigs_dist import dist
+    return {k: v for part in dist.all_gather_objects(topo, mine) for k, v in part.items()}
+
+
+@torch.no_grad()
+def _plant(u, clusters):
+    """Move the user's generalist experts by its cluster's direction (the same on every rank) plus
+    a little noise of its own, and its attention LoRA by noise alone."""
+    tags = u.model.report.tags
+    for i, (name, p) in enumerate(u.shared["generalists"]):
+        own = torch.Generator().manual_seed(1000 * u.user_idx + i)
+        if tags[name].kind == "expert":
+            direction = torch.Generator().manual_seed(100 * clusters[u.user_idx] + i)
+            p.add_(torch.randn(p.shape, generator=direction) * 0.1 + torch.randn(p.shape, generator=own) * 0.01)
+        else:
+            p.add_(torch.randn(p.shape, generator=own) * 0.1)
+
+
+def _learned_worker(rank, world_size, tmp_path):
+    import dataclasses
+    from comigs_dist import checkpoint, train
+    from comigs_dist.config import check_world_size
+    from comigs_dist.monitor import Monitor
+    from dist_harness import init_topology
+    from helpers import tiny_config
+    topo0 = init_topology(n_users=4)
+    cfg = tiny_config(method="comigs_learned", n_users=4, **{"method_options.warmup_rounds": 1})
+    check_world_size(cfg, world_size)
+    run = train.build_rank(cfg, dataclasses.replace(topo0, groups={}))
+    tags = run.users[0].model.report.tags
+    train.sync(run, 0)
+    clusters = {0: 0, 2: 0, 1: 1, 3: 1}  # across the ranks: users 0, 1 live on rank 0, users 2, 3 on rank 1
+    for u in run.users:
+        _plant(u, clusters)
+    pre = _everyone(topo0, {u.user_idx: _shared(u) for u in run.users})
+    sent = {u.user_idx: u.stats.bytes_sent for u in run.users}
+    train.sync(run, 1)  # the end of the warm-up: gather, cluster, switch, first mean per group
+    for u in run.users:
+        st = u.method_state
+        assert st.groups == [[0, 2], [1, 3]], st.groups
+        summary = u.method.results(u)["learned_groups"]
+        assert summary["groups"] == [[0, 2], [1, 3]] and summary["rule"] == "eigengap" and summary["after_round"] == 1
+        assert max(summary["scores"].values()) == summary["scores"]["2"]
+    assert run.topo.members("learned_000") == (0, 2) and run.topo.members("learned_001") == (1, 3)
+    post = _everyone(topo0, {u.user_idx: _shared(u) for u in run.users})
+    for n, tag in tags.items():
+        if n not in pre[0]:
+            continue
+        for v in range(4):
+            members = [w for w in range(4) if clusters[w] == clusters[v]] if tag.kind == "expert" else range(4)
+            want = (sum(pre[w][n].double() for w in members) / len(members)).float()
+            assert torch.equal(post[v][n], want), (n, v)
+    # bytes: the update vectors gathered once (all2all: 4 x) + the attention mean + the group's mean
+    for u in run.users:
+        feat = sum(p.numel() for n, p in u.shared["generalists"] if tags[n].kind == "expert") * 4
+        attn = sum(p.numel() for n, p in u.shared["generalists"] if tags[n].kind == "attn") * 4
+        assert u.stats.bytes_sent - sent[u.user_idx] == 4 * feat + attn + feat
+        assert u.stats.by_group[f"learned_00{clusters[u.user_idx]}"]["bytes_sent"] == feat
+
+    # the next round: local steps, then each group's mean again (the bytes of one plain round)
+    train.local_iterations(run, run.users, 1, Monitor.silent([u.user_idx for u in run.users]))
+    pre = _everyone(topo0, {u.user_idx: _shared(u) for u in run.users})
+    sent = {u.user_idx: u.stats.bytes_sent for u in run.users}
+    train.sync(run, 2)
+    post = _everyone(topo0, {u.user_idx: _shared(u) for u in run.users})
+    for n, tag in tags.items():
+        if n in pre[0] and tag.kind == "expert":
+            assert torch.equal(post[0][n], post[2][n]) and torch.equal(post[1][n], post[3][n]), n
+            assert not torch.equal(post[0][n], post[1][n]), n
+    for u in run.users:
+        total = train.analytic_round_bytes(u, cfg.comm, run.topo, run.comm.count)["total"]["sent"]
+        assert u.stats.bytes_sent - sent[u.user_idx] == total
+    # the groups survive a checkpoint (weights_only load)
+    u = run.users[0]
+    checkpoint.save_atomic({"m": u.method.state_dict(u)}, tmp_path / f"learned_{rank}.pt")
+    u.method_state.groups = None
+    u.method.load_state_dict(u, checkpoint.load(tmp_path / f"learned_{rank}.pt")["m"])
+    assert u.method_state.groups == [[0, 2], [1, 3]]
+
+
+@pytest.mark.slow
+def test_users_built_as_two_clusters_are_put_into_them_and_average_within_them(tmp_path):
+    """4 users on 2 ranks whose generalist updates are planted around two directions, {0, 2} and
+    {1, 3} (across the ranks): after the warm-up they are put into exactly those groups (eigengap
+    picks 2), each group's generalists become bit for bit its members' mean and the attention
+    LoRA the mean of all; the switch costs one gather of the updates besides the means; the next
+    round costs a plain round's bytes; the groups survive a checkpoint."""
+    run_on_ranks(_learned_worker, 2, tmp_path, timeout_s=600)
+
+
+def _one_group_worker(rank, world_size, tmp_path):
+    import dataclasses
+    import json
+    from comigs_dist import dist, train
+    from dist_harness import init_topology
+    from helpers import tiny_config, without_timing
+    topo = init_topology(n_users=4)
+    rows = {}
+    for name, extra in (("comigs_1g1s", {}), ("comigs_learned", {"method_options.warmup_rounds": 1,
+                                                                  "method_options.k": 1})):
+        cfg = tiny_config(method=name, n_users=4, **extra, **{"train.rounds": 3, "eval.every": 1})
+        mine = train.run(cfg, dataclasses.replace(topo, groups={}), tmp_path / name)
+        rows[name] = sorted((r for part in dist.all_gather_objects(topo, mine) for r in part), key=lambda r: r["user"])
+    money = {"bytes_sent", "bytes_received", "comm_groups", "learned_groups"}
+    for a, b in zip(rows["comigs_1g1s"], rows["comigs_learned"]):
+        a, b = without_timing(a), without_timing(b)
+        assert {k: v for k, v in a.items() if k not in money} == {k: v for k, v in b.items() if k not in money}
+        assert b["learned_groups"]["groups"] == [[0, 1, 2, 3]]
+        # the one gather of the switch (all2all: 4 x the generalist experts) is all that is added
+        assert b["bytes_sent"] > a["bytes_sent"]
+    if rank == 0:
+        (tmp_path / "rows.json").write_text(json.dumps(rows["comigs_learned"]))
+
+
+@pytest.mark.slow
+def test_one_learned_group_is_plain_comigs_bit_for_bit(tmp_path):
+    """k=1 after a one-round warm-up, 4 users on 2 ranks, 3 rounds: every user's test perplexity
+    (each round), training curve, routing and final loss equal CoMiGS-1G1S's bit for bit."""
+    run_on_ranks(_one_group_worker, 2, tmp_path, timeout_s=600)
