@@ -22,10 +22,11 @@ adapted projection, one expert, no router; ``first`` = global (role generalist, 
 two phases are Algorithm 1's two levels with the router mode ``alternating_train``: the expert
 steps train the local adapter (phase (a), ``train.local_steps`` steps, the expert learning rate
 and schedule), the "router" steps train the global adapter on fresh training batches (phase (b),
-``train.router_steps`` steps at ``train.router_lr``, constant) after every ``train.router_every``
-= ``train.local_steps`` iterations, i.e. once per round, right before the sync; the code gives
-both phases the same number of epochs (configs/feddpa.yaml: router_steps = local_steps, router_lr
-= lr). ``before_phase`` sets the pair's weights of each phase. Departures from the code: its
+``train.router_steps`` steps at ``train.lr``, constant: the code trains both adapters at one
+learning rate, so ``train.router_lr`` is not used) after every ``train.router_every`` =
+``train.local_steps`` iterations, i.e. once per round, right before the sync; the code gives both
+phases the same number of epochs (configs/feddpa.yaml: router_steps = local_steps), so a round
+costs up to twice a FedAvg round. ``before_phase`` sets the pair's weights of each phase. Departures from the code: its
 round 0 trains the global adapter only (here the local phase runs at round 0 too, against the
 untrained global adapter, B = 0), a fresh optimiser per phase and round there (kept across rounds
 here, as for every method), an evaluation window is an instance, omega is clamped to
@@ -147,6 +148,9 @@ class FedDPA(Method):
         seed = derive_seed(user.cfg.seed, user.user_idx, "feddpa_references")
         user.method_state = FedDPAState(pairs, BatchSampler(user.data.train, user.cfg.train.seq_len, seed))
         user.model.eval_context = lambda x: self._instance_weights(user, x)
+        if user.router_opt is not None:  # the code trains both adapters at one learning rate
+            for group in user.router_opt.param_groups:
+                group["lr"] = user.cfg.train.lr
 
     def is_shared(self, tag) -> bool:
         return tag.role == Role.GENERALIST     # the global adapter
