@@ -22,7 +22,9 @@ Later rounds: one ``Comm.sum`` of the individual LoRAs (sent in comm.dtype, summ
 then each user holds RoW = (S - own) / (C - 1), C the users that contributed
 (``compute_rest_of_world``): the bytes of one mean. A user that sat the round out (guard.nan=skip,
 or it did not take part in the round before under partial participation) sends zeros and a count
-of 0 and, if it downloads this round, gets S / C; a lone contributor keeps its previous RoW.
+of 0 and, if it downloads this round, gets S / C; a lone contributor keeps its previous RoW. A
+user that sat out because its individual LoRA is not finite restarts it from that RoW (the only
+finite model it can have; its optimiser moments are kept, as every method's).
 Byte counts are those of a server round trip (Comm.sum), in either comm.mode.
 Choices where the paper is silent: one mixer per adapted projection (the code's), Kaiming-uniform
 mixer init (the code's), no load balancing, the simulator's AdamW and schedule. The guard checks
@@ -119,8 +121,13 @@ class FedALT(Method):
         for u in ctx.users:
             total = payload[u.user_idx]
             contributors = int(round(float(total[-1]))) if count else n_members
+            # a user that sat out because its individual LoRA is not finite (guard.nan=skip) cannot
+            # keep it: it starts again from its new RoW, the others' mean
+            restart = not u.contributing and not all(torch.isfinite(ind).all() for _, _, ind in u.method_state)
             for (_, row, ind), t in zip(u.method_state, total):
                 own = ind.detach().to(comm.wire).to(torch.float64)
                 mean = compute_rest_of_world(t, own, contributors, u.contributing)
                 if mean is not None:
                     row.copy_(mean)  # rounded once to the parameter's dtype; copy_ keeps the packing
+                if restart:
+                    ind.copy_(row)
