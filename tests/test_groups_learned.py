@@ -282,3 +282,17 @@ def test_one_learned_group_is_plain_comigs_bit_for_bit(tmp_path):
     """k=1 after a one-round warm-up, 4 users on 2 ranks, 3 rounds: every user's test perplexity
     (each round), training curve, routing and final loss equal CoMiGS-1G1S's bit for bit."""
     run_on_ranks(_one_group_worker, 2, tmp_path, timeout_s=600)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method_options.warmup_rounds=4", "train.rounds=4"],
+     r"method_options.warmup_rounds \(4\) must be >= 1 and below train.rounds \(4\)"),
+    (["method_options.warmup_rounds=0"], r"method_options.warmup_rounds \(0\) must be >= 1"),
+    (["n_users=4", "method_options.k=5"], r"method_options.k \(5\) must be <= n_users \(4\)"),
+    (["method_options.rule=kmeans"], r"rule"),
+    (["comm.groups=[{name: a, users: all, experts: [0]}]"], r"comm.groups is set, but method 'comigs_learned'"),
+])
+def test_learned_groups_refuse_bad_settings_before_any_work(overrides, message):
+    from comigs_dist.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["method=comigs_learned", "train.rounds=20", *overrides])

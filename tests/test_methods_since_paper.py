@@ -168,3 +168,30 @@ def test_a_cut_run_resumes_to_the_whole_runs_results(tmp_path):
         _same(_read(tmp_path, tag), _read(tmp_path, f"{tag}_from{keep}"), f"{tag} from round {keep}")
     learned = _read(tmp_path, "learned")[0]["learned_groups"]
     assert learned["after_round"] == 2 and len(learned["groups"]) == 2
+
+
+def _packed_worker(rank, world_size, tmp_path, name):
+    from comigs_dist import train
+    topo = init_topology(n_users=N_USERS)
+    runs = {}
+    for pack in ("off", "on"):
+        cfg = _config(name, **{"train.pack_users": pack, "train.micro_batch_size": 2})
+        run = train.build_rank(cfg, dataclasses.replace(topo, groups={}))
+        assert train.packs_users(cfg, topo.device, run.users) == (pack == "on")
+        for r in range(2):
+            train.run_round(run, r)
+        runs[pack] = run
+    for a, b in zip(runs["off"].users, runs["on"].users):
+        assert a.step == b.step == 4
+        for ca, cb in zip(a.train_curve, b.train_curve, strict=True):
+            assert cb["loss"] == pytest.approx(ca["loss"], rel=2e-5)
+        for n, p in a.model.report.params.items():
+            torch.testing.assert_close(b.model.report.params[n], p, rtol=2e-4, atol=2e-6, msg=n)
+
+
+@pytest.mark.parametrize("name", ["fedalt", "feddpa"])
+def test_paired_adapters_train_packed_like_one_by_one(tmp_path, name):
+    """4 users on one rank, 2 rounds: train.pack_users=on (one packed forward of every user's batch
+    through the shared base, pairs on every projection) gives each user the losses and parameters
+    of pack_users=off to float32 rounding (FedDPA: its phase weights set per user)."""
+    run_on_ranks(_packed_worker, 1, tmp_path, name, timeout_s=300)
