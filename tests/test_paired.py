@@ -168,3 +168,26 @@ def test_pairs_in_the_mlp_give_the_same_logits_and_gradients_on_both_paths():
     assert g0.keys() == g1.keys() and any(".mixer." in n for n in g0)
     for name in g0:
         torch.testing.assert_close(g0[name], g1[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("paired", ["mixer", "fixed"])
+def test_injection_builds_pairs_and_the_fused_mlp_path_equals_the_naive_one(paired):
+    """AdapterSpec.paired: injection puts a pair on every attention target and MLP projection (a mixer
+    on each with 'mixer'); with trained pairs (random B) the mixture's default path (GPT-2's
+    activation, which takes the plain-autograd route for pairs) gives the naive path's logits."""
+    import dataclasses
+    spec = dataclasses.replace(ONE_LORA, paired=paired)
+    model = wrap_user_model(tiny_gpt2(), spec, seed=5)
+    pairs = [m for m in model.adapters.modules() if isinstance(m, PairedLoRA)]
+    assert len(pairs) == 2 * (2 + 2)  # 2 layers x (c_attn, c_proj of attention; c_fc, c_proj of the MLP)
+    assert all((p.mixer is not None) == (paired == "mixer") for p in pairs)
+    roles = [t.role for t in model.report.tags.values()]
+    assert roles.count(Role.GENERALIST) == roles.count(Role.SPECIALIST) == 2 * len(pairs)
+    assert roles.count(Role.ROUTER) == (len(pairs) if paired == "mixer" else 0)
+    for i, p in enumerate(pairs):
+        _random_b(p, seed=200 + i)
+    x = torch.randint(0, 128, (2, 16))
+    fused = model.logits(x)
+    for mixture in model.moe:
+        mixture.shared_frozen = False
+    torch.testing.assert_close(model.logits(x), fused, rtol=1e-5, atol=1e-5)

@@ -174,7 +174,11 @@ class ExpertLoRA(nn.Module):
         self.in_loras = nn.ModuleList(lora(i, o, f"mlp.{n}") for (i, o), n in zip(in_dims, in_names))
         self.out_lora = lora(*out_dim, f"mlp.{out_name}")
         self.role = role
-        self.plain = paired == "none"   # plain LoRAFactors everywhere (the one-node path reads their A)
+
+    @property
+    def plain(self) -> bool:
+        """Plain ``LoRAFactors`` on every projection (the one-node path reads their factors)."""
+        return all(type(lora) is LoRAFactors for lora in (*self.in_loras, self.out_lora))
 
 
 class MixtureAdapters(nn.Module):
