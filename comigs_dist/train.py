@@ -387,6 +387,7 @@ def expert_step(rank: RankRun, users: list[UserState]) -> list[tuple[float, floa
     if packs_users(rank.cfg, rank.topo.device, users):
         for u in users:
             u.model.set_trainable(method.requires_grad_in("expert"))
+            method.before_phase(u, "expert")
         start = time.perf_counter()
         packed = _packed_micro_batches(users, rank.autocast)
         share = (time.perf_counter() - start) / len(users)  # each user is charged an equal part
@@ -398,6 +399,7 @@ def expert_step(rank: RankRun, users: list[UserState]) -> list[tuple[float, floa
             losses = packed[i]
         else:
             u.model.set_trainable(method.requires_grad_in("expert"))
+            method.before_phase(u, "expert")
             losses = _micro_batches(u, u.train_sampler, True, rank.autocast)
         # a non-finite loss stops the run (guard.nan=stop) before any collective, or drops the step
         drop = not math.isfinite(losses[0]) and guard.check_loss(u, losses[0], True)
@@ -431,6 +433,7 @@ def router_steps(rank: RankRun, user: UserState, round_idx: int) -> float:
     """s optimiser steps of a user's routers on its router split, experts frozen (eq. 3);
     returns their mean loss."""
     user.model.set_trainable(rank.method.requires_grad_in("router"))
+    rank.method.before_phase(user, "router")
     losses = []
     for _ in range(rank.cfg.train.router_steps):
         loss = _micro_batches(user, user.router_sampler, False, rank.autocast)[0]
@@ -602,6 +605,7 @@ def user_row(u: UserState, final: EvalResult, analytic: dict, topo: dist.Topolog
         "train_curve": u.train_curve,
         "guard_skipped_rounds": u.guard_skipped_rounds,
         "guard_skipped_steps": u.guard_skipped_steps,
+        **u.method.results(u),
     }
 
 

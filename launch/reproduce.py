@@ -4,7 +4,8 @@
         [--scale paper|cpu|debug] [--rows Local,FedAvg] [--quirks] [--dry-run]
 
 ``--table`` takes 1, 2, 4, 5, 6 (the tables), fig4, fig5, fig6 (section 4.3.2, Multilingual),
-fig11, fig12, fig13 (appendix D, SlimPajama) and tau_s (Figure 7). Every cell of the table is one
+fig11, fig12, fig13 (appendix D, SlimPajama), tau_s (Figure 7) and since (the methods published
+since the paper beside CoMiGS, with the megabytes each user sent). Every cell of the table is one
 configuration (a YAML of ``configs/`` and its row's overrides, as the YAML's header lists them) run
 once per seed through the sweep machinery (``launch.submit``: submitit, to Slurm or to local
 processes). Each run has a fixed directory, ``<root>/<scale>/<config>/<overrides>/seed-<s>``, so a
@@ -54,6 +55,7 @@ class Cell:
     overrides: tuple[str, ...]
     dataset: str
     user: int | None = None          # None: the mean over users (the tables); a user: its own ppl (figures)
+    metric: str = "ppl"              # "ppl": test perplexity; "mb": megabytes sent per user over the run
 
 
 @dataclass
@@ -114,7 +116,14 @@ FIGURES = {"fig4": ("multilingual", "more_specialists",
                      "Figure 13: one-expert low-data users gain from collaborators with more experts")}
 USERS = {"multilingual": ("de", "nl", "fr", "it"), "slimpajama": ("stackexchange", "github", "arxiv", "book")}
 TAU_S = ((10, 30, 50), (5, 10, 20))
-TABLE_KEYS = ("1", "2", "4", "5", "6", *FIGURES, "tau_s")
+# the methods published since the paper (issue 19) beside CoMiGS, Local and FedAvg: the Table 4 settings
+# (AG News out of distribution, Multilingual and SlimPajama in distribution); FedDPA's second phase
+# (the global adapter) takes as many steps as its first, once per round
+SINCE_ROWS = {"CoMiGS-1G1S": ("method=comigs_1g1s",), "Local": ("method=local",), "FedAvg": ("method=fedavg",),
+              "FedALT": ("method=fedalt",), "FedSA-LoRA": ("method=fedsa_lora",),
+              "FedDPA": ("method=feddpa", "train.router_every=10", "train.router_steps=10"),
+              "CoMiGS-learned": ("method=comigs_learned",)}
+TABLE_KEYS = ("1", "2", "4", "5", "6", *FIGURES, "tau_s", "since")
 
 
 def _fmt_list(values) -> str:
@@ -175,6 +184,16 @@ def build_spec(key: str) -> Spec:
         return Spec(key, "Figure 7: router period tau and router steps s, CoMiGS-1G1S on SlimPajama",
                     [f"tau={t}" for t in taus], [f"s={s}" for s in steps], cells, plot="sweep",
                     note="the paper shows this as a figure only: no numbers to compare")
+    if key == "since":
+        cols, names, cells = [], {}, []
+        for ds in ("agnews", "multilingual", "slimpajama"):
+            cols += [ds, f"{ds}_mb"]
+            names.update({ds: f"{NAMES[ds]} ppl", f"{ds}_mb": f"{NAMES[ds]} MB/user"})
+            cells += [Cell(row, col, f"configs/{ds}/table4_iv_alternating_valid.yaml", ov, ds, metric=metric)
+                      for row, ov in SINCE_ROWS.items() for col, metric in ((ds, "ppl"), (f"{ds}_mb", "mb"))]
+        return Spec(key, "Methods since the paper: FedALT, FedSA-LoRA, FedDPA and learned sharing groups beside "
+                         "CoMiGS-1G1S, Local and FedAvg (Table 4's settings)", list(SINCE_ROWS), cols, cells, names,
+                    note="not in the paper: no numbers to compare")
     raise ConfigError(f"--table {key!r} is not known; choose one of: {', '.join(TABLE_KEYS)}")
 
 
@@ -270,6 +289,8 @@ def scale_overrides(cell: Cell, scale: str) -> list[str]:
                "n_users=2", "train.rounds=2", "train.local_steps=2", "train.router_every=2", "train.router_steps=1",
                "train.batch_size=4", "train.micro_batch_size=0", "train.seq_len=32", "eval.max_tokens=1024",
                "eval.every=1", "log.tensorboard=false", "log.progress=false", "checkpoint.final=false"]
+        if "warmup_rounds" in cfg.method_options:  # learned groups: warm up for one of the two rounds
+            out.append("method_options.warmup_rounds=1")
         for key in PER_USER_KEYS:  # the first two users of every per-user list
             value = get_dotted(cfg, key)
             if isinstance(value, list) and value and key != "data.categories":
@@ -451,7 +472,10 @@ def collect_results(spec: Spec, runs: list[Run], numbers: dict) -> list[Result]:
             res = json.loads(f.read_text())
             if cell.user is not None and cell.user >= len(res["users"]):
                 continue  # the debug scale runs two users only
-            value = res["mean_test_ppl"] if cell.user is None else res["users"][cell.user]["test_ppl"]
+            if cell.metric == "mb":  # bytes each user sent over the run, in MB, the mean over users
+                value = sum(u["bytes_sent"] for u in res["users"]) / len(res["users"]) / 1e6
+            else:
+                value = res["mean_test_ppl"] if cell.user is None else res["users"][cell.user]["test_ppl"]
             if value is None:  # a diverged run (guard.nan=skip) writes null
                 value = math.nan
             values.append(float(value))
@@ -521,6 +545,8 @@ def _row_header(spec: Spec) -> str:
 
 
 def _metric_text(spec: Spec) -> str:
+    if spec.key == "since":
+        return "mean test perplexity over users (ppl) and megabytes each user sent over the run (MB/user, mean)"
     return ("final test perplexity of each user" if spec.plot == "curves"
             else "mean test perplexity over users")
 
@@ -596,7 +622,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m launch.reproduce", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Tables: " + ", ".join(TABLE_KEYS))
-    p.add_argument("--table", required=True, help="1, 2, 4, 5, 6, fig4, fig5, fig6, fig11, fig12, fig13 or tau_s")
+    p.add_argument("--table", required=True,
+                   help="1, 2, 4, 5, 6, fig4, fig5, fig6, fig11, fig12, fig13, tau_s or since")
     p.add_argument("--dataset", default=None,
                    help="comma-separated datasets of the table to run (agnews, multilingual, slimpajama; Table 6 "
                         "also common_corpus); default: all of the table's")

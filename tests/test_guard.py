@@ -116,6 +116,13 @@ METHOD_OVERRIDES = {
     "pcl": {"method_options.mix_after": 0, "method_options.mix_every": 1},
     "hetlora": {},
     "flexlora": {},
+    # the methods since the paper: FedALT's individual LoRA travels outside the groups (a user that
+    # sits out with a non-finite one restarts it from its RoW); FedDPA's global adapter, FedSA-LoRA's
+    # A matrices and the learned groups' generalists (the fault hits the switch round) are shared
+    "fedalt": {},
+    "feddpa": {"train.router_every": 3, "train.router_steps": 2},
+    "fedsa_lora": {},
+    "comigs_learned": {"method_options.warmup_rounds": 2},
 }
 
 

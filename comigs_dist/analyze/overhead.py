@@ -125,6 +125,9 @@ def _is_projection(m: nn.Module) -> bool:
 
 
 def _lora_flops(lora) -> int:
+    if hasattr(lora, "first"):  # a PairedLoRA (FedALT, FedDPA): both halves, and a mixer's logits
+        mixer = 2 * lora.mixer.weight.numel() if lora.mixer is not None else 0
+        return _lora_flops(lora.first) + _lora_flops(lora.second) + mixer
     r, n_in = lora.lora_A.shape
     n_out = lora.lora_B.shape[0]
     return 2 * r * (n_in + n_out)

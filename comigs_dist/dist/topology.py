@@ -69,10 +69,13 @@ class Topology:
 
     # -- groups ------------------------------------------------------------------------------
     def build_groups(self, members: dict[str, Sequence[int]]) -> None:
-        """Create every sharing group on every rank, in one fixed (sorted) order; call once.
-        ``members``: group name -> its users; the process group spans the ranks hosting them."""
-        if self.groups:
-            raise RuntimeError("Topology.build_groups() was already called")
+        """Create every sharing group on every rank, in one fixed (sorted) order: at set-up, and
+        again only for groups decided during the run (learned sharing groups, at a round boundary,
+        every rank with the same groups). ``members``: group name -> its users; the process group
+        spans the ranks hosting them. A name is built once."""
+        again = sorted(set(members) & set(self.groups))
+        if again:
+            raise RuntimeError(f"Topology.build_groups(): groups {again} were already built")
         for name in sorted(members):
             users = tuple(sorted(set(int(u) for u in members[name])))
             bad = [u for u in users if not 0 <= u < self.n_users]

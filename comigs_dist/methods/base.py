@@ -243,6 +243,12 @@ class Method:
                          f"group of comm.groups holds; only generalist experts and the attention LoRA can be grouped")
 
     # -- per-step hooks (no-ops by default) -----------------------------------------------------
+    def before_phase(self, user, phase: str) -> None:
+        """Called before the forward passes of every optimiser step of a phase ('expert' or
+        'router'), once the phase's parameters require gradients: a method whose forward differs
+        between its phases sets it up here (FedDPA: which of its two adapters the forward adds)."""
+        return None
+
     def extra_loss(self, user) -> Any:
         """A term added to the user's expert-phase loss (a pruning regulariser, FedProx's proximal
         term); None for nothing."""
@@ -289,6 +295,11 @@ class Method:
 
     def load_state_dict(self, user, state: dict) -> None:
         return None
+
+    def results(self, user) -> dict:
+        """Entries the method adds to the user's results.json row (learned sharing groups: the
+        groups chosen and why); JSON values only."""
+        return {}
 
 
 def configured_groups(method: Method) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, ContextManager, Sequence
 
 import torch
 from torch import nn
@@ -216,6 +216,9 @@ class UserModel(nn.Module):
         self.report: InjectionReport = adapters.report
         self.spec: AdapterSpec = adapters.spec
         self.loss_chunk = loss_chunk
+        # set by a method whose evaluation forwards depend on the batch (FedDPA's instance-wise
+        # adapter weights): x -> a context manager entered around each evaluation batch
+        self.eval_context: Callable[[torch.Tensor], ContextManager] | None = None
 
     @property
     def lm(self) -> nn.Module:
@@ -245,7 +248,8 @@ class UserModel(nn.Module):
     def token_sums(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int, int]:
         """(summed cross-entropy, correct argmax predictions, tokens) of one evaluation batch."""
         weight, bias = output_head(self.lm)
-        return token_sums(self.hidden(x), weight, bias, y, self.loss_chunk)
+        with self.eval_context(x) if self.eval_context is not None else contextlib.nullcontext():
+            return token_sums(self.hidden(x), weight, bias, y, self.loss_chunk)
 
     def load_balancing_loss(self) -> torch.Tensor:
         """Mean over MoE layers of the last forward's load-balancing losses."""

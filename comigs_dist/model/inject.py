@@ -17,6 +17,7 @@ from torch import nn
 
 from comigs_dist.model.lora import AdaptedLinear, LoRAFactors
 from comigs_dist.model.moe import AdaptedMLP, MixtureAdapters, TanhGELU
+from comigs_dist.model.paired import PAIRINGS, PairedLoRA
 from comigs_dist.model.roles import ParamTag, Role
 from comigs_dist.model.routing import TopKRouter
 from comigs_dist.model.serving import ServedRows
@@ -33,6 +34,10 @@ class AdapterSpec:
     top_k: int
     routed: bool
     load_balancing: str
+    # 'none': one LoRA per adapted projection; 'mixer' / 'fixed': a ``PairedLoRA`` there instead (a
+    # collective LoRA and the user's own), weighted per token by a mixer (FedALT) or by fixed
+    # weights a method sets per phase (FedDPA)
+    paired: str = "none"
 
 
 @dataclass
@@ -171,20 +176,28 @@ def adapt_base(model: nn.Module, family: str = "auto", rows: ServedRows | None =
 
 
 class BlockAdapters(nn.Module):
-    """One user's adapters of one transformer block: a LoRA per attention target, a mixture per MLP."""
+    """One user's adapters of one transformer block: a LoRA (or a pair, ``spec.paired``) per
+    attention target, a mixture per MLP."""
 
     def __init__(self, shape: LayerShape, spec: AdapterSpec, layer: int):
         super().__init__()
+        if spec.paired not in PAIRINGS:
+            raise ValueError(f"AdapterSpec.paired ({spec.paired!r}) must be one of {', '.join(PAIRINGS)}")
         # built in the order of the block (attention, then the MLP's experts, then its router), so
         # a seed gives the same initial values whatever else the rank holds
-        self.attn = nn.ModuleDict({key: LoRAFactors(n_in, n_out, spec.attn_rank, spec.alpha,
-                                                    ParamTag(Role.GENERALIST, "attn", layer, target, -1, "A"),
-                                                    ParamTag(Role.GENERALIST, "attn", layer, target, -1, "B"))
-                                   for target, key, n_in, n_out in shape.attn})
+        if spec.paired == "none":
+            self.attn = nn.ModuleDict({key: LoRAFactors(n_in, n_out, spec.attn_rank, spec.alpha,
+                                                        ParamTag(Role.GENERALIST, "attn", layer, target, -1, "A"),
+                                                        ParamTag(Role.GENERALIST, "attn", layer, target, -1, "B"))
+                                       for target, key, n_in, n_out in shape.attn})
+        else:
+            self.attn = nn.ModuleDict({key: PairedLoRA(n_in, n_out, spec.attn_rank, spec.alpha, kind="attn",
+                                                       layer=layer, module=target, mixer=spec.paired == "mixer")
+                                       for target, key, n_in, n_out in shape.attn})
         self.mlp = MixtureAdapters(shape.mlp_in, shape.mlp_out, shape.mlp_in_names, shape.mlp_out_name,
                                    n_experts=spec.n_experts, n_generalists=spec.n_generalists, rank=spec.rank,
                                    alpha=spec.alpha, top_k=spec.top_k, routed=spec.routed,
-                                   load_balancing=spec.load_balancing, layer=layer)
+                                   load_balancing=spec.load_balancing, layer=layer, paired=spec.paired)
 
 
 class UserAdapters(nn.Module):

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from comigs_dist.model.lora import LoRAFactors, frozen_weight_out_in, in_out_features
+from comigs_dist.model.paired import PairedLoRA
 from comigs_dist.model.roles import ParamTag, Role
 from comigs_dist.model.routing import (Routing, TopKRouter, compute_load_balancing_loss,
                                        compute_routing_stats, uniform_routing)
@@ -159,15 +160,25 @@ class ExpertLoRA(nn.Module):
     """One expert: a LoRA on each frozen input projection and one on the output projection."""
 
     def __init__(self, in_dims: Sequence[tuple[int, int]], out_dim: tuple[int, int], rank: int, alpha: float,
-                 in_names: Sequence[str], out_name: str, role: Role, layer: int, expert: int):
+                 in_names: Sequence[str], out_name: str, role: Role, layer: int, expert: int, paired: str = "none"):
         super().__init__()
         def tags(module: str):
             return (ParamTag(role, "expert", layer, module, expert, "A"),
                     ParamTag(role, "expert", layer, module, expert, "B"))
-        self.in_loras = nn.ModuleList(LoRAFactors(i, o, rank, alpha, *tags(f"mlp.{n}"))
-                                      for (i, o), n in zip(in_dims, in_names))
-        self.out_lora = LoRAFactors(*out_dim, rank, alpha, *tags(f"mlp.{out_name}"))
+
+        def lora(n_in: int, n_out: int, module: str):
+            if paired == "none":
+                return LoRAFactors(n_in, n_out, rank, alpha, *tags(module))
+            return PairedLoRA(n_in, n_out, rank, alpha, kind="expert", layer=layer, module=module, expert=expert,
+                              mixer=paired == "mixer")
+        self.in_loras = nn.ModuleList(lora(i, o, f"mlp.{n}") for (i, o), n in zip(in_dims, in_names))
+        self.out_lora = lora(*out_dim, f"mlp.{out_name}")
         self.role = role
+
+    @property
+    def plain(self) -> bool:
+        """Plain ``LoRAFactors`` on every projection (the one-node path reads their factors)."""
+        return all(type(lora) is LoRAFactors for lora in (*self.in_loras, self.out_lora))
 
 
 class MixtureAdapters(nn.Module):
@@ -182,7 +193,7 @@ class MixtureAdapters(nn.Module):
 
     def __init__(self, in_dims: Sequence[tuple[int, int]], out_dim: tuple[int, int], in_names: Sequence[str],
                  out_name: str, *, n_experts: int, n_generalists: int, rank: int, alpha: float, top_k: int,
-                 routed: bool, load_balancing: str, layer: int):
+                 routed: bool, load_balancing: str, layer: int, paired: str = "none"):
         super().__init__()
         if n_experts < 1:
             raise ValueError(f"n_experts ({n_experts}) must be >= 1")
@@ -192,7 +203,7 @@ class MixtureAdapters(nn.Module):
         self.d_model = in_dims[0][0]
         self.experts = nn.ModuleList(
             ExpertLoRA(in_dims, out_dim, rank, alpha, in_names, out_name,
-                       Role.GENERALIST if j < n_generalists else Role.SPECIALIST, layer, j)
+                       Role.GENERALIST if j < n_generalists else Role.SPECIALIST, layer, j, paired)
             for j in range(n_experts))
         self.router = None
         if routed and n_experts > 1:
@@ -225,7 +236,8 @@ class MixtureAdapters(nn.Module):
         the caller applies the frozen output projection once to the mix (of every user's rows) and
         adds delta."""
         rows_in, u_rows, blocks = self._plan(u, frozen_in, routing)
-        if isinstance(mlp.combine, ElementwiseActivation) and len(frozen_in) == 1:
+        if isinstance(mlp.combine, ElementwiseActivation) and len(frozen_in) == 1 and \
+                all(self.experts[j].plain for j, *_ in blocks):
             mix, codes = self._experts_one_node(mlp.combine, rows_in[0], u_rows, blocks, u.shape[0])
         else:
             mix, codes = self._experts_autograd(mlp.combine, rows_in, u_rows, blocks, u.shape[0])

@@ -1,0 +1,133 @@
+"""FedALT (Bian, Wang, Zhang, Xu; AAAI 2026): an individual LoRA per user, a frozen
+rest-of-world LoRA holding the mean of the other users' individual LoRAs, and a per-token mixer.
+
+What was read: the paper's abstract and public summaries, and the released code (``jmbian/FedALT``;
+docs/methods-since-the-paper.md says which files). The method: each user trains its own
+*individual* LoRA across rounds and never replaces it by an aggregate; beside it sits a
+*rest-of-world* (RoW) LoRA, frozen during local training, which holds the mean of the *other*
+users' individual LoRAs, factor by factor (A with A, B with B, as the released code averages
+them); a mixer (a bias-free linear map of the layer's input to 2 logits, softmax) weighs the two
+per token. The individual LoRA and the mixer train jointly on the training loss.
+
+Model: a ``PairedLoRA`` with a mixer (``AdapterSpec.paired='mixer'``) on every adapted projection
+(the attention targets and the MLP's projections, one expert, no router), ``first`` = RoW (role
+generalist: it is what each user receives, so it is the method's shared tensor), ``second`` =
+individual (specialist), the mixer (role router); rank ``lora.rank`` each (``lora.attn_rank`` on
+attention). FedALT thus trains half of CoMiGS-1G1S's LoRA parameters and sends one LoRA set per
+round.
+
+Aggregation (``sync``): round 0 is the common start (the individual LoRAs broadcast from the
+group's first user, not counted, as every method's; the RoW copies it, B = 0 so it adds nothing).
+Later rounds: one ``Comm.sum`` of the individual LoRAs (sent in comm.dtype, summed in float64),
+then each user holds RoW = (S - own) / (C - 1), C the users that contributed
+(``compute_rest_of_world``): the bytes of one mean. A user that sat the round out (guard.nan=skip,
+or it did not take part in the round before under partial participation) sends zeros and a count
+of 0 and, if it downloads this round, gets S / C; a lone contributor keeps its previous RoW. A
+user that sat out because its individual LoRA is not finite restarts it from that RoW (the only
+finite model it can have; its optimiser moments are kept, as every method's).
+Byte counts are those of a server round trip (Comm.sum), in either comm.mode.
+Choices where the paper is silent: one mixer per adapted projection (the code's), Kaiming-uniform
+mixer init (the code's), no load balancing, the simulator's AdamW and schedule. The guard checks
+the individual LoRAs (``own_aggregated``: what travels) besides the RoW.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from comigs_dist.methods.base import Method, register_method
+from comigs_dist.model.roles import Role
+
+GROUP = "generalists"  # every user: the sum of the individual LoRAs
+
+
+@torch.no_grad()
+def compute_rest_of_world(total: torch.Tensor, own: torch.Tensor, n_contributing: int, contributed: bool,
+                          out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The mean of the other contributors' tensors, from the group's sum ``total`` (over the
+    ``n_contributing`` users that contributed) and this user's own tensor: (total - own) / (C - 1)
+    if this user contributed, total / C if it did not. Computed in the wider of the two dtypes (a
+    float64 sum stays exact up to the final rounding); written into ``out`` when given (it may be
+    ``total`` itself). None when no other user contributed: the caller keeps its previous RoW."""
+    if n_contributing < 0 or (contributed and n_contributing < 1):
+        raise ValueError(f"{n_contributing} contributors, but this user {'did' if contributed else 'did not'} "
+                         f"contribute: the count must include it")
+    others = n_contributing - (1 if contributed else 0)
+    if others == 0:
+        return None
+    row = (total - own if contributed else total) / others
+    if out is None:
+        return row.to(own.dtype)
+    return out.copy_(row)
+
+
+def rest_of_world_pairs(model) -> list[tuple[str, torch.nn.Parameter, torch.nn.Parameter]]:
+    """(name of the individual tensor, RoW tensor, individual tensor) of every pair of a FedALT
+    model, in the order of the model's tags (the same on every user)."""
+    own = {(t.kind, t.layer, t.module, t.expert, t.matrix): n for n, t in model.report.tags.items()
+           if t.role == Role.SPECIALIST}
+    out = []
+    for name, tag in model.report.tags.items():
+        if tag.role == Role.GENERALIST:
+            mine = own[(tag.kind, tag.layer, tag.module, tag.expert, tag.matrix)]
+            out.append((mine, model.report.params[name], model.report.params[mine]))
+    return out
+
+
+@register_method("fedalt")
+class FedALT(Method):
+    description = ("FedALT: individual LoRA (trained, kept) + frozen rest-of-world LoRA (the others' mean), "
+                   "per-token mixer on every projection")
+    paper_row = "Bian et al., AAAI 2026 (since the paper)"
+    accepts_comm_groups = False  # the rest of the world is every other user
+    router = "joint"             # the mixers train with the individual LoRAs, on the training loss
+
+    def adapter_spec(self, cfg, user_idx, spec):
+        return replace(spec, n_experts=1, n_generalists=1, top_k=1, routed=False, paired="mixer")
+
+    def prepare_user(self, user) -> None:
+        user.method_state = rest_of_world_pairs(user.model)
+
+    def is_shared(self, tag) -> bool:
+        return tag.role == Role.GENERALIST     # the RoW LoRA: what each user receives
+
+    def trains_in(self, phase, tag) -> bool:
+        return phase == "expert" and tag.role in (Role.SPECIALIST, Role.ROUTER)  # RoW frozen
+
+    def own_aggregated(self, user):
+        return [(name, ind) for name, _, ind in user.method_state]
+
+    @torch.no_grad()
+    def sync(self, ctx) -> None:
+        if ctx.round_idx == 0:
+            ctx.comm.broadcast(GROUP, {u.user_idx: [ind.data for _, _, ind in u.method_state] for u in ctx.users})
+            for u in ctx.users:
+                for _, row, ind in u.method_state:
+                    row.copy_(ind)
+            return
+        comm = ctx.comm
+        count = comm.count  # a contributor count travels when users may sit the round out
+        payload = {}
+        for u in ctx.users:
+            # what travels, rounded to the wire dtype, in float64 so that the sum stays exact
+            own = [ind.detach().to(comm.wire).to(torch.float64) for _, _, ind in u.method_state]
+            sent = own if u.contributing else [torch.zeros_like(t) for t in own]
+            if count:
+                sent.append(own[0].new_full((1,), 1.0 if u.contributing else 0.0))
+            payload[u.user_idx] = sent
+        ctx.comm.sum(GROUP, payload)
+        n_members = len(comm.members(GROUP))
+        for u in ctx.users:
+            total = payload[u.user_idx]
+            contributors = int(round(float(total[-1]))) if count else n_members
+            # a user that sat out because its individual LoRA is not finite (guard.nan=skip) cannot
+            # keep it: it starts again from its new RoW, the others' mean
+            restart = not u.contributing and not all(torch.isfinite(ind).all() for _, _, ind in u.method_state)
+            for (_, row, ind), t in zip(u.method_state, total):
+                own = ind.detach().to(comm.wire).to(torch.float64)
+                mean = compute_rest_of_world(t, own, contributors, u.contributing)
+                if mean is not None:
+                    row.copy_(mean)  # rounded once to the parameter's dtype; copy_ keeps the packing
+                if restart:
+                    ind.copy_(row)

@@ -1,0 +1,218 @@
+"""FedDPA (Yang, Long, Shen, Jiang, Blumenstein; NeurIPS 2024): a global adapter (averaged every
+round) and a local adapter (kept), mixed per test instance by an instance-wise dynamic weight.
+
+What was read: the paper's abstract, figure captions and public summaries, and the released code
+(``Lydia-yang/FedDPA``; docs/methods-since-the-paper.md says which files); the paper's weighting
+equation was not readable here. Implemented: FedDPA-T (what the released ``main.py`` runs): every
+round, (a) the local adapter trains with the layer adding (1 - alpha) global + alpha local, the
+global adapter frozen, alpha = 0.5; then (b) the global adapter trains alone (the local adapter
+out of the forward); (c) the global adapters are averaged (uniform 1/N, the base class's sync).
+At test time each instance x gets
+    omega(x) = max_weight * mean_s cos(e(x), e(x_s)),
+e the final hidden state of the last token computed with the local adapter alone, x_s (s = 1..S)
+windows drawn at random from the user's training split for every test window (S = 5,
+max_weight = 0.5: the code's defaults; cosine and the last token: the paper's ablations), and the
+pair adds (1 - omega) global + omega local (``weighted='local'``, the default: the training
+convention of alpha, an instance unlike the local data leans on the global adapter) or the
+released inference script's assignment, omega to the global adapter (``weighted='global'``).
+
+Simulator mapping: a ``PairedLoRA`` with fixed weights (``AdapterSpec.paired='fixed'``) on every
+adapted projection, one expert, no router; ``first`` = global (role generalist, shared),
+``second`` = local (specialist); rank ``lora.rank`` each (``lora.attn_rank`` on attention). The
+two phases are Algorithm 1's two levels with the router mode ``alternating_train``: the expert
+steps train the local adapter (phase (a), ``train.local_steps`` steps, the expert learning rate
+and schedule), the "router" steps train the global adapter on fresh training batches (phase (b),
+``train.router_steps`` steps at ``train.lr``, constant: the code trains both adapters at one
+learning rate, so ``train.router_lr`` is not used) after every ``train.router_every`` =
+``train.local_steps`` iterations, i.e. once per round, right before the sync; the code gives both
+phases the same number of epochs (configs/feddpa.yaml: router_steps = local_steps), so a round
+costs up to twice a FedAvg round. ``before_phase`` sets the pair's weights of each phase. Departures from the code: its
+round 0 trains the global adapter only (here the local phase runs at round 0 too, against the
+untrained global adapter, B = 0), a fresh optimiser per phase and round there (kept across rounds
+here, as for every method), an evaluation window is an instance, omega is clamped to
+[0, max_weight]. Reference windows come from the user's ``feddpa_references`` stream, whose
+state is checkpointed (``state_dict``).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+
+from comigs_dist.methods.base import Method, register_method
+from comigs_dist.model.paired import PairedLoRA
+from comigs_dist.model.roles import Role
+from comigs_dist.options import opt
+from comigs_dist.seeds import derive_seed
+
+
+@torch.no_grad()
+def compute_instance_weights(embeddings: torch.Tensor, references: torch.Tensor, max_weight: float = 0.5,
+                             clamp: bool = True) -> torch.Tensor:
+    """omega for each of B instances, (B,): ``max_weight`` times the mean cosine similarity of the
+    instance's embedding (B, D) to the reference embeddings, (S, D) shared by every instance or
+    (B, S, D) one set per instance. A zero embedding is 0-similar to everything. ``clamp`` keeps
+    omega in [0, max_weight] (a negative mean cosine would subtract an adapter; the released code
+    does not clamp, and final hidden states of a language model are rarely anti-aligned)."""
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be (instances, d); got shape {tuple(embeddings.shape)}")
+    if references.dim() not in (2, 3) or references.shape[-1] != embeddings.shape[1] or references.shape[-2] == 0 \
+            or (references.dim() == 3 and references.shape[0] != embeddings.shape[0]):
+        raise ValueError(f"references must be (S, d) or (instances, S, d) with S >= 1 and d = {embeddings.shape[1]} "
+                         f"for {embeddings.shape[0]} instances; got shape {tuple(references.shape)}")
+    if not 0.0 <= max_weight <= 1.0:
+        raise ValueError(f"max_weight ({max_weight}) must be in [0, 1]")
+    e = embeddings.double()
+    e = e / e.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    r = references.double()
+    r = r / r.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    if r.dim() == 2:
+        cos = e @ r.t()                                         # (B, S)
+    else:
+        cos = torch.einsum("bd,bsd->bs", e, r)                   # (B, S)
+    omega = max_weight * cos.mean(dim=1)
+    if clamp:
+        omega = omega.clamp(0.0, max_weight)
+    return omega.to(embeddings.dtype if embeddings.is_floating_point() else torch.float32)
+
+
+def compute_pair_weights(omega: torch.Tensor, weighted: str = "local") -> torch.Tensor:
+    """(B, 2) weights of (global, local) from omega (B,): 'local' (the default) gives the local
+    adapter omega and the global one 1 - omega; 'global' (the released inference script) the
+    reverse."""
+    if weighted == "local":
+        return torch.stack([1.0 - omega, omega], dim=1)
+    if weighted == "global":
+        return torch.stack([omega, 1.0 - omega], dim=1)
+    raise ValueError(f"weighted ({weighted!r}) must be 'local' (omega to the local adapter) or 'global' "
+                     f"(the released code)")
+
+
+@dataclass
+class FedDPAOptions:
+    alpha: float = opt(0.5, "Weight of the local adapter while it trains (the global one gets 1 - alpha); "
+                       "the released code's local_weight.")
+    max_weight: float = opt(0.5, "omega = max_weight * mean cosine similarity to the reference windows "
+                            "(the released code: 0.5).")
+    n_references: int = opt(5, "Training windows drawn per test window for its instance-wise weight "
+                            "(the released code: 5).")
+    instance_weights: bool = opt(True, "Weigh the two adapters per test window (omega); false: evaluate with "
+                                 "the training mix (1 - alpha, alpha).")
+    weighted: Literal["local", "global"] = opt("local", "Which adapter omega weighs at test time: 'local' "
+                                               "(default; the global one gets 1 - omega) or 'global' (the released "
+                                               "inference script).")
+
+
+@dataclass
+class FedDPAState:
+    """What FedDPA keeps for one user: its adapter pairs and the sampler of reference windows."""
+    pairs: list
+    references: object   # a BatchSampler over the user's training split
+
+
+@register_method("feddpa")
+class FedDPA(Method):
+    description = ("FedDPA-T: global adapter (trained alone, averaged) + local adapter (trained on the frozen "
+                   "global one), instance-wise weights at test time")
+    paper_row = "Yang et al., NeurIPS 2024 (since the paper)"
+    Options = FedDPAOptions
+    accepts_comm_groups = False  # one global adapter for every user
+    router = "alternating_train"  # the second level: the global adapter's phase, on training batches
+
+    @classmethod
+    def config_errors(cls, cfg) -> list[str]:
+        o, t = cls(cfg).options, cfg.train
+        errors = []
+        if not 0.0 <= o.alpha <= 1.0:
+            errors.append(f"method_options.alpha ({o.alpha}) must be in [0, 1] (the code: 0.5)")
+        if not 0.0 <= o.max_weight <= 1.0:
+            errors.append(f"method_options.max_weight ({o.max_weight}) must be in [0, 1] (the code: 0.5)")
+        if o.n_references < 1:
+            errors.append(f"method_options.n_references ({o.n_references}) must be >= 1 (the code: 5)")
+        if t.router_every != t.local_steps or t.router_steps < 1:
+            errors.append(f"train.router_every ({t.router_every}) must equal train.local_steps ({t.local_steps}) "
+                          f"and train.router_steps ({t.router_steps}) be >= 1 for feddpa: the global adapter "
+                          f"trains once per round, after the local one and right before the sync, for "
+                          f"router_steps steps; set train.router_every={t.local_steps} "
+                          f"train.router_steps={t.local_steps} (configs/feddpa.yaml)")
+        return errors
+
+    def adapter_spec(self, cfg, user_idx, spec):
+        return replace(spec, n_experts=1, n_generalists=1, top_k=1, routed=False, paired="fixed")
+
+    def prepare_user(self, user) -> None:
+        from comigs_dist.data import BatchSampler
+        pairs = [m for m in user.model.adapters.modules() if isinstance(m, PairedLoRA)]
+        seed = derive_seed(user.cfg.seed, user.user_idx, "feddpa_references")
+        user.method_state = FedDPAState(pairs, BatchSampler(user.data.train, user.cfg.train.seq_len, seed))
+        user.model.eval_context = lambda x: self._instance_weights(user, x)
+        if user.router_opt is not None:  # the code trains both adapters at one learning rate
+            for group in user.router_opt.param_groups:
+                group["lr"] = user.cfg.train.lr
+
+    def is_shared(self, tag) -> bool:
+        return tag.role == Role.GENERALIST     # the global adapter
+
+    def trains_in(self, phase, tag) -> bool:
+        if phase == "expert":
+            return tag.role == Role.SPECIALIST  # (a) the local adapter, the global one frozen
+        return tag.role == Role.GENERALIST      # (b) the global adapter, alone
+
+    def before_phase(self, user, phase: str) -> None:
+        a = self.options.alpha
+        weights = (1.0 - a, a) if phase == "expert" else (1.0, 0.0)
+        for pair in user.method_state.pairs:
+            pair.set_weights(*weights)
+
+    # -- test time -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _instance_weights(self, user, x: torch.Tensor):
+        """Around one evaluation batch: each window's (global, local) weights, then cleared."""
+        o, st = self.options, user.method_state
+        n = x.shape[0]
+        if o.instance_weights:
+            weights = compute_pair_weights(self.omega(user, x), o.weighted)
+        else:
+            weights = torch.tensor([[1.0 - o.alpha, o.alpha]]).expand(n, 2)
+        for pair in st.pairs:
+            pair.set_row_weights(weights.to(x.device))
+        try:
+            yield weights
+        finally:
+            for pair in st.pairs:
+                pair.set_row_weights(None)
+
+    @torch.no_grad()
+    def omega(self, user, x: torch.Tensor) -> torch.Tensor:
+        """omega of each window of x (B, T): its last token's final hidden state and those of
+        n_references training windows drawn for it, all with the local adapter alone."""
+        o, st = self.options, user.method_state
+        n, s = x.shape[0], o.n_references
+        embed = [self._local_embedding(user, x)]
+        for _ in range(s):                         # one reference per window per pass: bounded memory
+            refs, _ = st.references.sample(n, x.device)
+            embed.append(self._local_embedding(user, refs))
+        references = torch.stack(embed[1:], dim=1)  # (B, S, D)
+        return compute_instance_weights(embed[0].float(), references.float(), o.max_weight)
+
+    @staticmethod
+    def _local_embedding(user, x: torch.Tensor) -> torch.Tensor:
+        only_local = torch.tensor([[0.0, 1.0]], device=x.device).expand(x.shape[0], 2)
+        pairs = user.method_state.pairs
+        for pair in pairs:
+            pair.set_row_weights(only_local)
+        try:
+            return user.model.hidden(x)[:, -1]
+        finally:
+            for pair in pairs:
+                pair.set_row_weights(None)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self, user) -> dict:
+        return {"references": user.method_state.references.state_dict()}
+
+    def load_state_dict(self, user, state: dict) -> None:
+        if "references" in state:
+            user.method_state.references.load_state_dict(state["references"])

@@ -1,0 +1,134 @@
+"""FedALT's rest-of-world arithmetic against hand values: the mean of the other contributors,
+from the group's sum, with users that sit the round out."""
+import pytest
+import torch
+
+from comigs_dist.methods.fedalt import compute_rest_of_world
+from dist_harness import run_on_ranks
+
+# three users' individual LoRA factors (one small tensor each), by hand
+OWN = [torch.tensor([1.0, -2.0, 4.0]), torch.tensor([3.0, 0.0, -1.0]), torch.tensor([-2.0, 5.0, 0.5])]
+
+
+def test_rest_of_world_is_the_mean_of_the_others():
+    """Sum (2, 3, 3.5): user 0 gets ((3,0,-1) + (-2,5,0.5)) / 2 = (0.5, 2.5, -0.25), and so on."""
+    total = sum(OWN)
+    expected = [torch.tensor([0.5, 2.5, -0.25]), torch.tensor([-0.5, 1.5, 2.25]), torch.tensor([2.0, -1.0, 1.5])]
+    for own, want in zip(OWN, expected):
+        torch.testing.assert_close(compute_rest_of_world(total, own, 3, True), want)
+
+
+def test_rest_of_world_with_users_that_sat_out():
+    """User 2 sits out (payload zeroed, C = 2): the contributors get each other's tensor, user 2
+    the mean of both; a lone contributor has no rest of world (None: keep the previous one)."""
+    total = OWN[0] + OWN[1]
+    torch.testing.assert_close(compute_rest_of_world(total, OWN[0], 2, True), OWN[1])
+    torch.testing.assert_close(compute_rest_of_world(total, OWN[1], 2, True), OWN[0])
+    torch.testing.assert_close(compute_rest_of_world(total, OWN[2], 2, False), torch.tensor([2.0, -1.0, 1.5]))
+    assert compute_rest_of_world(OWN[0], OWN[0], 1, True) is None
+    assert compute_rest_of_world(torch.zeros(3), OWN[1], 0, False) is None
+    with pytest.raises(ValueError, match="0 contributors, but this user did contribute"):
+        compute_rest_of_world(total, OWN[0], 0, True)
+
+
+def test_rest_of_world_in_place_from_a_float64_sum():
+    """Written into the summed buffer itself (what the sync does with its packed RoW LoRA), or
+    into an fp32 tensor from a float64 sum: the same values as the mean of the others in float64,
+    rounded once."""
+    g = torch.Generator().manual_seed(0)
+    own = [torch.randn(1000, generator=g) * 10 ** k for k in (0, 3, -3, 1)]
+    exact = sum(o.double() for o in own)
+    for u in range(4):
+        out = torch.empty(1000)
+        compute_rest_of_world(exact, own[u], 4, True, out=out)
+        want = (sum(o.double() for i, o in enumerate(own) if i != u) / 3).float()
+        torch.testing.assert_close(out, want, rtol=1e-6, atol=0)
+    buf = sum(own)                        # fp32 sum, overwritten in place
+    result = compute_rest_of_world(buf, own[0], 4, True, out=buf)
+    assert result is buf
+    torch.testing.assert_close(buf, (own[1] + own[2] + own[3]) / 3, rtol=1e-4, atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# the method on real process groups (gloo, the tiny GPT-2)
+# --------------------------------------------------------------------------------------------
+
+def _everyone(topo, mine: dict) -> dict:
+    """{user: value} of every user of the run, from each rank's own users."""
+    from comigs_dist import dist
+    return {k: v for part in dist.all_gather_objects(topo, mine) for k, v in part.items()}
+
+
+def _pairs(u):
+    """(individual name, RoW, individual) of a user, detached copies."""
+    return [(n, row.detach().clone(), ind.detach().clone()) for n, row, ind in u.method_state]
+
+
+def _fedalt_worker(rank, world_size, tmp_path, n_users):
+    import dataclasses
+    from comigs_dist import train
+    from comigs_dist.config import check_world_size
+    from comigs_dist.model import Role
+    from dist_harness import init_topology
+    from helpers import tiny_config
+    topo0 = init_topology(n_users=n_users)
+    cfg = tiny_config(method="fedalt", n_users=n_users)
+    check_world_size(cfg, world_size)
+    run = train.build_rank(cfg, dataclasses.replace(topo0, groups={}))
+    u0 = run.users[0]
+    tags = u0.model.report.tags
+    roles = {t.role for t in tags.values()}
+    # a pair on every adapted projection (attention and MLP): RoW, individual and its mixer
+    assert roles == {Role.GENERALIST, Role.SPECIALIST, Role.ROUTER}
+    assert {t.kind for t in tags.values() if t.role == Role.ROUTER} == {"router"}
+    assert sum(t.role == Role.ROUTER for t in tags.values()) == 2 * 2 + 2 * 2  # 2 layers x (2 attn + c_fc + c_proj)
+    assert u0.model.spec.n_experts == 1 and u0.model.spec.paired == "mixer"
+
+    # round 0: one common start of the individual LoRAs; every RoW is a copy of it (B = 0)
+    train.sync(run, 0)
+    start = _everyone(topo0, {u.user_idx: _pairs(u) for u in run.users})
+    for u in range(n_users):
+        for (n, row, ind), (_, _, ind0) in zip(start[u], start[0]):
+            assert torch.equal(ind, ind0) and torch.equal(row, ind), n
+
+    # local steps: the individual LoRAs and the mixers move, the RoW never does
+    before = {u.user_idx: {n: p.detach().clone() for n, p in u.model.report.params.items()} for u in run.users}
+    for _ in range(2):
+        train.expert_step(run, run.users)
+    for u in run.users:
+        moved = {n for n, p in u.model.report.params.items() if not torch.equal(p, before[u.user_idx][n])}
+        assert moved == {n for n, t in tags.items() if t.role in (Role.SPECIALIST, Role.ROUTER)}
+
+    # the sync of round 1: each RoW becomes the mean of the *other* users' individual LoRAs
+    pre = _everyone(topo0, {u.user_idx: _pairs(u) for u in run.users})
+    sent = {u.user_idx: u.stats.bytes_sent for u in run.users}
+    train.sync(run, 1)
+    for u in run.users:
+        for i, (n, row, ind) in enumerate(u.method_state):
+            others = [pre[v][i][2].double() for v in range(n_users) if v != u.user_idx]
+            want = (sum(others) / len(others)).float()         # by hand, rounded once
+            assert torch.equal(row.detach(), want), n
+            assert torch.equal(ind.detach(), pre[u.user_idx][i][2]), f"{n}: the sync must not touch the individual"
+        # bytes: the individual LoRAs once up (server), fp32: what analytic_round_bytes says
+        numel = sum(ind.numel() for _, _, ind in u.method_state)
+        assert u.stats.bytes_sent - sent[u.user_idx] == numel * 4
+        assert numel * 4 == train.analytic_round_bytes(u, cfg.comm, run.topo, run.comm.count)["total"]["sent"]
+    post = _everyone(topo0, {u.user_idx: _pairs(u) for u in run.users})
+    assert not torch.equal(post[0][0][2], post[1][0][2]), "individual LoRAs stay the users' own"
+
+    # a whole run through train.run
+    [*rows] = train.run(tiny_config(method="fedalt", n_users=n_users, **{"train.rounds": 3}),
+                        dataclasses.replace(topo0, groups={}), tmp_path / "run")
+    for row in rows:
+        assert row["test_ppl"] < row["base_test_ppl"] and row["shared_params"] == numel
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size, n_users", [(3, 3), (2, 4)])
+def test_fedalt_rest_of_world_is_the_mean_of_the_others_on_real_ranks(tmp_path, world_size, n_users):
+    """3 users on 3 ranks and 4 users on 2 ranks: after round 0 every individual LoRA is the common
+    start and every RoW a copy of it; expert steps move the individual LoRAs and the mixers only;
+    after the sync each user's RoW is bit for bit the hand-computed mean of the others' individual
+    LoRAs, the individual LoRAs are untouched and still differ; the sync sends one LoRA set, the
+    analytic figure; three rounds through train.run beat the base model."""
+    run_on_ranks(_fedalt_worker, world_size, tmp_path, n_users, timeout_s=600)

@@ -1,0 +1,204 @@
+"""FedDPA's instance-wise weights against hand values, and their use in a PairedLoRA."""
+import math
+
+import pytest
+import torch
+
+from comigs_dist.methods.feddpa import compute_instance_weights, compute_pair_weights
+from comigs_dist.model.paired import PairedLoRA
+from dist_harness import run_on_ranks
+
+
+def test_instance_weights_against_hand_values():
+    """References (1,0) and (1,1): instance (1,0) has mean cosine (1 + 1/sqrt2)/2, instance (0,2)
+    (0 + 1/sqrt2)/2; times max_weight 0.5. Instance (-1,0) has mean cosine (-1 - 1/sqrt2)/2 < 0:
+    clamped to 0, or kept negative without the clamp (the released code)."""
+    emb = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, 0.0]])
+    refs = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    r2 = 1 / math.sqrt(2)
+    omega = compute_instance_weights(emb, refs, max_weight=0.5)
+    torch.testing.assert_close(omega, torch.tensor([0.5 * (1 + r2) / 2, 0.5 * r2 / 2, 0.0]))
+    raw = compute_instance_weights(emb, refs, max_weight=0.5, clamp=False)
+    assert raw[2].item() == pytest.approx(0.5 * (-1 - r2) / 2)
+    # one reference set per instance (the released code draws S instances for every test instance)
+    per_row = torch.stack([refs, refs[:1].expand(2, 2), refs.flip(0)])     # (3, S=2, 2)
+    omega_rows = compute_instance_weights(emb, per_row, max_weight=1.0)
+    torch.testing.assert_close(omega_rows, torch.tensor([(1 + r2) / 2, 0.0, 0.0]))
+    # an embedding equal to every reference: omega = max_weight; a zero embedding: 0
+    assert compute_instance_weights(torch.tensor([[3.0, 0.0], [0.0, 0.0]]), refs[:1], 0.5).tolist() == [0.5, 0.0]
+
+
+def test_pair_weights_give_omega_to_the_chosen_adapter():
+    """Columns are (global, local): by default the local adapter gets omega; 'global' is the released
+    inference script's assignment."""
+    omega = torch.tensor([0.1, 0.4])
+    torch.testing.assert_close(compute_pair_weights(omega), torch.tensor([[0.9, 0.1], [0.6, 0.4]]))
+    torch.testing.assert_close(compute_pair_weights(omega, "global"), torch.tensor([[0.1, 0.9], [0.4, 0.6]]))
+    with pytest.raises(ValueError, match=r"weighted \('both'\) must be 'local'"):
+        compute_pair_weights(omega, "both")
+
+
+def test_bad_shapes_and_weights_are_refused():
+    """Embeddings must be 2-D, references (S, d) or (B, S, d) of the same d, max_weight in [0, 1]."""
+    with pytest.raises(ValueError, match=r"embeddings must be \(instances, d\)"):
+        compute_instance_weights(torch.ones(3), torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"references must be .* d = 3 for 2 instances; got shape \(2, 4\)"):
+        compute_instance_weights(torch.ones(2, 3), torch.ones(2, 4))
+    with pytest.raises(ValueError, match=r"got shape \(3, 5, 3\)"):
+        compute_instance_weights(torch.ones(2, 3), torch.ones(3, 5, 3))
+    with pytest.raises(ValueError, match=r"max_weight \(1.5\) must be in \[0, 1\]"):
+        compute_instance_weights(torch.ones(2, 3), torch.ones(1, 3), max_weight=1.5)
+
+
+def test_weights_reach_each_sequence_of_a_paired_adapter():
+    """The (B, 2) weights set on a PairedLoRA (first = global, second = local) mix each sequence
+    with its own weights: sequence b's output is w_g[b] g B_g A_g x + w_l[b] g B_l A_l x."""
+    torch.manual_seed(0)
+    pair = PairedLoRA(4, 3, 2, 16.0, kind="attn", layer=0, module="attn.c_attn")
+    with torch.no_grad():
+        pair.first.lora_B.normal_()
+        pair.second.lora_B.normal_()
+    x = torch.randn(2, 5, 4)
+    w = compute_pair_weights(compute_instance_weights(torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
+                                                      torch.tensor([[1.0, 0.0]]), 0.5))   # omega = 0.5, 0
+    pair.set_row_weights(w)
+    d_global, d_local = pair.delta_weights()
+    out = pair(x)
+    torch.testing.assert_close(out[0], 0.5 * x[0] @ d_global.t() + 0.5 * x[0] @ d_local.t())
+    torch.testing.assert_close(out[1], x[1] @ d_global.t())
+
+
+# --------------------------------------------------------------------------------------------
+# the method on real process groups (gloo, the tiny GPT-2)
+# --------------------------------------------------------------------------------------------
+
+def _state(u) -> dict:
+    return {n: p.detach().clone() for n, p in u.model.report.params.items()}
+
+
+def _everyone(topo, mine: dict) -> dict:
+    from comigs_dist import dist
+    return {k: v for part in dist.all_gather_objects(topo, mine) for k, v in part.items()}
+
+
+def _feddpa_config(**extra):
+    from helpers import tiny_config
+    return tiny_config(method="feddpa", n_users=4, **{"train.local_steps": 2, "train.router_every": 2,
+                                                      "train.router_steps": 2, **extra})
+
+
+def _hand_omega(u, x, state, n_references):
+    """omega of each window of x, recomputed apart from the method: the local adapter alone through
+    the pairs' *fixed* weights (not the row weights the method sets), references drawn by a fresh
+    sampler from the same state."""
+    from comigs_dist.data import BatchSampler
+    sampler = BatchSampler(u.data.train, u.cfg.train.seq_len, 0)
+    sampler.load_state_dict(state)
+    pairs = u.method_state.pairs
+    for p in pairs:
+        p.set_weights(0.0, 1.0)
+    emb = u.model.hidden(x)[:, -1]
+    refs = torch.stack([u.model.hidden(sampler.sample(x.shape[0])[0])[:, -1] for _ in range(n_references)], dim=1)
+    return compute_instance_weights(emb, refs, 0.5)
+
+
+def _feddpa_worker(rank, world_size, tmp_path):
+    import dataclasses
+    from comigs_dist import checkpoint, train
+    from comigs_dist.config import check_world_size
+    from comigs_dist.data import iter_eval_batches
+    from comigs_dist.model import Role
+    from dist_harness import init_topology
+    topo0 = init_topology(n_users=4)
+    cfg = _feddpa_config()
+    check_world_size(cfg, world_size)
+    run = train.build_rank(cfg, dataclasses.replace(topo0, groups={}))
+    tags = run.users[0].model.report.tags
+    glob = {n for n, t in tags.items() if t.role == Role.GENERALIST}
+    local = {n for n, t in tags.items() if t.role == Role.SPECIALIST}
+    assert glob and local and glob | local == set(tags), "a global and a local adapter, no router"
+    assert {t.kind for n, t in tags.items() if n in glob} == {"attn", "expert"}
+
+    train.sync(run, 0)   # one common start of the global adapter
+    start = _everyone(topo0, {u.user_idx: _state(u) for u in run.users})
+    assert all(torch.equal(start[u][n], start[0][n]) for u in range(4) for n in glob)
+
+    # (a) the expert steps train the local adapter on (1 - alpha) global + alpha local
+    before = {u.user_idx: _state(u) for u in run.users}
+    train.expert_step(run, run.users)
+    for u in run.users:
+        assert {n for n, p in _state(u).items() if not torch.equal(p, before[u.user_idx][n])} == local
+        assert all(p.weights == (0.5, 0.5) for p in u.method_state.pairs)
+    # (b) the "router" steps train the global adapter alone
+    for u in run.users:
+        before = _state(u)
+        train.router_steps(run, u, 0)
+        assert {n for n, p in _state(u).items() if not torch.equal(p, before[n])} == glob
+        assert all(p.weights == (1.0, 0.0) for p in u.method_state.pairs)
+
+    # (c) the sync: the global adapter is the users' mean, bit-identical; the local ones stay
+    pre = _everyone(topo0, {u.user_idx: _state(u) for u in run.users})
+    sent = {u.user_idx: u.stats.bytes_sent for u in run.users}
+    train.sync(run, 1)
+    post = _everyone(topo0, {u.user_idx: _state(u) for u in run.users})
+    for n in glob:
+        want = (sum(pre[u][n].double() for u in range(4)) / 4).float()
+        assert all(torch.equal(post[u][n], want) for u in range(4)), n
+    for n in local:
+        assert all(torch.equal(post[u][n], pre[u][n]) for u in range(4)), n
+        assert not torch.equal(post[0][n], post[3][n]) or not post[0][n].any(), n
+    for u in run.users:
+        numel = sum(p.numel() for _, p in u.shared["generalists"])
+        assert u.stats.bytes_sent - sent[u.user_idx] == numel * 4
+        assert train.analytic_round_bytes(u, cfg.comm, run.topo, run.comm.count)["total"]["sent"] == numel * 4
+
+    # test time: each window's weights are the pure function's of independently computed embeddings
+    u = run.users[0]
+    x, y = next(iter_eval_batches(u.data.test, cfg.train.seq_len, 4, 0))
+    refs = u.method_state.references
+    state = {k: v.clone() for k, v in refs.state_dict().items()}
+    with torch.no_grad():
+        summed = u.model.token_sums(x, y)                  # through the method's evaluation context
+        after = {k: v.clone() for k, v in refs.state_dict().items()}
+        omega = _hand_omega(u, x, state, 5)
+        assert torch.all((omega >= 0) & (omega <= 0.5))
+        weights = compute_pair_weights(omega)
+        for p in u.method_state.pairs:
+            p.set_row_weights(weights)
+        context, u.model.eval_context = u.model.eval_context, None
+        by_hand = u.model.token_sums(x, y)
+        u.model.eval_context = context
+        for p in u.method_state.pairs:
+            p.set_row_weights(None)
+    assert summed[1:] == by_hand[1:] and summed[0] == pytest.approx(by_hand[0], rel=1e-5)
+    assert all(p.row_weights is None for p in u.method_state.pairs), "the weights are cleared after the batch"
+    # the reference sampler's state survives a checkpoint (weights_only load)
+    checkpoint.save_atomic({"m": u.method.state_dict(u)}, tmp_path / f"feddpa_{rank}.pt")
+    refs.load_state_dict(state)
+    u.method.load_state_dict(u, checkpoint.load(tmp_path / f"feddpa_{rank}.pt")["m"])
+    assert torch.equal(refs.state_dict()["generator"], after["generator"])
+
+    # a whole run through train.run, evaluated every round
+    rows = train.run(_feddpa_config(**{"train.rounds": 3, "eval.every": 1}), dataclasses.replace(topo0, groups={}),
+                     tmp_path / "run")
+    assert all(row["test_ppl"] < row["base_test_ppl"] and row["router_steps"] == 3 * 2 for row in rows)
+
+
+@pytest.mark.slow
+def test_feddpa_phases_share_the_global_adapter_and_weigh_each_test_window(tmp_path):
+    """4 users on 2 ranks: the expert steps move the local adapters only (pair weights 0.5/0.5),
+    the second phase the global adapters only (weights 1/0); after the sync every global adapter
+    is bit for bit the users' mean and the local ones are untouched; the bytes are one global
+    adapter, the analytic figure; an evaluation batch's loss equals the one with the row weights
+    computed by hand from independently computed embeddings; the reference sampler survives a
+    checkpoint; three rounds through train.run beat the base model."""
+    run_on_ranks(_feddpa_worker, 2, tmp_path, timeout_s=600)
+
+
+def test_feddpa_refuses_a_schedule_without_one_global_phase_per_round():
+    from comigs_dist.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=r"train.router_every \(30\) must equal train.local_steps \(10\).*"
+                                          r"set train.router_every=10 train.router_steps=10"):
+        load_config(None, ["method=feddpa"])
+    with pytest.raises(ConfigError, match=r"method_options.alpha \(1.5\) must be in \[0, 1\]"):
+        load_config(None, ["method=feddpa", "train.router_every=10", "method_options.alpha=1.5"])

@@ -1,0 +1,197 @@
+"""FedALT, FedSA-LoRA, FedDPA and CoMiGS with learned groups as the run sees them: the same users
+give the same results whatever their placement on ranks (one or two users per rank); partial
+participation (FedALT's rest of world over the users that uploaded, by hand; whole runs on 2
+ranks and 1 agree and undrawn users end as they started); a run cut and resumed ends where the
+whole run ends (FedDPA's reference sampler, the learned groups' warm-up sums and groups)."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from dist_harness import init_topology, run_on_ranks
+from helpers import tiny_config, without_timing
+
+N_USERS = 4
+SCHEDULE = {"train.rounds": 3, "train.local_steps": 2, "train.router_every": 2, "train.router_steps": 2,
+            "eval.every": 1, "eval.max_tokens": 256, "data.test_tokens": 512}
+METHODS = {
+    "fedalt": {},
+    "fedsa_lora": {},
+    "feddpa": {},
+    "comigs_learned": {"method_options.warmup_rounds": 1, "method_options.k": 2},
+}
+
+
+def _config(name, **extra):
+    return tiny_config(method=name, n_users=N_USERS, **{**SCHEDULE, **METHODS[name], **extra})
+
+
+def _rows_worker(rank, world_size, tmp_path, runs):
+    """runs: [(tag, method, overrides)]; rank 0 writes every user's row (timing left out) to <tag>.json."""
+    from comigs_dist import dist, train
+    topo = init_topology(n_users=N_USERS)
+    for tag, name, extra in runs:
+        cfg = _config(name, **extra)
+        mine = train.run(cfg, dataclasses.replace(topo, groups={}), tmp_path / tag)
+        rows = [r for part in dist.all_gather_objects(topo, mine) for r in part]
+        if rank == 0:
+            (tmp_path / f"{tag}.json").write_text(json.dumps(sorted((without_timing(r) for r in rows),
+                                                                    key=lambda r: r["user"])))
+
+
+def _read(tmp_path, tag):
+    return json.loads((tmp_path / f"{tag}.json").read_text())
+
+
+def _same(a_rows, b_rows, what):
+    for a, b in zip(a_rows, b_rows, strict=True):
+        assert a == b, (what, a["user"], {k for k in a if a[k] != b.get(k)})
+
+
+@pytest.mark.slow
+def test_two_users_per_rank_give_the_results_of_one_user_per_rank(tmp_path):
+    """4 users, one per rank (4 ranks) and two per rank (2 ranks), 3 rounds with an evaluation
+    each: every user's results.json row is the same bit for bit for each of the four methods
+    (perplexities, curves, bytes, the learned groups)."""
+    for world in (4, 2):
+        run_on_ranks(_rows_worker, world, tmp_path, [(f"{n}_{world}", n, {}) for n in METHODS], timeout_s=900)
+    for name in METHODS:
+        _same(_read(tmp_path, f"{name}_4"), _read(tmp_path, f"{name}_2"), name)
+    assert _read(tmp_path, "comigs_learned_2")[0]["learned_groups"]["groups"] in ([[0, 1], [2, 3]], [[0, 2], [1, 3]],
+                                                                                   [[0, 3], [1, 2]], [[0], [1, 2, 3]],
+                                                                                   [[0, 1, 2], [3]], [[0, 1, 3], [2]],
+                                                                                   [[0, 2, 3], [1]])
+
+
+PARTIAL = {"train.users_per_round": 2}
+
+
+@pytest.mark.slow
+def test_partial_participation_on_two_ranks_and_one(tmp_path):
+    """2 of 4 users per round (a seeded draw): each method's rows agree bit for bit between 2 ranks
+    and 1; a user never drawn ends at the base model's perplexity; learned groups refuse it."""
+    names = ["fedalt", "fedsa_lora", "feddpa"]
+    for world in (2, 1):
+        run_on_ranks(_rows_worker, world, tmp_path, [(f"{n}_{world}", n, PARTIAL) for n in names], timeout_s=900)
+    for name in names:
+        one, two = _read(tmp_path, f"{name}_1"), _read(tmp_path, f"{name}_2")
+        _same(two, one, name)
+        assert sum(r["rounds_taken"] for r in one) == 3 * 2
+        for r in one:
+            assert (r["rounds_taken"] == 0) == (r["test_ppl"] == r["base_test_ppl"]), (name, r["user"])
+    from comigs_dist.config import ConfigError
+    with pytest.raises(ConfigError, match="method 'comigs_learned' cannot run with partial participation"):
+        _config("comigs_learned", **PARTIAL)
+
+
+def _fedalt_partial_worker(rank, world_size, tmp_path):
+    """4 users on 2 ranks, 2 per round: each participant's RoW after the sync, by hand."""
+    from comigs_dist import dist, train
+    from comigs_dist.monitor import Monitor
+    topo = init_topology(n_users=N_USERS)
+    cfg = _config("fedalt", **PARTIAL)
+    run = train.build_rank(cfg, dataclasses.replace(topo, groups={}))
+    train.run_round(run, 0)
+    checked = 0
+    for round_idx in range(1, 4):
+        uploaded = train.participants(cfg, N_USERS, round_idx - 1)
+        now = train.participants(cfg, N_USERS, round_idx)
+        mine = {u.user_idx: [ind.detach().clone() for _, _, ind in u.method_state] for u in run.users}
+        rows = {u.user_idx: [row.detach().clone() for _, row, _ in u.method_state] for u in run.users}
+        ind = {k: v for part in dist.all_gather_objects(topo, mine) for k, v in part.items()}
+        active = train.sync(run, round_idx)
+        for u in run.users:
+            for i, (_, row, _) in enumerate(u.method_state):
+                if u.user_idx not in now:  # sits this round out: untouched
+                    assert torch.equal(row.detach(), rows[u.user_idx][i])
+                    continue
+                others = [v for v in sorted(uploaded) if v != u.user_idx]
+                want = (sum(ind[v][i].double() for v in others) / len(others)).float()
+                assert torch.equal(row.detach(), want), (round_idx, u.user_idx, i)
+                checked += 1
+        train.local_iterations(run, active, round_idx, Monitor.silent([u.user_idx for u in run.users]))
+    assert checked > 0
+
+
+def test_fedalt_rest_of_world_under_partial_participation(tmp_path):
+    """2 of 4 users per round on 2 ranks: a participant's RoW is the mean of the other users that
+    uploaded (took part in the round before), bit for bit, whether or not it uploaded itself;
+    users that sit the round out keep theirs."""
+    run_on_ranks(_fedalt_partial_worker, 2, tmp_path, timeout_s=300)
+
+
+def _resume_worker(rank, world_size, tmp_path, plans):
+    from comigs_dist import dist, train
+    topo = init_topology(n_users=N_USERS)
+    for tag, name, rounds, resume in plans:
+        extra = {"train.rounds": rounds, "resume": resume, "out_dir": str(tmp_path / tag), "checkpoint.every": 1,
+                 "train.schedule": "constant"}
+        if name == "comigs_learned":
+            extra["method_options.warmup_rounds"] = 2
+        cfg = _config(name, **extra)
+        mine = train.run(cfg, dataclasses.replace(topo, groups={}), tmp_path / tag)
+        rows = [r for part in dist.all_gather_objects(topo, mine) for r in part]
+        if rank == 0:
+            (tmp_path / f"{tag}.json").write_text(json.dumps(sorted((without_timing(r) for r in rows),
+                                                                    key=lambda r: r["user"])))
+
+
+def _cut(whole, to, keep: int) -> None:
+    """A copy of a whole run's directory as a run stopped after round ``keep`` leaves it: the
+    later round checkpoints, the final one and the manifest removed."""
+    import shutil
+    from comigs_dist import checkpoint
+    shutil.copytree(whole, to)
+    for path in checkpoint.checkpoints_dir(to).rglob("*.pt"):
+        done = path.stem.split("_")[-1]
+        if not done.isdigit() or int(done) > keep:
+            path.unlink()
+    checkpoint.manifest_path(to).unlink(missing_ok=True)
+
+
+@pytest.mark.slow
+def test_a_cut_run_resumes_to_the_whole_runs_results(tmp_path):
+    """4 users on 2 ranks, 4 rounds checkpointed every round: FedDPA and FedALT resumed from round 2,
+    CoMiGS with learned groups (warm-up 2) from round 2 (warm-up sums in the checkpoint) and from
+    round 3 (groups in the checkpoint, process groups rebuilt), each to round 4, end bit for bit
+    where the uninterrupted run ends."""
+    wholes = [("feddpa", "feddpa"), ("fedalt", "fedalt"), ("learned", "comigs_learned")]
+    run_on_ranks(_resume_worker, 2, tmp_path, [(tag, name, 4, "false") for tag, name in wholes], timeout_s=900)
+    resumed = [("feddpa", "feddpa", 2), ("fedalt", "fedalt", 2), ("learned", "comigs_learned", 2),
+               ("learned", "comigs_learned", 3)]
+    for tag, _, keep in resumed:
+        _cut(tmp_path / tag, tmp_path / f"{tag}_from{keep}", keep)
+    run_on_ranks(_resume_worker, 2, tmp_path, [(f"{tag}_from{keep}", name, 4, "true") for tag, name, keep in resumed],
+                 timeout_s=900)
+    for tag, _, keep in resumed:
+        _same(_read(tmp_path, tag), _read(tmp_path, f"{tag}_from{keep}"), f"{tag} from round {keep}")
+    learned = _read(tmp_path, "learned")[0]["learned_groups"]
+    assert learned["after_round"] == 2 and len(learned["groups"]) == 2
+
+
+def _packed_worker(rank, world_size, tmp_path, name):
+    from comigs_dist import train
+    topo = init_topology(n_users=N_USERS)
+    runs = {}
+    for pack in ("off", "on"):
+        cfg = _config(name, **{"train.pack_users": pack, "train.micro_batch_size": 2})
+        run = train.build_rank(cfg, dataclasses.replace(topo, groups={}))
+        assert train.packs_users(cfg, topo.device, run.users) == (pack == "on")
+        for r in range(2):
+            train.run_round(run, r)
+        runs[pack] = run
+    for a, b in zip(runs["off"].users, runs["on"].users):
+        assert a.step == b.step == 4
+        for ca, cb in zip(a.train_curve, b.train_curve, strict=True):
+            assert cb["loss"] == pytest.approx(ca["loss"], rel=2e-5)
+        for n, p in a.model.report.params.items():
+            torch.testing.assert_close(b.model.report.params[n], p, rtol=2e-4, atol=2e-6, msg=n)
+
+
+@pytest.mark.parametrize("name", ["fedalt", "feddpa"])
+def test_paired_adapters_train_packed_like_one_by_one(tmp_path, name):
+    """4 users on one rank, 2 rounds: train.pack_users=on (one packed forward of every user's batch
+    through the shared base, pairs on every projection) gives each user the losses and parameters
+    of pack_users=off to float32 rounding (FedDPA: its phase weights set per user)."""
+    run_on_ranks(_packed_worker, 1, tmp_path, name, timeout_s=300)
