@@ -90,8 +90,8 @@ def encode(values: torch.Tensor, frac_bits: int, n_users: int, *, who: str = "a 
         raise FixedPointOverflow(
             f"secure aggregation: {who} would send |value| {biggest / 2.0 ** frac_bits:.6g}, above the largest one of "
             f"{n_users} contributors may send with privacy.frac_bits {frac_bits}: "
-            f"{max_abs_value(frac_bits, n_users):.6g} (the sum of {n_users} must stay within +-{max_abs_sum(frac_bits, n_users):.6g}); {fix}bound the updates "
-            f"with privacy.dp=user and privacy.clip")
+            f"{max_abs_value(frac_bits, n_users):.6g} (the sum of {n_users} must stay within "
+            f"+-{max_abs_sum(frac_bits, n_users):.6g}); {fix}bound the updates with privacy.dp=user and privacy.clip")
     return scaled.to(torch.int64)
 
 
