@@ -10,7 +10,8 @@ from comigs_dist.config.schema import (CheckpointConfig, CommConfig, ConfigError
                                        FloatOrList, GroupConfig, GuardConfig, IntOrList, LogConfig, LoRAConfig,
                                        MoEConfig, ModelConfig, RunConfig, TrainConfig)
 from comigs_dist.config.users import PER_USER_KEYS, UserSpec, inferred_n_users, resolve_users, users_per_round
-from comigs_dist.config.validation import check_world_size, collect_errors, comm_group_errors, format_errors, validate
+from comigs_dist.config.validation import (check_world_size, collect_errors, comm_group_errors, format_errors,
+                                           privacy_accounting, privacy_errors, validate)
 from comigs_dist.config.loading import config_from_dict, describe_options, load_config, parse_override, to_yaml
 from comigs_dist.options import get_dotted, opt, sub
 
@@ -18,4 +19,5 @@ __all__ = ["CheckpointConfig", "CommConfig", "ConfigError", "DataConfig", "EvalC
            "GuardConfig", "IntOrList", "LogConfig", "LoRAConfig", "MoEConfig", "ModelConfig", "PER_USER_KEYS",
            "RunConfig", "TrainConfig", "UserSpec", "check_world_size", "collect_errors", "comm_group_errors",
            "config_from_dict", "describe_options", "format_errors", "get_dotted", "inferred_n_users", "users_per_round", "load_config",
-           "opt", "parse_override", "resolve_users", "sub", "to_yaml", "validate"]
+           "opt", "parse_override", "privacy_accounting", "privacy_errors", "resolve_users", "sub", "to_yaml",
+           "validate"]

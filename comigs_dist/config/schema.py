@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Union
 
 from comigs_dist.options import OptionsError, opt, sub
+from comigs_dist.privacy.dp import PrivacyConfig
 
 
 class ConfigError(OptionsError):
@@ -202,6 +203,8 @@ class RunConfig:
     log: LogConfig = sub(LogConfig, "Logging.")
     checkpoint: CheckpointConfig = sub(CheckpointConfig, "Checkpoints.")
     guard: GuardConfig = sub(GuardConfig, "What happens to non-finite numbers.")
+    privacy: PrivacyConfig = sub(PrivacyConfig, "Privacy of what leaves a user: differential privacy and secure "
+                                 "aggregation of the shared groups (docs/privacy.md).")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
