@@ -222,7 +222,7 @@ def test_dp_without_noise_is_the_plain_run_and_epsilon_reaches_the_results(tmp_p
         b = dict(b)
         private = b.pop("privacy")
         assert a == b, {k for k in a if a[k] != b.get(k)}
-        assert private["epsilon"] is None  # no noise: infinite, written as null
+        assert private["epsilon"] == float("inf")  # no noise (results.json writes null)
         assert private["updates_sent"] == 2 and private["updates_clipped"] == 0
     curves = [[e["epsilon"] for e in u["privacy"]["epsilon_curve"]] for u in noisy]
     expected = [epsilon(1.3, 1.0, r, 1e-5) for r in (0, 1, 2)]  # round 1 releases nothing; rounds 2, 3 one each
