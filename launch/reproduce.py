@@ -4,7 +4,8 @@
         [--scale paper|cpu|debug] [--rows Local,FedAvg] [--quirks] [--dry-run]
 
 ``--table`` takes 1, 2, 4, 5, 6 (the tables), fig4, fig5, fig6 (section 4.3.2, Multilingual),
-fig11, fig12, fig13 (appendix D, SlimPajama) and tau_s (Figure 7). Every cell of the table is one
+fig11, fig12, fig13 (appendix D, SlimPajama), tau_s (Figure 7) and privacy (not in the paper:
+test perplexity against user-level DP's privacy.target_epsilon, docs/privacy.md). Every cell is one
 configuration (a YAML of ``configs/`` and its row's overrides, as the YAML's header lists them) run
 once per seed through the sweep machinery (``launch.submit``: submitit, to Slurm or to local
 processes). Each run has a fixed directory, ``<root>/<scale>/<config>/<overrides>/seed-<s>``, so a
@@ -114,7 +115,11 @@ FIGURES = {"fig4": ("multilingual", "more_specialists",
                      "Figure 13: one-expert low-data users gain from collaborators with more experts")}
 USERS = {"multilingual": ("de", "nl", "fr", "it"), "slimpajama": ("stackexchange", "github", "arxiv", "book")}
 TAU_S = ((10, 30, 50), (5, 10, 20))
-TABLE_KEYS = ("1", "2", "4", "5", "6", *FIGURES, "tau_s")
+# perplexity against epsilon (docs/privacy.md): row -> (config, method); columns: no DP, then privacy.target_epsilon
+PRIVACY_ROWS = {"CoMiGS-1G1S": ("configs/agnews/table4_iv_alternating_valid.yaml", "comigs_1g1s"),
+                "FedAvg": ("configs/agnews/table4_i_no_routing.yaml", "fedavg")}
+PRIVACY_EPSILONS = (64, 16, 4, 1)
+TABLE_KEYS = ("1", "2", "4", "5", "6", *FIGURES, "tau_s", "privacy")
 
 
 def _fmt_list(values) -> str:
@@ -175,6 +180,16 @@ def build_spec(key: str) -> Spec:
         return Spec(key, "Figure 7: router period tau and router steps s, CoMiGS-1G1S on SlimPajama",
                     [f"tau={t}" for t in taus], [f"s={s}" for s in steps], cells, plot="sweep",
                     note="the paper shows this as a figure only: no numbers to compare")
+    if key == "privacy":
+        cols = {"no DP": ()} | {f"eps={e}": ("privacy.dp=user", f"privacy.target_epsilon={e}")
+                                for e in PRIVACY_EPSILONS}
+        cells = [Cell(row, col, config, (f"method={method}", *ov), "agnews")
+                 for row, (config, method) in PRIVACY_ROWS.items() for col, ov in cols.items()]
+        return Spec(key, "Privacy: user-level DP on the shared parameters, AG News (not in the paper)",
+                    list(PRIVACY_ROWS), list(cols), cells,
+                    note="not in the paper; each eps column calibrates the noise multiplier so that epsilon at "
+                         "privacy.delta=1e-5 after the run's rounds is at most eps (privacy.clip=1.0; "
+                         "docs/privacy.md)")
     raise ConfigError(f"--table {key!r} is not known; choose one of: {', '.join(TABLE_KEYS)}")
 
 
@@ -596,7 +611,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m launch.reproduce", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Tables: " + ", ".join(TABLE_KEYS))
-    p.add_argument("--table", required=True, help="1, 2, 4, 5, 6, fig4, fig5, fig6, fig11, fig12, fig13 or tau_s")
+    p.add_argument("--table", required=True,
+                   help="1, 2, 4, 5, 6, fig4, fig5, fig6, fig11, fig12, fig13, tau_s or privacy")
     p.add_argument("--dataset", default=None,
                    help="comma-separated datasets of the table to run (agnews, multilingual, slimpajama; Table 6 "
                         "also common_corpus); default: all of the table's")
