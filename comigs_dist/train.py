@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from comigs_dist import dist, faults, guard, resume
-from comigs_dist.config import RunConfig, privacy_accounting, resolve_users, to_yaml, users_per_round
+from comigs_dist.config import ConfigError, RunConfig, privacy_accounting, resolve_users, to_yaml, users_per_round
 from comigs_dist.data import BatchSampler, UserData, load_user_data
 from comigs_dist.evaluate import EvalResult, evaluate_split
 from comigs_dist.methods import Method, SyncContext, get_method
@@ -567,7 +567,11 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     # a fresh start, or every user restored to the newest round they all checkpointed
     done = resume.restore(rank, out_dir, say)
     if rank.accountant is not None and done:  # the rounds already accounted for, from the checkpoint
-        rank.accountant.load_state_dict(rank.users[0].privacy["accountant"])
+        try:
+            rank.accountant.load_state_dict(rank.users[0].privacy["accountant"])
+        except ValueError as exc:  # every rank alike: the same checkpoint and configuration
+            raise ConfigError(f"{exc} (privacy.target_epsilon calibrates the noise multiplier to train.rounds, "
+                              f"so train.rounds cannot change on resume with it)") from exc
     if topo.rank == 0:  # only now: a refused start or resume leaves the directory as it found it
         from comigs_dist.checkpoint import write_atomic
         write_atomic(Path(out_dir) / "config.yaml", lambda f: f.write(to_yaml(cfg)), text=True)
