@@ -12,7 +12,7 @@ from dp_accounting.rdp import RdpAccountant
 
 from comigs_dist.privacy import accountant, dp
 from comigs_dist.privacy import secure_agg as sa
-from comigs_dist.privacy.dp import PrivacyConfig
+from comigs_dist.config import PrivacyConfig
 from helpers import subprocess_env
 
 

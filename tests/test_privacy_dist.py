@@ -12,7 +12,7 @@ import torch
 
 from comigs_dist.config import ConfigError, check_world_size, load_config, privacy_accounting
 from comigs_dist.privacy import dp, resolution
-from comigs_dist.privacy.dp import PrivacyConfig
+from comigs_dist.config import PrivacyConfig
 from dist_harness import init_topology, run_on_ranks
 from helpers import tiny_config, without_timing
 

@@ -1,4 +1,4 @@
-"""User-level differential privacy on a sharing group's flat update, and the ``privacy.*`` options.
+"""User-level differential privacy on a sharing group's flat update, and the checks of ``privacy.*``.
 
 Owns what happens to one user's round update of one group before the group's sum (the L2 clip
 over the whole group buffer; under ``noise_at=users`` the user's share of the noise), what
@@ -15,48 +15,19 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import math
-from dataclasses import dataclass
-from typing import Literal, Union
+from typing import TYPE_CHECKING
 
 import torch
 
-from comigs_dist.options import opt
 from comigs_dist.seeds import EVERY_USER, derive_seed
+
+if TYPE_CHECKING:  # the options are plain data of the config schema, which imports nothing of this package
+    from comigs_dist.config.schema import PrivacyConfig
 
 DP_MODES = ("off", "user")
 NOISE_AT = ("server", "users")
 MIN_FRAC_BITS, MAX_FRAC_BITS = 1, 52   # float64 carries 52 fractional bits: more would round again
 INSTALL = 'pip install -e ".[privacy]"'
-
-
-@dataclass
-class PrivacyConfig:
-    dp: Literal["off", "user"] = opt(
-        "off", "User-level differential privacy on what leaves a user (the shared groups: generalists and attention "
-        "LoRA; specialists and routers never leave): 'user' clips each participating user's round update of every "
-        "group to privacy.clip and adds Gaussian noise to the group's sum, and the run reports epsilon at "
-        "privacy.delta every round; 'off' = none. See docs/privacy.md.")
-    clip: float = opt(1.0, "C: L2 bound of one user's round update of one sharing group (its shared buffer minus the "
-                      "aggregate it last downloaded), over the whole group.")
-    noise_multiplier: float = opt(
-        1.0, "z: the noise on a group's sum has standard deviation z * privacy.clip; 0 = clipping only (epsilon is "
-        "infinite). Replaced by the calibrated value when privacy.target_epsilon is set.")
-    delta: float = opt(1e-5, "delta of the (epsilon, delta) guarantee; in (0, 1), well below 1 / the number of users.")
-    noise_at: Literal["server", "users"] = opt(
-        "server", "Who adds the noise: 'server' = N(0, (z C)^2) once on the sum (a trusted aggregator); 'users' = each "
-        "of the n contributing users adds N(0, (z C)^2 / n) to its own update, so the sum carries the same noise and "
-        "nobody holds it alone (pair with privacy.secure_agg).")
-    target_epsilon: Union[float, None] = opt(
-        None, "Pick privacy.noise_multiplier before the run: the smallest one whose epsilon at privacy.delta after the "
-        "planned rounds is at most this. null = use privacy.noise_multiplier as given.")
-    secure_agg: bool = opt(
-        False, "Secure aggregation: users add pairwise masks to their fixed-point shared buffers, so what one user "
-        "sends looks uniformly random and only the group's sum is revealed (a simulation of the arithmetic, not of the "
-        "key agreement: docs/privacy.md). int64 travels: twice the bytes of fp32.")
-    frac_bits: int = opt(
-        32, "Fractional bits of secure aggregation's fixed point: each value is rounded to a multiple of 2^-frac_bits, "
-        "so the sum of n users is within n * 2^-(frac_bits+1) of the plain sum; each bit more halves the largest "
-        "value a user may send (reported when exceeded).")
 
 
 def config_errors(p: PrivacyConfig, *, rounds: int, sample_rate: float = 1.0, sampling: str = "poisson",

@@ -17,12 +17,15 @@ planned count, which is public, and that user's noise share still reaches the su
 """
 from __future__ import annotations
 
-from typing import Collection, Mapping
+from typing import TYPE_CHECKING, Collection, Mapping
 
 import torch
 
-from comigs_dist.privacy.dp import PrivacyConfig, noise_sum, privatize_update
+from comigs_dist.privacy.dp import noise_sum, privatize_update
 from comigs_dist.privacy.secure_agg import masked_share, unmask_sum
+
+if TYPE_CHECKING:
+    from comigs_dist.config.schema import PrivacyConfig
 
 
 class PrivateMean:
