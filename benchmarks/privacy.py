@@ -68,7 +68,7 @@ def _rank(rank: int, n_ranks: int, port: int, args, out_path: str) -> None:
     from comigs_dist import dist, train
     from comigs_dist.config import load_config
     from comigs_dist.methods import SyncContext
-    from comigs_dist.privacy.dp import PrivacyConfig
+    from comigs_dist.config import PrivacyConfig
     from comigs_dist.privacy.mean import PrivateMean
     cfg = load_config(None, _overrides(args, n_ranks))
     topo = dist.init_distributed("gloo", "cpu", 600.0, threads=1)
