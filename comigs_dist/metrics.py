@@ -285,6 +285,9 @@ def build_results(cfg_dict: dict, users: list[dict], dataset: str, wall_seconds:
     """The results.json contract (see docs/monitoring.md): run identity, means over users, per-user rows."""
     users = sorted(users, key=lambda u: u["user"])
     mean = lambda key: sum(u[key] for u in users) / len(users)
+    # privacy.*: the run's settings and epsilon (the same in every row; the clipping counts are each user's)
+    privacy = {k: v for k, v in users[0]["privacy"].items() if not k.startswith("updates_")} \
+        if "privacy" in users[0] else None
     return {
         "method": cfg_dict["method"],
         "dataset": dataset,
@@ -296,6 +299,7 @@ def build_results(cfg_dict: dict, users: list[dict], dataset: str, wall_seconds:
         "test_ppl_quantiles": quantiles([u["test_ppl"] for u in users]),
         "mean_base_test_ppl": mean("base_test_ppl"),
         "wall_seconds": wall_seconds,
+        **({"privacy": privacy} if privacy else {}),
         "users": users,
         "config": cfg_dict,
     }
@@ -333,6 +337,12 @@ def format_table(results: dict) -> str:
         mean += [(name, "", f"{value:.3f}", "", "", "") for name, value in q.items()]
     title = (f"{results['method']} on {results['dataset']}, seed {results['seed']}, {results['rounds']} rounds, "
              f"{results['world_size']} users, {results['wall_seconds']:.0f} s")
+    privacy = results.get("privacy") or {}
+    if privacy.get("dp") == "user":
+        eps = privacy.get("epsilon")  # null in JSON when infinite (no noise)
+        title += f", user-level DP epsilon {'inf' if eps is None else f'{eps:.3g}'} at delta {privacy['delta']:g}"
+    if privacy.get("secure_agg"):
+        title += ", secure aggregation"
     return title + "\n" + table(("user", "experts", "test ppl", "base ppl", "sent MB", "tok/s"), rows, ">" * 6,
                                 footer=mean) + note
 

@@ -85,6 +85,7 @@ def scalar_layout(n_layers: int, n_experts: int, n_generalists: int) -> dict:
 FED_TRAIN_LOSS = "federation/train_loss"      # mean over the round's participants
 FED_PARTICIPANTS = "federation/participants"  # users that took part in the round
 FED_TEST_PPL = "federation/test_ppl"          # mean over every user, at evaluations
+FED_EPSILON = "federation/privacy_epsilon"    # privacy.dp=user: epsilon at privacy.delta after the round
 
 
 def logged_users(spec, n_users: int | None) -> set[int]:
@@ -144,6 +145,10 @@ class Monitor:
 
     def federation_eval(self, round_num: int, mean_ppl: float) -> None:
         self.federation.scalar(FED_TEST_PPL, mean_ppl, round_num)
+
+    def federation_privacy(self, round_num: int, epsilon: float) -> None:
+        """Rank 0: the run's epsilon after the round (every user's guarantee, privacy.dp=user)."""
+        self.federation.scalar(FED_EPSILON, epsilon, round_num)
 
     # -- set-up --------------------------------------------------------------------------------
     def start(self, user: int, config_yaml: str | None, n_layers: int, n_experts: int, n_generalists: int) -> None:

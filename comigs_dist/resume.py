@@ -3,7 +3,8 @@
 Owns what a round checkpoint holds (the trainable parameters, both optimisers and the expert
 schedule, both samplers' generators (the data position), the global python/numpy/torch
 generators, the step, round and token counters, the evaluation history, the base evaluation,
-the communication byte counters and the guard's skip counters), the manifest rank 0 writes once
+the communication byte counters, the guard's skip counters and the privacy state: the aggregates
+last downloaded, the epsilon curve and the accountant's rounds), the manifest rank 0 writes once
 every user has saved a round, and the checks before training: an output directory every user
 can write to with room for a round of checkpoints, and the round to resume from, agreed by all
 users. Every decision is taken on gathered facts, so all users raise the same error together
@@ -52,6 +53,8 @@ def user_state(run, round_idx: int) -> dict:
         "train_curve": list(run.train_curve),
         "base": dataclasses.asdict(run.base) if run.base is not None else None,
         "comm": dataclasses.asdict(run.stats),
+        "privacy": {**run.privacy,
+                    "references": {g: t.detach().cpu() for g, t in run.privacy.get("references", {}).items()}},
         # what a resume must find unchanged: the tokens (meta.json's shard checksums) and, beside
         # the full config above, a digest of the options that change results
         "data": data_fingerprint(run.data.meta),
@@ -85,6 +88,9 @@ def apply_state(run, state: dict) -> None:
     if state["base"] is not None:
         run.base = EvalResult(**state["base"])
     run.stats.__dict__.update(dataclasses.asdict(dist.CommStats(**state["comm"])))  # the object Comm counts into
+    if run.privacy and state.get("privacy"):  # privacy.* is part of the config fingerprint: the same options
+        saved = state["privacy"]
+        run.privacy = {**saved, "references": {g: t.to(run.device) for g, t in saved["references"].items()}}
     checkpoint.restore_rng(state["rng"])
 
 

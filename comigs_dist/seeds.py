@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 
 # every stream a run draws from; a new use of randomness adds its name here
-STREAMS = ("adapters", "train_batches", "router_batches", "global_init", "participation", "feddpa_references")
+STREAMS = ("adapters", "train_batches", "router_batches", "global_init", "participation",
+           "feddpa_references", "dp_noise", "secure_agg")
 EVERY_USER = None  # the ``user`` of a stream that every user draws alike
 
 

@@ -23,13 +23,15 @@ from pathlib import Path
 import torch
 
 from comigs_dist import dist, faults, guard, resume
-from comigs_dist.config import RunConfig, resolve_users, to_yaml, users_per_round
+from comigs_dist.config import ConfigError, RunConfig, privacy_accounting, resolve_users, to_yaml, users_per_round
 from comigs_dist.data import BatchSampler, UserData, load_user_data
 from comigs_dist.evaluate import EvalResult, evaluate_split
 from comigs_dist.methods import Method, SyncContext, get_method
 from comigs_dist.model import AdaptedBase, UserModel, adapter_spec_for, build_user_model, forward_users
 from comigs_dist.model.shared_base import plan_sharing
 from comigs_dist.monitor import Monitor
+from comigs_dist.privacy import resolve_noise_multiplier, resolution
+from comigs_dist.privacy.mean import PrivateMean
 from comigs_dist.seeds import EVERY_USER, derive_seed
 
 
@@ -142,6 +144,9 @@ class UserState:
     contributing: bool = True                 # takes part in this round's means (guard.nan=skip, participation)
     rounds_taken: int = 0                     # rounds this user took part in (train.participation)
     sits_out_gradients: bool = False          # sits this step's gradient average out (guard.nan=skip)
+    # privacy.*: per group the aggregate last downloaded ("references"), epsilon after every round,
+    # how many updates were sent and clipped (empty when privacy is off)
+    privacy: dict = field(default_factory=dict)
 
     @property
     def n_train_tokens(self) -> int:
@@ -165,6 +170,8 @@ class RankRun:
     base: AdaptedBase
     users: list[UserState]
     autocast: object
+    accountant: object = None                 # privacy.dp=user: epsilon over the rounds (privacy.accountant)
+    privacy: dict = field(default_factory=dict)  # the privacy settings results.json reports (empty when off)
 
 
 def build_user(cfg: RunConfig, topo: dist.Topology, method: Method, base: AdaptedBase | None, user: int,
@@ -219,24 +226,55 @@ def build_rank(cfg: RunConfig, topo: dist.Topology, method: Method | None = None
     for u in users:
         for params in u.shared.values():  # each group's parameters in one buffer: the sync copies nothing
             dist.pack_flat([p for _, p in params])
-    comm = dist.Comm(topo, cfg.comm.mode, cfg.comm.dtype, exact=cfg.comm.exact, count=counts_contributors(cfg, topo.n_users))
+    private, accountant, report = build_privacy(cfg, topo, users)
+    comm = dist.Comm(topo, cfg.comm.mode, cfg.comm.dtype, exact=cfg.comm.exact,
+                     count=counts_contributors(cfg, topo.n_users), privacy=private)
     comm.mark_checked(topo.groups)
     for u in users:
         u.stats = comm.user_stats[u.user_idx]
     return RankRun(cfg=cfg, topo=topo, method=method, comm=comm, base=base, users=users,
-                   autocast=autocast_for(topo.device, cfg.train.amp))
+                   autocast=autocast_for(topo.device, cfg.train.amp), accountant=accountant, privacy=report)
 
 
-def analytic_round_bytes(user: UserState, comm_cfg, topo: dist.Topology, count: bool) -> dict:
+def build_privacy(cfg: RunConfig, topo: dist.Topology,
+                  users: list[UserState]) -> tuple[PrivateMean | None, object, dict]:
+    """privacy.*: the private mean of the rank's shared groups (None when both mechanisms are off),
+    the accountant (privacy.dp=user; the noise multiplier calibrated to privacy.target_epsilon
+    first, the same on every rank) and the settings results.json reports. docs/privacy.md."""
+    p = cfg.privacy
+    if p.dp != "user" and not p.secure_agg:
+        return None, None, {}
+    groups = sorted({g for u in users for g in u.shared})
+    report = {"dp": p.dp, "secure_agg": p.secure_agg}
+    z, accountant = 0.0, None
+    if p.dp == "user":
+        from comigs_dist.privacy.accountant import Accountant
+        plan = privacy_accounting(cfg, topo.n_users)
+        z = resolve_noise_multiplier(p, **plan)
+        accountant = Accountant(z, plan["sample_rate"], p.delta, sampling=plan["sampling"], n_users=plan["n_users"],
+                                groups_per_user=plan["groups_per_user"])
+        report.update(clip=p.clip, noise_multiplier=z, noise_at=p.noise_at, delta=p.delta,
+                      target_epsilon=p.target_epsilon, accountant="dp-accounting RDP", accounting=plan)
+    if p.secure_agg:
+        largest = max((len(topo.members(g)) for g in topo.groups if g in groups), default=1)
+        report.update(frac_bits=p.frac_bits, sum_resolution=resolution(p.frac_bits, largest))
+    for u in users:
+        u.privacy = {"references": {}, "epsilon_curve": [], "updates_sent": 0, "updates_clipped": 0}
+    return PrivateMean(p, noise_multiplier=z, seed=cfg.seed, groups=groups), accountant, report
+
+
+def analytic_round_bytes(user: UserState, comm_cfg, topo: dist.Topology, count: bool, secure_agg: bool = False) -> dict:
     """What one aggregation round should cost a user, from the shapes of its shared parameters
     (``dist.round_bytes``: S up and down in server mode, N*S each way in all2all, S in comm.dtype
-    plus the contributor count under guard.nan=skip): per group and in total. This is the mean
+    (int64 under privacy.secure_agg) plus the contributor count under guard.nan=skip): per group
+    and in total. This is the mean
     every method defaults to; methods with an aggregation of their own move what they move."""
     groups, total = {}, {"sent": 0, "received": 0}
     for group, params in user.shared.items():
         numel = sum(p.numel() for _, p in params)
         members = topo.members(group)
-        payload = dist.payload_bytes(numel + (1 if count else 0), comm_cfg.dtype)
+        wire = dist.SECURE_AGG_WIRE if secure_agg else comm_cfg.dtype
+        payload = dist.payload_bytes(numel + (1 if count else 0), wire)
         sent, received = dist.round_bytes(payload, comm_cfg.mode, len(members))
         groups[group] = {"members": list(members), "shared_params": numel, "payload_bytes": payload,
                          "analytic_sent_per_round": sent, "analytic_received_per_round": received}
@@ -304,6 +342,8 @@ def sync(rank: RankRun, round_idx: int) -> list[UserState]:
     # a device that trained last round uploads (a user the guard sets aside sends its flag and
     # zeros); one that did not train sends nothing, and only this round's participants download
     rank.comm.set_round(upload=uploaded if round_idx > 0 else None, download=now if round_idx > 0 else None)
+    if rank.comm.privacy is not None:  # the round's planned contributors, and what each user downloaded last
+        rank.comm.privacy.start_round(round_idx, uploaded, {u.user_idx: u.privacy["references"] for u in users})
     try:
         rank.method.sync(SyncContext(round_idx=round_idx, comm=rank.comm, users=users,
                                      evaluate_valid=lambda u: evaluate_valid(u, rank.autocast).loss))
@@ -313,7 +353,30 @@ def sync(rank: RankRun, round_idx: int) -> list[UserState]:
         if u.user_idx in keep:
             _put_back(u, keep[u.user_idx])
         u.contributing = True
+    if rank.comm.privacy is not None:
+        _after_private_sync(rank, round_idx, downloaded=[u for u in users if u.user_idx not in keep])
     return [u for u in users if u.user_idx in now]
+
+
+@torch.no_grad()
+def _after_private_sync(rank: RankRun, round_idx: int, downloaded: list[UserState]) -> None:
+    """privacy.*, once a round's sync is done: the users' clipping counts; under privacy.dp=user
+    the aggregate each user that downloaded starts from (its next update is measured from it),
+    and epsilon after the round (the accountant counts the round if it released an aggregate)."""
+    private = rank.comm.privacy
+    for u in rank.users:
+        norms = private.norms.get(u.user_idx, [])
+        u.privacy["updates_sent"] += len(norms)
+        u.privacy["updates_clipped"] += sum(n > rank.cfg.privacy.clip for n in norms)
+    if rank.accountant is None:
+        return
+    for u in downloaded:
+        u.privacy["references"] = {g: dist.flatten([p for _, p in params], params[0][1].dtype)
+                                   for g, params in u.shared.items()}
+    epsilon = rank.accountant.step() if private.released else rank.accountant.epsilon
+    for u in rank.users:
+        u.privacy["epsilon_curve"].append({"round": round_idx + 1, "epsilon": epsilon})
+        u.privacy["accountant"] = rank.accountant.state_dict()
 
 
 def _micro_batches(user: UserState, sampler: BatchSampler, expert_phase: bool, autocast) -> tuple[float, float, float]:
@@ -507,13 +570,23 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
         faults.at_setup(u)
     # a fresh start, or every user restored to the newest round they all checkpointed
     done = resume.restore(rank, out_dir, say)
+    if rank.accountant is not None and done:  # the rounds already accounted for, from the checkpoint
+        try:
+            rank.accountant.load_state_dict(rank.users[0].privacy["accountant"])
+        except ValueError as exc:  # every rank alike: the same checkpoint and configuration
+            raise ConfigError(f"{exc} (privacy.target_epsilon calibrates the noise multiplier to train.rounds, "
+                              f"so train.rounds cannot change on resume with it)") from exc
     if topo.rank == 0:  # only now: a refused start or resume leaves the directory as it found it
         from comigs_dist.checkpoint import write_atomic
         write_atomic(Path(out_dir) / "config.yaml", lambda f: f.write(to_yaml(cfg)), text=True)
     method, t = rank.method, cfg.train
     monitor = Monitor.build(cfg, topo.rank, [u.user_idx for u in rank.users], out_dir,
                             {u.user_idx: u.step for u in rank.users} if done else {}, say, resumed_round=done)
-    analytic = {u.user_idx: analytic_round_bytes(u, cfg.comm, topo, rank.comm.count) for u in rank.users}
+    analytic = {u.user_idx: analytic_round_bytes(u, cfg.comm, topo, rank.comm.count, cfg.privacy.secure_agg)
+                for u in rank.users}
+    if rank.accountant is not None:
+        say(f"privacy: user-level DP, noise multiplier {rank.accountant.noise_multiplier:.4g}, clip "
+            f"{cfg.privacy.clip}, delta {cfg.privacy.delta}; planned epsilon {_planned_epsilon(rank):.4g}")
 
     # the base model: untrained adapters leave it unchanged (B = 0)
     for u in rank.users:
@@ -551,8 +624,12 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
                                                     float(len(took_part))])
         mean_loss = total / max(count, 1.0)
         monitor.federation_round(round_idx + 1, mean_loss, int(count))
+        epsilon = rank.users[0].privacy["epsilon_curve"][-1]["epsilon"] if rank.accountant is not None else None
+        if epsilon is not None:
+            monitor.federation_privacy(round_idx + 1, epsilon)
         say(f"round {round_idx + 1}/{rounds}: mean train loss {mean_loss:.4f}"
             + (f" over {int(count)} participating users" if int(count) < topo.n_users else "")
+            + (f", epsilon {epsilon:.4g}" if epsilon is not None else "")
             + f" ({time.perf_counter() - round_start:.1f}s)")
         monitor.round_done()
     monitor.rounds_finished()
@@ -569,15 +646,23 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     monitor.federation_eval(rounds, _mean_over_users(rank, lambda u: rows[u.user_idx].ppl))
     if cfg.checkpoint.final and method.trains:
         resume.save(rank, out_dir, "final.pt", rounds)
-    out = {u.user_idx: user_row(u, rows[u.user_idx], analytic[u.user_idx], topo) for u in rank.users}
+    out = {u.user_idx: user_row(u, rows[u.user_idx], analytic[u.user_idx], topo, rank.privacy) for u in rank.users}
     monitor.finish(out)
     return [out[u.user_idx] for u in rank.users]
 
 
-def user_row(u: UserState, final: EvalResult, analytic: dict, topo: dist.Topology) -> dict:
-    """A user's row of results.json."""
+def user_row(u: UserState, final: EvalResult, analytic: dict, topo: dist.Topology, privacy: dict | None = None) -> dict:
+    """A user's row of results.json (with ``privacy``: the run's privacy settings, the epsilon
+    curve and this user's clipping counts)."""
     model = u.model
     shared_numel = sum(p.numel() for params in u.shared.values() for _, p in params) if u.method.trains else 0
+    extra = {}
+    if privacy:
+        extra["privacy"] = dict(privacy)
+    if privacy and privacy["dp"] == "user":
+        curve = u.privacy["epsilon_curve"]
+        extra["privacy"].update(epsilon=curve[-1]["epsilon"] if curve else 0.0, epsilon_curve=list(curve),
+                                updates_sent=u.privacy["updates_sent"], updates_clipped=u.privacy["updates_clipped"])
     return {
         "user": u.user_idx,
         "n_experts": model.spec.n_experts,          # as the method built it (HetLoRA: 1)
@@ -606,6 +691,7 @@ def user_row(u: UserState, final: EvalResult, analytic: dict, topo: dist.Topolog
         "guard_skipped_rounds": u.guard_skipped_rounds,
         "guard_skipped_steps": u.guard_skipped_steps,
         **u.method.results(u),
+        **extra,
     }
 
 
@@ -616,6 +702,14 @@ def _comm_groups(u: UserState, topo: dist.Topology, analytic: dict) -> dict:
     names = sorted(set(analytic["groups"]) | set(u.stats.by_group))
     return {g: {"members": list(topo.members(g)), **analytic["groups"].get(g, {}), **u.stats.by_group.get(g, none)}
             for g in names}
+
+
+def _planned_epsilon(rank: RankRun) -> float:
+    """Epsilon after every planned round (what privacy.target_epsilon was calibrated to)."""
+    from comigs_dist.privacy.accountant import epsilon
+    plan = rank.privacy["accounting"]
+    return epsilon(rank.accountant.noise_multiplier, plan["sample_rate"], plan["rounds"], rank.cfg.privacy.delta,
+                   sampling=plan["sampling"], n_users=plan["n_users"], groups_per_user=plan["groups_per_user"])
 
 
 def _mean_over_users(rank: RankRun, value) -> float:

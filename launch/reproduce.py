@@ -4,8 +4,9 @@
         [--scale paper|cpu|debug] [--rows Local,FedAvg] [--quirks] [--dry-run]
 
 ``--table`` takes 1, 2, 4, 5, 6 (the tables), fig4, fig5, fig6 (section 4.3.2, Multilingual),
-fig11, fig12, fig13 (appendix D, SlimPajama), tau_s (Figure 7) and since (the methods published
-since the paper beside CoMiGS, with the megabytes each user sent). Every cell of the table is one
+fig11, fig12, fig13 (appendix D, SlimPajama), tau_s (Figure 7), since (the methods published since the
+paper beside CoMiGS, with the megabytes each user sent) and privacy (not in the paper: test perplexity
+against user-level DP's privacy.target_epsilon, docs/privacy.md). Every cell of the table is one
 configuration (a YAML of ``configs/`` and its row's overrides, as the YAML's header lists them) run
 once per seed through the sweep machinery (``launch.submit``: submitit, to Slurm or to local
 processes). Each run has a fixed directory, ``<root>/<scale>/<config>/<overrides>/seed-<s>``, so a
@@ -123,7 +124,11 @@ SINCE_ROWS = {"CoMiGS-1G1S": ("method=comigs_1g1s",), "Local": ("method=local",)
               "FedALT": ("method=fedalt",), "FedSA-LoRA": ("method=fedsa_lora",),
               "FedDPA": ("method=feddpa", "train.router_every=10", "train.router_steps=10"),
               "CoMiGS-learned": ("method=comigs_learned",)}
-TABLE_KEYS = ("1", "2", "4", "5", "6", *FIGURES, "tau_s", "since")
+# perplexity against epsilon (docs/privacy.md): row -> (config, method); columns: no DP, then privacy.target_epsilon
+PRIVACY_ROWS = {"CoMiGS-1G1S": ("configs/agnews/table4_iv_alternating_valid.yaml", "comigs_1g1s"),
+                "FedAvg": ("configs/agnews/table4_i_no_routing.yaml", "fedavg")}
+PRIVACY_EPSILONS = (64, 16, 4, 1)
+TABLE_KEYS = ("1", "2", "4", "5", "6", *FIGURES, "tau_s", "since", "privacy")
 
 
 def _fmt_list(values) -> str:
@@ -194,6 +199,16 @@ def build_spec(key: str) -> Spec:
         return Spec(key, "Methods since the paper: FedALT, FedSA-LoRA, FedDPA and learned sharing groups beside "
                          "CoMiGS-1G1S, Local and FedAvg (Table 4's settings)", list(SINCE_ROWS), cols, cells, names,
                     note="not in the paper: no numbers to compare")
+    if key == "privacy":
+        cols = {"no DP": ()} | {f"eps={e}": ("privacy.dp=user", f"privacy.target_epsilon={e}")
+                                for e in PRIVACY_EPSILONS}
+        cells = [Cell(row, col, config, (f"method={method}", *ov), "agnews")
+                 for row, (config, method) in PRIVACY_ROWS.items() for col, ov in cols.items()]
+        return Spec(key, "Privacy: user-level DP on the shared parameters, AG News (not in the paper)",
+                    list(PRIVACY_ROWS), list(cols), cells,
+                    note="not in the paper; each eps column calibrates the noise multiplier so that epsilon at "
+                         "privacy.delta=1e-5 after the run's rounds is at most eps (privacy.clip=1.0; "
+                         "docs/privacy.md)")
     raise ConfigError(f"--table {key!r} is not known; choose one of: {', '.join(TABLE_KEYS)}")
 
 
@@ -623,7 +638,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Tables: " + ", ".join(TABLE_KEYS))
     p.add_argument("--table", required=True,
-                   help="1, 2, 4, 5, 6, fig4, fig5, fig6, fig11, fig12, fig13, tau_s or since")
+                   help="1, 2, 4, 5, 6, fig4, fig5, fig6, fig11, fig12, fig13, tau_s, since or privacy")
     p.add_argument("--dataset", default=None,
                    help="comma-separated datasets of the table to run (agnews, multilingual, slimpajama; Table 6 "
                         "also common_corpus); default: all of the table's")

@@ -45,6 +45,8 @@ def test_step_cost_quick_runs_and_prints_one_target_line_per_target(capsys):
     ("cpu_split.py", ["round_kernel_share"]),
     ("packed_users.py", ["packed_over_sequential_embedded"]),
     ("many_users.py", ["seconds_per_participating_user_round", "peak_rss_gib_40_users"]),
+    ("privacy.py", ["privacy_secure_agg_bytes_over_fp32_at_collective", "privacy_counted_over_collective_worst",
+                    "privacy_dp_round_over_plain", "privacy_secure_agg_round_over_plain"]),
 ])
 def test_quick_benchmarks_run_and_end_with_their_target_lines(script, names):
     """`python benchmarks/<script> --quick` exits 0 and its last lines are its targets, in the

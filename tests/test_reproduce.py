@@ -65,6 +65,22 @@ def test_figures_and_sweep_cells():
     assert not {"fig4", "tau_s"} & set(NUMBERS)
 
 
+def test_the_privacy_table_runs_each_method_without_dp_and_at_each_target_epsilon(tmp_path):
+    """--table privacy: CoMiGS-1G1S and FedAvg on AG News, one column without DP and one per target
+    epsilon; every cell is a valid configuration at every scale (the calibration included), planned
+    as one run per cell and seed; no paper numbers."""
+    spec = reproduce.build_spec("privacy")
+    assert spec.rows == ["CoMiGS-1G1S", "FedAvg"] and spec.cols == ["no DP", "eps=64", "eps=16", "eps=4", "eps=1"]
+    assert "privacy" not in NUMBERS
+    for c in spec.cells:
+        cfg = load_config(ROOT / c.config, list(c.overrides) + ["data.path=embedded", "data.categories=[]"])
+        assert cfg.method == {"CoMiGS-1G1S": "comigs_1g1s", "FedAvg": "fedavg"}[c.row]
+        assert (cfg.privacy.dp, cfg.privacy.target_epsilon) == (
+            ("off", None) if c.col == "no DP" else ("user", float(c.col.split("=")[1])))
+    runs = reproduce.plan_runs(spec, [42], "debug", tmp_path)
+    assert len(runs) == 10 and all(r.status == "to run" for r in runs), [r.status for r in runs]
+
+
 def test_a_figures_users_share_one_run(tmp_path):
     """The four user columns of a figure's line are one configuration: one run per line and seed,
     never four runs writing into one directory."""

@@ -8,14 +8,17 @@ import this package (tests/test_config_imports.py).
 """
 from comigs_dist.config.schema import (CheckpointConfig, CommConfig, ConfigError, DataConfig, EvalConfig,
                                        FloatOrList, GroupConfig, GuardConfig, IntOrList, LogConfig, LoRAConfig,
-                                       MoEConfig, ModelConfig, RunConfig, TrainConfig)
+                                       MoEConfig, ModelConfig, PrivacyConfig, RunConfig, TrainConfig)
 from comigs_dist.config.users import PER_USER_KEYS, UserSpec, inferred_n_users, resolve_users, users_per_round
-from comigs_dist.config.validation import check_world_size, collect_errors, comm_group_errors, format_errors, validate
+from comigs_dist.config.validation import (check_world_size, collect_errors, comm_group_errors, format_errors,
+                                           privacy_accounting, privacy_errors, validate)
 from comigs_dist.config.loading import config_from_dict, describe_options, load_config, parse_override, to_yaml
 from comigs_dist.options import get_dotted, opt, sub
 
 __all__ = ["CheckpointConfig", "CommConfig", "ConfigError", "DataConfig", "EvalConfig", "FloatOrList", "GroupConfig",
            "GuardConfig", "IntOrList", "LogConfig", "LoRAConfig", "MoEConfig", "ModelConfig", "PER_USER_KEYS",
-           "RunConfig", "TrainConfig", "UserSpec", "check_world_size", "collect_errors", "comm_group_errors",
+           "PrivacyConfig", "RunConfig", "TrainConfig", "UserSpec", "check_world_size", "collect_errors",
+           "comm_group_errors",
            "config_from_dict", "describe_options", "format_errors", "get_dotted", "inferred_n_users", "users_per_round", "load_config",
-           "opt", "parse_override", "resolve_users", "sub", "to_yaml", "validate"]
+           "opt", "parse_override", "privacy_accounting", "privacy_errors", "resolve_users", "sub", "to_yaml",
+           "validate"]

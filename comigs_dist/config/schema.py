@@ -176,6 +176,36 @@ class GuardConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    dp: Literal["off", "user"] = opt(
+        "off", "User-level differential privacy on what leaves a user (the shared groups: generalists and attention "
+        "LoRA; specialists and routers never leave): 'user' clips each participating user's round update of every "
+        "group to privacy.clip and adds Gaussian noise to the group's sum, and the run reports epsilon at "
+        "privacy.delta every round; 'off' = none. See docs/privacy.md.")
+    clip: float = opt(1.0, "C: L2 bound of one user's round update of one sharing group (its shared buffer minus the "
+                      "aggregate it last downloaded), over the whole group.")
+    noise_multiplier: float = opt(
+        1.0, "z: the noise on a group's sum has standard deviation z * privacy.clip; 0 = clipping only (epsilon is "
+        "infinite). Replaced by the calibrated value when privacy.target_epsilon is set.")
+    delta: float = opt(1e-5, "delta of the (epsilon, delta) guarantee; in (0, 1), well below 1 / the number of users.")
+    noise_at: Literal["server", "users"] = opt(
+        "server", "Who adds the noise: 'server' = N(0, (z C)^2) once on the sum (a trusted aggregator); 'users' = each "
+        "of the n contributing users adds N(0, (z C)^2 / n) to its own update, so the sum carries the same noise and "
+        "nobody holds it alone (pair with privacy.secure_agg).")
+    target_epsilon: Union[float, None] = opt(
+        None, "Pick privacy.noise_multiplier before the run: the smallest one whose epsilon at privacy.delta after the "
+        "planned rounds is at most this. null = use privacy.noise_multiplier as given.")
+    secure_agg: bool = opt(
+        False, "Secure aggregation: users add pairwise masks to their fixed-point shared buffers, so what one user "
+        "sends looks uniformly random and only the group's sum is revealed (a simulation of the arithmetic, not of the "
+        "key agreement: docs/privacy.md). int64 travels: twice the bytes of fp32.")
+    frac_bits: int = opt(
+        32, "Fractional bits of secure aggregation's fixed point: each value is rounded to a multiple of 2^-frac_bits, "
+        "so the sum of n users is within n * 2^-(frac_bits+1) of the plain sum; each bit more halves the largest "
+        "value a user may send (reported when exceeded).")
+
+
+@dataclass
 class RunConfig:
     """One run. ``load_config`` builds it checked; one built by hand is checked (and its
     ``method_options`` resolved) by ``validation.validate``. Per-user values: ``users.resolve_users``."""
@@ -203,6 +233,8 @@ class RunConfig:
     log: LogConfig = sub(LogConfig, "Logging.")
     checkpoint: CheckpointConfig = sub(CheckpointConfig, "Checkpoints.")
     guard: GuardConfig = sub(GuardConfig, "What happens to non-finite numbers.")
+    privacy: PrivacyConfig = sub(PrivacyConfig, "Privacy of what leaves a user: differential privacy and secure "
+                                 "aggregation of the shared groups (docs/privacy.md).")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -18,7 +18,8 @@ from comigs_dist.methods import known_methods, method_class
 from comigs_dist.methods.base import generalist_counter
 from comigs_dist.options import format_errors, get_dotted, parse_options
 
-__all__ = ["check_world_size", "collect_errors", "comm_group_errors", "format_errors", "validate"]
+__all__ = ["check_world_size", "collect_errors", "comm_group_errors", "format_errors", "privacy_accounting",
+           "privacy_errors", "validate"]
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -149,7 +150,57 @@ def collect_errors(cfg: RunConfig) -> list[str]:
                          f"{cls.full_participation_only}; set train.participation=1 and train.users_per_round=0")
             if cfg.comm.groups:
                 e.extend(comm_group_errors(cfg, n_users if inferred_n_users(cfg) is not None else None))
+    e.extend(privacy_errors(cfg, inferred_n_users(cfg)))
     return e
+
+
+def _privacy_waits_for_world_size(cfg: RunConfig, n_users: int | None) -> bool:
+    """Whether calibrating privacy.target_epsilon needs the number of users, which the world size
+    gives later (check_world_size): the sample of users per round, or the users' groups."""
+    t, p = cfg.train, cfg.privacy
+    return (n_users is None and p.dp == "user" and p.target_epsilon is not None
+            and (t.participation < 1 or bool(t.users_per_round) or bool(cfg.comm.groups)))
+
+
+def privacy_errors(cfg: RunConfig, n_users: int | None) -> list[str]:
+    """Problems of privacy.* for this run: the options (comigs_dist.privacy.dp.config_errors, which
+    calibrates privacy.target_epsilon, so an unreachable one is refused here), and a method whose
+    traffic privacy cannot cover. ``n_users`` None: not known yet (check_world_size asks again)."""
+    from comigs_dist.privacy import config_errors
+    p = cfg.privacy
+    e: list[str] = []
+    if p.dp == "user" or p.secure_agg is True:
+        reason = method_class(cfg.method).refuses_privacy if cfg.method in known_methods() else ""
+        if reason:
+            on = ", ".join(k for k, v in (("privacy.dp=user", p.dp == "user"),
+                                           ("privacy.secure_agg=true", p.secure_agg is True)) if v)
+            takers = [m for m in known_methods() if not method_class(m).refuses_privacy]
+            e.append(f"{on} cannot run with method {cfg.method!r}: {reason}; set privacy.dp=off and "
+                     f"privacy.secure_agg=false, or choose one of: {', '.join(takers)}")
+            return e
+    if _privacy_waits_for_world_size(cfg, n_users):
+        return e + config_errors(dataclasses.replace(p, target_epsilon=None), rounds=0)
+    return e + config_errors(p, **privacy_accounting(cfg, n_users or 1))
+
+
+def privacy_accounting(cfg: RunConfig, n_users: int) -> dict:
+    """How the accountant sees this run (the keyword arguments of privacy.accountant.epsilon and of
+    privacy.dp.resolve_noise_multiplier): ``rounds`` noised aggregations (train.rounds - 1: round
+    0's sync moves the initialisation, which holds no data); users sampled every round 'poisson'
+    at rate 1 (everyone), or a fixed number out of ``n_users`` without replacement ('fixed',
+    train.participation / users_per_round: the seeded draw); ``groups_per_user``: the most sharing
+    groups one user sends in a round."""
+    k = users_per_round(cfg, n_users)
+    groups = 1
+    if cfg.method in known_methods() and cfg.comm.groups:
+        try:
+            members = method_class(cfg.method)(cfg, resolve_users(cfg, n_users)).sharing_groups(n_users).values()
+            groups = max(1, max(sum(u in m for m in members) for u in range(n_users)))
+        except (ConfigError, IndexError, TypeError, ValueError):
+            pass  # comm.groups or per-user lists are wrong: reported on their own
+    full = k >= n_users
+    return {"rounds": max(0, cfg.train.rounds - 1), "sample_rate": 1.0 if full else k / n_users,
+            "sampling": "poisson" if full else "fixed", "n_users": n_users, "groups_per_user": groups}
 
 
 def comm_group_errors(cfg: RunConfig, n_users: int | None) -> list[str]:
@@ -187,7 +238,10 @@ def check_world_size(cfg: RunConfig, world_size: int) -> None:
                               f"of the users")
     if n is None:
         cfg.n_users = world_size
+        errors = []
         if cfg.comm.groups:  # user indices can be checked now that the number of users is known
             errors = comm_group_errors(cfg, world_size)
-            if errors:
-                raise ConfigError(format_errors(errors))
+        if not errors and _privacy_waits_for_world_size(cfg, None):  # the target epsilon can be calibrated now
+            errors = privacy_errors(cfg, world_size)
+        if errors:
+            raise ConfigError(format_errors(errors))

@@ -24,6 +24,12 @@ sum and so bit-identical parameters: round_fp32(sum / N). Beyond that span they 
 where the sum lies within one float64 rounding of an fp32 rounding boundary. The server
 all_reduce then carries float64 on the backend (2x the fp32 payload); the counted bytes stay the
 payload in comm.dtype. ``comm.exact=false`` reduces in the wire dtype instead (backend order).
+
+Under ``privacy.dp`` or ``privacy.secure_agg`` the means of the shared groups after round 0 take
+``_mean_private`` instead: each planned contributor's payload is privatized and/or masked by a
+``privacy.PrivateMean``, summed exactly (float64, or int64 modulo the masks' ring, which travels
+as 8 bytes an element and is counted so), then released (unmasked, noised) and divided. Every
+other collective refuses to move a shared group's data while privacy is on (docs/privacy.md).
 Knows nothing of models or methods: it moves lists of tensors.
 """
 from __future__ import annotations
@@ -39,15 +45,17 @@ from comigs_dist.dist.buffers import Scratch, flatten, packed_buffer, unflatten_
 from comigs_dist.dist.collectives import raise_shape_problems, shape_list, shape_problems
 from comigs_dist.dist.failures import collective
 from comigs_dist.dist.topology import Topology
+from comigs_dist.privacy.mean import PrivateMean
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SECURE_AGG_WIRE = "int64"  # what travels under privacy.secure_agg: fixed point masked modulo 2^62 or less
 MODES = ("server", "all2all")
 Tensors = Mapping[int, Sequence[torch.Tensor]]
 
 
 def payload_bytes(numel: int, dtype: str) -> int:
-    """Bytes of ``numel`` elements in the wire dtype (comm.dtype)."""
-    return numel * _DTYPES[dtype].itemsize
+    """Bytes of ``numel`` elements in the wire dtype (comm.dtype, or SECURE_AGG_WIRE)."""
+    return numel * (torch.int64.itemsize if dtype == SECURE_AGG_WIRE else _DTYPES[dtype].itemsize)
 
 
 def round_bytes(payload: int, mode: str, n_members: int) -> tuple[int, int]:
@@ -85,13 +93,15 @@ class Comm:
 
     ``count=True`` (guard.nan=skip) sends a contributor count with every mean, so that a user
     whose values are not finite can sit a mean out (``skip``) and still receive the others'
-    average in the same collective."""
+    average in the same collective. ``privacy`` (a ``privacy.PrivateMean``) makes the shared
+    groups' means private."""
 
     def __init__(self, topo: Topology, mode: str = "server", dtype: str = "fp32", exact: bool = True,
-                 count: bool = False):
+                 count: bool = False, privacy: PrivateMean | None = None):
         if mode not in MODES:
             raise ValueError(f"comm.mode ({mode!r}) must be 'server' or 'all2all'")
         self.topo, self.mode, self.dtype, self.exact, self.count = topo, mode, dtype, exact, count
+        self.privacy = privacy
         self.wire = _DTYPES[dtype]
         self.user_stats: dict[int, CommStats] = {u: CommStats() for u in topo.local_users}
         self.rank_stats = CommStats()
@@ -165,6 +175,8 @@ class Comm:
             return 0
         self._handshake(group, "mean", tensors)
         local = self._local(group, tensors)
+        if self.privacy is not None and self.privacy.covers(group):
+            return self._mean_private(group, local, tensors, set(skip))
         if len(local) == 1:
             return self._mean_one(group, local[0], tensors[local[0]], local[0] not in skip)
         return self._mean_many(group, local, tensors, set(skip))
@@ -282,6 +294,72 @@ class Comm:
         self._count(group, local, sent, received, time.perf_counter() - start, moved)
         return size
 
+    def _mean_private(self, group: str, local: list[int], tensors: Tensors, skip: set[int]) -> int:
+        """The mean under privacy.dp and/or privacy.secure_agg: each of the rank's users that is a
+        planned contributor sends what ``self.privacy`` makes of its buffer (as it would travel in
+        comm.dtype), the rank adds them, one collective adds the ranks', and the sum is released
+        (unmasked, noised) and divided. Summed exactly whatever comm.exact says (float64, or int64
+        modulo the masks' ring), so server and all2all give the same parameters."""
+        topo, priv = self.topo, self.privacy
+        members = self.members(group)
+        contributors = priv.contributors(members)
+        if not contributors:
+            self._no_contributor_left(group, 0)
+        start = time.perf_counter()
+        numel = sum(t.numel() for t in tensors[local[0]])
+        extra = int(self.count)
+        total = None  # started from the first payload, as the plain mean's reduction is (signed zeros)
+        wire_buf = self.scratch.get(group + "#wire", numel, self.wire)
+        for u in local:
+            if u not in contributors:
+                if u not in skip:
+                    raise ValueError(f"user {u} contributes to group {group!r} in a round whose planned "
+                                     f"contributors are {contributors}: the masks and the divisor rest on that set")
+                continue  # not part of this round's aggregate: sends nothing
+            values = flatten(tensors[u], self.wire, out=wire_buf).to(torch.float64)
+            values = priv.payload(group, u, values, sits_out=u in skip, n_planned=len(contributors))
+            if extra:  # under DP a planned contributor always counts: the divisor is the planned count
+                counted = 0.0 if u in skip and not priv.dp else 1.0
+                values = torch.cat([values, values.new_full((1,), counted)])
+            sent = priv.mask(group, u, values, contributors) if priv.secure else values.to(self.wire).double()
+            total = sent if total is None else total.add_(sent)  # the float payload rounded as it travels
+        if total is None:
+            total = torch.zeros(numel + extra, dtype=torch.int64 if priv.secure else torch.float64, device=topo.device)
+        ranks = len(topo.ranks_of(group))
+        moved = 0
+        if ranks > 1 and self.mode == "server":
+            with collective(topo.watch, "all_reduce", group):
+                tdist.all_reduce(total, op=tdist.ReduceOp.SUM, group=topo.group(group))
+            moved = total.numel() * total.element_size()
+        elif ranks > 1:
+            parts = [torch.empty_like(total) for _ in range(ranks)]
+            with collective(topo.watch, "all_gather", group):
+                tdist.all_gather(parts, total, group=topo.group(group))
+            total = torch.zeros_like(total)
+            for part in parts:  # rank order; exact sums do not depend on it
+                total.add_(part)
+            moved = ranks * total.numel() * total.element_size()
+        total = priv.release(group, total, len(contributors), numel)
+        divisor = len(members)
+        if extra:
+            divisor = int(round(float(total[-1])))
+            self._no_contributor_left(group, divisor)
+        for u in local:
+            unflatten_into(total[:numel], tensors[u], divisor)
+        size = payload_bytes(numel + extra, SECURE_AGG_WIRE if priv.secure else self.dtype)
+        sent, received = round_bytes(size, self.mode, len(members))
+        self._count(group, local, sent, received, time.perf_counter() - start, moved)
+        return size
+
+    def _unprotected(self, op: str, group: str) -> None:
+        """Privacy covers the shared groups' means only: any other collective of a round's data
+        would leave a user's values in the clear."""
+        if self.privacy is not None and self.privacy.round_idx > 0:
+            raise ValueError(f"privacy.dp / privacy.secure_agg protect the means of the shared groups only, but "
+                             f"group {group!r} would move users' values through Comm.{op} in the clear; a method "
+                             f"that aggregates its own way must say so in Method.refuses_privacy, so that such "
+                             f"runs are refused before training")
+
     def _no_contributor_left(self, group: str, divisor: int) -> None:
         if divisor == 0:
             raise FloatingPointError(f"every member of group {group!r} ({', '.join(map(str, self.members(group)))}) "
@@ -318,6 +396,7 @@ class Comm:
         ``comm.exact``. Counted like a server round trip. Returns a user's payload in bytes."""
         if not self.in_group(group) or not tensors:
             return 0
+        self._unprotected("sum", group)
         self._handshake(group, "sum", tensors)
         local = self._local(group, tensors)
         start = time.perf_counter()
@@ -343,6 +422,7 @@ class Comm:
         all_gather). Counted as all2all's mean is (module docstring)."""
         if not self.in_group(group) or not tensors:
             return []
+        self._unprotected("gather", group)
         self._handshake(group, "gather", tensors)
         topo = self.topo
         local = self._local(group, tensors)
@@ -383,6 +463,7 @@ class Comm:
     def mean_gradients(self, group: str, params: Mapping[int, Sequence[torch.Tensor]], skip: Collection[int] = ()) -> int:
         """Data parallelism: every parameter's gradient becomes its mean over the members (fp32),
         so that a step equals one step on the union of the members' batches."""
+        self._unprotected("mean_gradients", group)
         grads = {u: [p.grad for p in ps if p.grad is not None] for u, ps in params.items()}
         saved = (self.mode, self.wire)
         self.mode, self.wire = "server", torch.float32

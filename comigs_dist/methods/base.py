@@ -147,6 +147,9 @@ class Method:
     trains: ClassVar[bool] = True                    # False: evaluate the base only (Pretrained)
     accepts_comm_groups: ClassVar[bool] = True       # comm.groups may split the generalists into groups
     full_participation_only: ClassVar[str] = ""      # why train.participation < 1 is refused ("" = accepted)
+    # why privacy.dp / privacy.secure_agg are refused ("" = accepted: the method's traffic after round 0
+    # is Comm.mean of its shared groups, which privacy covers; docs/privacy.md)
+    refuses_privacy: ClassVar[str] = ""
 
     def __init__(self, cfg=None, users: Sequence[UserSpec] | None = None):
         self.cfg = cfg

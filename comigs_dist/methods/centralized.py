@@ -21,6 +21,8 @@ class Centralized(Method):
     paper_row = "Table 1 / Table 4 group i: Centralized"
     accepts_comm_groups = False  # one model: gradients averaged over everyone
     full_participation_only = "Centralized is one model trained on every user's data at every step"
+    refuses_privacy = ("its gradients are averaged at every step (data parallelism), not once per round as an "
+                       "update that can be clipped and noised per user")
     router = "none"
 
     @classmethod

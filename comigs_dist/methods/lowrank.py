@@ -157,6 +157,8 @@ class HeteroRankMethod(Method):
     shape handshake) and the subclass moves it itself in the ``hetero_rank`` group."""
     Options = RankOptions
     accepts_comm_groups = False  # the MLP LoRA travels in a group of its own
+    refuses_privacy = ("its per-user-rank MLP LoRA is aggregated by the method's own weighted sums and gathers "
+                       "(Comm.sum / Comm.gather), outside the shared groups' mean that privacy clips, noises and masks")
     router = "none"
 
     @classmethod

@@ -51,6 +51,7 @@ class PCL(Method):
     paper_row = "Table 1 / Table 4 group i: PCL"
     Options = PCLOptions
     accepts_comm_groups = False  # every user mixes every user's model
+    refuses_privacy = "every user gathers every other user's whole model (Comm.gather) to mix them, in the clear"
     router = "none"
 
     @classmethod
