@@ -199,7 +199,8 @@ def main() -> int:
     for n, rows, compute, comm in summary:
         for label in ("server fp32", "all2all fp32"):
             print(f"communication share of the round, {label}, {n} ranks: {comm[label] / (compute + comm[label]):.3f}")
-        print(f"exact / plain server fp32 aggregation time, {n} ranks: {comm['server fp32'] / comm['server fp32 plain']:.2f}")
+        print(f"exact / plain server fp32 aggregation time, {n} ranks: "
+              f"{comm['server fp32'] / comm['server fp32 plain']:.2f}")
         for label, *_ in CONFIGS:
             d = rows[0]["delivered"][label]
             print(f"backend bytes / delivered payload, {label}, {n} ranks: {d['backend_sent'] / d['sent']:.2f}")

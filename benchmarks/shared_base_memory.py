@@ -217,7 +217,8 @@ def main() -> int:
             if m["step_parent"]:
                 p = m["step_parent"][0]
                 shared = p["Shared_Clean"] + p["Shared_Dirty"]
-                parent_col = f"{parent / mib:.0f} ({100 * shared / (shared + p['Private_Clean'] + p['Private_Dirty']):.0f}% sh)"
+                private = p['Private_Clean'] + p['Private_Dirty']
+                parent_col = f"{parent / mib:.0f} ({100 * shared / (shared + private):.0f}% sh)"
             else:
                 parent_col = "-"
             where = "base: one inode" if len(m["inodes"]) == 1 else ("base: private" if not m["inodes"] else m["inodes"])

@@ -243,7 +243,8 @@ def pretrain_files(args) -> dict:
     lr = args.lr if args.lr is not None else preset["lr"]
     out = Path(args.out)
     if steps < 1 or batch_size < 1 or seq_len < 2:
-        raise PretrainError(f"--steps ({steps}), --batch-size ({batch_size}) must be >= 1 and --seq-len ({seq_len}) >= 2")
+        raise PretrainError(f"--steps ({steps}), --batch-size ({batch_size}) must be >= 1 and --seq-len ({seq_len}) "
+                            f">= 2")
     if seq_len > preset["model"]["n_positions"]:
         raise PretrainError(f"--seq-len ({seq_len}) exceeds the context of --config {args.config} "
                             f"({preset['model']['n_positions']}); lower --seq-len")

@@ -142,7 +142,8 @@ def missing_jobs(manifests: list[dict], state_of=None) -> list[str]:
             if (Path(rec["out_dir"]) / "results.json").is_file():
                 continue
             state = state_of(m, rec) if state_of else "unknown"
-            lines.append(f"job {rec.get('job_id', '?')} {rec['label']}: no results.json (state {state}); log: {rec.get('log', '?')}")
+            lines.append(f"job {rec.get('job_id', '?')} {rec['label']}: no results.json (state {state}); log: "
+                         f"{rec.get('log', '?')}")
     return lines
 
 

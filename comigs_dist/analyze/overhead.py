@@ -308,7 +308,8 @@ def format_overhead(o: Overhead) -> str:
         extra = (f"   [paper, CoMiGS-1G1S: +{PAPER['comigs_mflops']:.0f} MFLOPs (+{PAPER['comigs_pct']:.2f}%), "
                  f"router {PAPER['router_mflops']:.0f} MFLOPs]" if paper else "")
         lines.append(f"  {rep.label}: +{_flops(f.added * T)} (+{rep.added_pct:.2f}%) = attention LoRA "
-                     f"{_flops(f.attn_lora * T)} + experts {_flops(f.experts * T)} (top-{rep.top_k} of {rep.n_experts}) "
+                     f"{_flops(f.attn_lora * T)} + experts {_flops(f.experts * T)} (top-{rep.top_k} of "
+                     f"{rep.n_experts}) "
                      f"+ router {_flops(f.router * T)}{extra}")
     lines += ["", "router memory"]
     for members, rep in o.users:

@@ -72,7 +72,8 @@ def _check_base(model: nn.Module, name: str, vocab_size: int, seq_len: int) -> n
                          f"{model_vocab}: prepare the data with the model's tokenizer or choose a matching model.name")
     n_pos = getattr(model.config, "n_positions", getattr(model.config, "max_position_embeddings", seq_len))
     if seq_len > n_pos:
-        raise ValueError(f"train.seq_len ({seq_len}) exceeds the context of model {name!r} ({n_pos}); lower train.seq_len")
+        raise ValueError(f"train.seq_len ({seq_len}) exceeds the context of model {name!r} ({n_pos}); lower "
+                         f"train.seq_len")
     model.eval()  # no dropout anywhere; autograd still works
     return model
 
