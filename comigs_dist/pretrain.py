@@ -157,7 +157,8 @@ def check_no_overlap(corpus: list[tuple[Path, str]], exclude: list[str | Path], 
                 shared.setdefault(path, []).append(text)
         if shared:
             lines = [f"{p}: {len(v)} documents, e.g. {v[0][:80]!r}" for p, v in shared.items()]
-            raise PretrainError(f"--exclude {d}: the pretraining corpus holds text that the prepared user splits in {d} "
+            raise PretrainError(f"--exclude {d}: the pretraining corpus holds text that "
+                                f"the prepared user splits in {d} "
                                 f"also hold (they would leak into the base model):\n  " + "\n  ".join(lines)
                                 + "\npretrain on other files, or prepare the dataset from a different source")
         checked[str(d)] = {"passages": int(len(known)), "documents_checked": len(corpus), "shared": 0}

@@ -127,7 +127,8 @@ def format_table(columns: list[str], rows: list[dict]) -> str:
 def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(columns + ["seeds", "n", "test_ppl_mean", "test_ppl_std", "base_ppl_mean", "mb_sent_per_user", "runs"])
+        w.writerow(columns + ["seeds", "n", "test_ppl_mean", "test_ppl_std", "base_ppl_mean", "mb_sent_per_user",
+                              "runs"])
         for row in rows:
             w.writerow([row[c] for c in columns] + [" ".join(map(str, row["seeds"])), row["n"], row["test_ppl_mean"],
                                                     row["test_ppl_std"], row["base_ppl_mean"], row["mb_sent_per_user"],

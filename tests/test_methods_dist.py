@@ -128,7 +128,8 @@ def _check_method(name, topo0, rank, world_size):
     _sync(rank_run)
     after_all = _gather(_state(r.model))
     other = 1 - rank
-    common = [n for n in after_all[rank] if n in after_all[other] and after_all[rank][n].shape == after_all[other][n].shape]
+    common = [n for n in after_all[rank]
+              if n in after_all[other] and after_all[rank][n].shape == after_all[other][n].shape]
     if name == "pcl":
         vectors = [torch.cat([s[n].reshape(-1) for n in r.model.report.params]) for s in before_all]
         W = r.method_state["trust"]
@@ -159,7 +160,8 @@ def _check_method(name, topo0, rank, world_size):
             elif t.kind == "expert" and name == "hetlora":
                 torch.testing.assert_close(low, high[:, :small_rank])
             elif t.kind == "expert":  # FlexLoRA: B = (U S)[:, :r] / s_r, each user with its own scale
-                torch.testing.assert_close(low * rs_scale(16.0, small_rank), high[:, :small_rank] * rs_scale(16.0, big_rank),
+                torch.testing.assert_close(low * rs_scale(16.0, small_rank),
+                                           high[:, :small_rank] * rs_scale(16.0, big_rank),
                                            rtol=1e-5, atol=1e-6)
 
 
@@ -257,7 +259,8 @@ def _flexlora_check(topo0, rank, world_size):
     assert len({n for n, _, _ in everyone}) == 3  # users hold different amounts of data
     _sync(rank_run)
     for i, p in enumerate(m.pairs):
-        dW = compute_flexlora_update([n / total * s * f[i][1] for n, s, f in everyone], [f[i][0] for _, _, f in everyone])
+        dW = compute_flexlora_update([n / total * s * f[i][1] for n, s, f in everyone],
+                                     [f[i][0] for _, _, f in everyone])
         # the user's update s_i B_i A_i is the best rank-r_i approximation of dW
         US, Vt = compute_svd_factors(dW, m.rank)
         A, B = compute_user_factors(US, Vt, m.rank, m.scale)

@@ -361,7 +361,8 @@ def run_routing(args) -> dict:
         if max(ids) >= vocab:
             raise AnalysisError(f"--text {f}: token id {max(ids)} is outside the model's vocabulary of {vocab}; "
                                 f"use the dataset's tokenizer (--tokenizer auto)")
-        texts.append({"name": f.name, "file": str(f), "ids": ids[: args.max_tokens], "truncated": len(ids) > args.max_tokens,
+        texts.append({"name": f.name, "file": str(f), "ids": ids[: args.max_tokens],
+                      "truncated": len(ids) > args.max_tokens,
                       "users": {}})
     layers = None
     for user in users:

@@ -88,14 +88,17 @@ class TrainConfig:
     weight_decay: float = opt(0.01, "Decoupled weight decay on adapters and routers.")
     betas: list[float] = opt([0.9, 0.95], "AdamW betas.")
     grad_clip: float = opt(0.0, "Clip the gradient norm of each step to this value; 0 = no clipping (paper: none).")
-    amp: Literal["auto", "bf16", "fp16", "off"] = opt("auto", "Autocast: 'auto' = bf16 on CUDA devices that support it, off on CPU. "
-                                                      "'fp16' is refused (it needs loss scaling, not implemented): use bf16.")
-    pack_users: Literal["auto", "on", "off"] = opt("auto", "Run the expert steps of a rank's participating users as one "
+    amp: Literal["auto", "bf16", "fp16", "off"] = opt("auto", "Autocast: 'auto' = bf16 on CUDA devices that "
+                                                      "support it, off on CPU. 'fp16' is refused (it needs loss "
+                                                      "scaling, not implemented): use bf16.")
+    pack_users: Literal["auto", "on", "off"] = opt("auto", "Run the expert steps of a rank's participating "
+                                                   "users as one "
                                                    "packed forward and backward through the shared frozen base "
                                                    "(each user's adapters on its own rows); 'auto' = on CUDA only "
                                                    "(measured slower on CPU, docs/scale.md). Same losses to float32 "
                                                    "rounding.")
-    participation: float = opt(1.0, "Fraction of the users that take part in each round (0 < p <= 1): a seeded draw, the "
+    participation: float = opt(1.0, "Fraction of the users that take part in each round (0 < p <= 1): "
+                               "a seeded draw, the "
                                "same on every rank, picks round(p * n_users) of them (at least 1); only they take "
                                "local steps and join the round's aggregation. See docs/scale.md.")
     users_per_round: int = opt(0, "The number of users that take part in each round, instead of a fraction; 0 = use "
@@ -134,7 +137,8 @@ class GroupConfig:
 @dataclass
 class CommConfig:
     mode: Literal["server", "all2all"] = opt("server", "'server': generalists averaged by one all_reduce per group; "
-                                                       "'all2all': serverless, every user gathers all and averages itself.")
+                                                       "'all2all': serverless, every user gathers all and "
+                                                       "averages itself.")
     dtype: Literal["fp32", "bf16"] = opt("fp32", "Element type of what travels (and of the counted bytes).")
     exact: bool = opt(True, "Sum what travelled in float64, so the mean is the same in any summation order: server "
                       "and all2all give bit-identical parameters (the server all_reduce then carries float64).")

@@ -279,7 +279,8 @@ class UserModel(nn.Module):
         return {n: p.detach() for n, p in self.report.params.items()}
 
 
-def forward_users(models: Sequence[UserModel], xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> list[StepLoss]:
+def forward_users(models: Sequence[UserModel], xs: Sequence[torch.Tensor],
+                  ys: Sequence[torch.Tensor]) -> list[StepLoss]:
     """Packed users: every user's batch through the shared base in one forward; each user's loss
     (its mean token cross-entropy and its load-balancing loss) as if it had run alone. The sum of
     the losses back-propagates to each user's own adapters only."""
