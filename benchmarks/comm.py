@@ -118,7 +118,8 @@ def _rank(rank: int, n_ranks: int, port: int, args, out_path: str) -> None:
                 counted[label] = (stats.bytes_sent - before[0], stats.bytes_received - before[1])
         analytic = {label: train.analytic_round_bytes(run, cfg.comm.__class__(mode=mode, dtype=dtype), topo,
                                                       False)["total"] for label, mode, dtype, _ in CONFIGS}
-        rows = dist.all_gather_objects(topo, {"times": times, "counted": counted, "delivered": delivered, "analytic": analytic,
+        rows = dist.all_gather_objects(topo, {"times": times, "counted": counted, "delivered": delivered,
+                                        "analytic": analytic,
                                         "shared_params": sum(p.numel() for ps in run.shared.values() for _, p in ps)})
         if topo.rank == 0:
             Path(out_path).write_text(json.dumps(rows))
@@ -187,7 +188,8 @@ def main() -> int:
             share = comm[label] / (compute + comm[label])
             table.append((n, label, f"{compute:.3f}", f"{comm[label]:.3f}", f"{share:.3f}", f"{d['sent'] / mib:.2f}",
                           f"{d['received'] / mib:.2f}", f"{d['backend_sent'] / mib:.2f}",
-                          f"{rows[0]['counted'][label][0] / mib:.2f}", f"{rows[0]['analytic'][label]['sent'] / mib:.2f}"))
+                          f"{rows[0]['counted'][label][0] / mib:.2f}",
+                          f"{rows[0]['analytic'][label]['sent'] / mib:.2f}"))
         print(f"{n} ranks measured: {rows[0]['shared_params']:,} shared parameters per user "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
         summary.append((n, rows, compute, comm))
@@ -199,7 +201,8 @@ def main() -> int:
     for n, rows, compute, comm in summary:
         for label in ("server fp32", "all2all fp32"):
             print(f"communication share of the round, {label}, {n} ranks: {comm[label] / (compute + comm[label]):.3f}")
-        print(f"exact / plain server fp32 aggregation time, {n} ranks: {comm['server fp32'] / comm['server fp32 plain']:.2f}")
+        print(f"exact / plain server fp32 aggregation time, {n} ranks: "
+              f"{comm['server fp32'] / comm['server fp32 plain']:.2f}")
         for label, *_ in CONFIGS:
             d = rows[0]["delivered"][label]
             print(f"backend bytes / delivered payload, {label}, {n} ranks: {d['backend_sent'] / d['sent']:.2f}")

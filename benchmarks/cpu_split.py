@@ -67,7 +67,8 @@ def print_table(label: str, totals: dict[str, dict[str, float]], n_rounds: int, 
     for phase in PHASES + ("round",):
         row = totals[phase]
         print(f"{phase:10s} {row['user'] / n_rounds:8.2f} {row['sys'] / n_rounds:9.2f} {kernel_share(row):8.1%} "
-              f"{row['minflt'] / n_rounds:10.0f} {row['minflt'] / n_rounds / steps:12.0f} {row['wall'] / n_rounds:8.2f}")
+              f"{row['minflt'] / n_rounds:10.0f} {row['minflt'] / n_rounds / steps:12.0f} "
+              f"{row['wall'] / n_rounds:8.2f}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

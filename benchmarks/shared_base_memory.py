@@ -217,10 +217,12 @@ def main() -> int:
             if m["step_parent"]:
                 p = m["step_parent"][0]
                 shared = p["Shared_Clean"] + p["Shared_Dirty"]
-                parent_col = f"{parent / mib:.0f} ({100 * shared / (shared + p['Private_Clean'] + p['Private_Dirty']):.0f}% sh)"
+                private = p['Private_Clean'] + p['Private_Dirty']
+                parent_col = f"{parent / mib:.0f} ({100 * shared / (shared + private):.0f}% sh)"
             else:
                 parent_col = "-"
-            where = "base: one inode" if len(m["inodes"]) == 1 else ("base: private" if not m["inodes"] else m["inodes"])
+            where = ("base: one inode" if len(m["inodes"]) == 1
+                     else ("base: private" if not m["inodes"] else m["inodes"]))
             table.append((launcher, share, n, *(f"{t[k] / mib:.0f}" for k in ("setup", "step", "peak")),
                           *(f"{x:.0f}" for x in parts), parent_col, f"{private:.0f}", where))
             print(f"measured: start {launcher}, share {share}, {n} ranks ({time.perf_counter() - start:.0f} s)",
@@ -229,8 +231,10 @@ def main() -> int:
     print(format_table(("start", "share", "ranks", "set-up", "step", "peak", "heap", "libs", "shm", "parent", "private",
                         "base"), table, ">" * 11 + "<"))
     lo, hi = min(args.ranks), max(args.ranks)
-    ratio = {(mode, k): totals[(*mode, hi)][k] / totals[(*mode, lo)][k] for mode in MODES for k in ("setup", "step", "peak")}
-    names = {("fresh", "false"): "fresh interpreters without sharing", ("fresh", "true"): "fresh interpreters with share_base",
+    ratio = {(mode, k): totals[(*mode, hi)][k] / totals[(*mode, lo)][k]
+             for mode in MODES for k in ("setup", "step", "peak")}
+    names = {("fresh", "false"): "fresh interpreters without sharing",
+             ("fresh", "true"): "fresh interpreters with share_base",
              ("fork", "true"): "comigs_dist.forkrun with share_base"}
     for mode in MODES:
         print(f"{hi}-rank PSS / {lo}-rank PSS, {names[mode]}: set-up {ratio[(mode, 'setup')]:.2f}, "

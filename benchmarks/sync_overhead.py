@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     rows = results.get(timeout=3600)
     C.join_ranks(procs, timeout_s=120)
 
-    per_call = {k: [max(r["times"][k][i] for r in rows) for i in range(args.iters)] for k in ("sync", "sync exact", "all_reduce", "all_reduce f64")}
+    per_call = {k: [max(r["times"][k][i] for r in rows) for i in range(args.iters)]
+                for k in ("sync", "sync exact", "all_reduce", "all_reduce f64")}
     ratio = C.paired_ratio(per_call["sync"], per_call["all_reduce"])
     ratio_exact = C.paired_ratio(per_call["sync exact"], per_call["all_reduce"])
     ratio_exact64 = C.paired_ratio(per_call["sync exact"], per_call["all_reduce f64"])

@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     with tempfile.TemporaryDirectory(prefix="vs-reference-") as tmp:
         for model in models:
-            base = {"small": args.base_small, "124m": args.base_124m}.get(model) or str(C.random_gpt2_base(model, vocab))
+            base = ({"small": args.base_small, "124m": args.base_124m}.get(model)
+                    or str(C.random_gpt2_base(model, vocab)))
             got = measure(model, base, data, reference, args, Path(tmp))
             results[model] = report(model, got, args.local_steps)
     print()

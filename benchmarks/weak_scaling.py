@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     for name in names:
         print(f"2 users in one process with 2 threads, for comparison ({name}): {results[name]['single_process']:.3f}")
     for name in names:
-        print(C.target_line(f"weak_scaling_2_ranks_over_1_{name.replace('-', '_')}", results[name]["ranks"], "<=", 1.10))
+        print(C.target_line(f"weak_scaling_2_ranks_over_1_{name.replace('-', '_')}", results[name]["ranks"],
+                            "<=", 1.10))
     return results
 
 

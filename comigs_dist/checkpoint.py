@@ -397,8 +397,8 @@ class Holdings:
         if self.results:
             parts.append("results.json (a finished run)")
         if self.rounds:
-            parts.append("round checkpoints (" + "; ".join(f"user {u}: rounds {r}" for u, r in sorted(self.rounds.items()))
-                         + ")")
+            listed = "; ".join(f"user {u}: rounds {r}" for u, r in sorted(self.rounds.items()))
+            parts.append("round checkpoints (" + listed + ")")
         if self.finals:
             parts.append(f"final checkpoints of users {self.finals}")
         if self.manifest:
@@ -525,7 +525,8 @@ class OutDirLock:
                 held = None
             previous = self._read(fd)
             if held is False or held is None:
-                same_job = bool(self.job) and previous.get("job") == self.job and previous.get("attempt", 0) < self.attempt
+                same_job = (bool(self.job) and previous.get("job") == self.job
+                            and previous.get("attempt", 0) < self.attempt)
                 dead = (held is None and previous.get("host") == socket.gethostname()
                         and not _pid_alive(int(previous.get("pid", 0) or 0)))
                 if previous and not same_job and not dead:

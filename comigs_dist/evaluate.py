@@ -55,5 +55,6 @@ def evaluate_split(model, tokens: np.ndarray, seq_len: int, batch_size: int, max
     loss = total / count
     routing = []
     if prob_sums is not None:
-        routing = [((prob_sums[l] / count).tolist(), (share_sums[l] / count).tolist()) for l in range(prob_sums.shape[0])]
+        routing = [((prob_sums[l] / count).tolist(), (share_sums[l] / count).tolist())
+                   for l in range(prob_sums.shape[0])]
     return EvalResult(loss=loss, ppl=math.exp(loss), tokens=count, accuracy=correct / count, routing=routing)

@@ -111,7 +111,8 @@ def check(fault: Fault | None, cfg) -> None:
     elif fault.phase == "checkpoint":
         every = cfg.checkpoint.every
         if not ((every and fault.round % every == 0) or (fault.round == t.rounds and cfg.checkpoint.final)):
-            problem = f"round {fault.round} writes no checkpoint (checkpoint.every={every}, checkpoint.final={cfg.checkpoint.final})"
+            problem = (f"round {fault.round} writes no checkpoint (checkpoint.every={every}, "
+                       f"checkpoint.final={cfg.checkpoint.final})")
     if problem:
         raise ValueError(f"{where} would never fire: {problem}; change the fault or the run")
 

@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in rest):
         print("usage: python -m comigs_dist.forkrun --nproc_per_node=N [--config FILE] [key=value ...]\n"
               "One host, many users: imports once and forks one process per user (docs/performance.md,\n"
-              "'Many users per host'). Every other argument goes to comigs_dist.main, whose help follows.\n", flush=True)
+              "'Many users per host'). Every other argument goes to comigs_dist.main, whose help follows.\n",
+              flush=True)
     if any(a in ("-h", "--help", "--methods", "--print-config") for a in rest):
         # information only: one process answers, as rank 0 of N would
         return _run_once(cli.main, rest, ours.nproc_per_node or 1)

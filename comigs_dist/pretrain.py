@@ -157,7 +157,8 @@ def check_no_overlap(corpus: list[tuple[Path, str]], exclude: list[str | Path], 
                 shared.setdefault(path, []).append(text)
         if shared:
             lines = [f"{p}: {len(v)} documents, e.g. {v[0][:80]!r}" for p, v in shared.items()]
-            raise PretrainError(f"--exclude {d}: the pretraining corpus holds text that the prepared user splits in {d} "
+            raise PretrainError(f"--exclude {d}: the pretraining corpus holds text that "
+                                f"the prepared user splits in {d} "
                                 f"also hold (they would leak into the base model):\n  " + "\n  ".join(lines)
                                 + "\npretrain on other files, or prepare the dataset from a different source")
         checked[str(d)] = {"passages": int(len(known)), "documents_checked": len(corpus), "shared": 0}
@@ -243,7 +244,8 @@ def pretrain_files(args) -> dict:
     lr = args.lr if args.lr is not None else preset["lr"]
     out = Path(args.out)
     if steps < 1 or batch_size < 1 or seq_len < 2:
-        raise PretrainError(f"--steps ({steps}), --batch-size ({batch_size}) must be >= 1 and --seq-len ({seq_len}) >= 2")
+        raise PretrainError(f"--steps ({steps}), --batch-size ({batch_size}) must be >= 1 and --seq-len ({seq_len}) "
+                            f">= 2")
     if seq_len > preset["model"]["n_positions"]:
         raise PretrainError(f"--seq-len ({seq_len}) exceeds the context of --config {args.config} "
                             f"({preset['model']['n_positions']}); lower --seq-len")

@@ -251,7 +251,8 @@ def restore(rank, out_dir: Path, say=lambda msg: None) -> int:
             if _checkpointing(cfg) and run.method.trains:
                 # conservative: every user's checkpoint may land on the same file system
                 need = sum(g["bytes"] for g in gathered)
-                if (p := checkpoint.check_writable(my_dir, need, f"the checkpoint directory of user {user}")) is not None:
+                what = f"the checkpoint directory of user {user}"
+                if (p := checkpoint.check_writable(my_dir, need, what)) is not None:
                     problems.append(p)
             if start:
                 path = my_dir / checkpoint.round_file(start)
@@ -266,7 +267,8 @@ def restore(rank, out_dir: Path, say=lambda msg: None) -> int:
         raise ConfigError(problem)
     all_problems = _merge_alike([p for ps in verdicts for p in ps])
     if all_problems:
-        raise ConfigError(f"cannot {'resume' if start else 'start'} the run in {out_dir}: " + "; ".join(all_problems[:8])
+        raise ConfigError(f"cannot {'resume' if start else 'start'} the run in {out_dir}: "
+                          + "; ".join(all_problems[:8])
                           + ("" if len(all_problems) <= 8 else f"; ... ({len(all_problems)} problems)"))
     for run in rank.users:  # what a writer killed mid-file left (the run holds out_dir's lock)
         checkpoint.remove_partial(checkpoint.user_dir(out_dir, run.user_idx))

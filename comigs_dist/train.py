@@ -193,7 +193,8 @@ def build_user(cfg: RunConfig, topo: dist.Topology, method: Method, base: Adapte
     expert_opt = build_optimizer(expert_params, t.lr, t, topo.device)
     expert_sched = None
     if expert_opt is not None:
-        factor = cosine_schedule(t.rounds * t.local_steps, t.min_lr_ratio) if t.schedule == "cosine" else (lambda s: 1.0)
+        factor = (cosine_schedule(t.rounds * t.local_steps, t.min_lr_ratio) if t.schedule == "cosine"
+                  else (lambda s: 1.0))
         expert_sched = torch.optim.lr_scheduler.LambdaLR(expert_opt, factor)
     router_opt = build_optimizer(router_params, t.router_lr, t, topo.device)
     router_tokens = data.valid if method.router_split == "valid" else data.train
@@ -201,7 +202,8 @@ def build_user(cfg: RunConfig, topo: dist.Topology, method: Method, base: Adapte
                       shared={g: shared[g] for g in sorted(shared)}, expert_opt=expert_opt,
                       expert_sched=expert_sched, router_opt=router_opt,
                       train_sampler=BatchSampler(data.train, t.seq_len, derive_seed(cfg.seed, user, "train_batches")),
-                      router_sampler=BatchSampler(router_tokens, t.seq_len, derive_seed(cfg.seed, user, "router_batches")))
+                      router_sampler=BatchSampler(router_tokens, t.seq_len,
+                                                  derive_seed(cfg.seed, user, "router_batches")))
     method.prepare_user(state)
     return state
 

@@ -127,7 +127,8 @@ def format_table(columns: list[str], rows: list[dict]) -> str:
 def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(columns + ["seeds", "n", "test_ppl_mean", "test_ppl_std", "base_ppl_mean", "mb_sent_per_user", "runs"])
+        w.writerow(columns + ["seeds", "n", "test_ppl_mean", "test_ppl_std", "base_ppl_mean", "mb_sent_per_user",
+                              "runs"])
         for row in rows:
             w.writerow([row[c] for c in columns] + [" ".join(map(str, row["seeds"])), row["n"], row["test_ppl_mean"],
                                                     row["test_ppl_std"], row["base_ppl_mean"], row["mb_sent_per_user"],
@@ -142,7 +143,8 @@ def missing_jobs(manifests: list[dict], state_of=None) -> list[str]:
             if (Path(rec["out_dir"]) / "results.json").is_file():
                 continue
             state = state_of(m, rec) if state_of else "unknown"
-            lines.append(f"job {rec.get('job_id', '?')} {rec['label']}: no results.json (state {state}); log: {rec.get('log', '?')}")
+            lines.append(f"job {rec.get('job_id', '?')} {rec['label']}: no results.json (state {state}); log: "
+                         f"{rec.get('log', '?')}")
     return lines
 
 

@@ -38,7 +38,8 @@ def resume_args(override: str | None = None) -> tuple[list[str], str]:
     key = override.split("=", 1)[0].strip()
     if key not in known_keys():
         return [], (f"resume: this comigs_dist has no option {key!r}, so a requeued job starts again from "
-                    f"round 0 (name the resume option with COMIGS_RESUME=key=value for sbatch or --resume for submit; an "
+                    f"round 0 (name the resume option with COMIGS_RESUME=key=value for sbatch or --resume for submit; "
+                    f"an "
                     f"empty value turns resuming off)")
     return [override], f"resume: {override} (a requeued job continues from its last checkpoint)"
 

@@ -37,7 +37,8 @@ def plan(job_id: str, n_nodes: int, job_argv: list[str], explicit_per_node: int 
         main_args.append(f"train.threads={threads}")
     # last wins: the job's out_dir is pinned so that a requeued start finds the first one's checkpoints
     main_args += [f"out_dir={out_dir}"] + extra
-    return {"USERS_PER_NODE": per_node, "WORLD_SIZE": per_node * n_nodes, "N_USERS": cfg.n_users, "OUT_DIR": str(out_dir),
+    return {"USERS_PER_NODE": per_node, "WORLD_SIZE": per_node * n_nodes, "N_USERS": cfg.n_users,
+            "OUT_DIR": str(out_dir),
             "METHOD": cfg.method, "THREADS": threads, "RESUME_NOTE": note, "MAIN_ARGS": main_args}
 
 
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job-id", required=True)
     parser.add_argument("--nodes", type=int, required=True)
     parser.add_argument("--ranks-per-node", "--users-per-node", dest="users_per_node", type=int, default=None,
-                        help="processes per node (default: n_users / nodes, or GPUs per node when users outnumber them)")
+                        help="processes per node (default: n_users / nodes, or GPUs per node when users "
+                             "outnumber them)")
     parser.add_argument("--gpus-per-node", type=int, default=0)
     parser.add_argument("--cpus-per-task", type=int, default=0, help="CPUs of each node's task (its users share them)")
     parser.add_argument("--resume", default=None, help="the resume override; '' turns resuming off")

@@ -313,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     if ns.wait:
         failed = [k for k, v in manifest["outcomes"].items() if v != "COMPLETED"]
         print(f"{len(manifest['outcomes']) - len(failed)} completed, {len(failed)} failed"
-              + (f"; collect: python -m launch.collect {manifest['folder']}" if len(failed) < len(manifest['outcomes']) else ""))
+              + (f"; collect: python -m launch.collect {manifest['folder']}"
+                 if len(failed) < len(manifest['outcomes']) else ""))
         return 1 if failed else 0
     return 0
 

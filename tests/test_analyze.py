@@ -83,8 +83,10 @@ def test_tensorboard_event_files_hold_the_documented_tags(trained_run):
         gen = next(v for k, v in charts.items() if k.startswith("generalist expert score"))
         spec = next(v for k, v in charts.items() if k.startswith("specialist expert score"))
         prob_tags = sorted(t for t in tags if t.startswith("router/prob/"))
-        assert [t for t in prob_tags if re.match(gen[0], t)] == [f"router/prob/layer_{l:02d}/expert_0" for l in range(2)]
-        assert [t for t in prob_tags if re.match(spec[0], t)] == [f"router/prob/layer_{l:02d}/expert_1" for l in range(2)]
+        assert ([t for t in prob_tags if re.match(gen[0], t)]
+                == [f"router/prob/layer_{l:02d}/expert_0" for l in range(2)])
+        assert ([t for t in prob_tags if re.match(spec[0], t)]
+                == [f"router/prob/layer_{l:02d}/expert_1" for l in range(2)])
 
 
 @pytest.mark.slow
@@ -122,7 +124,8 @@ def test_scalar_layout_separates_generalists_from_specialists():
     specialist chart 2-3, and each layer has a chart of its own."""
     from comigs_dist.monitor import scalar_layout
     layout = scalar_layout(n_layers=3, n_experts=4, n_generalists=2)
-    tags = [f"router/prob/layer_{l:02d}/expert_{j}" for l in range(3) for j in range(4)] + ["router/prob/layer_00/expert_10"]
+    tags = ([f"router/prob/layer_{l:02d}/expert_{j}" for l in range(3) for j in range(4)]
+            + ["router/prob/layer_00/expert_10"])
     (gen_title, gen), (spec_title, spec) = layout["expert scores (paper Fig. 3, 10)"].items()
     match = lambda chart: [t for t in tags if any(re.match(r, t) for r in chart[1])]
     assert "experts 0-1" in gen_title and "experts 2-3" in spec_title

@@ -74,7 +74,8 @@ def test_a_full_disk_leaves_no_partial_file_and_says_so(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(checkpoint.torch, "save", full_disk)
     target = tmp_path / "user_00" / "round_0001.pt"
-    with pytest.raises(OSError, match=r"cannot write checkpoint .*round_0001\.pt: no space left on device.*resume=true"):
+    with pytest.raises(OSError, match=r"cannot write checkpoint .*round_0001\.pt: "
+                                      r"no space left on device.*resume=true"):
         checkpoint.save_atomic({"a": 1}, target)
     assert list(target.parent.iterdir()) == []
 

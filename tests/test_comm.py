@@ -258,7 +258,8 @@ def test_two_clusters_from_a_yaml_end_to_end(tmp_path):
     per group exactly the analytic bytes of the rounds that aggregated (rounds - 1), N_group times the
     payload, and the users of one cluster end with the same cluster generalist up to their last local steps."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "comigs_dist.main",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+           "-m", "comigs_dist.main",
            "--config", "configs/two_clusters.yaml", f"out_dir={out}", "comm.mode=all2all", "train.rounds=3",
            "eval.every=0", "log.tensorboard=false"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,

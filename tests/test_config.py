@@ -125,7 +125,8 @@ def test_yaml_boolean_words_are_read_as_choices(tmp_path):
     # once clamped silently to the user's count (comigs_1gxs then shared user 1's every expert)
     (["method=comigs_1gxs", "moe.n_experts=[3, 1]", "moe.n_generalists=2"],
      r"moe.n_generalists \(2\) must be <= moe.n_experts \(1\) for user 1: a user cannot share more experts"),
-    (["moe.n_experts=2", "moe.n_generalists=3", "method=comigs_2g"], r"moe.n_generalists \(3\) must be <= moe.n_experts \(2\)"),
+    (["moe.n_experts=2", "moe.n_generalists=3", "method=comigs_2g"], r"moe.n_generalists \(3\) must be <= "
+                                                                     r"moe.n_experts \(2\)"),
     (["eval.max_tokens=100", "train.seq_len=128"],
      r"eval.max_tokens \(100\) is below one evaluation window of train.seq_len \(128\).*at least 128"),
     (["train.amp=fp16"], r"train.amp \(fp16\) is refused: fp16 gradients need loss scaling .* train.amp=bf16"),

@@ -31,7 +31,8 @@ def test_fault_phases_parse_and_faults_that_could_never_fire_are_refused():
     """phase=setup|expert|router|sync|checkpoint|eval; setup and eval take no round, nan only the
     sync; a fault in a round without router steps or without a checkpoint is refused up front."""
     assert faults.parse("kill,user=1,phase=setup") == faults.Fault("kill", 1, 0, 0, "setup")
-    assert faults.parse("raise,user=0,round=2,phase=checkpoint,attempt=1") == faults.Fault("raise", 0, 2, 1, "checkpoint")
+    assert (faults.parse("raise,user=0,round=2,phase=checkpoint,attempt=1")
+            == faults.Fault("raise", 0, 2, 1, "checkpoint"))
     assert faults.parse("kill,user=1,round=2").phase == "expert" and faults.parse("nan,user=1,round=2").phase == "sync"
     for bad in ("kill,user=1,round=2,phase=setup", "kill,user=1,phase=eval,round=1", "nan,user=1,round=2,phase=expert",
                 "kill,user=1,round=2,phase=lunch", "kill,round=2", "kill,user=1,phase=router"):

@@ -21,7 +21,8 @@ def _hang_worker(rank, world_size, tmp_path):
 def test_a_hung_rank_is_killed_when_timeout_s_passes_and_the_test_fails():
     """Rank 1 sleeps, rank 0 waits for it in a barrier: with timeout_s=5 run_on_ranks kills both and
     raises, naming both ranks; their processes are gone afterwards."""
-    with pytest.raises(RanksTimedOut, match=r"rank\(s\) 0, 1 \(pid\(s\) .*\) still running after timeout_s=5 s; killed") as info:
+    with pytest.raises(RanksTimedOut,
+                       match=r"rank\(s\) 0, 1 \(pid\(s\) .*\) still running after timeout_s=5 s; killed") as info:
         run_on_ranks(_hang_worker, 2, None, timeout_s=5)
     assert sorted(info.value.killed) == [0, 1]
     assert not any(pid_alive(pid) for pid in info.value.killed.values())

@@ -68,12 +68,14 @@ def test_plan_output_round_trips_through_bash(tmp_path):
     """What slurm/comigs.sh evals gives back the exact arguments (spaces and brackets included); bad input exits 2."""
     script = (f'eval "$({sys.executable} -m launch.plan --job-id 5 --nodes 1 --resume "" -- --config {DEBUG} '
               f'"moe.n_experts=[2, 3]" seed=7)" && printf "%s\\n" "$USERS_PER_NODE" "${{MAIN_ARGS[@]}}"')
-    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=subprocess_env(one_thread=False), capture_output=True, text=True)
+    proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=subprocess_env(one_thread=False),
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["2", "--config", DEBUG, "moe.n_experts=[2, 3]", "seed=7",
                                         f"out_dir={tmp_path}/runs/slurm-5_comigs_1g1s_s7"]
     bad = subprocess.run([sys.executable, "-m", "launch.plan", "--job-id", "5", "--nodes", "1", "--",
-                          "--config", DEBUG, "train.rounds=0"], cwd=tmp_path, env=subprocess_env(one_thread=False), capture_output=True, text=True)
+                          "--config", DEBUG, "train.rounds=0"], cwd=tmp_path, env=subprocess_env(one_thread=False),
+                         capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stdout == ""
     assert "train.rounds (0) must be > 0" in bad.stderr
 
@@ -183,7 +185,8 @@ def test_collect_cli_writes_csv_and_lists_missing_jobs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "fedavg  42     1  11.000 ± -" in proc.stdout and "job 2 seed-45: no results.json" in proc.stdout
     assert (tmp_path / "t.csv").read_text().splitlines()[1].startswith("fedavg,42,1,11.0,nan,142.0,2.0,")
-    empty = subprocess.run([sys.executable, "-m", "launch.collect", str(tmp_path / "seed-45")], env=subprocess_env(one_thread=False),
+    empty = subprocess.run([sys.executable, "-m", "launch.collect", str(tmp_path / "seed-45")],
+                           env=subprocess_env(one_thread=False),
                            capture_output=True, text=True)
     assert empty.returncode == 2 and "does not exist" in empty.stderr
 

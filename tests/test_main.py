@@ -124,4 +124,5 @@ def test_default_out_dirs_are_unique_within_one_second_and_differ_by_what_change
     assert a.name.startswith(f"{stamp}_comigs_1g1s_s1_") and b.name == a.name + "-2" and d.name == a.name + "-3"
     assert c.name.rsplit("_", 1)[1] != a.name.rsplit("_", 1)[1]
     monkeypatch.setenv("SLURM_JOB_ID", "77")
-    assert default_out_dir(load_config(None, ["seed=1", "resume=auto"])) == (Path("runs/slurm-77_comigs_1g1s_s1"), False)
+    assert (default_out_dir(load_config(None, ["seed=1", "resume=auto"]))
+            == (Path("runs/slurm-77_comigs_1g1s_s1"), False))

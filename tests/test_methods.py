@@ -181,5 +181,6 @@ def test_help_lists_every_method_option():
     text = _help_text()
     for key in ("[hetlora] method_options.lambda_p=0.005", "[hetlora] method_options.match=active",
                 "[flexlora] method_options.match=active", "[pcl] method_options.mix_after=4",
-                "[ffa_lora] method_options.reference_quirks=false", "[comigs_2s] method_options.reference_quirks=false"):
+                "[ffa_lora] method_options.reference_quirks=false",
+                "[comigs_2s] method_options.reference_quirks=false"):
         assert key in text

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.distributed as tdist
 
-from comigs_dist import dist
 from comigs_dist.config import check_world_size
 from comigs_dist.methods import SyncContext
 from comigs_dist.methods.flexlora import compute_flexlora_update
@@ -129,7 +128,8 @@ def _check_method(name, topo0, rank, world_size):
     _sync(rank_run)
     after_all = _gather(_state(r.model))
     other = 1 - rank
-    common = [n for n in after_all[rank] if n in after_all[other] and after_all[rank][n].shape == after_all[other][n].shape]
+    common = [n for n in after_all[rank]
+              if n in after_all[other] and after_all[rank][n].shape == after_all[other][n].shape]
     if name == "pcl":
         vectors = [torch.cat([s[n].reshape(-1) for n in r.model.report.params]) for s in before_all]
         W = r.method_state["trust"]
@@ -145,7 +145,8 @@ def _check_method(name, topo0, rank, world_size):
         elif not (name in ("hetlora", "flexlora") and tags[n].kind == "expert"):
             assert not torch.equal(after_all[0][n], after_all[1][n]), (name, n, "should differ between users")
     if equal_after is NOTHING:
-        assert rank_run.comm.user_stats[r.user_idx].bytes_sent == sent_before, f"{name} must not communicate after the initial sync"
+        sent_after = rank_run.comm.user_stats[r.user_idx].bytes_sent
+        assert sent_after == sent_before, f"{name} must not communicate after the initial sync"
     if name in ("hetlora", "flexlora"):
         # every user holds a truncation of one global LoRA: the smaller rank is a block of the larger
         ranks = _gather(r.model.spec.rank)
@@ -159,7 +160,8 @@ def _check_method(name, topo0, rank, world_size):
             elif t.kind == "expert" and name == "hetlora":
                 torch.testing.assert_close(low, high[:, :small_rank])
             elif t.kind == "expert":  # FlexLoRA: B = (U S)[:, :r] / s_r, each user with its own scale
-                torch.testing.assert_close(low * rs_scale(16.0, small_rank), high[:, :small_rank] * rs_scale(16.0, big_rank),
+                torch.testing.assert_close(low * rs_scale(16.0, small_rank),
+                                           high[:, :small_rank] * rs_scale(16.0, big_rank),
                                            rtol=1e-5, atol=1e-6)
 
 
@@ -257,7 +259,8 @@ def _flexlora_check(topo0, rank, world_size):
     assert len({n for n, _, _ in everyone}) == 3  # users hold different amounts of data
     _sync(rank_run)
     for i, p in enumerate(m.pairs):
-        dW = compute_flexlora_update([n / total * s * f[i][1] for n, s, f in everyone], [f[i][0] for _, _, f in everyone])
+        dW = compute_flexlora_update([n / total * s * f[i][1] for n, s, f in everyone],
+                                     [f[i][0] for _, _, f in everyone])
         # the user's update s_i B_i A_i is the best rank-r_i approximation of dW
         US, Vt = compute_svd_factors(dW, m.rank)
         A, B = compute_user_factors(US, Vt, m.rank, m.scale)

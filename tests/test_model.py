@@ -31,7 +31,8 @@ def test_untrained_adapters_leave_logits_unchanged():
     x = torch.randint(0, 128, (2, 16))
     base = tiny_gpt2()
     ref = base(input_ids=x).logits
-    for spec in (SPEC, AdapterSpec(3, 1, 4, 16.0, 4, 2, True, "uniform"), AdapterSpec(2, 1, 4, 16.0, 4, 2, False, "none"),
+    for spec in (SPEC, AdapterSpec(3, 1, 4, 16.0, 4, 2, True, "uniform"),
+                 AdapterSpec(2, 1, 4, 16.0, 4, 2, False, "none"),
                  AdapterSpec(1, 1, 4, 16.0, 4, 1, True, "uniform")):
         model = wrap_user_model(tiny_gpt2(), spec)
         torch.testing.assert_close(model.logits(x), ref, rtol=0, atol=1e-5)

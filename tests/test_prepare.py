@@ -42,7 +42,8 @@ def _segments(path: Path, source: dict[str, tuple[str, str]], join: str):
             pos = 0
             for r in (r for r in rows if r["user"] == u["user"] and r["split"] == split):
                 cat, text = source[r["document"]]
-                ids = enc.encode_batch([(" " if join == "space" else "") + text])[0] + ([50256] if join == "eot" else [])
+                ids = (enc.encode_batch([(" " if join == "space" else "") + text])[0]
+                       + ([50256] if join == "eot" else []))
                 assert r["doc_tokens"] == len(ids)
                 assert shard[pos: pos + r["tokens"]].tolist() == ids[: r["tokens"]], (u["user"], split, r["document"])
                 pos += r["tokens"]
@@ -286,7 +287,8 @@ def test_hf_tokenizer_gives_the_same_shards_as_tiktoken(tmp_path):
     b = prepare_dataset("agnews", tmp_path / "hf", tokenizer=str(SHARED / "gpt2_bpe"), **kw)
     assert b["tokenizer"]["kind"] == "hf" and b["tokenizer"]["vocab_size"] == 50257
     assert a["tokenizer"]["fingerprint"] == b["tokenizer"]["fingerprint"]
-    assert [s["sha256"] for s in a["users"][0]["splits"].values()] == [s["sha256"] for s in b["users"][0]["splits"].values()]
+    assert ([s["sha256"] for s in a["users"][0]["splits"].values()]
+            == [s["sha256"] for s in b["users"][0]["splits"].values()])
 
 
 def test_passage_manifest_finds_shared_text(tmp_path):
@@ -432,7 +434,8 @@ def _hub_loader():
         assert streaming and split == "train"
         if name == "wikimedia/wikipedia":
             arts = articles(config.split(".")[1])
-            return datasets.IterableDataset.from_generator(lambda: ({"title": a[0][:20], "text": "\n".join(a)} for a in arts))
+            return datasets.IterableDataset.from_generator(lambda: ({"title": a[0][:20], "text": "\n".join(a)}
+                                                                    for a in arts))
         if name == "google/wiki40b":
             arts = articles(config)
             return datasets.IterableDataset.from_generator(lambda: (

@@ -83,7 +83,8 @@ def test_pretrain_refuses_text_of_a_prepared_dataset(tmp_path, capsys):
     with open(leaking, "w", newline="") as f:
         csv.writer(f).writerows([rows[0] if rows[0] is not row else rows[1], row])
     out = tmp_path / "base"
-    rc = pretrain_main(["--source", str(leaking), "--config", "tiny", "--out", str(out), "--exclude", str(d), "--quiet"])
+    rc = pretrain_main(["--source", str(leaking), "--config", "tiny", "--out", str(out), "--exclude", str(d),
+                        "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and not out.exists()
     assert f"--exclude {d}: the pretraining corpus holds text that the prepared user splits" in err
@@ -142,7 +143,8 @@ def test_model_and_dataset_tokenizers_must_match(tmp_path):
     with pytest.raises(ValueError, match="the ids mean different text"):
         check_model_matches_data(_checkpoint(tmp_path / "fp", 50257, tokenizer={**gpt2, "fingerprint": "0" * 16,
                                                                                  "name": "other"}), meta)
-    with pytest.raises(ValueError, match=r"model '.*small' has a vocabulary of 1000; prepare the data with the model's"):
+    with pytest.raises(ValueError, match=r"model '.*small' has a vocabulary of 1000; "
+                                         r"prepare the data with the model's"):
         check_model_matches_data(_checkpoint(tmp_path / "small", 1000), meta)
     with pytest.raises(ValueError, match=r"ends text with id \[2\]: different tokenizers"):
         check_model_matches_data(_checkpoint(tmp_path / "eos", 50257, eos=2), meta)

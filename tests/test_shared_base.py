@@ -132,7 +132,8 @@ def _two_rank_worker(rank, world_size, tmp_path):
     from comigs_dist.model import build_base_model
     topo = init_topology()
     plan = sb.plan_sharing("auto", 30.0, topo)  # two CPU ranks on one host: on
-    assert plan is not None and plan.n_local == 2 and plan.root == tmp_path / "shm" / f"comigs-shared-base-{os.getuid()}"
+    assert (plan is not None and plan.n_local == 2
+            and plan.root == tmp_path / "shm" / f"comigs-shared-base-{os.getuid()}")
     for name in ("tiny", "llama-tiny", "embedded"):
         model = build_base_model(name, 256, 32, plan)
         info = model.shared_base
@@ -210,7 +211,8 @@ CHILD = textwrap.dedent("""
     sys.path.insert(0, sys.argv[3])
     from test_shared_base import Tied, _plan, _tied_private, _tied_skeleton
     from comigs_dist.model.shared_base import load_shared
-    model = load_shared({"name": "tied"}, _tied_private, _tied_skeleton, _plan(Path(sys.argv[1]), sys.argv[2], n_local=2))
+    model = load_shared({"name": "tied"}, _tied_private, _tied_skeleton,
+                        _plan(Path(sys.argv[1]), sys.argv[2], n_local=2))
     print(model.shared_base.path, flush=True)
     sys.stdin.readline()
     with torch.no_grad():

@@ -85,7 +85,8 @@ def _log_of(tmp_path: Path, job_id: str) -> str:
 def _results(out_dir: Path) -> dict:
     results = json.loads((out_dir / "results.json").read_text())
     if CHECK.exists():
-        check = subprocess.run([sys.executable, str(CHECK), str(out_dir / "results.json")], capture_output=True, text=True)
+        check = subprocess.run([sys.executable, str(CHECK), str(out_dir / "results.json")],
+                               capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
     return results
 
@@ -111,7 +112,8 @@ def _requeue_after_checkpoint(tmp_path: Path, job_id: str, out_dir: Path, timeou
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
 
     def released() -> bool:  # once the job is pending again (and held), move its start time to now
-        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+        state = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"],
+                               capture_output=True, text=True).stdout.strip()
         if "REQUEUED" in _sacct_states(job_id) and state == "PENDING":
             update = subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
                                     capture_output=True, text=True)

@@ -44,7 +44,8 @@ def test_a_25_character_category_lines_up_in_the_dataset_summary(tmp_path):
 def test_format_table_sizes_columns_and_aligns_by_content():
     """Widths are the widest cell; numeric columns (with '-' for missing) align right, text left;
     the footer follows a second rule; wide characters count as two columns."""
-    text = format_table(("name", "ppl", "note"), [("a", "1.5", "x"), ("日本語", "-", "longer note"), ("bb", "12.25", "")],
+    text = format_table(("name", "ppl", "note"),
+                        [("a", "1.5", "x"), ("日本語", "-", "longer note"), ("bb", "12.25", "")],
                         footer=[("mean", "6.875", "")])
     lines = text.splitlines()
     assert lines == ["name      ppl  note",

@@ -13,7 +13,8 @@ from helpers import tiny_config
 
 def _snapshot(model, role=None, kind=None):
     return {n: p.detach().clone() for n, p in model.report.params.items()
-            if (role is None or model.report.tags[n].role == role) and (kind is None or model.report.tags[n].kind == kind)}
+            if (role is None or model.report.tags[n].role == role)
+               and (kind is None or model.report.tags[n].kind == kind)}
 
 
 def _gather(tensors: dict) -> list[dict]:

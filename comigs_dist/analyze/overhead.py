@@ -176,13 +176,15 @@ def report_for(base: nn.Module, spec, label: str, seq_len: int, family: str, is_
     shared = [n for n, t in report.tags.items() if is_shared is not None and is_shared(t)]
     numel = lambda names: sum(report.params[n].numel() for n in names)
     out = ModelReport(label=label, flops_per_token=count_flops(model, seq_len), seq_len=seq_len,
-                      params_by_role=report.counts_by_role(), router_params=report.count(lambda t: t.role == Role.ROUTER),
+                      params_by_role=report.counts_by_role(),
+                      router_params=report.count(lambda t: t.role == Role.ROUTER),
                       shared_params=numel(shared),
                       shared_attn_params=numel([n for n in shared if report.tags[n].kind == "attn"]),
                       shared_expert_params=numel([n for n in shared if report.tags[n].kind == "expert"]),
                       shared_by_group={g: numel([n for n in shared if group_of(report.tags[n]) == g])
                                        for g in sorted({group_of(report.tags[n]) for n in shared})} if group_of else {},
-                      n_experts=spec.n_experts, top_k=spec.top_k if spec.routed and spec.n_experts > 1 else spec.n_experts)
+                      n_experts=spec.n_experts,
+                      top_k=spec.top_k if spec.routed and spec.n_experts > 1 else spec.n_experts)
     return out
 
 
@@ -311,14 +313,16 @@ def format_overhead(o: Overhead) -> str:
         extra = (f"   [paper, CoMiGS-1G1S: +{PAPER['comigs_mflops']:.0f} MFLOPs (+{PAPER['comigs_pct']:.2f}%), "
                  f"router {PAPER['router_mflops']:.0f} MFLOPs]" if paper else "")
         lines.append(f"  {rep.label}: +{_flops(f.added * T)} (+{rep.added_pct:.2f}%) = attention LoRA "
-                     f"{_flops(f.attn_lora * T)} + experts {_flops(f.experts * T)} (top-{rep.top_k} of {rep.n_experts}) "
+                     f"{_flops(f.attn_lora * T)} + experts {_flops(f.experts * T)} (top-{rep.top_k} of "
+                     f"{rep.n_experts}) "
                      f"+ router {_flops(f.router * T)}{extra}")
     lines += ["", "router memory"]
     for members, rep in o.users:
         extra = f"   [paper: {PAPER['router_mib_bf16']} MB in bf16]" if paper else ""
         lines.append(f"  {rep.label}: {rep.router_params:,} parameters = {_bytes(rep.router_params * 2)} (bf16), "
                      f"{_bytes(rep.router_params * 4)} (fp32){extra}")
-    lines += ["", f"communication per user and round (the shared parameters, delivered payload as comigs_dist.dist counts it; "
+    lines += ["", f"communication per user and round (the shared parameters, delivered payload as "
+                  f"comigs_dist.dist counts it; "
                   f"this run's comm.dtype is {o.comm_dtype})"]
     for members, rep in o.users:
         lines.append(f"  {rep.label}: {rep.shared_params:,} shared parameters = attention LoRA "

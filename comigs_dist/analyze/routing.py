@@ -103,7 +103,8 @@ def load_run_config(run_dir: Path):
     from comigs_dist.config import load_config
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
-        raise AnalysisError(f"--run {run_dir}: {path} is missing; pass a directory written by `python -m comigs_dist.main`")
+        raise AnalysisError(f"--run {run_dir}: {path} is missing; pass a directory written by `python -m "
+                            f"comigs_dist.main`")
     return load_config(str(path), [])
 
 
@@ -360,7 +361,8 @@ def run_routing(args) -> dict:
         if max(ids) >= vocab:
             raise AnalysisError(f"--text {f}: token id {max(ids)} is outside the model's vocabulary of {vocab}; "
                                 f"use the dataset's tokenizer (--tokenizer auto)")
-        texts.append({"name": f.name, "file": str(f), "ids": ids[: args.max_tokens], "truncated": len(ids) > args.max_tokens,
+        texts.append({"name": f.name, "file": str(f), "ids": ids[: args.max_tokens],
+                      "truncated": len(ids) > args.max_tokens,
                       "users": {}})
     layers = None
     for user in users:
@@ -394,7 +396,8 @@ def run_routing(args) -> dict:
                         for t in texts]}
     (out / "routing.json").write_text(json.dumps(record))
     for t in texts:
-        print(f"{t['name']}: {len(t['ids'])} tokens{' (truncated)' if t['truncated'] else ''}; share of tokens per top-1 expert")
+        print(f"{t['name']}: {len(t['ids'])} tokens{' (truncated)' if t['truncated'] else ''}; share of tokens per "
+              f"top-1 expert")
         rows = [(user, layer, share_text(dec))
                 for user, by_layer in t["users"].items() for layer, dec in by_layer.items()]
         print(tables.format_table(("user", "layer", "top-1 share"), rows, ">><", indent="  "))

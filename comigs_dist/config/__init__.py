@@ -18,7 +18,6 @@ from comigs_dist.options import get_dotted, opt, sub
 __all__ = ["CheckpointConfig", "CommConfig", "ConfigError", "DataConfig", "EvalConfig", "FloatOrList", "GroupConfig",
            "GuardConfig", "IntOrList", "LogConfig", "LoRAConfig", "MoEConfig", "ModelConfig", "PER_USER_KEYS",
            "PrivacyConfig", "RunConfig", "TrainConfig", "UserSpec", "check_world_size", "collect_errors",
-           "comm_group_errors",
-           "config_from_dict", "describe_options", "format_errors", "get_dotted", "inferred_n_users", "users_per_round", "load_config",
-           "opt", "parse_override", "privacy_accounting", "privacy_errors", "resolve_users", "sub", "to_yaml",
-           "validate"]
+           "comm_group_errors", "config_from_dict", "describe_options", "format_errors", "get_dotted",
+           "inferred_n_users", "users_per_round", "load_config", "opt", "parse_override", "privacy_accounting",
+           "privacy_errors", "resolve_users", "sub", "to_yaml", "validate"]

@@ -31,8 +31,10 @@ class ModelConfig:
                     "synthetic public text, cached), 'tiny' (random 2-layer GPT-2, for tests), "
                     "'gpt2-random' (GPT-2 124M shapes, random weights), 'llama-tiny' (small random "
                     "Llama), or a Hugging Face model name or local checkpoint path (e.g. 'gpt2').")
-    family: Literal["auto", "gpt2", "llama"] = opt("auto", "Model family for adapter injection; 'auto' reads it from the HF config.")
-    device: Literal["auto", "cpu", "cuda"] = opt("auto", "Where each user's model lives; 'auto' = cuda:<local_rank> when CUDA is available, else cpu.")
+    family: Literal["auto", "gpt2", "llama"] = opt("auto", "Model family for adapter injection; 'auto' reads it from "
+                                                           "the HF config.")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "Where each user's model lives; 'auto' = cuda:<local_rank> "
+                                                         "when CUDA is available, else cpu.")
     share_base: Literal["auto", "true", "false"] = opt(
         "auto", "Hold the frozen base once per host: one rank writes it to a file in /dev/shm ($COMIGS_SHM_DIR) "
         "and every rank of the host maps it read-only. 'auto' = on when several ranks share a host and the "
@@ -45,15 +47,18 @@ class ModelConfig:
 
 @dataclass
 class LoRAConfig:
-    rank: IntOrList = opt(8, "LoRA rank r of every MLP expert (paper: 8); a list gives one rank per user (HetLoRA, FlexLoRA).")
+    rank: IntOrList = opt(8, "LoRA rank r of every MLP expert (paper: 8); a list gives one rank per user (HetLoRA, "
+                             "FlexLoRA).")
     alpha: float = opt(16.0, "LoRA alpha; the scale is alpha / sqrt(r) (rank-stabilised, paper: 16).")
     attn_rank: int = opt(8, "LoRA rank of the attention adapters (always shared; paper: 8).")
 
 
 @dataclass
 class MoEConfig:
-    n_experts: IntOrList = opt(2, "Experts per MLP layer n_i; a list gives one value per user (system heterogeneity, CoMiGS-1GXS).")
-    n_generalists: IntOrList = opt(1, "How many of the experts (the first ones) are generalists, shared with other users; int or per-user list.")
+    n_experts: IntOrList = opt(2, "Experts per MLP layer n_i; a list gives one value per user (system heterogeneity, "
+                                  "CoMiGS-1GXS).")
+    n_generalists: IntOrList = opt(1, "How many of the experts (the first ones) are generalists, shared with other "
+                                      "users; int or per-user list.")
     top_k: Union[int, None] = opt(None, "Experts per token; default min(2, n_i). Must not exceed any user's n_i.")
     load_balancing: Literal["none", "uniform", "generalist"] = opt(
         "generalist", "Load-balancing loss (Table 5): none, uniform (Switch: n sum_j f_j P_j), or generalist-favoured "
@@ -65,7 +70,8 @@ class MoEConfig:
 class TrainConfig:
     rounds: int = opt(20, "Communication rounds T (paper: 20; 50 on SlimPajama).")
     local_steps: int = opt(10, "Local expert iterations per round (paper: 10).")
-    router_every: int = opt(30, "tau: router steps happen after every tau-th local iteration, counted across rounds (paper: 30).")
+    router_every: int = opt(30, "tau: router steps happen after every tau-th local iteration, counted across rounds "
+                                "(paper: 30).")
     router_steps: int = opt(10, "s: router optimiser steps per router phase, on validation batches (paper: 10).")
     batch_size: int = opt(8, "Sequences per optimiser step (paper: 64; the embedded default uses 8).")
     micro_batch_size: int = opt(0, "Sequences per forward pass; gradients accumulate up to batch_size. 0 = batch_size.")
@@ -76,19 +82,23 @@ class TrainConfig:
     lr: float = opt(5e-3, "Expert (and attention LoRA) learning rate, AdamW (paper: 2e-3; the embedded default's "
                     "small model uses 5e-3).")
     router_lr: float = opt(2e-3, "Router learning rate, constant, AdamW (paper: 2e-3).")
-    schedule: Literal["cosine", "constant"] = opt("cosine", "Expert lr schedule: cosine decay over rounds * local_steps down to lr * min_lr_ratio, no warm-up.")
+    schedule: Literal["cosine", "constant"] = opt("cosine", "Expert lr schedule: cosine decay over rounds * "
+                                                            "local_steps down to lr * min_lr_ratio, no warm-up.")
     min_lr_ratio: float = opt(0.1, "Final expert lr as a fraction of lr (cosine schedule).")
     weight_decay: float = opt(0.01, "Decoupled weight decay on adapters and routers.")
     betas: list[float] = opt([0.9, 0.95], "AdamW betas.")
     grad_clip: float = opt(0.0, "Clip the gradient norm of each step to this value; 0 = no clipping (paper: none).")
-    amp: Literal["auto", "bf16", "fp16", "off"] = opt("auto", "Autocast: 'auto' = bf16 on CUDA devices that support it, off on CPU. "
-                                                      "'fp16' is refused (it needs loss scaling, not implemented): use bf16.")
-    pack_users: Literal["auto", "on", "off"] = opt("auto", "Run the expert steps of a rank's participating users as one "
+    amp: Literal["auto", "bf16", "fp16", "off"] = opt("auto", "Autocast: 'auto' = bf16 on CUDA devices that "
+                                                      "support it, off on CPU. 'fp16' is refused (it needs loss "
+                                                      "scaling, not implemented): use bf16.")
+    pack_users: Literal["auto", "on", "off"] = opt("auto", "Run the expert steps of a rank's participating "
+                                                   "users as one "
                                                    "packed forward and backward through the shared frozen base "
                                                    "(each user's adapters on its own rows); 'auto' = on CUDA only "
                                                    "(measured slower on CPU, docs/scale.md). Same losses to float32 "
                                                    "rounding.")
-    participation: float = opt(1.0, "Fraction of the users that take part in each round (0 < p <= 1): a seeded draw, the "
+    participation: float = opt(1.0, "Fraction of the users that take part in each round (0 < p <= 1): "
+                               "a seeded draw, the "
                                "same on every rank, picks round(p * n_users) of them (at least 1); only they take "
                                "local steps and join the round's aggregation. See docs/scale.md.")
     users_per_round: int = opt(0, "The number of users that take part in each round, instead of a fraction; 0 = use "
@@ -98,12 +108,16 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    path: str = opt("embedded", "A prepared dataset directory (see `python -m comigs_dist.data prepare`), or 'embedded' for the generated corpus.")
-    scenario: Literal["in", "out"] = opt("in", "Embedded corpus only: 'in' = valid/test from the user's own distribution, 'out' = a uniform mixture of all users.")
-    train_tokens: IntOrList = opt(4_000, "Embedded corpus only: training tokens per user (int or per-user list, e.g. low- and high-data users).")
+    path: str = opt("embedded", "A prepared dataset directory (see `python -m comigs_dist.data prepare`), or "
+                                "'embedded' for the generated corpus.")
+    scenario: Literal["in", "out"] = opt("in", "Embedded corpus only: 'in' = valid/test from the user's own "
+                                               "distribution, 'out' = a uniform mixture of all users.")
+    train_tokens: IntOrList = opt(4_000, "Embedded corpus only: training tokens per user (int or per-user list, e.g. "
+                                         "low- and high-data users).")
     valid_tokens: int = opt(2_000, "Embedded corpus only: validation tokens per user.")
     test_tokens: int = opt(16_000, "Embedded corpus only: test tokens per user.")
-    share: FloatOrList = opt(1.0, "Fraction of its training split each user trains on (0 < share <= 1); int or per-user list.")
+    share: FloatOrList = opt(1.0, "Fraction of its training split each user trains on (0 < share <= 1); int or "
+                                  "per-user list.")
     verify: bool = opt(True, "Check each shard's size and sha256 against meta.json before training.")
     categories: list[str] = opt([], "The category of each user, in user order, as the prepared dataset must hold them "
                                 "(its meta.json), e.g. [de, nl, fr, it]: per-user lists such as moe.n_experts then "
@@ -122,15 +136,19 @@ class GroupConfig:
 
 @dataclass
 class CommConfig:
-    mode: Literal["server", "all2all"] = opt("server", "'server': generalists averaged by one all_reduce per group; 'all2all': serverless, every user gathers all and averages itself.")
+    mode: Literal["server", "all2all"] = opt("server", "'server': generalists averaged by one all_reduce per group; "
+                                                       "'all2all': serverless, every user gathers all and "
+                                                       "averages itself.")
     dtype: Literal["fp32", "bf16"] = opt("fp32", "Element type of what travels (and of the counted bytes).")
     exact: bool = opt(True, "Sum what travelled in float64, so the mean is the same in any summation order: server "
                       "and all2all give bit-identical parameters (the server all_reduce then carries float64).")
     groups: list[GroupConfig] = opt([], "Sharing groups: a list of {name, users, experts, attention}; empty = one "
                                     "group 'generalists' of every user sharing expert 0..n_generalists-1 and the "
                                     "attention LoRA. See docs/communication.md.")
-    backend: Literal["auto", "gloo", "nccl"] = opt("auto", "torch.distributed backend; 'auto' = nccl when every rank has a GPU, else gloo.")
-    timeout_s: float = opt(300.0, "Seconds a collective may wait before the run stops with an error (a dead rank never hangs the run).")
+    backend: Literal["auto", "gloo", "nccl"] = opt("auto", "torch.distributed backend; 'auto' = nccl when every rank "
+                                                           "has a GPU, else gloo.")
+    timeout_s: float = opt(300.0, "Seconds a collective may wait before the run stops with an error (a dead rank "
+                                  "never hangs the run).")
 
 
 @dataclass

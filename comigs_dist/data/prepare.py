@@ -306,7 +306,8 @@ def prepare_dataset(dataset: str, out: str | Path, *, source: list[str | Path] |
         try:
             piece = pool.take(d.tokens)
         except PoolExhausted:
-            raise DataError(_exhausted_message(pool, d, categories, scenario, used, pools, sources is not None)) from None
+            raise DataError(_exhausted_message(pool, d, categories, scenario, used, pools,
+                                               sources is not None)) from None
         pieces.setdefault((d.user, d.split), []).append(piece)
     bar.close()
 
@@ -348,7 +349,8 @@ def _check_windows(used, requested, scale, categories, seq_len) -> None:
             if b < seq_len + 1:
                 raise DataError(
                     f"user {user} ({categories[user]}) {split} split would hold {b} tokens"
-                    + (f" (budget {requested[split][user]} scaled by {scale:.4f} to fit the source)" if scale < 1 else "")
+                    + (f" (budget {requested[split][user]} scaled by {scale:.4f} to fit the source)"
+                       if scale < 1 else "")
                     + f", fewer than one context window of --seq-len + 1 = {seq_len + 1}; raise {_budget_flag(split)}, "
                       f"give a larger source, or lower --seq-len")
 

@@ -27,7 +27,8 @@ def register_method(name: str) -> Callable[[type["Method"]], type["Method"]]:
     """Class decorator: make a Method available as ``method=<name>``; names are unique."""
     def wrap(cls: type[Method]) -> type[Method]:
         if name in _REGISTRY:
-            raise ValueError(f"method {name!r} is registered twice ({_REGISTRY[name].__qualname__} and {cls.__qualname__})")
+            raise ValueError(f"method {name!r} is registered twice ({_REGISTRY[name].__qualname__} and "
+                             f"{cls.__qualname__})")
         cls.name = name
         _REGISTRY[name] = cls
         return cls

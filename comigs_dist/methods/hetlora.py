@@ -31,7 +31,8 @@ import torch
 
 from comigs_dist.methods.base import register_method
 from comigs_dist.methods.lowrank import (HeteroRankMethod, RankOptions, compute_norm_weights,
-                                         compute_pruned_rank, compute_tail_norm, compute_tail_start, compute_update_norm,
+                                         compute_pruned_rank, compute_tail_norm, compute_tail_start,
+                                         compute_update_norm,
                                          expert_lora_pairs, pad_rank)
 from comigs_dist.options import opt
 from comigs_dist.seeds import EVERY_USER, derive_seed

@@ -133,7 +133,8 @@ def compute_svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, t
     return U[:, :rank] * S[:rank], Vh[:rank]
 
 
-def compute_user_factors(US: torch.Tensor, Vt: torch.Tensor, rank: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_user_factors(US: torch.Tensor, Vt: torch.Tensor, rank: int,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """A user's LoRA of rank r_i from a truncated SVD, so that scale * B A = (U S V^T) truncated to
     r_i: A = V^T[:r_i], B = (U S)[:, :r_i] / scale (FlexLoRA, Bai et al. 2024)."""
     A = Vt.new_zeros(rank, Vt.shape[1])

@@ -47,7 +47,8 @@ def compute_mix(weights: torch.Tensor, vectors: list[torch.Tensor]) -> torch.Ten
 
 @register_method("pcl")
 class PCL(Method):
-    description = "PCL: 2x LoRA (uniform mix); every other round each user mixes all users' models by softmax(-validation ppl)"
+    description = ("PCL: 2x LoRA (uniform mix); every other round each user mixes all users' models by "
+                   "softmax(-validation ppl)")
     paper_row = "Table 1 / Table 4 group i: PCL"
     Options = PCLOptions
     accepts_comm_groups = False  # every user mixes every user's model

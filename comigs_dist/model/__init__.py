@@ -72,7 +72,8 @@ def _check_base(model: nn.Module, name: str, vocab_size: int, seq_len: int) -> n
                          f"{model_vocab}: prepare the data with the model's tokenizer or choose a matching model.name")
     n_pos = getattr(model.config, "n_positions", getattr(model.config, "max_position_embeddings", seq_len))
     if seq_len > n_pos:
-        raise ValueError(f"train.seq_len ({seq_len}) exceeds the context of model {name!r} ({n_pos}); lower train.seq_len")
+        raise ValueError(f"train.seq_len ({seq_len}) exceeds the context of model {name!r} ({n_pos}); lower "
+                         f"train.seq_len")
     model.eval()  # no dropout anywhere; autograd still works
     return model
 
@@ -282,7 +283,8 @@ class UserModel(nn.Module):
         return {n: p.detach() for n, p in self.report.params.items()}
 
 
-def forward_users(models: Sequence[UserModel], xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> list[StepLoss]:
+def forward_users(models: Sequence[UserModel], xs: Sequence[torch.Tensor],
+                  ys: Sequence[torch.Tensor]) -> list[StepLoss]:
     """Packed users: every user's batch through the shared base in one forward; each user's loss
     (its mean token cross-entropy and its load-balancing loss) as if it had run alone. The sum of
     the losses back-propagates to each user's own adapters only."""

@@ -2,7 +2,8 @@
 
 Owns one user's mixture for one MLP (``MixtureAdapters``: its experts and router) and the adapted
 MLP of a base (``AdaptedMLP``), which serves every user of a forward: the frozen products run
-once over all users' rows, each user's router and experts on its own rows. Expert j is the frozen MLP with its own LoRA on every projection:
+once over all users' rows, each user's router and experts on its own rows. Expert j is the frozen
+MLP with its own LoRA on every projection:
     E_j(u) = W_out' combine(W_in' u + b_in) + b_out,   W' = W + dW_j
 (GPT-2: one input projection c_fc and combine = GELU; Llama: gate and up, combine = silu(g) * u).
 Because the routing weights of a token sum to 1 and the output projection is linear,
