@@ -244,3 +244,45 @@ def test_packed_users_train_like_users_run_one_by_one(tmp_path, overrides):
     micro-batch) gives every user the losses and the final parameters of pack_users=off to float32
     rounding, top-1 and top-2, with users of different numbers of experts."""
     run_on_ranks(_packed_worker, 1, tmp_path, overrides, timeout_s=300)
+
+
+def _empty_group_worker(rank, world_size, tmp_path):
+    """Two groups {0, 1} and {2, 3}; one user per round: a round after one in which no member of
+    a group took part gives that group's participant the group's latest aggregate again."""
+    from comigs_dist import dist, train
+    from comigs_dist.monitor import Monitor
+    topo = init_topology(n_users=4)
+    groups = ("[{name: left, users: [0, 1], experts: [0], attention: true}, "
+              "{name: right, users: [2, 3], experts: [0], attention: true}]")
+    cfg = tiny_config(method="comigs_1g1s", n_users=4, **{"train.users_per_round": 1, "train.local_steps": 1,
+                                                          "comm.groups": groups})
+    check_world_size(cfg, world_size)
+    run = train.build_rank(cfg, topo)
+    silent = Monitor.silent([u.user_idx for u in run.users])
+    latest, checked = None, 0
+    for round_idx in range(8):
+        before = train.participants(cfg, 4, round_idx - 1) if round_idx else frozenset()
+        held = {u.user_idx: [p.detach().clone() for _, p in u.shared["right"]]
+                for u in run.users if "right" in u.shared}
+        held = {k: v for part in dist.all_gather_objects(topo, held) for k, v in part.items()}
+        if round_idx == 0:
+            latest = held[2]  # the common start: the group's first member's initialisation
+        elif before & {2, 3}:  # the mean of what the group's users of the round before uploaded
+            ups = sorted(before & {2, 3})
+            latest = [(sum(held[u][i].double() for u in ups) / len(ups)).float() for i in range(len(held[2]))]
+        active = train.sync(run, round_idx)
+        mine = {u.user_idx: [p.detach().clone() for _, p in u.shared["right"]] for u in active if "right" in u.shared}
+        after = {k: v for part in dist.all_gather_objects(topo, mine) for k, v in part.items()}
+        for user, values in after.items():
+            assert all(torch.equal(a, b) for a, b in zip(values, latest)), (round_idx, user, sorted(before))
+            checked += round_idx > 0 and not (before & {2, 3})
+        train.local_iterations(run, active, round_idx, silent)
+    torch.save(checked, tmp_path / f"checked_{rank}.pt")
+
+
+def test_a_group_without_uploads_downloads_its_latest_aggregate_again(tmp_path):
+    """comm.groups {0, 1} and {2, 3}, one participant per round: when no member of a group took
+    part in the round before, the group's participant downloads the group's latest aggregate
+    again (no 'non-finite' stop), exactly."""
+    run_on_ranks(_empty_group_worker, 2, tmp_path, timeout_s=300)
+    assert torch.load(tmp_path / "checked_0.pt") >= 1, "the draw never made the case happen; change the seed"

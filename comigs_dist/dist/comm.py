@@ -109,6 +109,9 @@ class Comm:
         self._checked: set[tuple[str, str]] = set()
         self._upload: Collection[int] | None = None    # users whose sends count this round (None: all)
         self._download: Collection[int] | None = None  # users whose receipts count this round (None: all)
+        # each group's latest aggregate (float64), kept when members may sit a mean out: what a server
+        # holds, downloaded again in a round after one in which no member of the group took part
+        self._last: dict[str, torch.Tensor] = {}
 
     # -- who ---------------------------------------------------------------------------------
     def members(self, group: str) -> tuple[int, ...]:
@@ -232,7 +235,10 @@ class Comm:
         if count:
             divisor = int(round(float(total[-1])))
             total = total[:-1]
-            self._no_contributor_left(group, divisor)
+            if self._latest_again(group, divisor, [tensors]):
+                self._count(group, [user], 0, size, time.perf_counter() - start, moved)
+                return size
+            self._last[group] = total / divisor
         if in_place and total.data_ptr() == flat.data_ptr():
             total.div_(divisor)  # the sum landed in the parameters themselves
         elif in_place:
@@ -286,7 +292,10 @@ class Comm:
         divisor = n
         if extra:
             divisor = int(round(float(total[-1])))
-            self._no_contributor_left(group, divisor)
+            if self._latest_again(group, divisor, [tensors[u] for u in local]):
+                self._count(group, local, 0, size, time.perf_counter() - start, moved)
+                return size
+            self._last[group] = total[:numel] / divisor
         mean = total[:numel]
         for u in local:
             unflatten_into(mean, tensors[u], divisor)
@@ -360,6 +369,24 @@ class Comm:
                              f"that aggregates its own way must say so in Method.refuses_privacy, so that such "
                              f"runs are refused before training")
 
+    def _latest_again(self, group: str, divisor: int, targets: list) -> bool:
+        """No member of the group uploaded: under partial participation (no member took part in
+        the round before) the users download the group's latest aggregate again; otherwise (the
+        guard set every member aside) the run stops."""
+        if divisor != 0:
+            return False
+        if self._upload is not None and not any(u in self._upload for u in self.members(group)):
+            if group not in self._last:
+                raise FloatingPointError(
+                    f"no member of group {group!r} ({', '.join(map(str, self.members(group)))}) took part in the "
+                    f"round before, and this process holds no earlier aggregate of the group (a resumed run keeps "
+                    f"none): raise train.participation or train.users_per_round, or give the group more users")
+            for ts in targets:
+                unflatten_into(self._last[group], ts)
+            return True
+        self._no_contributor_left(group, divisor)
+        return False
+
     def _no_contributor_left(self, group: str, divisor: int) -> None:
         if divisor == 0:
             raise FloatingPointError(f"every member of group {group!r} ({', '.join(map(str, self.members(group)))}) "
@@ -388,6 +415,8 @@ class Comm:
         for u in local:
             if u != src:
                 unflatten_into(flat, tensors[u])
+        if self.count:  # the common start is the group's first aggregate
+            self._last[group] = flat.to(torch.float64)
 
     @torch.no_grad()
     def sum(self, group: str, tensors: Tensors) -> int:
