@@ -232,6 +232,8 @@ def build_rank(cfg: RunConfig, topo: dist.Topology, method: Method | None = None
     comm = dist.Comm(topo, cfg.comm.mode, cfg.comm.dtype, exact=cfg.comm.exact,
                      count=counts_contributors(cfg, topo.n_users), privacy=private)
     comm.mark_checked(topo.groups)
+    if cfg.comm.weights == "tokens":  # each user weighs its training tokens in the means
+        comm.weights = {u.user_idx: float(u.n_train_tokens) for u in users}
     for u in users:
         u.stats = comm.user_stats[u.user_idx]
     return RankRun(cfg=cfg, topo=topo, method=method, comm=comm, base=base, users=users,
@@ -292,7 +294,7 @@ def analytic_round_bytes(user: UserState, comm_cfg, topo: dist.Topology, count: 
 def counts_contributors(cfg: RunConfig, n_users: int) -> bool:
     """Whether a contributor count travels with every mean: users may sit a mean out, under
     guard.nan=skip or because they did not take part in the round before."""
-    return cfg.guard.nan == "skip" or users_per_round(cfg, n_users) < n_users
+    return cfg.guard.nan == "skip" or cfg.comm.weights == "tokens" or users_per_round(cfg, n_users) < n_users
 
 
 def participants(cfg: RunConfig, n_users: int, round_idx: int) -> frozenset[int]:

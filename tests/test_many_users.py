@@ -286,3 +286,36 @@ def test_a_group_without_uploads_downloads_its_latest_aggregate_again(tmp_path):
     again (no 'non-finite' stop), exactly."""
     run_on_ranks(_empty_group_worker, 2, tmp_path, timeout_s=300)
     assert torch.load(tmp_path / "checked_0.pt") >= 1, "the draw never made the case happen; change the seed"
+
+
+def _weights_worker(rank, world_size, tmp_path):
+    """comm.weights=tokens, 4 users with 2000, 3000, 5000, 6000 training tokens on 2 ranks, 3 per
+    round: the aggregate is the token-weighted mean of round 0's 3 participants (by hand)."""
+    from comigs_dist import dist, train
+    topo = init_topology(n_users=4)
+    cfg = tiny_config(method="fedavg", n_users=4, **{"comm.weights": "tokens", "train.users_per_round": 3,
+                                                     "data.train_tokens": "[2000, 3000, 5000, 6000]"})
+    check_world_size(cfg, world_size)
+    run = train.build_rank(cfg, topo)
+    train.run_round(run, 0)
+    before = train.participants(cfg, 4, 0)
+    tokens = dist.all_gather_objects(topo, {u.user_idx: u.n_train_tokens for u in run.users})
+    tokens = {k: v for part in tokens for k, v in part.items()}
+    assert len(set(tokens.values())) == 4
+    ups = {u.user_idx: [p.detach().clone() for _, p in u.shared["generalists"]] for u in run.users}
+    ups = {k: v for part in dist.all_gather_objects(topo, ups) for k, v in part.items()}
+    total = sum(tokens[u] for u in before)
+    mean = [(sum(ups[u][i].double() * tokens[u] for u in sorted(before)) / total).float()
+            for i in range(len(ups[0]))]
+    uniform = [(sum(ups[u][i].double() for u in sorted(before)) / len(before)).float() for i in range(len(ups[0]))]
+    active = train.sync(run, 1)
+    for u in active:
+        for (name, p), m, flat in zip(u.shared["generalists"], mean, uniform):
+            torch.testing.assert_close(p.detach(), m, rtol=1e-6, atol=1e-7, msg=name)
+        assert any(not torch.allclose(p.detach(), f) for (_, p), f in zip(u.shared["generalists"], uniform))
+
+
+def test_token_weighted_means_over_the_participants(tmp_path):
+    """comm.weights=tokens: the aggregate is the mean of last round's participants weighted by their
+    training tokens (hand-computed), not the uniform one."""
+    run_on_ranks(_weights_worker, 2, tmp_path, timeout_s=300)

@@ -140,6 +140,10 @@ class CommConfig:
                                                        "'all2all': serverless, every user gathers all and "
                                                        "averages itself.")
     dtype: Literal["fp32", "bf16"] = opt("fp32", "Element type of what travels (and of the counted bytes).")
+    weights: Literal["uniform", "tokens"] = opt("uniform", "Weights of the users in the means of the shared "
+                                                "parameters: 'uniform' (the paper: 1/N over the contributing "
+                                                "users) or 'tokens' (each user's training tokens, as FedAvg "
+                                                "weighs clients by data size).")
     exact: bool = opt(True, "Sum what travelled in float64, so the mean is the same in any summation order: server "
                       "and all2all give bit-identical parameters (the server all_reduce then carries float64).")
     groups: list[GroupConfig] = opt([], "Sharing groups: a list of {name, users, experts, attention}; empty = one "

@@ -178,6 +178,9 @@ def privacy_errors(cfg: RunConfig, n_users: int | None) -> list[str]:
             e.append(f"{on} cannot run with method {cfg.method!r}: {reason}; set privacy.dp=off and "
                      f"privacy.secure_agg=false, or choose one of: {', '.join(takers)}")
             return e
+    if (p.dp == "user" or p.secure_agg is True) and cfg.comm.weights == "tokens":
+        e.append("comm.weights=tokens cannot run with privacy.dp or privacy.secure_agg: the private mean divides "
+                 "by the round's planned number of contributors; set comm.weights=uniform")
     if _privacy_waits_for_world_size(cfg, n_users):
         return e + config_errors(dataclasses.replace(p, target_epsilon=None), rounds=0)
     return e + config_errors(p, **privacy_accounting(cfg, n_users or 1))

@@ -112,6 +112,8 @@ class Comm:
         # each group's latest aggregate (float64), kept when members may sit a mean out: what a server
         # holds, downloaded again in a round after one in which no member of the group took part
         self._last: dict[str, torch.Tensor] = {}
+        # comm.weights=tokens: each local user's weight in the means (its training tokens); None = uniform
+        self.weights: dict[int, float] | None = None
 
     # -- who ---------------------------------------------------------------------------------
     def members(self, group: str) -> tuple[int, ...]:
@@ -180,7 +182,7 @@ class Comm:
         local = self._local(group, tensors)
         if self.privacy is not None and self.privacy.covers(group):
             return self._mean_private(group, local, tensors, set(skip))
-        if len(local) == 1:
+        if len(local) == 1 and self.weights is None:
             return self._mean_one(group, local[0], tensors[local[0]], local[0] not in skip)
         return self._mean_many(group, local, tensors, set(skip))
 
@@ -269,9 +271,10 @@ class Comm:
             flat = packed_buffer(tensors[u])
             if flat is None or flat.dtype != self.wire:
                 flat = flatten(tensors[u], self.wire, out=wire_buf)
-            total[:numel].add_(flat.to(acc))
+            weight = 1.0 if self.weights is None else self.weights[u]
+            total[:numel].add_(flat.to(acc), alpha=weight)  # an integer weight: an exact float64 product
             if extra:
-                total[numel] += 1.0
+                total[numel] += weight
         size = (numel + extra) * self.wire.itemsize
         ranks = len(topo.ranks_of(group))
         if ranks > 1:
@@ -291,7 +294,8 @@ class Comm:
             moved = 0
         divisor = n
         if extra:
-            divisor = int(round(float(total[-1])))
+            # the contributors' count, or their summed weights (comm.weights=tokens)
+            divisor = int(round(float(total[-1]))) if self.weights is None else float(total[-1])
             if self._latest_again(group, divisor, [tensors[u] for u in local]):
                 self._count(group, local, 0, size, time.perf_counter() - start, moved)
                 return size
@@ -494,9 +498,9 @@ class Comm:
         so that a step equals one step on the union of the members' batches."""
         self._unprotected("mean_gradients", group)
         grads = {u: [p.grad for p in ps if p.grad is not None] for u, ps in params.items()}
-        saved = (self.mode, self.wire)
-        self.mode, self.wire = "server", torch.float32
+        saved = (self.mode, self.wire, self.weights)
+        self.mode, self.wire, self.weights = "server", torch.float32, None  # one model: every batch counts alike
         try:
             return self.mean(group, grads, skip)
         finally:
-            self.mode, self.wire = saved
+            self.mode, self.wire, self.weights = saved
