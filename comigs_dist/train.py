@@ -341,8 +341,11 @@ def sync(rank: RankRun, round_idx: int) -> list[UserState]:
             u.contributing = guard.check_shared(u, round_idx)
         else:
             u.contributing = round_idx == 0
-    # round 0 is the common start: every user receives it
-    keep = {u.user_idx: _held(u) for u in users if round_idx > 0 and u.user_idx not in now}
+    # round 0 is the common start: every user receives it. Later, the default mean writes to the
+    # round's participants only (Comm.set_round); a method that aggregates its own way (or the
+    # private mean) may write to anyone, so the others' values are kept aside and put back
+    own_way = type(rank.method).sync is not Method.sync or rank.comm.privacy is not None
+    keep = {u.user_idx: _held(u) for u in users if round_idx > 0 and u.user_idx not in now and own_way}
     # a device that trained last round uploads (a user the guard sets aside sends its flag and
     # zeros); one that did not train sends nothing, and only this round's participants download
     rank.comm.set_round(upload=uploaded if round_idx > 0 else None, download=now if round_idx > 0 else None)

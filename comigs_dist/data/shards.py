@@ -249,11 +249,29 @@ class UserData:
         return getattr(self, name)
 
 
+_META_CACHE: dict[tuple, dict] = {}
+
+
+def _shared_meta(path: Path) -> dict:
+    """``read_meta`` once per version of meta.json in this process: the users of a rank share one
+    parsed copy (with a thousand users, one copy each cost about 1 MiB per user and a parse of the
+    whole file per user). Read-only by convention."""
+    try:
+        st = (path / "meta.json").stat()
+    except OSError:
+        return read_meta(path)  # names what is missing
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _META_CACHE:
+        _META_CACHE.clear()  # one dataset at a time is the common case; keep memory flat
+        _META_CACHE[key] = read_meta(path)
+    return _META_CACHE[key]
+
+
 def load_user_data(path: str | Path, user_idx: int, seq_len: int, share: float = 1.0,
                    verify: bool = True) -> UserData:
     """Memory-map one user's shards after checking them against meta.json."""
     path = Path(path)
-    meta = read_meta(path)
+    meta = _shared_meta(path)
     users = meta["users"]
     if user_idx >= len(users):
         raise DataError(f"{path} holds {len(users)} users but user {user_idx} was asked for; "

@@ -133,6 +133,11 @@ class Comm:
         for what it would send and receive, nothing for a round it sits out; None = every user."""
         self._upload, self._download = upload, download
 
+    def _downloads(self, user: int) -> bool:
+        """Whether a user receives this round's means: a user that does not take part in the round
+        keeps its values (``set_round``); everyone outside partial participation."""
+        return self._download is None or user in self._download
+
     def _count(self, group: str, users: Iterable[int], sent: int, received: int, seconds: float,
                moved: int) -> None:
         for u in users:
@@ -237,7 +242,7 @@ class Comm:
         if count:
             divisor = int(round(float(total[-1])))
             total = total[:-1]
-            if self._latest_again(group, divisor, [tensors]):
+            if self._latest_again(group, divisor, [tensors] if self._downloads(user) else []):
                 self._count(group, [user], 0, size, time.perf_counter() - start, moved)
                 return size
             self._last[group] = total / divisor
@@ -245,7 +250,7 @@ class Comm:
             total.div_(divisor)  # the sum landed in the parameters themselves
         elif in_place:
             torch.div(total, divisor, out=flat)
-        else:
+        elif self._downloads(user):
             unflatten_into(total, tensors, divisor)  # the mean, rounded once to the parameters' dtype
         sent, received = round_bytes(size, self.mode, n)
         self._count(group, [user], sent, received, time.perf_counter() - start, moved)
@@ -296,13 +301,14 @@ class Comm:
         if extra:
             # the contributors' count, or their summed weights (comm.weights=tokens)
             divisor = int(round(float(total[-1]))) if self.weights is None else float(total[-1])
-            if self._latest_again(group, divisor, [tensors[u] for u in local]):
+            if self._latest_again(group, divisor, [tensors[u] for u in local if self._downloads(u)]):
                 self._count(group, local, 0, size, time.perf_counter() - start, moved)
                 return size
             self._last[group] = total[:numel] / divisor
         mean = total[:numel]
         for u in local:
-            unflatten_into(mean, tensors[u], divisor)
+            if self._downloads(u):
+                unflatten_into(mean, tensors[u], divisor)
         sent, received = round_bytes(size, self.mode, n)
         self._count(group, local, sent, received, time.perf_counter() - start, moved)
         return size
