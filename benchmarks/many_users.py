@@ -99,7 +99,7 @@ def run(label: str, ranks: int, overrides: list[str], out: Path) -> tuple[list[f
     if proc.returncode != 0:
         raise SystemExit(f"{label} run failed ({proc.returncode}):\n{text[-4000:]}")
     rounds = [float(m.group(1)) for m in re.finditer(r"round \d+/\d+: .*\((\d+\.\d+)s\)", text)]
-    return rounds, peak[0], text
+    return rounds, peak, text
 
 
 def main() -> None:
