@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from comigs_dist.dist.env import pid_alive
+
 FORMAT = "comigs-checkpoint/1"
 MANIFEST = "manifest.json"
 _ROUND_FILE = re.compile(r"^round_(\d{4,})\.pt$")
@@ -528,7 +530,7 @@ class OutDirLock:
                 same_job = (bool(self.job) and previous.get("job") == self.job
                             and previous.get("attempt", 0) < self.attempt)
                 dead = (held is None and previous.get("host") == socket.gethostname()
-                        and not _pid_alive(int(previous.get("pid", 0) or 0)))
+                        and not pid_alive(int(previous.get("pid", 0) or 0)))
                 if previous and not same_job and not dead:
                     os.close(fd)
                     raise CheckpointError(
@@ -561,18 +563,6 @@ class OutDirLock:
         finally:
             os.close(self.fd)
             self.fd = None
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def claim_out_dir(out_dir: Path, resume: str, config: dict, job: str | None = None, attempt: int = 0,

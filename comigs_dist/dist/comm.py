@@ -281,22 +281,7 @@ class Comm:
             if extra:
                 total[numel] += weight
         size = (numel + extra) * self.wire.itemsize
-        ranks = len(topo.ranks_of(group))
-        if ranks > 1:
-            if self.mode == "server":
-                with collective(topo.watch, "all_reduce", group):
-                    tdist.all_reduce(total, op=tdist.ReduceOp.SUM, group=topo.group(group))
-                moved = total.numel() * total.element_size()
-            else:
-                parts = [torch.empty_like(total) for _ in range(ranks)]
-                with collective(topo.watch, "all_gather", group):
-                    tdist.all_gather(parts, total, group=topo.group(group))
-                total = torch.zeros_like(total)
-                for p in parts:  # rank order; exact sums do not depend on it
-                    total.add_(p)
-                moved = ranks * total.numel() * total.element_size()
-        else:
-            moved = 0
+        total, moved = self._sum_over_ranks(group, total)
         divisor = n
         if extra:
             # the contributors' count, or their summed weights (comm.weights=tokens)
@@ -344,20 +329,7 @@ class Comm:
             total = sent if total is None else total.add_(sent)  # the float payload rounded as it travels
         if total is None:
             total = torch.zeros(numel + extra, dtype=torch.int64 if priv.secure else torch.float64, device=topo.device)
-        ranks = len(topo.ranks_of(group))
-        moved = 0
-        if ranks > 1 and self.mode == "server":
-            with collective(topo.watch, "all_reduce", group):
-                tdist.all_reduce(total, op=tdist.ReduceOp.SUM, group=topo.group(group))
-            moved = total.numel() * total.element_size()
-        elif ranks > 1:
-            parts = [torch.empty_like(total) for _ in range(ranks)]
-            with collective(topo.watch, "all_gather", group):
-                tdist.all_gather(parts, total, group=topo.group(group))
-            total = torch.zeros_like(total)
-            for part in parts:  # rank order; exact sums do not depend on it
-                total.add_(part)
-            moved = ranks * total.numel() * total.element_size()
+        total, moved = self._sum_over_ranks(group, total)
         total = priv.release(group, total, len(contributors), numel)
         divisor = len(members)
         if extra:
@@ -378,6 +350,24 @@ class Comm:
                              f"group {group!r} would move users' values through Comm.{op} in the clear; a method "
                              f"that aggregates its own way must say so in Method.refuses_privacy, so that such "
                              f"runs are refused before training")
+
+    def _sum_over_ranks(self, group: str, total: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Each rank's partial sum of a group added over the group's ranks (one all_reduce in server
+        mode, one all_gather summed in rank order in all2all); returns the sum and the bytes moved."""
+        ranks = len(self.topo.ranks_of(group))
+        if ranks < 2:
+            return total, 0
+        if self.mode == "server":
+            with collective(self.topo.watch, "all_reduce", group):
+                tdist.all_reduce(total, op=tdist.ReduceOp.SUM, group=self.topo.group(group))
+            return total, total.numel() * total.element_size()
+        parts = [torch.empty_like(total) for _ in range(ranks)]
+        with collective(self.topo.watch, "all_gather", group):
+            tdist.all_gather(parts, total, group=self.topo.group(group))
+        total = torch.zeros_like(total)
+        for part in parts:  # rank order; exact sums do not depend on it
+            total.add_(part)
+        return total, ranks * total.numel() * total.element_size()
 
     def _latest_again(self, group: str, divisor: int, targets: list) -> bool:
         """No member of the group uploaded: under partial participation (no member took part in
