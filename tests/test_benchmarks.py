@@ -2,8 +2,9 @@
 
 The step-cost script runs in this process in its --quick mode (a tiny GPT-2); the memory, sync
 and communication scripts run as the commands of docs/performance.md with --quick (fresh
-processes and a process group of tiny users, marked slow). Their full runs are by hand
-(docs/performance.md).
+processes and a process group of tiny users, marked slow). The default run keeps the two whose
+targets are byte equalities (comm, privacy); the timing scripts' --quick runs are `extended`
+(`pytest -m extended`). Their full runs are by hand (docs/performance.md).
 """
 import re
 import subprocess
@@ -39,12 +40,13 @@ def test_step_cost_quick_runs_and_prints_one_target_line_per_target(capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script,names", [
-    ("memory.py", ["peak_memory_8_over_2_experts"]),
-    ("sync_overhead.py", ["sync_exact_over_bare_f64_all_reduce"]),
+    pytest.param("memory.py", ["peak_memory_8_over_2_experts"], marks=pytest.mark.extended),
+    pytest.param("sync_overhead.py", ["sync_exact_over_bare_f64_all_reduce"], marks=pytest.mark.extended),
     ("comm.py", ["comm_bytes_all2all_over_server_2_ranks", "comm_bytes_at_collective_over_analytic_worst_2_ranks"]),
-    ("cpu_split.py", ["round_kernel_share"]),
-    ("packed_users.py", ["packed_over_sequential_embedded"]),
-    ("many_users.py", ["seconds_per_participating_user_round", "peak_rss_gib_40_users"]),
+    pytest.param("cpu_split.py", ["round_kernel_share"], marks=pytest.mark.extended),
+    pytest.param("packed_users.py", ["packed_over_sequential_embedded"], marks=pytest.mark.extended),
+    pytest.param("many_users.py", ["seconds_per_participating_user_round", "peak_rss_gib_40_users"],
+                 marks=pytest.mark.extended),
     ("privacy.py", ["privacy_secure_agg_bytes_over_fp32_at_collective", "privacy_counted_over_collective_worst",
                     "privacy_dp_round_over_plain", "privacy_secure_agg_round_over_plain"]),
 ])

@@ -185,6 +185,7 @@ _TINY = {"model.name": "tiny", "train.local_steps": 3, "train.router_every": 2, 
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # by default: test_checkpoint's resumes and this file's killed-rank tests
 def test_a_user_killed_in_any_phase_leaves_its_checkpoints_and_resumes_bit_identical(tmp_path):
     """The fault matrix: 2 users, 3 rounds, a checkpoint every round; user 1 is SIGKILLed during set-up
     (of a resume), the expert steps, the router steps, the sync, a checkpoint write (file written, not

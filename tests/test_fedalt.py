@@ -124,7 +124,7 @@ def _fedalt_worker(rank, world_size, tmp_path, n_users):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world_size, n_users", [(3, 3), (2, 4)])
+@pytest.mark.parametrize("world_size, n_users", [pytest.param(3, 3, marks=pytest.mark.extended), (2, 4)])
 def test_fedalt_rest_of_world_is_the_mean_of_the_others_on_real_ranks(tmp_path, world_size, n_users):
     """3 users on 3 ranks and 4 users on 2 ranks: after round 0 every individual LoRA is the common
     start and every RoW a copy of it; expert steps move the individual LoRAs and the mixers only;

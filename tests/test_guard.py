@@ -138,7 +138,13 @@ def _run_skip_worker(rank, world_size, tmp_path, method):
     assert all(math.isfinite(u["test_ppl"]) and u["test_ppl"] < u["base_test_ppl"] for u in rows), rows
 
 
-@pytest.mark.parametrize("method", list(METHOD_OVERRIDES))
+# by default the plain mixture, a method with an aggregation of its own and one with two phases;
+# the rest under `pytest -m extended`
+DEFAULT_GUARD_METHODS = ("comigs_1g1s", "pcl", "feddpa")
+
+
+@pytest.mark.parametrize("method", [m if m in DEFAULT_GUARD_METHODS else pytest.param(m, marks=pytest.mark.extended)
+                                    for m in METHOD_OVERRIDES])
 def test_a_nan_injected_in_a_run_is_skipped_and_counted(tmp_path, method):
     """COMIGS_FAULT=nan in a whole run under guard.nan=skip (user 1's first shared tensor and, for a
     method that aggregates tensors itself, the first of those): the run finishes with finite

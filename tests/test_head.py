@@ -205,6 +205,7 @@ def _run_worker(rank, world_size, tmp_path, chunk):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # by default: the chunked loss and gradients equal the whole logits' above
 def test_a_run_with_chunks_of_16_tokens_ends_where_the_whole_logits_run_ends(tmp_path):
     """Algorithm 1 on 2 ranks (expert and router steps, sync, evaluation) with train.loss_chunk=16
     (8 chunks per micro-batch of 4 x 32 tokens) gives every user the losses and accuracy of the

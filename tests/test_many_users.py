@@ -57,13 +57,19 @@ def _rows(tmp_path, world_size, names, participation=1.0):
     return {name: json.loads((tmp_path / f"{name}_{world_size}_{participation}.json").read_text()) for name in names}
 
 
+# by default one routed method with a router phase, FedAvg, HetLoRA's per-user ranks and PCL's own
+# mixing; every method of METHODS under `pytest -m extended`
+DEFAULT_EQUIVALENCE = ["comigs_1g1s", "fedavg", "hetlora", "pcl"]
+
+
 @pytest.mark.slow
-def test_eight_users_on_eight_two_and_one_ranks_give_identical_results(tmp_path):
-    """Every routed method, FedAvg, HetLoRA and PCL: every user's results.json row (test
-    perplexity, training curve, routing, bytes) is equal bit for bit whether its 8 users run one
-    per rank, four per rank or all on one rank: the float64 mean of comm.exact does not depend on
-    where the partial sums are taken."""
-    names = sorted(METHODS)
+@pytest.mark.parametrize("names", [DEFAULT_EQUIVALENCE, pytest.param(sorted(METHODS), marks=pytest.mark.extended)],
+                         ids=["four_methods", "every_method"])
+def test_eight_users_on_eight_two_and_one_ranks_give_identical_results(tmp_path, names):
+    """Every routed method, FedAvg, HetLoRA and PCL (four of them by default): every user's
+    results.json row (test perplexity, training curve, routing, bytes) is equal bit for bit whether
+    its 8 users run one per rank, four per rank or all on one rank: the float64 mean of comm.exact
+    does not depend on where the partial sums are taken."""
     runs = {w: _rows(tmp_path, w, names) for w in (8, 2, 1)}
     for name in names:
         for w in (2, 1):
