@@ -39,6 +39,25 @@ def without_timing(user_row: dict) -> dict:
     return {k: v for k, v in user_row.items() if k not in TIMING_KEYS}
 
 
+def run_and_record(topo, cfg, run_dir: Path, rows_file: Path) -> None:
+    """In a rank of a test's process group: ``train.run`` of ``cfg`` over this rank's users (the
+    topology's groups built afresh for the run), every rank's rows gathered, and rank 0 writes them
+    to ``rows_file`` as JSON, sorted by user, timing left out (``read_rows`` reads them back)."""
+    import dataclasses
+    import json
+    from comigs_dist import dist, train
+    mine = train.run(cfg, dataclasses.replace(topo, groups={}), run_dir)
+    rows = [r for part in dist.all_gather_objects(topo, mine) for r in part]
+    if topo.rank == 0:
+        rows_file.write_text(json.dumps(sorted((without_timing(r) for r in rows), key=lambda r: r["user"])))
+
+
+def read_rows(rows_file: Path) -> list[dict]:
+    """The rows ``run_and_record`` wrote."""
+    import json
+    return json.loads(rows_file.read_text())
+
+
 _ROOT = Path(__file__).resolve().parents[1]
 DEBUG_CONFIG = str(_ROOT / "configs" / "debug.yaml")
 

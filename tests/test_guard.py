@@ -73,7 +73,7 @@ def _skip_worker(rank, world_size, tmp_path, mode):
         _aggregate(rank_run)
 
 
-@pytest.mark.parametrize("mode", ["server", "all2all"])
+@pytest.mark.parametrize("mode", ["server", pytest.param("all2all", marks=pytest.mark.extended)])
 def test_skip_leaves_a_poisoned_user_out_of_the_average(tmp_path, mode):
     """guard.nan=skip with a NaN in user 1's generalist: all 3 users end with the mean of users 0 and 2,
     user 1 counts one skipped round, specialists are untouched, the count costs 4 bytes."""

@@ -4,13 +4,12 @@ participation (FedALT's rest of world over the users that uploaded, by hand; who
 ranks and 1 agree and undrawn users end as they started); a run cut and resumed ends where the
 whole run ends (FedDPA's reference sampler, the learned groups' warm-up sums and groups)."""
 import dataclasses
-import json
 
 import pytest
 import torch
 
 from dist_harness import init_topology, run_on_ranks
-from helpers import tiny_config, without_timing
+from helpers import read_rows, run_and_record, tiny_config
 
 N_USERS = 4
 SCHEDULE = {"train.rounds": 3, "train.local_steps": 2, "train.router_every": 2, "train.router_steps": 2,
@@ -29,19 +28,14 @@ def _config(name, **extra):
 
 def _rows_worker(rank, world_size, tmp_path, runs):
     """runs: [(tag, method, overrides)]; rank 0 writes every user's row (timing left out) to <tag>.json."""
-    from comigs_dist import dist, train
     topo = init_topology(n_users=N_USERS)
     for tag, name, extra in runs:
         cfg = _config(name, **extra)
-        mine = train.run(cfg, dataclasses.replace(topo, groups={}), tmp_path / tag)
-        rows = [r for part in dist.all_gather_objects(topo, mine) for r in part]
-        if rank == 0:
-            (tmp_path / f"{tag}.json").write_text(json.dumps(sorted((without_timing(r) for r in rows),
-                                                                    key=lambda r: r["user"])))
+        run_and_record(topo, cfg, tmp_path / tag, tmp_path / f"{tag}.json")
 
 
 def _read(tmp_path, tag):
-    return json.loads((tmp_path / f"{tag}.json").read_text())
+    return read_rows(tmp_path / f"{tag}.json")
 
 
 def _same(a_rows, b_rows, what):
@@ -122,7 +116,6 @@ def test_fedalt_rest_of_world_under_partial_participation(tmp_path):
 
 
 def _resume_worker(rank, world_size, tmp_path, plans):
-    from comigs_dist import dist, train
     topo = init_topology(n_users=N_USERS)
     for tag, name, rounds, resume in plans:
         extra = {"train.rounds": rounds, "resume": resume, "out_dir": str(tmp_path / tag), "checkpoint.every": 1,
@@ -130,11 +123,7 @@ def _resume_worker(rank, world_size, tmp_path, plans):
         if name == "comigs_learned":
             extra["method_options.warmup_rounds"] = 2
         cfg = _config(name, **extra)
-        mine = train.run(cfg, dataclasses.replace(topo, groups={}), tmp_path / tag)
-        rows = [r for part in dist.all_gather_objects(topo, mine) for r in part]
-        if rank == 0:
-            (tmp_path / f"{tag}.json").write_text(json.dumps(sorted((without_timing(r) for r in rows),
-                                                                    key=lambda r: r["user"])))
+        run_and_record(topo, cfg, tmp_path / tag, tmp_path / f"{tag}.json")
 
 
 def _cut(whole, to, keep: int) -> None:

@@ -4,7 +4,6 @@ out, secure aggregation within its stated resolution, server == all2all), runs t
 plain run bit for bit with no noise and a huge clip, epsilon in results.json and TensorBoard, a
 resumed private run, and the configuration errors before any work."""
 import dataclasses
-import json
 import shutil
 
 import pytest
@@ -14,7 +13,7 @@ from comigs_dist.config import ConfigError, check_world_size, load_config, priva
 from comigs_dist.privacy import dp, resolution
 from comigs_dist.config import PrivacyConfig
 from dist_harness import init_topology, run_on_ranks
-from helpers import tiny_config, without_timing
+from helpers import read_rows, run_and_record, tiny_config
 
 SEED = 42
 SHAPES = [(64, 32), (100,)]
@@ -188,20 +187,15 @@ def test_private_means_match_hand_computations_on_two_ranks_of_two_users(tmp_pat
 # --------------------------------------------------------------------------------------------
 
 def _runs_worker(rank, world_size, tmp_path, n_users, runs):
-    from comigs_dist import dist, train
     topo = init_topology(n_users=n_users)
     for name, overrides in runs:
         cfg = tiny_config(n_users=n_users, out_dir=str(tmp_path / name), **overrides)
         check_world_size(cfg, world_size)
-        mine = train.run(cfg, dataclasses.replace(topo, groups={}), tmp_path / name)
-        rows = [r for part in dist.all_gather_objects(topo, mine) for r in part]
-        if rank == 0:
-            (tmp_path / f"{name}.json").write_text(json.dumps(sorted((without_timing(r) for r in rows),
-                                                                     key=lambda r: r["user"])))
+        run_and_record(topo, cfg, tmp_path / name, tmp_path / f"{name}.json")
 
 
 def _rows(tmp_path, name):
-    return json.loads((tmp_path / f"{name}.json").read_text())
+    return read_rows(tmp_path / f"{name}.json")
 
 
 def test_dp_without_noise_is_the_plain_run_and_epsilon_reaches_the_results(tmp_path):

@@ -25,8 +25,7 @@ CHECK = ROOT.parent / "shared" / "tools" / "check-results.py"
 FAST = ["log.tensorboard=false", "eval.max_tokens=2048"]
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(1200),
-              pytest.mark.xdist_group("slurm")]  # one cluster of two nodes: its tests one after the other
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 def _cluster_problem() -> str | None:

@@ -64,7 +64,8 @@ def _round_worker(rank, world_size, tmp_path, mode):
     assert r.stats.bytes_sent == payload * copies and r.stats.bytes_received == payload * copies
 
 
-@pytest.mark.parametrize("world_size,mode", [(2, "server"), (4, "server"), (4, "all2all")])
+@pytest.mark.parametrize("world_size,mode", [(2, "server"), pytest.param(4, "server", marks=pytest.mark.extended),
+                                             (4, "all2all")])
 def test_after_a_round_generalists_are_averaged_and_specialists_stay(tmp_path, world_size, mode):
     """After the sync every user holds bit-identical generalists equal to the mean of what they held;
     specialists and routers are untouched and still differ between users."""
