@@ -4,7 +4,8 @@ Owns what a round checkpoint holds (the trainable parameters, both optimisers an
 schedule, both samplers' generators (the data position), the global python/numpy/torch
 generators, the step, round and token counters, the evaluation history, the base evaluation,
 the communication byte counters, the guard's skip counters and the privacy state: the aggregates
-last downloaded, the epsilon curve and the accountant's rounds), the manifest rank 0 writes once
+last downloaded, the epsilon curve and the accountant's rounds) and the latest aggregate of each of the
+user's groups (what a server hands out again under partial participation), the manifest rank 0 writes once
 every user has saved a round, and the checks before training: an output directory every user
 can write to with room for a round of checkpoints, and the round to resume from, agreed by all
 users. Every decision is taken on gathered facts, so all users raise the same error together
@@ -34,8 +35,11 @@ _COUNTERS = ("train_tokens", "train_seconds", "last_loss", "guard_skipped_rounds
 # one user's state
 # --------------------------------------------------------------------------------------------
 
-def user_state(run, round_idx: int) -> dict:
-    """Everything that decides this user's next round, in types a weights_only load accepts."""
+def user_state(run, round_idx: int, latest: dict | None = None) -> dict:
+    """Everything that decides this user's next round, in types a weights_only load accepts.
+    ``latest``: the latest aggregate of each of the user's groups that the rank's Comm holds
+    (``Comm.latest_aggregates``; kept under partial participation), saved so that a resume can
+    hand it out again as the uninterrupted run would."""
     return {
         "format": checkpoint.FORMAT, "user": run.user_idx, "round": round_idx, "method": run.cfg.method,
         "config": run.cfg.to_dict(), "step": run.step, "router_step": run.router_step,
@@ -59,6 +63,7 @@ def user_state(run, round_idx: int) -> dict:
         # the full config above, a digest of the options that change results
         "data": data_fingerprint(run.data.meta),
         "fingerprint": checkpoint.config_fingerprint(run.cfg.to_dict()),
+        "group_latest": {g: t.detach().cpu() for g, t in (latest or {}).items()},
     }
 
 
@@ -122,7 +127,7 @@ def save(rank, out_dir: Path, name: str, round_idx: int) -> None:
         path = checkpoint.user_dir(out_dir, user) / name
         problem, size = None, 0
         try:
-            checkpoint.save_atomic(user_state(run, round_idx), path,
+            checkpoint.save_atomic(user_state(run, round_idx, rank.comm.latest_aggregates(run.shared)), path,
                                    before_publish=lambda run=run: faults.during_checkpoint(run, round_idx))
             size = path.stat().st_size
         except OSError as exc:
@@ -276,6 +281,8 @@ def restore(rank, out_dir: Path, say=lambda msg: None) -> int:
         return 0  # a manifest is never deleted here: _choose_round refused any that describes files
     for run in rank.users:
         apply_state(run, states[run.user_idx])
+        # the server's latest aggregates (identical in every member's checkpoint; absent before this format)
+        rank.comm.restore_latest(states[run.user_idx].get("group_latest") or {})
     attempt = dist.restart_count()
     ahead = {u: sorted(r for r in g["rounds"] if r > start) for u, g in enumerate(gathered)}
     ahead_text = "; ".join(f"user {u} also holds rounds {r}" for u, r in ahead.items() if r)

@@ -283,6 +283,33 @@ def test_a_group_without_uploads_downloads_its_latest_aggregate_again(tmp_path):
     assert torch.load(tmp_path / "checked_0.pt") >= 1, "the draw never made the case happen; change the seed"
 
 
+def _group_resume_rows(rank, world_size, tmp_path, what):
+    topo = init_topology(n_users=4)
+    groups = ("[{name: left, users: [0, 1], experts: [0], attention: true}, "
+              "{name: right, users: [2, 3], experts: [0], attention: true}]")
+    for name, rounds, resume in what:
+        cfg = tiny_config(method="comigs_1g1s", n_users=4, **{
+            "train.users_per_round": 1, "train.local_steps": 1, "comm.groups": groups, "train.rounds": rounds,
+            "resume": resume, "out_dir": str(tmp_path / name), "checkpoint.every": 1, "train.schedule": "constant"})
+        check_world_size(cfg, world_size)
+        run_and_record(topo, cfg, tmp_path / name, tmp_path / f"{name}.json")
+
+
+def test_a_resume_hands_out_a_groups_latest_aggregate_as_the_whole_run_does(tmp_path):
+    """Groups {0, 1} and {2, 3}, one participant per round, so that every round one group had no
+    upload in the round before and its participant gets the group's latest aggregate again: cut
+    after round 3 and resumed to round 6, the run ends where 6 uninterrupted rounds end, every
+    user bit for bit (the aggregate a server holds travels in the round checkpoints)."""
+    import shutil
+    run_on_ranks(_group_resume_rows, 2, tmp_path, [("whole", 6, "false"), ("cut", 3, "false")], timeout_s=600)
+    shutil.copytree(tmp_path / "cut", tmp_path / "resumed")
+    run_on_ranks(_group_resume_rows, 2, tmp_path, [("resumed", 6, "true")], timeout_s=600)
+    whole, resumed = read_rows(tmp_path / "whole.json"), read_rows(tmp_path / "resumed.json")
+    assert [u["rounds_taken"] for u in whole] == [u["rounds_taken"] for u in resumed]
+    for a, b in zip(whole, resumed, strict=True):
+        assert a == b, (a["user"], {k for k in a if a[k] != b.get(k)})
+
+
 def _weights_worker(rank, world_size, tmp_path):
     """comm.weights=tokens, 4 users with 2000, 3000, 5000, 6000 training tokens on 2 ranks, 3 per
     round: the aggregate is the token-weighted mean of round 0's 3 participants (by hand)."""

@@ -115,6 +115,17 @@ class Comm:
         # comm.weights=tokens: each local user's weight in the means (its training tokens); None = uniform
         self.weights: dict[int, float] | None = None
 
+    # -- the server's memory: saved with a round checkpoint, put back at a resume ----------------
+    def latest_aggregates(self, groups) -> dict[str, torch.Tensor]:
+        """The latest aggregate (float64) this process holds of each of ``groups``: what a server
+        keeps to hand out again after a round in which no member of a group took part."""
+        return {g: self._last[g] for g in groups if g in self._last}
+
+    def restore_latest(self, aggregates: dict[str, torch.Tensor]) -> None:
+        """Put back aggregates ``latest_aggregates`` returned (from a checkpoint)."""
+        for g, t in aggregates.items():
+            self._last[g] = t.to(device=self.topo.device, dtype=torch.float64)
+
     # -- who ---------------------------------------------------------------------------------
     def members(self, group: str) -> tuple[int, ...]:
         return self.topo.members(group)
@@ -379,8 +390,8 @@ class Comm:
             if group not in self._last:
                 raise FloatingPointError(
                     f"no member of group {group!r} ({', '.join(map(str, self.members(group)))}) took part in the "
-                    f"round before, and this process holds no earlier aggregate of the group (a resumed run keeps "
-                    f"none): raise train.participation or train.users_per_round, or give the group more users")
+                    f"round before, and this process holds no earlier aggregate of the group (none was formed "
+                    f"yet): raise train.participation or train.users_per_round, or give the group more users")
             for ts in targets:
                 unflatten_into(self._last[group], ts)
             return True
