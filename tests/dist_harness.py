@@ -8,9 +8,16 @@ its traceback and ends the other ranks at once. When ``timeout_s`` passes with a
 running, every rank still alive is killed and the test fails naming them (a hung collective never
 hangs the suite). ``expect_exit={rank: code}`` lets a rank end otherwise than with 0 (a rank that
 kills itself on purpose: -9). The group is destroyed in ``finally``.
+
+Ranks start from a fork server that has imported torch, transformers and the simulator once
+(``multiprocessing``'s "forkserver": the server never runs a kernel, so its children fork
+safely), instead of a fresh interpreter each importing them for seconds; each rank takes the
+test's environment as it is when ``run_on_ranks`` is called. ``COMIGS_TEST_START=spawn`` starts
+every rank in a fresh interpreter instead.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import time
 import traceback
@@ -28,7 +35,20 @@ class RanksTimedOut(AssertionError):
         self.killed = killed
 
 
-def _entry(rank: int, worker, world_size: int, port: int, tmp_path, args, errors) -> None:
+_PRELOAD = ["torch", "torch.distributed", "transformers", "comigs_dist.train", "dist_harness", "helpers"]
+
+
+def _context():
+    method = os.environ.get("COMIGS_TEST_START", "forkserver")
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(_PRELOAD)  # read when the server starts (the first run); ignored after
+    return ctx
+
+
+def _entry(rank: int, worker, world_size: int, port: int, tmp_path, args, errors, env: dict) -> None:
+    os.environ.clear()  # the test's environment, not the fork server's (set when it started)
+    os.environ.update(env)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                        "OMP_NUM_THREADS": "1"})
@@ -46,6 +66,10 @@ def _entry(rank: int, worker, world_size: int, port: int, tmp_path, args, errors
         raise SystemExit(1)
     finally:
         dist.shutdown()
+        if os.environ.get("COMIGS_TEST_START", "forkserver") != "spawn":
+            # a forked child leaves through os._exit, which skips atexit: run the handlers (the
+            # shared base's cleanup, for one) as a rank's normal exit would
+            atexit._run_exitfuncs()
 
 
 def _leave_together(world_size: int, timeout_s: float = 10.0) -> None:
@@ -87,10 +111,11 @@ def run_on_ranks(worker, world_size: int, tmp_path, *args, timeout_s: float = 30
     """Run ``worker`` on ``world_size`` ranks; fail on the first rank that fails, or when
     ``timeout_s`` passes with ranks still running (they are killed first)."""
     expect_exit = expect_exit or {}
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     errors = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(rank, worker, world_size, port, tmp_path, args, errors))
+    env = dict(os.environ)
+    procs = [ctx.Process(target=_entry, args=(rank, worker, world_size, port, tmp_path, args, errors, env))
              for rank in range(world_size)]
     for p in procs:
         p.start()
