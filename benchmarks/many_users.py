@@ -48,7 +48,7 @@ def _pss(pid: int) -> int:
     return int(m.group(1)) * 1024 if m else 0
 
 
-def _tree_rss(root_pid: int) -> tuple[int, int]:
+def _tree_memory(root_pid: int) -> tuple[int, int]:
     """Resident bytes of a process and all its descendants, summed (shared pages counted in each
     process) and as PSS (shared pages split: the memory the run really holds), from /proc."""
     children: dict[int, list[int]] = {}
@@ -76,8 +76,8 @@ def _tree_rss(root_pid: int) -> tuple[int, int]:
 
 
 def run(label: str, ranks: int, overrides: list[str], out: Path) -> tuple[list[float], list[int], str]:
-    """One torchrun; returns the per-round seconds rank 0 printed, the peak RSS of the process
-    tree and the output."""
+    """One torchrun; returns the per-round seconds rank 0 printed, the process tree's peak memory
+    as [summed RSS, PSS] and the output."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
            "-m", "comigs_dist.main", *COMMON, *overrides, f"out_dir={out / label}"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -87,7 +87,7 @@ def run(label: str, ranks: int, overrides: list[str], out: Path) -> tuple[list[f
 
     def sample():
         while not done.is_set():
-            rss, pss = _tree_rss(proc.pid)
+            rss, pss = _tree_memory(proc.pid)
             peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
             time.sleep(0.2)
 

@@ -101,10 +101,12 @@ def apply_state(run, state: dict) -> None:
 
 def checkpoint_bytes(run) -> int:
     """About what one checkpoint of this user takes: the parameters, AdamW's two moments for
-    those an optimiser holds, and a margin for generator states and bookkeeping."""
+    those an optimiser holds, the float64 latest aggregate of its groups (kept under partial
+    participation) and a margin for generator states and bookkeeping."""
     params = run.model.report.params.values()
     total = sum(p.numel() * p.element_size() for p in params)
-    return 3 * total + (1 << 20)
+    shared = sum(p.numel() for group in run.shared.values() for _, p in group)
+    return 3 * total + 8 * shared + (1 << 20)
 
 
 def _checkpointing(cfg) -> bool:

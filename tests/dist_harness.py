@@ -38,8 +38,12 @@ class RanksTimedOut(AssertionError):
 _PRELOAD = ["torch", "torch.distributed", "transformers", "comigs_dist.train", "dist_harness", "helpers"]
 
 
+def _start_method() -> str:
+    return os.environ.get("COMIGS_TEST_START", "forkserver")
+
+
 def _context():
-    method = os.environ.get("COMIGS_TEST_START", "forkserver")
+    method = _start_method()
     ctx = mp.get_context(method)
     if method == "forkserver":
         ctx.set_forkserver_preload(_PRELOAD)  # read when the server starts (the first run); ignored after
@@ -66,7 +70,7 @@ def _entry(rank: int, worker, world_size: int, port: int, tmp_path, args, errors
         raise SystemExit(1)
     finally:
         dist.shutdown()
-        if os.environ.get("COMIGS_TEST_START", "forkserver") != "spawn":
+        if _start_method() != "spawn":
             # a forked child leaves through os._exit, which skips atexit: run the handlers (the
             # shared base's cleanup, for one) as a rank's normal exit would
             atexit._run_exitfuncs()

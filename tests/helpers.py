@@ -58,6 +58,13 @@ def read_rows(rows_file: Path) -> list[dict]:
     return json.loads(rows_file.read_text())
 
 
+def assert_same_rows(a_rows: list[dict], b_rows: list[dict], what: str = "") -> None:
+    """Two runs' rows equal user by user; a failure names the run, the user and the keys that differ."""
+    assert len(a_rows) == len(b_rows), (what, len(a_rows), len(b_rows))
+    for a, b in zip(a_rows, b_rows):
+        assert a == b, (what, a["user"], {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)})
+
+
 _ROOT = Path(__file__).resolve().parents[1]
 DEBUG_CONFIG = str(_ROOT / "configs" / "debug.yaml")
 

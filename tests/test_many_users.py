@@ -8,7 +8,7 @@ import torch
 
 from comigs_dist.config import ConfigError, check_world_size, load_config
 from dist_harness import init_topology, run_on_ranks
-from helpers import read_rows, run_and_record, tiny_config
+from helpers import assert_same_rows, read_rows, run_and_record, tiny_config
 
 N_USERS = 8
 # method -> overrides; the heterogeneous methods get users of different sizes
@@ -181,11 +181,14 @@ def test_users_that_sit_a_round_out_leave_it_as_they_entered(tmp_path):
     run_on_ranks(_participation_worker, 2, tmp_path, timeout_s=300)
 
 
-def _resume_rows(rank, world_size, tmp_path, what):
+# a constant lr: the cut run's schedule would otherwise end at its own round 2
+RESUME_SETTINGS = {"n_users": 4, "train.participation": 0.5, "train.local_steps": 2, "checkpoint.every": 1,
+                   "train.schedule": "constant"}
+
+
+def _resume_rows(rank, world_size, tmp_path, what, settings=RESUME_SETTINGS):
+    """what: [(name, rounds, resume)]; each run's rows to <name>.json."""
     topo = init_topology(n_users=4)
-    # a constant lr: the cut run's schedule would otherwise end at its own round 2
-    settings = {"n_users": 4, "train.participation": 0.5, "train.local_steps": 2, "checkpoint.every": 1,
-                "train.schedule": "constant"}
     for name, rounds, resume in what:
         cfg = tiny_config(**settings, **{"train.rounds": rounds, "resume": resume, "out_dir": str(tmp_path / name)})
         check_world_size(cfg, world_size)
@@ -204,9 +207,7 @@ def test_a_run_checkpointed_on_two_ranks_resumes_on_one_or_four_with_identical_r
     run_on_ranks(_resume_rows, 4, tmp_path, [("on4", 3, "true")], timeout_s=600)
     whole = read_rows(tmp_path / "whole.json")
     for name in ("on1", "on4"):
-        resumed = read_rows(tmp_path / f"{name}.json")
-        for a, b in zip(whole, resumed):
-            assert a == b, (name, a["user"], {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)})
+        assert_same_rows(whole, read_rows(tmp_path / f"{name}.json"), name)
 
 
 def _packed_worker(rank, world_size, tmp_path, overrides):
@@ -283,16 +284,11 @@ def test_a_group_without_uploads_downloads_its_latest_aggregate_again(tmp_path):
     assert torch.load(tmp_path / "checked_0.pt") >= 1, "the draw never made the case happen; change the seed"
 
 
-def _group_resume_rows(rank, world_size, tmp_path, what):
-    topo = init_topology(n_users=4)
-    groups = ("[{name: left, users: [0, 1], experts: [0], attention: true}, "
-              "{name: right, users: [2, 3], experts: [0], attention: true}]")
-    for name, rounds, resume in what:
-        cfg = tiny_config(method="comigs_1g1s", n_users=4, **{
-            "train.users_per_round": 1, "train.local_steps": 1, "comm.groups": groups, "train.rounds": rounds,
-            "resume": resume, "out_dir": str(tmp_path / name), "checkpoint.every": 1, "train.schedule": "constant"})
-        check_world_size(cfg, world_size)
-        run_and_record(topo, cfg, tmp_path / name, tmp_path / f"{name}.json")
+GROUP_RESUME_SETTINGS = {
+    "method": "comigs_1g1s", "n_users": 4, "train.users_per_round": 1, "train.local_steps": 1,
+    "checkpoint.every": 1, "train.schedule": "constant",
+    "comm.groups": ("[{name: left, users: [0, 1], experts: [0], attention: true}, "
+                    "{name: right, users: [2, 3], experts: [0], attention: true}]")}
 
 
 def test_a_resume_hands_out_a_groups_latest_aggregate_as_the_whole_run_does(tmp_path):
@@ -301,13 +297,13 @@ def test_a_resume_hands_out_a_groups_latest_aggregate_as_the_whole_run_does(tmp_
     after round 3 and resumed to round 6, the run ends where 6 uninterrupted rounds end, every
     user bit for bit (the aggregate a server holds travels in the round checkpoints)."""
     import shutil
-    run_on_ranks(_group_resume_rows, 2, tmp_path, [("whole", 6, "false"), ("cut", 3, "false")], timeout_s=600)
+    run_on_ranks(_resume_rows, 2, tmp_path, [("whole", 6, "false"), ("cut", 3, "false")], GROUP_RESUME_SETTINGS,
+                 timeout_s=600)
     shutil.copytree(tmp_path / "cut", tmp_path / "resumed")
-    run_on_ranks(_group_resume_rows, 2, tmp_path, [("resumed", 6, "true")], timeout_s=600)
+    run_on_ranks(_resume_rows, 2, tmp_path, [("resumed", 6, "true")], GROUP_RESUME_SETTINGS, timeout_s=600)
     whole, resumed = read_rows(tmp_path / "whole.json"), read_rows(tmp_path / "resumed.json")
     assert [u["rounds_taken"] for u in whole] == [u["rounds_taken"] for u in resumed]
-    for a, b in zip(whole, resumed, strict=True):
-        assert a == b, (a["user"], {k for k in a if a[k] != b.get(k)})
+    assert_same_rows(whole, resumed, "resumed")
 
 
 def _weights_worker(rank, world_size, tmp_path):

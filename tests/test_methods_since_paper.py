@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dist_harness import init_topology, run_on_ranks
-from helpers import read_rows, run_and_record, tiny_config
+from helpers import assert_same_rows, read_rows, run_and_record, tiny_config
 
 N_USERS = 4
 SCHEDULE = {"train.rounds": 3, "train.local_steps": 2, "train.router_every": 2, "train.router_steps": 2,
@@ -38,11 +38,6 @@ def _read(tmp_path, tag):
     return read_rows(tmp_path / f"{tag}.json")
 
 
-def _same(a_rows, b_rows, what):
-    for a, b in zip(a_rows, b_rows, strict=True):
-        assert a == b, (what, a["user"], {k for k in a if a[k] != b.get(k)})
-
-
 @pytest.mark.slow
 def test_two_users_per_rank_give_the_results_of_one_user_per_rank(tmp_path):
     """4 users, one per rank (4 ranks) and two per rank (2 ranks), 3 rounds with an evaluation
@@ -51,7 +46,7 @@ def test_two_users_per_rank_give_the_results_of_one_user_per_rank(tmp_path):
     for world in (4, 2):
         run_on_ranks(_rows_worker, world, tmp_path, [(f"{n}_{world}", n, {}) for n in METHODS], timeout_s=900)
     for name in METHODS:
-        _same(_read(tmp_path, f"{name}_4"), _read(tmp_path, f"{name}_2"), name)
+        assert_same_rows(_read(tmp_path, f"{name}_4"), _read(tmp_path, f"{name}_2"), name)
     assert _read(tmp_path, "comigs_learned_2")[0]["learned_groups"]["groups"] in ([[0, 1], [2, 3]], [[0, 2], [1, 3]],
                                                                                    [[0, 3], [1, 2]], [[0], [1, 2, 3]],
                                                                                    [[0, 1, 2], [3]], [[0, 1, 3], [2]],
@@ -70,7 +65,7 @@ def test_partial_participation_on_two_ranks_and_one(tmp_path):
         run_on_ranks(_rows_worker, world, tmp_path, [(f"{n}_{world}", n, PARTIAL) for n in names], timeout_s=900)
     for name in names:
         one, two = _read(tmp_path, f"{name}_1"), _read(tmp_path, f"{name}_2")
-        _same(two, one, name)
+        assert_same_rows(two, one, name)
         assert sum(r["rounds_taken"] for r in one) == 3 * 2
         for r in one:
             assert (r["rounds_taken"] == 0) == (r["test_ppl"] == r["base_test_ppl"]), (name, r["user"])
@@ -154,7 +149,7 @@ def test_a_cut_run_resumes_to_the_whole_runs_results(tmp_path):
     run_on_ranks(_resume_worker, 2, tmp_path, [(f"{tag}_from{keep}", name, 4, "true") for tag, name, keep in resumed],
                  timeout_s=900)
     for tag, _, keep in resumed:
-        _same(_read(tmp_path, tag), _read(tmp_path, f"{tag}_from{keep}"), f"{tag} from round {keep}")
+        assert_same_rows(_read(tmp_path, tag), _read(tmp_path, f"{tag}_from{keep}"), f"{tag} from round {keep}")
     learned = _read(tmp_path, "learned")[0]["learned_groups"]
     assert learned["after_round"] == 2 and len(learned["groups"]) == 2
 
