@@ -302,14 +302,33 @@ def config_fingerprint(config: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def option_defaults(config: dict) -> dict:
+    """Every option's default, dotted: the schema's, and the options of ``config``'s method."""
+    import dataclasses
+
+    from comigs_dist.config.schema import RunConfig
+    from comigs_dist.methods import known_methods, method_class
+    out = flatten_keys(RunConfig().to_dict())
+    if config.get("method") in known_methods():
+        out.update(flatten_keys(dataclasses.asdict(method_class(config["method"]).Options()), "method_options."))
+    return out
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
     """Options that changed since the checkpoint was written and would change what the run
-    computes (paths, logging, checkpointing, timeouts and devices may change)."""
+    computes (paths, logging, checkpointing, timeouts and devices may change). An option the
+    saved config lacks counts only if this run sets it away from its default: options added to
+    the project since keep, at their default, what the code did before them."""
     a, b = flatten_keys(saved), flatten_keys(current)
+    defaults = None
     diffs = []
     for key in sorted(set(a) | set(b)):
         if key.startswith(RESUME_MAY_DIFFER) or a.get(key) == b.get(key):
             continue
+        if key not in a:
+            defaults = option_defaults(current) if defaults is None else defaults
+            if key in defaults and defaults[key] == b[key]:
+                continue
         diffs.append(f"{key}={a.get(key)!r} but this run has {key}={b.get(key)!r}; resume with the same "
                      f"setting or start a new run in another out_dir")
     return diffs

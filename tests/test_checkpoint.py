@@ -27,6 +27,30 @@ def _state(params: dict, user: int = 0, method: str = "comigs_1g1s", config: dic
     return state
 
 
+def test_an_option_added_since_the_checkpoint_is_no_difference_at_its_default():
+    """A checkpoint's config that lacks an option (written before the option existed: a method
+    option, a schema key) resumes when this run leaves the option at its default, and is refused,
+    naming it, when this run sets it otherwise; a changed or removed option still counts."""
+    import copy
+
+    from comigs_dist.config import load_config
+    current = load_config(None, ["method=comigs_learned"]).to_dict()
+    saved = copy.deepcopy(current)
+    del saved["method_options"]["warmup_rounds"], saved["train"]["users_per_round"]
+    assert checkpoint.config_differences(saved, current) == []
+    moved = load_config(None, ["method=comigs_learned", "method_options.warmup_rounds=2",
+                               "train.users_per_round=3"]).to_dict()
+    diffs = checkpoint.config_differences(saved, moved)
+    assert [d.split("=")[0] for d in diffs] == ["method_options.warmup_rounds", "train.users_per_round"], diffs
+    assert "method_options.warmup_rounds=None but this run has method_options.warmup_rounds=2" in diffs[0]
+    changed = copy.deepcopy(current)
+    changed["moe"]["lb_weight"] = 0.5
+    assert [d.split("=")[0] for d in checkpoint.config_differences(changed, current)] == ["moe.lb_weight"]
+    removed = copy.deepcopy(current)
+    removed["method_options"]["gone"] = 1  # an option this code no longer knows
+    assert [d.split("=")[0] for d in checkpoint.config_differences(removed, current)] == ["method_options.gone"]
+
+
 def test_truncated_and_foreign_files_are_rejected_with_the_file_named(tmp_path):
     """A truncated checkpoint and a plain tensor file both give a CheckpointError naming the file."""
     good = tmp_path / "round_0002.pt"
