@@ -66,6 +66,13 @@ def _modes_worker(rank, world_size, tmp_path):
             assert stats.bytes_sent == payload * copies == dist.round_bytes(payload, mode, n)[0]
             assert stats.bytes_received == payload * copies
             assert stats.collectives == 1
+            # a sum (FedALT, HetLoRA) moves the same payloads as a mean: counted alike in each mode
+            summed = dist.Comm(topo, mode, dtype)
+            total = _inputs(rank)
+            summed.sum("generalists", {rank: total})
+            assert summed.user_stats[rank].bytes_sent == payload * copies
+            assert summed.user_stats[rank].bytes_received == payload * copies
+            assert torch.equal(total[0], sum(_inputs(u)[0].to(wire).double() for u in range(n)).float())
         # the exact mean of what travelled, whatever the order: round_fp32(float64 sum / N)
         for i in range(len(SHAPES)):
             exact = sum(inputs[u][i].to(wire).double() for u in range(n)) / n

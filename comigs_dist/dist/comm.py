@@ -433,7 +433,8 @@ class Comm:
     def sum(self, group: str, tensors: Tensors) -> int:
         """Replace each tensor of every given user by its sum over the group's members (weighted
         means: each member scales its own term first). One collective; summed in float64 when
-        ``comm.exact``. Counted like a server round trip. Returns a user's payload in bytes."""
+        ``comm.exact``. Counted as a mean in ``comm.mode`` is (module docstring): the members
+        exchange the same payloads whatever they do with them. Returns a user's payload in bytes."""
         if not self.in_group(group) or not tensors:
             return 0
         self._unprotected("sum", group)
@@ -453,7 +454,8 @@ class Comm:
             moved = total.numel() * total.element_size()
         for u in local:
             unflatten_into(total, tensors[u])
-        self._count(group, local, size, size, time.perf_counter() - start, moved)
+        sent, received = round_bytes(size, self.mode, len(self.members(group)))
+        self._count(group, local, sent, received, time.perf_counter() - start, moved)
         return size
 
     @torch.no_grad()

@@ -25,7 +25,8 @@ or it did not take part in the round before under partial participation) sends z
 of 0 and, if it downloads this round, gets S / C; a lone contributor keeps its previous RoW. A
 user that sat out because its individual LoRA is not finite restarts it from that RoW (the only
 finite model it can have; its optimiser moments are kept, as every method's).
-Byte counts are those of a server round trip (Comm.sum), in either comm.mode.
+Byte counts are those of a mean in comm.mode (Comm.sum counts as Comm.mean does): one LoRA set each
+way under server, N sets each way under all2all, as analytic_round_bytes says.
 Choices where the paper is silent: one mixer per adapted projection (the code's), Kaiming-uniform
 mixer init (the code's), no load balancing, the simulator's AdamW and schedule. The guard checks
 the individual LoRAs (``own_aggregated``: what travels) besides the RoW.
