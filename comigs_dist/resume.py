@@ -124,12 +124,15 @@ def save(rank, out_dir: Path, name: str, round_idx: int) -> None:
     message, with no partial file."""
     topo, cfg = rank.topo, rank.cfg
     mine = []
+
+    def groups_of(user: int) -> list[str]:  # its shared groups and any a method built later (learned groups)
+        return [g for g in topo.groups if user in topo.members(g)]
     for run in rank.users:
         user = run.user_idx
         path = checkpoint.user_dir(out_dir, user) / name
         problem, size = None, 0
         try:
-            checkpoint.save_atomic(user_state(run, round_idx, rank.comm.latest_aggregates(run.shared)), path,
+            checkpoint.save_atomic(user_state(run, round_idx, rank.comm.latest_aggregates(groups_of(user))), path,
                                    before_publish=lambda run=run: faults.during_checkpoint(run, round_idx))
             size = path.stat().st_size
         except OSError as exc:

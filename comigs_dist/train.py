@@ -24,6 +24,7 @@ import torch
 
 from comigs_dist import dist, faults, guard, resume
 from comigs_dist.config import ConfigError, RunConfig, privacy_accounting, resolve_users, to_yaml, users_per_round
+from comigs_dist.config.users import participants
 from comigs_dist.data import BatchSampler, UserData, load_user_data
 from comigs_dist.evaluate import EvalResult, evaluate_split
 from comigs_dist.methods import Method, SyncContext, get_method
@@ -32,7 +33,7 @@ from comigs_dist.model.shared_base import plan_sharing
 from comigs_dist.monitor import Monitor
 from comigs_dist.privacy import resolve_noise_multiplier, resolution
 from comigs_dist.privacy.mean import PrivateMean
-from comigs_dist.seeds import EVERY_USER, derive_seed
+from comigs_dist.seeds import derive_seed
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,17 +298,6 @@ def counts_contributors(cfg: RunConfig, n_users: int) -> bool:
     return cfg.guard.nan == "skip" or cfg.comm.weights == "tokens" or users_per_round(cfg, n_users) < n_users
 
 
-def participants(cfg: RunConfig, n_users: int, round_idx: int) -> frozenset[int]:
-    """The users that take part in round ``round_idx``: every user at full participation, else
-    ``users_per_round`` of them drawn without replacement from the round's own seed (the same draw
-    on every rank, and recomputable alone after a resume)."""
-    k = users_per_round(cfg, n_users)
-    if k >= n_users:
-        return frozenset(range(n_users))
-    g = torch.Generator().manual_seed(derive_seed(cfg.seed, EVERY_USER, "participation", round_idx))
-    return frozenset(torch.randperm(n_users, generator=g)[:k].tolist())
-
-
 def _held(user: UserState) -> tuple[dict, dict]:
     """A copy of what a sync may change in a user: its adapters' values and its method state."""
     params = {n: p.detach().clone() for n, p in user.model.report.params.items()}
@@ -353,7 +343,8 @@ def sync(rank: RankRun, round_idx: int) -> list[UserState]:
         rank.comm.privacy.start_round(round_idx, uploaded, {u.user_idx: u.privacy["references"] for u in users})
     try:
         rank.method.sync(SyncContext(round_idx=round_idx, comm=rank.comm, users=users,
-                                     evaluate_valid=lambda u: evaluate_valid(u, rank.autocast).loss))
+                                     evaluate_valid=lambda u: evaluate_valid(u, rank.autocast).loss,
+                                     participants=now if round_idx > 0 else None))
     finally:
         rank.comm.set_round(None, None)
     for u in users:

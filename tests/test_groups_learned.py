@@ -253,6 +253,81 @@ def test_users_built_as_two_clusters_are_put_into_them_and_average_within_them(t
     run_on_ranks(_learned_worker, 2, tmp_path, timeout_s=600)
 
 
+def _partial_worker(rank, world_size, tmp_path):
+    import dataclasses
+    from comigs_dist import train
+    from comigs_dist.config import check_world_size
+    from dist_harness import init_topology
+    from helpers import tiny_config
+    topo0 = init_topology(n_users=4)
+    cfg = tiny_config(method="comigs_learned", n_users=4, **{"method_options.warmup_rounds": 2, "train.rounds": 4,
+                                                             "train.users_per_round": 2})
+    check_world_size(cfg, world_size)
+    draws = [sorted(train.participants(cfg, 4, r)) for r in range(4)]
+    assert draws == [[0, 2], [1, 3], [1, 3], [0, 3]], draws  # the premise of every step below
+    run = train.build_rank(cfg, dataclasses.replace(topo0, groups={}))
+    tags = run.users[0].model.report.tags
+    features = [n for n, _ in run.users[0].shared["generalists"] if tags[n].kind == "expert"]
+    clusters = {0: 0, 2: 0, 1: 1, 3: 1}
+    train.sync(run, 0)
+    for u in run.users:  # round 0: users 0 and 2 take part ("train": planted updates)
+        if u.user_idx in draws[0]:
+            _plant(u, clusters)
+    planted = _everyone(topo0, {u.user_idx: _shared(u) for u in run.users})
+    train.sync(run, 1)  # 0 and 2 upload, 1 and 3 download their mean; 0 and 2 keep their values
+    first_mean = _everyone(topo0, {u.user_idx: _shared(u) for u in run.users})
+    for n in features:
+        want = ((planted[0][n].double() + planted[2][n].double()) / 2).float()
+        assert torch.equal(first_mean[1][n], want) and torch.equal(first_mean[3][n], want), n
+        assert torch.equal(first_mean[0][n], planted[0][n]), n
+    for u in run.users:  # round 1: users 1 and 3 take part
+        if u.user_idx in draws[1]:
+            _plant(u, clusters)
+    pre = _everyone(topo0, {u.user_idx: _shared(u) for u in run.users})
+    # the switch (round 2): 0 and 2 trained in round 0 only and never downloaded since, 1 and 3 in
+    # round 1: every update counts, and the planted clusters come out
+    train.sync(run, 2)
+    for u in run.users:
+        assert u.method_state.groups == [[0, 2], [1, 3]], u.method_state.groups
+    post = _everyone(topo0, {u.user_idx: _shared(u) for u in run.users})
+    for n in features:
+        want = ((pre[1][n].double() + pre[3][n].double()) / 2).float()
+        assert torch.equal(post[1][n], want) and torch.equal(post[3][n], want), n  # group {1, 3}: its mean
+        assert torch.equal(post[0][n], pre[0][n]) and torch.equal(post[2][n], pre[2][n]), n  # sat it out
+    # round 3: user 0 takes part, and no member of its group uploaded (neither trained in round 2):
+    # its group's first aggregate is the generalists' latest global one, formed in round 1
+    train.sync(run, 3)
+    last = _everyone(topo0, {u.user_idx: _shared(u) for u in run.users})
+    for n in features:
+        assert torch.equal(last[0][n], first_mean[1][n]), n
+        assert torch.equal(last[2][n], pre[2][n]), n
+
+
+@pytest.mark.slow
+def test_learned_groups_under_partial_participation(tmp_path):
+    """4 users on 2 ranks, 2 per round ({0, 2}, {1, 3}, {1, 3}, {0, 3}), warm-up of 2 rounds, updates
+    planted around {0, 2} and {1, 3}: every user's update counts at the switch, whether it trained in
+    the round before or earlier and never downloaded since, and the planted groups are found; a
+    group's mean is over its members that uploaded, the others keep their values; a group none of
+    whose members uploaded hands out the latest global aggregate of the generalists."""
+    run_on_ranks(_partial_worker, 2, tmp_path, timeout_s=600)
+
+
+def test_learned_groups_refuse_a_warm_up_that_leaves_a_user_undrawn():
+    """2 of 4 users per round: a 1-round warm-up draws users 0 and 2 only; the error names the
+    others and the shortest warm-up that draws everyone, before any work (n_users given, or known
+    from the world size)."""
+    from comigs_dist.config import ConfigError, check_world_size, load_config
+    args = ["method=comigs_learned", "train.rounds=4", "train.users_per_round=2", "method_options.warmup_rounds=1"]
+    message = r"user\(s\) 1, 3 take part in none of the warm-up's rounds.*set method_options.warmup_rounds=2"
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [*args, "n_users=4"])
+    cfg = load_config(None, args)
+    with pytest.raises(ConfigError, match=message):
+        check_world_size(cfg, 4)
+    check_world_size(load_config(None, [*args[:-1], "method_options.warmup_rounds=2"]), 4)
+
+
 def _one_group_worker(rank, world_size, tmp_path):
     import dataclasses
     import json

@@ -59,19 +59,18 @@ PARTIAL = {"train.users_per_round": 2}
 @pytest.mark.slow
 def test_partial_participation_on_two_ranks_and_one(tmp_path):
     """2 of 4 users per round (a seeded draw): each method's rows agree bit for bit between 2 ranks
-    and 1; a user never drawn ends at the base model's perplexity; learned groups refuse it."""
-    names = ["fedalt", "fedsa_lora", "feddpa"]
+    and 1; a user never drawn ends at the base model's perplexity (learned groups: a warm-up of 2
+    rounds, which draws every user)."""
+    names = ["fedalt", "fedsa_lora", "feddpa", "comigs_learned"]
+    extra = {n: {**PARTIAL, **({"method_options.warmup_rounds": 2} if n == "comigs_learned" else {})} for n in names}
     for world in (2, 1):
-        run_on_ranks(_rows_worker, world, tmp_path, [(f"{n}_{world}", n, PARTIAL) for n in names], timeout_s=900)
+        run_on_ranks(_rows_worker, world, tmp_path, [(f"{n}_{world}", n, extra[n]) for n in names], timeout_s=900)
     for name in names:
         one, two = _read(tmp_path, f"{name}_1"), _read(tmp_path, f"{name}_2")
         assert_same_rows(two, one, name)
         assert sum(r["rounds_taken"] for r in one) == 3 * 2
         for r in one:
             assert (r["rounds_taken"] == 0) == (r["test_ppl"] == r["base_test_ppl"]), (name, r["user"])
-    from comigs_dist.config import ConfigError
-    with pytest.raises(ConfigError, match="method 'comigs_learned' cannot run with partial participation"):
-        _config("comigs_learned", **PARTIAL)
 
 
 def _fedalt_partial_worker(rank, world_size, tmp_path):
@@ -117,6 +116,8 @@ def _resume_worker(rank, world_size, tmp_path, plans):
                  "train.schedule": "constant"}
         if name == "comigs_learned":
             extra["method_options.warmup_rounds"] = 2
+        if tag.startswith("partial"):  # 3 groups: one at least holds neither user 1 nor 3, round 3's uploaders
+            extra.update(PARTIAL, **{"method_options.k": 3})
         cfg = _config(name, **extra)
         run_and_record(topo, cfg, tmp_path / tag, tmp_path / f"{tag}.json")
 
@@ -139,11 +140,14 @@ def test_a_cut_run_resumes_to_the_whole_runs_results(tmp_path):
     """4 users on 2 ranks, 4 rounds checkpointed every round: FedDPA and FedALT resumed from round 2,
     CoMiGS with learned groups (warm-up 2) from round 2 (warm-up sums in the checkpoint) and from
     round 3 (groups in the checkpoint, process groups rebuilt), each to round 4, end bit for bit
-    where the uninterrupted run ends."""
-    wholes = [("feddpa", "feddpa"), ("fedalt", "fedalt"), ("learned", "comigs_learned")]
+    where the uninterrupted run ends; so do learned groups under partial participation (2 of 4)
+    resumed from round 3, whose last round hands one group, none of whose members took part in
+    round 3, the aggregate it started from (the group's latest aggregate in the checkpoint)."""
+    wholes = [("feddpa", "feddpa"), ("fedalt", "fedalt"), ("learned", "comigs_learned"),
+              ("partial_learned", "comigs_learned")]
     run_on_ranks(_resume_worker, 2, tmp_path, [(tag, name, 4, "false") for tag, name in wholes], timeout_s=900)
     resumed = [("feddpa", "feddpa", 2), ("fedalt", "fedalt", 2), ("learned", "comigs_learned", 2),
-               ("learned", "comigs_learned", 3)]
+               ("learned", "comigs_learned", 3), ("partial_learned", "comigs_learned", 3)]
     for tag, _, keep in resumed:
         _cut(tmp_path / tag, tmp_path / f"{tag}_from{keep}", keep)
     run_on_ranks(_resume_worker, 2, tmp_path, [(f"{tag}_from{keep}", name, 4, "true") for tag, name, keep in resumed],

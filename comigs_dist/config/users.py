@@ -84,3 +84,17 @@ def users_per_round(cfg: RunConfig, n_users: int) -> int:
     if t.users_per_round:
         return t.users_per_round
     return max(1, round(t.participation * n_users))
+
+
+def participants(cfg: RunConfig, n_users: int, round_idx: int) -> frozenset[int]:
+    """The users that take part in round ``round_idx``: every user at full participation, else
+    ``users_per_round`` of them drawn without replacement from the round's own seed (the same draw
+    on every rank, recomputable alone after a resume, and known before the run starts)."""
+    import torch
+
+    from comigs_dist.seeds import EVERY_USER, derive_seed
+    k = users_per_round(cfg, n_users)
+    if k >= n_users:
+        return frozenset(range(n_users))
+    g = torch.Generator().manual_seed(derive_seed(cfg.seed, EVERY_USER, "participation", round_idx))
+    return frozenset(torch.randperm(n_users, generator=g)[:k].tolist())

@@ -12,7 +12,8 @@ import math
 from pathlib import Path
 
 from comigs_dist.config.schema import ConfigError, RunConfig
-from comigs_dist.config.users import inferred_n_users, list_lengths, resolve_users, user_spec, users_per_round
+from comigs_dist.config.users import inferred_n_users, list_lengths, participants, resolve_users, user_spec, \
+    users_per_round
 from comigs_dist.groups import plan_errors
 from comigs_dist.methods import known_methods, method_class
 from comigs_dist.methods.base import generalist_counter
@@ -148,10 +149,20 @@ def collect_errors(cfg: RunConfig) -> list[str]:
                 e.append(f"method {cfg.method!r} cannot run with partial participation (train.participation="
                          f"{t.participation}, train.users_per_round={t.users_per_round}): "
                          f"{cls.full_participation_only}; set train.participation=1 and train.users_per_round=0")
+            elif not e:
+                e.extend(participation_errors(cfg, inferred_n_users(cfg)))
             if cfg.comm.groups:
                 e.extend(comm_group_errors(cfg, n_users if inferred_n_users(cfg) is not None else None))
     e.extend(privacy_errors(cfg, inferred_n_users(cfg)))
     return e
+
+
+def participation_errors(cfg: RunConfig, n_users: int | None) -> list[str]:
+    """The method's problems with the run's seeded participant draw (``Method.participation_errors``),
+    once the number of users is known (``n_users`` None: not yet; check_world_size asks again)."""
+    if n_users is None or users_per_round(cfg, n_users) >= n_users:
+        return []
+    return method_class(cfg.method).participation_errors(cfg, n_users, lambda r: participants(cfg, n_users, r))
 
 
 def _privacy_waits_for_world_size(cfg: RunConfig, n_users: int | None) -> bool:
@@ -246,5 +257,7 @@ def check_world_size(cfg: RunConfig, world_size: int) -> None:
             errors = comm_group_errors(cfg, world_size)
         if not errors and _privacy_waits_for_world_size(cfg, None):  # the target epsilon can be calibrated now
             errors = privacy_errors(cfg, world_size)
+        if not errors:  # the method's rules that depend on the number of users (checked with it known)
+            errors = method_class(cfg.method).config_errors(cfg) + participation_errors(cfg, world_size)
         if errors:
             raise ConfigError(format_errors(errors))

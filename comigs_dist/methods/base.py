@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Collection, Sequence
 
 from comigs_dist.groups import DEFAULT_GROUP, SharingPlan, build_plan
 from comigs_dist.model.roles import ParamTag, Role
@@ -59,11 +59,18 @@ class SyncContext:
     carries its shared parameters by group (``user.shared``: each group's parameters are views of
     one flat buffer), its model, its own state (``user.method_state``), its training-split size
     and whether it contributes (``user.contributing``: False when the guard made it sit the round
-    out; it still receives the others' aggregate)."""
+    out, or under partial participation when it did not train in the round before; it still
+    receives the others' aggregate if it takes part in this round: ``downloads``)."""
     round_idx: int
     comm: Any
     users: list
     evaluate_valid: Callable[[Any], float] | None = None   # user -> its validation loss now
+    participants: Collection[int] | None = None  # the users that take part in the round; None: every user
+
+    def downloads(self, user) -> bool:
+        """Whether ``user`` takes part in this round and so receives its aggregate (a user that
+        does not leaves the sync exactly as it entered it: train.sync puts its values back)."""
+        return self.participants is None or user.user_idx in self.participants
 
     def groups(self) -> list[str]:
         """Every group a user of this rank shares parameters in, sorted: users in several groups
@@ -183,6 +190,13 @@ class Method:
     def config_errors(cls, cfg) -> list[str]:
         """Method-specific configuration problems (empty when the config fits the method).
         ``cfg.method_options`` has been checked against ``Options`` already."""
+        return []
+
+    @classmethod
+    def participation_errors(cls, cfg, n_users: int, draw: Callable[[int], frozenset]) -> list[str]:
+        """Problems of this method with the run's partial participation, known before it starts:
+        ``draw(round)`` gives the users that take part in a round (the seeded draw of train.sync).
+        Called only when fewer than ``n_users`` take part in a round and the method accepts it."""
         return []
 
     def adapter_spec(self, cfg, user_idx: int, spec):

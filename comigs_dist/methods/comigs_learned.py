@@ -24,8 +24,16 @@ only who averages the generalist with whom is learned, which is what ``comm.grou
 A method of its own rather than a ``comm.groups=learned`` value: one file and one YAML, its
 options typed and checked with the method's, and no change to the base class's sync that every
 method inherits. The groups are written to results.json (``learned_groups``) and printed by the
-rank of user 0. Partial participation is refused: a user not drawn during the warm-up has no
-update to be placed by.
+rank of user 0.
+
+Partial participation: a user's update is what it trained since its last download, added up at
+each download (and at the switch, for what it trained but has not downloaded over yet), so a user
+counts every warm-up round it took part in whether or not it is drawn again before the switch.
+Every user must take part in at least one warm-up round (a user never drawn has no update to be
+placed by): the draw is known from the seed, so a configuration that leaves one out is refused
+before the run starts, naming the shortest warm-up that draws everyone. A cluster none of whose
+members trained in the round before the switch starts from the generalists' latest global
+aggregate (what its members would otherwise have downloaded).
 """
 from __future__ import annotations
 
@@ -35,6 +43,7 @@ from typing import Literal
 import torch
 
 from comigs_dist.groups import DEFAULT_GROUP
+from comigs_dist.guard import nonfinite_shared
 from comigs_dist.groups_learned import RULES, compute_learned_groups
 from comigs_dist.methods.base import AlternatingOptions, register_method
 from comigs_dist.methods.comigs import CoMiGS1G1S
@@ -77,8 +86,6 @@ class CoMiGSLearned(CoMiGS1G1S):
     paper_row = "in the spirit of FedLEASE, Wang et al., NeurIPS 2025 (since the paper)"
     Options = LearnedGroupsOptions
     accepts_comm_groups = False  # the groups are learned
-    full_participation_only = ("the groups are learned from every user's warm-up update; a user not drawn during "
-                               "the warm-up would have none to be placed by")
 
     @classmethod
     def config_errors(cls, cfg) -> list[str]:
@@ -96,6 +103,29 @@ class CoMiGSLearned(CoMiGS1G1S):
             errors.append(f"method_options.rule ({o.rule!r}) must be one of {', '.join(RULES)}")
         return errors
 
+    @classmethod
+    def participation_errors(cls, cfg, n_users: int, draw) -> list[str]:
+        """Under partial participation, every user must train in one of the warm-up's rounds."""
+        warmup = cls(cfg).options.warmup_rounds
+        drawn, first_all, missing = set(), None, []
+        for r in range(cfg.train.rounds):
+            drawn |= draw(r)
+            if r + 1 == warmup:
+                missing = sorted(set(range(n_users)) - drawn)
+            if first_all is None and len(drawn) == n_users:
+                first_all = r + 1
+            if r + 1 >= warmup and first_all is not None:
+                break
+        if not missing:
+            return []
+        shown = ", ".join(map(str, missing[:10])) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        fix = (f"set method_options.warmup_rounds={first_all} (the first {first_all} rounds draw every user; it must "
+               f"stay below train.rounds={cfg.train.rounds})" if first_all is not None and first_all < cfg.train.rounds
+               else "raise train.participation or train.users_per_round, or train.rounds with warmup_rounds")
+        return [f"method_options.warmup_rounds ({warmup}): under partial participation (train.participation="
+                f"{cfg.train.participation}, train.users_per_round={cfg.train.users_per_round}) user(s) {shown} take "
+                f"part in none of the warm-up's rounds, so there is no update to place them by; {fix}"]
+
     def prepare_user(self, user) -> None:
         params = user.shared.get(DEFAULT_GROUP, [])
         tags = user.model.report.tags
@@ -105,15 +135,23 @@ class CoMiGSLearned(CoMiGS1G1S):
     # -- the rounds ------------------------------------------------------------------------------
     @torch.no_grad()
     def sync(self, ctx) -> None:
-        states = {u.user_idx: u.method_state for u in ctx.users}
-        groups = next(iter(states.values())).groups
+        groups = ctx.users[0].method_state.groups
+        switch = groups is None and ctx.round_idx == self.options.warmup_rounds
         if groups is None and ctx.round_idx > 0:
             for u in ctx.users:
-                if u.contributing:  # a user sitting the round out (guard.nan=skip) holds non-finite values
+                # what it trained since its last download, before this round's download replaces it
+                # (at the switch every user's, downloading or not); non-finite values (a user the
+                # guard sets aside) add nothing
+                if (ctx.downloads(u) or switch) and not nonfinite_shared(u.shared):
                     self._add_update(u)
-            if ctx.round_idx == self.options.warmup_rounds:
+            if switch:
+                # the server's latest aggregate, before the switch's own collectives (the labels'
+                # broadcast) replace it
+                latest = ctx.comm.latest_aggregates([DEFAULT_GROUP]).get(DEFAULT_GROUP)
                 groups = self._learn_groups(ctx)
         if groups is None or len(groups) == 1:
+            if switch and latest is not None:  # the labels' broadcast replaced it
+                ctx.comm.restore_latest({DEFAULT_GROUP: latest})
             super().sync(ctx)  # the warm-up, or one group: plain CoMiGS
             if groups is None:
                 for u in ctx.users:
@@ -121,6 +159,8 @@ class CoMiGSLearned(CoMiGS1G1S):
                     st.anchor = [t.detach().clone() for t in self._features(u)]
             return
         self._build_groups(ctx.comm, groups)
+        if switch:
+            self._seed_latest(ctx, groups, latest)
         label = {v: i for i, members in enumerate(groups) for v in members}
         everyone = DEFAULT_GROUP
         if self.options.attention == "global":
@@ -130,6 +170,25 @@ class CoMiGSLearned(CoMiGS1G1S):
             tensors = {u.user_idx: (self._features(u) if self.options.attention == "global"
                                     else [p.data for _, p in u.shared[everyone]]) for u in mine}
             ctx.comm.mean(group_name(i), tensors, skip=ctx.skip)
+
+    def _seed_latest(self, ctx, groups: list[list[int]], latest: torch.Tensor | None) -> None:
+        """The latest aggregates of the groups after the switch, cut from the last global one
+        (``latest``, None when no contributor counts travel: full participation keeps none):
+        each cluster's is its payload's part (the generalists, or with attention='cluster' every
+        shared tensor), and the global group's the attention LoRA's. Handed out only where no
+        member of a group uploaded in this round (partial participation); any upload replaces it."""
+        if latest is None:
+            return
+        st = ctx.users[0].method_state
+        bounds = torch.tensor([0] + [p.numel() for _, p in ctx.users[0].shared[DEFAULT_GROUP]]).cumsum(0).tolist()
+
+        def part(indices: list[int]) -> torch.Tensor:
+            return torch.cat([latest[bounds[i]:bounds[i + 1]] for i in indices])
+        cluster = part(st.features) if self.options.attention == "global" else latest
+        seeds = {group_name(i): cluster.clone() for i in range(len(groups))}
+        if self.options.attention == "global":
+            seeds[DEFAULT_GROUP] = part(st.attention)
+        ctx.comm.restore_latest(seeds)
 
     def _features(self, user) -> list[torch.Tensor]:
         params = user.shared[DEFAULT_GROUP]
@@ -195,11 +254,16 @@ class CoMiGSLearned(CoMiGS1G1S):
         return out
 
     def load_state_dict(self, user, state: dict) -> None:
+        """From a checkpoint (a fresh state), or train.sync putting back a user that sat the round
+        out: then the groups learned in this very sync stay (they belong to the federation, not
+        to the user), and so does the end of the warm-up's bookkeeping."""
         st = user.method_state
-        st.anchor = [t.to(user.device) for t in state["anchor"]] if "anchor" in state else None
-        st.update = [t.to(user.device) for t in state["update"]] if "update" in state else None
-        st.groups = [list(map(int, g)) for g in state["groups"]] if "groups" in state else None
-        st.summary = state.get("summary")
+        if "groups" in state:
+            st.groups = [list(map(int, g)) for g in state["groups"]]
+            st.summary = state.get("summary")
+        if st.groups is None:
+            st.anchor = [t.to(user.device) for t in state["anchor"]] if "anchor" in state else None
+            st.update = [t.to(user.device) for t in state["update"]] if "update" in state else None
 
     def results(self, user) -> dict:
         return {"learned_groups": user.method_state.summary}
