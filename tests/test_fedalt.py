@@ -49,6 +49,64 @@ def test_rest_of_world_in_place_from_a_float64_sum():
     torch.testing.assert_close(buf, (own[1] + own[2] + own[3]) / 3, rtol=1e-4, atol=1e-3)
 
 
+def _mlp_mixer_model():
+    """The tiny GPT-2 with the adapters FedALT's whole-MLP mixer gives a user (method_options.mixer=mlp)."""
+    from comigs_dist.methods import get_method
+    from comigs_dist.model import AdapterSpec, wrap_user_model
+    from helpers import tiny_config, tiny_gpt2
+    cfg = tiny_config(method="fedalt", **{"method_options.mixer": "mlp", "moe.load_balancing": "generalist"})
+    configured = AdapterSpec(n_experts=3, n_generalists=2, rank=4, alpha=16.0, attn_rank=4, top_k=1, routed=True,
+                             load_balancing="generalist")
+    spec = get_method("fedalt", cfg).adapter_spec(cfg, 0, configured)
+    return wrap_user_model(tiny_gpt2(), spec, seed=5)
+
+
+def test_mlp_mixer_untrained_leaves_the_base_and_mixes_whole_expert_outputs():
+    """method_options.mixer=mlp (whatever moe.* says: 2 experts, top-2, no load balancing): with
+    B = 0 everywhere the logits are the base model's; a RoW expert with B != 0 changes them, and
+    the MLP's output is then w_0 E_0(u) + w_1 E_1(u), w = softmax(W_router u) and E_j the whole
+    MLP with expert j's LoRAs merged into its weights."""
+    from helpers import tiny_gpt2
+    x = torch.randint(0, 128, (2, 16))
+    ref = tiny_gpt2()(input_ids=x).logits
+    model = _mlp_mixer_model()
+    assert model.spec.n_experts == 2 and model.spec.top_k == 2 and model.spec.load_balancing == "none"
+    with torch.no_grad():
+        for mixture in model.adapters.mixtures():
+            mixture.router.weight.normal_(0, 1.0)   # a mixer far from uniform: the weights must not matter
+    torch.testing.assert_close(model.logits(x), ref, rtol=0, atol=1e-5)
+
+    mixture = model.adapters.mixture(1)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for expert in mixture.experts:
+            for lora in (*expert.in_loras, expert.out_lora):
+                lora.lora_B.copy_(torch.randn(lora.lora_B.shape, generator=g) * 0.1)
+    seen = {}
+    mlp = model.lm.transformer.h[1].mlp
+    hook = mlp.register_forward_hook(lambda mod, args, out: seen.update(u=args[0].detach(), y=out.detach()))
+    logits = model.logits(x)
+    hook.remove()
+    assert (logits - ref).abs().max() > 1e-3
+    u = seen["u"].reshape(-1, 32)                                             # (B*T, D)
+    w = torch.softmax(u @ mixture.router.weight.t(), dim=-1)                  # (B*T, 2)
+    with torch.no_grad():
+        want = w[:, :1] * mixture.expert_output_merged(mlp, 0, u) + w[:, 1:] * mixture.expert_output_merged(mlp, 1, u)
+    torch.testing.assert_close(seen["y"].reshape(-1, 32), want, rtol=1e-5, atol=1e-5)
+
+
+def test_mixer_option_is_checked_before_any_work():
+    """A mixer other than 'projection' or 'mlp' is a configuration error naming the key, the value
+    and the choices; the default is the released code's per-projection mixer."""
+    from comigs_dist.config import ConfigError
+    from comigs_dist.methods import get_method
+    from helpers import tiny_config
+    with pytest.raises(ConfigError, match=r"method_options.mixer \('block'\) must be one of 'projection', 'mlp' "
+                                          r"\(method 'fedalt'\)"):
+        tiny_config(method="fedalt", **{"method_options.mixer": "block"})
+    assert get_method("fedalt", tiny_config(method="fedalt")).options.mixer == "projection"
+
+
 # --------------------------------------------------------------------------------------------
 # the method on real process groups (gloo, the tiny GPT-2)
 # --------------------------------------------------------------------------------------------
