@@ -221,6 +221,8 @@ def _fedalt_worker(rank, world_size, tmp_path, n_users, mixer):
     for (n, _, ind0), (_, _, ind1) in zip(post[0], post[1]):
         if tags[n].matrix == "B":  # moved from the common B = 0 by each user's own data
             assert not torch.equal(ind0, ind1), f"{n}: individual LoRAs stay the users' own"
+    mixers = _everyone(topo0, routers)
+    assert all(not torch.equal(p, mixers[1][n]) for n, p in mixers[0].items()), "mixers stay the users' own"
 
     # a whole run through train.run
     [*rows] = train.run(tiny_config(method="fedalt", n_users=n_users, **{"train.rounds": 3}, **MIXERS[mixer]),
@@ -237,6 +239,6 @@ def test_fedalt_rest_of_world_is_the_mean_of_the_others_on_real_ranks(tmp_path, 
     every individual LoRA is the common start and every RoW a copy of it; expert steps move the
     individual LoRAs and the mixers only; after the sync each user's RoW is bit for bit the
     hand-computed mean of the others' individual LoRAs, the individual LoRAs and the mixers are
-    untouched and the individual LoRAs still differ; the sync sends one LoRA set, the figure from
+    untouched and still differ between users; the sync sends one LoRA set, the figure from
     the shapes and the analytic one; three rounds through train.run beat the base model."""
     run_on_ranks(_fedalt_worker, world_size, tmp_path, n_users, mixer, timeout_s=600)
