@@ -120,6 +120,7 @@ METHOD_OVERRIDES = {
     # sits out with a non-finite one restarts it from its RoW); FedDPA's global adapter, FedSA-LoRA's
     # A matrices and the learned groups' generalists (the fault hits the switch round) are shared
     "fedalt": {},
+    "fedalt_mlp": {"method": "fedalt", "method_options.mixer": "mlp"},  # FedALT's whole-MLP mixer
     "feddpa": {"train.router_every": 3, "train.router_steps": 2},
     "fedsa_lora": {},
     "comigs_learned": {"method_options.warmup_rounds": 2},

@@ -1,8 +1,9 @@
-"""FedALT, FedSA-LoRA, FedDPA and CoMiGS with learned groups as the run sees them: the same users
-give the same results whatever their placement on ranks (one or two users per rank); partial
-participation (FedALT's rest of world over the users that uploaded, by hand; whole runs on 2
-ranks and 1 agree and undrawn users end as they started); a run cut and resumed ends where the
-whole run ends (FedDPA's reference sampler, the learned groups' warm-up sums and groups)."""
+"""FedALT (a mixer per projection and per MLP), FedSA-LoRA, FedDPA and CoMiGS with learned groups
+as the run sees them: the same users give the same results whatever their placement on ranks (one
+or two users per rank); partial participation (FedALT's rest of world over the users that
+uploaded, by hand; whole runs on 2 ranks and 1 agree and undrawn users end as they started); a run
+cut and resumed ends where the whole run ends (FedDPA's reference sampler, the learned groups'
+warm-up sums and groups)."""
 import dataclasses
 
 import pytest
@@ -14,8 +15,9 @@ from helpers import assert_same_rows, read_rows, run_and_record, tiny_config
 N_USERS = 4
 SCHEDULE = {"train.rounds": 3, "train.local_steps": 2, "train.router_every": 2, "train.router_steps": 2,
             "eval.every": 1, "eval.max_tokens": 256, "data.test_tokens": 512}
-METHODS = {
+METHODS = {  # tag -> overrides (the tag is the method unless they set one)
     "fedalt": {},
+    "fedalt_mlp": {"method": "fedalt", "method_options.mixer": "mlp"},  # FedALT's whole-MLP mixer
     "fedsa_lora": {},
     "feddpa": {},
     "comigs_learned": {"method_options.warmup_rounds": 1, "method_options.k": 2},
@@ -23,7 +25,7 @@ METHODS = {
 
 
 def _config(name, **extra):
-    return tiny_config(method=name, n_users=N_USERS, **{**SCHEDULE, **METHODS[name], **extra})
+    return tiny_config(**{"method": name, "n_users": N_USERS, **SCHEDULE, **METHODS[name], **extra})
 
 
 def _rows_worker(rank, world_size, tmp_path, runs):
@@ -61,7 +63,7 @@ def test_partial_participation_on_two_ranks_and_one(tmp_path):
     """2 of 4 users per round (a seeded draw): each method's rows agree bit for bit between 2 ranks
     and 1; a user never drawn ends at the base model's perplexity (learned groups: a warm-up of 2
     rounds, which draws every user)."""
-    names = ["fedalt", "fedsa_lora", "feddpa", "comigs_learned"]
+    names = ["fedalt", "fedalt_mlp", "fedsa_lora", "feddpa", "comigs_learned"]
     extra = {n: {**PARTIAL, **({"method_options.warmup_rounds": 2} if n == "comigs_learned" else {})} for n in names}
     for world in (2, 1):
         run_on_ranks(_rows_worker, world, tmp_path, [(f"{n}_{world}", n, extra[n]) for n in names], timeout_s=900)
@@ -73,12 +75,12 @@ def test_partial_participation_on_two_ranks_and_one(tmp_path):
             assert (r["rounds_taken"] == 0) == (r["test_ppl"] == r["base_test_ppl"]), (name, r["user"])
 
 
-def _fedalt_partial_worker(rank, world_size, tmp_path):
+def _fedalt_partial_worker(rank, world_size, tmp_path, tag):
     """4 users on 2 ranks, 2 per round: each participant's RoW after the sync, by hand."""
     from comigs_dist import dist, train
     from comigs_dist.monitor import Monitor
     topo = init_topology(n_users=N_USERS)
-    cfg = _config("fedalt", **PARTIAL)
+    cfg = _config(tag, **PARTIAL)
     run = train.build_rank(cfg, dataclasses.replace(topo, groups={}))
     train.run_round(run, 0)
     checked = 0
@@ -102,11 +104,12 @@ def _fedalt_partial_worker(rank, world_size, tmp_path):
     assert checked > 0
 
 
-def test_fedalt_rest_of_world_under_partial_participation(tmp_path):
-    """2 of 4 users per round on 2 ranks: a participant's RoW is the mean of the other users that
-    uploaded (took part in the round before), bit for bit, whether or not it uploaded itself;
-    users that sit the round out keep theirs."""
-    run_on_ranks(_fedalt_partial_worker, 2, tmp_path, timeout_s=300)
+@pytest.mark.parametrize("tag", ["fedalt", "fedalt_mlp"])
+def test_fedalt_rest_of_world_under_partial_participation(tmp_path, tag):
+    """2 of 4 users per round on 2 ranks, a mixer per projection or per MLP: a participant's RoW is
+    the mean of the other users that uploaded (took part in the round before), bit for bit, whether
+    or not it uploaded itself; users that sit the round out keep theirs."""
+    run_on_ranks(_fedalt_partial_worker, 2, tmp_path, tag, timeout_s=300)
 
 
 def _resume_worker(rank, world_size, tmp_path, plans):
@@ -177,9 +180,10 @@ def _packed_worker(rank, world_size, tmp_path, name):
             torch.testing.assert_close(b.model.report.params[n], p, rtol=2e-4, atol=2e-6, msg=n)
 
 
-@pytest.mark.parametrize("name", ["fedalt", "feddpa"])
+@pytest.mark.parametrize("name", ["fedalt", "fedalt_mlp", "feddpa"])
 def test_paired_adapters_train_packed_like_one_by_one(tmp_path, name):
     """4 users on one rank, 2 rounds: train.pack_users=on (one packed forward of every user's batch
-    through the shared base, pairs on every projection) gives each user the losses and parameters
-    of pack_users=off to float32 rounding (FedDPA: its phase weights set per user)."""
+    through the shared base, pairs on the projections, FedALT's MLP mixture with its router) gives
+    each user the losses and parameters of pack_users=off to float32 rounding (FedDPA: its phase
+    weights set per user)."""
     run_on_ranks(_packed_worker, 1, tmp_path, name, timeout_s=300)

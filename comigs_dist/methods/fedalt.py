@@ -9,12 +9,16 @@ users' individual LoRAs, factor by factor (A with A, B with B, as the released c
 them); a mixer (a bias-free linear map of the layer's input to 2 logits, softmax) weighs the two
 per token. The individual LoRA and the mixer train jointly on the training loss.
 
-Model: a ``PairedLoRA`` with a mixer (``AdapterSpec.paired='mixer'``) on every adapted projection
-(the attention targets and the MLP's projections, one expert, no router), ``first`` = RoW (role
+Model (``method_options.mixer``): 'projection' (default, the released code's granularity): a
+``PairedLoRA`` with a mixer (``AdapterSpec.paired='mixer'``) on every adapted projection (the
+attention targets and the MLP's projections, one expert, no router), ``first`` = RoW (role
 generalist: it is what each user receives, so it is the method's shared tensor), ``second`` =
-individual (specialist), the mixer (role router); rank ``lora.rank`` each (``lora.attn_rank`` on
-attention). FedALT thus trains half of CoMiGS-1G1S's LoRA parameters and sends one LoRA set per
-round.
+individual (specialist), the mixer (role router). 'mlp': the attention keeps those pairs, and each
+MLP becomes a mixture of two plain LoRA experts (``AdapterSpec.mlp_paired=False``): expert 0 = RoW
+(generalist), expert 1 = individual (specialist), mixed per token by a dense top-2 router (role
+router, no load balancing), so the mixer weighs whole MLP outputs rather than each projection's
+update. Rank ``lora.rank`` each (``lora.attn_rank`` on attention) in both. FedALT thus trains half
+of CoMiGS-1G1S's LoRA parameters and sends one LoRA set per round, in either granularity.
 
 Aggregation (``sync``): round 0 is the common start (the individual LoRAs broadcast from the
 group's first user, not counted, as every method's; the RoW copies it, B = 0 so it adds nothing).
@@ -27,18 +31,21 @@ user that sat out because its individual LoRA is not finite restarts it from tha
 finite model it can have; its optimiser moments are kept, as every method's).
 Byte counts are those of a mean in comm.mode (Comm.sum counts as Comm.mean does): one LoRA set each
 way under server, N sets each way under all2all, as analytic_round_bytes says.
-Choices where the paper is silent: one mixer per adapted projection (the code's), Kaiming-uniform
-mixer init (the code's), no load balancing, the simulator's AdamW and schedule. The guard checks
+Choices where the paper is silent: one mixer per adapted projection by default (the code's),
+Kaiming-uniform mixer init (the code's; the 'mlp' router keeps the mixture's N(0, 0.02)), no load
+balancing, the simulator's AdamW and schedule. The guard checks
 the individual LoRAs (``own_aggregated``: what travels) besides the RoW.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 
 from comigs_dist.methods.base import Method, register_method
 from comigs_dist.model.roles import Role
+from comigs_dist.options import opt
 
 GROUP = "generalists"  # every user: the sum of the individual LoRAs
 
@@ -65,26 +72,49 @@ def compute_rest_of_world(total: torch.Tensor, own: torch.Tensor, n_contributing
 
 def rest_of_world_pairs(model) -> list[tuple[str, torch.nn.Parameter, torch.nn.Parameter]]:
     """(name of the individual tensor, RoW tensor, individual tensor) of every pair of a FedALT
-    model, in the order of the model's tags (the same on every user)."""
-    own = {(t.kind, t.layer, t.module, t.expert, t.matrix): n for n, t in model.report.tags.items()
-           if t.role == Role.SPECIALIST}
+    model, in the order of the model's tags (the same on every user). A RoW tensor and its
+    individual twin sit on the same projection; the expert index is left out of the match because
+    the whole-MLP mixer keeps them in two experts (0 and 1) where a projection pair has one."""
+    def where(t):
+        return t.kind, t.layer, t.module, t.matrix
+
+    own = {where(t): n for n, t in model.report.tags.items() if t.role == Role.SPECIALIST}
+    n_row = sum(t.role == Role.GENERALIST for t in model.report.tags.values())
+    assert len(own) == n_row == sum(t.role == Role.SPECIALIST for t in model.report.tags.values()), \
+        "every RoW tensor must have exactly one individual twin"
     out = []
     for name, tag in model.report.tags.items():
         if tag.role == Role.GENERALIST:
-            mine = own[(tag.kind, tag.layer, tag.module, tag.expert, tag.matrix)]
+            mine = own[where(tag)]
             out.append((mine, model.report.params[name], model.report.params[mine]))
     return out
+
+
+@dataclass
+class FedALTOptions:
+    """FedALT's options (method_options.<key>)."""
+    mixer: Literal["projection", "mlp"] = opt(
+        "projection", "Where the RoW and the individual LoRA are mixed: 'projection' (the released code: a pair "
+        "with its own per-token mixer on every adapted projection) or 'mlp' (every MLP a mixture of two LoRA "
+        "experts, 0 = RoW and 1 = individual, weighed per token by a dense top-2 router; attention keeps its "
+        "pairs).")
 
 
 @register_method("fedalt")
 class FedALT(Method):
     description = ("FedALT: individual LoRA (trained, kept) + frozen rest-of-world LoRA (the others' mean), "
-                   "per-token mixer on every projection")
+                   "per-token mixer on every projection (method_options.mixer=mlp: one per MLP)")
     paper_row = "Bian et al., AAAI 2026 (since the paper)"
     accepts_comm_groups = False  # the rest of the world is every other user
     router = "joint"             # the mixers train with the individual LoRAs, on the training loss
+    Options = FedALTOptions
 
     def adapter_spec(self, cfg, user_idx, spec):
+        if self.options.mixer == "mlp":
+            # expert 0 the RoW, expert 1 the individual, the mixture's router (top-2 of 2: every
+            # token weighs both) the mixer; the attention keeps its pairs
+            return replace(spec, n_experts=2, n_generalists=1, top_k=2, routed=True, load_balancing="none",
+                           paired="mixer", mlp_paired=False)
         return replace(spec, n_experts=1, n_generalists=1, top_k=1, routed=False, paired="mixer")
 
     def prepare_user(self, user) -> None:

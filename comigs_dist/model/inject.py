@@ -38,6 +38,10 @@ class AdapterSpec:
     # collective LoRA and the user's own), weighted per token by a mixer (FedALT) or by fixed
     # weights a method sets per phase (FedDPA)
     paired: str = "none"
+    # whether ``paired`` reaches the MLP's projections too; False keeps plain LoRAs in the MLP's
+    # experts whatever the attention holds, so that the mixture's router weighs whole experts
+    # (FedALT with method_options.mixer=mlp)
+    mlp_paired: bool = True
 
 
 @dataclass
@@ -177,7 +181,8 @@ def adapt_base(model: nn.Module, family: str = "auto", rows: ServedRows | None =
 
 class BlockAdapters(nn.Module):
     """One user's adapters of one transformer block: a LoRA (or a pair, ``spec.paired``) per
-    attention target, a mixture per MLP."""
+    attention target, a mixture per MLP (whose projections hold pairs too unless
+    ``spec.mlp_paired`` is False)."""
 
     def __init__(self, shape: LayerShape, spec: AdapterSpec, layer: int):
         super().__init__()
@@ -197,7 +202,8 @@ class BlockAdapters(nn.Module):
         self.mlp = MixtureAdapters(shape.mlp_in, shape.mlp_out, shape.mlp_in_names, shape.mlp_out_name,
                                    n_experts=spec.n_experts, n_generalists=spec.n_generalists, rank=spec.rank,
                                    alpha=spec.alpha, top_k=spec.top_k, routed=spec.routed,
-                                   load_balancing=spec.load_balancing, layer=layer, paired=spec.paired)
+                                   load_balancing=spec.load_balancing, layer=layer,
+                                   paired=spec.paired if spec.mlp_paired else "none")
 
 
 class UserAdapters(nn.Module):
