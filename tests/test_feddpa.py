@@ -338,3 +338,44 @@ def test_feddpa_variant_options_are_checked():
         load_config(None, ["method=feddpa", "method_options.variant=F", "privacy.dp=user"])
     cfg = load_config(None, ["method=feddpa", "method_options.variant=F", "method_options.finetune_steps=0"])
     assert cfg.method_options["variant"] == "F" and cfg.train.router_every != cfg.train.local_steps
+
+
+def _feddpa_f_resume_worker(rank, world_size, tmp_path, plans):
+    from dist_harness import init_topology
+    from helpers import run_and_record
+    topo = init_topology(n_users=4)
+    for tag, resume in plans:
+        cfg = _feddpa_f_config(**{"train.rounds": 3, "method_options.finetune_steps": 3, "eval.every": 1,
+                                  "checkpoint.every": 1, "checkpoint.final": True, "train.schedule": "constant",
+                                  "resume": resume, "out_dir": str(tmp_path / tag)})
+        run_and_record(topo, cfg, tmp_path / tag, tmp_path / f"{tag}.json")
+
+
+@pytest.mark.slow
+def test_feddpa_f_resumes_to_the_whole_runs_results_and_fine_tunes_once(tmp_path):
+    """4 users on 2 ranks, variant F, 3 rounds checkpointed every round and a final checkpoint:
+    resumed from round 2 (a round and the fine-tune left), from round 3 (the fine-tune alone
+    left) and rerun in the finished directory (final.pt present; a resume starts from the last
+    round checkpoint, written before the fine-tune), every user's row equals the whole run's
+    bit for bit: the fine-tune ran once, from the restored samplers."""
+    import shutil
+    from comigs_dist import checkpoint
+    from helpers import assert_same_rows, read_rows
+    run_on_ranks(_feddpa_f_resume_worker, 2, tmp_path, [("whole", "false")], timeout_s=600)
+    whole = tmp_path / "whole"
+    assert all((checkpoint.user_dir(whole, u) / "final.pt").exists() for u in range(4))
+    for keep in (2, 3):
+        to = tmp_path / f"from{keep}"
+        shutil.copytree(whole, to)
+        for path in checkpoint.checkpoints_dir(to).rglob("*.pt"):
+            done = path.stem.split("_")[-1]
+            if not done.isdigit() or int(done) > keep:
+                path.unlink()
+        checkpoint.manifest_path(to).unlink(missing_ok=True)
+    shutil.copytree(whole, tmp_path / "again")
+    run_on_ranks(_feddpa_f_resume_worker, 2, tmp_path, [("from2", "true"), ("from3", "true"), ("again", "true")],
+                 timeout_s=600)
+    rows = read_rows(tmp_path / "whole.json")
+    assert all(r["feddpa_finetune"]["steps"] == 3 for r in rows)
+    for tag in ("from2", "from3", "again"):
+        assert_same_rows(rows, read_rows(tmp_path / f"{tag}.json"), tag)
