@@ -4,7 +4,8 @@ Owns a rank's run: the frozen base (one per rank) and each of its users' state (
 adapters, optimisers, samplers, counters); then, every round: synchronise the shared parameters
 (the method's ``sync``, the first round included), take the local expert steps on training
 batches (router frozen, eq. 2) and, every tau local iterations, the router steps on the router's
-split (experts frozen, eq. 3); evaluate; checkpoint. Methods plug in through their hooks; this
+split (experts frozen, eq. 3); evaluate; checkpoint; after the last round, the method's closing
+stage (``Method.after_training``, nothing for most). Methods plug in through their hooks; this
 file never branches on a method's name. Gradients never leak between the two levels: only the
 phase's parameters require gradients, and gradients are dropped after every step (unless a method
 reproduces the reference code's leak, ``Method.requires_grad_in``: then each optimiser clears only

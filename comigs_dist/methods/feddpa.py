@@ -1,5 +1,6 @@
 """FedDPA (Yang, Long, Shen, Jiang, Blumenstein; NeurIPS 2024): a global adapter (averaged every
-round) and a local adapter (kept), mixed per test instance by an instance-wise dynamic weight.
+round) and a local adapter (kept), mixed per test instance by an instance-wise dynamic weight;
+FedDPA-T (the default) and FedDPA-F (``method_options.variant=F``).
 
 What was read: the paper's abstract, figure captions and public summaries, and the released code
 (``Lydia-yang/FedDPA``; docs/methods-since-the-paper.md says which files); the paper's weighting
@@ -32,6 +33,16 @@ untrained global adapter, B = 0), a fresh optimiser per phase and round there (k
 here, as for every method), an evaluation window is an instance, omega is clamped to
 [0, max_weight]. Reference windows come from the user's ``feddpa_references`` stream, whose
 state is checkpointed (``state_dict``).
+
+FedDPA-F (``variant='F'``; the paper's sequential variant, absent from the released code, so its
+details are choices documented in docs/methods-since-the-paper.md): the expert steps train the
+global adapter alone (weights (1, 0), no second level) and the syncs average it, as FedIT; after
+the last round (``after_training``) the global adapters are averaged once more, each user's local
+adapter becomes a copy of that average and is fine-tuned for ``finetune_steps`` steps (default
+``train.local_steps``) under (1 - alpha) global + alpha local, the global adapter frozen, on
+the user's training sampler with a fresh AdamW at ``train.lr``; test time as FedDPA-T. Before the
+fine-tune, evaluations use the global adapter alone. Round checkpoints precede the fine-tune, so a
+resume runs it once; partial participation and privacy are refused.
 """
 from __future__ import annotations
 
