@@ -4,7 +4,8 @@ Owns a rank's run: the frozen base (one per rank) and each of its users' state (
 adapters, optimisers, samplers, counters); then, every round: synchronise the shared parameters
 (the method's ``sync``, the first round included), take the local expert steps on training
 batches (router frozen, eq. 2) and, every tau local iterations, the router steps on the router's
-split (experts frozen, eq. 3); evaluate; checkpoint. Methods plug in through their hooks; this
+split (experts frozen, eq. 3); evaluate; checkpoint; after the last round, the method's closing
+stage (``Method.after_training``, nothing for most). Methods plug in through their hooks; this
 file never branches on a method's name. Gradients never leak between the two levels: only the
 phase's parameters require gradients, and gradients are dropped after every step (unless a method
 reproduces the reference code's leak, ``Method.requires_grad_in``: then each optimiser clears only
@@ -27,7 +28,7 @@ from comigs_dist.config import ConfigError, RunConfig, privacy_accounting, resol
 from comigs_dist.config.users import participants
 from comigs_dist.data import BatchSampler, UserData, load_user_data
 from comigs_dist.evaluate import EvalResult, evaluate_split
-from comigs_dist.methods import Method, SyncContext, get_method
+from comigs_dist.methods import AfterTrainingContext, Method, SyncContext, get_method
 from comigs_dist.model import AdaptedBase, UserModel, adapter_spec_for, build_user_model, forward_users
 from comigs_dist.model.shared_base import plan_sharing
 from comigs_dist.monitor import Monitor
@@ -508,6 +509,31 @@ def router_steps(rank: RankRun, user: UserState, round_idx: int) -> float:
     return sum(losses) / len(losses)
 
 
+def closing_step(rank: RankRun, user: UserState, opt: torch.optim.Optimizer) -> float:
+    """One optimiser step of ``opt`` on a batch of the user's training sampler, for a method's
+    stage after the last round (``Method.after_training``); its tokens and time count towards the
+    user's. Returns the step's loss."""
+    t = rank.cfg.train
+    start = time.perf_counter()
+    loss = _micro_batches(user, user.train_sampler, False, rank.autocast)[0]
+    if math.isfinite(loss) or not guard.check_loss(user, loss, True):
+        _step(opt, t.grad_clip)
+    else:
+        opt.zero_grad(set_to_none=True)
+    user.train_tokens += t.batch_size * t.seq_len
+    user.train_seconds += time.perf_counter() - start
+    return loss
+
+
+def after_training(rank: RankRun, rounds: int) -> None:
+    """The method's stage after the last round (every rank together; nothing for most methods)."""
+    t = rank.cfg.train
+    rank.method.after_training(AfterTrainingContext(
+        rounds=rounds, users=rank.users, aggregate=lambda: sync(rank, rounds),
+        optimizer=lambda params: build_optimizer(params, t.lr, t, rank.topo.device),
+        step=lambda user, opt: closing_step(rank, user, opt)))
+
+
 def router_due(rank: RankRun, user: UserState) -> bool:
     """Router steps come after every tau-th local iteration (counted across rounds)."""
     t = rank.cfg.train
@@ -631,6 +657,11 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
             + f" ({time.perf_counter() - round_start:.1f}s)")
         monitor.round_done()
     monitor.rounds_finished()
+    # after the last round, the method's own closing stage (FedDPA-F's fine-tune); round
+    # checkpoints all precede it, so a resumed run reaches it once
+    if method.trains:
+        topo.set_phase("after the last round")
+        after_training(rank, rounds)
 
     # each user's model after its last local steps (what Algorithm 1 returns)
     topo.set_phase("the final evaluation")

@@ -202,3 +202,180 @@ def test_feddpa_refuses_a_schedule_without_one_global_phase_per_round():
         load_config(None, ["method=feddpa"])
     with pytest.raises(ConfigError, match=r"method_options.alpha \(1.5\) must be in \[0, 1\]"):
         load_config(None, ["method=feddpa", "train.router_every=10", "method_options.alpha=1.5"])
+
+
+# --------------------------------------------------------------------------------------------
+# FedDPA-F: the rounds train the global adapter alone; after the last round each local adapter
+# starts as a copy of the averaged global one and is fine-tuned with the global one frozen
+# --------------------------------------------------------------------------------------------
+
+def _feddpa_f_config(**extra):
+    from helpers import tiny_config
+    return tiny_config(method="feddpa", n_users=4, **{"method_options.variant": "F", "train.local_steps": 2,
+                                                      "train.rounds": 2, **extra})
+
+
+def _ce_on(u, x, y) -> float:
+    with torch.no_grad():
+        return float(u.model(x, y).ce)
+
+
+def _feddpa_f_worker(rank, world_size, tmp_path):
+    import dataclasses
+    from comigs_dist import train
+    from comigs_dist.data import BatchSampler
+    from comigs_dist.model import Role
+    from dist_harness import init_topology
+    topo0 = init_topology(n_users=4)
+    for n_steps in (0, 3):
+        cfg = _feddpa_f_config(**{"method_options.finetune_steps": n_steps})
+        run = train.build_rank(cfg, dataclasses.replace(topo0, groups={}))
+        tags = run.users[0].model.report.tags
+        glob = {n for n, t in tags.items() if t.role == Role.GENERALIST}
+        local = {n for n, t in tags.items() if t.role == Role.SPECIALIST}
+        for u in run.users:
+            assert u.router_opt is None, "variant F has no second level"
+            held = {id(p) for g in u.expert_opt.param_groups for p in g["params"]}
+            assert held == {id(u.model.report.params[n]) for n in glob}, "the expert optimiser holds the global adapter"
+        start = {u.user_idx: _state(u) for u in run.users}
+
+        # the local adapter is out of the forward: a nonzero local B does not change the loss
+        u = run.users[0]
+        x, y = BatchSampler(u.data.train, cfg.train.seq_len, 123).sample(2)
+        train.run_round(run, 0)
+        for v in run.users:
+            assert all(p.weights == (1.0, 0.0) for p in v.method_state.pairs)
+            changed = {n for n, p in _state(v).items() if not torch.equal(p, start[v.user_idx][n])}
+            assert changed == glob, "the rounds train the global adapter alone"
+        before = _ce_on(u, x, y)
+        saved = {n: u.model.report.params[n].detach().clone() for n in local}
+        with torch.no_grad():
+            for pair in u.method_state.pairs:
+                pair.second.lora_B.normal_()
+        assert _ce_on(u, x, y) == before, "the local adapter is not in the training forward"
+        # ... nor in an evaluation before the fine-tune (the global adapter alone, as FedIT)
+        with torch.no_grad():
+            through_context = u.model.token_sums(x, y)
+            for pair in u.method_state.pairs:
+                pair.second.lora_B.zero_()
+            context, u.model.eval_context = u.model.eval_context, None
+            plain = u.model.token_sums(x, y)
+            u.model.eval_context = context
+            for n in local:
+                u.model.report.params[n].copy_(saved[n])
+        assert through_context == plain
+        train.run_round(run, 1)
+        for v in run.users:
+            assert all(torch.equal(_state(v)[n], start[v.user_idx][n]) for n in local), "local untouched in rounds"
+
+        # after training: one more mean of the global adapters, then the fine-tune
+        pre = _everyone(topo0, {v.user_idx: _state(v) for v in run.users})
+        samplers = {v.user_idx: {k: t.clone() for k, t in v.train_sampler.state_dict().items()} for v in run.users}
+        sent = {v.user_idx: v.stats.bytes_sent for v in run.users}
+        train.after_training(run, cfg.train.rounds)
+        post = _everyone(topo0, {v.user_idx: _state(v) for v in run.users})
+        for n in glob:
+            want = (sum(pre[w][n].double() for w in range(4)) / 4).float()
+            assert all(torch.equal(post[w][n], want) for w in range(4)), n
+        for v in run.users:
+            numel = sum(p.numel() for _, p in v.shared["generalists"])
+            assert v.stats.bytes_sent - sent[v.user_idx] == numel * 4, "the fine-tune itself sends nothing"
+            st = v.method_state
+            assert st.finetuned and len(st.finetune_losses) == n_steps
+            assert all(p.weights == (0.5, 0.5) for p in st.pairs)
+            mine = _state(v)
+            pairs_of = [(a, a.replace(".first.", ".second.")) for a in glob]
+            assert all(b in local for _, b in pairs_of), "each global tensor has its local twin"
+            if n_steps == 0:
+                assert all(torch.equal(mine[b], mine[a]) for a, b in pairs_of), "local = copy of the global adapter"
+                continue
+            assert any(not torch.equal(mine[b], mine[a]) for a, b in pairs_of), "the fine-tune moved the local adapter"
+            # the first step's loss is the averaged global adapter's alone on the same batch:
+            # (1 - alpha) g + alpha l = g holds only if l started as a copy of g
+            hand = BatchSampler(v.data.train, cfg.train.seq_len, 0)
+            hand.load_state_dict(samplers[v.user_idx])
+            bx, by = hand.sample(cfg.train.batch_size)
+            for pair in st.pairs:
+                pair.set_weights(1.0, 0.0)
+            assert st.finetune_losses[0] == pytest.approx(_ce_on(v, bx, by), rel=1e-5)
+            for pair in st.pairs:
+                pair.set_weights(0.5, 0.5)
+        if n_steps == 0:
+            continue
+
+        # a whole run through train.run: rounds, one more mean, the fine-tune, the final evaluation
+        rows = train.run(cfg, dataclasses.replace(topo0, groups={}), tmp_path / "run")
+        for row in rows:
+            assert row["router_steps"] == 0 and row["local_steps"] == 2 * 2
+            assert row["feddpa_finetune"]["steps"] == 3 and row["test_ppl"] < row["base_test_ppl"]
+
+
+def test_feddpa_f_trains_the_global_adapter_then_fine_tunes_a_copy(tmp_path):
+    """4 users on 2 ranks, variant F: the rounds move the global adapters only (weights 1/0; a
+    nonzero local adapter changes neither the training loss nor an evaluation); after the last
+    round every global adapter is bit for bit the users' mean, the local adapters are copies of it
+    with 0 fine-tune steps and differ from it after 3, whose first loss is the global model's on
+    the same batch; train.run reports the fine-tune."""
+    run_on_ranks(_feddpa_f_worker, 2, tmp_path, timeout_s=600)
+
+
+def test_feddpa_variant_options_are_checked():
+    """variant must be T or F; finetune_steps >= 0 and only with variant F; variant F refuses
+    partial participation and privacy; F needs no router schedule."""
+    from comigs_dist.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=r"method_options.variant \('G'\) must be one of 'T', 'F'"):
+        load_config(None, ["method=feddpa", "train.router_every=10", "method_options.variant=G"])
+    with pytest.raises(ConfigError, match=r"method_options.finetune_steps \(-1\) must be >= 0 for variant F.*"
+                                          r"leave it out for train.local_steps \(10\)"):
+        load_config(None, ["method=feddpa", "method_options.variant=F", "method_options.finetune_steps=-1"])
+    with pytest.raises(ConfigError, match=r"method_options.finetune_steps \(3\) applies to FedDPA-F only.*"
+                                          r"set method_options.variant=F"):
+        load_config(None, ["method=feddpa", "train.router_every=10", "method_options.finetune_steps=3"])
+    with pytest.raises(ConfigError, match=r"method_options.variant=F cannot run with partial participation "
+                                          r"\(train.participation=0.5.*set train.participation=1"):
+        load_config(None, ["method=feddpa", "method_options.variant=F", "train.participation=0.5"])
+    with pytest.raises(ConfigError, match=r"method_options.variant=F cannot run with privacy.dp=user"):
+        load_config(None, ["method=feddpa", "method_options.variant=F", "privacy.dp=user"])
+    cfg = load_config(None, ["method=feddpa", "method_options.variant=F", "method_options.finetune_steps=0"])
+    assert cfg.method_options["variant"] == "F" and cfg.train.router_every != cfg.train.local_steps
+
+
+def _feddpa_f_resume_worker(rank, world_size, tmp_path, plans):
+    from dist_harness import init_topology
+    from helpers import run_and_record
+    topo = init_topology(n_users=4)
+    for tag, resume in plans:
+        cfg = _feddpa_f_config(**{"train.rounds": 3, "method_options.finetune_steps": 3, "eval.every": 1,
+                                  "checkpoint.every": 1, "checkpoint.final": True, "train.schedule": "constant",
+                                  "resume": resume, "out_dir": str(tmp_path / tag)})
+        run_and_record(topo, cfg, tmp_path / tag, tmp_path / f"{tag}.json")
+
+
+@pytest.mark.slow
+def test_feddpa_f_resumes_to_the_whole_runs_results_and_fine_tunes_once(tmp_path):
+    """4 users on 2 ranks, variant F, 3 rounds checkpointed every round and a final checkpoint:
+    resumed from round 2 (a round and the fine-tune left), from round 3 (the fine-tune alone
+    left) and rerun in the finished directory (final.pt present; a resume starts from the last
+    round checkpoint, written before the fine-tune), every user's row equals the whole run's
+    bit for bit: the fine-tune ran once, from the restored samplers."""
+    import shutil
+    from comigs_dist import checkpoint
+    from helpers import assert_same_rows, read_rows
+    run_on_ranks(_feddpa_f_resume_worker, 2, tmp_path, [("whole", "false")], timeout_s=600)
+    whole = tmp_path / "whole"
+    assert all((checkpoint.user_dir(whole, u) / "final.pt").exists() for u in range(4))
+    for keep in (2, 3):
+        to = tmp_path / f"from{keep}"
+        shutil.copytree(whole, to)
+        for path in checkpoint.checkpoints_dir(to).rglob("*.pt"):
+            done = path.stem.split("_")[-1]
+            if not done.isdigit() or int(done) > keep:
+                path.unlink()
+        checkpoint.manifest_path(to).unlink(missing_ok=True)
+    shutil.copytree(whole, tmp_path / "again")
+    run_on_ranks(_feddpa_f_resume_worker, 2, tmp_path, [("from2", "true"), ("from3", "true"), ("again", "true")],
+                 timeout_s=600)
+    rows = read_rows(tmp_path / "whole.json")
+    assert all(r["feddpa_finetune"]["steps"] == 3 for r in rows)
+    for tag in ("from2", "from3", "again"):
+        assert_same_rows(rows, read_rows(tmp_path / f"{tag}.json"), tag)

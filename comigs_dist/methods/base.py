@@ -87,6 +87,23 @@ class SyncContext:
         return {u.user_idx for u in self.users if not u.contributing}
 
 
+@dataclass
+class AfterTrainingContext:
+    """What a method's ``after_training`` works with once the last round is done: the rounds done,
+    the rank's users, and three services of the run loop, so that the method neither talks to
+    torch.distributed nor re-implements a training step. ``aggregate()`` runs one more sync of the
+    shared parameters as a round's start would (every rank together; the users' last local steps
+    averaged); ``optimizer(params)`` is a fresh AdamW at ``train.lr`` with the run's betas and
+    weight decay; ``step(user, optimizer)`` takes one optimiser step of whatever the user's model
+    has set trainable, on a batch from the user's training sampler, and returns its loss (a
+    non-finite loss is handled as ``guard.nan`` says)."""
+    rounds: int
+    users: list
+    aggregate: Callable[[], None]
+    optimizer: Callable[[list], Any]
+    step: Callable[[Any, Any], float]
+
+
 # sharing patterns (baselines.md section 2), as predicates on parameter tags
 def share_generalists(tag: ParamTag) -> bool:
     """'expert_0': attention LoRA and the generalist experts (CoMiGS-1G1S/1GXS/-tr, pFedMoE)."""
@@ -304,6 +321,15 @@ class Method:
         shapes differ between users). The guard checks them with the shared ones before every
         round; under guard.nan=skip the method must then leave a non-contributing user out."""
         return []
+
+    # -- after the last round ----------------------------------------------------------------------
+    def after_training(self, ctx: AfterTrainingContext) -> None:
+        """Called once on every rank together after the last round, before the final evaluation
+        and the final checkpoint (only for methods that train): a closing stage of the method's
+        own (FedDPA-F: one more aggregation, then every user's local adapter fine-tuned). Round
+        checkpoints are all written before it, so a resumed run reaches it once, from the restored
+        state, and final.pt (never resumed from) holds its result. Nothing by default."""
+        return None
 
     # -- state beyond the parameters (checkpoints) -----------------------------------------------
     def state_dict(self, user) -> dict:

@@ -1,5 +1,6 @@
 """FedDPA (Yang, Long, Shen, Jiang, Blumenstein; NeurIPS 2024): a global adapter (averaged every
-round) and a local adapter (kept), mixed per test instance by an instance-wise dynamic weight.
+round) and a local adapter (kept), mixed per test instance by an instance-wise dynamic weight;
+FedDPA-T (the default) and FedDPA-F (``method_options.variant=F``).
 
 What was read: the paper's abstract, figure captions and public summaries, and the released code
 (``Lydia-yang/FedDPA``; docs/methods-since-the-paper.md says which files); the paper's weighting
@@ -32,16 +33,26 @@ untrained global adapter, B = 0), a fresh optimiser per phase and round there (k
 here, as for every method), an evaluation window is an instance, omega is clamped to
 [0, max_weight]. Reference windows come from the user's ``feddpa_references`` stream, whose
 state is checkpointed (``state_dict``).
+
+FedDPA-F (``variant='F'``; the paper's sequential variant, absent from the released code, so its
+details are choices documented in docs/methods-since-the-paper.md): the expert steps train the
+global adapter alone (weights (1, 0), no second level) and the syncs average it, as FedIT; after
+the last round (``after_training``) the global adapters are averaged once more, each user's local
+adapter becomes a copy of that average and is fine-tuned for ``finetune_steps`` steps (default
+``train.local_steps``) under (1 - alpha) global + alpha local, the global adapter frozen, on
+the user's training sampler with a fresh AdamW at ``train.lr``; test time as FedDPA-T. Before the
+fine-tune, evaluations use the global adapter alone. Round checkpoints precede the fine-tune, so a
+resume runs it once; partial participation and privacy are refused.
 """
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
 
-from comigs_dist.methods.base import Method, register_method
+from comigs_dist.methods.base import AfterTrainingContext, Method, register_method
 from comigs_dist.model.paired import PairedLoRA
 from comigs_dist.model.roles import Role
 from comigs_dist.options import opt
@@ -103,19 +114,30 @@ class FedDPAOptions:
     weighted: Literal["local", "global"] = opt("local", "Which adapter omega weighs at test time: 'local' "
                                                "(default; the global one gets 1 - omega) or 'global' (the released "
                                                "inference script).")
+    variant: Literal["T", "F"] = opt("T", "How the local adapter learns: 'T' (default; every round, after the global "
+                                     "one) or 'F' (the rounds train the global adapter alone; after the last round "
+                                     "each local adapter starts as a copy of the averaged global one and is "
+                                     "fine-tuned with the global one frozen).")
+    finetune_steps: int | None = opt(None, "FedDPA-F: optimiser steps of each user's local fine-tune after the last "
+                                     "round, on its training batches at train.lr; null: train.local_steps (one "
+                                     "local phase of FedDPA-T).")
 
 
 @dataclass
 class FedDPAState:
-    """What FedDPA keeps for one user: its adapter pairs and the sampler of reference windows."""
+    """What FedDPA keeps for one user: its adapter pairs, the sampler of reference windows and,
+    under FedDPA-F, whether the local fine-tune has run and its per-step losses."""
     pairs: list
     references: object   # a BatchSampler over the user's training split
+    finetuned: bool = False
+    finetune_losses: list = field(default_factory=list)
 
 
 @register_method("feddpa")
 class FedDPA(Method):
     description = ("FedDPA-T: global adapter (trained alone, averaged) + local adapter (trained on the frozen "
-                   "global one), instance-wise weights at test time")
+                   "global one), instance-wise weights at test time; method_options.variant=F: FedDPA-F (local "
+                   "adapter fine-tuned from the global one after the last round)")
     paper_row = "Yang et al., NeurIPS 2024 (since the paper)"
     Options = FedDPAOptions
     accepts_comm_groups = False  # one global adapter for every user
@@ -131,6 +153,12 @@ class FedDPA(Method):
             errors.append(f"method_options.max_weight ({o.max_weight}) must be in [0, 1] (the code: 0.5)")
         if o.n_references < 1:
             errors.append(f"method_options.n_references ({o.n_references}) must be >= 1 (the code: 5)")
+        if o.variant == "F":
+            return errors + cls._variant_f_errors(o, cfg)
+        if o.finetune_steps is not None:
+            errors.append(f"method_options.finetune_steps ({o.finetune_steps}) applies to FedDPA-F only, but "
+                          f"method_options.variant is 'T' (the local adapter trains every round); set "
+                          f"method_options.variant=F or leave finetune_steps out")
         if t.router_every != t.local_steps or t.router_steps < 1:
             errors.append(f"train.router_every ({t.router_every}) must equal train.local_steps ({t.local_steps}) "
                           f"and train.router_steps ({t.router_steps}) be >= 1 for feddpa: the global adapter "
@@ -138,6 +166,31 @@ class FedDPA(Method):
                           f"router_steps steps; set train.router_every={t.local_steps} "
                           f"train.router_steps={t.local_steps} (configs/feddpa.yaml)")
         return errors
+
+    @staticmethod
+    def _variant_f_errors(o: FedDPAOptions, cfg) -> list[str]:
+        t, p = cfg.train, cfg.privacy
+        errors = []
+        steps = o.finetune_steps
+        if steps is not None and steps < 0:
+            errors.append(f"method_options.finetune_steps ({steps}) must be >= 0 for variant F (0: each local "
+                          f"adapter stays a copy of the global one); leave it out for train.local_steps "
+                          f"({t.local_steps})")
+        if t.participation < 1 or t.users_per_round:
+            errors.append(f"method_options.variant=F cannot run with partial participation (train.participation="
+                          f"{t.participation}, train.users_per_round={t.users_per_round}): every user's local "
+                          f"adapter starts from one final aggregate that every user downloads; set "
+                          f"train.participation=1 and train.users_per_round=0, or use variant T")
+        if p.dp == "user" or p.secure_agg is True:
+            errors.append("method_options.variant=F cannot run with privacy.dp=user or privacy.secure_agg=true: its "
+                          "aggregation after the last round is a release the privacy accounting does not plan for; "
+                          "set privacy.dp=off and privacy.secure_agg=false, or use variant T")
+        return errors
+
+    @property
+    def fine_tunes(self) -> bool:
+        """FedDPA-F: the local adapter learns only after the last round."""
+        return self.options.variant == "F"
 
     def adapter_spec(self, cfg, user_idx, spec):
         return replace(spec, n_experts=1, n_generalists=1, top_k=1, routed=False, paired="fixed")
@@ -156,15 +209,42 @@ class FedDPA(Method):
         return tag.role == Role.GENERALIST     # the global adapter
 
     def trains_in(self, phase, tag) -> bool:
+        if self.fine_tunes:  # F: the expert steps train the global adapter alone; no second level
+            return phase == "expert" and tag.role == Role.GENERALIST
         if phase == "expert":
             return tag.role == Role.SPECIALIST  # (a) the local adapter, the global one frozen
         return tag.role == Role.GENERALIST      # (b) the global adapter, alone
 
     def before_phase(self, user, phase: str) -> None:
         a = self.options.alpha
-        weights = (1.0 - a, a) if phase == "expert" else (1.0, 0.0)
+        weights = (1.0 - a, a) if phase == "expert" and not self.fine_tunes else (1.0, 0.0)
         for pair in user.method_state.pairs:
             pair.set_weights(*weights)
+
+    # -- FedDPA-F: after the last round ------------------------------------------------------------
+    def after_training(self, ctx: AfterTrainingContext) -> None:
+        """FedDPA-F: average the global adapters once more (the last round's local steps), copy
+        each user's averaged global adapter into its local one, and fine-tune the local adapter on
+        the user's training batches under (1 - alpha) global + alpha local, the global one frozen,
+        with a fresh optimiser. The copy makes the first step's model the global model itself
+        ((1 - alpha) g + alpha g = g)."""
+        if not self.fine_tunes:
+            return
+        ctx.aggregate()
+        a = self.options.alpha
+        for user in ctx.users:
+            st = user.method_state
+            n_steps = self.options.finetune_steps
+            n_steps = user.cfg.train.local_steps if n_steps is None else n_steps
+            with torch.no_grad():
+                for pair in st.pairs:
+                    pair.second.lora_A.copy_(pair.first.lora_A)
+                    pair.second.lora_B.copy_(pair.first.lora_B)
+                    pair.set_weights(1.0 - a, a)
+            params = user.model.set_trainable(lambda tag: tag.role == Role.SPECIALIST)
+            opt = ctx.optimizer(params)
+            st.finetune_losses = [ctx.step(user, opt) for _ in range(n_steps)]
+            st.finetuned = True
 
     # -- test time -------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -172,7 +252,9 @@ class FedDPA(Method):
         """Around one evaluation batch: each window's (global, local) weights, then cleared."""
         o, st = self.options, user.method_state
         n = x.shape[0]
-        if o.instance_weights:
+        if self.fine_tunes and not st.finetuned:  # F before its fine-tune: the global adapter alone (FedIT)
+            weights = torch.tensor([[1.0, 0.0]]).expand(n, 2)
+        elif o.instance_weights:
             weights = compute_pair_weights(self.omega(user, x), o.weighted)
         else:
             weights = torch.tensor([[1.0 - o.alpha, o.alpha]]).expand(n, 2)
@@ -211,8 +293,22 @@ class FedDPA(Method):
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self, user) -> dict:
-        return {"references": user.method_state.references.state_dict()}
+        st = user.method_state
+        state = {"references": st.references.state_dict()}
+        if self.fine_tunes:  # round checkpoints precede the fine-tune; final.pt records it
+            state.update(finetuned=st.finetuned, finetune_losses=list(st.finetune_losses))
+        return state
 
     def load_state_dict(self, user, state: dict) -> None:
+        st = user.method_state
         if "references" in state:
-            user.method_state.references.load_state_dict(state["references"])
+            st.references.load_state_dict(state["references"])
+        st.finetuned = bool(state.get("finetuned", False))
+        st.finetune_losses = list(state.get("finetune_losses", []))
+
+    def results(self, user) -> dict:
+        """FedDPA-F: the fine-tune's steps and per-step training losses."""
+        if not self.fine_tunes:
+            return {}
+        losses = user.method_state.finetune_losses
+        return {"feddpa_finetune": {"steps": len(losses), "losses": list(losses)}}
