@@ -273,12 +273,12 @@ def analytic_round_bytes(user: UserState, comm_cfg, topo: dist.Topology, count: 
     """What one aggregation round should cost a user, from the shapes of its shared parameters
     (``dist.round_bytes``: S up and down in server mode, N*S each way in all2all, S in comm.dtype
     (int64 under privacy.secure_agg) plus the contributor count under guard.nan=skip): per group
-    and in total. This is the mean
-    every method defaults to; methods with an aggregation of their own move what they move."""
+    and in total, for the groups the user's payloads travel in now (``Method.payloads``: its shared
+    groups, or those a method formed since, learned groups). This is the mean every method
+    defaults to; methods with an aggregation of their own move what they move."""
     groups, total = {}, {"sent": 0, "received": 0}
-    for group, params in user.shared.items():
-        numel = sum(p.numel() for _, p in params)
-        members = topo.members(group)
+    for group, (numel, members) in user.method.payloads(user).items():
+        members = topo.members(group) if members is None else tuple(members)
         wire = dist.SECURE_AGG_WIRE if secure_agg else comm_cfg.dtype
         payload = dist.payload_bytes(numel + (1 if count else 0), wire)
         sent, received = dist.round_bytes(payload, comm_cfg.mode, len(members))
@@ -629,6 +629,8 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
         before = {u.user_idx: (u.stats.bytes_sent, u.stats.bytes_received, u.stats.seconds) for u in rank.users}
         # sync; local expert steps; router steps every tau (Algorithm 1)
         run_round(rank, round_idx, monitor)
+        analytic = {u.user_idx: analytic_round_bytes(u, cfg.comm, topo, rank.comm.count, cfg.privacy.secure_agg)
+                    for u in rank.users}  # the round's layout (learned groups change it once)
         for u in rank.users:
             monitor.round_end(u.user_idx, u.step, u.stats, before[u.user_idx],
                               analytic[u.user_idx]["total"]["sent"], u.guard_skipped_rounds, u.guard_skipped_steps)

@@ -232,9 +232,17 @@ def _learned_worker(rank, world_size, tmp_path):
         if n in pre[0] and tag.kind == "expert":
             assert torch.equal(post[0][n], post[2][n]) and torch.equal(post[1][n], post[3][n]), n
             assert not torch.equal(post[0][n], post[1][n]), n
+    from types import SimpleNamespace
     for u in run.users:
         total = train.analytic_round_bytes(u, cfg.comm, run.topo, run.comm.count)["total"]["sent"]
         assert u.stats.bytes_sent - sent[u.user_idx] == total
+        # all2all after the switch: the attention to all 4 users, the generalists to the group's 2
+        feat = sum(p.numel() for n, p in u.shared["generalists"] if tags[n].kind == "expert") * 4
+        attn = sum(p.numel() for n, p in u.shared["generalists"] if tags[n].kind == "attn") * 4
+        a2a = train.analytic_round_bytes(u, SimpleNamespace(mode="all2all", dtype="fp32"), run.topo, False)
+        assert a2a["total"]["sent"] == 4 * attn + 2 * feat
+        assert a2a["groups"][f"learned_00{clusters[u.user_idx]}"]["members"] == \
+            [v for v in range(4) if clusters[v] == clusters[u.user_idx]]
     # the groups survive a checkpoint (weights_only load)
     u = run.users[0]
     checkpoint.save_atomic({"m": u.method.state_dict(u)}, tmp_path / f"learned_{rank}.pt")

@@ -316,6 +316,12 @@ class Method:
             else:
                 ctx.comm.mean(group, ctx.tensors(group), skip=ctx.skip)
 
+    def payloads(self, user) -> dict[str, tuple[int, Sequence[int] | None]]:
+        """Per group the user's sync sends in a round: the elements sent and the group's members
+        (None: the topology's). By default its shared groups (``train.analytic_round_bytes``
+        turns this into bytes)."""
+        return {group: (sum(p.numel() for _, p in params), None) for group, params in user.shared.items()}
+
     def own_aggregated(self, user) -> list[tuple[str, Any]]:
         """(name, tensor) of what ``sync`` sends for a user outside ``is_shared`` (tensors whose
         shapes differ between users). The guard checks them with the shared ones before every

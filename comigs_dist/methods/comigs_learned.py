@@ -190,6 +190,19 @@ class CoMiGSLearned(CoMiGS1G1S):
             seeds[DEFAULT_GROUP] = part(st.attention)
         ctx.comm.restore_latest(seeds)
 
+    def payloads(self, user) -> dict:
+        """After the switch: the generalists in the user's group and the attention LoRA in the
+        global one (attention='global'), or every shared tensor in the user's group (whose
+        process group a resumed run builds only at its first sync)."""
+        st = user.method_state
+        if st.groups is None or len(st.groups) == 1:
+            return super().payloads(user)
+        i, members = next((i, m) for i, m in enumerate(st.groups) if user.user_idx in m)
+        if self.options.attention == "cluster":
+            return {group_name(i): (sum(n for n, _ in super().payloads(user).values()), members)}
+        return {DEFAULT_GROUP: (sum(t.numel() for t in self._attention(user)), None),
+                group_name(i): (sum(t.numel() for t in self._features(user)), members)}
+
     def _features(self, user) -> list[torch.Tensor]:
         params = user.shared[DEFAULT_GROUP]
         return [params[i][1].data for i in user.method_state.features]
