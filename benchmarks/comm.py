@@ -84,9 +84,7 @@ class CollectiveMeter:
 
 
 def _rank(rank: int, n_ranks: int, port: int, args, out_path: str) -> None:
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(n_ranks), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(n_ranks), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    rank_environment(rank, n_ranks, port)
     meter = CollectiveMeter()
     from comigs_dist import dist, train
     from comigs_dist.config import load_config
@@ -128,14 +126,22 @@ def _rank(rank: int, n_ranks: int, port: int, args, out_path: str) -> None:
         dist.shutdown()
 
 
-def measure(args, n_ranks: int) -> list[dict]:
-    """Every rank's timings and byte counts for n_ranks ranks."""
+def rank_environment(rank: int, n_ranks: int, port: int) -> None:
+    """What torchrun would set for one rank of a single-host group, one thread each."""
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(n_ranks), "LOCAL_RANK": str(rank),
+                       "LOCAL_WORLD_SIZE": str(n_ranks), "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+
+
+def spawn_ranks(target, n_ranks: int, args) -> list[dict]:
+    """Run ``target(rank, n_ranks, port, args, out_path)`` on n_ranks spawned processes and return
+    what rank 0 wrote to out_path (JSON); a rank that fails stops the benchmark."""
     from comigs_dist.dist import free_port
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "rows.json")
         port = free_port()
-        procs = [ctx.Process(target=_rank, args=(r, n_ranks, port, args, out)) for r in range(n_ranks)]
+        procs = [ctx.Process(target=target, args=(r, n_ranks, port, args, out)) for r in range(n_ranks)]
         for p in procs:
             p.start()
         for p in procs:
@@ -143,6 +149,11 @@ def measure(args, n_ranks: int) -> list[dict]:
         if any(p.exitcode != 0 for p in procs):
             raise RuntimeError(f"a rank failed (exit codes {[p.exitcode for p in procs]})")
         return json.loads(Path(out).read_text())
+
+
+def measure(args, n_ranks: int) -> list[dict]:
+    """Every rank's timings and byte counts for n_ranks ranks."""
+    return spawn_ranks(_rank, n_ranks, args)
 
 
 def _phase(rows: list[dict], key: str) -> float:

@@ -34,16 +34,14 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from comm import CollectiveMeter  # noqa: E402  (benchmarks/comm.py, beside this file)
+from comm import CollectiveMeter, rank_environment, spawn_ranks  # noqa: E402  (benchmarks/comm.py, beside this file)
 
 DP = {"dp": "user", "clip": 1.0, "noise_multiplier": 1.0}
 # (label, privacy options (None: off), comm.exact)
@@ -61,9 +59,7 @@ def _overrides(args, n_ranks: int) -> list[str]:
 
 
 def _rank(rank: int, n_ranks: int, port: int, args, out_path: str) -> None:
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(n_ranks), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(n_ranks), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    rank_environment(rank, n_ranks, port)
     meter = CollectiveMeter()
     from comigs_dist import dist, train
     from comigs_dist.config import load_config
@@ -119,19 +115,7 @@ def _rank(rank: int, n_ranks: int, port: int, args, out_path: str) -> None:
 
 def measure(args) -> list[dict]:
     """Every rank's timings and byte counts."""
-    from comigs_dist.dist import free_port
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = str(Path(tmp) / "rows.json")
-        port = free_port()
-        procs = [ctx.Process(target=_rank, args=(r, args.ranks, port, args, out)) for r in range(args.ranks)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-        if any(p.exitcode != 0 for p in procs):
-            raise RuntimeError(f"a rank failed (exit codes {[p.exitcode for p in procs]})")
-        return json.loads(Path(out).read_text())
+    return spawn_ranks(_rank, args.ranks, args)
 
 
 def _phase(rows: list[dict], key: str) -> list[float]:

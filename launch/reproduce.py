@@ -123,7 +123,11 @@ TAU_S = ((10, 30, 50), (5, 10, 20))
 SINCE_ROWS = {"CoMiGS-1G1S": ("method=comigs_1g1s",), "Local": ("method=local",), "FedAvg": ("method=fedavg",),
               "FedALT": ("method=fedalt",), "FedSA-LoRA": ("method=fedsa_lora",),
               "FedDPA": ("method=feddpa", "train.router_every=10", "train.router_steps=10"),
-              "CoMiGS-learned": ("method=comigs_learned",)}
+              "CoMiGS-learned": ("method=comigs_learned",),
+              # variants: FedALT mixing whole MLP outputs; FedDPA-F (global adapter only in the rounds,
+              # then each local adapter fine-tuned from it for train.local_steps steps)
+              "FedALT-MLP": ("method=fedalt", "method_options.mixer=mlp"),
+              "FedDPA-F": ("method=feddpa", "method_options.variant=F")}
 # perplexity against epsilon (docs/privacy.md): row -> (config, method); columns: no DP, then privacy.target_epsilon
 PRIVACY_ROWS = {"CoMiGS-1G1S": ("configs/agnews/table4_iv_alternating_valid.yaml", "comigs_1g1s"),
                 "FedAvg": ("configs/agnews/table4_i_no_routing.yaml", "fedavg")}

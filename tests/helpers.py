@@ -69,6 +69,47 @@ _ROOT = Path(__file__).resolve().parents[1]
 DEBUG_CONFIG = str(_ROOT / "configs" / "debug.yaml")
 
 
+def cut_run(whole: Path, to: Path, keep: int) -> None:
+    """A copy of a whole run's directory as a run stopped after round ``keep`` leaves it: the
+    later round checkpoints, the final one and the manifest removed."""
+    import shutil
+
+    from comigs_dist import checkpoint
+    shutil.copytree(whole, to)
+    for path in checkpoint.checkpoints_dir(to).rglob("*.pt"):
+        done = path.stem.split("_")[-1]
+        if not done.isdigit() or int(done) > keep:
+            path.unlink()
+    checkpoint.manifest_path(to).unlink(missing_ok=True)
+
+
+def assert_packed_matches_one_by_one(topo, config_for, rounds: int = 2) -> int:
+    """The rank's users built twice, with train.pack_users off and on (``config_for(pack)``), run
+    ``rounds`` rounds: every user's training losses and parameters agree to float32 rounding.
+    Returns the users' local steps."""
+    import dataclasses
+
+    import pytest
+    import torch
+
+    from comigs_dist import train
+    runs = {}
+    for pack in ("off", "on"):
+        cfg = config_for(pack)
+        run = train.build_rank(cfg, dataclasses.replace(topo, groups={}))
+        assert train.packs_users(cfg, topo.device, run.users) == (pack == "on")
+        for r in range(rounds):
+            train.run_round(run, r)
+        runs[pack] = run
+    for a, b in zip(runs["off"].users, runs["on"].users, strict=True):
+        assert a.step == b.step
+        for ca, cb in zip(a.train_curve, b.train_curve, strict=True):
+            assert cb["loss"] == pytest.approx(ca["loss"], rel=2e-5)
+        for n, p in a.model.report.params.items():
+            torch.testing.assert_close(b.model.report.params[n], p, rtol=2e-4, atol=2e-6, msg=n)
+    return runs["off"].users[0].step
+
+
 def subprocess_env(one_thread: bool = True, **extra) -> dict:
     """The environment of a run started by a test: this checkout first on the path and, unless
     one_thread=False (jobs that size their own threads), one intra-op thread."""

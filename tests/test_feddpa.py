@@ -360,18 +360,12 @@ def test_feddpa_f_resumes_to_the_whole_runs_results_and_fine_tunes_once(tmp_path
     bit for bit: the fine-tune ran once, from the restored samplers."""
     import shutil
     from comigs_dist import checkpoint
-    from helpers import assert_same_rows, read_rows
+    from helpers import assert_same_rows, cut_run, read_rows
     run_on_ranks(_feddpa_f_resume_worker, 2, tmp_path, [("whole", "false")], timeout_s=600)
     whole = tmp_path / "whole"
     assert all((checkpoint.user_dir(whole, u) / "final.pt").exists() for u in range(4))
     for keep in (2, 3):
-        to = tmp_path / f"from{keep}"
-        shutil.copytree(whole, to)
-        for path in checkpoint.checkpoints_dir(to).rglob("*.pt"):
-            done = path.stem.split("_")[-1]
-            if not done.isdigit() or int(done) > keep:
-                path.unlink()
-        checkpoint.manifest_path(to).unlink(missing_ok=True)
+        cut_run(whole, tmp_path / f"from{keep}", keep)
     shutil.copytree(whole, tmp_path / "again")
     run_on_ranks(_feddpa_f_resume_worker, 2, tmp_path, [("from2", "true"), ("from3", "true"), ("again", "true")],
                  timeout_s=600)

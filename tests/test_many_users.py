@@ -1,14 +1,13 @@
 """Many users per rank and partial participation: the same users on 8, 2 and 1 ranks give the same
 results; a round's participants are one seeded draw on every rank; users that sit a round out
 leave it exactly as they entered; the aggregate is the mean over the participants."""
-import dataclasses
 
 import pytest
 import torch
 
 from comigs_dist.config import ConfigError, check_world_size, load_config
 from dist_harness import init_topology, run_on_ranks
-from helpers import assert_same_rows, read_rows, run_and_record, tiny_config
+from helpers import assert_packed_matches_one_by_one, assert_same_rows, read_rows, run_and_record, tiny_config
 
 N_USERS = 8
 # method -> overrides; the heterogeneous methods get users of different sizes
@@ -211,23 +210,11 @@ def test_a_run_checkpointed_on_two_ranks_resumes_on_one_or_four_with_identical_r
 
 
 def _packed_worker(rank, world_size, tmp_path, overrides):
-    from comigs_dist import train
     topo = init_topology(n_users=4)
-    runs = {}
-    for pack in ("off", "on"):
-        cfg = tiny_config(n_users=4, **overrides, **{"train.pack_users": pack, "train.local_steps": 3,
-                                                     "train.micro_batch_size": 2})
-        run = train.build_rank(cfg, dataclasses.replace(topo, groups={}))
-        assert train.packs_users(cfg, topo.device, run.users) == (pack == "on")
-        for r in range(2):
-            train.run_round(run, r)
-        runs[pack] = run
-    for a, b in zip(runs["off"].users, runs["on"].users):
-        assert a.step == b.step == 6
-        for ca, cb in zip(a.train_curve, b.train_curve):
-            assert cb["loss"] == pytest.approx(ca["loss"], rel=2e-5)
-        for n, p in a.model.report.params.items():
-            torch.testing.assert_close(b.model.report.params[n], p, rtol=2e-4, atol=2e-6, msg=n)
+    steps = assert_packed_matches_one_by_one(
+        topo, lambda pack: tiny_config(n_users=4, **overrides, **{"train.pack_users": pack, "train.local_steps": 3,
+                                                                   "train.micro_batch_size": 2}))
+    assert steps == 6
 
 
 @pytest.mark.parametrize("overrides", [

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dist_harness import init_topology, run_on_ranks
-from helpers import assert_same_rows, read_rows, run_and_record, tiny_config
+from helpers import assert_packed_matches_one_by_one, assert_same_rows, cut_run, read_rows, run_and_record, \
+    tiny_config
 
 N_USERS = 4
 SCHEDULE = {"train.rounds": 3, "train.local_steps": 2, "train.router_every": 2, "train.router_steps": 2,
@@ -125,19 +126,6 @@ def _resume_worker(rank, world_size, tmp_path, plans):
         run_and_record(topo, cfg, tmp_path / tag, tmp_path / f"{tag}.json")
 
 
-def _cut(whole, to, keep: int) -> None:
-    """A copy of a whole run's directory as a run stopped after round ``keep`` leaves it: the
-    later round checkpoints, the final one and the manifest removed."""
-    import shutil
-    from comigs_dist import checkpoint
-    shutil.copytree(whole, to)
-    for path in checkpoint.checkpoints_dir(to).rglob("*.pt"):
-        done = path.stem.split("_")[-1]
-        if not done.isdigit() or int(done) > keep:
-            path.unlink()
-    checkpoint.manifest_path(to).unlink(missing_ok=True)
-
-
 @pytest.mark.slow
 def test_a_cut_run_resumes_to_the_whole_runs_results(tmp_path):
     """4 users on 2 ranks, 4 rounds checkpointed every round: FedDPA and FedALT resumed from round 2,
@@ -152,7 +140,7 @@ def test_a_cut_run_resumes_to_the_whole_runs_results(tmp_path):
     resumed = [("feddpa", "feddpa", 2), ("fedalt", "fedalt", 2), ("learned", "comigs_learned", 2),
                ("learned", "comigs_learned", 3), ("partial_learned", "comigs_learned", 3)]
     for tag, _, keep in resumed:
-        _cut(tmp_path / tag, tmp_path / f"{tag}_from{keep}", keep)
+        cut_run(tmp_path / tag, tmp_path / f"{tag}_from{keep}", keep)
     run_on_ranks(_resume_worker, 2, tmp_path, [(f"{tag}_from{keep}", name, 4, "true") for tag, name, keep in resumed],
                  timeout_s=900)
     for tag, _, keep in resumed:
@@ -162,22 +150,10 @@ def test_a_cut_run_resumes_to_the_whole_runs_results(tmp_path):
 
 
 def _packed_worker(rank, world_size, tmp_path, name):
-    from comigs_dist import train
     topo = init_topology(n_users=N_USERS)
-    runs = {}
-    for pack in ("off", "on"):
-        cfg = _config(name, **{"train.pack_users": pack, "train.micro_batch_size": 2})
-        run = train.build_rank(cfg, dataclasses.replace(topo, groups={}))
-        assert train.packs_users(cfg, topo.device, run.users) == (pack == "on")
-        for r in range(2):
-            train.run_round(run, r)
-        runs[pack] = run
-    for a, b in zip(runs["off"].users, runs["on"].users):
-        assert a.step == b.step == 4
-        for ca, cb in zip(a.train_curve, b.train_curve, strict=True):
-            assert cb["loss"] == pytest.approx(ca["loss"], rel=2e-5)
-        for n, p in a.model.report.params.items():
-            torch.testing.assert_close(b.model.report.params[n], p, rtol=2e-4, atol=2e-6, msg=n)
+    steps = assert_packed_matches_one_by_one(
+        topo, lambda pack: _config(name, **{"train.pack_users": pack, "train.micro_batch_size": 2}))
+    assert steps == 4
 
 
 @pytest.mark.parametrize("name", ["fedalt", "fedalt_mlp", "feddpa"])

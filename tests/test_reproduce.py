@@ -188,20 +188,21 @@ def test_reproduce_end_to_end_on_the_debug_scale(tmp_path):
 
 
 def test_the_since_table_runs_each_method_once_per_dataset_and_reads_its_bytes(tmp_path):
-    """--table since: 7 methods x 3 datasets, a perplexity and a MB/user column each, both from one
+    """--table since: 9 rows (7 methods, 2 variants) x 3 datasets, a perplexity and a MB/user column each, both from one
     run per configuration and seed; every cell's configuration is valid at the paper scale (4
     users) and at the debug scale (learned groups warm up for 1 of its 2 rounds; FedDPA's second
     phase once per round); the MB column is the mean over users of bytes_sent / 1e6."""
     spec = reproduce.build_spec("since")
-    assert spec.rows == ["CoMiGS-1G1S", "Local", "FedAvg", "FedALT", "FedSA-LoRA", "FedDPA", "CoMiGS-learned"]
-    assert len(spec.cells) == 7 * 3 * 2 and "since" not in NUMBERS
+    assert spec.rows == ["CoMiGS-1G1S", "Local", "FedAvg", "FedALT", "FedSA-LoRA", "FedDPA", "CoMiGS-learned",
+                         "FedALT-MLP", "FedDPA-F"]
+    assert len(spec.cells) == 9 * 3 * 2 and "since" not in NUMBERS
     for c in spec.cells:
         for scale in ("paper", "debug"):
             extra = reproduce.scale_overrides(c, scale) if scale == "debug" else []
             cfg = load_config(ROOT / c.config, list(c.overrides) + extra + ["data.path=embedded",
                                                                              "data.categories=[]"])
             assert cfg.n_users == (4 if scale == "paper" else 2), c
-            if cfg.method == "feddpa":
+            if cfg.method == "feddpa" and cfg.method_options.get("variant", "T") == "T":
                 assert cfg.train.router_every == cfg.train.local_steps
     runs = reproduce.plan_runs(reproduce.select(spec, ["agnews"], ["FedALT"]), [42], "debug", tmp_path)
     [run] = runs
