@@ -491,6 +491,19 @@ def expert_step(rank: RankRun, users: list[UserState]) -> list[tuple[float, floa
     return results
 
 
+def _guarded_step(rank: RankRun, user: UserState, sampler: BatchSampler, opt: torch.optim.Optimizer,
+                  expert_phase: bool) -> float:
+    """One optimiser step of ``opt`` on a batch of ``sampler`` (no method extra loss). A
+    non-finite loss stops the run or drops the step, as ``guard.nan`` says; ``expert_phase``
+    names the phase in the guard's message. Returns the step's loss."""
+    loss = _micro_batches(user, sampler, False, rank.autocast)[0]
+    if math.isfinite(loss) or not guard.check_loss(user, loss, expert_phase):
+        _step(opt, rank.cfg.train.grad_clip)
+    else:
+        opt.zero_grad(set_to_none=True)
+    return loss
+
+
 def router_steps(rank: RankRun, user: UserState, round_idx: int) -> float:
     """s optimiser steps of a user's routers on its router split, experts frozen (eq. 3);
     returns their mean loss."""
@@ -498,12 +511,7 @@ def router_steps(rank: RankRun, user: UserState, round_idx: int) -> float:
     rank.method.before_phase(user, "router")
     losses = []
     for _ in range(rank.cfg.train.router_steps):
-        loss = _micro_batches(user, user.router_sampler, False, rank.autocast)[0]
-        if math.isfinite(loss) or not guard.check_loss(user, loss, False):
-            _step(user.router_opt, rank.cfg.train.grad_clip)
-        else:
-            user.router_opt.zero_grad(set_to_none=True)
-        losses.append(loss)
+        losses.append(_guarded_step(rank, user, user.router_sampler, user.router_opt, expert_phase=False))
         user.router_step += 1
         faults.during_router(user, round_idx)
     return sum(losses) / len(losses)
@@ -515,11 +523,7 @@ def closing_step(rank: RankRun, user: UserState, opt: torch.optim.Optimizer) -> 
     user's. Returns the step's loss."""
     t = rank.cfg.train
     start = time.perf_counter()
-    loss = _micro_batches(user, user.train_sampler, False, rank.autocast)[0]
-    if math.isfinite(loss) or not guard.check_loss(user, loss, True):
-        _step(opt, t.grad_clip)
-    else:
-        opt.zero_grad(set_to_none=True)
+    loss = _guarded_step(rank, user, user.train_sampler, opt, expert_phase=True)
     user.train_tokens += t.batch_size * t.seq_len
     user.train_seconds += time.perf_counter() - start
     return loss
@@ -606,7 +610,8 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     method, t = rank.method, cfg.train
     monitor = Monitor.build(cfg, topo.rank, [u.user_idx for u in rank.users], out_dir,
                             {u.user_idx: u.step for u in rank.users} if done else {}, say, resumed_round=done)
-    analytic = {u.user_idx: analytic_round_bytes(u, cfg.comm, topo, rank.comm.count, cfg.privacy.secure_agg)
+    def analytic() -> dict:  # each user's analytic bytes of a round in the current layout (learned groups change it)
+        return {u.user_idx: analytic_round_bytes(u, cfg.comm, topo, rank.comm.count, cfg.privacy.secure_agg)
                 for u in rank.users}
     if rank.accountant is not None:
         say(f"privacy: user-level DP, noise multiplier {rank.accountant.noise_multiplier:.4g}, clip "
@@ -629,11 +634,10 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
         before = {u.user_idx: (u.stats.bytes_sent, u.stats.bytes_received, u.stats.seconds) for u in rank.users}
         # sync; local expert steps; router steps every tau (Algorithm 1)
         run_round(rank, round_idx, monitor)
-        analytic = {u.user_idx: analytic_round_bytes(u, cfg.comm, topo, rank.comm.count, cfg.privacy.secure_agg)
-                    for u in rank.users}  # the round's layout (learned groups change it once)
+        sent = {v: a["total"]["sent"] for v, a in analytic().items()}
         for u in rank.users:
-            monitor.round_end(u.user_idx, u.step, u.stats, before[u.user_idx],
-                              analytic[u.user_idx]["total"]["sent"], u.guard_skipped_rounds, u.guard_skipped_steps)
+            monitor.round_end(u.user_idx, u.step, u.stats, before[u.user_idx], sent[u.user_idx],
+                              u.guard_skipped_rounds, u.guard_skipped_steps)
         # evaluate
         if cfg.eval.every and (round_idx + 1) % cfg.eval.every == 0 and round_idx + 1 < rounds:
             for u in rank.users:
@@ -677,7 +681,8 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     monitor.federation_eval(rounds, _mean_over_users(rank, lambda u: rows[u.user_idx].ppl))
     if cfg.checkpoint.final and method.trains:
         resume.save(rank, out_dir, "final.pt", rounds)
-    out = {u.user_idx: user_row(u, rows[u.user_idx], analytic[u.user_idx], topo, rank.privacy) for u in rank.users}
+    layout = analytic()
+    out = {u.user_idx: user_row(u, rows[u.user_idx], layout[u.user_idx], topo, rank.privacy) for u in rank.users}
     monitor.finish(out)
     return [out[u.user_idx] for u in rank.users]
 

@@ -331,10 +331,12 @@ def test_feddpa_variant_options_are_checked():
     with pytest.raises(ConfigError, match=r"method_options.finetune_steps \(3\) applies to FedDPA-F only.*"
                                           r"set method_options.variant=F"):
         load_config(None, ["method=feddpa", "train.router_every=10", "method_options.finetune_steps=3"])
-    with pytest.raises(ConfigError, match=r"method_options.variant=F cannot run with partial participation "
-                                          r"\(train.participation=0.5.*set train.participation=1"):
+    with pytest.raises(ConfigError, match=r"method 'feddpa' cannot run with partial participation "
+                                          r"\(train.participation=0.5.*variant=F every user's local adapter.*"
+                                          r"set train.participation=1"):
         load_config(None, ["method=feddpa", "method_options.variant=F", "train.participation=0.5"])
-    with pytest.raises(ConfigError, match=r"method_options.variant=F cannot run with privacy.dp=user"):
+    with pytest.raises(ConfigError, match=r"privacy.dp=user cannot run with method 'feddpa': under "
+                                          r"method_options.variant=F .*set privacy.dp=off"):
         load_config(None, ["method=feddpa", "method_options.variant=F", "privacy.dp=user"])
     cfg = load_config(None, ["method=feddpa", "method_options.variant=F", "method_options.finetune_steps=0"])
     assert cfg.method_options["variant"] == "F" and cfg.train.router_every != cfg.train.local_steps

@@ -141,14 +141,15 @@ def collect_errors(cfg: RunConfig) -> list[str]:
         e.append(f"method ({cfg.method!r}) is not a known method; choose one of: {', '.join(sorted(methods))}")
     else:
         cls = method_class(cfg.method)
-        _, option_errors = parse_options(cls.Options, cfg.method_options, f"method {cfg.method!r}")
+        options, option_errors = parse_options(cls.Options, cfg.method_options, f"method {cfg.method!r}")
         e.extend(option_errors)
         if not option_errors:
             e.extend(cls.config_errors(cfg))
-            if (t.participation < 1 or t.users_per_round) and cls.full_participation_only:
+            refusal = cls.participation_refusal(options)
+            if (t.participation < 1 or t.users_per_round) and refusal:
                 e.append(f"method {cfg.method!r} cannot run with partial participation (train.participation="
                          f"{t.participation}, train.users_per_round={t.users_per_round}): "
-                         f"{cls.full_participation_only}; set train.participation=1 and train.users_per_round=0")
+                         f"{refusal}; set train.participation=1 and train.users_per_round=0")
             elif not e:
                 e.extend(participation_errors(cfg, inferred_n_users(cfg)))
             if cfg.comm.groups:
@@ -181,7 +182,11 @@ def privacy_errors(cfg: RunConfig, n_users: int | None) -> list[str]:
     p = cfg.privacy
     e: list[str] = []
     if p.dp == "user" or p.secure_agg is True:
-        reason = method_class(cfg.method).refuses_privacy if cfg.method in known_methods() else ""
+        reason = ""
+        if cfg.method in known_methods():
+            cls = method_class(cfg.method)
+            options, option_errors = parse_options(cls.Options, cfg.method_options, f"method {cfg.method!r}")
+            reason = cls.refuses_privacy if option_errors else cls.privacy_refusal(options)
         if reason:
             on = ", ".join(k for k, v in (("privacy.dp=user", p.dp == "user"),
                                            ("privacy.secure_agg=true", p.secure_agg is True)) if v)

@@ -406,8 +406,11 @@ class Comm:
 
     # -- other collectives -------------------------------------------------------------------
     @torch.no_grad()
-    def broadcast(self, group: str, tensors: Tensors, src_user: int | None = None) -> None:
-        """Copy the tensors of one member (the group's first by default) to every given member."""
+    def broadcast(self, group: str, tensors: Tensors, src_user: int | None = None, *, start: bool = True) -> None:
+        """Copy the tensors of one member (the group's first by default) to every given member.
+        ``start``: the tensors are the group's common start of its shared parameters, kept as its
+        first aggregate (handed to a member that downloads before any upload); False for anything
+        else sent this way (a decision such as learned groups' labels), which leaves it alone."""
         if not self.in_group(group) or not tensors:
             return
         self._handshake(group, "mean", tensors)
@@ -426,7 +429,7 @@ class Comm:
         for u in local:
             if u != src:
                 unflatten_into(flat, tensors[u])
-        if self.count:  # the common start is the group's first aggregate
+        if start and self.count:
             self._last[group] = flat.to(torch.float64)
 
     @torch.no_grad()

@@ -210,6 +210,18 @@ class Method:
         return []
 
     @classmethod
+    def participation_refusal(cls, options) -> str:
+        """Why the method, under its parsed ``options``, refuses partial participation ("" = it
+        accepts it): ``full_participation_only`` unless an option changes the answer."""
+        return cls.full_participation_only
+
+    @classmethod
+    def privacy_refusal(cls, options) -> str:
+        """Why the method, under its parsed ``options``, refuses privacy.dp / privacy.secure_agg
+        ("" = it accepts them): ``refuses_privacy`` unless an option changes the answer."""
+        return cls.refuses_privacy
+
+    @classmethod
     def participation_errors(cls, cfg, n_users: int, draw: Callable[[int], frozenset]) -> list[str]:
         """Problems of this method with the run's partial participation, known before it starts:
         ``draw(round)`` gives the users that take part in a round (the seeded draw of train.sync).

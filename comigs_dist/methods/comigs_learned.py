@@ -145,13 +145,8 @@ class CoMiGSLearned(CoMiGS1G1S):
                 if (ctx.downloads(u) or switch) and not nonfinite_shared(u.shared):
                     self._add_update(u)
             if switch:
-                # the server's latest aggregate, before the switch's own collectives (the labels'
-                # broadcast) replace it
-                latest = ctx.comm.latest_aggregates([DEFAULT_GROUP]).get(DEFAULT_GROUP)
                 groups = self._learn_groups(ctx)
         if groups is None or len(groups) == 1:
-            if switch and latest is not None:  # the labels' broadcast replaced it
-                ctx.comm.restore_latest({DEFAULT_GROUP: latest})
             super().sync(ctx)  # the warm-up, or one group: plain CoMiGS
             if groups is None:
                 for u in ctx.users:
@@ -160,7 +155,7 @@ class CoMiGSLearned(CoMiGS1G1S):
             return
         self._build_groups(ctx.comm, groups)
         if switch:
-            self._seed_latest(ctx, groups, latest)
+            self._seed_latest(ctx, groups, ctx.comm.latest_aggregates([DEFAULT_GROUP]).get(DEFAULT_GROUP))
         label = {v: i for i, members in enumerate(groups) for v in members}
         everyone = DEFAULT_GROUP
         if self.options.attention == "global":
@@ -232,7 +227,7 @@ class CoMiGSLearned(CoMiGS1G1S):
                                          blocks=blocks)
         labels = {u.user_idx: [torch.tensor(learned.labels(), dtype=torch.float32, device=first.device)]
                   for u in ctx.users}
-        comm.broadcast(DEFAULT_GROUP, labels)  # the lowest user's decision wins (no counted payload)
+        comm.broadcast(DEFAULT_GROUP, labels, start=False)  # the lowest user's decision wins (no counted payload)
         decided = [int(v) for v in next(iter(labels.values()))[0].tolist()]
         groups = [[v for v, g in enumerate(decided) if g == i] for i in range(max(decided) + 1)]
         summary = {"after_round": ctx.round_idx, **learned.summary(), "groups": groups}

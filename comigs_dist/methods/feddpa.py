@@ -169,23 +169,25 @@ class FedDPA(Method):
 
     @staticmethod
     def _variant_f_errors(o: FedDPAOptions, cfg) -> list[str]:
-        t, p = cfg.train, cfg.privacy
-        errors = []
         steps = o.finetune_steps
         if steps is not None and steps < 0:
-            errors.append(f"method_options.finetune_steps ({steps}) must be >= 0 for variant F (0: each local "
-                          f"adapter stays a copy of the global one); leave it out for train.local_steps "
-                          f"({t.local_steps})")
-        if t.participation < 1 or t.users_per_round:
-            errors.append(f"method_options.variant=F cannot run with partial participation (train.participation="
-                          f"{t.participation}, train.users_per_round={t.users_per_round}): every user's local "
-                          f"adapter starts from one final aggregate that every user downloads; set "
-                          f"train.participation=1 and train.users_per_round=0, or use variant T")
-        if p.dp == "user" or p.secure_agg is True:
-            errors.append("method_options.variant=F cannot run with privacy.dp=user or privacy.secure_agg=true: its "
-                          "aggregation after the last round is a release the privacy accounting does not plan for; "
-                          "set privacy.dp=off and privacy.secure_agg=false, or use variant T")
-        return errors
+            return [f"method_options.finetune_steps ({steps}) must be >= 0 for variant F (0: each local adapter "
+                    f"stays a copy of the global one); leave it out for train.local_steps ({cfg.train.local_steps})"]
+        return []
+
+    @classmethod
+    def participation_refusal(cls, options) -> str:
+        if options.variant == "F":
+            return ("under method_options.variant=F every user's local adapter starts from one final aggregate "
+                    "that every user downloads (variant T accepts partial participation)")
+        return super().participation_refusal(options)
+
+    @classmethod
+    def privacy_refusal(cls, options) -> str:
+        if options.variant == "F":
+            return ("under method_options.variant=F its aggregation after the last round is a release the privacy "
+                    "accounting does not plan for (variant T accepts privacy)")
+        return super().privacy_refusal(options)
 
     @property
     def fine_tunes(self) -> bool:
