@@ -23,6 +23,7 @@ ROUND_BYTES_SENT, ROUND_BYTES_RECEIVED = "comm/round_bytes_sent", "comm/round_by
 ANALYTIC_ROUND_BYTES = "comm/analytic_round_bytes"
 ROUND_SECONDS = "comm/round_seconds"
 SKIPPED_ROUNDS, SKIPPED_STEPS = "guard/skipped_rounds", "guard/skipped_steps"
+AFTER_TRAINING_LOSS = "after_training/loss"  # a method's stage after the last round (FedDPA-F's fine-tune)
 
 
 def router_loss_tag(split: str) -> str:
@@ -174,6 +175,11 @@ class Monitor:
 
     def router_phase(self, user: int, step: int, split: str, mean_loss: float, lr: float) -> None:
         self.loggers[user].scalars({router_loss_tag(split): mean_loss, LR_ROUTER: lr}, step)
+
+    def after_training_step(self, user: int, step: int, loss: float) -> None:
+        """One optimiser step of the method's stage after the last round; ``step`` continues the
+        user's local iterations (the k-th such step is logged at the last iteration + k)."""
+        self.loggers[user].scalar(AFTER_TRAINING_LOSS, loss, step)
 
     def round_end(self, user: int, step: int, stats, before: tuple[int, int, float], analytic_sent: int,
                   skipped_rounds: int, skipped_steps: int) -> None:

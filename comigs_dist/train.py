@@ -529,13 +529,21 @@ def closing_step(rank: RankRun, user: UserState, opt: torch.optim.Optimizer) -> 
     return loss
 
 
-def after_training(rank: RankRun, rounds: int) -> None:
-    """The method's stage after the last round (every rank together; nothing for most methods)."""
+def after_training(rank: RankRun, rounds: int, monitor: Monitor) -> None:
+    """The method's stage after the last round (every rank together; nothing for most methods).
+    Its steps' losses go to TensorBoard as ``after_training/loss``, after the user's last local
+    iteration on the step axis."""
     t = rank.cfg.train
+    taken: dict[int, int] = {}
+
+    def step(user: UserState, opt: torch.optim.Optimizer) -> float:
+        loss = closing_step(rank, user, opt)
+        taken[user.user_idx] = k = taken.get(user.user_idx, 0) + 1
+        monitor.after_training_step(user.user_idx, user.step + k, loss)
+        return loss
     rank.method.after_training(AfterTrainingContext(
         rounds=rounds, users=rank.users, aggregate=lambda: sync(rank, rounds),
-        optimizer=lambda params: build_optimizer(params, t.lr, t, rank.topo.device),
-        step=lambda user, opt: closing_step(rank, user, opt)))
+        optimizer=lambda params: build_optimizer(params, t.lr, t, rank.topo.device), step=step))
 
 
 def router_due(rank: RankRun, user: UserState) -> bool:
@@ -667,7 +675,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     # checkpoints all precede it, so a resumed run reaches it once
     if method.trains:
         topo.set_phase("after the last round")
-        after_training(rank, rounds)
+        after_training(rank, rounds, monitor)
 
     # each user's model after its last local steps (what Algorithm 1 returns)
     topo.set_phase("the final evaluation")

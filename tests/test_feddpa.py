@@ -225,10 +225,12 @@ def _feddpa_f_worker(rank, world_size, tmp_path):
     from comigs_dist import train
     from comigs_dist.data import BatchSampler
     from comigs_dist.model import Role
+    from comigs_dist.monitor import AFTER_TRAINING_LOSS, Monitor
     from dist_harness import init_topology
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     topo0 = init_topology(n_users=4)
     for n_steps in (0, 3):
-        cfg = _feddpa_f_config(**{"method_options.finetune_steps": n_steps})
+        cfg = _feddpa_f_config(**{"method_options.finetune_steps": n_steps, "log.tensorboard": True})
         run = train.build_rank(cfg, dataclasses.replace(topo0, groups={}))
         tags = run.users[0].model.report.tags
         glob = {n for n, t in tags.items() if t.role == Role.GENERALIST}
@@ -272,7 +274,7 @@ def _feddpa_f_worker(rank, world_size, tmp_path):
         pre = _everyone(topo0, {v.user_idx: _state(v) for v in run.users})
         samplers = {v.user_idx: {k: t.clone() for k, t in v.train_sampler.state_dict().items()} for v in run.users}
         sent = {v.user_idx: v.stats.bytes_sent for v in run.users}
-        train.after_training(run, cfg.train.rounds)
+        train.after_training(run, cfg.train.rounds, Monitor.silent([v.user_idx for v in run.users]))
         post = _everyone(topo0, {v.user_idx: _state(v) for v in run.users})
         for n in glob:
             want = (sum(pre[w][n].double() for w in range(4)) / 4).float()
@@ -308,6 +310,14 @@ def _feddpa_f_worker(rank, world_size, tmp_path):
         for row in rows:
             assert row["router_steps"] == 0 and row["local_steps"] == 2 * 2
             assert row["feddpa_finetune"]["steps"] == 3 and row["test_ppl"] < row["base_test_ppl"]
+        for v in run.users:  # the fine-tune's losses in TensorBoard, after the 4 local iterations
+            row = next(r for r in rows if r["user"] == v.user_idx)
+            acc = EventAccumulator(str(tmp_path / "run" / "tb" / f"user_{v.user_idx:02d}"),
+                                   size_guidance={"scalars": 0})
+            acc.Reload()
+            logged = [(e.step, e.value) for e in acc.Scalars(AFTER_TRAINING_LOSS)]
+            assert logged == [(4 + k + 1, pytest.approx(loss, rel=1e-6))
+                              for k, loss in enumerate(row["feddpa_finetune"]["losses"])]
 
 
 def test_feddpa_f_trains_the_global_adapter_then_fine_tunes_a_copy(tmp_path):
@@ -315,7 +325,7 @@ def test_feddpa_f_trains_the_global_adapter_then_fine_tunes_a_copy(tmp_path):
     nonzero local adapter changes neither the training loss nor an evaluation); after the last
     round every global adapter is bit for bit the users' mean, the local adapters are copies of it
     with 0 fine-tune steps and differ from it after 3, whose first loss is the global model's on
-    the same batch; train.run reports the fine-tune."""
+    the same batch; train.run reports the fine-tune, in results.json and TensorBoard."""
     run_on_ranks(_feddpa_f_worker, 2, tmp_path, timeout_s=600)
 
 
