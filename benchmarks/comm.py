@@ -29,6 +29,7 @@ smaller than the small batch here shows (the aggregation does not depend on the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -84,15 +85,10 @@ class CollectiveMeter:
 
 
 def _rank(rank: int, n_ranks: int, port: int, args, out_path: str) -> None:
-    rank_environment(rank, n_ranks, port)
-    meter = CollectiveMeter()
     from comigs_dist import dist, train
-    from comigs_dist.config import load_config
     from comigs_dist.methods import SyncContext
-    cfg = load_config(None, _overrides(args, n_ranks))
-    topo = dist.init_distributed("gloo", "cpu", 600.0, threads=1)
-    try:
-        rank_run = train.build_rank(cfg, topo)
+    overrides = _overrides(args, n_ranks)
+    with benchmark_rank(rank, n_ranks, port, overrides, out_path) as (meter, cfg, topo, rank_run, report):
         run = rank_run.users[0]
         times = {"compute": [], **{label: [] for label, *_ in CONFIGS}}
         counted, delivered = {}, {}
@@ -116,14 +112,8 @@ def _rank(rank: int, n_ranks: int, port: int, args, out_path: str) -> None:
                 counted[label] = (stats.bytes_sent - before[0], stats.bytes_received - before[1])
         analytic = {label: train.analytic_round_bytes(run, cfg.comm.__class__(mode=mode, dtype=dtype), topo,
                                                       False)["total"] for label, mode, dtype, _ in CONFIGS}
-        rows = dist.all_gather_objects(topo, {"times": times, "counted": counted, "delivered": delivered,
-                                        "analytic": analytic,
-                                        "shared_params": sum(p.numel() for ps in run.shared.values() for _, p in ps)})
-        if topo.rank == 0:
-            Path(out_path).write_text(json.dumps(rows))
-        dist.barrier(topo)
-    finally:
-        dist.shutdown()
+        report.update(times=times, counted=counted, delivered=delivered, analytic=analytic,
+                      shared_params=sum(p.numel() for ps in run.shared.values() for _, p in ps))
 
 
 def rank_environment(rank: int, n_ranks: int, port: int) -> None:
@@ -131,6 +121,29 @@ def rank_environment(rank: int, n_ranks: int, port: int) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(n_ranks), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(n_ranks), "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+
+
+@contextlib.contextmanager
+def benchmark_rank(rank: int, n_ranks: int, port: int, overrides: list[str], out_path: str):
+    """One spawned rank of a benchmark: torchrun's environment (one thread), a CollectiveMeter,
+    the configuration, the gloo process group and the rank's users, as (meter, cfg, topo,
+    rank_run, report). The body fills ``report`` (a dict); on leaving, every rank's report is
+    gathered and rank 0 writes the list to out_path (JSON) for ``spawn_ranks``."""
+    rank_environment(rank, n_ranks, port)
+    meter = CollectiveMeter()
+    from comigs_dist import dist, train
+    from comigs_dist.config import load_config
+    cfg = load_config(None, overrides)
+    topo = dist.init_distributed("gloo", "cpu", 600.0, threads=1)
+    try:
+        report: dict = {}
+        yield meter, cfg, topo, train.build_rank(cfg, topo), report
+        rows = dist.all_gather_objects(topo, report)
+        if topo.rank == 0:
+            Path(out_path).write_text(json.dumps(rows))
+        dist.barrier(topo)
+    finally:
+        dist.shutdown()
 
 
 def spawn_ranks(target, n_ranks: int, args) -> list[dict]:

@@ -30,7 +30,6 @@ than the small batch here shows (the aggregation does not depend on the batch).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -41,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from comm import CollectiveMeter, rank_environment, spawn_ranks  # noqa: E402  (benchmarks/comm.py, beside this file)
+from comm import benchmark_rank, spawn_ranks  # noqa: E402  (benchmarks/comm.py, beside this file)
 
 DP = {"dp": "user", "clip": 1.0, "noise_multiplier": 1.0}
 # (label, privacy options (None: off), comm.exact)
@@ -59,17 +58,12 @@ def _overrides(args, n_ranks: int) -> list[str]:
 
 
 def _rank(rank: int, n_ranks: int, port: int, args, out_path: str) -> None:
-    rank_environment(rank, n_ranks, port)
-    meter = CollectiveMeter()
     from comigs_dist import dist, train
-    from comigs_dist.config import load_config
-    from comigs_dist.methods import SyncContext
     from comigs_dist.config import PrivacyConfig
+    from comigs_dist.methods import SyncContext
     from comigs_dist.privacy.mean import PrivateMean
-    cfg = load_config(None, _overrides(args, n_ranks))
-    topo = dist.init_distributed("gloo", "cpu", 600.0, threads=1)
-    try:
-        rank_run = train.build_rank(cfg, topo)
+    overrides = _overrides(args, n_ranks)
+    with benchmark_rank(rank, n_ranks, port, overrides, out_path) as (meter, cfg, topo, rank_run, report):
         train.sync(rank_run, 0)  # one common start
         run = rank_run.users[0]
         buffers = {g: dist.packed_buffer([p for _, p in params]) for g, params in run.shared.items()}
@@ -103,14 +97,8 @@ def _rank(rank: int, n_ranks: int, port: int, args, out_path: str) -> None:
                 collective[label] = meter.take(dist.payload_bytes(1, dist.SECURE_AGG_WIRE if secure else "fp32"))
                 counted[label] = {"sent": stats.bytes_sent, "received": stats.bytes_received}
                 analytic[label] = train.analytic_round_bytes(run, cfg.comm, topo, False, secure)["total"]
-        rows = dist.all_gather_objects(topo, {"times": times, "counted": counted, "collective": collective,
-                                              "analytic": analytic,
-                                              "shared_params": sum(b.numel() for b in buffers.values())})
-        if topo.rank == 0:
-            Path(out_path).write_text(json.dumps(rows))
-        dist.barrier(topo)
-    finally:
-        dist.shutdown()
+        report.update(times=times, counted=counted, collective=collective, analytic=analytic,
+                      shared_params=sum(b.numel() for b in buffers.values()))
 
 
 def measure(args) -> list[dict]:
