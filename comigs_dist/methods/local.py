@@ -15,42 +15,38 @@ from dataclasses import replace
 from comigs_dist.methods.base import AlternatingOptions, Method, register_method, share_all, share_experts
 
 
-@register_method("local")
-class Local(Method):
-    description = "Local: 2x LoRA per user (uniform mix, no router), no communication"
-    paper_row = "Table 1 / Table 4 group i: Local"
+class _Alone(Method):
+    """What the local baselines share: no generalist, and one common start (round 0) then nothing."""
     accepts_comm_groups = False  # nothing is averaged after the common start
-    router = "none"
 
     def adapter_spec(self, cfg, user_idx, spec):
         return replace(spec, n_generalists=0)  # nothing is shared with anyone
+
+    def sync(self, ctx) -> None:
+        if ctx.round_idx == 0:
+            super().sync(ctx)  # one common start, then nothing
+
+
+@register_method("local")
+class Local(_Alone):
+    description = "Local: 2x LoRA per user (uniform mix, no router), no communication"
+    paper_row = "Table 1 / Table 4 group i: Local"
+    router = "none"
 
     def is_shared(self, tag) -> bool:
         # shared only for the common initialisation; never aggregated
         return share_experts(tag)
 
-    def sync(self, ctx) -> None:
-        if ctx.round_idx == 0:
-            super().sync(ctx)  # one common start, then nothing
-
 
 @register_method("local_moe")
-class LocalMoE(Method):
+class LocalMoE(_Alone):
     description = "Local-MoE: 2 LoRA experts + router trained jointly on the training loss, no communication"
     paper_row = "Table 4 group ii: Local-MoE"
-    accepts_comm_groups = False  # nothing is averaged after the common start
     router = "joint"
-
-    def adapter_spec(self, cfg, user_idx, spec):
-        return replace(spec, n_generalists=0)
 
     def is_shared(self, tag) -> bool:
         # the reference's 'all' pattern: adapters and routers start from one initialisation
         return share_all(tag)
-
-    def sync(self, ctx) -> None:
-        if ctx.round_idx == 0:
-            super().sync(ctx)  # one common start, then nothing
 
 
 @register_method("local_moe_tr")
