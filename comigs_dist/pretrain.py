@@ -139,18 +139,25 @@ def read_corpus(sources: list[str | Path], docs_mode: str = "auto") -> list[tupl
     return out
 
 
-def check_no_overlap(corpus: list[tuple[Path, str]], exclude: list[str | Path], threshold: float = 0.5) -> dict:
-    """Refuse a corpus that holds text of a prepared dataset: a document counts as shared when its
-    whole text or at least ``threshold`` of its passages (lines of 32+ characters) are in the
-    dataset's passage manifest. Returns what was checked, for pretrain.json."""
-    from comigs_dist.data.documents import overlap_fraction
+def _excluded_passages(exclude: list[str | Path]):
+    """(dataset, its passage manifest) for each ``--exclude`` dataset; an unreadable one is a
+    PretrainError naming it."""
     from comigs_dist.data.prepare import read_passages
-    checked = {}
     for d in exclude:
         try:
             known = read_passages(d)
         except ValueError as exc:
             raise PretrainError(f"--exclude {d}: {exc}") from None
+        yield d, known
+
+
+def check_no_overlap(corpus: list[tuple[Path, str]], exclude: list[str | Path], threshold: float = 0.5) -> dict:
+    """Refuse a corpus that holds text of a prepared dataset: a document counts as shared when its
+    whole text or at least ``threshold`` of its passages (lines of 32+ characters) are in the
+    dataset's passage manifest. Returns what was checked, for pretrain.json."""
+    from comigs_dist.data.documents import overlap_fraction
+    checked = {}
+    for d, known in _excluded_passages(exclude):
         shared: dict[Path, list[str]] = {}
         for path, text in corpus:
             if overlap_fraction(text, known) >= threshold:
@@ -171,13 +178,8 @@ def drop_overlap(corpus: list[tuple[Path, str]], exclude: list[str | Path],
     ``check_no_overlap``), and per dataset what was dropped, for pretrain.json: pretraining on the
     rest of a corpus whose other documents became user data (the CPU-scale SlimPajama-like split)."""
     from comigs_dist.data.documents import overlap_fraction
-    from comigs_dist.data.prepare import read_passages
     checked = {}
-    for d in exclude:
-        try:
-            known = read_passages(d)
-        except ValueError as exc:
-            raise PretrainError(f"--exclude {d}: {exc}") from None
+    for d, known in _excluded_passages(exclude):
         kept = [(path, text) for path, text in corpus if overlap_fraction(text, known) < threshold]
         checked[str(d)] = {"passages": int(len(known)), "documents_checked": len(corpus),
                            "dropped": len(corpus) - len(kept)}
