@@ -313,7 +313,7 @@ def _put_back(user: UserState, held: tuple[dict, dict]) -> None:
     user.method.load_state_dict(user, state)
 
 
-def sync(rank: RankRun, round_idx: int) -> list[UserState]:
+def sync(rank: RankRun, round_idx: int, everyone_downloads: bool = False) -> list[UserState]:
     """The shared parameters of the rank's users meet the other users' (the method's ``sync``):
     round 0 is the common start, later rounds download the aggregate of what the users uploaded.
     Returns the rank's users that take part in this round.
@@ -321,10 +321,11 @@ def sync(rank: RankRun, round_idx: int) -> list[UserState]:
     Under partial participation, the aggregate is the mean over the users that trained in the
     round before (the others sit it out), and only this round's participants download it: every
     other user leaves the sync exactly as it entered (it downloads the latest aggregate when it
-    next takes part). No NaN or inf reaches a collective: a user stops the run or sits the round
-    out (guard.nan)."""
+    next takes part). ``everyone_downloads``: every user downloads it (the aggregate after the
+    last round, which a method's closing stage hands to all). No NaN or inf reaches a
+    collective: a user stops the run or sits the round out (guard.nan)."""
     users, cfg, n = rank.users, rank.cfg, rank.topo.n_users
-    now = participants(cfg, n, round_idx)
+    now = frozenset(range(n)) if everyone_downloads else participants(cfg, n, round_idx)
     uploaded = participants(cfg, n, round_idx - 1) if round_idx > 0 else frozenset(range(n))
     for u in users:
         if round_idx > 0 and u.user_idx in uploaded:
@@ -542,7 +543,7 @@ def after_training(rank: RankRun, rounds: int, monitor: Monitor) -> None:
         monitor.after_training_step(user.user_idx, user.step + k, loss)
         return loss
     rank.method.after_training(AfterTrainingContext(
-        rounds=rounds, users=rank.users, aggregate=lambda: sync(rank, rounds),
+        rounds=rounds, users=rank.users, aggregate=lambda: sync(rank, rounds, everyone_downloads=True),
         optimizer=lambda params: build_optimizer(params, t.lr, t, rank.topo.device), step=step))
 
 

@@ -331,7 +331,7 @@ def test_feddpa_f_trains_the_global_adapter_then_fine_tunes_a_copy(tmp_path):
 
 def test_feddpa_variant_options_are_checked():
     """variant must be T or F; finetune_steps >= 0 and only with variant F; variant F refuses
-    partial participation and privacy; F needs no router schedule."""
+    privacy (not partial participation); F needs no router schedule."""
     from comigs_dist.config import ConfigError, load_config
     with pytest.raises(ConfigError, match=r"method_options.variant \('G'\) must be one of 'T', 'F'"):
         load_config(None, ["method=feddpa", "train.router_every=10", "method_options.variant=G"])
@@ -341,15 +341,46 @@ def test_feddpa_variant_options_are_checked():
     with pytest.raises(ConfigError, match=r"method_options.finetune_steps \(3\) applies to FedDPA-F only.*"
                                           r"set method_options.variant=F"):
         load_config(None, ["method=feddpa", "train.router_every=10", "method_options.finetune_steps=3"])
-    with pytest.raises(ConfigError, match=r"method 'feddpa' cannot run with partial participation "
-                                          r"\(train.participation=0.5.*variant=F every user's local adapter.*"
-                                          r"set train.participation=1"):
-        load_config(None, ["method=feddpa", "method_options.variant=F", "train.participation=0.5"])
     with pytest.raises(ConfigError, match=r"privacy.dp=user cannot run with method 'feddpa': under "
                                           r"method_options.variant=F .*set privacy.dp=off"):
         load_config(None, ["method=feddpa", "method_options.variant=F", "privacy.dp=user"])
     cfg = load_config(None, ["method=feddpa", "method_options.variant=F", "method_options.finetune_steps=0"])
     assert cfg.method_options["variant"] == "F" and cfg.train.router_every != cfg.train.local_steps
+    assert load_config(None, ["method=feddpa", "method_options.variant=F", "train.participation=0.5"])
+
+
+def _feddpa_f_participation_worker(rank, world_size, tmp_path):
+    import dataclasses
+    from comigs_dist import train
+    from comigs_dist.config.users import participants
+    from comigs_dist.model import Role
+    from comigs_dist.monitor import Monitor
+    from dist_harness import init_topology
+    topo0 = init_topology(n_users=4)
+    cfg = _feddpa_f_config(**{"train.rounds": 3, "train.users_per_round": 2, "method_options.finetune_steps": 0})
+    run = train.build_rank(cfg, dataclasses.replace(topo0, groups={}))
+    glob = [n for n, t in run.users[0].model.report.tags.items() if t.role == Role.GENERALIST]
+    for r in range(3):
+        train.run_round(run, r)
+    last = sorted(participants(cfg, 4, 2))
+    assert len(last) == 2
+    pre = _everyone(topo0, {v.user_idx: _state(v) for v in run.users})
+    train.after_training(run, cfg.train.rounds, Monitor.silent([v.user_idx for v in run.users]))
+    post = _everyone(topo0, {v.user_idx: _state(v) for v in run.users})
+    for n in glob:  # every user, drawn in the last round or not, holds the mean of its participants
+        want = (sum(pre[w][n].double() for w in last) / 2).float()
+        assert all(torch.equal(post[w][n], want) for w in range(4)), n
+        assert not all(torch.equal(pre[w][n], want) for w in range(4)), "the closing mean changed something"
+    for v in run.users:  # 0 fine-tune steps: each local adapter is a copy of that mean
+        mine = _state(v)
+        assert all(torch.equal(mine[n.replace(".first.", ".second.")], mine[n]) for n in glob)
+
+
+def test_feddpa_f_under_partial_participation_hands_the_last_participants_mean_to_everyone(tmp_path):
+    """4 users on 2 ranks, 2 of them per round, variant F: after the last round every user's global
+    adapter is bit for bit the mean over that round's two participants (the users not drawn
+    download it too), and the fine-tune starts every local adapter from it."""
+    run_on_ranks(_feddpa_f_participation_worker, 2, tmp_path, timeout_s=600)
 
 
 def _feddpa_f_resume_worker(rank, world_size, tmp_path, plans):

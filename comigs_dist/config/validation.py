@@ -141,15 +141,14 @@ def collect_errors(cfg: RunConfig) -> list[str]:
         e.append(f"method ({cfg.method!r}) is not a known method; choose one of: {', '.join(sorted(methods))}")
     else:
         cls = method_class(cfg.method)
-        options, option_errors = parse_options(cls.Options, cfg.method_options, f"method {cfg.method!r}")
+        _, option_errors = parse_options(cls.Options, cfg.method_options, f"method {cfg.method!r}")
         e.extend(option_errors)
         if not option_errors:
             e.extend(cls.config_errors(cfg))
-            refusal = cls.participation_refusal(options)
-            if (t.participation < 1 or t.users_per_round) and refusal:
+            if (t.participation < 1 or t.users_per_round) and cls.full_participation_only:
                 e.append(f"method {cfg.method!r} cannot run with partial participation (train.participation="
                          f"{t.participation}, train.users_per_round={t.users_per_round}): "
-                         f"{refusal}; set train.participation=1 and train.users_per_round=0")
+                         f"{cls.full_participation_only}; set train.participation=1 and train.users_per_round=0")
             elif not e:
                 e.extend(participation_errors(cfg, inferred_n_users(cfg)))
             if cfg.comm.groups:

@@ -92,11 +92,12 @@ class AfterTrainingContext:
     """What a method's ``after_training`` works with once the last round is done: the rounds done,
     the rank's users, and three services of the run loop, so that the method neither talks to
     torch.distributed nor re-implements a training step. ``aggregate()`` runs one more sync of the
-    shared parameters as a round's start would (every rank together; the users' last local steps
-    averaged); ``optimizer(params)`` is a fresh AdamW at ``train.lr`` with the run's betas and
-    weight decay; ``step(user, optimizer)`` takes one optimiser step of whatever the user's model
-    has set trainable, on a batch from the user's training sampler, and returns its loss (a
-    non-finite loss is handled as ``guard.nan`` says)."""
+    shared parameters as a round's start would (every rank together; the last round's
+    participants' local steps averaged), which every user downloads; ``optimizer(params)`` is a
+    fresh AdamW at ``train.lr`` with the run's betas and weight decay; ``step(user, optimizer)``
+    takes one optimiser step of whatever the user's model has set trainable, on a batch from the
+    user's training sampler, and returns its loss (a non-finite loss is handled as ``guard.nan``
+    says)."""
     rounds: int
     users: list
     aggregate: Callable[[], None]
@@ -208,12 +209,6 @@ class Method:
         """Method-specific configuration problems (empty when the config fits the method).
         ``cfg.method_options`` has been checked against ``Options`` already."""
         return []
-
-    @classmethod
-    def participation_refusal(cls, options) -> str:
-        """Why the method, under its parsed ``options``, refuses partial participation ("" = it
-        accepts it): ``full_participation_only`` unless an option changes the answer."""
-        return cls.full_participation_only
 
     @classmethod
     def privacy_refusal(cls, options) -> str:

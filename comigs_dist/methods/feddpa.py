@@ -42,7 +42,10 @@ adapter becomes a copy of that average and is fine-tuned for ``finetune_steps`` 
 ``train.local_steps``) under (1 - alpha) global + alpha local, the global adapter frozen, on
 the user's training sampler with a fresh AdamW at ``train.lr``; test time as FedDPA-T. Before the
 fine-tune, evaluations use the global adapter alone. Round checkpoints precede the fine-tune, so a
-resume runs it once; partial participation and privacy are refused.
+resume runs it once. Under partial participation the closing average is over the last round's
+participants and every user, drawn in that round or not, downloads it before its fine-tune (the
+server hands the final global model to all); privacy is refused (that extra average is a release
+the accountant does not plan).
 """
 from __future__ import annotations
 
@@ -176,13 +179,6 @@ class FedDPA(Method):
         return []
 
     @classmethod
-    def participation_refusal(cls, options) -> str:
-        if options.variant == "F":
-            return ("under method_options.variant=F every user's local adapter starts from one final aggregate "
-                    "that every user downloads (variant T accepts partial participation)")
-        return super().participation_refusal(options)
-
-    @classmethod
     def privacy_refusal(cls, options) -> str:
         if options.variant == "F":
             return ("under method_options.variant=F its aggregation after the last round is a release the privacy "
@@ -225,7 +221,8 @@ class FedDPA(Method):
 
     # -- FedDPA-F: after the last round ------------------------------------------------------------
     def after_training(self, ctx: AfterTrainingContext) -> None:
-        """FedDPA-F: average the global adapters once more (the last round's local steps), copy
+        """FedDPA-F: average the global adapters once more (the last round's participants' local
+        steps; every user downloads the average), copy
         each user's averaged global adapter into its local one, and fine-tune the local adapter on
         the user's training batches under (1 - alpha) global + alpha local, the global one frozen,
         with a fresh optimiser. The copy makes the first step's model the global model itself
