@@ -588,6 +588,63 @@ def format_markdown(spec: Spec, results: list[Result], numbers: dict, seeds: lis
     return "\n".join(lines) + "\n"
 
 
+@dataclass
+class Ordering:
+    """One of the paper's orderings within a column: ``better`` has the lower number in the paper
+    than ``worse``; ``verdict`` says how our means order them: "holds", "flips", or "within
+    spread" (our difference is no larger than the spread of one run's difference over seeds,
+    sqrt(std_better^2 + std_worse^2), so the seeds cannot order them)."""
+    col: str
+    better: str
+    worse: str
+    paper: tuple[float, float]
+    ours: tuple[float, float]
+    verdict: str
+
+
+def orderings(spec: Spec, results: list[Result]) -> list[Ordering]:
+    """Every pair of rows of a column that the paper orders (its numbers differ), checked against
+    our means; cells without a paper number or without a finished run are left out."""
+    by = {(r.cell.row, r.cell.col): r for r in results}
+    out = []
+    for col in spec.cols:
+        rows = [row for row in spec.rows if (row, col) in by and by[(row, col)].paper and by[(row, col)].values
+                and not math.isnan(by[(row, col)].mean)]
+        for i, a in enumerate(rows):
+            for b in rows[i + 1:]:
+                ra, rb = by[(a, col)], by[(b, col)]
+                if ra.paper[0] == rb.paper[0]:
+                    continue  # the paper ties them
+                good, bad = (ra, rb) if ra.paper[0] < rb.paper[0] else (rb, ra)
+                spread = math.hypot(*(0.0 if math.isnan(r.std) else r.std for r in (good, bad)))
+                gap = bad.mean - good.mean
+                verdict = "within spread" if abs(gap) <= spread else ("holds" if gap > 0 else "flips")
+                out.append(Ordering(col, good.cell.row, bad.cell.row, (good.paper[0], bad.paper[0]),
+                                    (good.mean, bad.mean), verdict))
+    return out
+
+
+def format_orderings(spec: Spec, results: list[Result]) -> str:
+    """Per column: how many of the paper's orderings hold, flip or fall within the seeds' spread,
+    and each that does not hold. Empty for a table without the paper's numbers."""
+    found = orderings(spec, results)
+    if not found:
+        return ""
+    lines = ["The paper's orderings (lower is better) against ours: holds / flips / within the seeds' spread"]
+    for col in spec.cols:
+        mine = [o for o in found if o.col == col]
+        if not mine:
+            continue
+        count = {v: sum(o.verdict == v for o in mine) for v in ("holds", "flips", "within spread")}
+        lines.append(f"- {spec.col_names.get(col, col)}: {count['holds']} of {len(mine)} hold, {count['flips']} "
+                     f"flip, {count['within spread']} within spread")
+        for o in mine:
+            if o.verdict != "holds":
+                lines.append(f"  - {o.verdict}: {o.better} < {o.worse} in the paper ({o.paper[0]:.2f} < "
+                             f"{o.paper[1]:.2f}); ours {o.ours[0]:.2f} vs {o.ours[1]:.2f}")
+    return "\n".join(lines)
+
+
 def write_csv(path: Path, spec: Spec, results: list[Result]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -739,12 +796,17 @@ def main(argv: list[str] | None = None) -> int:
     results = collect_results(spec, runs, numbers)
     echo("")
     echo(format_text(spec, results, numbers, seeds, ns.scale))
+    order_text = format_orderings(spec, results)
+    if order_text:
+        echo("")
+        echo(order_text)
     suffix = f"_{'_'.join(sorted({c.dataset for c in spec.cells}))}" if spec.key in ("1", "2", "4", "5", "6") else ""
     name = f"table{spec.key}{suffix}" if spec.key in ("1", "2", "4", "5", "6") else spec.key
     out = Path(ns.out) if ns.out else root / ns.scale / name
     out.parent.mkdir(parents=True, exist_ok=True)
     md, csv_path = out.with_name(out.name + ".md"), out.with_name(out.name + ".csv")
-    md.write_text(format_markdown(spec, results, numbers, seeds, ns.scale))
+    md.write_text(format_markdown(spec, results, numbers, seeds, ns.scale)
+                  + (f"\n{order_text}\n" if order_text else ""))
     write_csv(csv_path, spec, results)
     echo(f"wrote {csv_path} and {md}")
     if spec.plot:

@@ -157,6 +157,35 @@ def test_finished_runs_are_read_not_rerun_and_the_table_shows_paper_ours_diff(tm
     assert "| Local | 41.46 (0.06) | 41.00 (1.41) | -0.46 |" in md
 
 
+def test_the_papers_orderings_are_checked_against_ours(tmp_path, capsys):
+    """Table 1, AG News, paper FedAvg 31.84 < CoMiGS-1G1S 33.53 < Local 41.46. Ours (two seeds):
+    FedAvg 36, 36; CoMiGS 33, 34; Local 35.5, 37.5. CoMiGS < Local holds (gap 3 > spread
+    sqrt(0.71^2 + 1.41^2) = 1.58); FedAvg < CoMiGS flips (gap -2.5, spread 0.71); FedAvg < Local
+    is within spread (gap 0.5 <= 1.41). Printed and in the Markdown file."""
+    root = tmp_path / "r"
+    rows = ["FedAvg", "CoMiGS-1G1S", "Local"]
+    runs = reproduce.plan_runs(reproduce.select(reproduce.build_spec("1"), ["agnews"], rows), [42, 45], "debug", root)
+    values = {("FedAvg", 42): 36.0, ("FedAvg", 45): 36.0, ("CoMiGS-1G1S", 42): 33.0, ("CoMiGS-1G1S", 45): 34.0,
+              ("Local", 42): 35.5, ("Local", 45): 37.5}
+    for r in runs:
+        _fake_results(r.out_dir, values[(r.cells[0].row, r.seed)])
+    rc = reproduce.main(["--table", "1", "--dataset", "agnews", "--rows", ",".join(rows), "--scale", "debug",
+                         "--seeds", "42,45", "--root", str(root), "--executor", "local"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    found = {(o.better, o.worse): o.verdict for o in reproduce.orderings(
+        reproduce.select(reproduce.build_spec("1"), ["agnews"], rows),
+        reproduce.collect_results(reproduce.select(reproduce.build_spec("1"), ["agnews"], rows), runs, NUMBERS))}
+    assert found == {("CoMiGS-1G1S", "Local"): "holds", ("FedAvg", "CoMiGS-1G1S"): "flips",
+                     ("FedAvg", "Local"): "within spread"}
+    expected = ["- AG News: 1 of 3 hold, 1 flip, 1 within spread",
+                "  - flips: FedAvg < CoMiGS-1G1S in the paper (31.84 < 33.53); ours 36.00 vs 33.50",
+                "  - within spread: FedAvg < Local in the paper (31.84 < 41.46); ours 36.00 vs 36.50"]
+    for line in expected:
+        assert line in out.splitlines(), line
+        assert line in (root / "debug" / "table1_agnews.md").read_text().splitlines()
+
+
 @pytest.mark.slow
 def test_reproduce_end_to_end_on_the_debug_scale(tmp_path):
     """Two rows, two seeds, the local executor: four real runs, the printed table holds both rows
