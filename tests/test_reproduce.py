@@ -164,7 +164,8 @@ def test_the_papers_orderings_are_checked_against_ours(tmp_path, capsys):
     is within spread (gap 0.5 <= 1.41). Printed and in the Markdown file."""
     root = tmp_path / "r"
     rows = ["FedAvg", "CoMiGS-1G1S", "Local"]
-    runs = reproduce.plan_runs(reproduce.select(reproduce.build_spec("1"), ["agnews"], rows), [42, 45], "debug", root)
+    spec = reproduce.select(reproduce.build_spec("1"), ["agnews"], rows)
+    runs = reproduce.plan_runs(spec, [42, 45], "debug", root)
     values = {("FedAvg", 42): 36.0, ("FedAvg", 45): 36.0, ("CoMiGS-1G1S", 42): 33.0, ("CoMiGS-1G1S", 45): 34.0,
               ("Local", 42): 35.5, ("Local", 45): 37.5}
     for r in runs:
@@ -173,9 +174,8 @@ def test_the_papers_orderings_are_checked_against_ours(tmp_path, capsys):
                          "--seeds", "42,45", "--root", str(root), "--executor", "local"])
     out = capsys.readouterr().out
     assert rc == 0
-    found = {(o.better, o.worse): o.verdict for o in reproduce.orderings(
-        reproduce.select(reproduce.build_spec("1"), ["agnews"], rows),
-        reproduce.collect_results(reproduce.select(reproduce.build_spec("1"), ["agnews"], rows), runs, NUMBERS))}
+    found = {(o.better, o.worse): o.verdict
+             for o in reproduce.orderings(spec, reproduce.collect_results(spec, runs, NUMBERS))}
     assert found == {("CoMiGS-1G1S", "Local"): "holds", ("FedAvg", "CoMiGS-1G1S"): "flips",
                      ("FedAvg", "Local"): "within spread"}
     expected = ["- AG News: 1 of 3 hold, 1 flip, 1 within spread",

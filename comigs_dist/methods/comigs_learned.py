@@ -155,7 +155,7 @@ class CoMiGSLearned(CoMiGS1G1S):
             return
         self._build_groups(ctx.comm, groups)
         if switch:
-            self._seed_latest(ctx, groups, ctx.comm.latest_aggregates([DEFAULT_GROUP]).get(DEFAULT_GROUP))
+            self._seed_latest(ctx, groups)
         label = {v: i for i, members in enumerate(groups) for v in members}
         everyone = DEFAULT_GROUP
         if self.options.attention == "global":
@@ -166,12 +166,13 @@ class CoMiGSLearned(CoMiGS1G1S):
                                     else [p.data for _, p in u.shared[everyone]]) for u in mine}
             ctx.comm.mean(group_name(i), tensors, skip=ctx.skip)
 
-    def _seed_latest(self, ctx, groups: list[list[int]], latest: torch.Tensor | None) -> None:
+    def _seed_latest(self, ctx, groups: list[list[int]]) -> None:
         """The latest aggregates of the groups after the switch, cut from the last global one
-        (``latest``, None when no contributor counts travel: full participation keeps none):
+        (none when no contributor counts travel: full participation keeps none):
         each cluster's is its payload's part (the generalists, or with attention='cluster' every
         shared tensor), and the global group's the attention LoRA's. Handed out only where no
         member of a group uploaded in this round (partial participation); any upload replaces it."""
+        latest = ctx.comm.latest_aggregates([DEFAULT_GROUP]).get(DEFAULT_GROUP)
         if latest is None:
             return
         st = ctx.users[0].method_state
