@@ -4,17 +4,53 @@ Owns the finiteness checks (a step's loss; the gradients of a step before a meth
 over users, Centralized's data parallelism; every shared tensor before a round's aggregation, one
 ``isfinite`` over each group's flattened buffer, the parameter named only on failure; the same for
 what a method aggregates itself, ``Method.own_aggregated``) and the
-policy ``guard.nan``: ``stop`` raises a FloatingPointError naming the user, the round and the
-parameter; ``skip`` lets the user sit the round out (it contributes nothing to the average and
+policy ``guard.nan``: ``stop`` raises ``Stopped`` (a FloatingPointError) naming the user, the round
+and the parameter, which ``main`` records in the run's ``stopped.json`` (``write_stopped``) so that a
+stopped run is an outcome a launcher can read, not only a log line; ``skip`` lets the user sit the round out (it contributes nothing to the average and
 takes the others') or drop the optimiser step, counting each skip. Knows nothing of how the
 average is computed: it only says whether this user contributes.
 """
 from __future__ import annotations
 
+import json
 import sys
+import time
+from pathlib import Path
 from typing import Iterable
 
 import torch
+
+STOPPED = "stopped.json"
+
+
+class Stopped(FloatingPointError):
+    """guard.nan=stop ended the run: ``user``'s loss, gradient or shared tensor was not finite in
+    round ``round`` (1-based). The message says which and what to change."""
+
+    def __init__(self, message: str, user: int, round: int):
+        super().__init__(message)
+        self.user = user
+        self.round = round
+
+
+def write_stopped(out_dir: Path, exc: Stopped) -> Path:
+    """Record, atomically, that the run in ``out_dir`` was stopped by the guard: reason, user, round
+    and message. Written by the rank that raised (two users stopping in the same round write the
+    same kind of record; the last rename wins). ``main`` removes it once a later attempt finishes."""
+    from comigs_dist.checkpoint import write_atomic
+    record = {"reason": "non-finite", "user": exc.user, "round": exc.round, "message": str(exc),
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    path = Path(out_dir) / STOPPED
+    write_atomic(path, lambda f: json.dump(record, f, indent=2), text=True)
+    return path
+
+
+def read_stopped(out_dir: Path) -> dict | None:
+    """The record ``write_stopped`` left in ``out_dir``, or None (absent or unreadable)."""
+    try:
+        return json.loads((Path(out_dir) / STOPPED).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def first_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[str, str] | None:
@@ -50,7 +86,7 @@ def _warn(text: str) -> None:
 def check_shared(run, round_idx: int) -> bool:
     """Before the aggregation that opens round ``round_idx`` (0-based): every shared tensor must
     be finite. Returns whether this user contributes to the round (False only under
-    guard.nan=skip); raises FloatingPointError under guard.nan=stop."""
+    guard.nan=skip); raises Stopped under guard.nan=stop."""
     bad = nonfinite_shared(run.shared)
     own = first_nonfinite(run.method.own_aggregated(run))
     if own is not None:
@@ -61,9 +97,9 @@ def check_shared(run, round_idx: int) -> bool:
     what = "; ".join(f"shared parameter {name} (group {group!r}) holds {kind}" for group, name, kind in bad)
     where = f"user {user}, round {round_idx + 1}: {what} before the round's aggregation"
     if run.cfg.guard.nan == "stop":
-        raise FloatingPointError(f"{where}; averaging it would poison every user, so the run stops (guard.nan=stop). "
-                                 f"Lower train.lr, set train.grad_clip or check the data; guard.nan=skip drops this "
-                                 f"user's contribution for the round instead")
+        raise Stopped(f"{where}; averaging it would poison every user, so the run stops (guard.nan=stop). "
+                      f"Lower train.lr, set train.grad_clip or check the data; guard.nan=skip drops this user's "
+                      f"contribution for the round instead", user, round_idx + 1)
     run.guard_skipped_rounds += 1
     _warn(f"{where}; guard.nan=skip: user {user} contributes nothing this round and takes the others' average "
           f"({run.guard_skipped_rounds} round(s) skipped so far)")
@@ -77,8 +113,9 @@ def check_loss(run, loss: float, expert_phase: bool) -> bool:
     where = (f"user {run.user_idx}: the {phase} loss is {loss} at local iteration {run.step} "
              f"(round {run.step // t.local_steps + 1})")
     if run.cfg.guard.nan == "stop":
-        raise FloatingPointError(f"{where}; the run stops before it reaches any collective (guard.nan=stop). Lower "
-                                 f"train.lr, set train.grad_clip or check the data; guard.nan=skip drops such steps")
+        raise Stopped(f"{where}; the run stops before it reaches any collective (guard.nan=stop). Lower train.lr, "
+                      f"set train.grad_clip or check the data; guard.nan=skip drops such steps",
+                      run.user_idx, run.step // t.local_steps + 1)
     run.guard_skipped_steps += 1
     _warn(f"{where}; guard.nan=skip: {_skipped(run, expert_phase)} ({run.guard_skipped_steps} step(s) skipped so far)")
     return True
@@ -96,7 +133,7 @@ def check_gradients(run, params: list) -> bool:
     """Before gradients reach a collective (``Method.reduce_gradients``): every gradient must be
     finite, also when the loss was (an overflow in the backward). Returns True when this user
     sits the average out (guard.nan=skip: it contributes nothing and steps with the others' mean);
-    raises FloatingPointError under guard.nan=stop, before the collective."""
+    raises Stopped under guard.nan=stop, before the collective."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads or bool(torch.isfinite(torch.cat([g.detach().reshape(-1) for g in grads])).all()):
         return False
@@ -106,9 +143,9 @@ def check_gradients(run, params: list) -> bool:
     where = (f"user {run.user_idx}: the gradient of {name} holds {kind} at local iteration {run.step} "
              f"(round {run.step // t.local_steps + 1}) before it is averaged with the other users' gradients")
     if run.cfg.guard.nan == "stop":
-        raise FloatingPointError(f"{where}; averaging it would poison every user's model, so the run stops "
-                                 f"(guard.nan=stop). Lower train.lr, set train.grad_clip or check the data; "
-                                 f"guard.nan=skip drops such steps")
+        raise Stopped(f"{where}; averaging it would poison every user's model, so the run stops "
+                      f"(guard.nan=stop). Lower train.lr, set train.grad_clip or check the data; "
+                      f"guard.nan=skip drops such steps", run.user_idx, run.step // t.local_steps + 1)
     run.guard_skipped_steps += 1
     _warn(f"{where}; guard.nan=skip: {_skipped(run, True)} ({run.guard_skipped_steps} step(s) skipped so far)")
     return True

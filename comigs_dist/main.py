@@ -139,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     from comigs_dist.metrics import build_progress
     lines = build_progress(topo.rank == 0 and cfg.log.progress)  # prints above rank 0's bars, nothing elsewhere
     say = lambda msg: lines.write(f"[comigs] {msg}")
+    from comigs_dist import guard
     from comigs_dist.checkpoint import CheckpointError
-    lock = None
+    lock = out_dir = None
     try:
         # rank 0 picks out_dir, locks it and checks that this run may write there; every rank learns
         # the verdict at once, so a refusal stops every rank with one message before anything is
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             dataset = cfg.data.path if cfg.data.path != "embedded" else f"embedded-{cfg.data.scenario}"
             results = build_results(cfg.to_dict(), rows, dataset, time.perf_counter() - start)
             write_json_atomic(out_dir / "results.json", results)
+            (out_dir / guard.STOPPED).unlink(missing_ok=True)  # an earlier attempt's stop is history now
             print(format_table(results))
             print(f"results: {out_dir / 'results.json'}")
             print(f"tensorboard --logdir {out_dir / 'tb'}")
@@ -189,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, dist.PeerFailure):
             return 1  # a consequence of another user's failure; the message says which
         dist.report_failure(f"{type(exc).__name__}: {exc}")  # so the other users can name the cause
+        if isinstance(exc, guard.Stopped) and out_dir is not None:
+            try:  # an outcome a launcher reads (launch.reproduce: "diverged"), not only a log line
+                print(f"[comigs] recorded in {guard.write_stopped(out_dir, exc)}", file=sys.stderr, flush=True)
+            except OSError as err:
+                print(f"[comigs] could not record the stop in {out_dir / guard.STOPPED}: {err}", file=sys.stderr)
         if isinstance(exc, FloatingPointError):
             return 1  # the message names the user, round and parameter: a traceback adds nothing
         raise

@@ -36,6 +36,7 @@ from pathlib import Path
 import yaml
 
 from comigs_dist.config import PER_USER_KEYS, ConfigError, get_dotted, load_config
+from comigs_dist.guard import STOPPED  # what a run the guard stopped leaves in its out_dir
 from launch.collect import mean_std
 
 ROOT = Path(__file__).resolve().parents[1]          # the checkout: configs/ live here
@@ -328,7 +329,7 @@ class Run:
     seed: int
     out_dir: Path
     argv: list[str]
-    status: str = "to run"           # "done" | "running" | "to run" | "invalid: ..."
+    status: str = "to run"           # "done" | "diverged" | "running" | "to run" | "invalid: ..."
     job: dict | None = None          # the planned job (launch.submit.plan_jobs)
 
     @property
@@ -348,7 +349,9 @@ def plan_runs(spec: Spec, seeds: list[int], scale: str, root: Path, quirks: bool
               gpus_per_node: int = 0) -> list[Run]:
     """One Run per configuration and seed (cells made by one configuration, such as the users of a
     figure's line, share it), each with its fixed out_dir and its state; a configuration that is
-    invalid (e.g. a dataset not prepared yet) is marked, not raised."""
+    invalid (e.g. a dataset not prepared yet) is marked, not raised. A run that the guard stopped
+    (guard.nan=stop left ``stopped.json`` and no results.json) is "diverged": an outcome, never
+    resubmitted, since the same seed would stop the same way."""
     from launch.submit import plan_jobs
     by_folder: dict[Path, list[Cell]] = {}
     extras: dict[Path, list[str]] = {}
@@ -377,6 +380,8 @@ def plan_runs(spec: Spec, seeds: list[int], scale: str, root: Path, quirks: bool
     for run in runs:
         if (run.out_dir / "results.json").is_file():
             run.status = "done"
+        elif (run.out_dir / STOPPED).is_file():
+            run.status = "diverged"
         elif run.status == "to run" and str(run.out_dir) in running:
             run.status = f"running (job {running[str(run.out_dir)]})"
     return runs
@@ -464,6 +469,7 @@ class Result:
     seeds: list[int]
     dirs: list[str]
     pending: int
+    diverged: int = 0                # runs the guard stopped (a non-finite value): outcomes, not values
 
     @property
     def mean(self) -> float:
@@ -500,8 +506,10 @@ def collect_results(spec: Spec, runs: list[Run], numbers: dict) -> list[Result]:
             values.append(float(value))
             seeds.append(r.seed)
             dirs.append(str(r.out_dir))
-        pending = sum(1 for r in mine if not (r.out_dir / "results.json").is_file())
-        out.append(Result(cell, paper.get((cell.row, cell.col)), values, seeds, dirs, pending))
+        unfinished = [r for r in mine if not (r.out_dir / "results.json").is_file()]
+        diverged = sum(1 for r in unfinished if (r.out_dir / STOPPED).is_file())
+        out.append(Result(cell, paper.get((cell.row, cell.col)), values, seeds, dirs, len(unfinished) - diverged,
+                          diverged))
     return out
 
 
@@ -513,8 +521,11 @@ def _num(mean: float, std: float | None, digits: int = 2) -> str:
 
 def cell_texts(r: Result, n_seeds: int) -> tuple[str, str, str]:
     paper = _num(*r.paper) if r.paper else "-"
+    stopped = f"; {r.diverged} diverged" if r.diverged else ""
     if r.values:
-        ours = _num(r.mean, r.std) + (f" [{len(r.values)}/{n_seeds}]" if len(r.values) < n_seeds else "")
+        ours = _num(r.mean, r.std) + (f" [{len(r.values)}/{n_seeds}{stopped}]" if len(r.values) < n_seeds else "")
+    elif r.diverged:
+        ours = f"diverged [{r.diverged}/{n_seeds}]"
     else:
         ours = "pending" if r.pending else "-"
     diff = f"{r.diff:+.2f}" if not math.isnan(r.diff) else "-"
@@ -604,12 +615,13 @@ class Ordering:
 
 def orderings(spec: Spec, results: list[Result]) -> list[Ordering]:
     """Every pair of rows of a column that the paper orders (its numbers differ), checked against
-    our means; cells without a paper number or without a finished run are left out."""
+    our means; cells without a paper number or without a finished run are left out, and so are cells
+    with a diverged seed (the mean of the seeds that survived is biased towards the easy ones)."""
     by = {(r.cell.row, r.cell.col): r for r in results}
     out = []
     for col in spec.cols:
         rows = [row for row in spec.rows if (row, col) in by and by[(row, col)].paper and by[(row, col)].values
-                and not math.isnan(by[(row, col)].mean)]
+                and not math.isnan(by[(row, col)].mean) and not by[(row, col)].diverged]
         for i, a in enumerate(rows):
             for b in rows[i + 1:]:
                 ra, rb = by[(a, col)], by[(b, col)]
@@ -649,14 +661,14 @@ def write_csv(path: Path, spec: Spec, results: list[Result]) -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["table", "row", "col", "paper_mean", "paper_std", "ours_mean", "ours_std", "n_seeds", "seeds",
-                    "diff", "relative_diff", "runs"])
+                    "diff", "relative_diff", "n_diverged", "runs"])
         for r in results:
             pm, ps = r.paper if r.paper else ("", "")
             rel = r.diff / r.paper[0] if r.paper and not math.isnan(r.diff) else ""
             nan = lambda x: "" if x is None or (isinstance(x, float) and math.isnan(x)) else repr(x)
             w.writerow([spec.key, r.cell.row, r.cell.col, nan(pm) if pm != "" else "", nan(ps) if ps != "" else "",
                         nan(r.mean), nan(r.std), len(r.values), " ".join(map(str, r.seeds)),
-                        nan(r.diff), nan(rel) if rel != "" else "", " ".join(r.dirs)])
+                        nan(r.diff), nan(rel) if rel != "" else "", r.diverged, " ".join(r.dirs)])
 
 
 def plot(spec: Spec, results: list[Result], path: Path) -> Path | None:
@@ -760,9 +772,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     counts = {s: sum(1 for r in runs if r.status.split(" ")[0].rstrip(":") == s)
-              for s in ("done", "running", "to", "invalid")}
-    echo(f"table {spec.key}, scale {ns.scale}: {len(runs)} run(s): {counts['done']} done, {counts['running']} running, "
-         f"{counts['to']} to run" + (f", {counts['invalid']} invalid" if counts["invalid"] else ""))
+              for s in ("done", "diverged", "running", "to", "invalid")}
+    echo(f"table {spec.key}, scale {ns.scale}: {len(runs)} run(s): {counts['done']} done, "
+         + (f"{counts['diverged']} diverged, " if counts["diverged"] else "")
+         + f"{counts['running']} running, {counts['to']} to run"
+         + (f", {counts['invalid']} invalid" if counts["invalid"] else ""))
     invalid = [r for r in runs if r.status.startswith("invalid")]
     if ns.dry_run:
         for r in runs:
@@ -792,7 +806,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: submitting to {kind} failed: {type(exc).__name__}: {exc}; check the cluster, or run with "
               f"--executor local", file=sys.stderr)
         return 2
-    failed = [d for d, o in outcomes.items() if o != "COMPLETED"]
+    # a run the guard stopped is an outcome (its cell says "diverged"), not a failure to retry
+    failed = [d for d, o in outcomes.items() if o != "COMPLETED" and not (Path(d) / STOPPED).is_file()]
     results = collect_results(spec, runs, numbers)
     echo("")
     echo(format_text(spec, results, numbers, seeds, ns.scale))
@@ -817,6 +832,11 @@ def main(argv: list[str] | None = None) -> int:
     if pending and not failed:
         echo(f"{pending} run(s) not finished yet: call the same command again later to fill the table "
              f"(finished runs are never repeated)")
+    diverged = [r for r in runs if (r.out_dir / STOPPED).is_file() and not (r.out_dir / "results.json").is_file()]
+    if diverged:
+        echo(f"{len(diverged)} run(s) diverged: guard.nan=stop found a non-finite value and ended them (each "
+             f"one's stopped.json names the user and round, e.g. {diverged[0].out_dir / STOPPED}); they count as "
+             f"outcomes and are not retried: remove a run's directory to run it again")
     if failed:
         echo(f"{len(failed)} run(s) failed; their logs are named above; the same command retries them")
         return 1

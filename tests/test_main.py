@@ -126,3 +126,26 @@ def test_default_out_dirs_are_unique_within_one_second_and_differ_by_what_change
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     assert (default_out_dir(load_config(None, ["seed=1", "resume=auto"]))
             == (Path("runs/slurm-77_comigs_1g1s_s1"), False))
+
+
+def test_a_run_the_guard_stops_records_why_and_a_finished_retry_clears_it(tmp_path, capsys, monkeypatch):
+    """guard.nan=stop with a NaN injected into user 0's generalist before round 2: exit code 1, no
+    results.json, and stopped.json naming the user, the round and the non-finite value (what
+    launch.reproduce reads as "diverged"). A retry from the round-1 checkpoint without the fault says
+    that an earlier attempt stopped, finishes, and removes the stale stopped.json."""
+    from comigs_dist.main import main
+    out = tmp_path / "run"
+    args = [*SMALL, "train.rounds=2", "checkpoint.every=1", "guard.nan=stop", f"out_dir={out}"]
+    monkeypatch.setenv("COMIGS_FAULT", "nan,user=0,round=2")
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    stop = json.loads((out / "stopped.json").read_text())
+    assert (stop["reason"], stop["user"], stop["round"]) == ("non-finite", 0, 2), stop
+    assert "user 0, round 2: shared parameter" in stop["message"] and "holds nan" in stop["message"], stop
+    assert f"recorded in {out / 'stopped.json'}" in err, err
+    assert not (out / "results.json").exists()
+    monkeypatch.delenv("COMIGS_FAULT")
+    assert main([*args, "resume=true", "log.progress=true"]) == 0  # notes print with the progress lines
+    said = "".join(capsys.readouterr())
+    assert "an earlier attempt in" in said and "was stopped by the guard (user 0, round 2" in said, said
+    assert (out / "results.json").is_file() and not (out / "stopped.json").exists()

@@ -1,5 +1,6 @@
 """launch.reproduce: every table's cells, the paper's numbers as the texts print them, the scales,
 the printed comparison, and one table end to end on the debug scale with the local executor."""
+import csv
 import json
 import re
 import subprocess
@@ -184,6 +185,38 @@ def test_the_papers_orderings_are_checked_against_ours(tmp_path, capsys):
     for line in expected:
         assert line in out.splitlines(), line
         assert line in (root / "debug" / "table1_agnews.md").read_text().splitlines()
+
+
+def test_a_run_the_guard_stopped_is_diverged_shown_in_its_cell_and_never_resubmitted(tmp_path, capsys):
+    """Privacy table, CoMiGS-1G1S, seeds 42, 45, 47: at eps=4 seed 42 finished (ppl 100) and seeds
+    45, 47 left stopped.json (guard.write_stopped, as main writes it); at eps=1 all three stopped.
+    Every other run finished. Nothing is submitted, the exit code is 0 (an outcome, not a failure),
+    the cells read "100.00 [1/3; 2 diverged]" and "diverged [3/3]", and the CSV counts them."""
+    from comigs_dist import guard
+    root = tmp_path / "r"
+    spec = reproduce.select(reproduce.build_spec("privacy"), None, ["CoMiGS-1G1S"])
+    runs = reproduce.plan_runs(spec, [42, 45, 47], "debug", root)
+    stopped = {("eps=4", 45), ("eps=4", 47), ("eps=1", 42), ("eps=1", 45), ("eps=1", 47)}
+    for r in runs:
+        if (r.cells[0].col, r.seed) in stopped:
+            r.out_dir.mkdir(parents=True)
+            guard.write_stopped(r.out_dir, guard.Stopped("user 1: the expert loss is nan", 1, 19))
+        else:
+            _fake_results(r.out_dir, 100.0)
+    replanned = reproduce.plan_runs(spec, [42, 45, 47], "debug", root)
+    assert sorted((r.cells[0].col, r.seed) for r in replanned if r.status == "diverged") == sorted(stopped)
+    rc = reproduce.main(["--table", "privacy", "--rows", "CoMiGS-1G1S", "--scale", "debug", "--seeds", "42,45,47",
+                         "--root", str(root), "--executor", "local"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "15 run(s): 10 done, 5 diverged, 0 running, 0 to run" in out and "submitted" not in out
+    assert not (root / "debug" / "launches").exists()
+    line = next(l for l in out.splitlines() if l.startswith("CoMiGS-1G1S "))
+    assert re.split(r"\s{2,}", line.strip())[1:] == ["100.00 (0.00)", "100.00 (0.00)", "100.00 (0.00)",
+                                                     "100.00 [1/3; 2 diverged]", "diverged [3/3]"], line
+    assert "5 run(s) diverged" in out and "not retried" in out
+    rows = list(csv.DictReader((root / "debug" / "privacy.csv").open()))
+    assert [(r["col"], r["n_seeds"], r["n_diverged"]) for r in rows][-2:] == [("eps=4", "1", "2"), ("eps=1", "0", "3")]
 
 
 @pytest.mark.slow
