@@ -260,6 +260,9 @@ def paper_numbers(path: Path = PAPER_NUMBERS) -> dict:
 
 CPU_MODEL = "models/small-gpt2"
 CPU_LOCAL_STEPS = 5
+# a run's round checkpoints, unless its YAML sets its own: what lets an interrupted run resume
+# (the newest only: older ones go once every user has written a newer one)
+RESUMABLE = ("checkpoint.every=5", "checkpoint.keep=1")
 CPU_PREPARE = [  # what --scale cpu needs, in order (each skipped when its output exists)
     ("data/cpu/agnews", "python -m comigs_dist.data prepare --dataset agnews --source ../shared/data/ag_news "
                         "--out data/cpu/agnews"),
@@ -366,8 +369,9 @@ def plan_runs(spec: Spec, seeds: list[int], scale: str, root: Path, quirks: bool
     for folder, cells in by_folder.items():
         cell = cells[0]
         try:
+            own = _read(cell, []).checkpoint.every
             job_argv = ["--config", str(ROOT / cell.config), *cell.overrides, *extras[folder],
-                        *scale_overrides(cell, scale)]
+                        *scale_overrides(cell, scale), *(() if own else RESUMABLE)]
             jobs, _ = plan_jobs(job_argv, [f"seed={','.join(map(str, seeds))}"], folder, 1, None, gpus_per_node,
                                 cpus_per_task, None)
             for seed, job in zip(seeds, jobs):

@@ -90,6 +90,20 @@ def test_a_figures_users_share_one_run(tmp_path):
     assert all(len(r.cells) == 4 and {c.user for c in r.cells} == {0, 1, 2, 3} for r in runs)
 
 
+def test_every_run_checkpoints_so_that_an_interrupted_one_resumes(tmp_path):
+    """A table's runs are submitted with resume=auto; with checkpoint.every=0 (every YAML's default)
+    a killed run would start over from round 1. Each run's command therefore writes a round
+    checkpoint every 5 rounds (keeping the newest) unless its YAML sets its own."""
+    spec = reproduce.select(reproduce.build_spec("1"), ["agnews"], ["Centralized", "CoMiGS-1G1S"])
+    runs = reproduce.plan_runs(spec, [42], "debug", tmp_path)
+    assert len(runs) == 2
+    for run in runs:
+        assert run.status == "to run" and "--config" in run.argv, run.status
+        i = run.argv.index("--config")
+        cfg = load_config(run.argv[i + 1], run.argv[i + 2:])
+        assert (cfg.checkpoint.every, cfg.checkpoint.keep, cfg.resume) == (5, 1, "auto"), run.argv
+
+
 def test_scales_rewrite_every_run():
     """cpu: the small base on data/cpu/<dataset>, batch 8, 5 local steps with tau and s halved (the
     row's own tau/s too); debug: a tiny model, 2 users, per-user lists cut to their first two."""
