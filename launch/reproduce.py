@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from comigs_dist.config import PER_USER_KEYS, ConfigError, get_dotted, load_config
+from comigs_dist.config import PER_USER_KEYS, ConfigError, get_dotted, inferred_n_users, load_config
 from comigs_dist.guard import STOPPED  # what a run the guard stopped leaves in its out_dir
 from launch.collect import mean_std
 
@@ -349,12 +349,13 @@ def cell_dir(root: Path, scale: str, cell: Cell, extra: list[str]) -> Path:
 
 
 def plan_runs(spec: Spec, seeds: list[int], scale: str, root: Path, quirks: bool = False, cpus_per_task: int = 0,
-              gpus_per_node: int = 0) -> list[Run]:
+              gpus_per_node: int = 0, ranks_per_node: int | None = None) -> list[Run]:
     """One Run per configuration and seed (cells made by one configuration, such as the users of a
     figure's line, share it), each with its fixed out_dir and its state; a configuration that is
     invalid (e.g. a dataset not prepared yet) is marked, not raised. A run that the guard stopped
     (guard.nan=stop left ``stopped.json`` and no results.json) is "diverged": an outcome, never
-    resubmitted, since the same seed would stop the same way."""
+    resubmitted, since the same seed would stop the same way. ``ranks_per_node`` caps a run's
+    processes (its users then share ranks; the results are the same, bit for bit)."""
     from launch.submit import plan_jobs
     by_folder: dict[Path, list[Cell]] = {}
     extras: dict[Path, list[str]] = {}
@@ -369,10 +370,12 @@ def plan_runs(spec: Spec, seeds: list[int], scale: str, root: Path, quirks: bool
     for folder, cells in by_folder.items():
         cell = cells[0]
         try:
-            own = _read(cell, []).checkpoint.every
-            job_argv = ["--config", str(ROOT / cell.config), *cell.overrides, *extras[folder],
-                        *scale_overrides(cell, scale), *(() if own else RESUMABLE)]
-            jobs, _ = plan_jobs(job_argv, [f"seed={','.join(map(str, seeds))}"], folder, 1, None, gpus_per_node,
+            scaled = scale_overrides(cell, scale)
+            cfg = _read(cell, extras[folder] + scaled)
+            job_argv = ["--config", str(ROOT / cell.config), *cell.overrides, *extras[folder], *scaled,
+                        *(() if cfg.checkpoint.every else RESUMABLE)]
+            ranks = min(ranks_per_node, inferred_n_users(cfg) or ranks_per_node) if ranks_per_node else None
+            jobs, _ = plan_jobs(job_argv, [f"seed={','.join(map(str, seeds))}"], folder, 1, ranks, gpus_per_node,
                                 cpus_per_task, None)
             for seed, job in zip(seeds, jobs):
                 runs.append(Run(cells, seed, Path(job["out_dir"]), job["argv"], job=job))
@@ -729,7 +732,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--executor", choices=("auto", "slurm", "local"), default="auto",
                    help="slurm, local processes, or auto: slurm when sbatch is on PATH")
     p.add_argument("--max-parallel", type=int, default=1,
-                   help="local executor: runs at a time (each runs one process per user)")
+                   help="local executor: runs at a time (each runs one process per user, or --ranks-per-node)")
+    p.add_argument("--ranks-per-node", type=int, default=None,
+                   help="at most this many processes per run; its users share them (same results, bit for bit; "
+                        "fewer processes than cores avoids oversubscribing a laptop)")
     p.add_argument("--wait", dest="wait", action="store_true", default=None,
                    help="wait for the runs, then print the table (default with the local executor)")
     p.add_argument("--no-wait", dest="wait", action="store_false", help="submit and return (default on Slurm)")
@@ -767,7 +773,11 @@ def main(argv: list[str] | None = None) -> int:
             if missing:
                 raise ConfigError("--scale cpu needs the CPU-sized data and the small base; run these from the "
                                   "checkout's root (or add --prepare):\n    " + "\n    ".join(missing))
-        runs = plan_runs(spec, seeds, ns.scale, root, ns.quirks, ns.cpus_per_task, ns.gpus_per_node)
+        if ns.ranks_per_node is not None and ns.ranks_per_node < 1:
+            raise ConfigError(f"--ranks-per-node {ns.ranks_per_node} must be at least 1 (or left out: one process "
+                              f"per user)")
+        runs = plan_runs(spec, seeds, ns.scale, root, ns.quirks, ns.cpus_per_task, ns.gpus_per_node,
+                         ns.ranks_per_node)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

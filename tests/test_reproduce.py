@@ -104,6 +104,21 @@ def test_every_run_checkpoints_so_that_an_interrupted_one_resumes(tmp_path):
         assert (cfg.checkpoint.every, cfg.checkpoint.keep, cfg.resume) == (5, 1, "auto"), run.argv
 
 
+def test_ranks_per_node_caps_each_runs_processes_without_moving_its_directory(tmp_path, capsys):
+    """--ranks-per-node 1: each debug-scale run (2 users) is one process hosting both users; 4 (more
+    than the users) stays at one per user; the run directories do not change; 0 is refused."""
+    spec = reproduce.select(reproduce.build_spec("1"), ["agnews"], ["FedAvg"])
+    plain = reproduce.plan_runs(spec, [42], "debug", tmp_path)
+    one = reproduce.plan_runs(spec, [42], "debug", tmp_path, ranks_per_node=1)
+    four = reproduce.plan_runs(spec, [42], "debug", tmp_path, ranks_per_node=4)
+    assert [r.job["users_per_node"] for r in (plain[0], one[0], four[0])] == [2, 1, 2]
+    assert plain[0].out_dir == one[0].out_dir == four[0].out_dir
+    assert reproduce.command_line(one[0], one[0].job["users_per_node"]).startswith("torchrun --nproc_per_node=1 ")
+    rc = reproduce.main(["--table", "1", "--dataset", "agnews", "--scale", "debug", "--ranks-per-node", "0",
+                         "--root", str(tmp_path / "r"), "--dry-run"])
+    assert rc == 2 and "--ranks-per-node 0 must be at least 1" in capsys.readouterr().err
+
+
 def test_scales_rewrite_every_run():
     """cpu: the small base on data/cpu/<dataset>, batch 8, 5 local steps with tau and s halved (the
     row's own tau/s too); debug: a tiny model, 2 users, per-user lists cut to their first two."""
