@@ -6,7 +6,8 @@ Runs are grouped by their resolved configuration with the seed (and options that
 the numbers: out_dir, threads, logging, checkpointing, timeouts, resuming) left out; the table
 shows the options that differ between groups, the seeds, and per group the mean and sample
 standard deviation (n - 1) over seeds of the run's mean test perplexity over users. When a
-folder holds a sweep's jobs.json, the jobs that left no results.json are listed with their state.
+folder holds a sweep's jobs.json, the jobs that left no results.json are listed with their state
+(or as diverged, where guard.nan=stop left its stopped.json).
 Reads files only; knows nothing of training.
 """
 from __future__ import annotations
@@ -136,11 +137,18 @@ def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
 
 
 def missing_jobs(manifests: list[dict], state_of=None) -> list[str]:
-    """A line per job of a manifest that has no results.json yet, with its scheduler state."""
+    """A line per job of a manifest that has no results.json yet, with its scheduler state, or
+    "diverged" with the user and round when the guard stopped it (its stopped.json)."""
+    from comigs_dist.guard import STOPPED, read_stopped
     lines = []
     for m in manifests:
         for rec in m.get("jobs", []):
             if (Path(rec["out_dir"]) / "results.json").is_file():
+                continue
+            if (stop := read_stopped(rec["out_dir"])) is not None:
+                lines.append(f"job {rec.get('job_id', '?')} {rec['label']}: diverged (guard.nan=stop: a non-finite "
+                             f"value, user {stop.get('user')}, round {stop.get('round')}; "
+                             f"{Path(rec['out_dir']) / STOPPED})")
                 continue
             state = state_of(m, rec) if state_of else "unknown"
             lines.append(f"job {rec.get('job_id', '?')} {rec['label']}: no results.json (state {state}); log: "

@@ -175,11 +175,17 @@ def test_collect_groups_seeds_and_computes_mean_and_std(tmp_path):
 def test_collect_cli_writes_csv_and_lists_missing_jobs(tmp_path):
     """The command prints the table, writes the CSV, and names jobs of the sweep that left no results."""
     done = _fake_results(tmp_path, "fedavg", 42, 11.0)
+    from comigs_dist import guard
+    (tmp_path / "seed-47").mkdir()
+    guard.write_stopped(tmp_path / "seed-47", guard.Stopped("user 2: the expert loss is nan", 2, 7))
     (tmp_path / "jobs.json").write_text(json.dumps({"cluster": "local", "n_tasks": 2, "jobs": [
         {"job_id": "1", "label": "seed-42", "out_dir": str(done), "log": "l1"},
-        {"job_id": "2", "label": "seed-45", "out_dir": str(tmp_path / "seed-45"), "log": "l2"}]}))
+        {"job_id": "2", "label": "seed-45", "out_dir": str(tmp_path / "seed-45"), "log": "l2"},
+        {"job_id": "3", "label": "seed-47", "out_dir": str(tmp_path / "seed-47"), "log": "l3"}]}))
     assert collect.missing_jobs([json.loads((tmp_path / "jobs.json").read_text())]) == [
-        "job 2 seed-45: no results.json (state unknown); log: l2"]
+        "job 2 seed-45: no results.json (state unknown); log: l2",
+        f"job 3 seed-47: diverged (guard.nan=stop: a non-finite value, user 2, round 7; "
+        f"{tmp_path / 'seed-47' / 'stopped.json'})"]
     proc = subprocess.run([sys.executable, "-m", "launch.collect", str(tmp_path), "--csv", str(tmp_path / "t.csv")],
                           env=subprocess_env(one_thread=False), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
