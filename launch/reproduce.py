@@ -821,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
               f"--executor local", file=sys.stderr)
         return 2
     # a run the guard stopped is an outcome (its cell says "diverged"), not a failure to retry
-    failed = [d for d, o in outcomes.items() if o != "COMPLETED" and not (Path(d) / STOPPED).is_file()]
+    failed = [d for d, o in outcomes.items() if o not in ("COMPLETED", "DIVERGED")]
     results = collect_results(spec, runs, numbers)
     echo("")
     echo(format_text(spec, results, numbers, seeds, ns.scale))

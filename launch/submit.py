@@ -28,6 +28,7 @@ import submitit
 
 from comigs_dist import tables
 from comigs_dist.config import ConfigError, check_world_size, load_config
+from comigs_dist.guard import STOPPED, read_stopped
 from comigs_dist.main import parse_args
 
 from launch.common import resume_args, slug, users_per_node
@@ -182,7 +183,8 @@ def failure_reason(message: str) -> str:
 def wait_for(jobs: list, records: list[dict], poll_s: float = 1.0, force_every_s: float = 5.0,
              echo=lambda line: print(line, flush=True)) -> dict[str, str]:
     """Wait until every job ends; print each outcome as it arrives. Returns job id -> outcome
-    ('COMPLETED' or 'FAILED: ...'). A job that dies without a result is noticed through the
+    ('COMPLETED', 'DIVERGED' when guard.nan=stop ended it and left its stopped.json, an outcome
+    rather than a failure, or 'FAILED: ...'). A job that dies without a result is noticed through the
     scheduler's accounting (forced every few seconds), so a failure is never waited on forever."""
     outcomes: dict[str, str] = {}
     last_force = 0.0
@@ -199,6 +201,11 @@ def wait_for(jobs: list, records: list[dict], poll_s: float = 1.0, force_every_s
                 ppl = json.loads(results.read_text()).get("mean_test_ppl")
                 outcomes[rec["job_id"]] = "COMPLETED"
                 echo(f"job {rec['job_id']} {rec['label']}: COMPLETED, mean test ppl {ppl:.3f}, {results}")
+                continue
+            if (stop := read_stopped(rec["out_dir"])) is not None:
+                outcomes[rec["job_id"]] = "DIVERGED"
+                echo(f"job {rec['job_id']} {rec['label']}: DIVERGED: guard.nan=stop found a non-finite value (user "
+                     f"{stop.get('user')}, round {stop.get('round')}): {Path(rec['out_dir']) / STOPPED}")
                 continue
             if isinstance(exc, submitit.core.utils.FailedJobError):
                 why = failure_reason(str(exc))
@@ -311,8 +318,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if ns.wait:
-        failed = [k for k, v in manifest["outcomes"].items() if v != "COMPLETED"]
-        print(f"{len(manifest['outcomes']) - len(failed)} completed, {len(failed)} failed"
+        failed = [k for k, v in manifest["outcomes"].items() if v not in ("COMPLETED", "DIVERGED")]
+        diverged = sum(v == "DIVERGED" for v in manifest["outcomes"].values())
+        print(f"{len(manifest['outcomes']) - len(failed) - diverged} completed, "
+              + (f"{diverged} diverged, " if diverged else "") + f"{len(failed)} failed"
               + (f"; collect: python -m launch.collect {manifest['folder']}"
                  if len(failed) < len(manifest['outcomes']) else ""))
         return 1 if failed else 0

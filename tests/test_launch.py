@@ -208,6 +208,16 @@ def test_local_executor_runs_a_two_user_job(tmp_path, monkeypatch):
     results = json.loads((Path(manifest["jobs"][0]["out_dir"]) / "results.json").read_text())
     assert results["world_size"] == 2 and [u["user"] for u in results["users"]] == [0, 1]
     assert all(u["bytes_sent"] > 0 for u in results["users"])
+    # a run that guard.nan=stop ends (a NaN injected into user 1's generalist before round 2) is
+    # reported as DIVERGED with its user and round, an outcome and not a failure
+    monkeypatch.setenv("COMIGS_FAULT", "nan,user=1,round=2")
+    lines.clear()
+    manifest = submit.submit(["--config", DEBUG, *FAST, "guard.nan=stop"], [], root=tmp_path, name="nan",
+                             cluster="local", timeout_min=5, wait=True, echo=lines.append)
+    assert list(manifest["outcomes"].values()) == ["DIVERGED"], "\n".join(lines)
+    stopped = Path(manifest["jobs"][0]["out_dir"]) / "stopped.json"
+    assert any(f"DIVERGED: guard.nan=stop found a non-finite value (user 1, round 2): {stopped}" in line
+               for line in lines), "\n".join(lines)
 
 
 def test_one_srun_task_per_user_maps_slurm_variables_onto_torch_ones(monkeypatch):
