@@ -24,11 +24,13 @@ def known_keys() -> set[str]:
     return {key for key, _, _ in describe_options()}
 
 
-def resume_args(override: str | None = None) -> tuple[list[str], str]:
+def resume_args(override: str | None = None, checkpoint_every: int | None = None) -> tuple[list[str], str]:
     """The override(s) that make a restarted job resume, and a line that says what happens.
 
     An empty override turns resuming off. A key that this version of comigs_dist does not know
     is left out (with a note) rather than failing every job: requeued jobs then start over.
+    ``checkpoint_every`` (the job's checkpoint.every) 0: the note says that a requeued job starts
+    over, since the run writes no round checkpoint to continue from.
     """
     override = RESUME_OVERRIDE if override is None else override.strip()
     if not override:
@@ -41,6 +43,10 @@ def resume_args(override: str | None = None) -> tuple[list[str], str]:
                     f"round 0 (name the resume option with COMIGS_RESUME=key=value for sbatch or --resume for submit; "
                     f"an "
                     f"empty value turns resuming off)")
+    if checkpoint_every == 0:
+        return [override], (f"resume: {override}, but checkpoint.every=0 writes no round checkpoint, so a requeued "
+                            f"job starts again from round 1; add checkpoint.every=K (e.g. 5) to continue from the "
+                            f"last multiple of K")
     return [override], f"resume: {override} (a requeued job continues from its last checkpoint)"
 
 

@@ -27,7 +27,7 @@ def plan(job_id: str, n_nodes: int, job_argv: list[str], explicit_per_node: int 
     per_node = users_per_node(cfg, n_nodes, explicit_per_node, gpus_per_node)
     check_world_size(cfg, per_node * n_nodes)
     out_dir = job_out_dir(cfg, job_id).resolve()
-    extra, note = resume_args(resume)
+    extra, note = resume_args(resume, cfg.checkpoint.every)
     main_args = ([] if args.config is None else ["--config", args.config]) + list(args.overrides)
     threads = cfg.train.threads
     if not threads and cpus_per_task:

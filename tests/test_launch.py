@@ -40,6 +40,10 @@ def test_resume_override_is_kept_only_when_the_option_exists():
     """The resume override is passed when comigs_dist knows its key, dropped with a note when not, off when empty."""
     assert common.resume_args() == common.resume_args(common.RESUME_OVERRIDE)
     assert common.resume_args("checkpoint.every=2")[0] == ["checkpoint.every=2"]
+    # resume=auto without round checkpoints: kept, and the note says a requeued job starts over
+    args, note = common.resume_args(common.RESUME_OVERRIDE, checkpoint_every=0)
+    assert args == [common.RESUME_OVERRIDE] and "checkpoint.every=0 writes no round checkpoint" in note, note
+    assert "continues from its last checkpoint" in common.resume_args(common.RESUME_OVERRIDE, 5)[1]
     args, note = common.resume_args("no_such.option=auto")
     assert args == [] and "has no option 'no_such.option'" in note
     args, note = common.resume_args("")
@@ -62,6 +66,11 @@ def test_plan_pins_out_dir_threads_and_resume(tmp_path, monkeypatch):
     assert p["OUT_DIR"] == str(tmp_path / "mine") and p["THREADS"] == 3 and p["USERS_PER_NODE"] == 4
     assert not [a for a in p["MAIN_ARGS"] if a.startswith("train.threads=") and a != "train.threads=3"]
     assert plan.plan("8", 2, ["n_users=4"], cpus_per_task=8)["THREADS"] == 4
+    # sbatch's default resume=auto with checkpoint.every=0 (every YAML's default) would start a
+    # requeued job over: the note that the script prints says so, and says how to avoid it
+    assert "starts again from round 1" in plan.plan("9", 1, ["--config", DEBUG])["RESUME_NOTE"]
+    assert "continues from its last checkpoint" in plan.plan("9", 1, ["--config", DEBUG,
+                                                                      "checkpoint.every=2"])["RESUME_NOTE"]
 
 
 def test_plan_output_round_trips_through_bash(tmp_path):
