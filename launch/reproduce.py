@@ -129,6 +129,9 @@ SINCE_ROWS = {"CoMiGS-1G1S": ("method=comigs_1g1s",), "Local": ("method=local",)
               # then each local adapter fine-tuned from it for train.local_steps steps)
               "FedALT-MLP": ("method=fedalt", "method_options.mixer=mlp"),
               "FedDPA-F": ("method=feddpa", "method_options.variant=F")}
+# the rows without routing come from the YAML whose header lists them (Table 1's): its body is Table 4
+# iv's, so the runs are the same and the two tables share their directories (computed once)
+SINCE_CONFIG = {"Local": "table4_i_no_routing", "FedAvg": "table4_i_no_routing"}
 # perplexity against epsilon (docs/privacy.md): row -> (config, method); columns: no DP, then privacy.target_epsilon
 PRIVACY_ROWS = {"CoMiGS-1G1S": ("configs/agnews/table4_iv_alternating_valid.yaml", "comigs_1g1s"),
                 "FedAvg": ("configs/agnews/table4_i_no_routing.yaml", "fedavg")}
@@ -199,7 +202,8 @@ def build_spec(key: str) -> Spec:
         for ds in ("agnews", "multilingual", "slimpajama"):
             cols += [ds, f"{ds}_mb"]
             names.update({ds: f"{NAMES[ds]} ppl", f"{ds}_mb": f"{NAMES[ds]} MB/user"})
-            cells += [Cell(row, col, f"configs/{ds}/table4_iv_alternating_valid.yaml", ov, ds, metric=metric)
+            cells += [Cell(row, col, f"configs/{ds}/{SINCE_CONFIG.get(row, 'table4_iv_alternating_valid')}.yaml", ov,
+                           ds, metric=metric)
                       for row, ov in SINCE_ROWS.items() for col, metric in ((ds, "ppl"), (f"{ds}_mb", "mb"))]
         return Spec(key, "Methods since the paper: FedALT, FedSA-LoRA, FedDPA and learned sharing groups beside "
                          "CoMiGS-1G1S, Local and FedAvg (Table 4's settings)", list(SINCE_ROWS), cols, cells, names,

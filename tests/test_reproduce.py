@@ -304,3 +304,9 @@ def test_the_since_table_runs_each_method_once_per_dataset_and_reads_its_bytes(t
     by = {r.cell.metric: r.mean for r in reproduce.collect_results(reproduce.select(spec, ["agnews"], ["FedALT"]),
                                                                    runs, NUMBERS)}
     assert by == {"ppl": 12.5, "mb": 2.0}
+    # Local, FedAvg and CoMiGS-1G1S are Table 1's runs (same configuration): the same directories
+    shared = ["Local", "FedAvg", "CoMiGS-1G1S"]
+    since_dirs = {r.out_dir for r in reproduce.plan_runs(reproduce.select(spec, None, shared), [42], "debug", tmp_path)}
+    table1 = reproduce.select(reproduce.build_spec("1"), None, shared)
+    assert since_dirs == {r.out_dir for r in reproduce.plan_runs(table1, [42], "debug", tmp_path)}
+    assert len(since_dirs) == 9
