@@ -3,12 +3,12 @@
 Owns the finiteness checks (a step's loss; the gradients of a step before a method averages them
 over users, Centralized's data parallelism; every shared tensor before a round's aggregation, one
 ``isfinite`` over each group's flattened buffer, the parameter named only on failure; the same for
-what a method aggregates itself, ``Method.own_aggregated``) and the
-policy ``guard.nan``: ``stop`` raises ``Stopped`` (a FloatingPointError) naming the user, the round
-and the parameter, which ``main`` records in the run's ``stopped.json`` (``write_stopped``) so that a
-stopped run is an outcome a launcher can read, not only a log line; ``skip`` lets the user sit the round out (it contributes nothing to the average and
-takes the others') or drop the optimiser step, counting each skip. Knows nothing of how the
-average is computed: it only says whether this user contributes.
+what a method aggregates itself, ``Method.own_aggregated``) and the policy ``guard.nan``: ``stop``
+raises ``Stopped`` (a FloatingPointError) naming the user, the round and the parameter, which
+``main`` records in the run's ``stopped.json`` (``write_stopped``) so that a stopped run is an
+outcome a launcher can read, not only a log line; ``skip`` lets the user sit the round out (it
+contributes nothing to the average and takes the others') or drop the optimiser step, counting
+each skip. Knows nothing of how the average is computed: it only says whether this user contributes.
 """
 from __future__ import annotations
 
