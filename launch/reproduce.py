@@ -267,6 +267,10 @@ CPU_LOCAL_STEPS = 5
 # a run's round checkpoints, unless its YAML sets its own: what lets an interrupted run resume
 # (the newest only: older ones go once every user has written a newer one)
 RESUMABLE = ("checkpoint.every=5", "checkpoint.keep=1")
+# at the CPU scale a table cell needs only the final test perplexity: the evaluations between rounds
+# (every 5 rounds in the YAMLs) change nothing else (tests/test_train.py) and cost up to a third of a
+# SlimPajama run; the figures, which plot the curves, keep them
+FINAL_EVAL_ONLY = ("eval.every=0",)
 CPU_PREPARE = [  # what --scale cpu needs, in order (each skipped when its output exists)
     ("data/cpu/agnews", "python -m comigs_dist.data prepare --dataset agnews --source ../shared/data/ag_news "
                         "--out data/cpu/agnews"),
@@ -352,6 +356,16 @@ def cell_dir(root: Path, scale: str, cell: Cell, extra: list[str]) -> Path:
     return root / scale / Path(*parts) / slug(" ".join(list(cell.overrides) + extra) or "defaults")
 
 
+def run_extras(spec: Spec, scale: str, cfg) -> list[str]:
+    """Overrides every run of ``spec`` takes after its scale's: round checkpoints unless its YAML
+    sets its own (``RESUMABLE``), and at the CPU scale only the final evaluation unless the table is
+    a figure of curves (``FINAL_EVAL_ONLY``)."""
+    out = [] if cfg.checkpoint.every else list(RESUMABLE)
+    if scale == "cpu" and spec.plot != "curves":
+        out += FINAL_EVAL_ONLY
+    return out
+
+
 def plan_runs(spec: Spec, seeds: list[int], scale: str, root: Path, quirks: bool = False, cpus_per_task: int = 0,
               gpus_per_node: int = 0, ranks_per_node: int | None = None) -> list[Run]:
     """One Run per configuration and seed (cells made by one configuration, such as the users of a
@@ -377,7 +391,7 @@ def plan_runs(spec: Spec, seeds: list[int], scale: str, root: Path, quirks: bool
             scaled = scale_overrides(cell, scale)
             cfg = _read(cell, extras[folder] + scaled)
             job_argv = ["--config", str(ROOT / cell.config), *cell.overrides, *extras[folder], *scaled,
-                        *(() if cfg.checkpoint.every else RESUMABLE)]
+                        *run_extras(spec, scale, cfg)]
             ranks = min(ranks_per_node, inferred_n_users(cfg) or ranks_per_node) if ranks_per_node else None
             jobs, _ = plan_jobs(job_argv, [f"seed={','.join(map(str, seeds))}"], folder, 1, ranks, gpus_per_node,
                                 cpus_per_task, None)

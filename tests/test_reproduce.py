@@ -104,6 +104,23 @@ def test_every_run_checkpoints_so_that_an_interrupted_one_resumes(tmp_path):
         assert (cfg.checkpoint.every, cfg.checkpoint.keep, cfg.resume) == (5, 1, "auto"), run.argv
 
 
+def test_the_cpu_scale_evaluates_only_at_the_end_except_for_the_figures():
+    """At --scale cpu a table's runs skip the evaluations between rounds (eval.every=0: the cell
+    needs the final perplexity only, and evaluations change nothing else); a figure's runs, whose
+    curves are plotted, keep their evaluation points; other scales keep the YAML's."""
+    for key, yaml_every, cpu_every in (("1", 5, 0), ("since", 5, 0), ("privacy", 5, 0), ("tau_s", 5, 0),
+                                       ("fig4", 1, 1), ("fig12", 1, 1)):
+        spec = reproduce.build_spec(key)
+        cell = spec.cells[0]
+        assert reproduce._read(cell, []).eval.every == yaml_every, key
+        for scale in ("cpu", "debug", "paper"):
+            extra = reproduce.scale_overrides(cell, scale) if scale == "debug" else []
+            cfg = reproduce._read(cell, extra)
+            overrides = extra + reproduce.run_extras(spec, scale, cfg)
+            want = cpu_every if scale == "cpu" else cfg.eval.every
+            assert reproduce._read(cell, overrides).eval.every == want, (key, scale)
+
+
 def test_ranks_per_node_caps_each_runs_processes_without_moving_its_directory(tmp_path, capsys):
     """--ranks-per-node 1: each debug-scale run (2 users) is one process hosting both users; 4 (more
     than the users) stays at one per user; the run directories do not change; 0 is refused."""

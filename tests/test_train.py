@@ -249,3 +249,24 @@ def _dtype_worker(rank, world_size, tmp_path, dtype):
 def test_setup_user_stores_the_base_as_resolved(tmp_path, dtype):
     """Under bf16 autocast the built model's frozen weights are fp32 with auto, bf16 with bf16; adapters fp32."""
     run_on_ranks(_dtype_worker, 1, tmp_path, dtype)
+
+
+def _eval_points_worker(rank, world_size, tmp_path):
+    topo = init_topology()
+    rows = {}
+    for every in (0, 1):
+        cfg = tiny_config(**{"train.rounds": 3, "eval.every": every})
+        check_world_size(cfg, world_size)
+        (rows[every],) = run(cfg, topo, tmp_path / f"every-{every}")
+    assert [p["round"] for p in rows[1]["test_curve"]] == [1, 2, 3]
+    assert rows[0]["test_curve"] == rows[1]["test_curve"][-1:]  # the final evaluation, the same
+    for key in ("test_ppl", "test_loss", "final_train_loss", "train_curve", "routing"):
+        assert rows[0][key] == rows[1][key], key
+
+
+def test_evaluation_points_do_not_change_training(tmp_path):
+    """eval.every=1 against 0 (only the final evaluation), 2 users, routed, 3 rounds: the
+    intermediate evaluations add points to test_curve and change nothing else: the final test
+    perplexity, the training curve and the routing are equal bit for bit (launch.reproduce relies
+    on this when it skips them at the CPU scale)."""
+    run_on_ranks(_eval_points_worker, 2, tmp_path)
