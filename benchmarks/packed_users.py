@@ -12,7 +12,11 @@ Targets (the issue "Many users per rank"):
       5 users on one rank (GPT-2 124M shapes, one expert step each), over one user's own
       trainable parameter, gradient and AdamW bytes (16 bytes per trainable parameter), <= 1.5.
 
-    python benchmarks/packed_users.py [--rounds 5] [--skip-gpt2] [--quick]
+On a GPU (``--device auto`` finds it, as model.device=auto does) the rounds are timed with CUDA
+synchronised around them, and the memory per added user is the growth of the peak CUDA memory
+allocated (``torch.cuda.max_memory_allocated``) instead of the resident memory.
+
+    python benchmarks/packed_users.py [--rounds 5] [--skip-gpt2] [--quick] [--device auto|cpu|cuda]
 """
 from __future__ import annotations
 
@@ -27,8 +31,7 @@ GPT2 = ["model.name=gpt2-random", "train.batch_size=1", "train.seq_len=64", "tra
         "data.train_tokens=4000", "data.valid_tokens=1000", "data.test_tokens=512"]
 
 
-def packed_ratio(overrides: list[str], n_users: int, warmup: int, rounds: int) -> tuple[float, float, float]:
-    import torch
+def packed_ratio(overrides: list[str], n_users: int, warmup: int, rounds: int) -> tuple[float, float, float, str]:
     cfg = bench_config([f"n_users={n_users}"] + overrides)
     prepare(cfg, n_users)
     rank = build_local_users(cfg, n_users)
@@ -39,21 +42,28 @@ def packed_ratio(overrides: list[str], n_users: int, warmup: int, rounds: int) -
             local_steps(rank)
         return go
     times = interleaved({"packed": step("on"), "sequential": step("off")}, warmup, rounds,
-                        Clock(torch.device("cpu")))
+                        Clock(rank.topo.device))
     from comigs_dist import dist
+    where = rank.topo.device.type
     dist.shutdown()
     return paired_ratio(times["packed"]["wall"], times["sequential"]["wall"]), \
-        spread(times["packed"]["wall"]), spread(times["sequential"]["wall"])
+        spread(times["packed"]["wall"]), spread(times["sequential"]["wall"]), where
 
 
 def _memory_child(n_users: int, overrides: list[str], out) -> None:
+    import torch
     set_threads(2)
     cfg = bench_config([f"n_users={n_users}", "train.pack_users=off"] + overrides)
     rank = build_local_users(cfg, n_users)
-    reset_peak_rss()
+    cuda = rank.topo.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak_rss()
     local_steps(rank)
     own = sum(p.numel() for p in rank.users[0].model.report.params.values()) * 16
-    out.put((current_hwm_bytes(), own))
+    out.put((torch.cuda.max_memory_allocated() if cuda else current_hwm_bytes(), own))
 
 
 def memory_per_user(overrides: list[str], few: int = 1, many: int = 5) -> tuple[float, int]:
@@ -74,21 +84,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--skip-gpt2", action="store_true")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="model.device of the users (auto: the GPU when there is one)")
     args = parser.parse_args()
     set_threads(2)
     print(machine_line())
+    device = [f"model.device={args.device}"]
     rounds = 2 if args.quick else args.rounds
-    ratio, sp, ss = packed_ratio(EMBEDDED + (["train.batch_size=2", "train.seq_len=32"] if args.quick else []),
-                                 args.users, 1, rounds)
-    print(f"embedded default, {args.users} users: spread packed {sp:.2f}, sequential {ss:.2f}")
+    ratio, sp, ss, where = packed_ratio(EMBEDDED + device + (["train.batch_size=2", "train.seq_len=32"] if args.quick
+                                                      else []), args.users, 1, rounds)
+    print(f"embedded default, {args.users} users on {where}: spread packed {sp:.2f}, sequential {ss:.2f}")
     print(target_line("packed_over_sequential_embedded", ratio, "<=", 0.75))
     if args.skip_gpt2 or args.quick:
         return
-    ratio, sp, ss = packed_ratio(GPT2, args.users, 1, max(2, rounds // 2))
-    print(f"GPT-2 124M shapes, {args.users} users: spread packed {sp:.2f}, sequential {ss:.2f}")
+    ratio, sp, ss, where = packed_ratio(GPT2 + device, args.users, 1, max(2, rounds // 2))
+    print(f"GPT-2 124M shapes, {args.users} users on {where}: spread packed {sp:.2f}, sequential {ss:.2f}")
     print(target_line("packed_over_sequential_gpt2", ratio, "<=", 0.75))
-    per_user, own = memory_per_user(GPT2)
-    print(f"GPT-2 124M shapes: peak RSS grows {per_user / 2**20:.1f} MiB per added user; a user's own "
+    per_user, own = memory_per_user(GPT2 + device)
+    print(f"GPT-2 124M shapes: peak memory (CUDA allocated on a GPU, RSS on a CPU) grows "
+          f"{per_user / 2**20:.1f} MiB per added user; a user's own "
           f"parameters, gradients and AdamW moments: {own / 2**20:.1f} MiB")
     print(target_line("added_user_memory_over_own_bytes_gpt2", per_user / own, "<=", 1.5))
 
