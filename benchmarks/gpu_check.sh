@@ -6,7 +6,8 @@
 #
 # It installs nothing: the device image's python3 holds torch (2.11 when last read, with CUDA),
 # transformers and tiktoken; comigs_dist is imported from the checkout (PYTHONPATH). Each step has
-# its own time limit, so one that hangs cannot take the others' time. What it prints, and the
+# its own time limit (180 + 3 x 100 s in all), so one that hangs cannot take the others' time; the
+# exit status is the agreement check's. What it prints, and the
 # per-run results.json files, come back under $OUT (at most 8 files: see the device README).
 #
 #   1. packed against sequential users on one rank (benchmarks/packed_users.py on the GPU): the
@@ -34,7 +35,7 @@ COMMON=(n_users=8 model.device="$DEVICE" "${SIZE[@]}" log.progress=false log.ten
 step() { echo; echo "== $*"; }
 run_main() {  # run_main NAME NPROC ARGS...: one run, its results.json copied to $OUT/NAME.json
     local name=$1 nproc=$2; shift 2
-    timeout 150 "$PY" -m torch.distributed.run --standalone --nproc_per_node="$nproc" -m comigs_dist.main \
+    timeout 100 "$PY" -m torch.distributed.run --standalone --nproc_per_node="$nproc" -m comigs_dist.main \
         "${COMMON[@]}" "$@" out_dir="$WORK/$name" > "$WORK/$name.log" 2>&1
     local rc=$?
     echo "$name: exit $rc"
@@ -47,7 +48,7 @@ run_main() {  # run_main NAME NPROC ARGS...: one run, its results.json copied to
           torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
 
     step "1. packed against sequential users on one rank ($DEVICE)"
-    timeout 240 "$PY" benchmarks/packed_users.py --device "$DEVICE" "${BENCH[@]}"
+    timeout 180 "$PY" benchmarks/packed_users.py --device "$DEVICE" "${BENCH[@]}"
 
     step "2. 8 users on one rank over $BACKEND: packed and one by one"
     run_main packed 1 comm.backend="$BACKEND" train.pack_users=on
@@ -62,9 +63,11 @@ import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 runs = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+missing = [n for n in ("packed", "sequential", "two-ranks") if n not in runs]
+if missing:
+    print("agreement: FAILED, no results from", ", ".join(missing))
+    sys.exit(1)
 ok = True
-if "packed" not in runs:
-    print("packed: no results"); sys.exit(1)
 base = [u["test_ppl"] for u in runs["packed"]["users"]]
 for name, r in runs.items():
     ppl = [u["test_ppl"] for u in r["users"]]
@@ -75,4 +78,6 @@ print("agreement:", "ok" if ok else "FAILED")
 sys.exit(0 if ok else 1)
 EOF
 } 2>&1 | tee "$OUT/log"
+status=${PIPESTATUS[0]}  # the agreement check's, the block's last command
 rm -rf "$WORK"
+exit "$status"

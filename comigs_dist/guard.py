@@ -21,6 +21,7 @@ from typing import Iterable
 import torch
 
 STOPPED = "stopped.json"
+STOPPED_BEFORE = "stopped.previous.json"  # the record of an earlier attempt, moved aside when another starts
 
 
 class Stopped(FloatingPointError):
@@ -32,11 +33,15 @@ class Stopped(FloatingPointError):
         self.user = user
         self.round = round
 
+    def __reduce__(self):  # picklable with its fields (it may cross a process boundary: submitit)
+        return (Stopped, (str(self), self.user, self.round))
+
 
 def write_stopped(out_dir: Path, exc: Stopped) -> Path:
     """Record, atomically, that the run in ``out_dir`` was stopped by the guard: reason, user, round
     and message. Written by the rank that raised (two users stopping in the same round write the
-    same kind of record; the last rename wins). ``main`` removes it once a later attempt finishes."""
+    same kind of record; the last rename wins). A later attempt in the same directory moves it to
+    ``STOPPED_BEFORE`` when it claims the directory (checkpoint.claim_out_dir)."""
     from comigs_dist.checkpoint import write_atomic
     record = {"reason": "non-finite", "user": exc.user, "round": exc.round, "message": str(exc),
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -108,17 +113,22 @@ def check_shared(run, round_idx: int) -> bool:
 
 def check_loss(run, loss: float, expert_phase: bool) -> bool:
     """A step's loss is not finite: raise (stop) or return True to drop the step (skip)."""
-    t = run.cfg.train
     phase = "expert" if expert_phase else "router"
-    where = (f"user {run.user_idx}: the {phase} loss is {loss} at local iteration {run.step} "
-             f"(round {run.step // t.local_steps + 1})")
+    where = f"user {run.user_idx}: the {phase} loss is {loss} at local iteration {run.step} (round {_round(run)})"
     if run.cfg.guard.nan == "stop":
         raise Stopped(f"{where}; the run stops before it reaches any collective (guard.nan=stop). Lower train.lr, "
                       f"set train.grad_clip or check the data; guard.nan=skip drops such steps",
-                      run.user_idx, run.step // t.local_steps + 1)
+                      run.user_idx, _round(run))
     run.guard_skipped_steps += 1
     _warn(f"{where}; guard.nan=skip: {_skipped(run, expert_phase)} ({run.guard_skipped_steps} step(s) skipped so far)")
     return True
+
+
+def _round(run) -> int:
+    """The round (1-based) whose steps the user takes: set by train.local_iterations (a user that
+    sits rounds out has taken fewer steps than the rounds imply, and router steps follow the
+    round's last expert step); from the step count where nothing set it."""
+    return getattr(run, "round", 0) or run.step // run.cfg.train.local_steps + 1
 
 
 def _skipped(run, expert_phase: bool) -> str:
@@ -139,13 +149,12 @@ def check_gradients(run, params: list) -> bool:
         return False
     names = {id(p): n for n, p in run.model.report.params.items()}
     name, kind = first_nonfinite((names.get(id(p), "?"), p.grad) for p in params if p.grad is not None)
-    t = run.cfg.train
     where = (f"user {run.user_idx}: the gradient of {name} holds {kind} at local iteration {run.step} "
-             f"(round {run.step // t.local_steps + 1}) before it is averaged with the other users' gradients")
+             f"(round {_round(run)}) before it is averaged with the other users' gradients")
     if run.cfg.guard.nan == "stop":
         raise Stopped(f"{where}; averaging it would poison every user's model, so the run stops "
                       f"(guard.nan=stop). Lower train.lr, set train.grad_clip or check the data; "
-                      f"guard.nan=skip drops such steps", run.user_idx, run.step // t.local_steps + 1)
+                      f"guard.nan=skip drops such steps", run.user_idx, _round(run))
     run.guard_skipped_steps += 1
     _warn(f"{where}; guard.nan=skip: {_skipped(run, True)} ({run.guard_skipped_steps} step(s) skipped so far)")
     return True

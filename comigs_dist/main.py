@@ -169,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
             dataset = cfg.data.path if cfg.data.path != "embedded" else f"embedded-{cfg.data.scenario}"
             results = build_results(cfg.to_dict(), rows, dataset, time.perf_counter() - start)
             write_json_atomic(out_dir / "results.json", results)
-            (out_dir / guard.STOPPED).unlink(missing_ok=True)  # an earlier attempt's stop is history now
             print(format_table(results))
             print(f"results: {out_dir / 'results.json'}")
             print(f"tensorboard --logdir {out_dir / 'tb'}")

@@ -134,6 +134,7 @@ class UserState:
     stats: dist.CommStats = field(default_factory=dist.CommStats)  # what this user sent and received
     method_state: object = None               # what the method keeps for this user (HetLoRA's ranks, ...)
     step: int = 0                             # local iterations done, across rounds (s in the paper's appendix)
+    round: int = 0                            # the round (1-based) whose steps it takes now, for the guard's record
     router_step: int = 0
     train_tokens: int = 0
     train_seconds: float = 0.0
@@ -536,6 +537,8 @@ def after_training(rank: RankRun, rounds: int, monitor: Monitor) -> None:
     iteration on the step axis."""
     t = rank.cfg.train
     taken: dict[int, int] = {}
+    for u in rank.users:
+        u.round = rounds  # its closing steps come after the last round
 
     def step(user: UserState, opt: torch.optim.Optimizer) -> float:
         loss = closing_step(rank, user, opt)
@@ -565,6 +568,8 @@ def local_iterations(rank: RankRun, active: list[UserState], round_idx: int, mon
     """A round's local iterations of the participating users: expert steps, and router steps
     every tau (Algorithm 1)."""
     round_losses: dict[int, list[float]] = {u.user_idx: [] for u in active}
+    for u in active:
+        u.round = round_idx + 1
     for local_idx in range(rank.cfg.train.local_steps if active else 0):
         for u in active:
             faults.during_round(u, round_idx, local_idx)

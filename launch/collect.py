@@ -3,9 +3,9 @@
     python -m launch.collect runs/sweeps/<folder> [more folders or results.json files] [--csv FILE]
 
 Runs are grouped by their resolved configuration with the seed (and options that cannot change
-the numbers: out_dir, threads, logging, checkpointing, timeouts, resuming) left out; the table
-shows the options that differ between groups, the seeds, and per group the mean and sample
-standard deviation (n - 1) over seeds of the run's mean test perplexity over users. When a
+the numbers: out_dir, threads, logging, checkpointing, evaluation points, timeouts, resuming) left
+out; the table shows the options that differ between groups, the seeds, and per group the mean and
+sample standard deviation (n - 1) over seeds of the run's mean test perplexity over users. When a
 folder holds a sweep's jobs.json, the jobs that left no results.json are listed with their state
 (or as diverged, where guard.nan=stop left its stopped.json).
 Reads files only; knows nothing of training.
@@ -25,7 +25,8 @@ from comigs_dist.checkpoint import flatten_keys
 MANIFEST = "jobs.json"
 
 # options that do not change what a run computes, so runs that differ only here are seeds of one row
-IGNORED = {"seed", "out_dir", "train.threads", "comm.timeout_s", "resume", "model.device"}
+# (eval.every only adds points to the test curve: tests/test_train.py)
+IGNORED = {"seed", "out_dir", "train.threads", "comm.timeout_s", "resume", "model.device", "eval.every"}
 IGNORED_PREFIXES = ("log.", "checkpoint.")
 
 

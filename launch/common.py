@@ -43,9 +43,10 @@ def resume_args(override: str | None = None, checkpoint_every: int | None = None
                     f"round 0 (name the resume option with COMIGS_RESUME=key=value for sbatch or --resume for submit; "
                     f"an "
                     f"empty value turns resuming off)")
-    if checkpoint_every == 0:
+    if checkpoint_every == 0 and override.replace(" ", "") == "resume=auto":
+        # (resume=true would refuse to start without a checkpoint rather than start over)
         return [override], (f"resume: {override}, but checkpoint.every=0 writes no round checkpoint, so a requeued "
-                            f"job starts again from round 1; add checkpoint.every=K (e.g. 5) to continue from the "
+                            f"job starts again from round 0; add checkpoint.every=K (e.g. 5) to continue from the "
                             f"last multiple of K")
     return [override], f"resume: {override} (a requeued job continues from its last checkpoint)"
 

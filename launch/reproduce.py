@@ -550,7 +550,7 @@ def cell_texts(r: Result, n_seeds: int) -> tuple[str, str, str]:
     if r.values:
         ours = _num(r.mean, r.std) + (f" [{len(r.values)}/{n_seeds}{stopped}]" if len(r.values) < n_seeds else "")
     elif r.diverged:
-        ours = f"diverged [{r.diverged}/{n_seeds}]"
+        ours = f"pending [0/{n_seeds}{stopped}]" if r.pending else f"diverged [{r.diverged}/{n_seeds}]"
     else:
         ours = "pending" if r.pending else "-"
     diff = f"{r.diff:+.2f}" if not math.isnan(r.diff) else "-"
@@ -860,7 +860,8 @@ def main(argv: list[str] | None = None) -> int:
         png = plot(spec, results, out.with_name(out.name + ".png"))
         if png:
             echo(f"plot: {png}")
-    pending = sum(r.pending for r in results)
+    # runs, not cells (a run of the since-table fills two cells, a figure's line four)
+    pending = sum(1 for r in runs if not (r.out_dir / "results.json").is_file() and not (r.out_dir / STOPPED).is_file())
     if pending and not failed:
         echo(f"{pending} run(s) not finished yet: call the same command again later to fill the table "
              f"(finished runs are never repeated)")

@@ -110,7 +110,7 @@ def plan_jobs(job_argv: list[str], sweep: list[str], folder: Path, nodes: int = 
     combination validated first; all problems are reported together."""
     base = parse_args(job_argv)
     extra_resume, note = resume_args(resume)
-    jobs, errors, labels, without_checkpoints = [], [], set(), False
+    jobs, errors, labels, without_checkpoints = [], [], set(), 0
     for combo in expand_sweep(sweep):
         label = slug(" ".join(combo)) if combo else "run"
         if label in labels:
@@ -121,7 +121,7 @@ def plan_jobs(job_argv: list[str], sweep: list[str], folder: Path, nodes: int = 
             cfg = load_config(base.config, overrides)
             per_node = users_per_node(cfg, nodes, explicit_per_node, gpus_per_node)
             check_world_size(cfg, per_node * nodes)
-            without_checkpoints |= cfg.checkpoint.every == 0
+            without_checkpoints += cfg.checkpoint.every == 0
         except ConfigError as exc:
             errors.append(f"{' '.join(combo) or 'the run'}: {exc}")
             continue
@@ -141,6 +141,8 @@ def plan_jobs(job_argv: list[str], sweep: list[str], folder: Path, nodes: int = 
                           f"({sorted({j['users_per_node'] for j in jobs})}); sweep n_users in separate submissions")
     if without_checkpoints:  # the same override; the note says that such a job starts over
         note = resume_args(resume, 0)[1]
+        if without_checkpoints < len(jobs):
+            note += f" (the {without_checkpoints} of {len(jobs)} jobs with checkpoint.every=0)"
     return jobs, note
 
 

@@ -189,6 +189,22 @@ def test_a_non_finite_loss_stops_or_drops_the_step():
     assert guard.check_loss(run_, math.inf, False) and run_.guard_skipped_steps == 1
 
 
+
+def test_a_stop_records_the_round_the_user_is_in_not_one_derived_from_its_steps():
+    """A user that sat rounds out (train.participation < 1) has taken fewer steps than the rounds
+    imply, and router steps follow a round's last expert step: the round is the one
+    train.local_iterations set (here 9, where 14 steps of 3 would say 5). Stopped keeps user and
+    round through pickling (it may cross a process boundary)."""
+    import pickle
+    run_ = _Run("stop")
+    run_.round = 9
+    with pytest.raises(guard.Stopped, match=r"local iteration 14 \(round 9\)") as caught:
+        guard.check_loss(run_, math.nan, False)
+    assert (caught.value.user, caught.value.round) == (3, 9)
+    again = pickle.loads(pickle.dumps(caught.value))
+    assert (type(again), str(again), again.user, again.round) == (guard.Stopped, str(caught.value), 3, 9)
+
+
 def _gradient_worker(rank, world_size, tmp_path, mode):
     from comigs_dist.train import expert_step
     cfg, topo, rank_run, r = _prepare(rank, world_size, timeout_s=900, method="centralized", **{"guard.nan": mode})

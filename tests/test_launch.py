@@ -68,7 +68,7 @@ def test_plan_pins_out_dir_threads_and_resume(tmp_path, monkeypatch):
     assert plan.plan("8", 2, ["n_users=4"], cpus_per_task=8)["THREADS"] == 4
     # sbatch's default resume=auto with checkpoint.every=0 (every YAML's default) would start a
     # requeued job over: the note that the script prints says so, and says how to avoid it
-    assert "starts again from round 1" in plan.plan("9", 1, ["--config", DEBUG])["RESUME_NOTE"]
+    assert "starts again from round 0" in plan.plan("9", 1, ["--config", DEBUG])["RESUME_NOTE"]
     assert "continues from its last checkpoint" in plan.plan("9", 1, ["--config", DEBUG,
                                                                       "checkpoint.every=2"])["RESUME_NOTE"]
 
@@ -164,7 +164,7 @@ def test_collect_groups_seeds_and_computes_mean_and_std(tmp_path):
     """Seeds of one configuration form a row: mean and sample std by hand; options that differ become columns."""
     _fake_results(tmp_path, "comigs_1g1s", 42, 10.0)
     _fake_results(tmp_path, "comigs_1g1s", 45, 12.0, **{"train.threads": 3})  # threads do not split a group
-    _fake_results(tmp_path, "comigs_1g1s", 47, 14.0)
+    _fake_results(tmp_path, "comigs_1g1s", 47, 14.0, **{"eval.every": 0})  # nor do evaluation points
     _fake_results(tmp_path, "local", 42, 20.0)
     _fake_results(tmp_path, "local", 42, 30.0, **{"train.rounds": 5})
     files, _ = collect.find_results([tmp_path])

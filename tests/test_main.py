@@ -128,11 +128,13 @@ def test_default_out_dirs_are_unique_within_one_second_and_differ_by_what_change
             == (Path("runs/slurm-77_comigs_1g1s_s1"), False))
 
 
-def test_a_run_the_guard_stops_records_why_and_a_finished_retry_clears_it(tmp_path, capsys, monkeypatch):
+def test_a_run_the_guard_stops_records_why_and_a_retry_moves_the_record_aside(tmp_path, capsys, monkeypatch):
     """guard.nan=stop with a NaN injected into user 0's generalist before round 2: exit code 1, no
     results.json, and stopped.json naming the user, the round and the non-finite value (what
     launch.reproduce reads as "diverged"). A retry from the round-1 checkpoint without the fault says
-    that an earlier attempt stopped, finishes, and removes the stale stopped.json."""
+    that an earlier attempt stopped, moves the record aside (stopped.previous.json: stopped.json
+    describes the latest attempt only, so a launcher never reads a running retry as diverged) and
+    finishes."""
     from comigs_dist.main import main
     out = tmp_path / "run"
     args = [*SMALL, "train.rounds=2", "checkpoint.every=1", "guard.nan=stop", f"out_dir={out}"]
@@ -149,3 +151,4 @@ def test_a_run_the_guard_stops_records_why_and_a_finished_retry_clears_it(tmp_pa
     said = "".join(capsys.readouterr())
     assert "an earlier attempt in" in said and "was stopped by the guard (user 0, round 2" in said, said
     assert (out / "results.json").is_file() and not (out / "stopped.json").exists()
+    assert json.loads((out / "stopped.previous.json").read_text()) == stop

@@ -121,6 +121,23 @@ def test_the_cpu_scale_evaluates_only_at_the_end_except_for_the_figures():
             assert reproduce._read(cell, overrides).eval.every == want, (key, scale)
 
 
+def test_planned_cpu_runs_carry_the_final_evaluation_only_and_a_yamls_own_checkpoints_win(tmp_path, monkeypatch):
+    """Through plan_runs (the CPU data is stood in for by the debug scale's overrides, since
+    data/cpu is not prepared in a fresh checkout): a Table 1 run's command ends with eval.every=0,
+    a figure's keeps its YAML's evaluation points; a YAML that checkpoints on its own keeps that."""
+    real = reproduce.scale_overrides
+    monkeypatch.setattr(reproduce, "scale_overrides", lambda cell, scale: real(cell, "debug"))
+    for key, every in (("1", 0), ("fig4", 1)):
+        spec = reproduce.select(reproduce.build_spec(key), None, None)
+        run = reproduce.plan_runs(spec, [42], "cpu", tmp_path)[0]
+        assert run.status == "to run", run.status
+        i = run.argv.index("--config")
+        assert load_config(run.argv[i + 1], run.argv[i + 2:]).eval.every == every, key
+    spec = reproduce.build_spec("1")
+    own = reproduce._read(spec.cells[0], ["checkpoint.every=3"])
+    assert not set(reproduce.RESUMABLE) & set(reproduce.run_extras(spec, "cpu", own))
+
+
 def test_ranks_per_node_caps_each_runs_processes_without_moving_its_directory(tmp_path, capsys):
     """--ranks-per-node 1: each debug-scale run (2 users) is one process hosting both users; 4 (more
     than the users) stays at one per user; the run directories do not change; 0 is refused."""
@@ -263,6 +280,10 @@ def test_a_run_the_guard_stopped_is_diverged_shown_in_its_cell_and_never_resubmi
     assert "5 run(s) diverged" in out and "not retried" in out
     rows = list(csv.DictReader((root / "debug" / "privacy.csv").open()))
     assert [(r["col"], r["n_seeds"], r["n_diverged"]) for r in rows][-2:] == [("eps=4", "1", "2"), ("eps=1", "0", "3")]
+    # a cell with one diverged seed and two still to run is pending, not "diverged"
+    cell = spec.cells[0]
+    half = reproduce.Result(cell, None, [], [], [], pending=2, diverged=1)
+    assert reproduce.cell_texts(half, 3)[1] == "pending [0/3; 1 diverged]"
 
 
 @pytest.mark.slow
