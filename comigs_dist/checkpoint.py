@@ -610,13 +610,6 @@ def claim_out_dir(out_dir: Path, resume: str, config: dict, job: str | None = No
         if resume == "auto" and h and not h.rounds and not h.manifest:  # its own unfinished first attempt
             notes.append(f"out_dir {out_dir} holds an earlier attempt of this run that checkpointed no round "
                          f"({h.describe()}): it starts over (resume={resume})")
-        from comigs_dist.guard import STOPPED, STOPPED_BEFORE, read_stopped
-        if (stop := read_stopped(out_dir)) is not None:
-            # stopped.json describes the latest attempt only: this one is not stopped (yet)
-            os.replace(out_dir / STOPPED, out_dir / STOPPED_BEFORE)
-            notes.append(f"an earlier attempt in {out_dir} was stopped by the guard (user {stop.get('user')}, round "
-                         f"{stop.get('round')}: a non-finite value); this attempt may stop the same way unless the "
-                         f"config changed (its record is kept as {STOPPED_BEFORE})")
         return lock, notes
     except BaseException:
         lock.release()

@@ -13,6 +13,7 @@ each skip. Knows nothing of how the average is computed: it only says whether th
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,13 +42,26 @@ def write_stopped(out_dir: Path, exc: Stopped) -> Path:
     """Record, atomically, that the run in ``out_dir`` was stopped by the guard: reason, user, round
     and message. Written by the rank that raised (two users stopping in the same round write the
     same kind of record; the last rename wins). A later attempt in the same directory moves it to
-    ``STOPPED_BEFORE`` when it claims the directory (checkpoint.claim_out_dir)."""
+    ``STOPPED_BEFORE`` when it claims the directory (``retire_stopped``)."""
     from comigs_dist.checkpoint import write_atomic
     record = {"reason": "non-finite", "user": exc.user, "round": exc.round, "message": str(exc),
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     path = Path(out_dir) / STOPPED
     write_atomic(path, lambda f: json.dump(record, f, indent=2), text=True)
     return path
+
+
+def retire_stopped(out_dir: Path) -> str | None:
+    """Rank 0 of a new attempt, holding out_dir's lock: move an earlier attempt's record aside
+    (``STOPPED_BEFORE``), so that ``stopped.json`` always describes the latest attempt and a launcher
+    never reads a running retry as diverged. Returns the note to print, or None."""
+    stop = read_stopped(out_dir)
+    if stop is None:
+        return None
+    os.replace(Path(out_dir) / STOPPED, Path(out_dir) / STOPPED_BEFORE)
+    return (f"an earlier attempt in {out_dir} was stopped by the guard (user {stop.get('user')}, round "
+            f"{stop.get('round')}: a non-finite value); this attempt may stop the same way unless the config "
+            f"changed (its record is kept as {STOPPED_BEFORE})")
 
 
 def read_stopped(out_dir: Path) -> dict | None:

@@ -87,6 +87,9 @@ def claim_out_dir(cfg: RunConfig):
         lock, notes = claim(chosen, cfg.resume, cfg.to_dict(), dist.job_tag(), dist.restart_count(), created)
     except CheckpointError as exc:
         return chosen, None, [], str(exc)
+    from comigs_dist.guard import retire_stopped
+    if (note := retire_stopped(chosen)) is not None:  # under the lock claim holds
+        notes.append(note)
     return chosen, lock, notes, None
 
 

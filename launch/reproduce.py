@@ -356,6 +356,14 @@ def cell_dir(root: Path, scale: str, cell: Cell, extra: list[str]) -> Path:
     return root / scale / Path(*parts) / slug(" ".join(list(cell.overrides) + extra) or "defaults")
 
 
+def ended(out_dir: Path) -> str | None:
+    """How the run in ``out_dir`` ended, read from its files: "done" (results.json), "diverged"
+    (guard.nan=stop left stopped.json and no results), or None (not yet)."""
+    if (out_dir / "results.json").is_file():
+        return "done"
+    return "diverged" if (out_dir / STOPPED).is_file() else None
+
+
 def run_extras(spec: Spec, scale: str, cfg) -> list[str]:
     """Overrides every run of ``spec`` takes after its scale's: round checkpoints unless its YAML
     sets its own (``RESUMABLE``), and at the CPU scale only the final evaluation unless the table is
@@ -403,10 +411,8 @@ def plan_runs(spec: Spec, seeds: list[int], scale: str, root: Path, quirks: bool
     launches = root / scale / "launches"
     running = in_flight(launches)
     for run in runs:
-        if (run.out_dir / "results.json").is_file():
-            run.status = "done"
-        elif (run.out_dir / STOPPED).is_file():
-            run.status = "diverged"
+        if (state := ended(run.out_dir)) is not None:
+            run.status = state
         elif run.status == "to run" and str(run.out_dir) in running:
             run.status = f"running (job {running[str(run.out_dir)]})"
     return runs
@@ -531,10 +537,9 @@ def collect_results(spec: Spec, runs: list[Run], numbers: dict) -> list[Result]:
             values.append(float(value))
             seeds.append(r.seed)
             dirs.append(str(r.out_dir))
-        unfinished = [r for r in mine if not (r.out_dir / "results.json").is_file()]
-        diverged = sum(1 for r in unfinished if (r.out_dir / STOPPED).is_file())
-        out.append(Result(cell, paper.get((cell.row, cell.col)), values, seeds, dirs, len(unfinished) - diverged,
-                          diverged))
+        states = [ended(r.out_dir) for r in mine]
+        out.append(Result(cell, paper.get((cell.row, cell.col)), values, seeds, dirs, states.count(None),
+                          states.count("diverged")))
     return out
 
 
@@ -861,11 +866,12 @@ def main(argv: list[str] | None = None) -> int:
         if png:
             echo(f"plot: {png}")
     # runs, not cells (a run of the since-table fills two cells, a figure's line four)
-    pending = sum(1 for r in runs if not (r.out_dir / "results.json").is_file() and not (r.out_dir / STOPPED).is_file())
+    states = [ended(r.out_dir) for r in runs]
+    pending = states.count(None)
     if pending and not failed:
         echo(f"{pending} run(s) not finished yet: call the same command again later to fill the table "
              f"(finished runs are never repeated)")
-    diverged = [r for r in runs if (r.out_dir / STOPPED).is_file() and not (r.out_dir / "results.json").is_file()]
+    diverged = [r for r, state in zip(runs, states) if state == "diverged"]
     if diverged:
         echo(f"{len(diverged)} run(s) diverged: guard.nan=stop found a non-finite value and ended them (each "
              f"one's stopped.json names the user and round, e.g. {diverged[0].out_dir / STOPPED}); they count as "
