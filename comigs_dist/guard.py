@@ -38,6 +38,13 @@ class Stopped(FloatingPointError):
         return (Stopped, (str(self), self.user, self.round))
 
 
+class NothingLeft(FloatingPointError):
+    """guard.nan=skip set aside every user an average needed (each one's contribution was not
+    finite): there is nothing left to average. Raised where the average is formed (``Comm``, PCL's
+    mix), which does not know the round; ``train.run`` turns it into ``Stopped`` with the round, so
+    the run ends as under guard.nan=stop, with its ``stopped.json``."""
+
+
 def write_stopped(out_dir: Path, exc: Stopped) -> Path:
     """Record, atomically, that the run in ``out_dir`` was stopped by the guard: reason, user, round
     and message. Written by the rank that raised (two users stopping in the same round write the

@@ -647,7 +647,10 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
         round_start = time.perf_counter()
         before = {u.user_idx: (u.stats.bytes_sent, u.stats.bytes_received, u.stats.seconds) for u in rank.users}
         # sync; local expert steps; router steps every tau (Algorithm 1)
-        run_round(rank, round_idx, monitor)
+        try:
+            run_round(rank, round_idx, monitor)
+        except guard.NothingLeft as exc:  # guard.nan=skip ran out of users: the run stops, as under stop
+            raise guard.Stopped(str(exc), rank.users[0].user_idx, round_idx + 1) from exc
         sent = {v: a["total"]["sent"] for v, a in analytic().items()}
         for u in rank.users:
             monitor.round_end(u.user_idx, u.step, u.stats, before[u.user_idx], sent[u.user_idx],

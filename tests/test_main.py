@@ -152,3 +152,20 @@ def test_a_run_the_guard_stops_records_why_and_a_retry_moves_the_record_aside(tm
     assert "an earlier attempt in" in said and "was stopped by the guard (user 0, round 2" in said, said
     assert (out / "results.json").is_file() and not (out / "stopped.json").exists()
     assert json.loads((out / "stopped.previous.json").read_text()) == stop
+
+
+def test_a_skip_run_left_without_users_to_average_stops_with_a_record(tmp_path, capsys, monkeypatch):
+    """guard.nan=skip with one user whose generalist turns NaN before round 2: the only member of
+    the group sits the round out, nothing is left to average, and the run ends as under stop: exit
+    code 1, stopped.json naming user 0 and round 2 (what launch.reproduce reads as "diverged"), no
+    results.json."""
+    from comigs_dist.main import main
+    out = tmp_path / "run"
+    monkeypatch.setenv("COMIGS_FAULT", "nan,user=0,round=2")
+    assert main([*SMALL, "train.rounds=2", "guard.nan=skip", f"out_dir={out}"]) == 1
+    err = capsys.readouterr().err
+    stop = json.loads((out / "stopped.json").read_text())
+    assert (stop["reason"], stop["user"], stop["round"]) == ("non-finite", 0, 2), stop
+    assert "sat this round out" in stop["message"] and "nothing left to average" in stop["message"], stop
+    assert "guard.nan=skip: user 0 contributes nothing this round" in err, err
+    assert not (out / "results.json").exists()

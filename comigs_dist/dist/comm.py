@@ -45,6 +45,7 @@ from comigs_dist.dist.buffers import Scratch, flatten, packed_buffer, unflatten_
 from comigs_dist.dist.collectives import raise_shape_problems, shape_list, shape_problems
 from comigs_dist.dist.failures import collective
 from comigs_dist.dist.topology import Topology
+from comigs_dist.guard import NothingLeft
 from comigs_dist.privacy.mean import PrivateMean
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -400,7 +401,7 @@ class Comm:
 
     def _no_contributor_left(self, group: str, divisor: int) -> None:
         if divisor == 0:
-            raise FloatingPointError(f"every member of group {group!r} ({', '.join(map(str, self.members(group)))}) "
+            raise NothingLeft(f"every member of group {group!r} ({', '.join(map(str, self.members(group)))}) "
                                      f"sat this round out with non-finite shared parameters (guard.nan=skip): there "
                                      f"is nothing left to average; lower train.lr or check the data, then resume")
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from comigs_dist import guard
 from comigs_dist.dist import unflatten_into
 from comigs_dist.methods.base import Method, register_method, share_all
 from comigs_dist.options import opt
@@ -89,7 +90,7 @@ class PCL(Method):
             payload[u.user_idx] = sent + [tensors[0].new_full((1,), 1.0 if u.contributing else 0.0)]
         vectors = ctx.comm.gather(group, payload)
         if not any(float(v[-1]) > 0.5 for v in vectors):
-            raise FloatingPointError("every user sat this PCL round out with non-finite parameters (guard.nan=skip): "
+            raise guard.NothingLeft("every user sat this PCL round out with non-finite parameters (guard.nan=skip): "
                                      "there is no model left to mix; lower train.lr or check the data, then resume")
         for u in ctx.users:
             tensors = mine[u.user_idx]
