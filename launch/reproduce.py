@@ -1,7 +1,7 @@
 """Reproduce one table or figure of the paper and print it beside the paper's numbers.
 
     python -m launch.reproduce --table 1 --dataset agnews [--seeds 42,45,47] [--executor slurm|local]
-        [--scale paper|cpu|debug] [--rows Local,FedAvg] [--quirks] [--dry-run]
+        [--scale paper|cpu|debug] [--rows Local,FedAvg] [--quirks] [--dry-run | --collect]
 
 ``--table`` takes 1, 2, 4, 5, 6 (the tables), fig4, fig5, fig6 (section 4.3.2, Multilingual),
 fig11, fig12, fig13 (appendix D, SlimPajama), tau_s (Figure 7), since (the methods published since the
@@ -11,7 +11,8 @@ configuration (a YAML of ``configs/`` and its row's overrides, as the YAML's hea
 once per seed through the sweep machinery (``launch.submit``: submitit, to Slurm or to local
 processes). Each run has a fixed directory, ``<root>/<scale>/<config>/<overrides>/seed-<s>``, so a
 run that left its results.json is never run again and a later call only fills what is missing
-(an interrupted run resumes from its checkpoints). The table is then printed in the paper's layout,
+(an interrupted run resumes from its checkpoints); ``--collect`` submits nothing and prints the
+table of the runs finished so far (while the others run on Slurm, say). The table is then printed in the paper's layout,
 each cell with the paper's number (``launch/paper_numbers.yaml``, with its source), ours (mean
 (sample std) over the seeds found) and the difference, and written as CSV and Markdown; the figures
 also get their plot (``comigs_dist.analyze``).
@@ -762,7 +763,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--wait", dest="wait", action="store_true", default=None,
                    help="wait for the runs, then print the table (default with the local executor)")
     p.add_argument("--no-wait", dest="wait", action="store_false", help="submit and return (default on Slurm)")
-    p.add_argument("--dry-run", action="store_true", help="list every run, its state and its command; run nothing")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument("--dry-run", action="store_true", help="list every run, its state and its command; run nothing")
+    only.add_argument("--collect", action="store_true",
+                      help="print and write the table from the runs finished so far; submit nothing (e.g. while "
+                           "the rest still run on Slurm)")
     p.add_argument("--prepare", action="store_true", help="--scale cpu: build the missing data and small base first")
     p.add_argument("--root", default="runs/reproduce", help="runs go to ROOT/<scale>/...")
     p.add_argument("--out", default=None, help="table files OUT.csv, OUT.md (and OUT.png for the figures); default "
@@ -789,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = select(build_spec(ns.table), datasets, rows)
         numbers = paper_numbers()
         root = Path(ns.root).resolve()
-        if ns.scale == "cpu" and not ns.dry_run:
+        if ns.scale == "cpu" and not (ns.dry_run or ns.collect):
             if ns.prepare:
                 _prepare_cpu(echo)
             missing = _missing_cpu_assets()
@@ -822,29 +827,31 @@ def main(argv: list[str] | None = None) -> int:
             if r.argv and r.status == "to run":
                 echo(f"      {command_line(r, n_users)}")
         return 0
-    if invalid:
+    if invalid and not ns.collect:
         seen = []
         for r in invalid:
             if r.status not in seen:
                 seen.append(r.status)
         print("error: nothing was submitted; these cells cannot run yet:\n  - " + "\n  - ".join(seen), file=sys.stderr)
         return 2
-    from submitit import AutoExecutor
-    kind = AutoExecutor.which() if ns.executor == "auto" else ns.executor
-    wait = (kind != "slurm") if ns.wait is None else ns.wait
-    try:
-        outcomes = execute(runs, root, ns.scale, spec.key, cluster=ns.executor, max_parallel=ns.max_parallel,
-                           wait=wait, gpus_per_node=ns.gpus_per_node, cpus_per_task=ns.cpus_per_task,
-                           timeout_min=ns.time, partition=ns.partition, slurm_args=_slurm_kv(ns.slurm), echo=echo)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # the scheduler refused (no Slurm controller, a bad partition, ...)
-        print(f"error: submitting to {kind} failed: {type(exc).__name__}: {exc}; check the cluster, or run with "
-              f"--executor local", file=sys.stderr)
-        return 2
-    # a run the guard stopped is an outcome (its cell says "diverged"), not a failure to retry
-    failed = [d for d, o in outcomes.items() if o not in ("COMPLETED", "DIVERGED")]
+    failed = []
+    if not ns.collect:
+        from submitit import AutoExecutor
+        kind = AutoExecutor.which() if ns.executor == "auto" else ns.executor
+        wait = (kind != "slurm") if ns.wait is None else ns.wait
+        try:
+            outcomes = execute(runs, root, ns.scale, spec.key, cluster=ns.executor, max_parallel=ns.max_parallel,
+                               wait=wait, gpus_per_node=ns.gpus_per_node, cpus_per_task=ns.cpus_per_task,
+                               timeout_min=ns.time, partition=ns.partition, slurm_args=_slurm_kv(ns.slurm), echo=echo)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except Exception as exc:  # the scheduler refused (no Slurm controller, a bad partition, ...)
+            print(f"error: submitting to {kind} failed: {type(exc).__name__}: {exc}; check the cluster, or run "
+                  f"with --executor local", file=sys.stderr)
+            return 2
+        # a run the guard stopped is an outcome (its cell says "diverged"), not a failure to retry
+        failed = [d for d, o in outcomes.items() if o not in ("COMPLETED", "DIVERGED")]
     results = collect_results(spec, runs, numbers)
     echo("")
     echo(format_text(spec, results, numbers, seeds, ns.scale))
@@ -869,8 +876,8 @@ def main(argv: list[str] | None = None) -> int:
     states = [ended(r.out_dir) for r in runs]
     pending = states.count(None)
     if pending and not failed:
-        echo(f"{pending} run(s) not finished yet: call the same command again later to fill the table "
-             f"(finished runs are never repeated)")
+        again = "the same command without --collect runs them" if ns.collect else "call the same command again later"
+        echo(f"{pending} run(s) not finished yet: {again} to fill the table (finished runs are never repeated)")
     diverged = [r for r, state in zip(runs, states) if state == "diverged"]
     if diverged:
         echo(f"{len(diverged)} run(s) diverged: guard.nan=stop found a non-finite value and ended them (each "

@@ -221,6 +221,31 @@ def test_finished_runs_are_read_not_rerun_and_the_table_shows_paper_ours_diff(tm
     assert "| Local | 41.46 (0.06) | 41.00 (1.41) | -0.46 |" in md
 
 
+def test_collect_prints_the_finished_runs_table_and_submits_nothing(tmp_path, capsys):
+    """--collect with 3 of 4 runs finished (CoMiGS-1G1S seed 45 missing): nothing is submitted or
+    created for the missing run, the exit code is 0, Local's cell is complete (41.00 (1.41)) and
+    CoMiGS-1G1S's says 1 of 2 seeds; the files are written and the closing line names the missing run."""
+    root = tmp_path / "r"
+    rows = ["Local", "CoMiGS-1G1S"]
+    runs = reproduce.plan_runs(reproduce.select(reproduce.build_spec("1"), ["agnews"], rows), [42, 45], "debug", root)
+    values = {("Local", 42): 40.0, ("Local", 45): 42.0, ("CoMiGS-1G1S", 42): 33.0}
+    for r in runs:
+        if (r.cells[0].row, r.seed) in values:
+            _fake_results(r.out_dir, values[(r.cells[0].row, r.seed)])
+    missing = next(r.out_dir for r in runs if (r.cells[0].row, r.seed) == ("CoMiGS-1G1S", 45))
+    rc = reproduce.main(["--table", "1", "--dataset", "agnews", "--rows", ",".join(rows), "--scale", "debug",
+                         "--seeds", "42,45", "--root", str(root), "--executor", "local", "--collect"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "4 run(s): 3 done, 0 running, 1 to run" in out and "submitted" not in out, out
+    assert not missing.exists() and not (root / "debug" / "launches").exists()
+    lines = {l.split()[0]: l for l in out.splitlines() if l.startswith(("Local ", "CoMiGS-1G1S "))}
+    assert "41.00 (1.41)" in lines["Local"] and "33.00 [1/2]" in lines["CoMiGS-1G1S"], lines
+    assert "| Local | 41.46 (0.06) | 41.00 (1.41) | -0.46 |" in (root / "debug" / "table1_agnews.md").read_text()
+    assert "1 run(s) not finished yet: the same command without --collect runs them" in out
+    with pytest.raises(SystemExit):  # one or the other
+        reproduce.parse(["--table", "1", "--dry-run", "--collect"])
+
+
 def test_the_papers_orderings_are_checked_against_ours(tmp_path, capsys):
     """Table 1, AG News, paper FedAvg 31.84 < CoMiGS-1G1S 33.53 < Local 41.46. Ours (two seeds):
     FedAvg 36, 36; CoMiGS 33, 34; Local 35.5, 37.5. CoMiGS < Local holds (gap 3 > spread
