@@ -224,6 +224,20 @@ def _fedalt_worker(rank, world_size, tmp_path, n_users, mixer):
     mixers = _everyone(topo0, routers)
     assert all(not torch.equal(p, mixers[1][n]) for n, p in mixers[0].items()), "mixers stay the users' own"
 
+    # after the last round: one more sum, so the RoW evaluated is the mean of the others' final
+    # individual LoRAs (the released code aggregates before it evaluates), counted as one round
+    from comigs_dist.monitor import Monitor
+    train.expert_step(run, run.users)
+    pre = _everyone(topo0, {u.user_idx: _pairs(u) for u in run.users})
+    sent = {u.user_idx: u.stats.bytes_sent for u in run.users}
+    train.after_training(run, 2, Monitor.silent([u.user_idx for u in run.users]))
+    for u in run.users:
+        for i, (n, row, ind) in enumerate(u.method_state):
+            others = [pre[v][i][2].double() for v in range(n_users) if v != u.user_idx]
+            assert torch.equal(row.detach(), (sum(others) / len(others)).float()), n
+            assert torch.equal(ind.detach(), pre[u.user_idx][i][2]), n
+        assert u.stats.bytes_sent - sent[u.user_idx] == numel * 4
+
     # a whole run through train.run
     [*rows] = train.run(tiny_config(method="fedalt", n_users=n_users, **{"train.rounds": 3}, **MIXERS[mixer]),
                         dataclasses.replace(topo0, groups={}), tmp_path / "run")
@@ -240,5 +254,6 @@ def test_fedalt_rest_of_world_is_the_mean_of_the_others_on_real_ranks(tmp_path, 
     individual LoRAs and the mixers only; after the sync each user's RoW is bit for bit the
     hand-computed mean of the others' individual LoRAs, the individual LoRAs and the mixers are
     untouched and still differ between users; the sync sends one LoRA set, the figure from
-    the shapes and the analytic one; three rounds through train.run beat the base model."""
+    the shapes and the analytic one; after the last round one more sum makes each RoW the mean
+    of the others' final individual LoRAs; three rounds through train.run beat the base model."""
     run_on_ranks(_fedalt_worker, world_size, tmp_path, n_users, mixer, timeout_s=600)

@@ -68,6 +68,26 @@ def test_weights_reach_each_sequence_of_a_paired_adapter():
     torch.testing.assert_close(out[1], x[1] @ d_global.t())
 
 
+def test_position_weights_reach_each_token_of_a_paired_adapter():
+    """(B, T, 2) weights (FedDPA's omega at each position): token t of sequence b gets
+    w[b, t, 0] d_global x + w[b, t, 1] d_local x, for (B, T, in) and for flattened (B*T, in)
+    input alike; weights of another layout than the input's are refused."""
+    torch.manual_seed(0)
+    pair = PairedLoRA(4, 3, 2, 16.0, kind="attn", layer=0, module="attn.c_attn")
+    with torch.no_grad():
+        pair.first.lora_B.normal_()
+        pair.second.lora_B.normal_()
+    x = torch.randn(2, 5, 4)
+    omega = torch.rand(2, 5) * 0.5
+    pair.set_row_weights(compute_pair_weights(omega))
+    d_global, d_local = pair.delta_weights()
+    want = (1 - omega)[..., None] * (x @ d_global.t()) + omega[..., None] * (x @ d_local.t())
+    torch.testing.assert_close(pair(x), want)
+    torch.testing.assert_close(pair(x.reshape(10, 4)), want.reshape(10, 3))
+    with pytest.raises(ValueError, match=r"position weights are set for \(2, 5\)"):
+        pair(torch.randn(2, 4, 4))
+
+
 # --------------------------------------------------------------------------------------------
 # the method on real process groups (gloo, the tiny GPT-2)
 # --------------------------------------------------------------------------------------------
@@ -88,8 +108,9 @@ def _feddpa_config(**extra):
 
 
 def _hand_omega(u, x, state, n_references):
-    """omega of each window of x, recomputed apart from the method: the local adapter alone through
-    the pairs' *fixed* weights (not the row weights the method sets), references drawn by a fresh
+    """omega at each position of each window of x, recomputed apart from the method: the local
+    adapter alone through the pairs' *fixed* weights (not the row weights the method sets), the
+    hidden state of every position against the last token's of references drawn by a fresh
     sampler from the same state."""
     from comigs_dist.data import BatchSampler
     sampler = BatchSampler(u.data.train, u.cfg.train.seq_len, 0)
@@ -97,7 +118,7 @@ def _hand_omega(u, x, state, n_references):
     pairs = u.method_state.pairs
     for p in pairs:
         p.set_weights(0.0, 1.0)
-    emb = u.model.hidden(x)[:, -1]
+    emb = u.model.hidden(x)
     refs = torch.stack([u.model.hidden(sampler.sample(x.shape[0])[0])[:, -1] for _ in range(n_references)], dim=1)
     return compute_instance_weights(emb, refs, 0.5)
 
@@ -172,11 +193,35 @@ def _feddpa_worker(rank, world_size, tmp_path):
             p.set_row_weights(None)
     assert summed[1:] == by_hand[1:] and summed[0] == pytest.approx(by_hand[0], rel=1e-5)
     assert all(p.row_weights is None for p in u.method_state.pairs), "the weights are cleared after the batch"
+    # causal: a window whose last token changes keeps every earlier position's weight
+    with torch.no_grad():
+        other = x.clone()
+        other[:, -1] = (other[:, -1] + 1) % u.model.lm.config.vocab_size
+        refs.load_state_dict(state)
+        first = u.method.omega(u, x)
+        refs.load_state_dict(state)
+        second = u.method.omega(u, other)
+    assert first.shape == x.shape and torch.equal(first[:, :-1], second[:, :-1])
+    assert not torch.equal(first[:, -1], second[:, -1])
+    refs.load_state_dict(after)
     # the reference sampler's state survives a checkpoint (weights_only load)
     checkpoint.save_atomic({"m": u.method.state_dict(u)}, tmp_path / f"feddpa_{rank}.pt")
     refs.load_state_dict(state)
     u.method.load_state_dict(u, checkpoint.load(tmp_path / f"feddpa_{rank}.pt")["m"])
     assert torch.equal(refs.state_dict()["generator"], after["generator"])
+
+    # after the last round (variant T too): one more average of the global adapters, so that the
+    # model evaluated holds the averaged global adapter, as the released code evaluates it
+    from comigs_dist.monitor import Monitor
+    for v in run.users:
+        train.router_steps(run, v, 1)
+    pre = _everyone(topo0, {v.user_idx: _state(v) for v in run.users})
+    train.after_training(run, 2, Monitor.silent([v.user_idx for v in run.users]))
+    post = _everyone(topo0, {v.user_idx: _state(v) for v in run.users})
+    for n in glob:
+        want = (sum(pre[v][n].double() for v in range(4)) / 4).float()
+        assert all(torch.equal(post[v][n], want) for v in range(4)), n
+    assert all(torch.equal(post[v][n], pre[v][n]) for v in range(4) for n in local)
 
     # a whole run through train.run, evaluated every round
     rows = train.run(_feddpa_config(**{"train.rounds": 3, "eval.every": 1}), dataclasses.replace(topo0, groups={}),
@@ -190,8 +235,10 @@ def test_feddpa_phases_share_the_global_adapter_and_weigh_each_test_window(tmp_p
     the second phase the global adapters only (weights 1/0); after the sync every global adapter
     is bit for bit the users' mean and the local ones are untouched; the bytes are one global
     adapter, the analytic figure; an evaluation batch's loss equals the one with the row weights
-    computed by hand from independently computed embeddings; the reference sampler survives a
-    checkpoint; three rounds through train.run beat the base model."""
+    computed by hand from independently computed embeddings, at each position (a changed last
+    token leaves every earlier position's weight alone); the reference sampler survives a
+    checkpoint; after the last round the global adapters are averaged once more; three rounds
+    through train.run beat the base model."""
     run_on_ranks(_feddpa_worker, 2, tmp_path, timeout_s=600)
 
 
@@ -330,8 +377,9 @@ def test_feddpa_f_trains_the_global_adapter_then_fine_tunes_a_copy(tmp_path):
 
 
 def test_feddpa_variant_options_are_checked():
-    """variant must be T or F; finetune_steps >= 0 and only with variant F; variant F refuses
-    privacy (not partial participation); F needs no router schedule."""
+    """variant must be T or F; finetune_steps >= 0 and only with variant F; variant F accepts
+    privacy (its aggregation after the last round is planned: test_privacy_dist) and partial
+    participation; F needs no router schedule."""
     from comigs_dist.config import ConfigError, load_config
     with pytest.raises(ConfigError, match=r"method_options.variant \('G'\) must be one of 'T', 'F'"):
         load_config(None, ["method=feddpa", "train.router_every=10", "method_options.variant=G"])
@@ -341,9 +389,7 @@ def test_feddpa_variant_options_are_checked():
     with pytest.raises(ConfigError, match=r"method_options.finetune_steps \(3\) applies to FedDPA-F only.*"
                                           r"set method_options.variant=F"):
         load_config(None, ["method=feddpa", "train.router_every=10", "method_options.finetune_steps=3"])
-    with pytest.raises(ConfigError, match=r"privacy.dp=user cannot run with method 'feddpa': under "
-                                          r"method_options.variant=F .*set privacy.dp=off"):
-        load_config(None, ["method=feddpa", "method_options.variant=F", "privacy.dp=user"])
+    assert load_config(None, ["method=feddpa", "method_options.variant=F", "privacy.dp=user"])
     cfg = load_config(None, ["method=feddpa", "method_options.variant=F", "method_options.finetune_steps=0"])
     assert cfg.method_options["variant"] == "F" and cfg.train.router_every != cfg.train.local_steps
     assert load_config(None, ["method=feddpa", "method_options.variant=F", "train.participation=0.5"])

@@ -312,3 +312,36 @@ def test_the_accountant_sees_the_sample_and_the_groups_of_the_run():
                              "comm.groups=[{name: everyone, users: all, experts: [0]}, "
                              "{name: pair, users: [0, 1], experts: [1]}, {name: other, users: [2, 3], experts: [1]}]"])
     assert privacy_accounting(two, 4)["groups_per_user"] == 2
+
+
+# methods that aggregate their own way (their own sync or a closing aggregation after the last round)
+OWN_WAY = {"comigs_2s_quirks": {"method": "comigs_2s", "method_options.reference_quirks": True},
+           "fedprox": {"method": "fedprox"}, "ffa_lora": {"method": "ffa_lora"}, "local": {"method": "local"},
+           "feddpa": {"method": "feddpa", "train.router_every": 2, "train.router_steps": 1},
+           "feddpa_f": {"method": "feddpa", "method_options.variant": "F", "train.router_steps": 0}}
+
+
+def test_every_method_refuses_privacy_before_any_work_or_runs_with_it(tmp_path):
+    """privacy.dp=user: a method whose traffic privacy cannot cover is refused by the configuration
+    check, naming the method and why (FedALT's sum of whole LoRAs, the learned groups' gather, PCL,
+    Centralized, HetLoRA, FlexLoRA); they used to fail at round 2, after training had started. Every
+    other method with an aggregation of its own runs 3 rounds of 2 users on one rank, and its final
+    epsilon is dp-accounting's for the releases planned: train.rounds - 1, plus one for FedDPA's
+    aggregation after the last round (both variants)."""
+    from comigs_dist.methods import known_methods, method_class
+    from comigs_dist.privacy.accountant import epsilon
+    private = {"privacy.dp": "user", "privacy.noise_multiplier": 1.3, "privacy.clip": 0.05}
+    refused = sorted(m for m in known_methods() if method_class(m).refuses_privacy)
+    assert {"fedalt", "comigs_learned", "pcl", "centralized", "hetlora", "flexlora"} <= set(refused), refused
+    for m in refused:
+        with pytest.raises(ConfigError, match=rf"privacy.dp=user cannot run with method '{m}': "):
+            tiny_config(method=m, **private)
+    runs = [(name, {"train.rounds": 3, "train.local_steps": 2, **private, **o}) for name, o in OWN_WAY.items()]
+    run_on_ranks(_runs_worker, 1, tmp_path, 2, runs, timeout_s=600)
+    for name, overrides in runs:
+        cfg = tiny_config(n_users=2, **overrides)
+        planned = privacy_accounting(cfg, 2)["rounds"]
+        assert planned == (3 if name.startswith("feddpa") else 2), (name, planned)
+        rows = _rows(tmp_path, name)
+        released = 0 if name in ("local", "comigs_2s_quirks") else planned  # these share nothing after round 0
+        assert [r["privacy"]["epsilon"] for r in rows] == [pytest.approx(epsilon(1.3, 1.0, released, 1e-5))] * 2, name

@@ -204,7 +204,8 @@ def privacy_errors(cfg: RunConfig, n_users: int | None) -> list[str]:
 def privacy_accounting(cfg: RunConfig, n_users: int) -> dict:
     """How the accountant sees this run (the keyword arguments of privacy.accountant.epsilon and of
     privacy.dp.resolve_noise_multiplier): ``rounds`` noised aggregations (train.rounds - 1: round
-    0's sync moves the initialisation, which holds no data); users sampled every round 'poisson'
+    0's sync moves the initialisation, which holds no data; one more for a method that aggregates
+    after the last round, ``Method.aggregates_after_training``); users sampled every round 'poisson'
     at rate 1 (everyone), or a fixed number out of ``n_users`` without replacement ('fixed',
     train.participation / users_per_round: the seeded draw); ``groups_per_user``: the most sharing
     groups one user sends in a round."""
@@ -216,8 +217,13 @@ def privacy_accounting(cfg: RunConfig, n_users: int) -> dict:
             groups = max(1, max(sum(u in m for m in members) for u in range(n_users)))
         except (ConfigError, IndexError, TypeError, ValueError):
             pass  # comm.groups or per-user lists are wrong: reported on their own
+    closing = 0  # a method's aggregation after the last round releases that round's local steps too
+    if cfg.method in known_methods():
+        cls = method_class(cfg.method)
+        options, option_errors = parse_options(cls.Options, cfg.method_options, f"method {cfg.method!r}")
+        closing = 0 if option_errors else int(cls.aggregates_after_training(options))
     full = k >= n_users
-    return {"rounds": max(0, cfg.train.rounds - 1), "sample_rate": 1.0 if full else k / n_users,
+    return {"rounds": max(0, cfg.train.rounds - 1) + closing, "sample_rate": 1.0 if full else k / n_users,
             "sampling": "poisson" if full else "fixed", "n_users": n_users, "groups_per_user": groups}
 
 

@@ -211,6 +211,13 @@ class Method:
         return []
 
     @classmethod
+    def aggregates_after_training(cls, options) -> bool:
+        """Whether ``after_training``, under the parsed ``options``, runs one more aggregation (a
+        release of the last round's local steps: privacy's accountant plans train.rounds of them
+        instead of train.rounds - 1). False by default."""
+        return False
+
+    @classmethod
     def privacy_refusal(cls, options) -> str:
         """Why the method, under its parsed ``options``, refuses privacy.dp / privacy.secure_agg
         ("" = it accepts them): ``refuses_privacy`` unless an option changes the answer."""
@@ -341,7 +348,8 @@ class Method:
         and the final checkpoint (only for methods that train): a closing stage of the method's
         own (FedDPA-F: one more aggregation, then every user's local adapter fine-tuned). Round
         checkpoints are all written before it, so a resumed run reaches it once, from the restored
-        state, and final.pt (never resumed from) holds its result. Nothing by default."""
+        state, and final.pt (never resumed from) holds its result. A method that aggregates here
+        says so in ``aggregates_after_training``. Nothing by default."""
         return None
 
     # -- state beyond the parameters (checkpoints) -----------------------------------------------

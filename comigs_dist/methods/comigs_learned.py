@@ -15,7 +15,8 @@ sync on, each cluster's generalist experts are averaged over its members (the fi
 cluster starts from its members' mean) while the attention LoRA stays averaged over every user
 (``attention='global'``, the paper always shares it) or also per cluster (``'cluster'``).
 One group found, or ``k=1``: the base class's sync every round, i.e. CoMiGS-1G1S bit for bit
-(only the one gather of the switch round is added to the bytes).
+(only the one gather of the switch round is added to the bytes). Privacy is refused before any
+work: that gather moves the users' updates in the clear.
 
 What differs from FedLEASE (docs/methods-since-the-paper.md): FedLEASE warms up without sharing,
 clusters the LoRA B matrices and then gives every user one expert per cluster with an adaptive
@@ -86,6 +87,9 @@ class CoMiGSLearned(CoMiGS1G1S):
     paper_row = "in the spirit of FedLEASE, Wang et al., NeurIPS 2025 (since the paper)"
     Options = LearnedGroupsOptions
     accepts_comm_groups = False  # the groups are learned
+    refuses_privacy = ("the round that forms the groups gathers every user's summed warm-up update of its "
+                       "generalists (Comm.gather) in the clear to cluster them; privacy.dp and privacy.secure_agg "
+                       "protect the means of the shared groups only")
 
     @classmethod
     def config_errors(cls, cfg) -> list[str]:

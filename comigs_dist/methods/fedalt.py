@@ -31,6 +31,10 @@ user that sat out because its individual LoRA is not finite restarts it from tha
 finite model it can have; its optimiser moments are kept, as every method's).
 Byte counts are those of a mean in comm.mode (Comm.sum counts as Comm.mean does): one LoRA set each
 way under server, N sets each way under all2all, as analytic_round_bytes says.
+After the last round one more sum (``after_training``) gives each user the RoW of the others'
+final individual LoRAs, which the final evaluation uses (the released code aggregates before it
+evaluates). Privacy is refused: the sum of whole individual LoRAs is not the mean of round updates
+that privacy.dp and privacy.secure_agg protect.
 Choices where the paper is silent: one mixer per adapted projection by default (the code's),
 Kaiming-uniform mixer init (the code's; the 'mlp' router keeps the mixture's N(0, 0.02)), no load
 balancing, the simulator's AdamW and schedule. The guard checks
@@ -108,6 +112,9 @@ class FedALT(Method):
     accepts_comm_groups = False  # the rest of the world is every other user
     router = "joint"             # the mixers train with the individual LoRAs, on the training loss
     Options = FedALTOptions
+    refuses_privacy = ("each user's rest-of-world LoRA is the sum of every user's individual LoRA minus its own "
+                       "(Comm.sum of the individual LoRAs, which are never replaced by an aggregate), not a mean of "
+                       "round updates, which is what privacy.dp and privacy.secure_agg protect")
 
     def adapter_spec(self, cfg, user_idx, spec):
         if self.options.mixer == "mlp":
@@ -128,6 +135,16 @@ class FedALT(Method):
 
     def own_aggregated(self, user):
         return [(name, ind) for name, _, ind in user.method_state]
+
+    @classmethod
+    def aggregates_after_training(cls, options) -> bool:
+        return True
+
+    def after_training(self, ctx) -> None:
+        """One more sum after the last round: each user is evaluated with the rest of the world as
+        the others' individual LoRAs ended, as the released code aggregates before it evaluates
+        (otherwise the RoW would be the one the last round started from)."""
+        ctx.aggregate()
 
     @torch.no_grad()
     def sync(self, ctx) -> None:

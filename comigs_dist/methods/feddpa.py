@@ -8,14 +8,19 @@ equation was not readable here. Implemented: FedDPA-T (what the released ``main.
 round, (a) the local adapter trains with the layer adding (1 - alpha) global + alpha local, the
 global adapter frozen, alpha = 0.5; then (b) the global adapter trains alone (the local adapter
 out of the forward); (c) the global adapters are averaged (uniform 1/N, the base class's sync).
-At test time each instance x gets
-    omega(x) = max_weight * mean_s cos(e(x), e(x_s)),
-e the final hidden state of the last token computed with the local adapter alone, x_s (s = 1..S)
-windows drawn at random from the user's training split for every test window (S = 5,
-max_weight = 0.5: the code's defaults; cosine and the last token: the paper's ablations), and the
-pair adds (1 - omega) global + omega local (``weighted='local'``, the default: the training
-convention of alpha, an instance unlike the local data leans on the global adapter) or the
-released inference script's assignment, omega to the global adapter (``weighted='global'``).
+After the last round the global adapters are averaged once more (``after_training``), so the
+model evaluated holds the averaged global adapter, as the released code evaluates its aggregated
+global adapter. At test time the instance of a prediction is what the model has read: the weight of
+the prediction after position t of a test window is
+    omega(x_<=t) = max_weight * mean_s cos(e(x_<=t), e(x_s)),
+e(x_<=t) the final hidden state at position t computed with the local adapter alone (causal: it
+depends on the tokens up to t only, so no prediction sees the tokens it is scored on), e(x_s) the
+final hidden state of the last token of x_s (s = 1..S), windows drawn at random from the user's
+training split for every test window (S = 5, max_weight = 0.5: the code's defaults; cosine and the
+last token: the paper's ablations), and the pair adds (1 - omega) global + omega local
+(``weighted='local'``, the default: the training convention of alpha, an instance unlike the
+local data leans on the global adapter) or the released inference script's assignment, omega to
+the global adapter (``weighted='global'``).
 
 Simulator mapping: a ``PairedLoRA`` with fixed weights (``AdapterSpec.paired='fixed'``) on every
 adapted projection, one expert, no router; ``first`` = global (role generalist, shared),
@@ -30,22 +35,24 @@ phases the same number of epochs (configs/feddpa.yaml: router_steps = local_step
 costs up to twice a FedAvg round. ``before_phase`` sets the pair's weights of each phase. Departures from the code: its
 round 0 trains the global adapter only (here the local phase runs at round 0 too, against the
 untrained global adapter, B = 0), a fresh optimiser per phase and round there (kept across rounds
-here, as for every method), an evaluation window is an instance, omega is clamped to
+here, as for every method), the instance of a prediction is its window's prefix (the paper's
+instance is a prompt whose answer is generated after omega is fixed; a weight from the whole
+window would let every prediction depend on the tokens after it), omega is clamped to
 [0, max_weight]. Reference windows come from the user's ``feddpa_references`` stream, whose
 state is checkpointed (``state_dict``).
 
 FedDPA-F (``variant='F'``; the paper's sequential variant, absent from the released code, so its
 details are choices documented in docs/methods-since-the-paper.md): the expert steps train the
 global adapter alone (weights (1, 0), no second level) and the syncs average it, as FedIT; after
-the last round (``after_training``) the global adapters are averaged once more, each user's local
-adapter becomes a copy of that average and is fine-tuned for ``finetune_steps`` steps (default
+the last round (``after_training``) the global adapters are averaged once more (as for T), each
+user's local adapter becomes a copy of that average and is fine-tuned for ``finetune_steps`` steps (default
 ``train.local_steps``) under (1 - alpha) global + alpha local, the global adapter frozen, on
 the user's training sampler with a fresh AdamW at ``train.lr``; test time as FedDPA-T. Before the
 fine-tune, evaluations use the global adapter alone. Round checkpoints precede the fine-tune, so a
-resume runs it once. Under partial participation the closing average is over the last round's
-participants and every user, drawn in that round or not, downloads it before its fine-tune (the
-server hands the final global model to all); privacy is refused (that extra average is a release
-the accountant does not plan).
+resume runs it once. Under partial participation the closing average (either variant) is over the
+last round's participants and every user, drawn in that round or not, downloads it (the server
+hands the final global model to all); under privacy.dp it is one more noised release, which the
+accountant plans (``aggregates_after_training``: train.rounds releases instead of train.rounds - 1).
 """
 from __future__ import annotations
 
@@ -65,17 +72,21 @@ from comigs_dist.seeds import derive_seed
 @torch.no_grad()
 def compute_instance_weights(embeddings: torch.Tensor, references: torch.Tensor, max_weight: float = 0.5,
                              clamp: bool = True) -> torch.Tensor:
-    """omega for each of B instances, (B,): ``max_weight`` times the mean cosine similarity of the
-    instance's embedding (B, D) to the reference embeddings, (S, D) shared by every instance or
-    (B, S, D) one set per instance. A zero embedding is 0-similar to everything. ``clamp`` keeps
-    omega in [0, max_weight] (a negative mean cosine would subtract an adapter; the released code
-    does not clamp, and final hidden states of a language model are rarely anti-aligned)."""
-    if embeddings.dim() != 2:
-        raise ValueError(f"embeddings must be (instances, d); got shape {tuple(embeddings.shape)}")
-    if references.dim() not in (2, 3) or references.shape[-1] != embeddings.shape[1] or references.shape[-2] == 0 \
+    """omega for each of B instances, (B,), or for each of T positions of B windows, (B, T):
+    ``max_weight`` times the mean cosine similarity of the instance's embedding ((B, D), or (B, T, D)
+    one per position) to the reference embeddings, (S, D) shared by every instance or (B, S, D) one
+    set per instance (per window: every position of a window has its window's). A zero embedding is
+    0-similar to everything. ``clamp`` keeps omega in [0, max_weight] (a negative mean cosine would
+    subtract an adapter; the released code does not clamp; at the CPU scale a user's mean cosine can
+    come out slightly negative, so the clamp does bind there)."""
+    if embeddings.dim() not in (2, 3):
+        raise ValueError(f"embeddings must be (instances, d) or (instances, positions, d); got shape "
+                         f"{tuple(embeddings.shape)}")
+    if references.dim() not in (2, 3) or references.shape[-1] != embeddings.shape[-1] or references.shape[-2] == 0 \
             or (references.dim() == 3 and references.shape[0] != embeddings.shape[0]):
         raise ValueError(f"references must be (S, d) or (instances, S, d) with S >= 1 and d = {embeddings.shape[1]} "
                          f"for {embeddings.shape[0]} instances; got shape {tuple(references.shape)}")
+    per_position = embeddings.dim() == 3
     if not 0.0 <= max_weight <= 1.0:
         raise ValueError(f"max_weight ({max_weight}) must be in [0, 1]")
     e = embeddings.double()
@@ -83,23 +94,25 @@ def compute_instance_weights(embeddings: torch.Tensor, references: torch.Tensor,
     r = references.double()
     r = r / r.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     if r.dim() == 2:
-        cos = e @ r.t()                                         # (B, S)
+        cos = e @ r.t()                                          # (B, S) or (B, T, S)
+    elif per_position:
+        cos = torch.einsum("btd,bsd->bts", e, r)                 # (B, T, S)
     else:
         cos = torch.einsum("bd,bsd->bs", e, r)                   # (B, S)
-    omega = max_weight * cos.mean(dim=1)
+    omega = max_weight * cos.mean(dim=-1)
     if clamp:
         omega = omega.clamp(0.0, max_weight)
     return omega.to(embeddings.dtype if embeddings.is_floating_point() else torch.float32)
 
 
 def compute_pair_weights(omega: torch.Tensor, weighted: str = "local") -> torch.Tensor:
-    """(B, 2) weights of (global, local) from omega (B,): 'local' (the default) gives the local
-    adapter omega and the global one 1 - omega; 'global' (the released inference script) the
+    """(..., 2) weights of (global, local) from omega (B,) or (B, T): 'local' (the default) gives the
+    local adapter omega and the global one 1 - omega; 'global' (the released inference script) the
     reverse."""
     if weighted == "local":
-        return torch.stack([1.0 - omega, omega], dim=1)
+        return torch.stack([1.0 - omega, omega], dim=-1)
     if weighted == "global":
-        return torch.stack([omega, 1.0 - omega], dim=1)
+        return torch.stack([omega, 1.0 - omega], dim=-1)
     raise ValueError(f"weighted ({weighted!r}) must be 'local' (omega to the local adapter) or 'global' "
                      f"(the released code)")
 
@@ -179,11 +192,8 @@ class FedDPA(Method):
         return []
 
     @classmethod
-    def privacy_refusal(cls, options) -> str:
-        if options.variant == "F":
-            return ("under method_options.variant=F its aggregation after the last round is a release the privacy "
-                    "accounting does not plan for (variant T accepts privacy)")
-        return super().privacy_refusal(options)
+    def aggregates_after_training(cls, options) -> bool:
+        return True  # the evaluated global adapter is the average of the last round's (both variants)
 
     @property
     def fine_tunes(self) -> bool:
@@ -221,15 +231,15 @@ class FedDPA(Method):
 
     # -- FedDPA-F: after the last round ------------------------------------------------------------
     def after_training(self, ctx: AfterTrainingContext) -> None:
-        """FedDPA-F: average the global adapters once more (the last round's participants' local
-        steps; every user downloads the average), copy
-        each user's averaged global adapter into its local one, and fine-tune the local adapter on
-        the user's training batches under (1 - alpha) global + alpha local, the global one frozen,
-        with a fresh optimiser. The copy makes the first step's model the global model itself
-        ((1 - alpha) g + alpha g = g)."""
+        """Average the global adapters once more (the last round's participants' local steps; every
+        user downloads the average): the model evaluated holds the averaged global adapter. Then,
+        FedDPA-F only: copy each user's averaged global adapter into its local one, and fine-tune
+        the local adapter on the user's training batches under (1 - alpha) global + alpha local,
+        the global one frozen, with a fresh optimiser. The copy makes the first step's model the
+        global model itself ((1 - alpha) g + alpha g = g)."""
+        ctx.aggregate()
         if not self.fine_tunes:
             return
-        ctx.aggregate()
         a = self.options.alpha
         for user in ctx.users:
             st = user.method_state
@@ -248,7 +258,8 @@ class FedDPA(Method):
     # -- test time -------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _instance_weights(self, user, x: torch.Tensor):
-        """Around one evaluation batch: each window's (global, local) weights, then cleared."""
+        """Around one evaluation batch: the (global, local) weights of each window, (B, 2), or of
+        each of its positions, (B, T, 2) (instance-wise omega), then cleared."""
         o, st = self.options, user.method_state
         n = x.shape[0]
         if self.fine_tunes and not st.finetuned:  # F before its fine-tune: the global adapter alone (FedIT)
@@ -267,25 +278,27 @@ class FedDPA(Method):
 
     @torch.no_grad()
     def omega(self, user, x: torch.Tensor) -> torch.Tensor:
-        """omega of each window of x (B, T): its last token's final hidden state and those of
-        n_references training windows drawn for it, all with the local adapter alone."""
+        """omega at each position of each window of x (B, T), (B, T): the final hidden state there
+        (causal: from the tokens up to it) against the last token's of n_references training
+        windows drawn for the window, all with the local adapter alone."""
         o, st = self.options, user.method_state
         n, s = x.shape[0], o.n_references
-        embed = [self._local_embedding(user, x)]
-        for _ in range(s):                         # one reference per window per pass: bounded memory
+        positions = self._local_hidden(user, x)        # (B, T, D)
+        references = []
+        for _ in range(s):                             # one reference per window per pass: bounded memory
             refs, _ = st.references.sample(n, x.device)
-            embed.append(self._local_embedding(user, refs))
-        references = torch.stack(embed[1:], dim=1)  # (B, S, D)
-        return compute_instance_weights(embed[0].float(), references.float(), o.max_weight)
+            references.append(self._local_hidden(user, refs)[:, -1])
+        return compute_instance_weights(positions.float(), torch.stack(references, dim=1).float(), o.max_weight)
 
     @staticmethod
-    def _local_embedding(user, x: torch.Tensor) -> torch.Tensor:
+    def _local_hidden(user, x: torch.Tensor) -> torch.Tensor:
+        """The final hidden states (B, T, D) of x through the local adapter alone."""
         only_local = torch.tensor([[0.0, 1.0]], device=x.device).expand(x.shape[0], 2)
         pairs = user.method_state.pairs
         for pair in pairs:
             pair.set_row_weights(only_local)
         try:
-            return user.model.hidden(x)[:, -1]
+            return user.model.hidden(x)
         finally:
             for pair in pairs:
                 pair.set_row_weights(None)

@@ -77,10 +77,11 @@ class PairedLoRA(nn.Module):
         self.weights = (float(w_first), float(w_second))
 
     def set_row_weights(self, weights: torch.Tensor | None) -> None:
-        """(B, 2) weights of the two LoRAs for each of the B sequences of the next forwards; None
-        to go back to the mixer or the fixed weights."""
-        if weights is not None and (weights.dim() != 2 or weights.shape[1] != 2):
-            raise ValueError(f"row weights must have shape (sequences, 2), got {tuple(weights.shape)}")
+        """Weights of the two LoRAs for the next forwards: (B, 2), one pair per sequence of B, or
+        (B, T, 2), one per position of each; None to go back to the mixer or the fixed weights."""
+        if weights is not None and (weights.dim() not in (2, 3) or weights.shape[-1] != 2):
+            raise ValueError(f"row weights must have shape (sequences, 2) or (sequences, positions, 2), got "
+                             f"{tuple(weights.shape)}")
         self.row_weights = weights
 
     def _terms(self, x: torch.Tensor) -> list[tuple[LoRAFactors, torch.Tensor | float]]:
@@ -96,9 +97,17 @@ class PairedLoRA(nn.Module):
 
     @staticmethod
     def _per_row(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The (B, 2) sequence weights laid out against x: (B, T, in) -> (B, 1, 2); flattened
-        tokens (B*T, in) -> (B*T, 2)."""
+        """The weights laid out against x: per sequence (B, 2) -> (B, 1, 2) for x (B, T, in),
+        (B*T, 2) for flattened tokens (B*T, in); per position (B, T, 2) -> itself, or (B*T, 2)."""
         n_rows = weights.shape[0]
+        if weights.dim() == 3:
+            n_tokens = weights.shape[0] * weights.shape[1]
+            if x.dim() >= 3 and tuple(x.shape[:2]) == tuple(weights.shape[:2]):
+                return weights.to(x.dtype)
+            if x.dim() == 2 and x.shape[0] == n_tokens:
+                return weights.to(x.dtype).reshape(n_tokens, 2)
+            raise ValueError(f"position weights are set for {tuple(weights.shape[:2])} (sequences, positions) but "
+                             f"the forward's input has shape {tuple(x.shape)}")
         if x.dim() >= 3:
             if x.shape[0] != n_rows:
                 raise ValueError(f"row weights are set for {n_rows} sequences but the forward has {x.shape[0]}")
