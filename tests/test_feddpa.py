@@ -50,15 +50,21 @@ def test_bad_shapes_and_weights_are_refused():
         compute_instance_weights(torch.ones(2, 3), torch.ones(1, 3), max_weight=1.5)
 
 
-def test_weights_reach_each_sequence_of_a_paired_adapter():
-    """The (B, 2) weights set on a PairedLoRA (first = global, second = local) mix each sequence
-    with its own weights: sequence b's output is w_g[b] g B_g A_g x + w_l[b] g B_l A_l x."""
+def _random_pair() -> tuple[PairedLoRA, torch.Tensor]:
+    """A PairedLoRA (4 -> 3, rank 2) whose two B matrices are random (not the untrained 0), and an
+    input of 2 sequences of 5 tokens."""
     torch.manual_seed(0)
     pair = PairedLoRA(4, 3, 2, 16.0, kind="attn", layer=0, module="attn.c_attn")
     with torch.no_grad():
         pair.first.lora_B.normal_()
         pair.second.lora_B.normal_()
-    x = torch.randn(2, 5, 4)
+    return pair, torch.randn(2, 5, 4)
+
+
+def test_weights_reach_each_sequence_of_a_paired_adapter():
+    """The (B, 2) weights set on a PairedLoRA (first = global, second = local) mix each sequence
+    with its own weights: sequence b's output is w_g[b] g B_g A_g x + w_l[b] g B_l A_l x."""
+    pair, x = _random_pair()
     w = compute_pair_weights(compute_instance_weights(torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
                                                       torch.tensor([[1.0, 0.0]]), 0.5))   # omega = 0.5, 0
     pair.set_row_weights(w)
@@ -72,12 +78,7 @@ def test_position_weights_reach_each_token_of_a_paired_adapter():
     """(B, T, 2) weights (FedDPA's omega at each position): token t of sequence b gets
     w[b, t, 0] d_global x + w[b, t, 1] d_local x, for (B, T, in) and for flattened (B*T, in)
     input alike; weights of another layout than the input's are refused."""
-    torch.manual_seed(0)
-    pair = PairedLoRA(4, 3, 2, 16.0, kind="attn", layer=0, module="attn.c_attn")
-    with torch.no_grad():
-        pair.first.lora_B.normal_()
-        pair.second.lora_B.normal_()
-    x = torch.randn(2, 5, 4)
+    pair, x = _random_pair()
     omega = torch.rand(2, 5) * 0.5
     pair.set_row_weights(compute_pair_weights(omega))
     d_global, d_local = pair.delta_weights()
