@@ -684,7 +684,10 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     # checkpoints all precede it, so a resumed run reaches it once
     if method.trains:
         topo.set_phase("after the last round")
-        after_training(rank, rounds, monitor)
+        try:
+            after_training(rank, rounds, monitor)
+        except guard.NothingLeft as exc:  # its closing aggregation had nobody left to average
+            raise guard.Stopped(str(exc), rank.users[0].user_idx, rounds) from exc
 
     # each user's model after its last local steps (what Algorithm 1 returns)
     topo.set_phase("the final evaluation")

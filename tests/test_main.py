@@ -169,3 +169,27 @@ def test_a_skip_run_left_without_users_to_average_stops_with_a_record(tmp_path, 
     assert "sat this round out" in stop["message"] and "nothing left to average" in stop["message"], stop
     assert "guard.nan=skip: user 0 contributes nothing this round" in err, err
     assert not (out / "results.json").exists()
+
+
+def test_a_closing_aggregation_left_without_users_stops_with_a_record(tmp_path, capsys, monkeypatch):
+    """The same after the last round: FedDPA's closing average of the global adapters, its one
+    user's global adapter made NaN just before it under guard.nan=skip, has nobody to average; the
+    run stops with stopped.json naming user 0 and the last round (2), not with a bare error."""
+    import torch
+    from comigs_dist.main import main
+    from comigs_dist.methods.feddpa import FedDPA
+    closing = FedDPA.after_training
+
+    def poisoned(self, ctx):
+        with torch.no_grad():
+            for u in ctx.users:
+                next(iter(u.shared.values()))[0][1].fill_(float("nan"))
+        closing(self, ctx)
+    monkeypatch.setattr(FedDPA, "after_training", poisoned)
+    out = tmp_path / "run"
+    args = [*SMALL, "method=feddpa", "train.router_every=2", "train.router_steps=1", "train.rounds=2",
+            "guard.nan=skip", f"out_dir={out}"]
+    assert main(args) == 1
+    stop = json.loads((out / "stopped.json").read_text())
+    assert (stop["user"], stop["round"]) == (0, 2) and "nothing left to average" in stop["message"], stop
+    assert not (out / "results.json").exists()
