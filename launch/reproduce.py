@@ -880,7 +880,7 @@ def main(argv: list[str] | None = None) -> int:
         echo(f"{pending} run(s) not finished yet: {again} to fill the table (finished runs are never repeated)")
     diverged = [r for r, state in zip(runs, states) if state == "diverged"]
     if diverged:
-        echo(f"{len(diverged)} run(s) diverged: guard.nan=stop found a non-finite value and ended them (each "
+        echo(f"{len(diverged)} run(s) diverged: the guard found non-finite values and ended them (each "
              f"one's stopped.json names the user and round, e.g. {diverged[0].out_dir / STOPPED}); they count as "
              f"outcomes and are not retried: remove a run's directory to run it again")
     if failed:

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = ROOT.parent / "shared" / "tools" / "check-results.py"
@@ -193,3 +195,17 @@ def test_a_closing_aggregation_left_without_users_stops_with_a_record(tmp_path, 
     stop = json.loads((out / "stopped.json").read_text())
     assert (stop["user"], stop["round"]) == (0, 2) and "nothing left to average" in stop["message"], stop
     assert not (out / "results.json").exists()
+
+
+def test_a_private_group_nobody_was_drawn_for_is_an_error_not_a_divergence(tmp_path, capsys):
+    """privacy.dp=user with one user drawn a round and two clusters: a round after which no member
+    of a cluster took part is an error saying so and what to change, and writes no stopped.json
+    (it once did, blaming guard.nan=skip, so launch.reproduce would have counted a diverged run)."""
+    from comigs_dist.main import main
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match=r"no member of group 'cluster_.' .* took part in the round before.*"
+                                           r"raise train.participation"):
+        main(["--config", str(ROOT / "configs" / "two_clusters.yaml"), "train.users_per_round=1", "train.rounds=4",
+              "train.local_steps=1", "privacy.dp=user", "eval.max_tokens=256", "log.progress=false",
+              f"out_dir={out}"])
+    assert not (out / "stopped.json").exists() and not (out / "results.json").exists()

@@ -319,8 +319,12 @@ class Comm:
         topo, priv = self.topo, self.privacy
         members = self.members(group)
         contributors = priv.contributors(members)
-        if not contributors:
-            self._no_contributor_left(group, 0)
+        if not contributors:  # not the guard (it keeps a skipping member planned): nobody was drawn
+            raise RuntimeError(
+                f"no member of group {group!r} ({', '.join(map(str, members))}) took part in the round before, "
+                f"and under privacy.dp / privacy.secure_agg a group cannot hand out its latest aggregate again "
+                f"(the private mean keeps none); raise train.participation or train.users_per_round, or give "
+                f"the group more users")
         start = time.perf_counter()
         numel = sum(t.numel() for t in tensors[local[0]])
         extra = int(self.count)

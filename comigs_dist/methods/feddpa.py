@@ -84,7 +84,7 @@ def compute_instance_weights(embeddings: torch.Tensor, references: torch.Tensor,
                          f"{tuple(embeddings.shape)}")
     if references.dim() not in (2, 3) or references.shape[-1] != embeddings.shape[-1] or references.shape[-2] == 0 \
             or (references.dim() == 3 and references.shape[0] != embeddings.shape[0]):
-        raise ValueError(f"references must be (S, d) or (instances, S, d) with S >= 1 and d = {embeddings.shape[1]} "
+        raise ValueError(f"references must be (S, d) or (instances, S, d) with S >= 1 and d = {embeddings.shape[-1]} "
                          f"for {embeddings.shape[0]} instances; got shape {tuple(references.shape)}")
     per_position = embeddings.dim() == 3
     if not 0.0 <= max_weight <= 1.0:
@@ -125,8 +125,8 @@ class FedDPAOptions:
                             "(the released code: 0.5).")
     n_references: int = opt(5, "Training windows drawn per test window for its instance-wise weight "
                             "(the released code: 5).")
-    instance_weights: bool = opt(True, "Weigh the two adapters per test window (omega); false: evaluate with "
-                                 "the training mix (1 - alpha, alpha).")
+    instance_weights: bool = opt(True, "Weigh the two adapters per prediction (omega of its prefix); false: "
+                                 "evaluate with the training mix (1 - alpha, alpha).")
     weighted: Literal["local", "global"] = opt("local", "Which adapter omega weighs at test time: 'local' "
                                                "(default; the global one gets 1 - omega) or 'global' (the released "
                                                "inference script).")

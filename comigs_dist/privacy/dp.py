@@ -34,8 +34,9 @@ def config_errors(p: PrivacyConfig, *, rounds: int, sample_rate: float = 1.0, sa
                   n_users: int | None = None, groups_per_user: int = 1) -> list[str]:
     """Every problem of the privacy options, each naming the key, the value, the rule and the fix.
 
-    ``rounds``: the noised aggregations the run plans (train.rounds - 1 today: round 0's sync
-    moves the initialisation, which holds no data); ``sample_rate``, ``sampling``, ``n_users``
+    ``rounds``: the noised aggregations the run plans (train.rounds - 1: round 0's sync moves the
+    initialisation, which holds no data; one more for a method that aggregates after the last
+    round); ``sample_rate``, ``sampling``, ``n_users``
     and ``groups_per_user`` as for ``accountant.epsilon``. With ``privacy.dp=user`` and a target
     epsilon this calibrates the noise (an unreachable target is an error here, before training).
     """
