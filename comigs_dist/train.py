@@ -545,8 +545,15 @@ def after_training(rank: RankRun, rounds: int, monitor: Monitor) -> None:
         taken[user.user_idx] = k = taken.get(user.user_idx, 0) + 1
         monitor.after_training_step(user.user_idx, user.step + k, loss)
         return loss
+    def aggregate() -> None:
+        method = rank.method
+        if not type(method).aggregates_after_training(method.options):
+            raise RuntimeError(f"method {rank.cfg.method!r} aggregates after the last round, but its "
+                               f"aggregates_after_training says it does not, so privacy's accountant would "
+                               f"miss that release; return True from it")
+        sync(rank, rounds, everyone_downloads=True)
     rank.method.after_training(AfterTrainingContext(
-        rounds=rounds, users=rank.users, aggregate=lambda: sync(rank, rounds, everyone_downloads=True),
+        rounds=rounds, users=rank.users, aggregate=aggregate,
         optimizer=lambda params: build_optimizer(params, t.lr, t, rank.topo.device), step=step))
 
 

@@ -209,3 +209,14 @@ def test_a_private_group_nobody_was_drawn_for_is_an_error_not_a_divergence(tmp_p
               "train.local_steps=1", "privacy.dp=user", "eval.max_tokens=256", "log.progress=false",
               f"out_dir={out}"])
     assert not (out / "stopped.json").exists() and not (out / "results.json").exists()
+
+
+def test_a_method_that_aggregates_after_training_must_say_so(tmp_path, monkeypatch):
+    """A method whose after_training aggregates while aggregates_after_training says False would
+    make privacy's accountant miss a release: the aggregation refuses, naming the method."""
+    from comigs_dist.main import main
+    from comigs_dist.methods.feddpa import FedDPA
+    monkeypatch.setattr(FedDPA, "aggregates_after_training", classmethod(lambda cls, options: False))
+    with pytest.raises(RuntimeError, match=r"method 'feddpa' aggregates after the last round, but its "
+                                           r"aggregates_after_training says it does not"):
+        main([*SMALL, "method=feddpa", "train.router_every=2", "train.router_steps=1", f"out_dir={tmp_path / 'run'}"])
