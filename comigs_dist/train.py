@@ -545,12 +545,12 @@ def after_training(rank: RankRun, rounds: int, monitor: Monitor) -> None:
         taken[user.user_idx] = k = taken.get(user.user_idx, 0) + 1
         monitor.after_training_step(user.user_idx, user.step + k, loss)
         return loss
+
     def aggregate() -> None:
-        method = rank.method
-        if not type(method).aggregates_after_training(method.options):
+        if not rank.method.aggregates_after_training:
             raise RuntimeError(f"method {rank.cfg.method!r} aggregates after the last round, but its "
                                f"aggregates_after_training says it does not, so privacy's accountant would "
-                               f"miss that release; return True from it")
+                               f"miss that release; set it to True")
         sync(rank, rounds, everyone_downloads=True)
     rank.method.after_training(AfterTrainingContext(
         rounds=rounds, users=rank.users, aggregate=aggregate,

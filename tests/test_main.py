@@ -216,7 +216,7 @@ def test_a_method_that_aggregates_after_training_must_say_so(tmp_path, monkeypat
     make privacy's accountant miss a release: the aggregation refuses, naming the method."""
     from comigs_dist.main import main
     from comigs_dist.methods.feddpa import FedDPA
-    monkeypatch.setattr(FedDPA, "aggregates_after_training", classmethod(lambda cls, options: False))
+    monkeypatch.setattr(FedDPA, "aggregates_after_training", False)
     with pytest.raises(RuntimeError, match=r"method 'feddpa' aggregates after the last round, but its "
                                            r"aggregates_after_training says it does not"):
         main([*SMALL, "method=feddpa", "train.router_every=2", "train.router_steps=1", f"out_dir={tmp_path / 'run'}"])

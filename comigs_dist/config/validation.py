@@ -217,11 +217,8 @@ def privacy_accounting(cfg: RunConfig, n_users: int) -> dict:
             groups = max(1, max(sum(u in m for m in members) for u in range(n_users)))
         except (ConfigError, IndexError, TypeError, ValueError):
             pass  # comm.groups or per-user lists are wrong: reported on their own
-    closing = 0  # a method's aggregation after the last round releases that round's local steps too
-    if cfg.method in known_methods():
-        cls = method_class(cfg.method)
-        options, option_errors = parse_options(cls.Options, cfg.method_options, f"method {cfg.method!r}")
-        closing = 0 if option_errors else int(cls.aggregates_after_training(options))
+    # a method's aggregation after the last round releases that round's local steps too
+    closing = int(cfg.method in known_methods() and method_class(cfg.method).aggregates_after_training)
     full = k >= n_users
     return {"rounds": max(0, cfg.train.rounds - 1) + closing, "sample_rate": 1.0 if full else k / n_users,
             "sampling": "poisson" if full else "fixed", "n_users": n_users, "groups_per_user": groups}

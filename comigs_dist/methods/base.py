@@ -176,6 +176,9 @@ class Method:
     # why privacy.dp / privacy.secure_agg are refused ("" = accepted: the method's traffic after round 0
     # is Comm.mean of its shared groups, which privacy covers; docs/privacy.md)
     refuses_privacy: ClassVar[str] = ""
+    # whether after_training runs one more aggregation (a release of the last round's local steps:
+    # privacy's accountant then plans train.rounds of them instead of train.rounds - 1)
+    aggregates_after_training: ClassVar[bool] = False
 
     def __init__(self, cfg=None, users: Sequence[UserSpec] | None = None):
         self.cfg = cfg
@@ -209,13 +212,6 @@ class Method:
         """Method-specific configuration problems (empty when the config fits the method).
         ``cfg.method_options`` has been checked against ``Options`` already."""
         return []
-
-    @classmethod
-    def aggregates_after_training(cls, options) -> bool:
-        """Whether ``after_training``, under the parsed ``options``, runs one more aggregation (a
-        release of the last round's local steps: privacy's accountant plans train.rounds of them
-        instead of train.rounds - 1). False by default."""
-        return False
 
     @classmethod
     def privacy_refusal(cls, options) -> str:

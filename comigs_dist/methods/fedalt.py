@@ -112,6 +112,7 @@ class FedALT(Method):
     accepts_comm_groups = False  # the rest of the world is every other user
     router = "joint"             # the mixers train with the individual LoRAs, on the training loss
     Options = FedALTOptions
+    aggregates_after_training = True  # the RoW evaluated is the others' final individual LoRAs
     refuses_privacy = ("each user's rest-of-world LoRA is the sum of every user's individual LoRA minus its own "
                        "(Comm.sum of the individual LoRAs, which are never replaced by an aggregate), not a mean of "
                        "round updates, which is what privacy.dp and privacy.secure_agg protect")
@@ -135,10 +136,6 @@ class FedALT(Method):
 
     def own_aggregated(self, user):
         return [(name, ind) for name, _, ind in user.method_state]
-
-    @classmethod
-    def aggregates_after_training(cls, options) -> bool:
-        return True
 
     def after_training(self, ctx) -> None:
         """One more sum after the last round: each user is evaluated with the rest of the world as

@@ -191,9 +191,7 @@ class FedDPA(Method):
                     f"stays a copy of the global one); leave it out for train.local_steps ({cfg.train.local_steps})"]
         return []
 
-    @classmethod
-    def aggregates_after_training(cls, options) -> bool:
-        return True  # the evaluated global adapter is the average of the last round's (both variants)
+    aggregates_after_training = True  # the evaluated global adapter is the last round's average (T and F)
 
     @property
     def fine_tunes(self) -> bool:
