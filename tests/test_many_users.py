@@ -229,20 +229,24 @@ def test_packed_users_train_like_users_run_one_by_one(tmp_path, overrides):
     run_on_ranks(_packed_worker, 1, tmp_path, overrides, timeout_s=300)
 
 
-def _empty_group_worker(rank, world_size, tmp_path):
+def _empty_group_worker(rank, world_size, tmp_path, private=None):
     """Two groups {0, 1} and {2, 3}; one user per round: a round after one in which no member of
-    a group took part gives that group's participant the group's latest aggregate again."""
+    a group took part gives that group's participant the group's latest aggregate again. Plain
+    (``private`` None): the aggregate by hand. Private (``private``: privacy.* overrides; the noised
+    release cannot be redone by hand): the server's memory changes with each release, stays when
+    nobody uploaded, and every downloading member gets exactly it (with one participant a round,
+    the member that downloads a re-handed aggregate never saw its release)."""
     from comigs_dist import dist, train
     from comigs_dist.monitor import Monitor
     topo = init_topology(n_users=4)
     groups = ("[{name: left, users: [0, 1], experts: [0], attention: true}, "
               "{name: right, users: [2, 3], experts: [0], attention: true}]")
     cfg = tiny_config(method="comigs_1g1s", n_users=4, **{"train.users_per_round": 1, "train.local_steps": 1,
-                                                          "comm.groups": groups})
+                                                          "comm.groups": groups, **(private or {})})
     check_world_size(cfg, world_size)
     run = train.build_rank(cfg, topo)
     silent = Monitor.silent([u.user_idx for u in run.users])
-    latest, checked = None, 0
+    latest, server, checked = None, None, 0
     for round_idx in range(8):
         before = train.participants(cfg, 4, round_idx - 1) if round_idx else frozenset()
         held = {u.user_idx: [p.detach().clone() for _, p in u.shared["right"]]
@@ -250,24 +254,40 @@ def _empty_group_worker(rank, world_size, tmp_path):
         held = {k: v for part in dist.all_gather_objects(topo, held) for k, v in part.items()}
         if round_idx == 0:
             latest = held[2]  # the common start: the group's first member's initialisation
-        elif before & {2, 3}:  # the mean of what the group's users of the round before uploaded
+        elif before & {2, 3} and private is None:  # the mean of what the group's users of the round before uploaded
             ups = sorted(before & {2, 3})
             latest = [(sum(held[u][i].double() for u in ups) / len(ups)).float() for i in range(len(held[2]))]
         active = train.sync(run, round_idx)
         mine = {u.user_idx: [p.detach().clone() for _, p in u.shared["right"]] for u in active if "right" in u.shared}
         after = {k: v for part in dist.all_gather_objects(topo, mine) for k, v in part.items()}
+        if private is not None and round_idx > 0:
+            # what the group's server holds (float64) after the round's sync; a member downloads it
+            held_now = {g: t.clone() for g, t in run.comm.latest_aggregates(["right"]).items()}
+            memory = next(m["right"] for m in dist.all_gather_objects(topo, held_now) if m)
+            if before & {2, 3}:  # a fresh private release: the server's memory changes
+                assert server is None or not torch.equal(memory, server), round_idx
+            else:  # nobody uploaded: the memory stays, and a participant gets it again
+                assert torch.equal(memory, server), round_idx
+            server, latest = memory, None
         for user, values in after.items():
-            assert all(torch.equal(a, b) for a, b in zip(values, latest)), (round_idx, user, sorted(before))
+            if latest is None:  # private: the flat float64 memory, rounded once to float32
+                assert torch.equal(torch.cat([v.flatten() for v in values]), server.float()), (round_idx, user)
+            else:
+                assert all(torch.equal(a, b) for a, b in zip(values, latest)), (round_idx, user, sorted(before))
             checked += round_idx > 0 and not (before & {2, 3})
         train.local_iterations(run, active, round_idx, silent)
     torch.save(checked, tmp_path / f"checked_{rank}.pt")
 
 
-def test_a_group_without_uploads_downloads_its_latest_aggregate_again(tmp_path):
+@pytest.mark.parametrize("private", [None, {"privacy.secure_agg": True},
+                                     {"privacy.dp": "user", "privacy.noise_multiplier": 0.5}],
+                         ids=["plain", "secure_agg", "dp"])
+def test_a_group_without_uploads_downloads_its_latest_aggregate_again(tmp_path, private):
     """comm.groups {0, 1} and {2, 3}, one participant per round: when no member of a group took
     part in the round before, the group's participant downloads the group's latest aggregate
-    again (no 'non-finite' stop), exactly."""
-    run_on_ranks(_empty_group_worker, 2, tmp_path, timeout_s=300)
+    again (no 'non-finite' stop), exactly; under privacy.secure_agg and privacy.dp=user too (the
+    latest released aggregate: handing it out again is post-processing and costs no privacy)."""
+    run_on_ranks(_empty_group_worker, 2, tmp_path, private, timeout_s=300)
     assert torch.load(tmp_path / "checked_0.pt") >= 1, "the draw never made the case happen; change the seed"
 
 

@@ -319,13 +319,21 @@ class Comm:
         topo, priv = self.topo, self.privacy
         members = self.members(group)
         contributors = priv.contributors(members)
-        if not contributors:  # not the guard (it keeps a skipping member planned): nobody was drawn
-            raise RuntimeError(
-                f"no member of group {group!r} ({', '.join(map(str, members))}) took part in the round before, "
-                f"and under privacy.dp / privacy.secure_agg a group cannot hand out its latest aggregate again "
-                f"(the private mean keeps none); raise train.participation or train.users_per_round, or give "
-                f"the group more users")
         start = time.perf_counter()
+        if not contributors:  # not the guard (it keeps a skipping member planned): nobody was drawn
+            # the group's latest released aggregate again (post-processing: it costs no privacy)
+            if group not in self._last:
+                raise FloatingPointError(
+                    f"no member of group {group!r} ({', '.join(map(str, members))}) took part in the round "
+                    f"before, and this process holds no earlier aggregate of the group (none was released yet): "
+                    f"raise train.participation or train.users_per_round, or give the group more users")
+            for u in local:
+                if self._downloads(u):
+                    unflatten_into(self._last[group], tensors[u])
+            size = payload_bytes(self._last[group].numel() + int(self.count),
+                                 SECURE_AGG_WIRE if priv.secure else self.dtype)
+            self._count(group, local, 0, size, time.perf_counter() - start, 0)
+            return size
         numel = sum(t.numel() for t in tensors[local[0]])
         extra = int(self.count)
         total = None  # started from the first payload, as the plain mean's reduction is (signed zeros)
@@ -351,6 +359,7 @@ class Comm:
         if extra:
             divisor = int(round(float(total[-1])))
             self._no_contributor_left(group, divisor)
+            self._last[group] = total[:numel] / divisor
         for u in local:
             unflatten_into(total[:numel], tensors[u], divisor)
         size = payload_bytes(numel + extra, SECURE_AGG_WIRE if priv.secure else self.dtype)
