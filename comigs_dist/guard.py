@@ -121,11 +121,14 @@ def check_shared(run, round_idx: int) -> bool:
         return True
     user = run.user_idx
     what = "; ".join(f"shared parameter {name} (group {group!r}) holds {kind}" for group, name, kind in bad)
-    where = f"user {user}, round {round_idx + 1}: {what} before the round's aggregation"
+    # round_idx == train.rounds: the method's aggregation after the last round (after_training)
+    closing = round_idx >= run.cfg.train.rounds
+    where = (f"user {user}, after the last round ({round_idx}): {what} before the closing aggregation" if closing
+             else f"user {user}, round {round_idx + 1}: {what} before the round's aggregation")
     if run.cfg.guard.nan == "stop":
         raise Stopped(f"{where}; averaging it would poison every user, so the run stops (guard.nan=stop). "
                       f"Lower train.lr, set train.grad_clip or check the data; guard.nan=skip drops this user's "
-                      f"contribution for the round instead", user, round_idx + 1)
+                      f"contribution for the round instead", user, round_idx if closing else round_idx + 1)
     run.guard_skipped_rounds += 1
     _warn(f"{where}; guard.nan=skip: user {user} contributes nothing this round and takes the others' average "
           f"({run.guard_skipped_rounds} round(s) skipped so far)")

@@ -691,10 +691,13 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     # checkpoints all precede it, so a resumed run reaches it once
     if method.trains:
         topo.set_phase("after the last round")
+        before = {u.user_idx: (u.stats.bytes_sent, u.stats.bytes_received, u.stats.seconds) for u in rank.users}
         try:
             after_training(rank, rounds, monitor)
         except guard.NothingLeft as exc:  # its closing aggregation had nobody left to average
             raise guard.Stopped(str(exc), rank.users[0].user_idx, rounds) from exc
+        if method.aggregates_after_training:  # its traffic and privacy release, logged as a round's
+            _log_closing_sync(rank, monitor, before, analytic(), say)
 
     # each user's model after its last local steps (what Algorithm 1 returns)
     topo.set_phase("the final evaluation")
@@ -712,6 +715,21 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     out = {u.user_idx: user_row(u, rows[u.user_idx], layout[u.user_idx], topo, rank.privacy) for u in rank.users}
     monitor.finish(out)
     return [out[u.user_idx] for u in rank.users]
+
+
+def _log_closing_sync(rank: RankRun, monitor: Monitor, before: dict, analytic: dict, say) -> None:
+    """The aggregation after the last round (``Method.aggregates_after_training``): its bytes go to
+    TensorBoard after the user's last local iteration (+1, as the closing steps are), so that the
+    last ``comm/bytes_sent`` equals results.json's; its epsilon (privacy.dp=user) to the
+    federation's curve at round train.rounds + 1, as the epsilon curve numbers it."""
+    for u in rank.users:
+        monitor.round_end(u.user_idx, u.step + 1, u.stats, before[u.user_idx], analytic[u.user_idx]["total"]["sent"],
+                          u.guard_skipped_rounds, u.guard_skipped_steps)
+    curve = rank.users[0].privacy["epsilon_curve"] if rank.accountant is not None else []
+    if curve:
+        monitor.federation_privacy(curve[-1]["round"], curve[-1]["epsilon"])
+    say(f"after the last round: {rank.cfg.method}'s closing aggregation"
+        + (f", epsilon {curve[-1]['epsilon']:.4g}" if curve else ""))
 
 
 def user_row(u: UserState, final: EvalResult, analytic: dict, topo: dist.Topology, privacy: dict | None = None) -> dict:

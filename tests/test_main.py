@@ -173,10 +173,12 @@ def test_a_skip_run_left_without_users_to_average_stops_with_a_record(tmp_path, 
     assert not (out / "results.json").exists()
 
 
-def test_a_closing_aggregation_left_without_users_stops_with_a_record(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_a_closing_aggregation_left_without_users_stops_with_a_record(tmp_path, capsys, monkeypatch, policy):
     """The same after the last round: FedDPA's closing average of the global adapters, its one
-    user's global adapter made NaN just before it under guard.nan=skip, has nobody to average; the
-    run stops with stopped.json naming user 0 and the last round (2), not with a bare error."""
+    user's global adapter made NaN just before it, has nobody to average (guard.nan=skip) or must
+    not average it (stop); the run stops with stopped.json naming user 0 and the last round (2),
+    the message saying it is the aggregation after the last round, not with a bare error."""
     import torch
     from comigs_dist.main import main
     from comigs_dist.methods.feddpa import FedDPA
@@ -190,25 +192,28 @@ def test_a_closing_aggregation_left_without_users_stops_with_a_record(tmp_path, 
     monkeypatch.setattr(FedDPA, "after_training", poisoned)
     out = tmp_path / "run"
     args = [*SMALL, "method=feddpa", "train.router_every=2", "train.router_steps=1", "train.rounds=2",
-            "guard.nan=skip", f"out_dir={out}"]
+            f"guard.nan={policy}", f"out_dir={out}"]
     assert main(args) == 1
     stop = json.loads((out / "stopped.json").read_text())
-    assert (stop["user"], stop["round"]) == (0, 2) and "nothing left to average" in stop["message"], stop
+    assert (stop["user"], stop["round"]) == (0, 2), stop
+    expected = "nothing left to average" if policy == "skip" else "after the last round (2): shared parameter"
+    assert expected in stop["message"], stop
     assert not (out / "results.json").exists()
 
 
-def test_a_private_group_nobody_was_drawn_for_is_an_error_not_a_divergence(tmp_path, capsys):
-    """privacy.dp=user with one user drawn a round and two clusters: a round after which no member
-    of a cluster took part is an error saying so and what to change, and writes no stopped.json
-    (it once did, blaming guard.nan=skip, so launch.reproduce would have counted a diverged run)."""
+def test_a_private_run_hands_a_group_nobody_was_drawn_for_its_latest_release(tmp_path, capsys):
+    """privacy.dp=user with one user drawn a round and two clusters: in a round after which no
+    member of a cluster took part, the cluster's participant downloads its latest released
+    aggregate and the run finishes (it once stopped with an error, and before that with a
+    stopped.json blaming guard.nan=skip)."""
     from comigs_dist.main import main
     out = tmp_path / "run"
-    with pytest.raises(RuntimeError, match=r"no member of group 'cluster_.' .* took part in the round before.*"
-                                           r"raise train.participation"):
-        main(["--config", str(ROOT / "configs" / "two_clusters.yaml"), "train.users_per_round=1", "train.rounds=4",
-              "train.local_steps=1", "privacy.dp=user", "eval.max_tokens=256", "log.progress=false",
-              f"out_dir={out}"])
-    assert not (out / "stopped.json").exists() and not (out / "results.json").exists()
+    assert main(["--config", str(ROOT / "configs" / "two_clusters.yaml"), "train.users_per_round=1",
+                 "train.rounds=4", "train.local_steps=1", "privacy.dp=user", "eval.max_tokens=256",
+                 "log.progress=false", f"out_dir={out}"]) == 0
+    assert not (out / "stopped.json").exists()
+    rows = json.loads((out / "results.json").read_text())["users"]
+    assert sum(u["rounds_taken"] for u in rows) == 4  # one user a round
 
 
 def test_a_method_that_aggregates_after_training_must_say_so(tmp_path, monkeypatch):
@@ -220,3 +225,30 @@ def test_a_method_that_aggregates_after_training_must_say_so(tmp_path, monkeypat
     with pytest.raises(RuntimeError, match=r"method 'feddpa' aggregates after the last round, but its "
                                            r"aggregates_after_training says it does not"):
         main([*SMALL, "method=feddpa", "train.router_every=2", "train.router_steps=1", f"out_dir={tmp_path / 'run'}"])
+
+
+def test_the_closing_aggregation_is_logged_like_a_round(tmp_path, capsys):
+    """FedDPA, 2 users, privacy.dp=user: the aggregation after the last round is a release and
+    traffic like a round's. Each user's last comm/bytes_sent in TensorBoard equals its results.json
+    bytes_sent (it missed the closing sync), the federation's epsilon curve has train.rounds
+    points, the last one results.json's epsilon, and the log says the closing aggregation."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from comigs_dist.main import main
+    out = tmp_path / "run"
+    assert main([*SMALL, "n_users=2", "method=feddpa", "train.router_every=2", "train.router_steps=1",
+                 "train.rounds=2", "privacy.dp=user", "privacy.noise_multiplier=1.0", "log.progress=true",
+                 f"out_dir={out}"]) == 0
+    said = "".join(capsys.readouterr())
+    results = json.loads((out / "results.json").read_text())
+
+    def scalars(path, tag):
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        acc.Reload()
+        return [(e.step, e.value) for e in acc.Scalars(tag)]
+    for u in results["users"]:
+        logged = scalars(out / "tb" / f"user_{u['user']:02d}", "comm/bytes_sent")
+        assert len(logged) == 3 and logged[-1][1] == u["bytes_sent"] > logged[-2][1], (u["user"], logged)
+    epsilon = scalars(out / "tb" / "federation", "federation/privacy_epsilon")
+    assert [s for s, _ in epsilon] == [1, 2, 3] and epsilon[-1][1] == pytest.approx(results["privacy"]["epsilon"])
+    assert epsilon[-1][1] > epsilon[-2][1] > 0
+    assert f"feddpa's closing aggregation, epsilon {results['privacy']['epsilon']:.4g}" in said, said
