@@ -42,7 +42,16 @@ class NothingLeft(FloatingPointError):
     """guard.nan=skip set aside every user an average needed (each one's contribution was not
     finite): there is nothing left to average. Raised where the average is formed (``Comm``, PCL's
     mix), which does not know the round; ``train.run`` turns it into ``Stopped`` with the round, so
-    the run ends as under guard.nan=stop, with its ``stopped.json``."""
+    the run ends as under guard.nan=stop, with its ``stopped.json``. ``users``: the users that sat
+    the average out; the record names the lowest, so every rank that raises writes the same one."""
+
+    def __init__(self, message: str, users):
+        super().__init__(message)
+        self.users = sorted(users)
+        self.user = self.users[0]
+
+    def __reduce__(self):
+        return (NothingLeft, (str(self), self.users))
 
 
 def write_stopped(out_dir: Path, exc: Stopped) -> Path:

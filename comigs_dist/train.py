@@ -657,7 +657,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
         try:
             run_round(rank, round_idx, monitor)
         except guard.NothingLeft as exc:  # guard.nan=skip ran out of users: the run stops, as under stop
-            raise guard.Stopped(str(exc), rank.users[0].user_idx, round_idx + 1) from exc
+            raise guard.Stopped(str(exc), exc.user, round_idx + 1) from exc
         sent = {v: a["total"]["sent"] for v, a in analytic().items()}
         for u in rank.users:
             monitor.round_end(u.user_idx, u.step, u.stats, before[u.user_idx], sent[u.user_idx],
@@ -695,7 +695,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
         try:
             after_training(rank, rounds, monitor)
         except guard.NothingLeft as exc:  # its closing aggregation had nobody left to average
-            raise guard.Stopped(str(exc), rank.users[0].user_idx, rounds) from exc
+            raise guard.Stopped(str(exc), exc.user, rounds) from exc
         if method.aggregates_after_training:  # its traffic and privacy release, logged as a round's
             _log_closing_sync(rank, monitor, before, analytic(), say)
 

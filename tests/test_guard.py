@@ -242,3 +242,34 @@ def test_gradients_are_checked_before_the_data_parallel_average(tmp_path, mode):
     replicas step with user 0's and stay equal and finite (no NaN ever reaches the average)."""
     run_on_ranks(_gradient_worker, 2, tmp_path, mode)
 
+
+
+def _nothing_left_worker(rank, world_size, tmp_path, method):
+    """Every user's shared parameters turn NaN after round 1's steps under guard.nan=skip: every
+    rank ends in Stopped, and each names the same user (the group's lowest) and round 2."""
+    from comigs_dist import train
+    cfg = tiny_config(**{"guard.nan": "skip", "train.rounds": 3, "method": method, **METHOD_OVERRIDES[method]})
+    check_world_size(cfg, world_size)
+    steps = train.local_iterations
+
+    def poisoned(rank_run, active, round_idx, monitor):
+        steps(rank_run, active, round_idx, monitor)
+        with torch.no_grad():
+            for u in active:
+                for tensors in u.shared.values():
+                    tensors[0][1].fill_(math.nan)
+                for _, t in u.method.own_aggregated(u)[:1]:
+                    t.fill_(math.nan)
+    train.local_iterations = poisoned
+    with pytest.raises(guard.Stopped) as stop:
+        run(cfg, init_topology(), tmp_path / "run")
+    seen = [None] * world_size
+    tdist.all_gather_object(seen, (stop.value.user, stop.value.round))
+    assert seen == [(0, 2)] * world_size, seen
+
+
+@pytest.mark.parametrize("method", ["comigs_1g1s", "pcl"])
+def test_nothing_left_to_average_names_the_same_user_on_every_rank(tmp_path, method):
+    """The record a skip run left with nobody to average writes (stopped.json) is the same on
+    every rank: it named each rank's own first user before, so the last rank to write won."""
+    run_on_ranks(_nothing_left_worker, 2, tmp_path, method)

@@ -415,8 +415,9 @@ class Comm:
     def _no_contributor_left(self, group: str, divisor: int) -> None:
         if divisor == 0:
             raise NothingLeft(f"every member of group {group!r} ({', '.join(map(str, self.members(group)))}) "
-                                     f"sat this round out with non-finite shared parameters (guard.nan=skip): there "
-                                     f"is nothing left to average; lower train.lr or check the data, then resume")
+                              f"sat this round out with non-finite shared parameters (guard.nan=skip): there "
+                              f"is nothing left to average; lower train.lr or check the data, then resume",
+                              self.members(group))
 
     # -- other collectives -------------------------------------------------------------------
     @torch.no_grad()

@@ -91,7 +91,8 @@ class PCL(Method):
         vectors = ctx.comm.gather(group, payload)
         if not any(float(v[-1]) > 0.5 for v in vectors):
             raise guard.NothingLeft("every user sat this PCL round out with non-finite parameters (guard.nan=skip): "
-                                     "there is no model left to mix; lower train.lr or check the data, then resume")
+                                     "there is no model left to mix; lower train.lr or check the data, then resume",
+                                    ctx.comm.members(group))
         for u in ctx.users:
             tensors = mine[u.user_idx]
             own = [t.clone() for t in tensors]
