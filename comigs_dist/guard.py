@@ -118,9 +118,10 @@ def _warn(text: str) -> None:
     print(f"[comigs] {text}", file=sys.stderr, flush=True)
 
 
-def check_shared(run, round_idx: int) -> bool:
-    """Before the aggregation that opens round ``round_idx`` (0-based): every shared tensor must
-    be finite. Returns whether this user contributes to the round (False only under
+def check_shared(run, round_idx: int, closing: bool = False) -> bool:
+    """Before the aggregation that opens round ``round_idx`` (0-based; ``closing``: the method's
+    aggregation after the last round, ``round_idx`` = train.rounds): every shared tensor must be
+    finite. Returns whether this user contributes to the round (False only under
     guard.nan=skip); raises Stopped under guard.nan=stop."""
     bad = nonfinite_shared(run.shared)
     own = first_nonfinite(run.method.own_aggregated(run))
@@ -130,8 +131,6 @@ def check_shared(run, round_idx: int) -> bool:
         return True
     user = run.user_idx
     what = "; ".join(f"shared parameter {name} (group {group!r}) holds {kind}" for group, name, kind in bad)
-    # round_idx == train.rounds: the method's aggregation after the last round (after_training)
-    closing = round_idx >= run.cfg.train.rounds
     where = (f"user {user}, after the last round ({round_idx}): {what} before the closing aggregation" if closing
              else f"user {user}, round {round_idx + 1}: {what} before the round's aggregation")
     if run.cfg.guard.nan == "stop":

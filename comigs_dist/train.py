@@ -331,7 +331,7 @@ def sync(rank: RankRun, round_idx: int, everyone_downloads: bool = False) -> lis
     for u in users:
         if round_idx > 0 and u.user_idx in uploaded:
             faults.before_sync(u, round_idx)
-            u.contributing = guard.check_shared(u, round_idx)
+            u.contributing = guard.check_shared(u, round_idx, closing=everyone_downloads)
         else:
             u.contributing = round_idx == 0
     # round 0 is the common start: every user receives it. Later, the default mean writes to the
