@@ -252,3 +252,18 @@ def test_the_closing_aggregation_is_logged_like_a_round(tmp_path, capsys):
     assert [s for s, _ in epsilon] == [1, 2, 3] and epsilon[-1][1] == pytest.approx(results["privacy"]["epsilon"])
     assert epsilon[-1][1] > epsilon[-2][1] > 0
     assert f"feddpa's closing aggregation, epsilon {results['privacy']['epsilon']:.4g}" in said, said
+
+
+def test_a_calibrated_private_run_cannot_resume_to_more_rounds(tmp_path, capsys):
+    """privacy.target_epsilon fixes the noise to the planned releases: resuming with more rounds
+    is refused before any round (exit 2), naming the noise multipliers and the plan."""
+    from comigs_dist.main import main
+    out = tmp_path / "run"
+    args = [*SMALL, "n_users=2", "privacy.dp=user", "privacy.target_epsilon=8", "checkpoint.every=1",
+            f"out_dir={out}"]
+    assert main([*args, "train.rounds=2"]) == 0
+    capsys.readouterr()
+    assert main([*args, "train.rounds=3", "resume=true"]) == 2
+    err = capsys.readouterr().err
+    assert "the privacy accountant was saved for another mechanism: noise_multiplier" in err, err
+    assert "calibrates the noise multiplier to the planned releases" in err, err
