@@ -625,7 +625,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
         except ValueError as exc:  # every rank alike: the same checkpoint and configuration
             raise ConfigError(f"{exc} (privacy.target_epsilon calibrates the noise multiplier to the planned "
                               f"releases: train.rounds - 1, plus one for a method that aggregates after the last "
-                              f"round, as FedDPA and FedALT do since 2026-11-30; so neither train.rounds nor that "
+                              f"round, as FedDPA does since 2026-11-30; so neither train.rounds nor that "
                               f"plan can change on resume with it)") from exc
     if topo.rank == 0:  # only now: a refused start or resume leaves the directory as it found it
         from comigs_dist.checkpoint import write_atomic
