@@ -363,7 +363,8 @@ def sync(rank: RankRun, round_idx: int, everyone_downloads: bool = False) -> lis
 def _after_private_sync(rank: RankRun, round_idx: int, downloaded: list[UserState]) -> None:
     """privacy.*, once a round's sync is done: the users' clipping counts; under privacy.dp=user
     the aggregate each user that downloaded starts from (its next update is measured from it),
-    and epsilon after the round (the accountant counts the round if it released an aggregate)."""
+    and epsilon after the round (the accountant counts the round if any of its private means ran:
+    released, or a group's latest release answered again; ``PrivateMean.answered_again``)."""
     private = rank.comm.privacy
     for u in rank.users:
         norms = private.norms.get(u.user_idx, [])

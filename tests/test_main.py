@@ -212,8 +212,13 @@ def test_a_private_run_hands_a_group_nobody_was_drawn_for_its_latest_release(tmp
                  "train.rounds=4", "train.local_steps=1", "privacy.dp=user", "eval.max_tokens=256",
                  "log.progress=false", f"out_dir={out}"]) == 0
     assert not (out / "stopped.json").exists()
-    rows = json.loads((out / "results.json").read_text())["users"]
-    assert sum(u["rounds_taken"] for u in rows) == 4  # one user a round
+    results = json.loads((out / "results.json").read_text())
+    assert sum(u["rounds_taken"] for u in results["users"]) == 4  # one user a round
+    # every private round counts (3: round 1 moves the start), whether a cluster released or answered again
+    from comigs_dist.privacy.accountant import epsilon
+    planned = {k: v for k, v in results["privacy"]["accounting"].items() if k != "rounds"}
+    assert results["privacy"]["accounting"]["rounds"] == 3
+    assert [u["privacy"]["epsilon"] for u in results["users"]] == [epsilon(1.0, rounds=3, delta=1e-5, **planned)] * 4
 
 
 def test_a_method_that_aggregates_after_training_must_say_so(tmp_path, monkeypatch):

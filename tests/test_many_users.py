@@ -235,7 +235,8 @@ def _empty_group_worker(rank, world_size, tmp_path, private=None):
     (``private`` None): the aggregate by hand. Private (``private``: privacy.* overrides; the noised
     release cannot be redone by hand): the server's memory changes with each release, stays when
     nobody uploaded, and every downloading member gets exactly it (with one participant a round,
-    the member that downloads a re-handed aggregate never saw its release)."""
+    the member that downloads a re-handed aggregate never saw its release). Under DP the
+    accountant counts every one of the 7 private rounds on both ranks, a re-handing one too."""
     from comigs_dist import dist, train
     from comigs_dist.monitor import Monitor
     topo = init_topology(n_users=4)
@@ -276,6 +277,10 @@ def _empty_group_worker(rank, world_size, tmp_path, private=None):
                 assert all(torch.equal(a, b) for a, b in zip(values, latest)), (round_idx, user, sorted(before))
             checked += round_idx > 0 and not (before & {2, 3})
         train.local_iterations(run, active, round_idx, silent)
+    if run.accountant is not None:  # every private round counts, on every rank alike (rank 0 holds only
+        counted = [None] * world_size  # group left's users, rank 1 only right's)
+        torch.distributed.all_gather_object(counted, run.accountant.rounds)
+        assert counted == [7] * world_size, counted
     torch.save(checked, tmp_path / f"checked_{rank}.pt")
 
 

@@ -330,6 +330,7 @@ class Comm:
             for u in local:
                 if self._downloads(u):
                     unflatten_into(self._last[group], tensors[u])
+            priv.answered_again(group)
             size = payload_bytes(self._last[group].numel() + int(self.count),
                                  SECURE_AGG_WIRE if priv.secure else self.dtype)
             self._count(group, local, 0, size, time.perf_counter() - start, 0)

@@ -38,7 +38,7 @@ class PrivateMean:
         self.round_idx = 0
         self._planned: frozenset[int] | None = None
         self._references: Mapping[int, Mapping[str, torch.Tensor]] = {}
-        self.released = 0                       # private means released this round
+        self.released = 0                       # private means answered this round (released or again)
         self.norms: dict[int, list[float]] = {}  # this round's pre-clip update norms of the rank's users
 
     def start_round(self, round_idx: int, planned: Collection[int] | None,
@@ -93,6 +93,16 @@ class PrivateMean:
                                       round_idx=self.round_idx, group=group)
         self.released += 1
         return total
+
+    def answered_again(self, group: str) -> None:
+        """No planned contributor of ``group`` this round (nobody of it was drawn): its users get the
+        group's latest release again (post-processing). The round still counts as a run of the
+        mechanism, as it does for every other group: the accountant's sampled Gaussian already prices
+        in each user's chance of being drawn, so leaving out the rounds in which a group happened to
+        be undrawn would use the draw's outcome and understate epsilon, and ranks holding different
+        groups would disagree."""
+        assert group in self.groups and self.round_idx > 0, group
+        self.released += 1
 
     def _reference(self, group: str, user: int) -> torch.Tensor:
         ref = self._references.get(user, {}).get(group)
