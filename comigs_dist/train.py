@@ -532,10 +532,11 @@ def closing_step(rank: RankRun, user: UserState, opt: torch.optim.Optimizer) -> 
     return loss
 
 
-def after_training(rank: RankRun, rounds: int, monitor: Monitor) -> None:
+def after_training(rank: RankRun, rounds: int, monitor: Monitor, say=lambda msg: None) -> None:
     """The method's stage after the last round (every rank together; nothing for most methods).
     Its steps' losses go to TensorBoard as ``after_training/loss``, after the user's last local
-    iteration on the step axis."""
+    iteration on the step axis; its aggregation is logged as it happens (``_log_closing_sync``),
+    before any such step, so that loggers that need increasing steps (W&B) keep it."""
     t = rank.cfg.train
     taken: dict[int, int] = {}
     for u in rank.users:
@@ -552,7 +553,9 @@ def after_training(rank: RankRun, rounds: int, monitor: Monitor) -> None:
             raise RuntimeError(f"method {rank.cfg.method!r} aggregates after the last round, but its "
                                f"aggregates_after_training says it does not, so privacy's accountant would "
                                f"miss that release; set it to True")
+        before = {u.user_idx: (u.stats.bytes_sent, u.stats.bytes_received, u.stats.seconds) for u in rank.users}
         sync(rank, rounds, everyone_downloads=True)
+        _log_closing_sync(rank, monitor, before, say)
     rank.method.after_training(AfterTrainingContext(
         rounds=rounds, users=rank.users, aggregate=aggregate,
         optimizer=lambda params: build_optimizer(params, t.lr, t, rank.topo.device), step=step))
@@ -694,13 +697,10 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     # checkpoints all precede it, so a resumed run reaches it once
     if method.trains:
         topo.set_phase("after the last round")
-        before = {u.user_idx: (u.stats.bytes_sent, u.stats.bytes_received, u.stats.seconds) for u in rank.users}
         try:
-            after_training(rank, rounds, monitor)
+            after_training(rank, rounds, monitor, say)
         except guard.NothingLeft as exc:  # its closing aggregation had nobody left to average
             raise guard.Stopped(str(exc), exc.user, rounds) from exc
-        if method.aggregates_after_training:  # its traffic and privacy release, logged as a round's
-            _log_closing_sync(rank, monitor, before, analytic(), say)
 
     # each user's model after its last local steps (what Algorithm 1 returns)
     topo.set_phase("the final evaluation")
@@ -720,13 +720,16 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     return [out[u.user_idx] for u in rank.users]
 
 
-def _log_closing_sync(rank: RankRun, monitor: Monitor, before: dict, analytic: dict, say) -> None:
-    """The aggregation after the last round (``Method.aggregates_after_training``): its bytes go to
-    TensorBoard after the user's last local iteration (+1, as the closing steps are), so that the
-    last ``comm/bytes_sent`` equals results.json's; its epsilon (privacy.dp=user) to the
-    federation's curve at round train.rounds + 1, as the epsilon curve numbers it."""
+def _log_closing_sync(rank: RankRun, monitor: Monitor, before: dict, say) -> None:
+    """The aggregation after the last round (``Method.aggregates_after_training``), logged as a
+    round's: its bytes after the user's last local iteration (+1, where the first closing step
+    goes too), so that the last ``comm/bytes_sent`` equals results.json's; its epsilon
+    (privacy.dp=user) on the federation's curve at round train.rounds + 1, as the epsilon curve
+    numbers it."""
+    cfg = rank.cfg
     for u in rank.users:
-        monitor.round_end(u.user_idx, u.step + 1, u.stats, before[u.user_idx], analytic[u.user_idx]["total"]["sent"],
+        sent = analytic_round_bytes(u, cfg.comm, rank.topo, rank.comm.count, cfg.privacy.secure_agg)["total"]["sent"]
+        monitor.round_end(u.user_idx, u.step + 1, u.stats, before[u.user_idx], sent,
                           u.guard_skipped_rounds, u.guard_skipped_steps)
     curve = rank.users[0].privacy["epsilon_curve"] if rank.accountant is not None else []
     if curve:

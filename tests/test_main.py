@@ -233,16 +233,19 @@ def test_a_method_that_aggregates_after_training_must_say_so(tmp_path, monkeypat
 
 
 def test_the_closing_aggregation_is_logged_like_a_round(tmp_path, capsys):
-    """FedDPA, 2 users, privacy.dp=user: the aggregation after the last round is a release and
-    traffic like a round's. Each user's last comm/bytes_sent in TensorBoard equals its results.json
-    bytes_sent (it missed the closing sync), the federation's epsilon curve has train.rounds
-    points, the last one results.json's epsilon, and the log says the closing aggregation."""
+    """FedDPA-F (3 fine-tune steps), 2 users, privacy.dp=user: the aggregation after the last round
+    is a release and traffic like a round's. Each user's last comm/bytes_sent in TensorBoard equals
+    its results.json bytes_sent (it missed the closing sync), and is written before the fine-tune
+    steps (a logger that needs increasing steps, W&B, dropped it when it came after them); the
+    federation's epsilon curve has train.rounds points, the last one results.json's epsilon; the
+    log says the closing aggregation."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     from comigs_dist.main import main
     out = tmp_path / "run"
-    assert main([*SMALL, "n_users=2", "method=feddpa", "train.router_every=2", "train.router_steps=1",
-                 "train.rounds=2", "privacy.dp=user", "privacy.noise_multiplier=1.0", "log.progress=true",
-                 f"out_dir={out}"]) == 0
+    assert main([*SMALL, "n_users=2", "method=feddpa", "method_options.variant=F", "method_options.finetune_steps=3",
+                 "train.router_every=2", "train.router_steps=1", "train.rounds=2", "privacy.dp=user",
+                 "privacy.noise_multiplier=1.0", "log.progress=true", f"out_dir={out}"]) == 0
     said = "".join(capsys.readouterr())
     results = json.loads((out / "results.json").read_text())
 
@@ -251,8 +254,13 @@ def test_the_closing_aggregation_is_logged_like_a_round(tmp_path, capsys):
         acc.Reload()
         return [(e.step, e.value) for e in acc.Scalars(tag)]
     for u in results["users"]:
-        logged = scalars(out / "tb" / f"user_{u['user']:02d}", "comm/bytes_sent")
+        user_dir = out / "tb" / f"user_{u['user']:02d}"
+        logged = scalars(user_dir, "comm/bytes_sent")
         assert len(logged) == 3 and logged[-1][1] == u["bytes_sent"] > logged[-2][1], (u["user"], logged)
+        order = [(e.step, v.tag) for f in sorted(user_dir.glob("events.*")) for e in EventFileLoader(str(f)).Load()
+                 for v in e.summary.value if v.tag in ("comm/bytes_sent", "after_training/loss")]
+        assert [t for _, t in order] == ["comm/bytes_sent"] * 3 + ["after_training/loss"] * 3, order
+        assert [s for s, _ in order] == sorted(s for s, _ in order), order
     epsilon = scalars(out / "tb" / "federation", "federation/privacy_epsilon")
     assert [s for s, _ in epsilon] == [1, 2, 3] and epsilon[-1][1] == pytest.approx(results["privacy"]["epsilon"])
     assert epsilon[-1][1] > epsilon[-2][1] > 0
