@@ -874,10 +874,14 @@ def main(argv: list[str] | None = None) -> int:
             echo(f"plot: {png}")
     # runs, not cells (a run of the since-table fills two cells, a figure's line four)
     states = [ended(r.out_dir) for r in runs]
-    pending = states.count(None)
+    pending = sum(1 for r, state in zip(runs, states) if state is None and not r.status.startswith("invalid"))
     if pending and not failed:
         again = "the same command without --collect runs them" if ns.collect else "call the same command again later"
         echo(f"{pending} run(s) not finished yet: {again} to fill the table (finished runs are never repeated)")
+    if invalid and ns.collect:  # reached only under --collect: without it they stopped the submission above
+        reasons = list(dict.fromkeys(r.status for r in invalid))
+        echo(f"{len(invalid)} run(s) cannot run yet, so running the table would submit nothing until they can:\n  - "
+             + "\n  - ".join(reasons))
     diverged = [r for r, state in zip(runs, states) if state == "diverged"]
     if diverged:
         echo(f"{len(diverged)} run(s) diverged: the guard found non-finite values and ended them (each "

@@ -246,6 +246,33 @@ def test_collect_prints_the_finished_runs_table_and_submits_nothing(tmp_path, ca
         reproduce.parse(["--table", "1", "--dry-run", "--collect"])
 
 
+def test_collect_names_runs_that_cannot_run_instead_of_counting_them_as_pending(tmp_path, capsys, monkeypatch):
+    """--collect with Local's two runs finished and CoMiGS-1G1S's configuration invalid (as when its
+    dataset is not prepared): the closing lines do not promise that running the table fills those
+    cells (that command would refuse to submit anything); they name the reason instead."""
+    from comigs_dist.config import ConfigError
+    root = tmp_path / "r"
+    rows = ["Local", "CoMiGS-1G1S"]
+    spec = reproduce.select(reproduce.build_spec("1"), ["agnews"], rows)
+    for r in reproduce.plan_runs(spec, [42, 45], "debug", root):
+        if r.cells[0].row == "Local":
+            _fake_results(r.out_dir, 40.0 + r.seed % 2)
+    scale = reproduce.scale_overrides
+
+    def refuse(cell, scale_name):
+        if cell.row == "CoMiGS-1G1S":
+            raise ConfigError("fix these first:\n  - data.path ('nowhere') holds no prepared dataset")
+        return scale(cell, scale_name)
+    monkeypatch.setattr(reproduce, "scale_overrides", refuse)
+    rc = reproduce.main(["--table", "1", "--dataset", "agnews", "--rows", ",".join(rows), "--scale", "debug",
+                         "--seeds", "42,45", "--root", str(root), "--executor", "local", "--collect"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "4 run(s): 2 done, 0 running, 0 to run, 2 invalid" in out, out
+    assert "not finished yet" not in out, out
+    assert ("2 run(s) cannot run yet, so running the table would submit nothing until they can:\n"
+            "  - invalid: data.path ('nowhere') holds no prepared dataset") in out, out
+
+
 def test_the_papers_orderings_are_checked_against_ours(tmp_path, capsys):
     """Table 1, AG News, paper FedAvg 31.84 < CoMiGS-1G1S 33.53 < Local 41.46. Ours (two seeds):
     FedAvg 36, 36; CoMiGS 33, 34; Local 35.5, 37.5. CoMiGS < Local holds (gap 3 > spread
