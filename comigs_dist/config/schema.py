@@ -116,8 +116,8 @@ class DataConfig:
                                          "low- and high-data users).")
     valid_tokens: int = opt(2_000, "Embedded corpus only: validation tokens per user.")
     test_tokens: int = opt(16_000, "Embedded corpus only: test tokens per user.")
-    share: FloatOrList = opt(1.0, "Fraction of its training split each user trains on (0 < share <= 1); int or "
-                                  "per-user list.")
+    share: FloatOrList = opt(1.0, "Fraction of its training split each user trains on (0 < share <= 1); a number or "
+                                  "a per-user list.")
     verify: bool = opt(True, "Check each shard's size and sha256 against meta.json before training.")
     categories: list[str] = opt([], "The category of each user, in user order, as the prepared dataset must hold them "
                                 "(its meta.json), e.g. [de, nl, fr, it]: per-user lists such as moe.n_experts then "
@@ -237,8 +237,9 @@ class RunConfig:
                                          "options are listed below and by --methods. Unknown keys are errors.")
     seed: int = opt(42, "Seed; each user's random streams (adapter init, training and router batches) are drawn "
                     "from a hash of (seed, user, stream), so no two seeds share one (paper: 42, 45, 47).")
-    out_dir: Union[str, None] = opt(None, "Where the run writes; default a fresh runs/<timestamp>_<method> directory "
-                                    "(with resume=auto under Slurm or torchrun: runs/<job id>_<method>_s<seed>).")
+    out_dir: Union[str, None] = opt(None, "Where the run writes; default a fresh runs/<time>_<method>_s<seed>_<digest> "
+                                    "directory (with resume=auto under Slurm or torchrun: runs/slurm-<job id>_<method>_"
+                                    "s<seed> or runs/torchrun-<id>_...).")
     resume: Literal["false", "true", "auto"] = opt("false", "Continue from the newest round every user checkpointed in "
                                                    "out_dir: 'true' (out_dir required, a checkpoint must exist), "
                                                    "'auto' (resume if one exists, else start fresh: for torchrun "
