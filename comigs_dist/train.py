@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from comigs_dist import dist, faults, guard, resume
-from comigs_dist.config import ConfigError, RunConfig, privacy_accounting, resolve_users, to_yaml, users_per_round
+from comigs_dist.config import (ConfigError, RunConfig, privacy_accounting, resolve_users, sampling_discount_withheld,
+                                to_yaml, users_per_round)
 from comigs_dist.config.users import participants
 from comigs_dist.data import BatchSampler, UserData, load_user_data
 from comigs_dist.evaluate import EvalResult, evaluate_split
@@ -261,9 +262,15 @@ def build_privacy(cfg: RunConfig, topo: dist.Topology,
         accountant = Accountant(z, plan["sample_rate"], p.delta, sampling=plan["sampling"], n_users=plan["n_users"],
                                 groups_per_user=plan["groups_per_user"])
         report.update(clip=p.clip, noise_multiplier=z, noise_at=p.noise_at, delta=p.delta,
-                      target_epsilon=p.target_epsilon, accountant="dp-accounting RDP", accounting=plan)
+                      target_epsilon=p.target_epsilon, accountant="dp-accounting RDP", accounting=plan,
+                      neighbours=("replace one user" if plan["sampling"] == "fixed"
+                                  else "add or remove one user (its update zeroed out: the divisor is public)"))
+        withheld = sampling_discount_withheld(cfg, topo.n_users)
+        if withheld:
+            report["no_sampling_discount"] = withheld
     if p.secure_agg:
-        largest = max((len(topo.members(g)) for g in topo.groups if g in groups), default=1)
+        # the largest group of the run, not only of this rank's users: the same report on every rank
+        largest = max((len(topo.members(g)) for g in topo.groups), default=1)
         report.update(frac_bits=p.frac_bits, sum_resolution=resolution(p.frac_bits, largest))
     for u in users:
         u.privacy = {"references": {}, "epsilon_curve": [], "updates_sent": 0, "updates_clipped": 0}
@@ -643,6 +650,8 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     if rank.accountant is not None:
         say(f"privacy: user-level DP, noise multiplier {rank.accountant.noise_multiplier:.4g}, clip "
             f"{cfg.privacy.clip}, delta {cfg.privacy.delta}; planned epsilon {_planned_epsilon(rank):.4g}")
+        if rank.privacy.get("no_sampling_discount"):
+            say(f"privacy: no discount for sampling users: {rank.privacy['no_sampling_discount']}")
 
     # the base model: untrained adapters leave it unchanged (B = 0)
     for u in rank.users:

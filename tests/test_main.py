@@ -218,6 +218,11 @@ def test_a_private_run_hands_a_group_nobody_was_drawn_for_its_latest_release(tmp
     from comigs_dist.privacy.accountant import epsilon
     planned = {k: v for k, v in results["privacy"]["accounting"].items() if k != "rounds"}
     assert results["privacy"]["accounting"]["rounds"] == 3
+    # the clusters reveal how many of each were drawn: no sampling discount, and results.json says why
+    assert (results["privacy"]["accounting"]["sampling"], results["privacy"]["accounting"]["sample_rate"]) == \
+        ("poisson", 1.0)
+    assert "hold only some of the users" in results["privacy"]["no_sampling_discount"]
+    assert results["privacy"]["neighbours"].startswith("add or remove one user")
     assert [u["privacy"]["epsilon"] for u in results["users"]] == [epsilon(1.0, rounds=3, delta=1e-5, **planned)] * 4
 
 

@@ -314,6 +314,28 @@ def test_the_accountant_sees_the_sample_and_the_groups_of_the_run():
     assert privacy_accounting(two, 4)["groups_per_user"] == 2
 
 
+def test_groups_that_reveal_the_draw_get_no_sampling_discount():
+    """Two of four users a round: one group of everyone keeps the fixed-size sampling discount;
+    two clusters do not (each release carries its cluster's planned count, and an undrawn cluster
+    re-hands its last release), so the run is accounted as every user in every round, and says why.
+    Full participation with clusters is Poisson at rate 1 either way."""
+    from comigs_dist.config import sampling_discount_withheld
+    clusters = ("[{name: a, users: [0, 1], experts: [0], attention: true}, "
+                "{name: b, users: [2, 3], experts: [0], attention: true}]")
+    everyone = "[{name: all_of_them, users: all, experts: [0], attention: true}]"
+    drawn = ["n_users=4", "train.users_per_round=2", "train.rounds=5"]
+    plain = privacy_accounting(load_config(None, drawn), 4)
+    assert (plain["sampling"], plain["sample_rate"]) == ("fixed", 0.5)
+    one = load_config(None, [*drawn, f"comm.groups={everyone}"])
+    assert privacy_accounting(one, 4) == plain and sampling_discount_withheld(one, 4) is None
+    two = load_config(None, [*drawn, f"comm.groups={clusters}"])
+    assert privacy_accounting(two, 4) == {"rounds": 4, "sample_rate": 1.0, "sampling": "poisson", "n_users": 4,
+                                          "groups_per_user": 1}
+    assert "comm.groups 'a', 'b' hold only some of the users" in sampling_discount_withheld(two, 4)
+    full = load_config(None, ["n_users=4", f"comm.groups={clusters}"])
+    assert sampling_discount_withheld(full, 4) is None and privacy_accounting(full, 4)["sampling"] == "poisson"
+
+
 # methods that aggregate their own way (their own sync or a closing aggregation after the last round)
 OWN_WAY = {"comigs_2s_quirks": {"method": "comigs_2s", "method_options.reference_quirks": True},
            "fedprox": {"method": "fedprox"}, "ffa_lora": {"method": "ffa_lora"}, "local": {"method": "local"},
@@ -345,3 +367,33 @@ def test_every_method_refuses_privacy_before_any_work_or_runs_with_it(tmp_path):
         rows = _rows(tmp_path, name)
         released = 0 if name in ("local", "comigs_2s_quirks") else planned  # these share nothing after round 0
         assert [r["privacy"]["epsilon"] for r in rows] == [pytest.approx(epsilon(1.3, 1.0, released, 1e-5))] * 2, name
+
+
+def _resolution_worker(rank, world_size, tmp_path):
+    """6 users on 3 ranks: users 0, 1 (cluster a) on rank 0, cluster b (2 to 5) on ranks 1 and 2."""
+    from comigs_dist import dist, train
+    clusters = ("[{name: a, users: [0, 1], experts: [0], attention: true}, "
+                "{name: b, users: [2, 3, 4, 5], experts: [0], attention: true}]")
+    cfg = tiny_config(n_users=6, **{"privacy.secure_agg": True, "comm.groups": clusters})
+    check_world_size(cfg, world_size)
+    topo = init_topology(n_users=6)
+    if rank == 0:  # the placement the test is about
+        assert topo.local_users == [0, 1], topo.local_users
+    run = train.build_rank(cfg, topo)
+    reports = dist.all_gather_objects(topo, run.privacy["sum_resolution"])
+    assert reports == [resolution(32, 4)] * world_size, reports
+
+
+def test_secure_aggregations_reported_resolution_is_the_runs_largest_group_on_every_rank(tmp_path):
+    """The sum resolution results.json reports (taken from user 0's rank) bounds the largest group
+    of the run: a rank holding only a 2-user cluster reported 2 x 2^-33 for a run whose other
+    cluster sums 4 users."""
+    run_on_ranks(_resolution_worker, 3, tmp_path)
+
+
+def test_dp_refuses_a_wire_dtype_that_rounds_after_the_clip():
+    """comm.dtype=bf16 rounds the payload after the clip, which can move a user's contribution by
+    more than privacy.clip: refused with the reason and the fix; secure aggregation alone is fine."""
+    with pytest.raises(ConfigError, match=r"privacy.dp=user cannot run with comm.dtype=bf16: .* set comm.dtype=fp32"):
+        load_config(None, ["privacy.dp=user", "comm.dtype=bf16"])
+    assert load_config(None, ["privacy.secure_agg=true", "comm.dtype=bf16"]).comm.dtype == "bf16"

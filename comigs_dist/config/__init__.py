@@ -11,7 +11,8 @@ from comigs_dist.config.schema import (CheckpointConfig, CommConfig, ConfigError
                                        MoEConfig, ModelConfig, PrivacyConfig, RunConfig, TrainConfig)
 from comigs_dist.config.users import PER_USER_KEYS, UserSpec, inferred_n_users, resolve_users, users_per_round
 from comigs_dist.config.validation import (check_world_size, collect_errors, comm_group_errors, format_errors,
-                                           privacy_accounting, privacy_errors, validate)
+                                           privacy_accounting, privacy_errors, sampling_discount_withheld,
+                                           validate)
 from comigs_dist.config.loading import config_from_dict, describe_options, load_config, parse_override, to_yaml
 from comigs_dist.options import get_dotted, opt, sub
 
@@ -20,4 +21,4 @@ __all__ = ["CheckpointConfig", "CommConfig", "ConfigError", "DataConfig", "EvalC
            "PrivacyConfig", "RunConfig", "TrainConfig", "UserSpec", "check_world_size", "collect_errors",
            "comm_group_errors", "config_from_dict", "describe_options", "format_errors", "get_dotted",
            "inferred_n_users", "users_per_round", "load_config", "opt", "parse_override", "privacy_accounting",
-           "privacy_errors", "resolve_users", "sub", "to_yaml", "validate"]
+           "privacy_errors", "resolve_users", "sampling_discount_withheld", "sub", "to_yaml", "validate"]

@@ -196,6 +196,11 @@ def privacy_errors(cfg: RunConfig, n_users: int | None) -> list[str]:
     if (p.dp == "user" or p.secure_agg is True) and cfg.comm.weights == "tokens":
         e.append("comm.weights=tokens cannot run with privacy.dp or privacy.secure_agg: the private mean divides "
                  "by the round's planned number of contributors; set comm.weights=uniform")
+    if p.dp == "user" and cfg.comm.dtype != "fp32":
+        e.append(f"privacy.dp=user cannot run with comm.dtype={cfg.comm.dtype}: a user's payload (the aggregate it "
+                 f"downloaded plus its clipped update) is rounded to {cfg.comm.dtype} after the clip, which can move "
+                 f"its contribution by more than privacy.clip (about sqrt(d) x the {cfg.comm.dtype} spacing of the "
+                 f"parameters' size), beyond what the accountant assumes; set comm.dtype=fp32")
     if _privacy_waits_for_world_size(cfg, n_users):
         return e + config_errors(dataclasses.replace(p, target_epsilon=None), rounds=0)
     return e + config_errors(p, **privacy_accounting(cfg, n_users or 1))
@@ -208,7 +213,14 @@ def privacy_accounting(cfg: RunConfig, n_users: int) -> dict:
     after the last round, ``Method.aggregates_after_training``); users sampled every round 'poisson'
     at rate 1 (everyone), or a fixed number out of ``n_users`` without replacement ('fixed',
     train.participation / users_per_round: the seeded draw); ``groups_per_user``: the most sharing
-    groups one user sends in a round."""
+    groups one user sends in a round.
+
+    The sampling discount needs the draw to stay hidden from whoever sees the releases. A group
+    that holds only some of the users gives it away: its release is divided by its planned
+    contributor count, which travels with it, and a group nobody of which was drawn hands out its
+    last release unchanged. So with such groups (``comm.groups``) a partial draw is accounted as
+    every user in every round (Poisson at rate 1: an upper bound, since a user that is not drawn
+    sends nothing), without the discount (``sampling_discount_withheld`` says why)."""
     k = users_per_round(cfg, n_users)
     groups = 1
     if cfg.method in known_methods() and cfg.comm.groups:
@@ -219,9 +231,27 @@ def privacy_accounting(cfg: RunConfig, n_users: int) -> dict:
             pass  # comm.groups or per-user lists are wrong: reported on their own
     # a method's aggregation after the last round releases that round's local steps too
     closing = int(cfg.method in known_methods() and method_class(cfg.method).aggregates_after_training)
-    full = k >= n_users
+    full = k >= n_users or sampling_discount_withheld(cfg, n_users) is not None
     return {"rounds": max(0, cfg.train.rounds - 1) + closing, "sample_rate": 1.0 if full else k / n_users,
             "sampling": "poisson" if full else "fixed", "n_users": n_users, "groups_per_user": groups}
+
+
+def sampling_discount_withheld(cfg: RunConfig, n_users: int) -> str | None:
+    """Why a run drawing some users a round gets no sampling discount from the accountant
+    (``privacy_accounting``), or None: a sharing group that holds only some of the users reveals
+    how many of its members were drawn."""
+    if users_per_round(cfg, n_users) >= n_users or not cfg.comm.groups or cfg.method not in known_methods():
+        return None
+    try:
+        members = method_class(cfg.method)(cfg, resolve_users(cfg, n_users)).sharing_groups(n_users)
+    except (ConfigError, IndexError, TypeError, ValueError):
+        return None  # reported on their own
+    partial = sorted(g for g, m in members.items() if set(m) != set(range(n_users)))
+    if not partial:
+        return None
+    return (f"comm.groups {', '.join(map(repr, partial))} hold only some of the users: each release carries its "
+            f"group's planned contributor count, and a group nobody of which was drawn hands out its last release "
+            f"again, so the draw is not hidden and each round is accounted as if every user took part")
 
 
 def comm_group_errors(cfg: RunConfig, n_users: int | None) -> list[str]:
