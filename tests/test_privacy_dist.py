@@ -171,6 +171,13 @@ def _means_worker(rank, world_size, tmp_path):
         comm.sum(GROUP, {u: [torch.zeros(3)] for u in topo.local_users})
     with pytest.raises(ValueError, match=r"through Comm.gather in the clear"):
         comm.gather(GROUP, {u: [torch.zeros(3)] for u in topo.local_users})
+    with pytest.raises(ValueError, match=r"through Comm.broadcast in the clear"):
+        comm.broadcast(GROUP, {u: [torch.zeros(3)] for u in topo.local_users}, start=False)
+    with pytest.raises(ValueError, match=r"through Comm.sum_scalars in the clear"):
+        comm.sum_scalars(GROUP, {u: [1.0] for u in topo.local_users})
+    comm.privacy.groups = frozenset()  # a group the private mean does not cover: its mean would be plain
+    with pytest.raises(ValueError, match=r"through Comm.mean in the clear"):
+        comm.mean(GROUP, {u: [torch.zeros(3)] for u in topo.local_users})
 
 
 def test_private_means_match_hand_computations_on_two_ranks_of_two_users(tmp_path):

@@ -199,6 +199,7 @@ class Comm:
         local = self._local(group, tensors)
         if self.privacy is not None and self.privacy.covers(group):
             return self._mean_private(group, local, tensors, set(skip))
+        self._unprotected("mean", group)  # after round 0, a group privacy does not cover is in the clear
         if len(local) == 1 and self.weights is None:
             return self._mean_one(group, local[0], tensors[local[0]], local[0] not in skip)
         return self._mean_many(group, local, tensors, set(skip))
@@ -429,6 +430,7 @@ class Comm:
         else sent this way (a decision such as learned groups' labels), which leaves it alone."""
         if not self.in_group(group) or not tensors:
             return
+        self._unprotected("broadcast", group)  # round 0's common start holds no data; later ones would
         self._handshake(group, "mean", tensors)
         topo = self.topo
         src = self.members(group)[0] if src_user is None else src_user
@@ -515,6 +517,7 @@ class Comm:
         vals = list(values.values())
         if not self.in_group(group) or not vals:
             return list(vals[0]) if vals else []
+        self._unprotected("sum_scalars", group)
         t = torch.tensor([sum(col) for col in zip(*vals)], dtype=torch.float64, device=self.topo.device)
         if len(self.topo.ranks_of(group)) > 1:
             with collective(self.topo.watch, "all_reduce", group):
