@@ -285,3 +285,14 @@ def test_a_calibrated_private_run_cannot_resume_to_more_rounds(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "the privacy accountant was saved for another mechanism: noise_multiplier" in err, err
     assert "calibrates the noise multiplier to the planned releases" in err, err
+
+
+def test_per_user_lists_alone_set_the_number_of_users(tmp_path):
+    """moe.n_experts=[3,2] without n_users (the form docs/configuration.md shows): the run has 2
+    users, with 3 and 2 experts. It stopped with 'the run has None users' before."""
+    from comigs_dist.main import main
+    out = tmp_path / "run"
+    assert main(["--config", DEBUG, "n_users=null", "moe.n_experts=[3,2]", "train.rounds=1", "train.local_steps=1",
+                 "eval.max_tokens=256", "log.progress=false", f"out_dir={out}"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["n_users"] == 2 and [u["n_experts"] for u in results["users"]] == [3, 2]

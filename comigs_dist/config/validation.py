@@ -274,8 +274,11 @@ def comm_group_errors(cfg: RunConfig, n_users: int | None) -> list[str]:
 
 def check_world_size(cfg: RunConfig, world_size: int) -> None:
     """Users spread over the ranks: every rank needs at least one user (n_users >= world size);
-    n_users unset means one user per rank."""
+    n_users unset means as many users as the per-user lists give, else one user per rank. Sets
+    cfg.n_users, so that everything after this reads the number of users from it."""
     n = inferred_n_users(cfg)
+    if n is not None and cfg.n_users is None:
+        cfg.n_users = n  # from the per-user lists (moe.n_experts=[4,2,2,2]): the run's users
     if n is not None and n < world_size:
         raise ConfigError(
             f"invalid configuration: n_users ({n}) is smaller than the number of ranks ({world_size}): every rank "
