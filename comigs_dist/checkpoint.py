@@ -462,9 +462,10 @@ def out_dir_problem(out_dir: Path, resume: str, config: dict) -> str | None:
     h = holdings(out_dir)
     if not h:
         return None
-    ways = "start this run in another out_dir, or continue that run with resume=true"
-    if not h.rounds and not h.manifest:
-        ways += " (it holds no round checkpoint to continue from: another out_dir it is)"
+    if h.rounds or h.manifest:
+        ways = "start this run in another out_dir, or continue that run with resume=true"
+    else:  # nothing to continue from: resume=true would only say so
+        ways = "start this run in another out_dir (that run holds no round checkpoint, so it cannot be continued)"
     if resume == "false":
         return (f"out_dir {out_dir} already holds another run's files: {h.describe()}; resume=false would overwrite "
                 f"them. Nothing was written; {ways}")
@@ -591,6 +592,11 @@ def claim_out_dir(out_dir: Path, resume: str, config: dict, job: str | None = No
     the held lock with notes to print. On any problem, raise CheckpointError and leave the
     directory as it was (a directory this call or ``created`` made is removed again)."""
     out_dir = Path(out_dir)
+    if resume == "true" and not (out_dir.is_dir() and holdings(out_dir)):  # nothing to continue: most likely a typo
+        what = "does not exist" if not out_dir.exists() else "holds nothing of a run"
+        raise CheckpointError(f"resume=true, but out_dir {out_dir} {what}, so there is no run to continue. Nothing "
+                              f"was written; check the path, or start a fresh run there with resume=false (resume=auto "
+                              f"continues a run when there is one and starts fresh otherwise)")
     made = [] if out_dir.exists() else [p for p in (out_dir, *out_dir.parents) if not p.exists()]
     if created:
         made.append(out_dir)

@@ -71,7 +71,8 @@ def _snapshot(directory: Path) -> dict:
 def test_a_finished_run_is_never_overwritten_and_a_refusal_writes_nothing(tmp_path, capsys):
     """A finished run (checkpoint.every=0: results.json, final.pt, config.yaml, TensorBoard) and a
     second run pointed at its out_dir: with resume=false and with resume=auto it exits 2 naming the
-    directory, what it holds and the ways out, and not one byte or timestamp there changes."""
+    directory, what it holds and the way out (another out_dir: with no round checkpoint there is
+    nothing to continue), and not one byte or timestamp there changes."""
     from comigs_dist.main import main
     out = tmp_path / "run"
     assert main([*SMALL, f"out_dir={out}"]) == 0
@@ -83,7 +84,9 @@ def test_a_finished_run_is_never_overwritten_and_a_refusal_writes_nothing(tmp_pa
         err = capsys.readouterr().err
         assert f"out_dir {out}" in err and "results.json (a finished run)" in err, err
         assert "final checkpoints of users [0]" in err and "config.yaml" in err, err
-        assert "another out_dir" in err and "resume=true" in err and "Nothing was written" in err, err
+        assert "another out_dir" in err and "Nothing was written" in err, err
+        # no round checkpoint: resume=true is not offered as a way out (it once was, then taken back)
+        assert "cannot be continued" in err and "resume=true" not in err, err
         assert _snapshot(out) == before
 
 
@@ -296,3 +299,19 @@ def test_per_user_lists_alone_set_the_number_of_users(tmp_path):
                  "eval.max_tokens=256", "log.progress=false", f"out_dir={out}"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["n_users"] == 2 and [u["n_experts"] for u in results["users"]] == [3, 2]
+
+
+def test_resume_into_a_directory_with_no_run_is_refused_before_it_is_created(tmp_path, capsys):
+    """resume=true with an out_dir that does not exist (a typo, most likely) or holds nothing of a
+    run: exit 2 naming the directory and the fixes; a missing directory is not created."""
+    from comigs_dist.main import main
+    missing = tmp_path / "runs" / "typo"
+    assert main([*SMALL, f"out_dir={missing}", "resume=true"]) == 2
+    err = capsys.readouterr().err
+    assert f"resume=true, but out_dir {missing} does not exist, so there is no run to continue" in err, err
+    assert "resume=false" in err and "resume=auto" in err and not (tmp_path / "runs").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([*SMALL, f"out_dir={empty}", "resume=true"]) == 2
+    assert f"out_dir {empty} holds nothing of a run" in capsys.readouterr().err
+    assert list(empty.iterdir()) == []

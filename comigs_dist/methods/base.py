@@ -141,7 +141,8 @@ class NoOptions:
 LEAK = ("the expert steps' backward passes also write router gradients, which pile up until the next router "
         "phase (its first step applies them with its validation gradient), and the router steps' backward "
         "passes write expert gradients, which the next expert step adds to its training gradient")
-LEAK_HELP = f"Reproduce the reference code's gradient leakage between the two levels (baselines.md 1.6): {LEAK}."
+LEAK_HELP = (f"Reproduce the reference code's gradient leakage between the two levels (docs/methods.md, "
+             f"'reference_quirks'): {LEAK}.")
 
 
 @dataclass

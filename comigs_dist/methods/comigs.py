@@ -70,7 +70,8 @@ class CoMiGS2G(CoMiGS1G1S):
 class CoMiGS2SOptions:
     reference_quirks: bool = opt(False, "Run 2S as the reference does: nothing shared after the common "
                                  "initialisation, attention LoRA included (the paper aggregates attention); and "
-                                 f"its gradient leakage between the two levels (baselines.md 1.6): {LEAK}.")
+                                 f"its gradient leakage between the two levels (docs/methods.md, "
+                                 f"'reference_quirks'): {LEAK}.")
 
 
 @register_method("comigs_2s")
