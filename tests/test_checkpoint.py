@@ -234,7 +234,8 @@ def test_resume_auto_starts_over_only_its_own_first_attempt(tmp_path):
                      f"TensorBoard events (tb/)): it starts over (resume=auto)"], notes
     with pytest.raises(checkpoint.CheckpointError, match=r"holds another run \(config.yaml, TensorBoard events "
                                                          r"\(tb/\)\) configured differently: train.lr=0.01 but this "
-                                                         r"run has train.lr=0.005.*another out_dir.*cannot be continued"):
+                                                         r"run has train.lr=0.005.*another out_dir"
+                                                         r".*cannot be continued"):
         checkpoint.claim_out_dir(out, "auto", tiny_config().to_dict())
     assert sorted(p.name for p in out.rglob("*")) == ["config.yaml", "events.out.tfevents.1", "tb", "user_00"]
 
