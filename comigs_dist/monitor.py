@@ -200,8 +200,11 @@ class Monitor:
                 log.scalar(routing_tag("share", layer, j, prefix), s, step)
 
     # -- progress ------------------------------------------------------------------------------
-    def rounds_started(self, total: int) -> None:
-        self._round_bar = self.progress.bar(total=total, desc="rounds")
+    def rounds_started(self, total: int, done: int = 0) -> None:
+        """A bar over the ``total`` rounds left; a resumed run (``done`` rounds before) says which
+        rounds it counts, so that its 2/2 is not read against the log's 'round 4/4'."""
+        desc = "rounds" if not done else f"rounds {done + 1}-{done + total}"
+        self._round_bar = self.progress.bar(total=total, desc=desc)
 
     def round_done(self) -> None:
         if self._round_bar is not None:

@@ -663,7 +663,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     say(f"base model: mean test ppl over users {_mean_over_users(rank, lambda u: u.base.ppl):.3f}")
 
     rounds = t.rounds if method.trains else 0
-    monitor.rounds_started(rounds - done)
+    monitor.rounds_started(rounds - done, done)
     for round_idx in range(done, rounds):
         topo.set_phase(f"round {round_idx + 1}")
         round_start = time.perf_counter()

@@ -155,6 +155,7 @@ def test_a_run_the_guard_stops_records_why_and_a_retry_moves_the_record_aside(tm
     assert main([*args, "resume=true", "log.progress=true"]) == 0  # notes print with the progress lines
     said = "".join(capsys.readouterr())
     assert "an earlier attempt in" in said and "was stopped by the guard (user 0, round 2" in said, said
+    assert "rounds 2-2: 1/1 (100%)" in said, said  # the resumed bar names the rounds it counts
     assert (out / "results.json").is_file() and not (out / "stopped.json").exists()
     assert json.loads((out / "stopped.previous.json").read_text()) == stop
 
