@@ -203,7 +203,7 @@ class Monitor:
     def rounds_started(self, total: int, done: int = 0) -> None:
         """A bar over the ``total`` rounds left; a resumed run (``done`` rounds before) says which
         rounds it counts, so that its 2/2 is not read against the log's 'round 4/4'."""
-        desc = "rounds" if not done else f"rounds {done + 1}-{done + total}"
+        desc = "rounds" if not done or total <= 0 else f"rounds {done + 1}-{done + total}"
         self._round_bar = self.progress.bar(total=total, desc=desc)
 
     def round_done(self) -> None:

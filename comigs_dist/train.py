@@ -634,10 +634,16 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
         try:
             rank.accountant.load_state_dict(rank.users[0].privacy["accountant"])
         except ValueError as exc:  # every rank alike: the same checkpoint and configuration
-            raise ConfigError(f"{exc} (privacy.target_epsilon calibrates the noise multiplier to the planned "
-                              f"releases: train.rounds - 1, plus one for a method that aggregates after the last "
-                              f"round, as FedDPA does since 2026-11-30; so neither train.rounds nor that "
-                              f"plan can change on resume with it)") from exc
+            why = []
+            if cfg.privacy.target_epsilon is not None:
+                why.append("privacy.target_epsilon calibrates the noise multiplier to the planned releases: "
+                           "train.rounds - 1, plus one for a method that aggregates after the last round, as FedDPA "
+                           "does since 2026-11-30; so neither train.rounds nor that plan can change on resume with it")
+            if rank.privacy.get("no_sampling_discount"):
+                why.append("since 2026-11-30 a run whose comm.groups hold only some users gets no sampling discount "
+                           "under partial participation (docs/privacy.md), so a checkpoint of such a run made before "
+                           "cannot continue its accounting: start the run afresh in another out_dir")
+            raise ConfigError(f"{exc}" + (f" ({'; '.join(why)})" if why else "")) from exc
     if topo.rank == 0:  # only now: a refused start or resume leaves the directory as it found it
         from comigs_dist.checkpoint import write_atomic
         write_atomic(Path(out_dir) / "config.yaml", lambda f: f.write(to_yaml(cfg)), text=True)

@@ -178,3 +178,19 @@ def test_fan_out_logger_sends_every_call_to_every_logger(tmp_path):
     fan.close()
     assert a.calls == b.calls == [("scalar", "train/loss", 1.5, 7), ("scalar", "lr/expert", 0.1, 7),
                                   ("summary", {"test_ppl": 3.0}), ("close",)]
+
+
+def test_a_resumed_rounds_bar_names_the_rounds_it_counts():
+    """The rounds bar of a resumed run says which rounds it counts (rounds 3-4 of 4 after 2 done);
+    a fresh run, or one with no round left (resumed after its last round), just says rounds."""
+    from comigs_dist.monitor import Monitor
+
+    class Recorder:
+        def bar(self, total=None, desc=""):
+            self.seen = (total, desc)
+            return self
+    monitor = Monitor.silent([0])
+    monitor.progress = Recorder()
+    for total, done, expected in ((2, 2, (2, "rounds 3-4")), (4, 0, (4, "rounds")), (0, 2, (0, "rounds"))):
+        monitor.rounds_started(total, done)
+        assert monitor.progress.seen == expected

@@ -400,7 +400,10 @@ def test_secure_aggregations_reported_resolution_is_the_runs_largest_group_on_ev
 
 def test_dp_refuses_a_wire_dtype_that_rounds_after_the_clip():
     """comm.dtype=bf16 rounds the payload after the clip, which can move a user's contribution by
-    more than privacy.clip: refused with the reason and the fix; secure aggregation alone is fine."""
+    more than privacy.clip: refused with the reason and the fix; secure aggregation, alone or with
+    DP, is fine (its fixed-point shares are made from the float64 payload)."""
     with pytest.raises(ConfigError, match=r"privacy.dp=user cannot run with comm.dtype=bf16: .* set comm.dtype=fp32"):
         load_config(None, ["privacy.dp=user", "comm.dtype=bf16"])
     assert load_config(None, ["privacy.secure_agg=true", "comm.dtype=bf16"]).comm.dtype == "bf16"
+    # with secure aggregation the shares are made from the unrounded float64 payload: accepted
+    assert load_config(None, ["privacy.dp=user", "privacy.secure_agg=true", "comm.dtype=bf16"]).comm.dtype == "bf16"

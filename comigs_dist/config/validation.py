@@ -196,11 +196,12 @@ def privacy_errors(cfg: RunConfig, n_users: int | None) -> list[str]:
     if (p.dp == "user" or p.secure_agg is True) and cfg.comm.weights == "tokens":
         e.append("comm.weights=tokens cannot run with privacy.dp or privacy.secure_agg: the private mean divides "
                  "by the round's planned number of contributors; set comm.weights=uniform")
-    if p.dp == "user" and cfg.comm.dtype != "fp32":
+    if p.dp == "user" and not p.secure_agg and cfg.comm.dtype != "fp32":  # secure aggregation sends float64 shares
         e.append(f"privacy.dp=user cannot run with comm.dtype={cfg.comm.dtype}: a user's payload (the aggregate it "
                  f"downloaded plus its clipped update) is rounded to {cfg.comm.dtype} after the clip, which can move "
                  f"its contribution by more than privacy.clip (about sqrt(d) x the {cfg.comm.dtype} spacing of the "
-                 f"parameters' size), beyond what the accountant assumes; set comm.dtype=fp32")
+                 f"parameters' size), beyond what the accountant assumes; set comm.dtype=fp32 (or add "
+                 f"privacy.secure_agg=true, whose fixed-point shares are made from the unrounded payload)")
     if _privacy_waits_for_world_size(cfg, n_users):
         return e + config_errors(dataclasses.replace(p, target_epsilon=None), rounds=0)
     return e + config_errors(p, **privacy_accounting(cfg, n_users or 1))
