@@ -407,3 +407,16 @@ def test_dp_refuses_a_wire_dtype_that_rounds_after_the_clip():
     assert load_config(None, ["privacy.secure_agg=true", "comm.dtype=bf16"]).comm.dtype == "bf16"
     # with secure aggregation the shares are made from the unrounded float64 payload: accepted
     assert load_config(None, ["privacy.dp=user", "privacy.secure_agg=true", "comm.dtype=bf16"]).comm.dtype == "bf16"
+
+
+def test_an_unreachable_target_says_when_groups_withhold_the_sampling_discount():
+    """A target epsilon (0.1) that only the sampling discount reaches (4 of 40 users a round): with
+    two clusters of 20 the error says the discount is withheld and why; without them it is reached."""
+    clusters = (f"[{{name: a, users: {list(range(20))}, experts: [0], attention: true}}, "
+                f"{{name: b, users: {list(range(20, 40))}, experts: [0], attention: true}}]")
+    drawn = ["n_users=40", "train.users_per_round=4", "train.rounds=20", "privacy.dp=user",
+             "privacy.target_epsilon=0.1"]
+    with pytest.raises(ConfigError, match=r"privacy.target_epsilon \(0.1\) is unreachable .*\(no sampling "
+                                          r"discount: comm.groups 'a', 'b' hold only some of the users"):
+        load_config(None, [*drawn, f"comm.groups={clusters}"])
+    assert load_config(None, drawn).privacy.target_epsilon == 0.1

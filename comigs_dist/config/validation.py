@@ -204,7 +204,11 @@ def privacy_errors(cfg: RunConfig, n_users: int | None) -> list[str]:
                  f"privacy.secure_agg=true, whose fixed-point shares are made from the unrounded payload)")
     if _privacy_waits_for_world_size(cfg, n_users):
         return e + config_errors(dataclasses.replace(p, target_epsilon=None), rounds=0)
-    return e + config_errors(p, **privacy_accounting(cfg, n_users or 1))
+    errors = config_errors(p, **privacy_accounting(cfg, n_users or 1))
+    withheld = sampling_discount_withheld(cfg, n_users or 1)
+    if withheld:  # an unreachable target: say why the partial participation earns no discount here
+        errors = [f"{x} (no sampling discount: {withheld})" if "is unreachable" in x else x for x in errors]
+    return e + errors
 
 
 def privacy_accounting(cfg: RunConfig, n_users: int) -> dict:
