@@ -48,7 +48,10 @@ class NothingLeft(FloatingPointError):
     def __init__(self, message: str, users):
         super().__init__(message)
         self.users = sorted(users)
-        self.user = self.users[0]
+
+    @property
+    def user(self) -> int:
+        return self.users[0]
 
     def __reduce__(self):
         return (NothingLeft, (str(self), self.users))

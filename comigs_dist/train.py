@@ -560,7 +560,7 @@ def after_training(rank: RankRun, rounds: int, monitor: Monitor, say=lambda msg:
             raise RuntimeError(f"method {rank.cfg.method!r} aggregates after the last round, but its "
                                f"aggregates_after_training says it does not, so privacy's accountant would "
                                f"miss that release; set it to True")
-        before = {u.user_idx: (u.stats.bytes_sent, u.stats.bytes_received, u.stats.seconds) for u in rank.users}
+        before = _traffic_so_far(rank)
         sync(rank, rounds, everyone_downloads=True)
         _log_closing_sync(rank, monitor, before, say)
     rank.method.after_training(AfterTrainingContext(
@@ -673,7 +673,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     for round_idx in range(done, rounds):
         topo.set_phase(f"round {round_idx + 1}")
         round_start = time.perf_counter()
-        before = {u.user_idx: (u.stats.bytes_sent, u.stats.bytes_received, u.stats.seconds) for u in rank.users}
+        before = _traffic_so_far(rank)
         # sync; local expert steps; router steps every tau (Algorithm 1)
         try:
             run_round(rank, round_idx, monitor)
@@ -733,6 +733,12 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     out = {u.user_idx: user_row(u, rows[u.user_idx], layout[u.user_idx], topo, rank.privacy) for u in rank.users}
     monitor.finish(out)
     return [out[u.user_idx] for u in rank.users]
+
+
+def _traffic_so_far(rank: RankRun) -> dict[int, tuple[int, int, float]]:
+    """Each user's (bytes sent, bytes received, seconds in collectives) so far: a round's traffic
+    is the difference (``Monitor.round_end``)."""
+    return {u.user_idx: (u.stats.bytes_sent, u.stats.bytes_received, u.stats.seconds) for u in rank.users}
 
 
 def _log_closing_sync(rank: RankRun, monitor: Monitor, before: dict, say) -> None:

@@ -227,16 +227,11 @@ def privacy_accounting(cfg: RunConfig, n_users: int) -> dict:
     every user in every round (Poisson at rate 1: an upper bound, since a user that is not drawn
     sends nothing), without the discount (``sampling_discount_withheld`` says why)."""
     k = users_per_round(cfg, n_users)
-    groups = 1
-    if cfg.method in known_methods() and cfg.comm.groups:
-        try:
-            members = method_class(cfg.method)(cfg, resolve_users(cfg, n_users)).sharing_groups(n_users).values()
-            groups = max(1, max(sum(u in m for m in members) for u in range(n_users)))
-        except (ConfigError, IndexError, TypeError, ValueError):
-            pass  # comm.groups or per-user lists are wrong: reported on their own
+    members = _comm_group_members(cfg, n_users)
+    groups = max(1, max(sum(u in m for m in members.values()) for u in range(n_users))) if members else 1
     # a method's aggregation after the last round releases that round's local steps too
     closing = int(cfg.method in known_methods() and method_class(cfg.method).aggregates_after_training)
-    full = k >= n_users or sampling_discount_withheld(cfg, n_users) is not None
+    full = k >= n_users or bool(_groups_revealing_the_draw(cfg, n_users, members))
     return {"rounds": max(0, cfg.train.rounds - 1) + closing, "sample_rate": 1.0 if full else k / n_users,
             "sampling": "poisson" if full else "fixed", "n_users": n_users, "groups_per_user": groups}
 
@@ -245,18 +240,30 @@ def sampling_discount_withheld(cfg: RunConfig, n_users: int) -> str | None:
     """Why a run drawing some users a round gets no sampling discount from the accountant
     (``privacy_accounting``), or None: a sharing group that holds only some of the users reveals
     how many of its members were drawn."""
-    if users_per_round(cfg, n_users) >= n_users or not cfg.comm.groups or cfg.method not in known_methods():
-        return None
-    try:
-        members = method_class(cfg.method)(cfg, resolve_users(cfg, n_users)).sharing_groups(n_users)
-    except (ConfigError, IndexError, TypeError, ValueError):
-        return None  # reported on their own
-    partial = sorted(g for g, m in members.items() if set(m) != set(range(n_users)))
+    partial = _groups_revealing_the_draw(cfg, n_users, _comm_group_members(cfg, n_users))
     if not partial:
         return None
     return (f"comm.groups {', '.join(map(repr, partial))} hold only some of the users: each release carries its "
             f"group's planned contributor count, and a group nobody of which was drawn hands out its last release "
             f"again, so the draw is not hidden and each round is accounted as if every user took part")
+
+
+def _comm_group_members(cfg: RunConfig, n_users: int) -> dict | None:
+    """The sharing groups comm.groups gives the method ({group: members}), or None (no comm.groups,
+    or an invalid one: reported on its own)."""
+    if not cfg.comm.groups or cfg.method not in known_methods():
+        return None
+    try:
+        return method_class(cfg.method)(cfg, resolve_users(cfg, n_users)).sharing_groups(n_users)
+    except (ConfigError, IndexError, TypeError, ValueError):
+        return None
+
+
+def _groups_revealing_the_draw(cfg: RunConfig, n_users: int, members: dict | None) -> list[str]:
+    """Under partial participation, the sharing groups that hold only some of the users."""
+    if not members or users_per_round(cfg, n_users) >= n_users:
+        return []
+    return sorted(g for g, m in members.items() if set(m) != set(range(n_users)))
 
 
 def comm_group_errors(cfg: RunConfig, n_users: int | None) -> list[str]:

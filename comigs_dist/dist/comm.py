@@ -323,14 +323,7 @@ class Comm:
         start = time.perf_counter()
         if not contributors:  # not the guard (it keeps a skipping member planned): nobody was drawn
             # the group's latest released aggregate again (post-processing: it costs no privacy)
-            if group not in self._last:
-                raise FloatingPointError(
-                    f"no member of group {group!r} ({', '.join(map(str, members))}) took part in the round "
-                    f"before, and this process holds no earlier aggregate of the group (none was released yet): "
-                    f"raise train.participation or train.users_per_round, or give the group more users")
-            for u in local:
-                if self._downloads(u):
-                    unflatten_into(self._last[group], tensors[u])
+            self._hand_out_latest(group, [tensors[u] for u in local if self._downloads(u)])
             priv.answered_again(group)
             size = payload_bytes(self._last[group].numel() + int(self.count),
                                  SECURE_AGG_WIRE if priv.secure else self.dtype)
@@ -403,16 +396,21 @@ class Comm:
         if divisor != 0:
             return False
         if self._upload is not None and not any(u in self._upload for u in self.members(group)):
-            if group not in self._last:
-                raise FloatingPointError(
-                    f"no member of group {group!r} ({', '.join(map(str, self.members(group)))}) took part in the "
-                    f"round before, and this process holds no earlier aggregate of the group (none was formed "
-                    f"yet): raise train.participation or train.users_per_round, or give the group more users")
-            for ts in targets:
-                unflatten_into(self._last[group], ts)
+            self._hand_out_latest(group, targets)
             return True
         self._no_contributor_left(group, divisor)
         return False
+
+    def _hand_out_latest(self, group: str, targets: list) -> None:
+        """Nobody of the group was drawn in the round before: write its latest aggregate (what a
+        server holds; under privacy, the latest release) into the downloading users' tensors."""
+        if group not in self._last:
+            raise FloatingPointError(
+                f"no member of group {group!r} ({', '.join(map(str, self.members(group)))}) took part in the "
+                f"round before, and this process holds no earlier aggregate of the group (none was formed "
+                f"yet): raise train.participation or train.users_per_round, or give the group more users")
+        for ts in targets:
+            unflatten_into(self._last[group], ts)
 
     def _no_contributor_left(self, group: str, divisor: int) -> None:
         if divisor == 0:
