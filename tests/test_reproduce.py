@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from comigs_dist.config import load_config
 from launch import reproduce
@@ -400,3 +401,54 @@ def test_the_since_table_runs_each_method_once_per_dataset_and_reads_its_bytes(t
     table1 = reproduce.select(reproduce.build_spec("1"), None, shared)
     assert since_dirs == {r.out_dir for r in reproduce.plan_runs(table1, [42], "debug", tmp_path)}
     assert len(since_dirs) == 9
+
+
+KEPT = ROOT / "results" / "reproduce"   # the runs behind the README's CPU-scale tables (results/README.md)
+
+
+def test_the_kept_cpu_runs_are_the_runs_the_tables_make_today():
+    """Every run kept under results/reproduce/cpu is one that launch.reproduce plans today at the
+    CPU scale (the same directory, so that the reproduction continues from it and --collect reads
+    it) and was configured as that plan would configure it now (the resume rule of
+    checkpoint.config_differences, plus the number of rounds and the data). A change of a YAML, of
+    the CPU scale's overrides or of a default that would change these runs fails here, instead of
+    leaving the README quoting runs the command no longer makes."""
+    from comigs_dist.checkpoint import config_differences
+    kept = sorted({p.parent for name in ("results.json", "stopped.json") for p in (KEPT / "cpu").rglob(name)})
+    if not kept:
+        pytest.skip("no runs kept under results/reproduce/cpu")
+    planned = {}
+    for key in ("1", "since", "privacy"):
+        spec = reproduce.build_spec(key)
+        for cell in spec.cells:
+            scaled = reproduce.scale_overrides(cell, "cpu")
+            extras = reproduce.run_extras(spec, "cpu", reproduce._read(cell, scaled))
+            folder = reproduce.cell_dir(KEPT, "cpu", cell, [])
+            for seed in reproduce.SEEDS:
+                planned[folder / f"seed-{seed}"] = (cell, [*scaled, *extras, f"seed={seed}"])
+    problems = []
+    for out_dir in kept:
+        where = out_dir.relative_to(ROOT)
+        if out_dir not in planned:
+            problems.append(f"{where}: no table plans this run any more")
+            continue
+        cell, overrides = planned[out_dir]
+        record = json.loads(next(f for f in (out_dir / "results.json", out_dir / "stopped.json") if f.is_file())
+                            .read_text())
+        saved = record.get("config")
+        if saved is None:  # stopped.json: nothing to compare beyond the directory
+            continue
+        now = reproduce._read(cell, overrides)  # read with the embedded corpus: data.path and categories aside
+        data_path = next(o.split("=", 1)[1] for o in overrides if o.startswith("data.path="))
+        categories = (yaml.safe_load((ROOT / cell.config).read_text()).get("data") or {}).get("categories", [])
+        categories = next((yaml.safe_load(o.split("=", 1)[1]) for o in cell.overrides
+                           if o.startswith("data.categories=")), categories)
+        now_dict = now.to_dict()
+        now_dict["data"]["categories"] = categories  # the YAML's user order, which the run checked against the data
+        diffs = config_differences(saved, now_dict)
+        diffs += [f"train.rounds={saved['train']['rounds']} but the plan has {now.train.rounds}"
+                  for _ in [0] if saved["train"]["rounds"] != now.train.rounds]
+        diffs += [f"data.path={saved['data']['path']} but the plan has {data_path}"
+                  for _ in [0] if saved["data"]["path"] != data_path]
+        problems += [f"{where}: {d}" for d in diffs]
+    assert not problems, "\n".join(problems[:20])
