@@ -365,6 +365,39 @@ def ended(out_dir: Path) -> str | None:
     return "diverged" if (out_dir / STOPPED).is_file() else None
 
 
+BASE_TOLERANCE = 1e-4  # relative; one base evaluated by two layouts of users differs by float rounding only
+
+
+def mixed_bases(out_dirs: list[Path]) -> list[str]:
+    """Finished runs that evaluated different untrained bases on the same test data, one line per
+    such data. Every results.json holds the base's mean test perplexity before training, which is
+    the same for every method and seed made with one base on one test split; two builds of a base
+    (or two bases) show there, and a table mixing their runs compares unlike runs."""
+    groups: dict[tuple[str, str], list[tuple[float, list[Path]]]] = {}  # (data path, setting) -> bases seen
+    for out_dir in out_dirs:
+        f = Path(out_dir) / "results.json"
+        if not f.is_file():
+            continue
+        res = json.loads(f.read_text())
+        base = res.get("mean_base_test_ppl")
+        if base is None or not math.isfinite(base):
+            continue
+        cfg = res.get("config") or {}
+        data = {k: v for k, v in (cfg.get("data") or {}).items() if k != "verify"}
+        setting = json.dumps([data, (cfg.get("model") or {}).get("name"), (cfg.get("train") or {}).get("seq_len"),
+                              (cfg.get("eval") or {}).get("max_tokens"), res.get("n_users")], sort_keys=True)
+        found = groups.setdefault((str(data.get("path") or res.get("dataset") or "?"), setting), [])
+        for value, dirs in found:
+            if abs(value - base) <= BASE_TOLERANCE * abs(value):
+                dirs.append(Path(out_dir))
+                break
+        else:
+            found.append((base, [Path(out_dir)]))
+    return [f"{path}: " + "; ".join(f"base perplexity {value:.2f} in {len(dirs)} run(s) (e.g. {dirs[0]})"
+                                    for value, dirs in found)
+            for (path, _), found in groups.items() if len(found) > 1]
+
+
 def run_extras(spec: Spec, scale: str, cfg) -> list[str]:
     """Overrides every run of ``spec`` takes after its scale's: round checkpoints unless its YAML
     sets its own (``RESUMABLE``), and at the CPU scale only the final evaluation unless the table is
@@ -882,6 +915,10 @@ def main(argv: list[str] | None = None) -> int:
         reasons = list(dict.fromkeys(r.status for r in invalid))
         echo(f"{len(invalid)} run(s) cannot run yet, so running the table would submit nothing until they can:\n  - "
              + "\n  - ".join(reasons))
+    mixed = mixed_bases([r.out_dir for r in runs])
+    if mixed:
+        echo("warning: these runs of one table were made with different bases, so the table compares unlike "
+             "runs (rebuild or choose one base and remove the others' run directories):\n  - " + "\n  - ".join(mixed))
     diverged = [r for r, state in zip(runs, states) if state == "diverged"]
     if diverged:
         echo(f"{len(diverged)} run(s) diverged: the guard found non-finite values and ended them (each "

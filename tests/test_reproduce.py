@@ -247,6 +247,38 @@ def test_collect_prints_the_finished_runs_table_and_submits_nothing(tmp_path, ca
         reproduce.parse(["--table", "1", "--dry-run", "--collect"])
 
 
+def test_collect_warns_when_a_tables_runs_were_made_with_different_bases(tmp_path, capsys):
+    """Four finished runs on one test split: three evaluated the untrained base at 100.0 (one of
+    them at 100.003, float rounding of another layout), one at 120.0 (another build of the base):
+    --collect names the data and both groups with their counts; with the odd one at 100.0 too,
+    nothing is said. A run on other test data (data.path) is never compared with these."""
+    root = tmp_path / "r"
+    rows = ["Local", "CoMiGS-1G1S"]
+    runs = reproduce.plan_runs(reproduce.select(reproduce.build_spec("1"), ["agnews"], rows), [42, 45], "debug", root)
+    config = {"data": {"path": "data/cpu/agnews", "test_tokens": 100, "verify": True}, "model": {"name": "small"},
+              "train": {"seq_len": 128}, "eval": {"max_tokens": 0}}
+    bases = [100.0, 100.003, 100.0, 120.0]
+    for r, base in zip(runs, bases):
+        _fake_results(r.out_dir, 50.0)
+        res = json.loads((r.out_dir / "results.json").read_text())
+        res.update(mean_base_test_ppl=base, n_users=2, config=config)
+        (r.out_dir / "results.json").write_text(json.dumps(res))
+    args = ["--table", "1", "--dataset", "agnews", "--rows", ",".join(rows), "--scale", "debug", "--seeds", "42,45",
+            "--root", str(root), "--collect"]
+    assert reproduce.main(args) == 0
+    out = capsys.readouterr().out
+    assert "were made with different bases" in out
+    line = next(l for l in out.splitlines() if l.strip().startswith("- data/cpu/agnews:"))
+    assert "base perplexity 100.00 in 3 run(s)" in line and "base perplexity 120.00 in 1 run(s)" in line, line
+    odd = runs[3].out_dir / "results.json"
+    res = json.loads(odd.read_text())
+    res["config"] = {**config, "data": {**config["data"], "path": "data/cpu/other"}}  # other test data
+    odd.write_text(json.dumps(res))
+    assert reproduce.main(args) == 0
+    assert "different bases" not in capsys.readouterr().out
+    assert reproduce.mixed_bases([r.out_dir for r in runs]) == []
+
+
 def test_collect_names_runs_that_cannot_run_instead_of_counting_them_as_pending(tmp_path, capsys, monkeypatch):
     """--collect with Local's two runs finished and CoMiGS-1G1S's configuration invalid (as when its
     dataset is not prepared): the closing lines do not promise that running the table fills those
@@ -410,7 +442,8 @@ def test_the_kept_cpu_runs_are_the_runs_the_tables_make_today():
     """Every run kept under results/reproduce/cpu is one that launch.reproduce plans today at the
     CPU scale (the same directory, so that the reproduction continues from it and --collect reads
     it) and was configured as that plan would configure it now (the resume rule of
-    checkpoint.config_differences, plus the number of rounds and the data). A change of a YAML, of
+    checkpoint.config_differences, plus the number of rounds and the data), all with one base (the
+    same untrained perplexity on each test split: reproduce.mixed_bases). A change of a YAML, of
     the CPU scale's overrides or of a default that would change these runs fails here, instead of
     leaving the README quoting runs the command no longer makes."""
     from comigs_dist.checkpoint import config_differences
@@ -451,4 +484,5 @@ def test_the_kept_cpu_runs_are_the_runs_the_tables_make_today():
         diffs += [f"data.path={saved['data']['path']} but the plan has {data_path}"
                   for _ in [0] if saved["data"]["path"] != data_path]
         problems += [f"{where}: {d}" for d in diffs]
+    problems += [f"made with different bases: {line}" for line in reproduce.mixed_bases(kept)]
     assert not problems, "\n".join(problems[:20])
