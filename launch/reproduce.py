@@ -28,6 +28,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -440,7 +441,9 @@ def plan_runs(spec: Spec, seeds: list[int], scale: str, root: Path, quirks: bool
             for seed, job in zip(seeds, jobs):
                 runs.append(Run(cells, seed, Path(job["out_dir"]), job["argv"], job=job))
         except ConfigError as exc:
-            why = str(exc).split("fix these first:\n  - ")[-1].replace("\n  - ", "; ")
+            # one reason per problem: the same problem of every seed's run is said once, without its "seed=N: "
+            parts = str(exc).split("fix these first:\n  - ")[-1].split("\n  - ")
+            why = "; ".join(dict.fromkeys(re.sub(r"^seed=\d+: ", "", part) for part in parts))
             runs += [Run(cells, seed, folder / f"seed-{seed}", [], f"invalid: {why}") for seed in seeds]
     launches = root / scale / "launches"
     running = in_flight(launches)
@@ -913,8 +916,11 @@ def main(argv: list[str] | None = None) -> int:
         echo(f"{pending} run(s) not finished yet: {again} to fill the table (finished runs are never repeated)")
     if invalid and ns.collect:  # reached only under --collect: without it they stopped the submission above
         reasons = list(dict.fromkeys(r.status for r in invalid))
-        echo(f"{len(invalid)} run(s) cannot run yet, so running the table would submit nothing until they can:\n  - "
-             + "\n  - ".join(reasons))
+        missing = _missing_cpu_assets() if ns.scale == "cpu" else []
+        hint = (" (at --scale cpu, --prepare builds the CPU-sized data and the small base first: "
+                + ", ".join(out for out, command in CPU_PREPARE if command in missing) + ")") if missing else ""
+        echo(f"{len(invalid)} run(s) cannot run yet, so running the table would submit nothing until they can{hint}:"
+             "\n  - " + "\n  - ".join(reasons))
     mixed = mixed_bases([r.out_dir for r in runs])
     if mixed:
         echo("warning: these runs of one table were made with different bases, so the table compares unlike "

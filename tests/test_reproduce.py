@@ -294,7 +294,8 @@ def test_collect_names_runs_that_cannot_run_instead_of_counting_them_as_pending(
 
     def refuse(cell, scale_name):
         if cell.row == "CoMiGS-1G1S":
-            raise ConfigError("fix these first:\n  - data.path ('nowhere') holds no prepared dataset")
+            raise ConfigError("fix these first:\n  - seed=42: data.path ('nowhere') holds no prepared dataset\n"
+                              "  - seed=45: data.path ('nowhere') holds no prepared dataset\n  - seed=45: lr is odd")
         return scale(cell, scale_name)
     monkeypatch.setattr(reproduce, "scale_overrides", refuse)
     rc = reproduce.main(["--table", "1", "--dataset", "agnews", "--rows", ",".join(rows), "--scale", "debug",
@@ -302,8 +303,18 @@ def test_collect_names_runs_that_cannot_run_instead_of_counting_them_as_pending(
     out = capsys.readouterr().out
     assert rc == 0 and "4 run(s): 2 done, 0 running, 0 to run, 2 invalid" in out, out
     assert "not finished yet" not in out, out
+    # each problem once, not once per seed
     assert ("2 run(s) cannot run yet, so running the table would submit nothing until they can:\n"
-            "  - invalid: data.path ('nowhere') holds no prepared dataset") in out, out
+            "  - invalid: data.path ('nowhere') holds no prepared dataset; lr is odd\n") in out, out
+    # at the CPU scale the closing line names what --prepare would build (only what is missing)
+    monkeypatch.setattr(reproduce, "_missing_cpu_assets", lambda: [reproduce.CPU_PREPARE[1][1]])
+    monkeypatch.setattr(reproduce, "scale_overrides", lambda cell, scale_name: refuse(
+        type(cell)(**{**cell.__dict__, "row": "CoMiGS-1G1S"}), scale_name))
+    rc = reproduce.main(["--table", "1", "--dataset", "agnews", "--rows", "Local", "--scale", "cpu",
+                         "--seeds", "42", "--root", str(root), "--collect"])
+    out = capsys.readouterr().out
+    assert rc == 0 and ("until they can (at --scale cpu, --prepare builds the CPU-sized data and the small base "
+                        "first: data/cpu/multilingual):") in out, out
 
 
 def test_the_papers_orderings_are_checked_against_ours(tmp_path, capsys):
