@@ -488,8 +488,10 @@ def command_line(run: Run, n_users: int) -> str:
 def execute(runs: list[Run], root: Path, scale: str, key: str, *, cluster: str, max_parallel: int, wait: bool,
             gpus_per_node: int, cpus_per_task: int, timeout_min: int, partition: str | None, slurm_args: dict,
             echo) -> dict[str, str]:
-    """Submit every run still to run, ``max_parallel`` jobs at a time on the local executor (all at once
-    on Slurm); wait for them when ``wait``. Returns out_dir -> outcome for the runs waited on."""
+    """Submit every run still to run and wait for them when ``wait``. On Slurm all at once; on the
+    local executor ``max_parallel`` at a time, the next starting as soon as one ends (runs of one
+    table differ in length several times over, e.g. 20 rounds against 50, so waiting for a whole
+    batch would leave cores idle). Returns out_dir -> outcome for the runs waited on."""
     from launch.submit import launch_jobs, wait_for
     todo = [r for r in runs if r.status == "to run"]
     if not todo:
@@ -497,25 +499,37 @@ def execute(runs: list[Run], root: Path, scale: str, key: str, *, cluster: str, 
     from submitit import AutoExecutor
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     kind = AutoExecutor.which() if cluster == "auto" else cluster
-    batch = len(todo) if kind == "slurm" else max(1, max_parallel)
-    outcomes = {}
-    by_users: dict[int, list[Run]] = {}
-    for r in todo:  # one executor serves jobs of one size
-        by_users.setdefault(r.job["users_per_node"], []).append(r)
     index = 0
-    for group in by_users.values():
-        for start in range(0, len(group), batch):
-            chunk = group[start:start + batch]
-            folder = root / scale / "launches" / f"{stamp}_table{key}_{index:03d}"
-            index += 1
-            jobs = [dict(r.job, label=f"{slug_of(r)}") for r in chunk]
-            manifest, submitted = launch_jobs(jobs, folder, cluster=cluster, gpus_per_node=gpus_per_node,
-                                              cpus_per_task=cpus_per_task, timeout_min=timeout_min,
-                                              partition=partition, slurm_args=slurm_args, echo=echo,
-                                              manifest_extra={"table": key, "scale": scale})
+
+    def submit(chunk: list[Run]) -> tuple[list, list[dict]]:  # one executor serves jobs of one size
+        nonlocal index
+        folder = root / scale / "launches" / f"{stamp}_table{key}_{index:03d}"
+        index += 1
+        jobs = [dict(r.job, label=f"{slug_of(r)}") for r in chunk]
+        _, submitted = launch_jobs(jobs, folder, cluster=cluster, gpus_per_node=gpus_per_node,
+                                   cpus_per_task=cpus_per_task, timeout_min=timeout_min, partition=partition,
+                                   slurm_args=slurm_args, echo=echo, manifest_extra={"table": key, "scale": scale})
+        return submitted, jobs
+
+    outcomes: dict[str, str] = {}
+    if kind == "slurm" or not wait:  # the scheduler queues them (or nobody waits): everything now
+        by_users: dict[int, list[Run]] = {}
+        for r in todo:
+            by_users.setdefault(r.job["users_per_node"], []).append(r)
+        for group in by_users.values():
+            submitted, jobs = submit(group)
             if wait:
                 by_id = wait_for(submitted, jobs, echo=echo)
                 outcomes.update({rec["out_dir"]: by_id[rec["job_id"]] for rec in jobs})
+        return outcomes
+    queue, running = list(todo), []  # running: (submitit job, its record)
+    while queue or running:
+        while queue and len(running) < max(1, max_parallel):
+            submitted, jobs = submit([queue.pop(0)])
+            running += list(zip(submitted, jobs))
+        by_id = wait_for([j for j, _ in running], [rec for _, rec in running], echo=echo, first=True)
+        outcomes.update({rec["out_dir"]: by_id[rec["job_id"]] for _, rec in running if rec["job_id"] in by_id})
+        running = [(j, rec) for j, rec in running if rec["job_id"] not in by_id]
     return outcomes
 
 

@@ -186,11 +186,12 @@ def failure_reason(message: str) -> str:
 
 
 def wait_for(jobs: list, records: list[dict], poll_s: float = 1.0, force_every_s: float = 5.0,
-             echo=lambda line: print(line, flush=True)) -> dict[str, str]:
-    """Wait until every job ends; print each outcome as it arrives. Returns job id -> outcome
-    ('COMPLETED', 'DIVERGED' when guard.nan=stop ended it and left its stopped.json, an outcome
-    rather than a failure, or 'FAILED: ...'). A job that dies without a result is noticed through the
-    scheduler's accounting (forced every few seconds), so a failure is never waited on forever."""
+             echo=lambda line: print(line, flush=True), first: bool = False) -> dict[str, str]:
+    """Wait until every job ends (``first``: until at least one has); print each outcome as it
+    arrives. Returns job id -> outcome of the ended jobs ('COMPLETED', 'DIVERGED' when
+    guard.nan=stop ended it and left its stopped.json, an outcome rather than a failure, or
+    'FAILED: ...'). A job that dies without a result is noticed through the scheduler's accounting
+    (forced every few seconds), so a failure is never waited on forever."""
     outcomes: dict[str, str] = {}
     last_force = 0.0
     while len(outcomes) < len(jobs):
@@ -221,6 +222,8 @@ def wait_for(jobs: list, records: list[dict], poll_s: float = 1.0, force_every_s
             outcomes[rec["job_id"]] = f"FAILED: {why}"
             echo(f"job {rec['job_id']} {rec['label']}: FAILED: {why}\n"
                  f"    log: {job.paths.stdout} and {job.paths.stderr}")
+        if first and outcomes:
+            break
         if len(outcomes) < len(jobs):
             time.sleep(poll_s)
     return outcomes

@@ -383,6 +383,44 @@ def test_a_run_the_guard_stopped_is_diverged_shown_in_its_cell_and_never_resubmi
 
 
 @pytest.mark.slow
+def test_the_local_executor_starts_the_next_run_as_soon_as_one_ends(tmp_path, monkeypatch):
+    """--max-parallel 2 on the local executor with three runs, the first the longest (as a 50-round
+    SlimPajama run beside 20-round ones): the third starts when the second ends, not when the
+    first does (a batch of two would leave a core idle for the rest of the long run). The
+    scheduler is stood in for: runs end in the scripted order B, C, A."""
+    import launch.submit as submit_mod
+    spec = reproduce.select(reproduce.build_spec("1"), ["agnews"], ["Local", "FedAvg", "CoMiGS-1G1S"])
+    runs = reproduce.plan_runs(spec, [42], "debug", tmp_path)
+    names = {reproduce.slug_of(r): name for r, name in zip(runs, "ABC")}
+    events, ends_in_order = [], ["B", "C", "A"]
+
+    class FakeJob:
+        def __init__(self, label):
+            self.label = label
+
+    def fake_launch(jobs, folder, **kw):
+        for rec in jobs:
+            rec["job_id"] = names[rec["label"]]
+            events.append(f"start {rec['job_id']}")
+        return {}, [FakeJob(rec["label"]) for rec in jobs]
+
+    def fake_wait(jobs, records, echo=None, first=False, **kw):
+        live = [rec["job_id"] for rec in records]
+        ending = [j for j in ends_in_order if j in live][:1 if first else None]
+        for j in ending:
+            ends_in_order.remove(j)
+            events.append(f"end {j}")
+        return {j: "COMPLETED" for j in ending}
+
+    monkeypatch.setattr(submit_mod, "launch_jobs", fake_launch)
+    monkeypatch.setattr(submit_mod, "wait_for", fake_wait)
+    outcomes = reproduce.execute(runs, tmp_path, "debug", "1", cluster="local", max_parallel=2, wait=True,
+                                 gpus_per_node=0, cpus_per_task=0, timeout_min=5, partition=None, slurm_args={},
+                                 echo=lambda line: None)
+    assert events == ["start A", "start B", "end B", "start C", "end C", "end A"], events
+    assert outcomes == {str(r.out_dir): "COMPLETED" for r in runs}
+
+
 def test_reproduce_end_to_end_on_the_debug_scale(tmp_path):
     """Two rows, two seeds, the local executor: four real runs, the printed table holds both rows
     with the paper's column and the difference; a second call finds them done and runs nothing."""
