@@ -806,7 +806,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--executor", choices=("auto", "slurm", "local"), default="auto",
                    help="slurm, local processes, or auto: slurm when sbatch is on PATH")
     p.add_argument("--max-parallel", type=int, default=1,
-                   help="local executor: runs at a time (each runs one process per user, or --ranks-per-node)")
+                   help="local executor: runs at a time, the next starting when one ends (each runs one process per "
+                        "user, or --ranks-per-node); --no-wait cannot hold to it and is refused beyond it")
     p.add_argument("--ranks-per-node", type=int, default=None,
                    help="at most this many processes per run; its users share them (same results, bit for bit; "
                         "fewer processes than cores avoids oversubscribing a laptop)")
@@ -889,6 +890,12 @@ def main(argv: list[str] | None = None) -> int:
         from submitit import AutoExecutor
         kind = AutoExecutor.which() if ns.executor == "auto" else ns.executor
         wait = (kind != "slurm") if ns.wait is None else ns.wait
+        to_run = sum(r.status == "to run" for r in runs)
+        if kind != "slurm" and not wait and to_run > ns.max_parallel:
+            print(f"error: --no-wait with the {kind} executor would start all {to_run} runs at once (--max-parallel "
+                  f"{ns.max_parallel} holds only while this command waits for them); drop --no-wait, or submit to "
+                  f"Slurm, where the scheduler queues them", file=sys.stderr)
+            return 2
         try:
             outcomes = execute(runs, root, ns.scale, spec.key, cluster=ns.executor, max_parallel=ns.max_parallel,
                                wait=wait, gpus_per_node=ns.gpus_per_node, cpus_per_task=ns.cpus_per_task,
@@ -930,9 +937,11 @@ def main(argv: list[str] | None = None) -> int:
         echo(f"{pending} run(s) not finished yet: {again} to fill the table (finished runs are never repeated)")
     if invalid and ns.collect:  # reached only under --collect: without it they stopped the submission above
         reasons = list(dict.fromkeys(r.status for r in invalid))
+        # at the CPU scale, what --prepare would build of what the reasons name (not Llama's: no CPU scale)
         missing = _missing_cpu_assets() if ns.scale == "cpu" else []
+        named = [out for out, command in CPU_PREPARE if command in missing and any(out in why for why in reasons)]
         hint = (" (at --scale cpu, --prepare builds the CPU-sized data and the small base first: "
-                + ", ".join(out for out, command in CPU_PREPARE if command in missing) + ")") if missing else ""
+                + ", ".join(named) + ")") if named else ""
         echo(f"{len(invalid)} run(s) cannot run yet, so running the table would submit nothing until they can{hint}:"
              "\n  - " + "\n  - ".join(reasons))
     mixed = mixed_bases([r.out_dir for r in runs])

@@ -306,15 +306,20 @@ def test_collect_names_runs_that_cannot_run_instead_of_counting_them_as_pending(
     # each problem once, not once per seed
     assert ("2 run(s) cannot run yet, so running the table would submit nothing until they can:\n"
             "  - invalid: data.path ('nowhere') holds no prepared dataset; lr is odd\n") in out, out
-    # at the CPU scale the closing line names what --prepare would build (only what is missing)
-    monkeypatch.setattr(reproduce, "_missing_cpu_assets", lambda: [reproduce.CPU_PREPARE[1][1]])
-    monkeypatch.setattr(reproduce, "scale_overrides", lambda cell, scale_name: refuse(
-        type(cell)(**{**cell.__dict__, "row": "CoMiGS-1G1S"}), scale_name))
-    rc = reproduce.main(["--table", "1", "--dataset", "agnews", "--rows", "Local", "--scale", "cpu",
-                         "--seeds", "42", "--root", str(root), "--collect"])
-    out = capsys.readouterr().out
-    assert rc == 0 and ("until they can (at --scale cpu, --prepare builds the CPU-sized data and the small base "
-                        "first: data/cpu/multilingual):") in out, out
+    # at the CPU scale the closing line names what --prepare would build of what the reasons name,
+    # and nothing for a reason --prepare cannot fix (Llama has no CPU scale)
+    monkeypatch.setattr(reproduce, "_missing_cpu_assets", lambda: [c for _, c in reproduce.CPU_PREPARE[:2]])
+    for reason, hint in (("data.path (data/cpu/multilingual) does not exist", True),
+                         ("runs Llama 3.2 1B, which has no CPU scale", False)):
+        def cannot(cell, scale_name, reason=reason):
+            raise ConfigError(f"fix these first:\n  - seed=42: {reason}")
+        monkeypatch.setattr(reproduce, "scale_overrides", cannot)
+        rc = reproduce.main(["--table", "1", "--dataset", "agnews", "--rows", "Local", "--scale", "cpu",
+                             "--seeds", "42", "--root", str(root), "--collect"])
+        out = capsys.readouterr().out
+        said = ("until they can (at --scale cpu, --prepare builds the CPU-sized data and the small base first: "
+                "data/cpu/multilingual):")
+        assert rc == 0 and (said in out) == hint and f"  - invalid: {reason}" in out, out
 
 
 def test_the_papers_orderings_are_checked_against_ours(tmp_path, capsys):
@@ -382,7 +387,17 @@ def test_a_run_the_guard_stopped_is_diverged_shown_in_its_cell_and_never_resubmi
     assert reproduce.cell_texts(half, 3)[1] == "pending [0/3; 1 diverged]"
 
 
-@pytest.mark.slow
+def test_no_wait_on_the_local_executor_is_refused_when_it_would_start_more_than_max_parallel(tmp_path, capsys):
+    """Without waiting, nothing would hold the local executor to --max-parallel: four debug runs
+    with --max-parallel 2 --no-wait are refused before anything starts (no launch record is made)."""
+    args = ["--table", "1", "--dataset", "agnews", "--rows", "Local,FedAvg", "--scale", "debug", "--seeds", "42,45",
+            "--root", str(tmp_path / "r"), "--executor", "local", "--no-wait"]
+    assert reproduce.main(args + ["--max-parallel", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--no-wait with the local executor would start all 4 runs at once" in err, err
+    assert not (tmp_path / "r" / "debug" / "launches").exists()
+
+
 def test_the_local_executor_starts_the_next_run_as_soon_as_one_ends(tmp_path, monkeypatch):
     """--max-parallel 2 on the local executor with three runs, the first the longest (as a 50-round
     SlimPajama run beside 20-round ones): the third starts when the second ends, not when the
@@ -421,6 +436,7 @@ def test_the_local_executor_starts_the_next_run_as_soon_as_one_ends(tmp_path, mo
     assert outcomes == {str(r.out_dir): "COMPLETED" for r in runs}
 
 
+@pytest.mark.slow
 def test_reproduce_end_to_end_on_the_debug_scale(tmp_path):
     """Two rows, two seeds, the local executor: four real runs, the printed table holds both rows
     with the paper's column and the difference; a second call finds them done and runs nothing."""
@@ -487,6 +503,17 @@ def test_the_since_table_runs_each_method_once_per_dataset_and_reads_its_bytes(t
 KEPT = ROOT / "results" / "reproduce"   # the runs behind the README's CPU-scale tables (results/README.md)
 
 
+def _kept_files() -> list[Path]:
+    """The files under results/reproduce/cpu that the repository holds (git's index), or every file
+    there outside a git checkout: runs a user adds locally (other seeds, --quirks) are theirs."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--", str(KEPT / "cpu")], cwd=ROOT, capture_output=True,
+                                text=True, check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return [p for p in (KEPT / "cpu").rglob("*") if p.is_file()]
+    return [ROOT / name for name in listed.split("\0") if name]
+
+
 def test_the_kept_cpu_runs_are_the_runs_the_tables_make_today():
     """Every run kept under results/reproduce/cpu is one that launch.reproduce plans today at the
     CPU scale (the same directory, so that the reproduction continues from it and --collect reads
@@ -496,7 +523,7 @@ def test_the_kept_cpu_runs_are_the_runs_the_tables_make_today():
     the CPU scale's overrides or of a default that would change these runs fails here, instead of
     leaving the README quoting runs the command no longer makes."""
     from comigs_dist.checkpoint import config_differences
-    kept = sorted({p.parent for name in ("results.json", "stopped.json") for p in (KEPT / "cpu").rglob(name)})
+    kept = sorted({p.parent for p in _kept_files() if p.name in ("results.json", "stopped.json")})
     if not kept:
         pytest.skip("no runs kept under results/reproduce/cpu")
     planned = {}
