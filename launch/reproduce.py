@@ -523,14 +523,60 @@ def execute(runs: list[Run], root: Path, scale: str, key: str, *, cluster: str, 
                 outcomes.update({rec["out_dir"]: by_id[rec["job_id"]] for rec in jobs})
         return outcomes
     queue, running = list(todo), []  # running: (submitit job, its record)
-    while queue or running:
-        while queue and len(running) < max(1, max_parallel):
-            submitted, jobs = submit([queue.pop(0)])
-            running += list(zip(submitted, jobs))
-        by_id = wait_for([j for j, _ in running], [rec for _, rec in running], echo=echo, first=True)
-        outcomes.update({rec["out_dir"]: by_id[rec["job_id"]] for _, rec in running if rec["job_id"] in by_id})
-        running = [(j, rec) for j, rec in running if rec["job_id"] not in by_id]
+    with _interrupt_on_sigterm():
+        try:
+            while queue or running:
+                while queue and len(running) < max(1, max_parallel):
+                    submitted, jobs = submit([queue.pop(0)])
+                    running += list(zip(submitted, jobs))
+                by_id = wait_for([j for j, _ in running], [rec for _, rec in running], echo=echo, first=True)
+                outcomes.update({rec["out_dir"]: by_id[rec["job_id"]] for _, rec in running
+                                 if rec["job_id"] in by_id})
+                running = [(j, rec) for j, rec in running if rec["job_id"] not in by_id]
+        except KeyboardInterrupt:
+            stop_local_jobs(running, echo)
+            raise
     return outcomes
+
+
+STOP_WAIT_S = 30.0
+
+
+def stop_local_jobs(running: list, echo, wait_s: float = STOP_WAIT_S) -> None:
+    """The launcher was interrupted (Ctrl-C) or terminated: stop the local runs it started, which
+    would otherwise go on without it (submitit's local jobs outlive their launcher and ignore
+    SIGTERM) and hold their out_dirs' locks against the next call. Each gets SIGINT, then SIGKILL;
+    a run resumes from its last round checkpoint when the command runs again."""
+    import time
+    for job, _ in running:
+        job.cancel(check=False)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and not all(job.done() for job, _ in running):
+        time.sleep(0.2)
+    left = [rec["out_dir"] for job, rec in running if not job.done()]
+    echo(f"interrupted: stopped {len(running) - len(left)} running run(s); the same command resumes them from their "
+         f"last round checkpoints" + (f" ({len(left)} still ending: {', '.join(left)})" if left else ""))
+
+
+class _interrupt_on_sigterm:
+    """While the local pool waits, SIGTERM (kill, a batch system ending the launcher) raises
+    KeyboardInterrupt as Ctrl-C does, so that the runs are stopped rather than left behind."""
+
+    def __enter__(self):
+        import signal
+        import threading
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            def raise_interrupt(signum, frame):
+                raise KeyboardInterrupt(f"signal {signum}")
+            self.previous = signal.signal(signal.SIGTERM, raise_interrupt)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
 
 
 def slug_of(run: Run) -> str:
@@ -903,6 +949,8 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # the local runs were stopped (stop_local_jobs said so)
+            return 130
         except Exception as exc:  # the scheduler refused (no Slurm controller, a bad partition, ...)
             print(f"error: submitting to {kind} failed: {type(exc).__name__}: {exc}; check the cluster, or run "
                   f"with --executor local", file=sys.stderr)

@@ -387,6 +387,75 @@ def test_a_run_the_guard_stopped_is_diverged_shown_in_its_cell_and_never_resubmi
     assert reproduce.cell_texts(half, 3)[1] == "pending [0/3; 1 diverged]"
 
 
+def test_an_interrupted_local_pool_stops_the_runs_it_started(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM) while the local pool waits: the two running jobs are cancelled, the one
+    not started yet is never started, and the interruption goes on to the caller (main returns 130)."""
+    import launch.submit as submit_mod
+    spec = reproduce.select(reproduce.build_spec("1"), ["agnews"], ["Local", "FedAvg", "CoMiGS-1G1S"])
+    runs = reproduce.plan_runs(spec, [42], "debug", tmp_path)
+    started, cancelled, said = [], [], []
+
+    class FakeJob:
+        def __init__(self, label):
+            self.label, self.ended = label, False
+
+        def cancel(self, check=True):
+            cancelled.append(self.label)
+            self.ended = True
+
+        def done(self, force_check=False):
+            return self.ended
+
+    def fake_launch(jobs, folder, **kw):
+        for rec in jobs:
+            rec["job_id"] = rec["label"]
+            started.append(rec["label"])
+        return {}, [FakeJob(rec["label"]) for rec in jobs]
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(submit_mod, "launch_jobs", fake_launch)
+    monkeypatch.setattr(submit_mod, "wait_for", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.execute(runs, tmp_path, "debug", "1", cluster="local", max_parallel=2, wait=True, gpus_per_node=0,
+                          cpus_per_task=0, timeout_min=5, partition=None, slurm_args={}, echo=said.append)
+    assert len(started) == 2 and sorted(cancelled) == sorted(started), (started, cancelled)
+    assert said[-1].startswith("interrupted: stopped 2 running run(s); the same command resumes them"), said
+    rc = reproduce.main(["--table", "1", "--dataset", "agnews", "--rows", "Local", "--scale", "debug", "--seeds", "42",
+                         "--root", str(tmp_path / "r"), "--executor", "local"])
+    assert rc == 130
+
+
+def test_sigterm_interrupts_the_local_pool_and_a_real_local_job_is_stopped(tmp_path):
+    """SIGTERM to the launcher inside the pool's guard raises KeyboardInterrupt (and the previous
+    handler is back afterwards); stop_local_jobs ends a real submitit local job (a 120 s sleep)
+    within its wait, although such jobs ignore SIGTERM."""
+    import os
+    import signal
+    import time
+
+    import submitit
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with reproduce._interrupt_on_sigterm():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+    assert signal.getsignal(signal.SIGTERM) == before
+    executor = submitit.AutoExecutor(folder=tmp_path / "logs", cluster="local")
+    executor.update_parameters(timeout_min=5)
+    job = executor.submit(time.sleep, 120)
+    for _ in range(300):  # until the controller has started its task (at most a minute)
+        if job.state == "RUNNING":
+            break
+        time.sleep(0.2)
+    assert job.state == "RUNNING", job.state
+    said = []
+    reproduce.stop_local_jobs([(job, {"out_dir": str(tmp_path / "run")})], said.append, wait_s=30)
+    assert job.done() and said == ["interrupted: stopped 1 running run(s); the same command resumes them from "
+                                   "their last round checkpoints"], said
+
+
 def test_no_wait_on_the_local_executor_is_refused_when_it_would_start_more_than_max_parallel(tmp_path, capsys):
     """Without waiting, nothing would hold the local executor to --max-parallel: four debug runs
     with --max-parallel 2 --no-wait are refused before anything starts (no launch record is made)."""
