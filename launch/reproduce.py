@@ -492,7 +492,7 @@ def execute(runs: list[Run], root: Path, scale: str, key: str, *, cluster: str, 
     local executor ``max_parallel`` at a time, the next starting as soon as one ends (runs of one
     table differ in length several times over, e.g. 20 rounds against 50, so waiting for a whole
     batch would leave cores idle). Returns out_dir -> outcome for the runs waited on."""
-    from launch.submit import launch_jobs, wait_for
+    from launch.submit import interrupt_on_sigterm, launch_jobs, stop_local_jobs, wait_for
     todo = [r for r in runs if r.status == "to run"]
     if not todo:
         return {}
@@ -523,7 +523,7 @@ def execute(runs: list[Run], root: Path, scale: str, key: str, *, cluster: str, 
                 outcomes.update({rec["out_dir"]: by_id[rec["job_id"]] for rec in jobs})
         return outcomes
     queue, running = list(todo), []  # running: (submitit job, its record)
-    with _interrupt_on_sigterm():
+    with interrupt_on_sigterm():
         try:
             while queue or running:
                 while queue and len(running) < max(1, max_parallel):
@@ -537,46 +537,6 @@ def execute(runs: list[Run], root: Path, scale: str, key: str, *, cluster: str, 
             stop_local_jobs(running, echo)
             raise
     return outcomes
-
-
-STOP_WAIT_S = 30.0
-
-
-def stop_local_jobs(running: list, echo, wait_s: float = STOP_WAIT_S) -> None:
-    """The launcher was interrupted (Ctrl-C) or terminated: stop the local runs it started, which
-    would otherwise go on without it (submitit's local jobs outlive their launcher and ignore
-    SIGTERM) and hold their out_dirs' locks against the next call. Each gets SIGINT, then SIGKILL;
-    a run resumes from its last round checkpoint when the command runs again."""
-    import time
-    for job, _ in running:
-        job.cancel(check=False)
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline and not all(job.done() for job, _ in running):
-        time.sleep(0.2)
-    left = [rec["out_dir"] for job, rec in running if not job.done()]
-    echo(f"interrupted: stopped {len(running) - len(left)} running run(s); the same command resumes them from their "
-         f"last round checkpoints" + (f" ({len(left)} still ending: {', '.join(left)})" if left else ""))
-
-
-class _interrupt_on_sigterm:
-    """While the local pool waits, SIGTERM (kill, a batch system ending the launcher) raises
-    KeyboardInterrupt as Ctrl-C does, so that the runs are stopped rather than left behind."""
-
-    def __enter__(self):
-        import signal
-        import threading
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
-            def raise_interrupt(signum, frame):
-                raise KeyboardInterrupt(f"signal {signum}")
-            self.previous = signal.signal(signal.SIGTERM, raise_interrupt)
-        return self
-
-    def __exit__(self, *exc):
-        import signal
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-        return False
 
 
 def slug_of(run: Run) -> str:

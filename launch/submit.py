@@ -229,6 +229,46 @@ def wait_for(jobs: list, records: list[dict], poll_s: float = 1.0, force_every_s
     return outcomes
 
 
+STOP_WAIT_S = 30.0
+
+
+def stop_local_jobs(running: list, echo, wait_s: float = STOP_WAIT_S) -> None:
+    """The launcher was interrupted (Ctrl-C) or terminated: stop the local runs it started, which
+    would otherwise go on without it (submitit's local jobs outlive their launcher and ignore
+    SIGTERM) and hold their out_dirs' locks against the next call. Each gets SIGINT, then SIGKILL;
+    a run resumes from its last round checkpoint when the command runs again."""
+    running = [(job, rec) for job, rec in running if not job.done()]
+    for job, _ in running:
+        job.cancel(check=False)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and not all(job.done() for job, _ in running):
+        time.sleep(0.2)
+    left = [rec["out_dir"] for job, rec in running if not job.done()]
+    echo(f"interrupted: stopped {len(running) - len(left)} running run(s); the same command resumes them from their "
+         f"last round checkpoints" + (f" ({len(left)} still ending: {', '.join(left)})" if left else ""))
+
+
+class interrupt_on_sigterm:
+    """While local runs are waited on, SIGTERM (kill, a batch system ending the launcher) raises
+    KeyboardInterrupt as Ctrl-C does, so that the runs are stopped rather than left behind."""
+
+    def __enter__(self):
+        import signal
+        import threading
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            def raise_interrupt(signum, frame):
+                raise KeyboardInterrupt(f"signal {signum}")
+            self.previous = signal.signal(signal.SIGTERM, raise_interrupt)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
+
+
 def launch_jobs(jobs: list[dict], folder: Path, *, cluster: str = "auto", nodes: int = 1, gpus_per_node: int = 0,
                 cpus_per_task: int = 0, timeout_min: int = 240, partition: str | None = None,
                 slurm_args: dict | None = None, manifest_extra: dict | None = None, echo=None) -> tuple[dict, list]:
@@ -277,7 +317,13 @@ def submit(job_argv: list[str], sweep: list[str], *, root: Path = Path("runs/swe
     echo(f"collect: python -m launch.collect {folder}")
     manifest["folder"] = str(folder)
     if wait:
-        manifest["outcomes"] = wait_for(submitted, jobs, echo=echo)
+        with interrupt_on_sigterm():
+            try:
+                manifest["outcomes"] = wait_for(submitted, jobs, echo=echo)
+            except KeyboardInterrupt:
+                if manifest["cluster"] == "local":  # Slurm's jobs are the scheduler's: they go on (scancel)
+                    stop_local_jobs(list(zip(submitted, jobs)), echo)
+                raise
     return manifest
 
 
@@ -325,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # while waiting: local runs were stopped and said so
+        return 130
     if ns.wait:
         failed = [k for k, v in manifest["outcomes"].items() if v not in ("COMPLETED", "DIVERGED")]
         diverged = sum(v == "DIVERGED" for v in manifest["outcomes"].values())

@@ -229,6 +229,37 @@ def test_local_executor_runs_a_two_user_job(tmp_path, monkeypatch):
                for line in lines), "\n".join(lines)
 
 
+def test_an_interrupted_wait_stops_the_local_job_and_frees_its_out_dir(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while `launch.submit --wait` waits on a local job (a long debug run): main returns 130,
+    the job is stopped rather than left running without its launcher, and its out_dir's lock is
+    free for the next call (which resumes it)."""
+    import time
+
+    from comigs_dist.checkpoint import OutDirLock
+    monkeypatch.setenv("PYTHONPATH", subprocess_env(one_thread=False)["PYTHONPATH"])
+    seen = {}
+    real_wait = submit.wait_for
+
+    def wait_then_interrupt(jobs, records, **kw):
+        seen["jobs"], seen["out_dir"] = jobs, Path(records[0]["out_dir"])
+        for _ in range(600):  # until the run holds its out_dir (at most two minutes)
+            if (seen["out_dir"] / "config.yaml").is_file() or jobs[0].done():
+                break
+            time.sleep(0.2)
+        assert not jobs[0].done(), real_wait(jobs, records, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(submit, "wait_for", wait_then_interrupt)
+    rc = submit.main(["--config", DEBUG, *FAST, "train.rounds=500", "--executor", "local", "--wait",
+                      "--root", str(tmp_path), "--time", "5"])
+    out = capsys.readouterr().out
+    assert rc == 130 and "interrupted: stopped 1 running run(s)" in out, out
+    assert seen["jobs"][0].done()
+    lock = OutDirLock(seen["out_dir"])
+    lock.acquire()  # raises if a live run still held it
+    lock.release()
+
+
 def test_one_srun_task_per_user_maps_slurm_variables_onto_torch_ones(monkeypatch):
     """`srun python -m comigs_dist.main` (docs/cluster.md, one task per user): SLURM_PROCID,
     SLURM_NTASKS, SLURM_LOCALID and SLURM_NTASKS_PER_NODE become RANK, WORLD_SIZE, LOCAL_RANK,

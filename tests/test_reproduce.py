@@ -437,8 +437,9 @@ def test_sigterm_interrupts_the_local_pool_and_a_real_local_job_is_stopped(tmp_p
 
     import submitit
     before = signal.getsignal(signal.SIGTERM)
+    from launch.submit import interrupt_on_sigterm, stop_local_jobs
     with pytest.raises(KeyboardInterrupt):
-        with reproduce._interrupt_on_sigterm():
+        with interrupt_on_sigterm():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler raises before this ends
     assert signal.getsignal(signal.SIGTERM) == before
@@ -451,7 +452,7 @@ def test_sigterm_interrupts_the_local_pool_and_a_real_local_job_is_stopped(tmp_p
         time.sleep(0.2)
     assert job.state == "RUNNING", job.state
     said = []
-    reproduce.stop_local_jobs([(job, {"out_dir": str(tmp_path / "run")})], said.append, wait_s=30)
+    stop_local_jobs([(job, {"out_dir": str(tmp_path / "run")})], said.append, wait_s=30)
     assert job.done() and said == ["interrupted: stopped 1 running run(s); the same command resumes them from "
                                    "their last round checkpoints"], said
 
