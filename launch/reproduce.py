@@ -452,7 +452,25 @@ def plan_runs(spec: Spec, seeds: list[int], scale: str, root: Path, quirks: bool
             run.status = state
         elif run.status == "to run" and str(run.out_dir) in running:
             run.status = f"running (job {running[str(run.out_dir)]})"
+        elif run.status == "to run" and (pid := live_local_run(run.out_dir)):
+            run.status = f"running (pid {pid})"
     return runs
+
+
+def live_local_run(out_dir: Path) -> int | None:
+    """The pid of a run alive on this host that holds ``out_dir``'s lock (a local run another call
+    started: local jobs are not in any scheduler's accounting), read from the lock's record without
+    touching the lock itself; None when there is none or its process is gone."""
+    import socket
+
+    from comigs_dist.checkpoint import LOCK_FILE
+    from comigs_dist.dist import pid_alive
+    try:
+        record = json.loads((Path(out_dir) / LOCK_FILE).read_text() or "{}")
+        pid = int(record.get("pid") or 0)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return pid if pid > 0 and record.get("host") == socket.gethostname() and pid_alive(pid) else None
 
 
 ACTIVE = {"RUNNING", "PENDING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING"}

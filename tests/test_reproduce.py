@@ -468,6 +468,28 @@ def test_no_wait_on_the_local_executor_is_refused_when_it_would_start_more_than_
     assert not (tmp_path / "r" / "debug" / "launches").exists()
 
 
+def test_a_local_run_another_call_started_counts_as_running_and_is_not_started_twice(tmp_path, capsys):
+    """A run whose out_dir lock names a live process on this host (here the test itself) is
+    "running (pid ...)", so a second call neither counts it as to run nor starts it; a lock left
+    by a process that is gone (or by another host) does not count."""
+    import os
+    import socket
+    spec = reproduce.select(reproduce.build_spec("1"), ["agnews"], ["Local", "FedAvg"])
+    runs = reproduce.plan_runs(spec, [42], "debug", tmp_path)
+    records = [{"pid": os.getpid(), "host": socket.gethostname()},
+               {"pid": 2 ** 22 + 12345, "host": socket.gethostname()}]  # above Linux's pid_max: never alive
+    for r, record in zip(runs, records):
+        r.out_dir.mkdir(parents=True)
+        (r.out_dir / ".comigs.lock").write_text(json.dumps(record))
+    states = [r.status for r in reproduce.plan_runs(spec, [42], "debug", tmp_path)]
+    assert states == [f"running (pid {os.getpid()})", "to run"], states
+    (runs[1].out_dir / ".comigs.lock").write_text(json.dumps({"pid": os.getpid(), "host": "elsewhere"}))
+    assert reproduce.plan_runs(spec, [42], "debug", tmp_path)[1].status == "to run"
+    rc = reproduce.main(["--table", "1", "--dataset", "agnews", "--rows", "Local,FedAvg", "--scale", "debug",
+                         "--seeds", "42", "--root", str(tmp_path), "--dry-run"])
+    assert rc == 0 and "2 run(s): 0 done, 1 running, 1 to run" in capsys.readouterr().out
+
+
 def test_the_local_executor_starts_the_next_run_as_soon_as_one_ends(tmp_path, monkeypatch):
     """--max-parallel 2 on the local executor with three runs, the first the longest (as a 50-round
     SlimPajama run beside 20-round ones): the third starts when the second ends, not when the
