@@ -16,10 +16,13 @@ and resumes from the checkpoints under its fixed out_dir (see ``launch.common``)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -248,25 +251,25 @@ def stop_local_jobs(running: list, echo, wait_s: float = STOP_WAIT_S) -> None:
          f"last round checkpoints" + (f" ({len(left)} still ending: {', '.join(left)})" if left else ""))
 
 
-class interrupt_on_sigterm:
-    """While local runs are waited on, SIGTERM (kill, a batch system ending the launcher) raises
-    KeyboardInterrupt as Ctrl-C does, so that the runs are stopped rather than left behind."""
-
-    def __enter__(self):
-        import signal
-        import threading
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
-            def raise_interrupt(signum, frame):
-                raise KeyboardInterrupt(f"signal {signum}")
-            self.previous = signal.signal(signal.SIGTERM, raise_interrupt)
-        return self
-
-    def __exit__(self, *exc):
-        import signal
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-        return False
+@contextlib.contextmanager
+def stopping_local_jobs(running, echo):
+    """While local runs are waited on: SIGTERM (kill, a batch system ending the launcher) raises
+    KeyboardInterrupt as Ctrl-C does, and an interruption stops the runs ``running()`` returns
+    (stop_local_jobs) before it goes on to the caller."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        def raise_interrupt(signum, frame):
+            raise KeyboardInterrupt(f"signal {signum}")
+        previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        yield
+    except KeyboardInterrupt:
+        if jobs := running():
+            stop_local_jobs(jobs, echo)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def launch_jobs(jobs: list[dict], folder: Path, *, cluster: str = "auto", nodes: int = 1, gpus_per_node: int = 0,
@@ -317,13 +320,9 @@ def submit(job_argv: list[str], sweep: list[str], *, root: Path = Path("runs/swe
     echo(f"collect: python -m launch.collect {folder}")
     manifest["folder"] = str(folder)
     if wait:
-        with interrupt_on_sigterm():
-            try:
-                manifest["outcomes"] = wait_for(submitted, jobs, echo=echo)
-            except KeyboardInterrupt:
-                if manifest["cluster"] == "local":  # Slurm's jobs are the scheduler's: they go on (scancel)
-                    stop_local_jobs(list(zip(submitted, jobs)), echo)
-                raise
+        # Slurm's jobs are the scheduler's: they go on (scancel)
+        with stopping_local_jobs(lambda: list(zip(submitted, jobs)) if manifest["cluster"] == "local" else [], echo):
+            manifest["outcomes"] = wait_for(submitted, jobs, echo=echo)
     return manifest
 
 
