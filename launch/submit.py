@@ -272,6 +272,24 @@ def stopping_local_jobs(running, echo):
             signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def interruptible_children():
+    """Local jobs are stopped with SIGINT (submitit's LocalJob.cancel), which a launcher started in
+    the background by a shell (``nohup ... &``, a queue script) ignores, and an ignored signal stays
+    ignored in every process it starts: its jobs could then not be stopped. While the jobs start,
+    SIGINT has a do-nothing handler instead, which the launcher keeps ignoring in effect but which
+    its children do not inherit (they start with SIGINT at its default, KeyboardInterrupt)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN):
+        yield
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def launch_jobs(jobs: list[dict], folder: Path, *, cluster: str = "auto", nodes: int = 1, gpus_per_node: int = 0,
                 cpus_per_task: int = 0, timeout_min: int = 240, partition: str | None = None,
                 slurm_args: dict | None = None, manifest_extra: dict | None = None, echo=None) -> tuple[dict, list]:
@@ -286,7 +304,8 @@ def launch_jobs(jobs: list[dict], folder: Path, *, cluster: str = "auto", nodes:
     submitted = []
     for rec in jobs:
         executor.update_parameters(name=f"comigs_{rec['label']}"[:64])
-        job = executor.submit(Experiment(rec["argv"], rec["out_dir"]))
+        with interruptible_children():
+            job = executor.submit(Experiment(rec["argv"], rec["out_dir"]))
         rec["job_id"] = str(job.job_id)
         rec["log"] = str(job.paths.stdout)
         submitted.append(job)

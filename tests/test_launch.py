@@ -229,10 +229,22 @@ def test_local_executor_runs_a_two_user_job(tmp_path, monkeypatch):
                for line in lines), "\n".join(lines)
 
 
-def test_an_interrupted_wait_stops_the_local_job_and_frees_its_out_dir(tmp_path, monkeypatch, capsys):
+def kill_local_job(job):
+    """SIGKILL a submitit local job's controller and the tasks it started (Linux /proc)."""
+    pid = job._process.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    for child in (children.read_text().split() if children.exists() else []):
+        os.kill(int(child), 9)
+    job._process.kill()
+
+
+@pytest.mark.parametrize("launched_by", ["terminal", "background shell"])
+def test_an_interrupted_wait_stops_the_local_job_and_frees_its_out_dir(tmp_path, monkeypatch, capsys, launched_by):
     """Ctrl-C while `launch.submit --wait` waits on a local job (a long debug run): main returns 130,
     the job is stopped rather than left running without its launcher, and its out_dir's lock is
-    free for the next call (which resumes it)."""
+    free for the next call (which resumes it). Also when the launcher was started in the background
+    by a shell (`nohup ... &`), which makes it ignore SIGINT, the signal that stops a local job."""
+    import signal
     import time
 
     from comigs_dist.checkpoint import OutDirLock
@@ -250,8 +262,17 @@ def test_an_interrupted_wait_stops_the_local_job_and_frees_its_out_dir(tmp_path,
         raise KeyboardInterrupt
 
     monkeypatch.setattr(submit, "wait_for", wait_then_interrupt)
-    rc = submit.main(["--config", DEBUG, *FAST, "train.rounds=500", "--executor", "local", "--wait",
-                      "--root", str(tmp_path), "--time", "5"])
+    previous = signal.getsignal(signal.SIGINT)
+    disposition = signal.SIG_IGN if launched_by == "background shell" else previous
+    signal.signal(signal.SIGINT, disposition)
+    try:
+        rc = submit.main(["--config", DEBUG, *FAST, "train.rounds=500", "--executor", "local", "--wait",
+                          "--root", str(tmp_path), "--time", "5"])
+        assert signal.getsignal(signal.SIGINT) is disposition, "the launcher's own SIGINT handling changed"
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if "jobs" in seen and not seen["jobs"][0].done():  # a failing run of this test leaves no ranks behind
+            kill_local_job(seen["jobs"][0])
     out = capsys.readouterr().out
     assert rc == 130 and "interrupted: stopped 1 running run(s)" in out, out
     assert seen["jobs"][0].done()
