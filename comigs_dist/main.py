@@ -54,6 +54,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+OUT_DIR_KEY = "out_dir"  # in torchrun's agent store: the directory a job without a name writes to
+
+
 def default_out_dir(cfg: RunConfig, stamp: str | None = None) -> tuple[Path, bool]:
     """(directory, created): with resume=auto under Slurm or torchrun, one named after the job, so
     that a requeued or restarted job finds its own checkpoints again; otherwise a fresh directory,
@@ -65,9 +68,18 @@ def default_out_dir(cfg: RunConfig, stamp: str | None = None) -> tuple[Path, boo
     tag = dist.job_tag() if cfg.resume == "auto" else None
     if tag:
         return Path("runs") / f"{tag}_{cfg.method}_s{cfg.seed}", False
+    if cfg.resume == "auto" and dist.restart_count() > 0:
+        # torchrun without --standalone or --rdzv-id names no job (run id "none"): the first attempt
+        # left its directory's name in torchrun's agent store, which outlives the attempts
+        kept = dist.agent_store_value(OUT_DIR_KEY)
+        if kept:
+            return Path(kept), False
     stamp = stamp or datetime.now().strftime("%Y%m%d-%H%M%S")
     stem = f"{stamp}_{cfg.method}_s{cfg.seed}_{config_fingerprint(cfg.to_dict())[:8]}"
-    return fresh_run_dir(Path("runs"), stem), True
+    chosen = fresh_run_dir(Path("runs"), stem)
+    if cfg.resume == "auto":
+        dist.agent_store_value(OUT_DIR_KEY, str(chosen.resolve()))
+    return chosen, True
 
 
 def claim_out_dir(cfg: RunConfig):
@@ -87,6 +99,11 @@ def claim_out_dir(cfg: RunConfig):
         lock, notes = claim(chosen, cfg.resume, cfg.to_dict(), dist.job_tag(), dist.restart_count(), created)
     except CheckpointError as exc:
         return chosen, None, [], str(exc)
+    if created and cfg.resume == "auto" and dist.restart_count() > 0:
+        notes.append(f"warning: this is restart {dist.restart_count()} of the job, but the job has no name that "
+                     f"survives restarts (a Slurm job id, torchrun's --rdzv-id or --standalone) and left no "
+                     f"directory in torchrun's agent store, so it starts over in {chosen}; pass out_dir=<dir> to "
+                     f"let a restart find its checkpoints")
     from comigs_dist.guard import retire_stopped
     if (note := retire_stopped(chosen)) is not None:  # under the lock claim holds
         notes.append(note)

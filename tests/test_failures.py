@@ -97,24 +97,31 @@ def test_a_killed_rank_ends_the_run_with_its_name_not_by_the_timeout(tmp_path):
     assert rounds[1] == [1] and all(r in ([1], [1, 2]) for r in rounds), rounds
 
 
-def _torchrun(cwd, *args, restarts: int = 0, **env) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+def _torchrun(cwd, *args, restarts: int = 0, rendezvous: str = "standalone", **env) -> subprocess.CompletedProcess:
+    from comigs_dist.dist import free_port
+    # --standalone gives the job a fresh run id; without it (a fixed master port) the run id is "none"
+    where = ["--standalone"] if rendezvous == "standalone" else [f"--master-port={free_port()}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *where, "--nproc_per_node=2",
            f"--max-restarts={restarts}", "-m", "comigs_dist.main", "--config", DEBUG, *args]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=_env(**env))
 
 
 @pytest.mark.slow
-def test_torchrun_restarts_a_killed_run_and_it_resumes_to_the_same_result(tmp_path):
+@pytest.mark.parametrize("rendezvous", ["standalone", "master port"])
+def test_torchrun_restarts_a_killed_run_and_it_resumes_to_the_same_result(tmp_path, rendezvous):
     """torchrun --max-restarts=1 with resume=auto and no out_dir: user 1 is killed in round 2, torchrun
-    restarts both users, they find their checkpoints (out_dir named after torchrun's run id) and
-    finish with the parameters and metrics of an uninterrupted run."""
+    restarts both users, they find their checkpoints (out_dir named after torchrun's run id, or, for
+    a job without one, the directory the first attempt left in torchrun's agent store) and finish
+    with the parameters and metrics of an uninterrupted run."""
     common = ["checkpoint.every=1", "log.tensorboard=false"]
     plain = _torchrun(tmp_path, f"out_dir={tmp_path / 'plain'}", *common)
     assert plain.returncode == 0, plain.stderr[-3000:]
-    killed = _torchrun(tmp_path, "resume=auto", *common, restarts=1, COMIGS_FAULT="kill,user=1,round=2")
+    killed = _torchrun(tmp_path, "resume=auto", *common, restarts=1, rendezvous=rendezvous,
+                       COMIGS_FAULT="kill,user=1,round=2")
     assert killed.returncode == 0, killed.stdout[-2000:] + killed.stderr[-3000:]
-    assert "resuming from round 1" in killed.stdout and "attempt 2" in killed.stdout
-    (run_dir,) = (tmp_path / "runs").glob("torchrun-*_comigs_1g1s_s42")
+    assert "resuming from round 1" in killed.stdout and "attempt 2" in killed.stdout, killed.stdout[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()  # one directory: the restart wrote into the first attempt's
+    assert run_dir.name.startswith("torchrun-" if rendezvous == "standalone" else "20"), run_dir
     a = json.loads((tmp_path / "plain" / "results.json").read_text())
     b = json.loads((run_dir / "results.json").read_text())
     for ua, ub in zip(a["users"], b["users"], strict=True):

@@ -13,12 +13,13 @@ from comigs_dist.dist.buffers import flatten, pack_flat, packed_buffer, unflatte
 from comigs_dist.dist.collectives import (all_gather_objects, barrier, broadcast_object, check_group_shapes,
                                           sum_scalars)
 from comigs_dist.dist.comm import MODES, SECURE_AGG_WIRE, Comm, CommStats, payload_bytes, round_bytes
-from comigs_dist.dist.env import (env_get, env_rank, env_world_size, export_rank_env, free_port, job_tag, pid_alive,
-                                  restart_count, usable_cpus)
+from comigs_dist.dist.env import (agent_store_value, env_get, env_rank, env_world_size, export_rank_env, free_port,
+                                  job_tag, pid_alive, restart_count, usable_cpus)
 from comigs_dist.dist.failures import PeerFailure, report_failure
 from comigs_dist.dist.topology import Topology, init_distributed, place_users, shutdown
 
-__all__ = ["MODES", "SECURE_AGG_WIRE", "Comm", "CommStats", "PeerFailure", "Topology", "all_gather_objects", "barrier",
+__all__ = ["MODES", "SECURE_AGG_WIRE", "Comm", "CommStats", "PeerFailure", "Topology", "agent_store_value",
+           "all_gather_objects", "barrier",
            "broadcast_object", "check_group_shapes", "env_get", "env_rank", "env_world_size", "export_rank_env",
            "flatten", "free_port", "init_distributed", "job_tag", "pack_flat", "packed_buffer", "payload_bytes",
            "pid_alive", "place_users", "report_failure", "restart_count", "round_bytes", "shutdown", "sum_scalars",

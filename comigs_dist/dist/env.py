@@ -48,6 +48,24 @@ def agent_store_address() -> tuple[str, int] | None:
     return None
 
 
+def agent_store_value(key: str, value: str | None = None, timeout_s: float = 60.0) -> str | None:
+    """Under torchrun, its agent store outlives the workers, so one attempt can leave a value there
+    for the next: with ``value``, set ``key``; without, return the value an earlier attempt set
+    (None if none did). None and nothing set when there is no agent store (not under torchrun)."""
+    address = agent_store_address()
+    if address is None:
+        return None
+    import datetime
+
+    import torch.distributed as tdist
+    store = tdist.TCPStore(address[0], address[1], is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+    key = f"comigs/kept/{key}"
+    if value is not None:
+        store.set(key, value)
+        return value
+    return store.get(key).decode() if store.check([key]) else None
+
+
 def restart_count() -> int:
     """How often the launcher has restarted this job: torchrun's restarts (``--max-restarts``) or
     Slurm's requeues, whichever is larger; 0 on a first attempt."""
