@@ -487,6 +487,53 @@ def out_dir_problem(out_dir: Path, resume: str, config: dict) -> str | None:
     return None
 
 
+FINISHED_BEFORE = "results.round_{rounds}.json"  # a finished run's results, once a resume trains it further
+
+
+def finished_run(out_dir: Path, resume: str, config: dict) -> tuple[str, str] | None:
+    """What resuming into an ``out_dir`` that holds a finished run (results.json and round
+    checkpoints) means, judged before anything is written: ("done", message) for the same run with
+    the same number of rounds (nothing to do), ("refused", message) for fewer rounds (a run cannot
+    be shortened), None otherwise (nothing finished there; more rounds, which continue the run and
+    keep the finished one's results as FINISHED_BEFORE; or another configuration, which restore refuses)."""
+    out_dir = Path(out_dir)
+    if resume == "false" or not (out_dir / "results.json").is_file():
+        return None
+    try:
+        results = json.loads((out_dir / "results.json").read_text())
+        finished, saved = int(results["rounds"]), results["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not one this project wrote: the checkpoints decide, as without it
+    if config_differences(saved, config):
+        return None
+    planned = int(config["train"]["rounds"])
+    if planned == finished:
+        ppl = results.get("mean_test_ppl")
+        return "done", (f"out_dir {out_dir} holds this run, finished ({finished} rounds"
+                        + (f", mean test ppl {ppl:.3f}" if isinstance(ppl, (int, float)) else "")
+                        + f"): nothing to do, its results are in {out_dir / 'results.json'}. Raise train.rounds to "
+                          f"train it further, or start it again in another out_dir")
+    if planned < finished:
+        return "refused", (f"out_dir {out_dir} holds this run finished after {finished} rounds, and train.rounds="
+                           f"{planned} would shorten it, which a resume cannot do. Nothing was written; pass "
+                           f"train.rounds={finished} (nothing to do) or more (to train further), or start a "
+                           f"{planned}-round run in another out_dir")
+    return None
+
+
+def keep_finished_results(out_dir: Path) -> Path | None:
+    """Before a resumed run writes results.json: move the results of the shorter run it continued
+    aside (FINISHED_BEFORE), so that no run's results are overwritten. Returns the new path, or None."""
+    path = Path(out_dir) / "results.json"
+    try:
+        rounds = int(json.loads(path.read_text())["rounds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    kept = path.with_name(FINISHED_BEFORE.format(rounds=rounds))
+    os.replace(path, kept)
+    return kept
+
+
 def fresh_run_dir(parent: Path, stem: str) -> Path:
     """Create and return ``parent/stem``, or ``stem-2``, ``stem-3``, ... if taken: mkdir is atomic,
     so two runs started at the same moment never get one directory."""

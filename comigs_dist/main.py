@@ -84,9 +84,10 @@ def default_out_dir(cfg: RunConfig, stamp: str | None = None) -> tuple[Path, boo
 
 def claim_out_dir(cfg: RunConfig):
     """Rank 0: the run's out_dir, locked and checked (checkpoint.claim_out_dir) before anything is
-    written. Returns (out_dir, lock or None, notes, problem or None)."""
+    written. Returns (out_dir, lock or None, notes, problem or None, finished or None): finished
+    says that out_dir holds this very run, finished, so there is nothing to do."""
     from comigs_dist import dist
-    from comigs_dist.checkpoint import CheckpointError, check_writable, claim_out_dir as claim
+    from comigs_dist.checkpoint import CheckpointError, check_writable, claim_out_dir as claim, finished_run
     created = False
     try:
         if cfg.out_dir:
@@ -94,20 +95,20 @@ def claim_out_dir(cfg: RunConfig):
         else:
             chosen, created = default_out_dir(cfg)
     except OSError as exc:
-        return Path("runs"), None, [], check_writable(Path("runs")) or f"cannot create a run directory: {exc}"
+        return Path("runs"), None, [], check_writable(Path("runs")) or f"cannot create a run directory: {exc}", None
+    if not created and (verdict := finished_run(chosen, cfg.resume, cfg.to_dict())):  # read-only
+        kind, message = verdict
+        return chosen, None, [], (message if kind == "refused" else None), (message if kind == "done" else None)
     try:
         lock, notes = claim(chosen, cfg.resume, cfg.to_dict(), dist.job_tag(), dist.restart_count(), created)
     except CheckpointError as exc:
-        return chosen, None, [], str(exc)
+        return chosen, None, [], str(exc), None
     if created and cfg.resume == "auto" and dist.restart_count() > 0:
         notes.append(f"warning: this is restart {dist.restart_count()} of the job, but the job has no name that "
                      f"survives restarts (a Slurm job id, torchrun's --rdzv-id or --standalone) and left no "
                      f"directory in torchrun's agent store, so it starts over in {chosen}; pass out_dir=<dir> to "
                      f"let a restart find its checkpoints")
-    from comigs_dist.guard import retire_stopped
-    if (note := retire_stopped(chosen)) is not None:  # under the lock claim holds
-        notes.append(note)
-    return chosen, lock, notes, None
+    return chosen, lock, notes, None, None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,12 +169,17 @@ def main(argv: list[str] | None = None) -> int:
         # written (config.yaml included: train.run writes it once the resume is agreed)
         choice = None
         if topo.rank == 0:
-            out_dir, lock, notes, problem = claim_out_dir(cfg)
-            choice = (str(out_dir), problem, notes)
-        out_dir, problem, notes = dist.broadcast_object(topo, choice)
+            out_dir, lock, notes, problem, finished = claim_out_dir(cfg)
+            choice = (str(out_dir), problem, notes, finished)
+        out_dir, problem, notes, finished = dist.broadcast_object(topo, choice)
         out_dir = Path(out_dir)
         if problem:
             raise ConfigError(problem)
+        if finished:  # rerunning a finished run (a requeue after its end, a repeated command) is a no-op
+            if topo.rank == 0:
+                print(f"[comigs] {finished}", flush=True)
+            dist.barrier(topo)
+            return 0
         for note in notes:
             say(note)
         say(f"{cfg.method}: {topo.n_users} users on {topo.device.type} ({topo.backend}), writing to {out_dir}")
@@ -181,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"warning: this is restart {dist.restart_count()} of the job, and resume=false starts it over from "
                 f"round 1; pass resume=auto (with checkpoint.every) to continue from the last checkpoint instead")
         from comigs_dist import train
+        from comigs_dist.checkpoint import keep_finished_results
         from comigs_dist.metrics import build_results, format_table, write_json_atomic
         mine = train.run(cfg, topo, out_dir, say)
         topo.set_phase("gathering the results")
@@ -188,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         if topo.rank == 0:
             dataset = cfg.data.path if cfg.data.path != "embedded" else f"embedded-{cfg.data.scenario}"
             results = build_results(cfg.to_dict(), rows, dataset, time.perf_counter() - start)
+            if (kept := keep_finished_results(out_dir)) is not None:  # this run continued a shorter finished one
+                say(f"the results of the shorter run this one continued are kept as {kept}")
             write_json_atomic(out_dir / "results.json", results)
             print(format_table(results))
             print(f"results: {out_dir / 'results.json'}")

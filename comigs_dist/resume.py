@@ -175,11 +175,18 @@ def entries_without_problem(entries: list[dict]) -> list[dict]:
 # before training: where to start (every user agrees), and can we write
 # --------------------------------------------------------------------------------------------
 
-def _choose_round(cfg, gathered: list[dict], out_dir: Path, manifest_round: int | None) -> tuple[int, str | None]:
+def _choose_round(cfg, gathered: list[dict], out_dir: Path, manifest_round: int | None,
+                  manifest_users: int | None = None) -> tuple[int, str | None]:
     """(round to resume from (0 = fresh), problem) from every user's list of checkpointed rounds.
     Never a silent fresh start: when users disagree so that no round is common to all (one lost
     its files, or sees another disk), or the manifest records rounds no user holds, the run stops
-    naming each user and its rounds, whatever ``resume`` says."""
+    naming each user and its rounds, whatever ``resume`` says; nor a resume of a run of another
+    number of users, or from a round beyond train.rounds."""
+    if cfg.resume != "false" and manifest_users is not None and manifest_users != len(gathered):
+        return 0, (f"out_dir {out_dir} holds checkpoints of a run of {manifest_users} users "
+                   f"({checkpoint.manifest_path(out_dir)}), and this run has {len(gathered)} (n_users, or one "
+                   f"user per rank): the number of users cannot change on resume. Resume with n_users="
+                   f"{manifest_users}, or start the {len(gathered)}-user run in another out_dir")
     per_user = [set(g["rounds"]) for g in gathered]
     common = set.intersection(*per_user) if per_user else set()
     have = {u: sorted(r) for u, r in enumerate(per_user) if r}
@@ -211,6 +218,10 @@ def _choose_round(cfg, gathered: list[dict], out_dir: Path, manifest_round: int 
         return 0, (f"{checkpoint.manifest_path(out_dir)} records round {manifest} as complete but not every user "
                    f"still has its file ({listing}): checkpoint files were deleted or are on a disk this user "
                    f"cannot see; restore them, or move the manifest aside to resume from round {start}")
+    if start > cfg.train.rounds:
+        return 0, (f"out_dir {out_dir} holds this run checkpointed after round {start} ({listing}), and train.rounds="
+                   f"{cfg.train.rounds} would end it before that, which a resume cannot do. Nothing was written; "
+                   f"pass train.rounds={start} or more, or start a {cfg.train.rounds}-round run in another out_dir")
     return start, None
 
 
@@ -239,20 +250,20 @@ def restore(rank, out_dir: Path, say=lambda msg: None) -> int:
     start). Raises ConfigError on every rank together when something is wrong."""
     cfg, topo = rank.cfg, rank.topo
     out_dir = Path(out_dir)
-    manifest_round = None
+    manifest = None
     if topo.rank == 0:
         try:
             manifest = checkpoint.read_manifest(out_dir)
-            manifest_round = manifest.get("round") if manifest else None
+            manifest = {"round": manifest.get("round"), "n_users": manifest.get("n_users")} if manifest else None
         except checkpoint.CheckpointError:
-            manifest_round = None  # the per-user files decide; a broken manifest is rewritten at the next save
+            manifest = None  # the per-user files decide; a broken manifest is rewritten at the next save
     mine = {run.user_idx: {"rounds": checkpoint.available_rounds(checkpoint.user_dir(out_dir, run.user_idx)),
                            "bytes": checkpoint_bytes(run)} for run in rank.users}
-    parts = dist.all_gather_objects(topo, (manifest_round, mine))
-    manifest_round = parts[0][0]
+    parts = dist.all_gather_objects(topo, (manifest, mine))
+    manifest = parts[0][0] or {}
     by_user = {u: g for _, part in parts for u, g in part.items()}
     gathered = [by_user[u] for u in range(topo.n_users)]
-    start, problem = _choose_round(cfg, gathered, out_dir, manifest_round)
+    start, problem = _choose_round(cfg, gathered, out_dir, manifest.get("round"), manifest.get("n_users"))
 
     problems, states = [], {}
     if problem is None:

@@ -647,6 +647,8 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     if topo.rank == 0:  # only now: a refused start or resume leaves the directory as it found it
         from comigs_dist.checkpoint import write_atomic
         write_atomic(Path(out_dir) / "config.yaml", lambda f: f.write(to_yaml(cfg)), text=True)
+        if (note := guard.retire_stopped(out_dir)) is not None:  # under the lock rank 0 holds
+            say(note)
     method, t = rank.method, cfg.train
     monitor = Monitor.build(cfg, topo.rank, [u.user_idx for u in rank.users], out_dir,
                             {u.user_idx: u.step for u in rank.users} if done else {}, say, resumed_round=done)

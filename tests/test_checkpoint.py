@@ -258,6 +258,22 @@ def test_resume_agreement_never_starts_over_silently():
     assert resume._choose_round(cfg("auto"), [{"rounds": []}, {"rounds": []}], Path("x"), None) == (0, None)
 
 
+def test_a_resume_with_another_number_of_users_or_fewer_rounds_than_checkpointed_is_refused_naming_it():
+    """The manifest records 2 users and this run has 4 (the two new users hold no rounds): the
+    refusal names both numbers and n_users (it once blamed missing files); a resume from round 3 of
+    a run now given train.rounds=2 is refused instead of finishing with a wrong round count."""
+    cfg = lambda **kw: tiny_config(resume="auto", out_dir="x", **kw)
+    four = [{"rounds": [1, 2]}, {"rounds": [1, 2]}, {"rounds": []}, {"rounds": []}]
+    start, problem = resume._choose_round(cfg(), four, Path("x"), 2, manifest_users=2)
+    assert start == 0 and "checkpoints of a run of 2 users" in problem and "this run has 4" in problem, problem
+    assert "Resume with n_users=2" in problem and "disagree" not in problem, problem
+    two = [{"rounds": [1, 2, 3]}, {"rounds": [1, 2, 3]}]
+    assert resume._choose_round(cfg(**{"train.rounds": 3}), two, Path("x"), 3, manifest_users=2) == (3, None)
+    start, problem = resume._choose_round(cfg(**{"train.rounds": 2}), two, Path("x"), 3, manifest_users=2)
+    assert start == 0 and "checkpointed after round 3" in problem and "train.rounds=2 would end it" in problem
+    assert "pass train.rounds=3 or more" in problem, problem
+
+
 # --------------------------------------------------------------------------------------------
 # resume on real process groups
 # --------------------------------------------------------------------------------------------

@@ -90,6 +90,39 @@ def test_a_finished_run_is_never_overwritten_and_a_refusal_writes_nothing(tmp_pa
         assert _snapshot(out) == before
 
 
+def test_rerunning_a_finished_run_does_nothing_shortening_it_is_refused_and_extending_it_keeps_its_results(
+        tmp_path, capsys):
+    """A finished 2-round run (with and without round checkpoints) run again with the same config:
+    exit 0, "nothing to do", not a byte or timestamp changed (a requeue after the end, a repeated
+    command). With train.rounds=1: exit 2, nothing written. With train.rounds=3 (round checkpoints):
+    the run continues from round 2 and the 2-round results are kept as results.round_2.json."""
+    from comigs_dist.main import main
+    finished = {}
+    for every in (1, 0):
+        out = tmp_path / f"every{every}"
+        args = [*SMALL, "train.rounds=2", f"checkpoint.every={every}", f"out_dir={out}", "resume=auto"]
+        assert main(args) == 0
+        finished[every] = (out / "results.json").read_bytes()
+        before = _snapshot(out)
+        capsys.readouterr()
+        assert main(args) == 0
+        said = capsys.readouterr().out
+        assert f"out_dir {out} holds this run, finished (2 rounds, mean test ppl" in said, said
+        assert "nothing to do" in said and "Raise train.rounds" in said, said
+        assert _snapshot(out) == before
+        assert main([*args, "train.rounds=1"]) == 2
+        err = capsys.readouterr().err
+        assert "finished after 2 rounds, and train.rounds=1 would shorten it" in err and "Nothing was written" in err
+        assert _snapshot(out) == before
+    out = tmp_path / "every1"
+    assert main([*SMALL, "train.rounds=3", "checkpoint.every=1", f"out_dir={out}", "resume=auto",
+                 "log.progress=true"]) == 0
+    said = "".join(capsys.readouterr())
+    assert "resuming from round 2" in said and f"kept as {out / 'results.round_2.json'}" in said, said
+    assert (out / "results.round_2.json").read_bytes() == finished[1]
+    assert json.loads((out / "results.json").read_text())["rounds"] == 3
+
+
 def test_a_live_run_holds_its_out_dir_and_a_second_one_is_refused_naming_it(tmp_path, capsys):
     """While a run holds out_dir's lock (pid and host recorded), another run there exits 2 naming the
     holder's pid and host, and leaves the directory as it was."""
@@ -152,6 +185,10 @@ def test_a_run_the_guard_stops_records_why_and_a_retry_moves_the_record_aside(tm
     assert f"recorded in {out / 'stopped.json'}" in err, err
     assert not (out / "results.json").exists()
     monkeypatch.delenv("COMIGS_FAULT")
+    # a retry that is refused (another learning rate than the checkpoint's) leaves the record in place
+    assert main([*args, "resume=true", "train.lr=1e-3"]) == 2
+    assert "train.lr" in capsys.readouterr().err and json.loads((out / "stopped.json").read_text()) == stop
+    assert not (out / "stopped.previous.json").exists()
     assert main([*args, "resume=true", "log.progress=true"]) == 0  # notes print with the progress lines
     said = "".join(capsys.readouterr())
     assert "an earlier attempt in" in said and "was stopped by the guard (user 0, round 2" in said, said
