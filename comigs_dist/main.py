@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     method = get_method(cfg.method, cfg, resolve_users(cfg, topo.n_users))
     topo.build_groups(method.sharing_groups(topo.n_users))
     from comigs_dist.metrics import build_progress
-    lines = build_progress(topo.rank == 0 and cfg.log.progress)  # prints above rank 0's bars, nothing elsewhere
+    # the run's messages: above rank 0's bars, plain lines on rank 0 without bars, nothing elsewhere
+    lines = build_progress(topo.rank == 0 and cfg.log.progress, messages=topo.rank == 0)
     say = lambda msg: lines.write(f"[comigs] {msg}")
     from comigs_dist import guard
     from comigs_dist.checkpoint import CheckpointError

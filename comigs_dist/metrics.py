@@ -131,6 +131,17 @@ class NullProgress:
         pass
 
 
+class MessagesOnly(NullProgress):
+    """No bars, but the run's messages as plain lines: rank 0 with ``log.progress=false`` (a resume,
+    a warning, a stale lock taken over must still be said)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream
+
+    def write(self, msg: str) -> None:
+        print(msg, file=self.stream or sys.stdout, flush=True)
+
+
 class _NullBar:
     def __init__(self, iterable):
         self.iterable = iterable
@@ -250,9 +261,12 @@ class Progress(NullProgress):
         self.lines.flush()
 
 
-def build_progress(enabled: bool, stream=None, lines=None) -> NullProgress:
-    """Chosen once per rank, like the logger: bars and lines on rank 0 when ``log.progress``."""
-    return Progress(stream, lines) if enabled else NullProgress()
+def build_progress(enabled: bool, stream=None, lines=None, messages: bool = False) -> NullProgress:
+    """Chosen once per rank, like the logger: bars and lines on rank 0 when ``log.progress``;
+    otherwise only the messages when ``messages``, else nothing."""
+    if enabled:
+        return Progress(stream, lines)
+    return MessagesOnly(stream) if messages else NullProgress()
 
 
 def _finite(obj: Any) -> Any:

@@ -171,7 +171,8 @@ class LogConfig:
                                        "a list such as [0, 5, 17], or 'auto' = all up to 16 users, else users 0-7. "
                                        "Means over every user go to tb/federation whatever this says.")
     every: int = opt(1, "Log training scalars every this many local iterations.")
-    progress: bool = opt(True, "Print progress on rank 0: bars on a terminal, plain lines on a file or pipe.")
+    progress: bool = opt(True, "Print progress on rank 0: bars on a terminal, plain lines on a file or pipe "
+                               "(false: no progress; the run's messages still print).")
     wandb: Literal["off", "online", "offline"] = opt(
         "off", "Also send every scalar to Weights & Biases, one W&B run per user: 'online', 'offline' (written "
         "under <out_dir>/wandb, uploaded later with `wandb sync`), or 'off'. Needs `pip install -e \".[wandb]\"`.")
