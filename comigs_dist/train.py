@@ -56,6 +56,9 @@ def prepare_assets(cfg: RunConfig, n_users: int, progress: bool = False) -> None
     refuse a dataset that cannot serve this run (a malformed meta.json, fewer users than the run
     has, splits shorter than one window, users holding other categories than data.categories
     says) and data tokenized differently from the model."""
+    from comigs_dist.config.validation import local_model_problem
+    if (problem := local_model_problem(cfg.model.name)) is not None:
+        raise ValueError(problem)
     data_dir = resolve_dataset(cfg, n_users)
     from comigs_dist.data import check_categories, check_dataset
     from comigs_dist.model import check_model_matches_data

@@ -31,6 +31,7 @@ import submitit
 
 from comigs_dist import tables
 from comigs_dist.config import ConfigError, check_world_size, load_config
+from comigs_dist.config.validation import local_model_problem
 from comigs_dist.guard import STOPPED, read_stopped
 from comigs_dist.main import parse_args
 
@@ -122,6 +123,8 @@ def plan_jobs(job_argv: list[str], sweep: list[str], folder: Path, nodes: int = 
         overrides = list(base.overrides) + combo
         try:
             cfg = load_config(base.config, overrides)
+            if (problem := local_model_problem(cfg.model.name)) is not None:
+                raise ConfigError(problem)
             per_node = users_per_node(cfg, nodes, explicit_per_node, gpus_per_node)
             check_world_size(cfg, per_node * nodes)
             without_checkpoints += cfg.checkpoint.every == 0

@@ -207,3 +207,33 @@ def test_a_hand_built_config_is_checked_only_by_validate():
         validate(cfg)
     assert "train.lr (-1.0) must be > 0" in str(exc.value) and "train.rounds (0) must be > 0" in str(exc.value)
     assert validate(RunConfig()).method_options == {"reference_quirks": False}
+
+
+def test_a_model_name_written_as_a_missing_local_directory_is_refused_before_anything_starts(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """model.name=models/small-gpt2 before the base is built (the CPU configs' base) was taken for a
+    hub name: every rank failed on a download with a traceback and left an empty run directory. A
+    name written as a local path that holds no model is refused naming the fix, by comigs_dist.main
+    before any process group or directory, and by launch.submit before anything is submitted; hub
+    names and the built-in models pass (whether a hub name downloads is the network's business)."""
+    from comigs_dist.config.validation import local_model_problem
+    from comigs_dist.main import main
+    from launch.submit import plan_jobs
+    monkeypatch.chdir(tmp_path)
+    for name in ("gpt2", "openai-community/gpt2", "meta-llama/Llama-3.2-1B", "tiny", "embedded"):
+        assert local_model_problem(name) is None, name
+    (tmp_path / "models" / "empty").mkdir(parents=True)
+    (tmp_path / "models" / "built").mkdir()
+    (tmp_path / "models" / "built" / "config.json").write_text("{}")
+    assert local_model_problem("models/built") is None and local_model_problem(str(tmp_path / "models/built")) is None
+    assert "holds no config.json" in local_model_problem("models/empty")
+    for name in ("models/small-gpt2", "./base", "../elsewhere/base", str(tmp_path / "nope"), "a/b/c"):
+        problem = local_model_problem(name)
+        assert problem.startswith(f"model.name ({name}) is a local directory that does not exist"), problem
+        assert "--scale cpu --prepare" in problem and f"--out {name}" in problem, problem
+    assert main(["model.name=models/small-gpt2", "n_users=1"]) == 2
+    err = capsys.readouterr().err
+    assert "error: model.name (models/small-gpt2) is a local directory that does not exist" in err, err
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()
+    with pytest.raises(ConfigError, match=r"(?s)nothing was submitted.*model.name \(models/small-gpt2\) is a local"):
+        plan_jobs(["model.name=models/small-gpt2"], [], tmp_path / "sweep")

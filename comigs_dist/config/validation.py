@@ -157,6 +157,29 @@ def collect_errors(cfg: RunConfig) -> list[str]:
     return e
 
 
+def local_model_problem(name: str) -> str | None:
+    """A model.name written as a local directory (a path: absolute, relative with ./ ../ or ~, more
+    than one '/', or under models/, where the project's small bases go) that holds no model: said
+    before any process starts (comigs_dist.main) or any job is submitted (launch), instead of a hub
+    download failing on every rank. A hub name ('gpt2', 'org/name') passes: whether it downloads is
+    the network's business. Not part of collect_errors: configs are read and checked without the
+    assets they name (tests, launch.reproduce's planning), as data.path=embedded stands in for data."""
+    from comigs_dist.model import BUILTIN_MODELS
+    if name in BUILTIN_MODELS:
+        return None
+    first = name.split("/", 1)[0]
+    path_like = (name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name
+                 or (first == "models" and "/" in name) or ("/" in name and Path(first).is_dir()))
+    path = Path(name).expanduser()
+    if not path_like or (path / "config.json").is_file():
+        return None
+    what = "does not exist" if not path.exists() else "holds no config.json (not a saved model)"
+    return (f"model.name ({name}) is a local directory that {what}; build the small base of the CPU configs "
+            f"with `python -m launch.reproduce --scale cpu --prepare`, pretrain one with `python -m "
+            f"comigs_dist.pretrain --source <text files> --out {name}` (docs/data.md), or give a hub name "
+            f"such as model.name=gpt2")
+
+
 def participation_errors(cfg: RunConfig, n_users: int | None) -> list[str]:
     """The method's problems with the run's seeded participant draw (``Method.participation_errors``),
     once the number of users is known (``n_users`` None: not yet; check_world_size asks again)."""
