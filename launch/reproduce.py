@@ -342,7 +342,7 @@ class Run:
     seed: int
     out_dir: Path
     argv: list[str]
-    status: str = "to run"           # "done" | "diverged" | "running" | "to run" | "invalid: ..."
+    status: str = "to run"           # "done" | "stale: ..." | "diverged" | "running" | "to run" | "invalid: ..."
     job: dict | None = None          # the planned job (launch.submit.plan_jobs)
 
     @property
@@ -450,11 +450,36 @@ def plan_runs(spec: Spec, seeds: list[int], scale: str, root: Path, quirks: bool
     for run in runs:
         if (state := ended(run.out_dir)) is not None:
             run.status = state
+            if state == "done" and run.argv and (why := stale(run)):
+                run.status = f"stale: {why}"
         elif run.status == "to run" and str(run.out_dir) in running:
             run.status = f"running (job {running[str(run.out_dir)]})"
         elif run.status == "to run" and (pid := live_local_run(run.out_dir)):
             run.status = f"running (pid {pid})"
     return runs
+
+
+def stale(run: Run) -> str | None:
+    """How the finished run in ``run.out_dir`` was configured differently from what the table plans
+    for it today (an edited YAML, another default since), or None: its saved config against its
+    planned command, on the options that change results (checkpoint.config_differences) and the
+    number of rounds. A stale run is left out of the table and never rerun over: the user moves it
+    aside. Results without a config (not written by comigs_dist.main) are taken as they are."""
+    from comigs_dist.checkpoint import config_differences
+    from comigs_dist.main import parse_args
+    try:
+        saved = json.loads((run.out_dir / "results.json").read_text()).get("config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(saved, dict):
+        return None
+    args = parse_args(run.argv)
+    planned = load_config(args.config, args.overrides).to_dict()
+    diffs = [d.split("; resume with")[0] for d in config_differences(saved, planned)]
+    rounds = (saved.get("train") or {}).get("rounds")
+    if rounds != planned["train"]["rounds"]:
+        diffs.append(f"train.rounds={rounds} but this run has train.rounds={planned['train']['rounds']}")
+    return "; ".join(diffs[:3]) + (f"; ... ({len(diffs)} options)" if len(diffs) > 3 else "") if diffs else None
 
 
 def live_local_run(out_dir: Path) -> int | None:
@@ -593,7 +618,7 @@ def collect_results(spec: Spec, runs: list[Run], numbers: dict) -> list[Result]:
         values, seeds, dirs = [], [], []
         for r in mine:
             f = r.out_dir / "results.json"
-            if not f.is_file():
+            if not f.is_file() or r.status.startswith("stale"):
                 continue
             res = json.loads(f.read_text())
             if cell.user is not None and cell.user >= len(res["users"]):
@@ -884,17 +909,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     counts = {s: sum(1 for r in runs if r.status.split(" ")[0].rstrip(":") == s)
-              for s in ("done", "diverged", "running", "to", "invalid")}
+              for s in ("done", "stale", "diverged", "running", "to", "invalid")}
     echo(f"table {spec.key}, scale {ns.scale}: {len(runs)} run(s): {counts['done']} done, "
+         + (f"{counts['stale']} stale, " if counts["stale"] else "")
          + (f"{counts['diverged']} diverged, " if counts["diverged"] else "")
          + f"{counts['running']} running, {counts['to']} to run"
          + (f", {counts['invalid']} invalid" if counts["invalid"] else ""))
     invalid = [r for r in runs if r.status.startswith("invalid")]
+    if stale_runs := [r for r in runs if r.status.startswith("stale")]:
+        echo(f"{len(stale_runs)} finished run(s) were made with another configuration than the table has for them "
+             f"today, so they are left out of the table and not run again over their results; move each directory "
+             f"aside (mv DIR DIR.old) and run the command again to redo them:")
+        for r in stale_runs:
+            echo(f"  - {r.out_dir}: {r.status.split(': ', 1)[1]}")
     if ns.dry_run:
         for r in runs:
             n_users = r.job["users_per_node"] if r.job else "?"
             echo(f"  [{r.status}] {r.label}, seed {r.seed}: {r.out_dir}")
-            if r.argv and r.status == "to run":
+            if r.argv:  # a finished run's too: its command is how to make it again elsewhere
                 echo(f"      {command_line(r, n_users)}")
         return 0
     if invalid and not ns.collect:

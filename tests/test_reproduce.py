@@ -653,3 +653,37 @@ def test_the_kept_cpu_runs_are_the_runs_the_tables_make_today():
         problems += [f"{where}: {d}" for d in diffs]
     problems += [f"made with different bases: {line}" for line in reproduce.mixed_bases(kept)]
     assert not problems, "\n".join(problems[:20])
+
+
+def test_a_finished_run_made_with_another_configuration_is_stale_left_out_and_named(tmp_path, capsys):
+    """A finished run whose saved config differs from what the table plans for it today (the YAML's
+    learning rate edited since) was counted as done and its numbers printed under today's row. It is
+    now "stale": left out of the table, never run over, and --collect names its directory, the
+    option that differs and how to redo it; a run saved with the planned config stays done."""
+    from comigs_dist.main import parse_args
+    root = tmp_path / "r"
+    spec = reproduce.select(reproduce.build_spec("1"), ["agnews"], ["Local"])
+    runs = reproduce.plan_runs(spec, [42, 45], "debug", root)
+    for r, lr in zip(runs, (None, 0.5)):
+        args = parse_args(r.argv)
+        config = load_config(args.config, args.overrides).to_dict()
+        if lr is not None:
+            config["train"]["lr"] = lr
+        _fake_results(r.out_dir, 50.0 if lr is None else 10.0)
+        res = json.loads((r.out_dir / "results.json").read_text())
+        (r.out_dir / "results.json").write_text(json.dumps({**res, "config": config}))
+    runs = reproduce.plan_runs(spec, [42, 45], "debug", root)
+    assert runs[0].status == "done", runs[0].status
+    assert runs[1].status.startswith("stale: train.lr=0.5 but this run has train.lr="), runs[1].status
+    (result,) = reproduce.collect_results(spec, runs, {})
+    assert result.values == [50.0] and result.seeds == [42]
+    assert reproduce.main(["--table", "1", "--dataset", "agnews", "--rows", "Local", "--scale", "debug",
+                           "--seeds", "42,45", "--root", str(root), "--collect"]) == 0
+    out = capsys.readouterr().out
+    assert "2 run(s): 1 done, 1 stale, 0 running, 0 to run" in out, out
+    assert f"  - {runs[1].out_dir}: train.lr=0.5 but this run has train.lr=" in out and "mv DIR DIR.old" in out, out
+    # --dry-run gives every planned run's command, a finished one's too (methods.md sends readers there)
+    assert reproduce.main(["--table", "1", "--dataset", "agnews", "--rows", "Local", "--scale", "debug",
+                           "--seeds", "42,45", "--root", str(root), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("-m comigs_dist.main --config") == 2 and f"out_dir={runs[0].out_dir}" in out, out
