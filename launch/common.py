@@ -33,16 +33,28 @@ def resume_args(override: str | None = None, checkpoint_every: int | None = None
     over, since the run writes no round checkpoint to continue from.
     """
     override = RESUME_OVERRIDE if override is None else override.strip()
+    off = ("resume: off (a requeued job stops with an error: its out_dir holds the first attempt's files, which a run "
+           "with resume=false never writes over; pass resume=auto to let it continue)")
     if not override:
-        return [], "resume: off (a requeued job starts again from round 0)"
+        return [], off
     if "=" not in override:
         raise ConfigError(f"resume override {override!r} must look like key=value (e.g. {RESUME_OVERRIDE})")
-    key = override.split("=", 1)[0].strip()
+    key, value = (part.strip() for part in override.split("=", 1))
     if key not in known_keys():
         return [], (f"resume: this comigs_dist has no option {key!r}, so a requeued job starts again from "
                     f"round 0 (name the resume option with COMIGS_RESUME=key=value for sbatch or --resume for submit; "
                     f"an "
                     f"empty value turns resuming off)")
+    if key != "resume":
+        raise ConfigError(f"the resume override ({override}) sets {key}, not how a requeued job resumes: it takes "
+                          f"{RESUME_OVERRIDE} (the default) or an empty value (off); pass {key} with the run's "
+                          f"other overrides instead")
+    if value == "false":
+        return [override], off
+    if value == "true":
+        raise ConfigError(f"the resume override ({override}) would refuse the job's first start, which has no run to "
+                          f"continue yet; pass {RESUME_OVERRIDE}, which continues a requeued job and starts the "
+                          f"first one fresh")
     if checkpoint_every == 0 and override.replace(" ", "") == "resume=auto":
         # (resume=true would refuse to start without a checkpoint rather than start over)
         return [override], (f"resume: {override}, but checkpoint.every=0 writes no round checkpoint, so a requeued "

@@ -37,9 +37,19 @@ def test_users_per_node_spreads_users_over_nodes():
 
 
 def test_resume_override_is_kept_only_when_the_option_exists():
-    """The resume override is passed when comigs_dist knows its key, dropped with a note when not, off when empty."""
+    """The resume override is passed when comigs_dist knows its key, dropped with a note when not, off when empty.
+    It must set resume itself, to auto (continue) or false/empty (off, and the note says a requeue then stops):
+    another option (train.lr) was once passed as if it were the resume override, and resume=true, which
+    refuses the first start, was accepted."""
     assert common.resume_args() == common.resume_args(common.RESUME_OVERRIDE)
-    assert common.resume_args("checkpoint.every=2")[0] == ["checkpoint.every=2"]
+    for other in ("checkpoint.every=2", "train.lr=0.5"):
+        with pytest.raises(ConfigError, match=rf"sets {other.split('=')[0]}, not how a requeued job resumes"):
+            common.resume_args(other)
+    with pytest.raises(ConfigError, match="would refuse the job's first start"):
+        common.resume_args("resume=true")
+    for off in ("", "resume=false"):
+        note = common.resume_args(off)[1]
+        assert note.startswith("resume: off (a requeued job stops with an error") and "starts again" not in note
     # resume=auto without round checkpoints: kept, and the note says a requeued job starts over
     args, note = common.resume_args(common.RESUME_OVERRIDE, checkpoint_every=0)
     assert args == [common.RESUME_OVERRIDE] and "checkpoint.every=0 writes no round checkpoint" in note, note
@@ -48,6 +58,7 @@ def test_resume_override_is_kept_only_when_the_option_exists():
     assert args == [] and "has no option 'no_such.option'" in note
     args, note = common.resume_args("")
     assert args == [] and note.startswith("resume: off")
+    assert common.resume_args("resume=false")[0] == ["resume=false"]
     with pytest.raises(ConfigError, match="must look like key=value"):
         common.resume_args("auto")
 
@@ -55,11 +66,11 @@ def test_resume_override_is_kept_only_when_the_option_exists():
 def test_plan_pins_out_dir_threads_and_resume(tmp_path, monkeypatch):
     """A job's out_dir depends on its id (stable across requeues); the node's CPUs are shared by its users."""
     monkeypatch.chdir(tmp_path)
-    p = plan.plan("123", 2, ["--config", DEBUG, "train.rounds=3"], cpus_per_task=8, resume="checkpoint.every=1")
+    p = plan.plan("123", 2, ["--config", DEBUG, "train.rounds=3"], cpus_per_task=8, resume="resume=auto")
     assert (p["USERS_PER_NODE"], p["WORLD_SIZE"], p["THREADS"]) == (1, 2, 8)
     assert p["OUT_DIR"] == str(tmp_path / "runs" / "slurm-123_comigs_1g1s_s42")
     assert p["MAIN_ARGS"] == ["--config", DEBUG, "train.rounds=3", "train.threads=8",
-                              f"out_dir={p['OUT_DIR']}", "checkpoint.every=1"]
+                              f"out_dir={p['OUT_DIR']}", "resume=auto"]
     # the config's own out_dir and threads win; 4 users share 8 CPUs -> 2 threads each
     p = plan.plan("7", 1, ["--config", DEBUG, f"out_dir={tmp_path}/mine", "train.threads=3", "n_users=4"],
                   cpus_per_task=8, resume="")
