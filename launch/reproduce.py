@@ -37,6 +37,7 @@ from pathlib import Path
 
 import yaml
 
+from comigs_dist.checkpoint import fresh_run_dir
 from comigs_dist.config import PER_USER_KEYS, ConfigError, get_dotted, inferred_n_users, load_config
 from comigs_dist.guard import STOPPED  # what a run the guard stopped leaves in its out_dir
 from launch.collect import mean_std
@@ -546,7 +547,7 @@ def execute(runs: list[Run], root: Path, scale: str, key: str, *, cluster: str, 
 
     def submit(chunk: list[Run]) -> tuple[list, list[dict]]:  # one executor serves jobs of one size
         nonlocal index
-        folder = root / scale / "launches" / f"{stamp}_table{key}_{index:03d}"
+        folder = fresh_run_dir(root / scale / "launches", f"{stamp}_table{key}_{index:03d}")
         index += 1
         jobs = [dict(r.job, label=f"{slug_of(r)}") for r in chunk]
         _, submitted = launch_jobs(jobs, folder, cluster=cluster, gpus_per_node=gpus_per_node,

@@ -30,6 +30,7 @@ from pathlib import Path
 import submitit
 
 from comigs_dist import tables
+from comigs_dist.checkpoint import fresh_run_dir
 from comigs_dist.config import ConfigError, check_world_size, load_config
 from comigs_dist.config.validation import local_model_problem
 from comigs_dist.guard import STOPPED, read_stopped
@@ -300,7 +301,9 @@ def launch_jobs(jobs: list[dict], folder: Path, *, cluster: str = "auto", nodes:
     whose logs go to ``folder/logs``, and write ``folder/jobs.json``. Returns (manifest, submitit jobs)."""
     echo = echo or (lambda line: print(line, flush=True))
     per_node = jobs[0]["users_per_node"]
-    folder.mkdir(parents=True, exist_ok=False)
+    folder.mkdir(parents=True, exist_ok=True)  # the caller claimed it (fresh_run_dir), or nobody has
+    if any(folder.iterdir()):
+        raise ConfigError(f"launch folder {folder} is not empty: it holds another launch; nothing was submitted")
     executor = make_executor(folder, cluster, nodes=nodes, tasks_per_node=per_node, gpus_per_node=gpus_per_node,
                              cpus_per_task=cpus_per_task, timeout_min=timeout_min, partition=partition,
                              slurm_args=slurm_args or {})
@@ -330,8 +333,14 @@ def submit(job_argv: list[str], sweep: list[str], *, root: Path = Path("runs/swe
     echo = echo or (lambda line: print(line, flush=True))
     base = parse_args(job_argv)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    folder = (Path(root) / f"{stamp}_{name or (Path(base.config).stem if base.config else 'default')}").resolve()
-    jobs, note = plan_jobs(job_argv, sweep, folder, nodes, users_per_node_, gpus_per_node, cpus_per_task, resume)
+    # claimed with an atomic mkdir (-2, -3, ...): two sweeps of one name started in the same second
+    folder = fresh_run_dir(Path(root), f"{stamp}_{name or (Path(base.config).stem if base.config else 'default')}")
+    folder = folder.resolve()
+    try:
+        jobs, note = plan_jobs(job_argv, sweep, folder, nodes, users_per_node_, gpus_per_node, cpus_per_task, resume)
+    except ConfigError:
+        folder.rmdir()  # nothing was submitted: no empty launch folder left behind
+        raise
     manifest, submitted = launch_jobs(jobs, folder, cluster=cluster, nodes=nodes, gpus_per_node=gpus_per_node,
                                       cpus_per_task=cpus_per_task, timeout_min=timeout_min, partition=partition,
                                       slurm_args=slurm_args, echo=echo,

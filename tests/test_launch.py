@@ -312,3 +312,26 @@ def test_one_srun_task_per_user_maps_slurm_variables_onto_torch_ones(monkeypatch
     os.environ.update({"RANK": "2", "WORLD_SIZE": "4", "SLURM_PROCID": "7"})  # torchrun's own variables win
     dist.env.export_slurm_env()
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("2", "4")
+
+
+def test_two_sweeps_of_one_name_in_the_same_second_get_two_folders_and_a_refused_one_none(tmp_path, monkeypatch):
+    """Two `launch.submit --name x` in the same second: the second died with a FileExistsError
+    traceback; now each claims its own folder (-2). A sweep refused for its config leaves no folder."""
+    from datetime import datetime as real_datetime
+
+    class Frozen(real_datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return real_datetime(2026, 12, 1, 3, 0, 0)
+
+    monkeypatch.setattr(submit, "datetime", Frozen)
+    folders = []
+    monkeypatch.setattr(submit, "launch_jobs", lambda jobs, folder, **kw: (folders.append(folder), []) and ({}, []))
+    monkeypatch.setattr(submit, "wait_for", lambda *a, **kw: {})
+    for _ in range(2):
+        submit.submit(["--config", DEBUG], [], root=tmp_path, name="x", cluster="local", echo=lambda line: None)
+    assert [f.name for f in folders] == ["20261201-030000_x", "20261201-030000_x-2"], folders
+    with pytest.raises(ConfigError, match="train.lr"):
+        submit.submit(["--config", DEBUG, "train.lr=-1"], [], root=tmp_path, name="y", cluster="local",
+                      echo=lambda line: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["20261201-030000_x", "20261201-030000_x-2"]
