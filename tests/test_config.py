@@ -237,3 +237,15 @@ def test_a_model_name_written_as_a_missing_local_directory_is_refused_before_any
     assert "Traceback" not in err and not (tmp_path / "runs").exists()
     with pytest.raises(ConfigError, match=r"(?s)nothing was submitted.*model.name \(models/small-gpt2\) is a local"):
         plan_jobs(["model.name=models/small-gpt2"], [], tmp_path / "sweep")
+
+
+def test_unknown_keys_wrong_types_and_broken_rules_are_reported_in_one_error():
+    """configuration.md promises every problem together: an unknown key and a wrong type once hid
+    the rules between values until they were fixed, one error message at a time."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["foo.bar=1", "train.lr=abc", "moe.top_k=5", "train.amp=fp16", "eval.max_tokens=1"])
+    text = str(caught.value)
+    assert "(5 problems)" in text, text
+    for part in ("unknown key 'foo'", "train.lr ('abc') must be a number", "moe.top_k (5) must be <=",
+                 "train.amp (fp16) is refused", "eval.max_tokens (1) is below one evaluation window"):
+        assert part in text, (part, text)

@@ -65,6 +65,13 @@ def config_from_dict(raw: dict) -> RunConfig:
     errors: list[str] = []
     kwargs = options.merge(raw, RunConfig, "", errors)
     if errors:
+        # the rules between the values that did parse, in the same error (the keys that did not
+        # are left at their defaults for this check only)
+        try:
+            from comigs_dist.config.validation import collect_errors
+            errors += [e for e in collect_errors(options.build(RunConfig, kwargs)) if e not in errors]
+        except Exception:  # a rule that cannot be judged without the broken keys
+            pass
         raise ConfigError(format_errors(errors))
     return validate(options.build(RunConfig, kwargs))
 
