@@ -315,7 +315,9 @@ def test_table_rows_by_config_key_and_duplicate_seeds(tmp_path):
     assert (cell.mean, cell.std) == pytest.approx((46.5, math.sqrt(0.5)))
     assert math.isnan(table.cells[("(2,4,4,4)", "comigs_1gxs")].std)     # one seed: no std
     from comigs_dist.analyze import AnalysisError
-    with pytest.raises(AnalysisError, match=r"a/wiki_comigs_1gxs_s42/results.json and .*b/wiki_comigs_1gxs_s42"):
+    with pytest.raises(AnalysisError, match=r"a/wiki_comigs_1gxs_s42/results.json and .*b/wiki_comigs_1gxs_s42"
+                                            r".*their configs differ in config.moe.n_experts \(\(4,2,2,2\) / "
+                                            r"\(2,4,4,4\)\), e.g. --cols config.moe.n_experts\)"):
         build_table(load_runs([tmp_path / "b", tmp_path / "a"]), rows="method")
     with pytest.raises(AnalysisError, match=r"key 'config.moe.top_k' is not in"):
         build_table(load_runs([tmp_path / "a"]), rows="config.moe.top_k")

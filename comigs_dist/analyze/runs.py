@@ -112,6 +112,7 @@ class Cell:
     values: list[float] = field(default_factory=list)
     seeds: list = field(default_factory=list)
     paths: list[Path] = field(default_factory=list)
+    results: list[dict] = field(default_factory=list)  # each value's results.json (to name what tells two apart)
     mean: float = float("nan")
     std: float = float("nan")
 
@@ -124,6 +125,17 @@ class Table:
     row_key: str
     col_key: str
     metric: str
+
+
+def _telling_apart(a: dict, b: dict) -> str:
+    """', e.g. --cols config.model.name (embedded / tiny)': the options two runs' configs differ in, if any."""
+    from comigs_dist.checkpoint import flatten_keys
+    fa, fb = flatten_keys(a.get("config") or {}), flatten_keys(b.get("config") or {})
+    keys = [k for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k) and not k.startswith(("out_dir", "log."))]
+    if not keys:
+        return ""
+    shown = ", ".join(f"config.{k} ({format_value(fa.get(k))} / {format_value(fb.get(k))})" for k in keys[:3])
+    return f"; their configs differ in {shown}{' and more' if len(keys) > 3 else ''}, e.g. --cols config.{keys[0]}"
 
 
 def build_table(runs: list[Run], rows: str = "method", cols: str = "dataset", metric: str = "mean_test_ppl",
@@ -143,14 +155,16 @@ def build_table(runs: list[Run], rows: str = "method", cols: str = "dataset", me
             col_names.append(col)
         cell = cells.setdefault((row, col), Cell())
         if run.seed in cell.seeds:
-            other = cell.paths[cell.seeds.index(run.seed)]
-            raise AnalysisError(f"{run.path} and {other} are both {rows}={row}, {cols}={col}, seed {run.seed}: "
-                                f"pass only one of them (or tell them apart with --rows/--cols)")
+            index = cell.seeds.index(run.seed)
+            raise AnalysisError(f"{run.path} and {cell.paths[index]} are both {rows}={row}, {cols}={col}, seed "
+                                f"{run.seed}: pass only one of them (or tell them apart with --rows/--cols"
+                                f"{_telling_apart(run.results, cell.results[index])})")
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise AnalysisError(f"{run.path}: {metric} is {value!r}, not a finite number")
         cell.values.append(float(value))
         cell.seeds.append(run.seed)
         cell.paths.append(run.path)
+        cell.results.append(run.results)
 
     if pretrained:
         row_names.append(BASE_ROW)
