@@ -139,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    start = time.perf_counter()
     try:
         # build cached assets (embedded corpus and base) before any process group exists: one
         # process per host builds under a file lock while the others wait, outside any collective
@@ -150,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    start = time.perf_counter()  # wall_seconds: the run, not the embedded base built once on first use
     topo = dist.init_distributed(cfg.comm.backend, cfg.model.device, cfg.comm.timeout_s, cfg.train.threads,
                                  n_users=cfg.n_users)
     # every process group of the run, built once on every rank from (config, method, users)
