@@ -199,6 +199,20 @@ def _stop(pids: dict[int, int], signum: int = signal.SIGTERM, grace_s: float = G
         time.sleep(0.05)
 
 
+REFUSAL_GRACE_S = 10.0  # how long the other ranks get to end by themselves after one exits 2
+
+
+def _reap(running: dict, seconds: float) -> None:
+    """Collect the ranks of ``running`` that end within ``seconds`` (removed from it)."""
+    deadline = time.monotonic() + seconds
+    while running and time.monotonic() < deadline:
+        pid, _ = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            time.sleep(0.05)
+        else:
+            running.pop(pid, None)
+
+
 def supervise(pids: Sequence[int], say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> int:
     """Wait for the children; the first one that fails stops the others. Returns 0 when every
     rank succeeded, else the failing rank's exit code (128 + signal when it was killed)."""
@@ -214,10 +228,15 @@ def supervise(pids: Sequence[int], say: Callable[[str], None] = lambda m: print(
             if pid not in running:
                 continue
             rank, code = running.pop(pid), _exit_code(status)
+            if code == 2:
+                # a refusal (bad input, an out_dir that is not this run's) reaches every rank together:
+                # they leave by themselves, and a SIGTERM would only cut their clean-up short
+                _reap(running, REFUSAL_GRACE_S)
             if code != 0:
-                say(f"[forkrun] rank {rank} (pid {pid}) {_describe(code)}; stopping the other "
-                    f"{len(running)} rank(s)")
-                _stop(running)
+                if running:
+                    say(f"[forkrun] rank {rank} (pid {pid}) {_describe(code)}; stopping the other "
+                        f"{len(running)} rank(s)")
+                    _stop(running)
                 return code
         return 0
     except _Stop as stop:

@@ -48,7 +48,8 @@ def _wait_for(predicate, timeout_s: float) -> bool:
 def test_supervise_reports_the_first_failing_rank_and_stops_the_others(tmp_path):
     """Plain Python targets: all succeed -> 0; rank 1 exits 3 while rank 0 sleeps for an hour -> 3,
     naming rank 1, rank 0 stopped by the launcher before its sleep ends (it leaves no mark) and
-    reaped; a rank killed by a signal -> 128 + signal."""
+    reaped; a rank killed by a signal -> 128 + signal; ranks that all refuse to start (exit 2) are
+    left to end by themselves."""
     script = textwrap.dedent("""
         import os, signal, sys, time
         from comigs_dist import dist, forkrun
@@ -85,6 +86,16 @@ def test_supervise_reports_the_first_failing_rank_and_stops_the_others(tmp_path)
         assert forkrun.supervise(forkrun.start_ranks(2, rank0_killed), msgs.append) == 128 + signal.SIGKILL
         assert "rank 0" in msgs[0] and "was ended by SIGKILL" in msgs[0], msgs
         assert forkrun.supervise(forkrun.start_ranks(2, env_seen), msgs.append) == 0
+        # a refusal (exit 2) reaches every rank together: rank 1 still cleaning up for a second is
+        # left to finish (its mark), not stopped mid-way with a SIGTERM traceback
+        def both_refuse():
+            if dist.env_rank() == 1:
+                time.sleep(1.0)
+                open(mark + ".cleaned", "w").write("rank 1 finished its clean-up")
+            return 2
+        msgs.clear()
+        assert forkrun.supervise(forkrun.start_ranks(2, both_refuse), msgs.append) == 2
+        assert os.path.exists(mark + ".cleaned") and not msgs, msgs
         print("DONE", flush=True)
     """)
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "slept")], capture_output=True, text=True,
