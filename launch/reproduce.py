@@ -972,6 +972,12 @@ def main(argv: list[str] | None = None) -> int:
         echo(order_text)
     suffix = f"_{'_'.join(sorted({c.dataset for c in spec.cells}))}" if spec.key in ("1", "2", "4", "5", "6") else ""
     name = f"table{spec.key}{suffix}" if spec.key in ("1", "2", "4", "5", "6") else spec.key
+    # a part of the table (--rows, other --seeds) gets files of its own instead of replacing the whole one's
+    if ns.rows:
+        from launch.common import slug
+        name += "_rows-" + slug("+".join(rows))[:80]
+    if tuple(seeds) != SEEDS:
+        name += "_seeds-" + "-".join(map(str, seeds))
     out = Path(ns.out) if ns.out else root / ns.scale / name
     out.parent.mkdir(parents=True, exist_ok=True)
     md, csv_path = out.with_name(out.name + ".md"), out.with_name(out.name + ".csv")

@@ -213,7 +213,7 @@ def test_finished_runs_are_read_not_rerun_and_the_table_shows_paper_ours_diff(tm
     # CoMiGS-1G1S: paper 33.53 (0.03); ours 33.50 (0.71); diff -0.03
     assert re.search(r"33\.53 \(0\.03\)\s+33\.50 \(0\.71\)\s+-0\.03$", lines["CoMiGS-1G1S"])
     assert "paper  ours  diff" in re.sub(r" +", "  ", out)
-    table = root / "debug" / "table1_agnews"
+    table = root / "debug" / "table1_agnews_rows-Local+CoMiGS-1G1S_seeds-42-45"
     rows = (table.with_suffix(".csv")).read_text().splitlines()
     assert rows[0].startswith("table,row,col,paper_mean,paper_std,ours_mean,ours_std,n_seeds")
     assert rows[1].startswith("1,Local,agnews,41.46,0.06,41.0,1.414") and ",2,42 45," in rows[1]
@@ -241,7 +241,8 @@ def test_collect_prints_the_finished_runs_table_and_submits_nothing(tmp_path, ca
     assert not missing.exists() and not (root / "debug" / "launches").exists()
     lines = {l.split()[0]: l for l in out.splitlines() if l.startswith(("Local ", "CoMiGS-1G1S "))}
     assert "41.00 (1.41)" in lines["Local"] and "33.00 [1/2]" in lines["CoMiGS-1G1S"], lines
-    assert "| Local | 41.46 (0.06) | 41.00 (1.41) | -0.46 |" in (root / "debug" / "table1_agnews.md").read_text()
+    table = root / "debug" / "table1_agnews_rows-Local+CoMiGS-1G1S_seeds-42-45.md"
+    assert "| Local | 41.46 (0.06) | 41.00 (1.41) | -0.46 |" in table.read_text()
     assert "1 run(s) not finished yet: the same command without --collect runs them" in out
     with pytest.raises(SystemExit):  # one or the other
         reproduce.parse(["--table", "1", "--dry-run", "--collect"])
@@ -348,7 +349,8 @@ def test_the_papers_orderings_are_checked_against_ours(tmp_path, capsys):
                 "  - within spread: FedAvg < Local in the paper (31.84 < 41.46); ours 36.00 vs 36.50"]
     for line in expected:
         assert line in out.splitlines(), line
-        assert line in (root / "debug" / "table1_agnews.md").read_text().splitlines()
+        assert line in (root / "debug" / "table1_agnews_rows-FedAvg+CoMiGS-1G1S+Local_seeds-42-45.md").read_text(
+            ).splitlines()
 
 
 def test_a_run_the_guard_stopped_is_diverged_shown_in_its_cell_and_never_resubmitted(tmp_path, capsys):
@@ -379,7 +381,7 @@ def test_a_run_the_guard_stopped_is_diverged_shown_in_its_cell_and_never_resubmi
     assert re.split(r"\s{2,}", line.strip())[1:] == ["100.00 (0.00)", "100.00 (0.00)", "100.00 (0.00)",
                                                      "100.00 [1/3; 2 diverged]", "diverged [3/3]"], line
     assert "5 run(s) diverged" in out and "not retried" in out
-    rows = list(csv.DictReader((root / "debug" / "privacy.csv").open()))
+    rows = list(csv.DictReader((root / "debug" / "privacy_rows-CoMiGS-1G1S.csv").open()))
     assert [(r["col"], r["n_seeds"], r["n_diverged"]) for r in rows][-2:] == [("eps=4", "1", "2"), ("eps=1", "0", "3")]
     # a cell with one diverged seed and two still to run is pending, not "diverged"
     cell = spec.cells[0]
@@ -555,7 +557,8 @@ def test_reproduce_end_to_end_on_the_debug_scale(tmp_path):
     assert again.returncode == 0, again.stderr
     assert "4 run(s): 4 done, 0 running, 0 to run" in again.stdout and "submitted" not in again.stdout
     assert [p.stat().st_mtime_ns for p in sorted(root.rglob("results.json"))] == stamps
-    assert (root / "debug" / "table1_agnews.csv").is_file() and (root / "debug" / "table1_agnews.md").is_file()
+    table = root / "debug" / "table1_agnews_rows-Local+FedAvg_seeds-42-45"  # a part of Table 1: files of its own
+    assert table.with_name(table.name + ".csv").is_file() and table.with_name(table.name + ".md").is_file()
 
 
 def test_the_since_table_runs_each_method_once_per_dataset_and_reads_its_bytes(tmp_path):
