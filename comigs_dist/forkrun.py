@@ -202,15 +202,17 @@ def _stop(pids: dict[int, int], signum: int = signal.SIGTERM, grace_s: float = G
 REFUSAL_GRACE_S = 10.0  # how long the other ranks get to end by themselves after one exits 2
 
 
-def _reap(running: dict, seconds: float) -> None:
-    """Collect the ranks of ``running`` that end within ``seconds`` (removed from it)."""
-    deadline = time.monotonic() + seconds
+def _reap(running: dict, seconds: float) -> dict[int, int]:
+    """Collect the ranks of ``running`` that end within ``seconds`` (removed from it); returns
+    {rank: exit code} of those."""
+    deadline, ended = time.monotonic() + seconds, {}
     while running and time.monotonic() < deadline:
-        pid, _ = os.waitpid(-1, os.WNOHANG)
+        pid, status = os.waitpid(-1, os.WNOHANG)
         if pid == 0:
             time.sleep(0.05)
-        else:
-            running.pop(pid, None)
+        elif pid in running:
+            ended[running.pop(pid)] = _exit_code(status)
+    return ended
 
 
 def supervise(pids: Sequence[int], say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> int:
@@ -228,16 +230,18 @@ def supervise(pids: Sequence[int], say: Callable[[str], None] = lambda m: print(
             if pid not in running:
                 continue
             rank, code = running.pop(pid), _exit_code(status)
-            if code == 2:
-                # a refusal (bad input, an out_dir that is not this run's) reaches every rank together:
-                # they leave by themselves, and a SIGTERM would only cut their clean-up short
-                _reap(running, REFUSAL_GRACE_S)
-            if code != 0:
-                if running:
-                    say(f"[forkrun] rank {rank} (pid {pid}) {_describe(code)}; stopping the other "
-                        f"{len(running)} rank(s)")
-                    _stop(running)
-                return code
+            if code == 0:
+                continue
+            # a refusal (exit 2: bad input, an out_dir that is not this run's) reaches every rank
+            # together: they leave by themselves, and a SIGTERM would only cut their clean-up short
+            others = _reap(running, REFUSAL_GRACE_S) if code == 2 else {}
+            odd = [f"rank {r} {_describe(c)}" for r, c in sorted(others.items()) if c not in (0, 2)]
+            say(f"[forkrun] rank {rank} (pid {pid}) {_describe(code)}"
+                + (f" ({'; '.join(odd)})" if odd else "")
+                + (f"; stopping the other {len(running)} rank(s)" if running else ""))
+            if running:
+                _stop(running)
+            return code
         return 0
     except _Stop as stop:
         for s in previous:  # a second Ctrl-C during the stop must not interrupt it

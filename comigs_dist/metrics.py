@@ -121,7 +121,8 @@ def build_logger(out_dir: Path, user_idx: int, enabled: bool, purge_step: int | 
 # --------------------------------------------------------------------------------------------
 
 class NullProgress:
-    """No bars and no lines: what every rank but 0 gets, and rank 0 with ``log.progress=false``."""
+    """No bars and no lines: what every rank but 0 gets (rank 0 with ``log.progress=false`` gets
+    MessagesOnly)."""
 
     def bar(self, iterable: Iterable | None = None, total: int | None = None, desc: str = "",
             transient: bool = False, unit: str = "it", unit_scale: bool = False):
@@ -266,7 +267,7 @@ def build_progress(enabled: bool, stream=None, lines=None, messages: bool = Fals
     otherwise only the messages when ``messages``, else nothing."""
     if enabled:
         return Progress(stream, lines)
-    return MessagesOnly(stream) if messages else NullProgress()
+    return MessagesOnly(lines) if messages else NullProgress()
 
 
 def _finite(obj: Any) -> Any:

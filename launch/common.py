@@ -25,12 +25,14 @@ def known_keys() -> set[str]:
 
 
 def resume_args(override: str | None = None, checkpoint_every: int | None = None) -> tuple[list[str], str]:
-    """The override(s) that make a restarted job resume, and a line that says what happens.
+    """The override that makes a restarted job resume, and a line that says what happens.
 
-    An empty override turns resuming off. A key that this version of comigs_dist does not know
-    is left out (with a note) rather than failing every job: requeued jobs then start over.
-    ``checkpoint_every`` (the job's checkpoint.every) 0: the note says that a requeued job starts
-    over, since the run writes no round checkpoint to continue from.
+    It sets the option ``resume``, read as the run reads it (YAML: ``True`` is true): ``auto``
+    continues a requeued job; ``false`` or an empty override turn resuming off (a requeued job then
+    stops with an error rather than write over the first attempt). Anything else (another option,
+    a misspelt key, ``resume=true``, which refuses the first start) is a ConfigError before any job
+    starts. ``checkpoint_every`` (the job's checkpoint.every) 0: the note says that a requeued job
+    starts over, since the run writes no round checkpoint to continue from.
     """
     override = RESUME_OVERRIDE if override is None else override.strip()
     off = ("resume: off (a requeued job stops with an error: its out_dir holds the first attempt's files, which a run "
@@ -39,24 +41,24 @@ def resume_args(override: str | None = None, checkpoint_every: int | None = None
         return [], off
     if "=" not in override:
         raise ConfigError(f"resume override {override!r} must look like key=value (e.g. {RESUME_OVERRIDE})")
-    key, value = (part.strip() for part in override.split("=", 1))
-    if key not in known_keys():
-        return [], (f"resume: this comigs_dist has no option {key!r}, so a requeued job starts again from "
-                    f"round 0 (name the resume option with COMIGS_RESUME=key=value for sbatch or --resume for submit; "
-                    f"an "
-                    f"empty value turns resuming off)")
+    key = override.split("=", 1)[0].strip()
     if key != "resume":
-        raise ConfigError(f"the resume override ({override}) sets {key}, not how a requeued job resumes: it takes "
-                          f"{RESUME_OVERRIDE} (the default) or an empty value (off); pass {key} with the run's "
-                          f"other overrides instead")
+        what = f"sets {key}" if key in known_keys() else f"names {key!r}, which is no option of comigs_dist"
+        raise ConfigError(f"the resume override ({override}) {what}, not how a requeued job resumes: it takes "
+                          f"{RESUME_OVERRIDE} (the default), resume=false or an empty value (off)"
+                          + (f"; pass {key} with the run's other overrides instead" if key in known_keys() else ""))
+    from comigs_dist.config import load_config
+    try:
+        value = load_config(None, ["out_dir=runs/x", override]).resume  # as the run reads it (a job has out_dir)
+    except ConfigError as exc:
+        raise ConfigError(f"the resume override ({override}) is not a valid value of resume: {exc}") from None
     if value == "false":
         return [override], off
     if value == "true":
         raise ConfigError(f"the resume override ({override}) would refuse the job's first start, which has no run to "
                           f"continue yet; pass {RESUME_OVERRIDE}, which continues a requeued job and starts the "
                           f"first one fresh")
-    if checkpoint_every == 0 and override.replace(" ", "") == "resume=auto":
-        # (resume=true would refuse to start without a checkpoint rather than start over)
+    if checkpoint_every == 0:
         return [override], (f"resume: {override}, but checkpoint.every=0 writes no round checkpoint, so a requeued "
                             f"job starts again from round 0; add checkpoint.every=K (e.g. 5) to continue from the "
                             f"last multiple of K")

@@ -321,6 +321,15 @@ def test_table_rows_by_config_key_and_duplicate_seeds(tmp_path):
         build_table(load_runs([tmp_path / "b", tmp_path / "a"]), rows="method")
     with pytest.raises(AnalysisError, match=r"key 'config.moe.top_k' is not in"):
         build_table(load_runs([tmp_path / "a"]), rows="config.moe.top_k")
+    # two copies of one run that differ only where results do not (checkpointing): no column to suggest
+    for name, every in (("c", 0), ("d", 5)):
+        f = _fake_results(tmp_path / name, "local", "wiki", 42, 40.0) / "results.json"
+        res = json.loads(f.read_text())
+        res["config"]["checkpoint"] = {"every": every}
+        f.write_text(json.dumps(res))
+    with pytest.raises(AnalysisError) as caught:
+        build_table(load_runs([tmp_path / "c", tmp_path / "d"]), rows="method")
+    assert "pass only one of them" in str(caught.value) and "differ in" not in str(caught.value), caught.value
 
 
 def test_table_cli_errors_name_the_path(tmp_path, capsys):

@@ -249,3 +249,8 @@ def test_unknown_keys_wrong_types_and_broken_rules_are_reported_in_one_error():
     for part in ("unknown key 'foo'", "train.lr ('abc') must be a number", "moe.top_k (5) must be <=",
                  "train.amp (fp16) is refused", "eval.max_tokens (1) is below one evaluation window"):
         assert part in text, (part, text)
+    # a rule judged on the default that stands in for a value that did not parse is not reported
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["moe.n_experts=[8,x]", "moe.top_k=4"])
+    assert "moe.n_experts[1] ('x') must be an integer" in str(caught.value), str(caught.value)
+    assert "moe.top_k (4) must be <=" not in str(caught.value), str(caught.value)

@@ -94,8 +94,10 @@ def test_supervise_reports_the_first_failing_rank_and_stops_the_others(tmp_path)
                 open(mark + ".cleaned", "w").write("rank 1 finished its clean-up")
             return 2
         msgs.clear()
-        assert forkrun.supervise(forkrun.start_ranks(2, both_refuse), msgs.append) == 2
-        assert os.path.exists(mark + ".cleaned") and not msgs, msgs
+        pids = forkrun.start_ranks(2, both_refuse)
+        assert forkrun.supervise(pids, msgs.append) == 2
+        assert os.path.exists(mark + ".cleaned"), msgs
+        assert msgs == [f"[forkrun] rank 0 (pid {pids[0]}) exited with code 2"], msgs  # nobody left to stop
         print("DONE", flush=True)
     """)
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "slept")], capture_output=True, text=True,

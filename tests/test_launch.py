@@ -36,26 +36,30 @@ def test_users_per_node_spreads_users_over_nodes():
         common.users_per_node(free, 1)
 
 
-def test_resume_override_is_kept_only_when_the_option_exists():
-    """The resume override is passed when comigs_dist knows its key, dropped with a note when not, off when empty.
-    It must set resume itself, to auto (continue) or false/empty (off, and the note says a requeue then stops):
-    another option (train.lr) was once passed as if it were the resume override, and resume=true, which
-    refuses the first start, was accepted."""
+def test_resume_override_must_set_resume_to_auto_or_off():
+    """The resume override must set resume itself, read as the run reads it (YAML: True is true), to
+    auto (continue) or false/empty (off, and the note says a requeue then stops): another option
+    (train.lr) was once passed as if it were the resume override, a misspelt key turned resuming off
+    with a note, and resume=true, which refuses the first start, was accepted."""
     assert common.resume_args() == common.resume_args(common.RESUME_OVERRIDE)
     for other in ("checkpoint.every=2", "train.lr=0.5"):
         with pytest.raises(ConfigError, match=rf"sets {other.split('=')[0]}, not how a requeued job resumes"):
             common.resume_args(other)
-    with pytest.raises(ConfigError, match="would refuse the job's first start"):
-        common.resume_args("resume=true")
-    for off in ("", "resume=false"):
+    with pytest.raises(ConfigError, match="names 'resum', which is no option of comigs_dist"):
+        common.resume_args("resum=auto")  # a typo once turned resuming off with a note
+    for true in ("resume=true", "resume=True", "resume=yes"):  # YAML reads all three as true, as the run does
+        with pytest.raises(ConfigError, match="would refuse the job's first start"):
+            common.resume_args(true)
+    for bad in ("resume=", "resume=AUTO"):
+        with pytest.raises(ConfigError, match="is not a valid value of resume"):
+            common.resume_args(bad)
+    for off in ("", "resume=false", "resume=False"):
         note = common.resume_args(off)[1]
         assert note.startswith("resume: off (a requeued job stops with an error") and "starts again" not in note
     # resume=auto without round checkpoints: kept, and the note says a requeued job starts over
     args, note = common.resume_args(common.RESUME_OVERRIDE, checkpoint_every=0)
     assert args == [common.RESUME_OVERRIDE] and "checkpoint.every=0 writes no round checkpoint" in note, note
     assert "continues from its last checkpoint" in common.resume_args(common.RESUME_OVERRIDE, 5)[1]
-    args, note = common.resume_args("no_such.option=auto")
-    assert args == [] and "has no option 'no_such.option'" in note
     args, note = common.resume_args("")
     assert args == [] and note.startswith("resume: off")
     assert common.resume_args("resume=false")[0] == ["resume=false"]

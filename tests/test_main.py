@@ -123,6 +123,21 @@ def test_rerunning_a_finished_run_does_nothing_shortening_it_is_refused_and_exte
     assert json.loads((out / "results.json").read_text())["rounds"] == 3
 
 
+def test_a_resume_with_another_number_of_users_is_refused_naming_both(tmp_path, capsys):
+    """A 1-user run checkpointed, then resumed with n_users=2 (on one rank): refused naming both
+    numbers and the manifest (it blamed missing files: the new user holds no round), nothing written."""
+    from comigs_dist.main import main
+    out = tmp_path / "run"
+    assert main([*SMALL, "train.rounds=2", "checkpoint.every=1", f"out_dir={out}"]) == 0
+    (out / "results.json").unlink()  # as if it had stopped after its last round checkpoint
+    before = _snapshot(out)
+    assert main([*SMALL, "train.rounds=2", "checkpoint.every=1", f"out_dir={out}", "resume=auto", "n_users=2"]) == 2
+    err = capsys.readouterr().err
+    assert "holds checkpoints of a run of 1 users" in err and "this run has 2" in err, err
+    assert "Resume with n_users=1" in err and "disagree" not in err, err
+    assert _snapshot(out) == before
+
+
 def test_a_live_run_holds_its_out_dir_and_a_second_one_is_refused_naming_it(tmp_path, capsys):
     """While a run holds out_dir's lock (pid and host recorded), another run there exits 2 naming the
     holder's pid and host, and leaves the directory as it was."""

@@ -129,9 +129,11 @@ class Table:
 
 def _telling_apart(a: dict, b: dict) -> str:
     """', e.g. --cols config.model.name (embedded / tiny)': the options two runs' configs differ in, if any."""
-    from comigs_dist.checkpoint import flatten_keys
+    from comigs_dist.checkpoint import RESUME_MAY_DIFFER, flatten_keys
     fa, fb = flatten_keys(a.get("config") or {}), flatten_keys(b.get("config") or {})
-    keys = [k for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k) and not k.startswith(("out_dir", "log."))]
+    # options that change no result (paths, logging, checkpointing, threads...) tell no run apart
+    keys = [k for k in sorted(set(fa) | set(fb))
+            if fa.get(k) != fb.get(k) and (not k.startswith(RESUME_MAY_DIFFER) or k == "train.rounds")]
     if not keys:
         return ""
     shown = ", ".join(f"config.{k} ({format_value(fa.get(k))} / {format_value(fb.get(k))})" for k in keys[:3])

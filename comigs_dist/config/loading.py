@@ -6,6 +6,7 @@ checks from ``validation``.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +68,15 @@ def config_from_dict(raw: dict) -> RunConfig:
     if errors:
         # the rules between the values that did parse, in the same error (the keys that did not
         # are left at their defaults for this check only)
+        broken = {re.split(r"[\s\[]", e, maxsplit=1)[0] for e in errors} - {"unknown"}  # "train.lr ('abc') ..."
         try:
             from comigs_dist.config.validation import collect_errors
-            errors += [e for e in collect_errors(options.build(RunConfig, kwargs)) if e not in errors]
+            rules = collect_errors(options.build(RunConfig, kwargs))
         except Exception:  # a rule that cannot be judged without the broken keys
-            pass
+            rules = []
+        # a rule that names a key which did not parse judged its default, not what the user wrote
+        errors += [e for e in rules if e not in errors and not any(re.search(rf"\b{re.escape(k)}\b", e)
+                                                                   for k in broken)]
         raise ConfigError(format_errors(errors))
     return validate(options.build(RunConfig, kwargs))
 
