@@ -196,9 +196,15 @@ def test_submitit_sweep_completes_and_collects(slurm, tmp_path):
 def test_submitit_failed_and_killed_jobs_are_reported_not_waited_on(slurm, tmp_path):
     """Two failures, neither waited on forever: users that raise (reported with the exception) and a
     job killed while running, which leaves no result (noticed through sacct); exit code 1. The
-    launcher runs 500 rounds: only noticing the kill ends it within the test's bound."""
+    launcher runs 500 rounds: only noticing the kill ends it within the test's bound. (The failing
+    users load a base whose config.json names no model type: a missing base directory is refused
+    before anything is submitted.)"""
+    from launch.common import slug
+    broken = tmp_path / "brokenbase"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
     proc = subprocess.Popen([sys.executable, "-m", "launch.submit", "--config", str(DEBUG), *FAST, "train.rounds=500",
-                             "--sweep", "model.name=/nonexistent/base,tiny", "--executor", "slurm",
+                             "--sweep", f"model.name={broken},tiny", "--executor", "slurm",
                              "--cpus-per-task", "1", "--time", "10", "--root", str(tmp_path), "--wait"],
                             cwd=tmp_path, env=subprocess_env(one_thread=False, PYTHONUNBUFFERED="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -208,13 +214,14 @@ def test_submitit_failed_and_killed_jobs_are_reported_not_waited_on(slurm, tmp_p
         assert line, "".join(lines)
         lines.append(line)
     ids = {ln.split()[2]: ln.split()[1] for ln in lines if ln.startswith("  job ")}
-    bad, killed = ids["model.name-_nonexistent_base"], ids["model.name-tiny"]
+    bad_label = slug(f"model.name={broken}")
+    bad, killed = ids[bad_label], ids["model.name-tiny"]
     _poll(lambda: "RUNNING" in _sacct_states(killed), 120, lambda: f"job {killed} never ran: {_sacct_states(killed)}",
           every=0.5)
     subprocess.run(["scancel", "--signal=KILL", killed], check=True)  # as the OOM killer would
     out, _ = proc.communicate(timeout=150)
     out = "".join(lines) + out
     assert proc.returncode == 1, out
-    assert f"job {bad} model.name-_nonexistent_base: FAILED: OSError" in out and "/nonexistent/base" in out, out
+    assert f"job {bad} {bad_label}: FAILED: ValueError" in out and f"Unrecognized model in {broken}" in out, out
     assert f"job {killed} model.name-tiny: FAILED: ended without a result (scheduler state" in out, out
     assert f"{bad}_0_log.out" in out and "0 completed, 2 failed" in out
