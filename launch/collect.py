@@ -101,6 +101,10 @@ def summarize(runs: list[dict]) -> tuple[list[str], list[dict]]:
     rows = []
     for members in groups.values():
         members.sort(key=lambda r: r["seed"])
+        for a, b in zip(members, members[1:]):
+            if a["seed"] == b["seed"]:  # the same run twice (a copy, or a rerun elsewhere) would count double
+                raise ValueError(f"{a['path']} and {b['path']} are the same configuration with the same seed "
+                                 f"({a['seed']}): a seed counted twice shrinks the spread; pass only one of them")
         ppl_mean, ppl_std = mean_std([r["mean_test_ppl"] for r in members])
         base_mean, _ = mean_std([r["mean_base_test_ppl"] for r in members])
         mb_mean, _ = mean_std([r["mb_sent"] for r in members])
@@ -183,7 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         for line in missing:
             print(line, file=sys.stderr)
         return 1
-    columns, rows = summarize(runs)
+    try:
+        columns, rows = summarize(runs)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"{len(runs)} run(s) in {len(rows)} group(s): mean test perplexity over users, "
           f"then mean ± sample std (n - 1) over seeds")
     print(format_table(columns, rows))

@@ -194,6 +194,13 @@ def test_collect_groups_seeds_and_computes_mean_and_std(tmp_path):
     assert math.isnan(by[("local", 2)]["test_ppl_std"]) and by[("local", 5)]["test_ppl_mean"] == 30.0
     table = collect.format_table(columns, rows)
     assert "12.000 ± 2.000" in table and "20.000 ± -" in table
+    # the same configuration and seed twice (a run beside its copy) was counted twice, shrinking the std
+    twice = _fake_results(tmp_path, "comigs_1g1s", 45, 12.5)
+    with pytest.raises(ValueError, match=r"are the same configuration with the same seed \(45\).*pass only one"):
+        collect.summarize(collect.load_runs(collect.find_results([tmp_path])[0]))
+    with pytest.raises(ValueError, match=str(twice)):
+        collect.summarize(collect.load_runs(collect.find_results([tmp_path])[0]))
+    assert collect.main([str(tmp_path)]) == 2
 
 
 def test_collect_cli_writes_csv_and_lists_missing_jobs(tmp_path):
