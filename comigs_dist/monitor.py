@@ -44,7 +44,7 @@ def eval_tags(prefix: str) -> tuple[str, str]:
     return f"{prefix}/loss", f"{prefix}/ppl"
 
 
-def scalar_layout(n_layers: int, n_experts: int, n_generalists: int) -> dict:
+def scalar_layout(n_layers: int, n_experts: int, n_generalists: int, routed: bool = True) -> dict:
     """Custom-scalars charts for one user, over the tags above.
 
     The paper's Figures 3 and 10 plot, per user, the expert score (mean router probability) of
@@ -69,8 +69,7 @@ def scalar_layout(n_layers: int, n_experts: int, n_generalists: int) -> dict:
     test_ppl, base_ppl = eval_tags("test")[1], eval_tags("base")[1]
     losses = [TRAIN_LOSS, TRAIN_CE, router_loss_tag("train"), VALID_LOSS, eval_tags("test")[0]]
     return {
-        "expert scores (paper Fig. 3, 10)": scores,
-        "expert scores by layer": layers,
+        **({"expert scores (paper Fig. 3, 10)": scores, "expert scores by layer": layers} if routed else {}),
         "perplexity (paper Fig. 4-6, 9)": {
             "test perplexity": ["Multiline", [rf"{test_ppl}$", rf"{base_ppl}$"]],
             "losses": ["Multiline", [rf"{t}$" for t in losses]],
@@ -112,6 +111,7 @@ class Monitor:
         self.loggers, self.progress, self.say, self.every = loggers, progress, say, every
         self.federation: NullLogger = NullLogger()  # rank 0's writer of means over the users
         self._round_bar = None
+        self._unrouted: set[int] = set()  # users whose experts have no router: no router tags
 
     @classmethod
     def silent(cls, users: Iterable[int]) -> "Monitor":
@@ -152,9 +152,15 @@ class Monitor:
         self.federation.scalar(FED_EPSILON, epsilon, round_num)
 
     # -- set-up --------------------------------------------------------------------------------
-    def start(self, user: int, config_yaml: str | None, n_layers: int, n_experts: int, n_generalists: int) -> None:
+    def start(self, user: int, config_yaml: str | None, n_layers: int, n_experts: int, n_generalists: int,
+              routed: bool = True) -> None:
+        """``routed`` False (a method without a router: every token averages the experts): no
+        router probabilities, load-balancing loss or expert-score charts, which would show a
+        constant that no router produced."""
         log = self.loggers[user]
-        log.layout(scalar_layout(n_layers, n_experts, n_generalists))
+        if not routed:
+            self._unrouted.add(user)
+        log.layout(scalar_layout(n_layers, n_experts, n_generalists, routed))
         if config_yaml is not None:
             log.text("config", "```\n" + config_yaml + "\n```")
 
@@ -164,6 +170,9 @@ class Monitor:
         if step % self.every:
             return
         log = self.loggers[user]
+        if user in self._unrouted:
+            log.scalars({TRAIN_LOSS: loss, TRAIN_CE: ce, LR_EXPERT: lr, TOKENS_PER_SECOND: tokens_per_second}, step)
+            return
         log.scalars({TRAIN_LOSS: loss, TRAIN_CE: ce, TRAIN_LB: lb, LR_EXPERT: lr,
                      TOKENS_PER_SECOND: tokens_per_second}, step)
         for layer, stats in enumerate(routing_stats):
@@ -194,7 +203,7 @@ class Monitor:
         loss_tag, ppl_tag = eval_tags(prefix)
         log.scalar(loss_tag, res.loss, step)
         log.scalar(ppl_tag, res.ppl, step)
-        for layer, (probs, shares) in enumerate(res.routing):
+        for layer, (probs, shares) in enumerate(res.routing if user not in self._unrouted else []):
             for j, (p, s) in enumerate(zip(probs, shares)):
                 log.scalar(routing_tag("prob", layer, j, prefix), p, step)
                 log.scalar(routing_tag("share", layer, j, prefix), s, step)

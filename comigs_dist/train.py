@@ -667,7 +667,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     # the base model: untrained adapters leave it unchanged (B = 0)
     for u in rank.users:
         monitor.start(u.user_idx, None if u.base is not None else to_yaml(cfg), len(u.model.moe),
-                      u.model.spec.n_experts, u.model.spec.n_generalists)
+                      u.model.spec.n_experts, u.model.spec.n_generalists, u.model.spec.routed)
         if u.base is None:
             u.base = evaluate_test(u, rank.autocast, monitor.progress)
             monitor.evaluation(u.user_idx, 0, u.base, "base")
@@ -684,7 +684,8 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
             run_round(rank, round_idx, monitor)
         except guard.NothingLeft as exc:  # guard.nan=skip ran out of users: the run stops, as under stop
             raise guard.Stopped(str(exc), exc.user, round_idx + 1) from exc
-        sent = {v: a["total"]["sent"] for v, a in analytic().items()}
+        # round 1's sync is the common start (a broadcast, not counted as traffic): nothing is expected
+        sent = {v: a["total"]["sent"] if round_idx > 0 else 0 for v, a in analytic().items()}
         for u in rank.users:
             monitor.round_end(u.user_idx, u.step, u.stats, before[u.user_idx], sent[u.user_idx],
                               u.guard_skipped_rounds, u.guard_skipped_steps)

@@ -70,6 +70,8 @@ def test_tensorboard_event_files_hold_the_documented_tags(trained_run):
         assert rounds[0] == 0 and all(v == row["analytic_bytes_per_round"]["sent"] for v in rounds[1:])
         assert sum(rounds) == row["bytes_sent"]
         assert last("comm/analytic_round_bytes") == row["analytic_bytes_per_round"]["sent"]
+        # counted and analytic agree round by round: round 1's sync is the uncounted common start
+        assert [e.value for e in acc.Scalars("comm/analytic_round_bytes")] == rounds
         assert [e.step for e in acc.Scalars("test/ppl")] == [p["step"] for p in row["test_curve"]]
         assert len(acc.Scalars("train/loss")) == row["local_steps"] == 3 * 4
         for layer in range(2):  # the expert scores are probabilities: they sum to 1 at every step
@@ -133,6 +135,44 @@ def test_scalar_layout_separates_generalists_from_specialists():
     assert match(spec) == [t for t in tags[:-1] if t[-1] in "23"]
     assert len(layout["expert scores by layer"]) == 3
     assert match(layout["expert scores by layer"]["layer 01: every expert"]) == tags[4:8]
+
+
+def test_a_method_without_a_router_logs_no_router_curves():
+    """FedAvg, Local and the like average their experts with no router: their users logged a
+    constant router probability of 0.5, a load-balancing loss of 0 and an expert-score chart; now
+    none of these, while a routed user's curves are unchanged."""
+    from types import SimpleNamespace
+
+    from comigs_dist.metrics import NullLogger
+    from comigs_dist.monitor import Monitor
+
+    class Recorder(NullLogger):
+        def __init__(self):
+            self.tags, self.layouts = set(), []
+
+        def scalar(self, tag, value, step):
+            self.tags.add(tag)
+
+        def scalars(self, values, step):
+            self.tags.update(values)
+
+        def layout(self, layout):
+            self.layouts.append(layout)
+
+    logs = {0: Recorder(), 1: Recorder()}
+    monitor = Monitor(logs, None)
+    stats = [(torch.tensor([0.5, 0.5]), torch.tensor([0.5, 0.5]))]
+    res = SimpleNamespace(loss=1.0, ppl=2.7, routing=[([0.5, 0.5], [0.5, 0.5])])
+    for user, routed in ((0, False), (1, True)):
+        monitor.start(user, None, 1, 2, 1, routed=routed)
+        monitor.expert_step(user, 1, 1.0, 1.0, 0.0, 1e-3, 100.0, stats)
+        monitor.evaluation(user, 1, res)
+    router = lambda tags: {t for t in tags if "router" in t or t == "train/lb"}
+    assert router(logs[0].tags) == set() and {"train/loss", "test/ppl"} <= logs[0].tags
+    assert "train/lb" in logs[1].tags and "router/prob/layer_00/expert_1" in logs[1].tags
+    assert "test_router/share/layer_00/expert_0" in logs[1].tags
+    assert not any(k.startswith("expert scores") for k in logs[0].layouts[0])
+    assert "expert scores (paper Fig. 3, 10)" in logs[1].layouts[0]
 
 
 # --------------------------------------------------------------------------------------------

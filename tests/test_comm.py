@@ -290,3 +290,34 @@ def test_two_clusters_from_a_yaml_end_to_end(tmp_path):
         assert groups[cluster]["shared_params"] == 2 * 2560
         assert groups["global"]["shared_params"] == 2 * 2560 + 2 * 1536
         assert groups[cluster]["payload_bytes"] == 4 * 2 * 2560
+
+
+def _local_worker(rank, world_size, tmp_path):
+    from comigs_dist.methods import SyncContext
+    from comigs_dist.train import analytic_round_bytes, build_rank, expert_step
+    topo0 = init_topology()
+    for method, expected in (("local", 0), ("local_moe", 0), ("fedavg", None)):
+        cfg = tiny_config(method=method)
+        check_world_size(cfg, world_size)
+        rank_run = build_rank(cfg, dataclasses.replace(topo0, groups={}))  # the method's own groups
+        r = rank_run.users[0]
+        expert_step(rank_run, rank_run.users)
+        comm = dist.Comm(rank_run.topo, "server", "fp32")
+        comm.mark_checked(rank_run.topo.groups)
+        r.method.sync(SyncContext(round_idx=1, comm=comm, users=[r]))
+        counted = comm.user_stats[rank].bytes_sent
+        analytic = analytic_round_bytes(r, SimpleNamespace(mode="server", dtype="fp32"), rank_run.topo, False)
+        assert analytic["total"]["sent"] == counted, (method, analytic, counted)
+        lora = sum(p.numel() for params in r.shared.values() for _, p in params) * 4
+        assert counted == (expected if expected is not None else lora) and (expected == 0) == (not r.method.aggregates)
+
+
+def test_the_local_baselines_expect_no_traffic_after_the_common_start(tmp_path):
+    """Local and Local-MoE share their tensors for the common start only: a round's analytic traffic
+    is 0, as counted (it was the tensors' size, so results.json and TensorBoard's analytic curve
+    disagreed with the counted 0); FedAvg's is its LoRA's size, as counted; analyze overhead
+    reports no shared parameters for Local."""
+    from comigs_dist.analyze.overhead import compute_overhead
+    run_on_ranks(_local_worker, 2, tmp_path)
+    assert compute_overhead(load_config(None, ["method=local", "model.name=tiny"]), 2).users[0][1].shared_params == 0
+    assert compute_overhead(load_config(None, ["method=fedavg", "model.name=tiny"]), 2).users[0][1].shared_params > 0

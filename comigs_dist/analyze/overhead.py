@@ -241,7 +241,8 @@ def compute_overhead(cfg, n_users: int | None = None) -> Overhead:
     for (spec, _), members in by_spec.items():
         who = f"user {members[0]}" if len(members) == 1 else f"users {','.join(map(str, members))}"
         label = f"{cfg.method}, {who}: {spec.n_experts} expert{'s' if spec.n_experts > 1 else ''}, rank {spec.rank}"
-        rep = report_for(base, spec, label, seq_len, fam, method.is_shared,
+        # a method that never aggregates (the local baselines) moves nothing per round
+        rep = report_for(base, spec, label, seq_len, fam, method.is_shared if method.aggregates else None,
                          lambda tag, u=members[0]: method.group_of(tag, u))
         users.append((members, rep))
     vocab = base.get_output_embeddings().weight.shape[0]

@@ -180,6 +180,9 @@ class Method:
     # whether after_training runs one more aggregation (a release of the last round's local steps:
     # privacy's accountant then plans train.rounds of them instead of train.rounds - 1)
     aggregates_after_training: ClassVar[bool] = False
+    # False: the shared tensors travel once, for the common start (round 0), and never after (the
+    # local baselines): nothing is aggregated, so a round's analytic traffic is 0
+    aggregates: ClassVar[bool] = True
 
     def __init__(self, cfg=None, users: Sequence[UserSpec] | None = None):
         self.cfg = cfg
