@@ -346,7 +346,15 @@ def submit(job_argv: list[str], sweep: list[str], *, root: Path = Path("runs/swe
                                       slurm_args=slurm_args, echo=echo,
                                       manifest_extra={"created": stamp, "job_argv": list(job_argv),
                                                       "sweep": list(sweep)})
-    echo(f"{note}")
+    if manifest["cluster"] == "local":
+        from comigs_dist.dist import usable_cpus
+        processes, cpus = sum(rec["users_per_node"] for rec in jobs) * nodes, usable_cpus()
+        if processes > cpus:  # nothing queues local jobs: they all start now and share the cores
+            echo(f"warning: the local executor starts all {len(jobs)} job(s) at once, {processes} processes on "
+                 f"{cpus} CPU(s): they share the cores, so their timings (wall_seconds, tokens_per_second) mean "
+                 f"little; fewer combinations per call, or launch.reproduce's --max-parallel for a table's runs")
+    else:
+        echo(f"{note}")  # how a requeued job resumes: a scheduler's matter
     echo(f"logs:    {folder / 'logs'}/<job id>_<task>_log.out (.err)")
     echo(f"collect: python -m launch.collect {folder}")
     manifest["folder"] = str(folder)

@@ -337,12 +337,27 @@ def test_two_sweeps_of_one_name_in_the_same_second_get_two_folders_and_a_refused
 
     monkeypatch.setattr(submit, "datetime", Frozen)
     folders = []
-    monkeypatch.setattr(submit, "launch_jobs", lambda jobs, folder, **kw: (folders.append(folder), []) and ({}, []))
+    monkeypatch.setattr(submit, "launch_jobs",
+                        lambda jobs, folder, **kw: (folders.append(folder), []) and ({"cluster": "local"}, []))
     monkeypatch.setattr(submit, "wait_for", lambda *a, **kw: {})
+    lines = []
     for _ in range(2):
-        submit.submit(["--config", DEBUG], [], root=tmp_path, name="x", cluster="local", echo=lambda line: None)
+        submit.submit(["--config", DEBUG], [], root=tmp_path, name="x", cluster="local", echo=lines.append)
     assert [f.name for f in folders] == ["20261201-030000_x", "20261201-030000_x-2"], folders
+    # local jobs all start at once: more processes than CPUs is said (timings then mean little);
+    # a requeue note (a scheduler's matter) is not
+    from comigs_dist import dist
+    monkeypatch.setattr(dist, "usable_cpus", lambda: 3)
+    lines.clear()
+    submit.submit(["--config", DEBUG], ["seed=1,2"], root=tmp_path, name="z", cluster="local", echo=lines.append)
+    assert any(l.startswith("warning: the local executor starts all 2 job(s) at once, 4 processes on 3 CPU(s)")
+               for l in lines), lines
+    assert not any(l.startswith("resume:") for l in lines), lines
+    lines.clear()
+    submit.submit(["--config", DEBUG], [], root=tmp_path, name="w", cluster="local", echo=lines.append)
+    assert not any("warning" in l for l in lines), lines
     with pytest.raises(ConfigError, match="train.lr"):
         submit.submit(["--config", DEBUG, "train.lr=-1"], [], root=tmp_path, name="y", cluster="local",
                       echo=lambda line: None)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["20261201-030000_x", "20261201-030000_x-2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["20261201-030000_w", "20261201-030000_x",
+                                                          "20261201-030000_x-2", "20261201-030000_z"]
