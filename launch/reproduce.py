@@ -536,7 +536,7 @@ def execute(runs: list[Run], root: Path, scale: str, key: str, *, cluster: str, 
     local executor ``max_parallel`` at a time, the next starting as soon as one ends (runs of one
     table differ in length several times over, e.g. 20 rounds against 50, so waiting for a whole
     batch would leave cores idle). Returns out_dir -> outcome for the runs waited on."""
-    from launch.submit import launch_jobs, stopping_local_jobs, wait_for
+    from launch.submit import launch_jobs, local_pool, wait_for
     todo = [r for r in runs if r.status == "to run"]
     if not todo:
         return {}
@@ -566,16 +566,7 @@ def execute(runs: list[Run], root: Path, scale: str, key: str, *, cluster: str, 
                 by_id = wait_for(submitted, jobs, echo=echo)
                 outcomes.update({rec["out_dir"]: by_id[rec["job_id"]] for rec in jobs})
         return outcomes
-    queue, running = list(todo), []  # running: (submitit job, its record)
-    with stopping_local_jobs(lambda: running, echo):
-        while queue or running:
-            while queue and len(running) < max(1, max_parallel):
-                submitted, jobs = submit([queue.pop(0)])
-                running += list(zip(submitted, jobs))
-            by_id = wait_for([j for j, _ in running], [rec for _, rec in running], echo=echo, first=True)
-            outcomes.update({rec["out_dir"]: by_id[rec["job_id"]] for _, rec in running if rec["job_id"] in by_id})
-            running = [(j, rec) for j, rec in running if rec["job_id"] not in by_id]
-    return outcomes
+    return local_pool(todo, lambda run: list(zip(*submit([run]))), max_parallel, echo)
 
 
 def slug_of(run: Run) -> str:

@@ -294,42 +294,83 @@ def interruptible_children():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+class Launch:
+    """One launch folder: its executor (logs in ``folder/logs``) and its manifest
+    (``folder/jobs.json``, every planned job; a job gets its ``job_id`` and ``log`` when it starts,
+    at once or later in a local pool, and the manifest is rewritten each time)."""
+
+    def __init__(self, jobs: list[dict], folder: Path, *, cluster: str = "auto", nodes: int = 1,
+                 gpus_per_node: int = 0, cpus_per_task: int = 0, timeout_min: int = 240, partition: str | None = None,
+                 slurm_args: dict | None = None, manifest_extra: dict | None = None):
+        per_node = jobs[0]["users_per_node"]  # every job the same users per node
+        folder.mkdir(parents=True, exist_ok=True)  # the caller claimed it (fresh_run_dir), or nobody has
+        if any(folder.iterdir()):
+            raise ConfigError(f"launch folder {folder} is not empty: it holds another launch; nothing was submitted")
+        self.folder = folder
+        self.executor = make_executor(folder, cluster, nodes=nodes, tasks_per_node=per_node,
+                                      gpus_per_node=gpus_per_node, cpus_per_task=cpus_per_task,
+                                      timeout_min=timeout_min, partition=partition, slurm_args=slurm_args or {})
+        self.manifest = {"created": folder.name, "cluster": self.executor.cluster, "nodes": nodes,
+                         "users_per_node": per_node, "n_tasks": nodes * per_node, **(manifest_extra or {}),
+                         "jobs": jobs}
+        self.write()
+
+    def write(self) -> None:
+        (self.folder / MANIFEST).write_text(json.dumps(self.manifest, indent=1))
+
+    def start(self, rec: dict):
+        """Submit one of the manifest's jobs; returns its submitit job."""
+        self.executor.update_parameters(name=f"comigs_{rec['label']}"[:64])
+        with interruptible_children():
+            job = self.executor.submit(Experiment(rec["argv"], rec["out_dir"]))
+        rec["job_id"] = str(job.job_id)
+        rec["log"] = str(job.paths.stdout)
+        self.write()
+        return job
+
+
 def launch_jobs(jobs: list[dict], folder: Path, *, cluster: str = "auto", nodes: int = 1, gpus_per_node: int = 0,
                 cpus_per_task: int = 0, timeout_min: int = 240, partition: str | None = None,
                 slurm_args: dict | None = None, manifest_extra: dict | None = None, echo=None) -> tuple[dict, list]:
-    """Submit planned jobs (``plan_jobs``; every job the same users per node) with one executor
-    whose logs go to ``folder/logs``, and write ``folder/jobs.json``. Returns (manifest, submitit jobs)."""
+    """Submit planned jobs (``plan_jobs``; every job the same users per node) at once through one
+    ``Launch``. Returns (manifest, submitit jobs)."""
     echo = echo or (lambda line: print(line, flush=True))
-    per_node = jobs[0]["users_per_node"]
-    folder.mkdir(parents=True, exist_ok=True)  # the caller claimed it (fresh_run_dir), or nobody has
-    if any(folder.iterdir()):
-        raise ConfigError(f"launch folder {folder} is not empty: it holds another launch; nothing was submitted")
-    executor = make_executor(folder, cluster, nodes=nodes, tasks_per_node=per_node, gpus_per_node=gpus_per_node,
-                             cpus_per_task=cpus_per_task, timeout_min=timeout_min, partition=partition,
-                             slurm_args=slurm_args or {})
-    submitted = []
-    for rec in jobs:
-        executor.update_parameters(name=f"comigs_{rec['label']}"[:64])
-        with interruptible_children():
-            job = executor.submit(Experiment(rec["argv"], rec["out_dir"]))
-        rec["job_id"] = str(job.job_id)
-        rec["log"] = str(job.paths.stdout)
-        submitted.append(job)
-    manifest = {"created": folder.name, "cluster": executor.cluster, "nodes": nodes, "users_per_node": per_node,
-                "n_tasks": nodes * per_node, **(manifest_extra or {}), "jobs": jobs}
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    echo(f"submitted {len(jobs)} job(s) to {executor.cluster}: {nodes} node(s) x {per_node} users each")
+    launch = Launch(jobs, folder, cluster=cluster, nodes=nodes, gpus_per_node=gpus_per_node,
+                    cpus_per_task=cpus_per_task, timeout_min=timeout_min, partition=partition,
+                    slurm_args=slurm_args, manifest_extra=manifest_extra)
+    submitted = [launch.start(rec) for rec in jobs]
+    m = launch.manifest
+    echo(f"submitted {len(jobs)} job(s) to {m['cluster']}: {nodes} node(s) x {m['users_per_node']} users each")
     for line in tables.format_table(None, [(f"job {rec['job_id']}", rec["label"], f"-> {rec['out_dir']}/results.json")
                                            for rec in jobs], "<<<", indent="  ").splitlines():
         echo(line)
-    return manifest, submitted
+    return m, submitted
+
+
+def local_pool(queue: list, start, max_parallel: int, echo) -> dict[str, str]:
+    """Local jobs ``max_parallel`` at a time, the next starting as soon as one ends (nothing else
+    queues local jobs; runs of unequal length in batches would leave cores idle). ``start(item)``
+    starts one item's jobs and returns their (submitit job, record) pairs. An interruption stops
+    the running ones (stopping_local_jobs). Returns out_dir -> outcome (``wait_for``)."""
+    queue, running, outcomes = list(queue), [], {}
+    with stopping_local_jobs(lambda: running, echo):
+        while queue or running:
+            while queue and len(running) < max(1, max_parallel):
+                running += start(queue.pop(0))
+            by_id = wait_for([j for j, _ in running], [rec for _, rec in running], echo=echo, first=True)
+            outcomes.update({rec["out_dir"]: by_id[rec["job_id"]] for _, rec in running if rec["job_id"] in by_id})
+            running = [(j, rec) for j, rec in running if rec["job_id"] not in by_id]
+    return outcomes
 
 
 def submit(job_argv: list[str], sweep: list[str], *, root: Path = Path("runs/sweeps"), name: str | None = None,
            cluster: str = "auto", nodes: int = 1, users_per_node_: int | None = None, gpus_per_node: int = 0,
            cpus_per_task: int = 0, timeout_min: int = 240, partition: str | None = None,
-           slurm_args: dict | None = None, resume: str | None = None, wait: bool = False, echo=None) -> dict:
-    """Validate every combination, submit one job each, write the manifest; optionally wait."""
+           slurm_args: dict | None = None, resume: str | None = None, wait: bool = False, max_parallel: int = 0,
+           echo=None) -> dict:
+    """Validate every combination, submit one job each, write the manifest; optionally wait. With
+    the local executor and ``wait``, at most ``max_parallel`` jobs run at once (0: as many as the
+    CPUs hold, one process per CPU), the next starting as one ends."""
     echo = echo or (lambda line: print(line, flush=True))
     base = parse_args(job_argv)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -341,18 +382,26 @@ def submit(job_argv: list[str], sweep: list[str], *, root: Path = Path("runs/swe
     except ConfigError:
         folder.rmdir()  # nothing was submitted: no empty launch folder left behind
         raise
+    extra = {"created": stamp, "job_argv": list(job_argv), "sweep": list(sweep)}
+    from submitit import AutoExecutor
+
+    from comigs_dist.dist import usable_cpus
+    per_job = jobs[0]["users_per_node"] * nodes
+    limit = max_parallel or max(1, usable_cpus() // per_job)
+    if wait and len(jobs) > limit and (AutoExecutor.which() if cluster == "auto" else cluster) == "local":
+        launch = Launch(jobs, folder, cluster="local", nodes=nodes, gpus_per_node=gpus_per_node,
+                        cpus_per_task=cpus_per_task, timeout_min=timeout_min, manifest_extra=extra)
+        return _pooled(jobs, folder, limit, nodes, echo, launch)
     manifest, submitted = launch_jobs(jobs, folder, cluster=cluster, nodes=nodes, gpus_per_node=gpus_per_node,
                                       cpus_per_task=cpus_per_task, timeout_min=timeout_min, partition=partition,
-                                      slurm_args=slurm_args, echo=echo,
-                                      manifest_extra={"created": stamp, "job_argv": list(job_argv),
-                                                      "sweep": list(sweep)})
+                                      slurm_args=slurm_args, echo=echo, manifest_extra=extra)
     if manifest["cluster"] == "local":
         from comigs_dist.dist import usable_cpus
-        processes, cpus = sum(rec["users_per_node"] for rec in jobs) * nodes, usable_cpus()
-        if processes > cpus:  # nothing queues local jobs: they all start now and share the cores
+        processes, cpus = per_job * len(jobs), usable_cpus()
+        if processes > cpus:  # without --wait nobody starts the next job: they all start now
             echo(f"warning: the local executor starts all {len(jobs)} job(s) at once, {processes} processes on "
                  f"{cpus} CPU(s): they share the cores, so their timings (wall_seconds, tokens_per_second) mean "
-                 f"little; fewer combinations per call, or launch.reproduce's --max-parallel for a table's runs")
+                 f"little; with --wait they run --max-parallel at a time")
     else:
         echo(f"{note}")  # how a requeued job resumes: a scheduler's matter
     echo(f"logs:    {folder / 'logs'}/<job id>_<task>_log.out (.err)")
@@ -362,6 +411,24 @@ def submit(job_argv: list[str], sweep: list[str], *, root: Path = Path("runs/swe
         # Slurm's jobs are the scheduler's: they go on (scancel)
         with stopping_local_jobs(lambda: list(zip(submitted, jobs)) if manifest["cluster"] == "local" else [], echo):
             manifest["outcomes"] = wait_for(submitted, jobs, echo=echo)
+    return manifest
+
+
+def _pooled(jobs: list[dict], folder: Path, limit: int, nodes: int, echo, launch: "Launch") -> dict:
+    """submit's local jobs ``limit`` at a time (local_pool); the manifest lists every job from the
+    start and gains each job's id as it starts. Returns the manifest with the outcomes."""
+    echo(f"{len(jobs)} job(s) on local, {limit} at a time: {nodes} node(s) x {jobs[0]['users_per_node']} users each")
+    echo(f"logs:    {folder / 'logs'}/<job id>_<task>_log.out (.err)")
+    echo(f"collect: python -m launch.collect {folder}")
+
+    def start(rec: dict) -> list:
+        job = launch.start(rec)
+        echo(f"  job {rec['job_id']}  {rec['label']}  -> {rec['out_dir']}/results.json")
+        return [(job, rec)]
+    outcomes = local_pool(jobs, start, limit, echo)
+    manifest = launch.manifest
+    manifest["folder"] = str(folder)
+    manifest["outcomes"] = {rec["job_id"]: outcomes[rec["out_dir"]] for rec in jobs if rec["out_dir"] in outcomes}
     return manifest
 
 
@@ -399,13 +466,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default="runs/sweeps", help="sweep folders are created under this directory")
     parser.add_argument("--name", default=None, help="the sweep folder's name (default: the config's stem)")
     parser.add_argument("--wait", action="store_true", help="wait for every job; exit 1 if any failed")
+    parser.add_argument("--max-parallel", type=int, default=0,
+                        help="--executor local with --wait: at most this many jobs at once, the next starting as one "
+                             "ends (default 0: as many as the CPUs hold at one process per CPU)")
     ns = parser.parse_args(argv)
+    if ns.max_parallel < 0:
+        print(f"error: --max-parallel ({ns.max_parallel}) must be >= 0 (0: as many as the CPUs hold)", file=sys.stderr)
+        return 2
     job_argv = ([] if ns.config is None else ["--config", ns.config]) + ns.overrides
     try:
         manifest = submit(job_argv, ns.sweep, root=Path(ns.root), name=ns.name, cluster=ns.executor, nodes=ns.nodes,
                           users_per_node_=ns.users_per_node, gpus_per_node=ns.gpus_per_node,
                           cpus_per_task=ns.cpus_per_task, timeout_min=ns.time, partition=ns.partition,
-                          slurm_args=_slurm_kv(ns.slurm), resume=ns.resume, wait=ns.wait)
+                          slurm_args=_slurm_kv(ns.slurm), resume=ns.resume, wait=ns.wait,
+                          max_parallel=ns.max_parallel)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

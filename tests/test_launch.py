@@ -361,3 +361,22 @@ def test_two_sweeps_of_one_name_in_the_same_second_get_two_folders_and_a_refused
                       echo=lambda line: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["20261201-030000_w", "20261201-030000_x",
                                                           "20261201-030000_x-2", "20261201-030000_z"]
+
+
+def test_a_local_sweep_with_wait_runs_max_parallel_jobs_at_a_time(tmp_path):
+    """`launch.submit --executor local --wait --max-parallel 1`, three seeds: every job completes,
+    each starts only once the one before has ended (its start line follows that job's COMPLETED
+    line), and the manifest lists all three with their ids. (They all started at once before.)"""
+    lines = []
+    manifest = submit.submit(["--config", DEBUG, *FAST, "train.rounds=2"], ["seed=1,2,3"], root=tmp_path,
+                             name="pool", cluster="local", timeout_min=5, wait=True, max_parallel=1,
+                             echo=lines.append)
+    assert list(manifest["outcomes"].values()) == ["COMPLETED"] * 3, "\n".join(lines)
+    assert lines[0] == "3 job(s) on local, 1 at a time: 1 node(s) x 2 users each", lines
+    starts = [i for i, line in enumerate(lines) if line.startswith("  job ")]
+    ends = [i for i, line in enumerate(lines) if ": COMPLETED" in line]
+    assert len(starts) == 3 and starts[1] > ends[0] and starts[2] > ends[1], "\n".join(lines)
+    saved = json.loads((Path(manifest["folder"]) / "jobs.json").read_text())
+    assert [rec["job_id"] for rec in saved["jobs"]] == list(manifest["outcomes"]), saved
+    for rec in saved["jobs"]:
+        assert json.loads((Path(rec["out_dir"]) / "results.json").read_text())["seed"] == int(rec["label"][-1])
