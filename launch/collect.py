@@ -155,6 +155,10 @@ def missing_jobs(manifests: list[dict], state_of=None) -> list[str]:
                              f"value, user {stop.get('user')}, round {stop.get('round')}; "
                              f"{Path(rec['out_dir']) / STOPPED})")
                 continue
+            if "job_id" not in rec:  # a local pool's job that was never started (the pool was stopped first)
+                lines.append(f"job - {rec['label']}: never started (its local pool was stopped before it); "
+                             f"run the sweep again for it")
+                continue
             state = state_of(m, rec) if state_of else "unknown"
             lines.append(f"job {rec.get('job_id', '?')} {rec['label']}: no results.json (state {state}); log: "
                          f"{rec.get('log', '?')}")

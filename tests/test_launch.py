@@ -213,6 +213,9 @@ def test_collect_cli_writes_csv_and_lists_missing_jobs(tmp_path):
         {"job_id": "1", "label": "seed-42", "out_dir": str(done), "log": "l1"},
         {"job_id": "2", "label": "seed-45", "out_dir": str(tmp_path / "seed-45"), "log": "l2"},
         {"job_id": "3", "label": "seed-47", "out_dir": str(tmp_path / "seed-47"), "log": "l3"}]}))
+    unstarted = {"cluster": "local", "jobs": [{"label": "seed-48", "out_dir": str(tmp_path / "seed-48")}]}
+    assert collect.missing_jobs([unstarted]) == [
+        "job - seed-48: never started (its local pool was stopped before it); run the sweep again for it"]
     assert collect.missing_jobs([json.loads((tmp_path / "jobs.json").read_text())]) == [
         "job 2 seed-45: no results.json (state unknown); log: l2",
         f"job 3 seed-47: diverged (guard.nan=stop: a non-finite value, user 2, round 7; "
