@@ -280,7 +280,8 @@ def build_privacy(cfg: RunConfig, topo: dist.Topology,
     return PrivateMean(p, noise_multiplier=z, seed=cfg.seed, groups=groups), accountant, report
 
 
-def analytic_round_bytes(user: UserState, comm_cfg, topo: dist.Topology, count: bool, secure_agg: bool = False) -> dict:
+def analytic_round_bytes(user: UserState, comm_cfg, topo: dist.Topology, count: bool, secure_agg: bool = False,
+                         round_idx: int | None = None) -> dict:
     """What one aggregation round should cost a user, from the shapes of its shared parameters
     (``dist.round_bytes``: S up and down in server mode, N*S each way in all2all, S in comm.dtype
     (int64 under privacy.secure_agg) plus the contributor count under guard.nan=skip): per group
@@ -288,11 +289,11 @@ def analytic_round_bytes(user: UserState, comm_cfg, topo: dist.Topology, count: 
     groups, or those a method formed since, learned groups). This is the mean every method
     defaults to; methods with an aggregation of their own move what they move."""
     groups, total = {}, {"sent": 0, "received": 0}
-    for group, (numel, members) in user.method.payloads(user).items():
+    for group, (numel, members, *pattern) in user.method.payloads(user, round_idx).items():
         members = topo.members(group) if members is None else tuple(members)
         wire = dist.SECURE_AGG_WIRE if secure_agg else comm_cfg.dtype
         payload = dist.payload_bytes(numel + (1 if count else 0), wire)
-        sent, received = dist.round_bytes(payload, comm_cfg.mode, len(members))
+        sent, received = dist.round_bytes(payload, pattern[0] if pattern else comm_cfg.mode, len(members))
         groups[group] = {"members": list(members), "shared_params": numel, "payload_bytes": payload,
                          "analytic_sent_per_round": sent, "analytic_received_per_round": received}
         total["sent"] += sent
@@ -655,9 +656,11 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     method, t = rank.method, cfg.train
     monitor = Monitor.build(cfg, topo.rank, [u.user_idx for u in rank.users], out_dir,
                             {u.user_idx: u.step for u in rank.users} if done else {}, say, resumed_round=done)
-    def analytic() -> dict:  # each user's analytic bytes of a round in the current layout (learned groups change it)
-        return {u.user_idx: analytic_round_bytes(u, cfg.comm, topo, rank.comm.count, cfg.privacy.secure_agg)
-                for u in rank.users}
+    def analytic(round_idx: int | None = None) -> dict:
+        """Each user's analytic bytes of a round in the current layout (learned groups change it):
+        of round ``round_idx``'s sync, or (None) of a round in which the method aggregates."""
+        return {u.user_idx: analytic_round_bytes(u, cfg.comm, topo, rank.comm.count, cfg.privacy.secure_agg,
+                                                 round_idx) for u in rank.users}
     if rank.accountant is not None:
         say(f"privacy: user-level DP, noise multiplier {rank.accountant.noise_multiplier:.4g}, clip "
             f"{cfg.privacy.clip}, delta {cfg.privacy.delta}; planned epsilon {_planned_epsilon(rank):.4g}")
@@ -685,7 +688,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
         except guard.NothingLeft as exc:  # guard.nan=skip ran out of users: the run stops, as under stop
             raise guard.Stopped(str(exc), exc.user, round_idx + 1) from exc
         # round 1's sync is the common start (a broadcast, not counted as traffic): nothing is expected
-        sent = {v: a["total"]["sent"] if round_idx > 0 else 0 for v, a in analytic().items()}
+        sent = {v: a["total"]["sent"] if round_idx > 0 else 0 for v, a in analytic(round_idx).items()}
         for u in rank.users:
             monitor.round_end(u.user_idx, u.step, u.stats, before[u.user_idx], sent[u.user_idx],
                               u.guard_skipped_rounds, u.guard_skipped_steps)

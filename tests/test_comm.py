@@ -321,3 +321,35 @@ def test_the_local_baselines_expect_no_traffic_after_the_common_start(tmp_path):
     run_on_ranks(_local_worker, 2, tmp_path)
     assert compute_overhead(load_config(None, ["method=local", "model.name=tiny"]), 2).users[0][1].shared_params == 0
     assert compute_overhead(load_config(None, ["method=fedavg", "model.name=tiny"]), 2).users[0][1].shared_params > 0
+
+
+def _pcl_worker(rank, world_size, tmp_path):
+    from comigs_dist.methods import SyncContext
+    from comigs_dist.train import analytic_round_bytes, build_rank, evaluate_valid, expert_step
+    cfg = tiny_config(method="pcl", **{"method_options.mix_after": 0, "method_options.mix_every": 2})
+    check_world_size(cfg, world_size)
+    rank_run = build_rank(cfg, init_topology())
+    r = rank_run.users[0]
+    off = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    per_round = []
+    for round_idx in (1, 2, 3):  # mixes after rounds 0 and 2: at the syncs of rounds 1 and 3, not 2
+        expert_step(rank_run, rank_run.users)
+        comm = dist.Comm(rank_run.topo, "server", "fp32")
+        comm.mark_checked(rank_run.topo.groups)
+        r.method.sync(SyncContext(round_idx=round_idx, comm=comm, users=[r],
+                                  evaluate_valid=lambda u: evaluate_valid(u, off).loss))
+        mode = SimpleNamespace(mode="server", dtype="fp32")
+        analytic = analytic_round_bytes(r, mode, rank_run.topo, False, round_idx=round_idx)["total"]
+        per_round.append((comm.user_stats[rank].bytes_sent, analytic["sent"], comm.user_stats[rank].bytes_received,
+                          analytic["received"]))
+    model = (sum(p.numel() for params in r.shared.values() for _, p in params) + 1) * 4  # and the flag
+    assert per_round == [(2 * model,) * 4, (0, 0, 0, 0), (2 * model,) * 4], (per_round, model)
+    # results.json's figure: a mixing round, the gather's N payloads each way whatever comm.mode says
+    assert analytic_round_bytes(r, mode, rank_run.topo, False)["total"] == {"sent": 2 * model, "received": 2 * model}
+
+
+def test_pcls_analytic_bytes_follow_its_gathers_round_by_round(tmp_path):
+    """PCL gathers every user's model (N payloads each way in any comm.mode) every mix_every-th
+    round: its analytic bytes were a server mean's (one payload) in every round. Now each round's
+    analytic figure equals the bytes counted in it: N payloads in a mixing round, 0 otherwise."""
+    run_on_ranks(_pcl_worker, 2, tmp_path)

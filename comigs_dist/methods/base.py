@@ -330,10 +330,12 @@ class Method:
             else:
                 ctx.comm.mean(group, ctx.tensors(group), skip=ctx.skip)
 
-    def payloads(self, user) -> dict[str, tuple[int, Sequence[int] | None]]:
-        """Per group the user's sync sends in a round: the elements sent and the group's members
-        (None: the topology's). By default its shared groups (``train.analytic_round_bytes``
-        turns this into bytes)."""
+    def payloads(self, user, round_idx: int | None = None) -> dict[str, tuple]:
+        """Per group what the user's sync sends: (elements, the group's members or None for the
+        topology's[, the collective's pattern: 'all2all' for a gather, whatever comm.mode says]).
+        ``round_idx``: the sync of that round (nothing where the method does not aggregate then);
+        None: a round in which it aggregates (results.json's analytic figure). By default its
+        shared groups, every round (``train.analytic_round_bytes`` turns this into bytes)."""
         return {group: (sum(p.numel() for _, p in params), None) for group, params in user.shared.items()}
 
     def own_aggregated(self, user) -> list[tuple[str, Any]]:

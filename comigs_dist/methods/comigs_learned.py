@@ -190,7 +190,7 @@ class CoMiGSLearned(CoMiGS1G1S):
             seeds[DEFAULT_GROUP] = part(st.attention)
         ctx.comm.restore_latest(seeds)
 
-    def payloads(self, user) -> dict:
+    def payloads(self, user, round_idx: int | None = None) -> dict:
         """After the switch: the generalists in the user's group and the attention LoRA in the
         global one (attention='global'), or every shared tensor in the user's group (whose
         process group a resumed run builds only at its first sync)."""

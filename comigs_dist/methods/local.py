@@ -27,7 +27,7 @@ class _Alone(Method):
         if ctx.round_idx == 0:
             super().sync(ctx)  # one common start, then nothing
 
-    def payloads(self, user) -> dict:
+    def payloads(self, user, round_idx: int | None = None) -> dict:
         return {}  # no aggregation round sends anything (the common start is round 0's, uncounted)
 
 
