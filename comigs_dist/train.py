@@ -687,8 +687,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
             run_round(rank, round_idx, monitor)
         except guard.NothingLeft as exc:  # guard.nan=skip ran out of users: the run stops, as under stop
             raise guard.Stopped(str(exc), exc.user, round_idx + 1) from exc
-        # round 1's sync is the common start (a broadcast, not counted as traffic): nothing is expected
-        sent = {v: a["total"]["sent"] if round_idx > 0 else 0 for v, a in analytic(round_idx).items()}
+        sent = {v: a["total"]["sent"] for v, a in analytic(round_idx).items()}
         for u in rank.users:
             monitor.round_end(u.user_idx, u.step, u.stats, before[u.user_idx], sent[u.user_idx],
                               u.guard_skipped_rounds, u.guard_skipped_steps)

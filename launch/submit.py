@@ -318,14 +318,15 @@ class Launch:
     def write(self) -> None:
         (self.folder / MANIFEST).write_text(json.dumps(self.manifest, indent=1))
 
-    def start(self, rec: dict):
-        """Submit one of the manifest's jobs; returns its submitit job."""
+    def start(self, rec: dict, save: bool = True):
+        """Submit one of the manifest's jobs and (``save``) rewrite the manifest; returns its submitit job."""
         self.executor.update_parameters(name=f"comigs_{rec['label']}"[:64])
         with interruptible_children():
             job = self.executor.submit(Experiment(rec["argv"], rec["out_dir"]))
         rec["job_id"] = str(job.job_id)
         rec["log"] = str(job.paths.stdout)
-        self.write()
+        if save:
+            self.write()
         return job
 
 
@@ -338,7 +339,8 @@ def launch_jobs(jobs: list[dict], folder: Path, *, cluster: str = "auto", nodes:
     launch = Launch(jobs, folder, cluster=cluster, nodes=nodes, gpus_per_node=gpus_per_node,
                     cpus_per_task=cpus_per_task, timeout_min=timeout_min, partition=partition,
                     slurm_args=slurm_args, manifest_extra=manifest_extra)
-    submitted = [launch.start(rec) for rec in jobs]
+    submitted = [launch.start(rec, save=False) for rec in jobs]
+    launch.write()  # once, with every job's id
     m = launch.manifest
     echo(f"submitted {len(jobs)} job(s) to {m['cluster']}: {nodes} node(s) x {m['users_per_node']} users each")
     for line in tables.format_table(None, [(f"job {rec['job_id']}", rec["label"], f"-> {rec['out_dir']}/results.json")

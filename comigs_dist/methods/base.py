@@ -335,7 +335,10 @@ class Method:
         topology's[, the collective's pattern: 'all2all' for a gather, whatever comm.mode says]).
         ``round_idx``: the sync of that round (nothing where the method does not aggregate then);
         None: a round in which it aggregates (results.json's analytic figure). By default its
-        shared groups, every round (``train.analytic_round_bytes`` turns this into bytes)."""
+        shared groups, every round but round 0, whose common start is not counted, and never for a
+        method that does not aggregate (``train.analytic_round_bytes`` turns this into bytes)."""
+        if round_idx == 0 or not self.aggregates:
+            return {}
         return {group: (sum(p.numel() for _, p in params), None) for group, params in user.shared.items()}
 
     def own_aggregated(self, user) -> list[tuple[str, Any]]:

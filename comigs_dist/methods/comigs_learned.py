@@ -196,7 +196,7 @@ class CoMiGSLearned(CoMiGS1G1S):
         process group a resumed run builds only at its first sync)."""
         st = user.method_state
         if st.groups is None or len(st.groups) == 1:
-            return super().payloads(user)
+            return super().payloads(user, round_idx)
         i, members = next((i, m) for i, m in enumerate(st.groups) if user.user_idx in m)
         if self.options.attention == "cluster":
             return {group_name(i): (sum(n for n, _ in super().payloads(user).values()), members)}

@@ -18,7 +18,7 @@ from comigs_dist.methods.base import AlternatingOptions, Method, register_method
 class _Alone(Method):
     """What the local baselines share: no generalist, and one common start (round 0) then nothing."""
     accepts_comm_groups = False  # nothing is averaged after the common start
-    aggregates = False
+    aggregates = False  # no round after the common start sends anything (Method.payloads)
 
     def adapter_spec(self, cfg, user_idx, spec):
         return replace(spec, n_generalists=0)  # nothing is shared with anyone
@@ -26,9 +26,6 @@ class _Alone(Method):
     def sync(self, ctx) -> None:
         if ctx.round_idx == 0:
             super().sync(ctx)  # one common start, then nothing
-
-    def payloads(self, user, round_idx: int | None = None) -> dict:
-        return {}  # no aggregation round sends anything (the common start is round 0's, uncounted)
 
 
 @register_method("local")

@@ -72,7 +72,7 @@ class PCL(Method):
     def payloads(self, user, round_idx: int | None = None) -> dict:
         """A mixing round gathers every user's whole model and its flag (Comm.gather: N payloads
         each way whatever comm.mode says); the other rounds send nothing."""
-        if round_idx is not None and not (round_idx > 0 and self.mixes_after(round_idx - 1)):
+        if round_idx is not None and (round_idx == 0 or not self.mixes_after(round_idx - 1)):
             return {}
         return {group: (sum(p.numel() for _, p in params) + 1, None, "all2all")
                 for group, params in user.shared.items()}
