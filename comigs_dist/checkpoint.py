@@ -409,6 +409,7 @@ class Holdings:
     manifest: list[int] = field(default_factory=list)          # rounds the manifest records
     rounds: dict[int, list[int]] = field(default_factory=dict)   # user -> complete round checkpoints
     finals: list[int] = field(default_factory=list)              # users with final.pt
+    final_round: int | None = None                               # the manifest's: every user wrote final.pt
 
     def __bool__(self) -> bool:
         return bool(self.config or self.results or self.tensorboard or self.manifest or self.rounds or self.finals)
@@ -438,7 +439,8 @@ def holdings(out_dir: Path) -> Holdings:
     h = Holdings(config=(out_dir / "config.yaml").is_file(), results=(out_dir / "results.json").is_file(),
                  tensorboard=(out_dir / "tb").is_dir() and any(p.is_file() for p in (out_dir / "tb").rglob("*")))
     try:
-        h.manifest = list((read_manifest(out_dir) or {}).get("rounds") or [])
+        manifest = read_manifest(out_dir) or {}
+        h.manifest, h.final_round = list(manifest.get("rounds") or []), manifest.get("final_round")
     except CheckpointError:
         h.manifest = [-1]  # unreadable: restore_user names it
     ckpt = checkpoints_dir(out_dir)
@@ -660,7 +662,9 @@ def claim_out_dir(out_dir: Path, resume: str, config: dict, job: str | None = No
         if problem:
             raise CheckpointError(problem)
         h = holdings(out_dir)
-        if resume == "auto" and h and not h.rounds and not h.manifest:  # its own unfinished first attempt
+        # its own unfinished first attempt (one that ended after final.pt is resumed from it: restore says so)
+        if (resume == "auto" and h and not h.rounds and not h.manifest
+                and h.final_round != config.get("train", {}).get("rounds")):
             notes.append(f"out_dir {out_dir} holds an earlier attempt of this run that checkpointed no round "
                          f"({h.describe()}): it starts over (resume={resume})")
         return lock, notes

@@ -121,23 +121,24 @@ class Monitor:
 
     @classmethod
     def build(cls, cfg, rank: int, users: Iterable[int], out_dir: Path, resumed_steps: dict[int, int],
-              say: Callable[[str], None] = lambda m: None, resumed_round: int = 0) -> "Monitor":
+              say: Callable[[str], None] = lambda m: None, resumed_round: int = 0, purge: bool = True) -> "Monitor":
         """The monitor of one rank: the loggers of its users that ``log.users`` picks (a resumed
-        user's writer drops what the interrupted attempt logged after its checkpoint), and on rank 0
-        progress and the federation's writer (means over every user, by round)."""
+        user's writer drops what the interrupted attempt logged after its checkpoint, unless not
+        ``purge``: a run resumed from final.pt logged everything), and on rank 0 progress and the
+        federation's writer (means over every user, by round)."""
         from comigs_dist.wandb_logger import options_for
         chosen = logged_users(cfg.log.users, cfg.n_users)
         loggers = {}
         for u in users:
             step = resumed_steps.get(u)
-            loggers[u] = (build_logger(out_dir, u, cfg.log.tensorboard, purge_step=step + 1 if step else None,
+            loggers[u] = (build_logger(out_dir, u, cfg.log.tensorboard, purge_step=step + 1 if step and purge else None,
                                        wandb=options_for(cfg, out_dir, u, resumed=bool(step)))
                           if u in chosen else NullLogger())
         monitor = cls(loggers, build_progress(rank == 0 and cfg.log.progress), say, cfg.log.every)
         if rank == 0 and cfg.log.tensorboard:
             from comigs_dist.metrics import TensorBoardLogger
             monitor.federation = TensorBoardLogger(Path(out_dir) / "tb" / "federation",
-                                                   resumed_round + 1 if resumed_round else None)
+                                                   resumed_round + 1 if resumed_round and purge else None)
         return monitor
 
     def federation_round(self, round_num: int, mean_loss: float, participants: int) -> None:

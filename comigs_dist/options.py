@@ -201,30 +201,35 @@ def close_match(name: str, options: list[str]) -> str:
     return repr(m[0]) if m else ""
 
 
-def merge(raw: dict, cls: type, prefix: str, errors: list[str]) -> dict:
+def merge(raw: dict, cls: type, prefix: str, errors: list[str], broken: set[str] | None = None) -> dict:
     """Check a nested mapping against an options dataclass: returns kwargs with coerced leaves
-    (nested groups as mappings) and appends every problem to ``errors``."""
+    (nested groups as mappings), appends every problem to ``errors`` and the dotted key it is
+    about to ``broken`` (the keys left out of the kwargs)."""
     known = fields_of(cls)
     out: dict[str, Any] = {}
+
+    def problem(key: str, text: str) -> None:
+        errors.append(text)
+        if broken is not None:
+            broken.add(key)
     for name, value in raw.items():
         key = f"{prefix}{name}"
         if name not in known:
             hint = close_match(name, list(known))
             e = f"unknown key {key!r}" + (f"; did you mean {hint}?" if hint else "")
-            e += f" (known under {prefix.rstrip('.') or 'the top level'}: {', '.join(known)})"
-            errors.append(e)
+            problem(key, e + f" (known under {prefix.rstrip('.') or 'the top level'}: {', '.join(known)})")
             continue
         tp, _ = known[name]
         if is_options_class(tp):
             if not isinstance(value, dict):
-                errors.append(f"{key} must be a mapping of options, got {value!r}")
+                problem(key, f"{key} must be a mapping of options, got {value!r}")
                 continue
-            out[name] = merge(value, tp, key + ".", errors)
+            out[name] = merge(value, tp, key + ".", errors, broken)
         else:
             try:
                 out[name] = coerce(value, tp, key)
             except OptionsError as exc:
-                errors.append(str(exc))
+                problem(key, str(exc))
     return out
 
 

@@ -56,6 +56,7 @@ def user_state(run, round_idx: int, latest: dict | None = None) -> dict:
         "history": list(run.history),
         "train_curve": list(run.train_curve),
         "base": dataclasses.asdict(run.base) if run.base is not None else None,
+        "final": dataclasses.asdict(run.final) if run.final is not None else None,  # final.pt only
         "comm": dataclasses.asdict(run.stats),
         "privacy": {**run.privacy,
                     "references": {g: t.detach().cpu() for g, t in run.privacy.get("references", {}).items()}},
@@ -92,6 +93,7 @@ def apply_state(run, state: dict) -> None:
     run.train_curve = list(state.get("train_curve", []))  # absent from checkpoints of older versions
     if state["base"] is not None:
         run.base = EvalResult(**state["base"])
+    run.final = EvalResult(**state["final"]) if state.get("final") is not None else None
     run.stats.__dict__.update(dataclasses.asdict(dist.CommStats(**state["comm"])))  # the object Comm counts into
     if run.privacy and state.get("privacy"):  # privacy.* is part of the config fingerprint: the same options
         saved = state["privacy"]
@@ -164,6 +166,10 @@ def save(rank, out_dir: Path, name: str, round_idx: int) -> None:
                          "data_fingerprint": data_fingerprint(rank.users[0].data.meta)["digest"],
                          "restart_count": dist.restart_count(), "written": time.strftime("%Y-%m-%dT%H:%M:%S")})
         manifest["final" if not is_round else "users"] = entries_without_problem(entries)
+        if not is_round:  # every user's final.pt is written: a run stopped before results.json resumes from it
+            manifest["final_round"] = round_idx
+        elif manifest.get("final_round") is not None and manifest["final_round"] < round_idx:
+            del manifest["final_round"]  # a longer run went past it: final.pt is that shorter run's
         checkpoint.write_manifest(out_dir, manifest)
 
 
@@ -254,33 +260,46 @@ def restore(rank, out_dir: Path, say=lambda msg: None) -> int:
     if topo.rank == 0:
         try:
             manifest = checkpoint.read_manifest(out_dir)
-            manifest = {"round": manifest.get("round"), "n_users": manifest.get("n_users")} if manifest else None
+            manifest = {k: manifest.get(k) for k in ("round", "n_users", "final_round")} if manifest else None
         except checkpoint.CheckpointError:
             manifest = None  # the per-user files decide; a broken manifest is rewritten at the next save
     mine = {run.user_idx: {"rounds": checkpoint.available_rounds(checkpoint.user_dir(out_dir, run.user_idx)),
+                           "final": (checkpoint.user_dir(out_dir, run.user_idx) / "final.pt").is_file(),
                            "bytes": checkpoint_bytes(run)} for run in rank.users}
     parts = dist.all_gather_objects(topo, (manifest, mine))
     manifest = parts[0][0] or {}
     by_user = {u: g for _, part in parts for u, g in part.items()}
     gathered = [by_user[u] for u in range(topo.n_users)]
-    start, problem = _choose_round(cfg, gathered, out_dir, manifest.get("round"), manifest.get("n_users"))
+    # a run stopped after every user wrote final.pt (trained and evaluated) but before results.json
+    # continues from there rather than from its last round checkpoint, or from scratch without one
+    from_final = (cfg.resume != "false" and rank.method.trains and manifest.get("n_users") == topo.n_users
+                  and manifest.get("final_round") == cfg.train.rounds and all(g["final"] for g in gathered))
+    if from_final:
+        start, problem = cfg.train.rounds, None
+    else:
+        start, problem = _choose_round(cfg, gathered, out_dir, manifest.get("round"), manifest.get("n_users"))
 
     problems, states = [], {}
     if problem is None:
         for run in rank.users:
             user, my_dir = run.user_idx, checkpoint.user_dir(out_dir, run.user_idx)
-            if _checkpointing(cfg) and run.method.trains:
+            if _checkpointing(cfg) and run.method.trains and not from_final:  # from final.pt: it writes none
                 # conservative: every user's checkpoint may land on the same file system
                 need = sum(g["bytes"] for g in gathered)
                 what = f"the checkpoint directory of user {user}"
                 if (p := checkpoint.check_writable(my_dir, need, what)) is not None:
                     problems.append(p)
             if start:
-                path = my_dir / checkpoint.round_file(start)
+                path = my_dir / ("final.pt" if from_final else checkpoint.round_file(start))
                 try:
                     states[user] = checkpoint.load(path)
                     problems += checkpoint.validate(states[user], path, user, cfg.method, run.model.trainable_state(),
                                                     cfg.to_dict(), data=data_fingerprint(run.data.meta))
+                    if from_final and (states[user]["round"] != start or states[user].get("final") is None):
+                        problems.append(f"checkpoint {path} is not the final state of round {start} that "
+                                        f"{checkpoint.manifest_path(out_dir)} records (round {states[user]['round']}"
+                                        f"{'' if states[user].get('final') else ', no final evaluation'}): move it "
+                                        f"aside to resume from the last round checkpoint")
                 except (checkpoint.CheckpointError, FileNotFoundError) as exc:
                     problems.append(str(exc))
     verdicts = dist.all_gather_objects(topo, problems)
@@ -299,9 +318,15 @@ def restore(rank, out_dir: Path, say=lambda msg: None) -> int:
         apply_state(run, states[run.user_idx])
         # the server's latest aggregates (identical in every member's checkpoint; absent before this format)
         rank.comm.restore_latest(states[run.user_idx].get("group_latest") or {})
+    rank.method.after_restore(rank.comm, rank.users)  # every rank together (process groups)
     attempt = dist.restart_count()
     ahead = {u: sorted(r for r in g["rounds"] if r > start) for u, g in enumerate(gathered)}
     ahead_text = "; ".join(f"user {u} also holds rounds {r}" for u, r in ahead.items() if r)
+    if from_final:
+        say(f"resuming from every user's final.pt in {out_dir}" + (f", attempt {attempt + 1}" if attempt else "")
+            + f": the run was trained for {start} rounds and evaluated; writing its results without training or "
+              f"evaluating again")
+        return start
     say(f"resuming from round {start} (the newest round every user checkpointed) in {out_dir}"
         + (f", attempt {attempt + 1}" if attempt else "")
         + (f" ({ahead_text}, which not every user completed: they are computed again)" if ahead_text else ""))

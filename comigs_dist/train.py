@@ -146,6 +146,7 @@ class UserState:
     history: list = field(default_factory=list)      # test perplexity at evaluations
     train_curve: list = field(default_factory=list)  # per round: the mean loss of its expert steps
     base: EvalResult | None = None            # the model before training (kept for a resume)
+    final: EvalResult | None = None           # the final evaluation (kept in final.pt, see train.run)
     guard_skipped_rounds: int = 0             # rounds this user sat out (guard.nan=skip)
     guard_skipped_steps: int = 0              # optimiser steps dropped for a non-finite loss
     contributing: bool = True                 # takes part in this round's means (guard.nan=skip, participation)
@@ -654,8 +655,12 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
         if (note := guard.retire_stopped(out_dir)) is not None:  # under the lock rank 0 holds
             say(note)
     method, t = rank.method, cfg.train
+    # restored from final.pt (stopped after it, before results.json): trained and evaluated, and
+    # logged to the end (its TensorBoard events are kept whole)
+    finished = bool(done) and all(u.final is not None for u in rank.users)
     monitor = Monitor.build(cfg, topo.rank, [u.user_idx for u in rank.users], out_dir,
-                            {u.user_idx: u.step for u in rank.users} if done else {}, say, resumed_round=done)
+                            {u.user_idx: u.step for u in rank.users} if done else {}, say, resumed_round=done,
+                            purge=not finished)
     def analytic(round_idx: int | None = None) -> dict:
         """Each user's analytic bytes of a round in the current layout (learned groups change it):
         of round ``round_idx``'s sync, or (None) of a round in which the method aggregates."""
@@ -718,7 +723,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     monitor.rounds_finished()
     # after the last round, the method's own closing stage (FedDPA-F's fine-tune); round
     # checkpoints all precede it, so a resumed run reaches it once
-    if method.trains:
+    if method.trains and not finished:
         topo.set_phase("after the last round")
         try:
             after_training(rank, rounds, monitor, say)
@@ -727,18 +732,17 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
 
     # each user's model after its last local steps (what Algorithm 1 returns)
     topo.set_phase("the final evaluation")
-    rows = {}
-    for u in rank.users:
-        faults.at_final_eval(u)
-        final = evaluate_test(u, rank.autocast, monitor.progress)
-        monitor.evaluation(u.user_idx, u.step, final)
-        u.history.append({"round": rounds, "step": u.step, "test_ppl": final.ppl})
-        rows[u.user_idx] = final
-    monitor.federation_eval(rounds, _mean_over_users(rank, lambda u: rows[u.user_idx].ppl))
-    if cfg.checkpoint.final and method.trains:
-        resume.save(rank, out_dir, "final.pt", rounds)
+    if not finished:
+        for u in rank.users:
+            faults.at_final_eval(u)
+            u.final = evaluate_test(u, rank.autocast, monitor.progress)
+            monitor.evaluation(u.user_idx, u.step, u.final)
+            u.history.append({"round": rounds, "step": u.step, "test_ppl": u.final.ppl})
+        monitor.federation_eval(rounds, _mean_over_users(rank, lambda u: u.final.ppl))
+        if cfg.checkpoint.final and method.trains:
+            resume.save(rank, out_dir, "final.pt", rounds)
     layout = analytic()
-    out = {u.user_idx: user_row(u, rows[u.user_idx], layout[u.user_idx], topo, rank.privacy) for u in rank.users}
+    out = {u.user_idx: user_row(u, u.final, layout[u.user_idx], topo, rank.privacy) for u in rank.users}
     monitor.finish(out)
     return [out[u.user_idx] for u in rank.users]
 

@@ -473,7 +473,8 @@ def test_overhead_of_gpt2_124m_against_the_paper(tmp_path, capsys):
     assert user["router_bytes"]["bf16"] / 2 ** 20 == pytest.approx(0.035, rel=0.01)
     assert user["shared_expert_params"] * 2 / 2 ** 20 == pytest.approx(1.41, rel=0.003)
     assert user["shared_params"] == 1_179_648        # baselines.md section 2
-    assert "[paper: 32 GFLOPs]" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "[paper: 32 GFLOPs]" in printed and "[paper: 1.41 MB in bf16, which is the generalist" in printed, printed
 
 
 @pytest.mark.slow

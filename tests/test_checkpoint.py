@@ -1,6 +1,7 @@
 """Checkpoints and resume: atomic files, validated loads, disk checks, bit-identical resume."""
 import errno
 import os
+import re
 import random
 import shutil
 from pathlib import Path
@@ -330,14 +331,19 @@ def _resume_worker(rank, world_size, tmp_path):
     assert [h["round"] for h in row_b["test_curve"]] == [1, 2, 3, 4]
     assert row_b["bytes_sent"] > 0 and checkpoint.read_manifest(b)["round"] == 4
 
-    # a truncated checkpoint of one user stops every user with the file named
-    tdist.barrier()
-    if rank == 1:
-        f = checkpoint.user_dir(b, 1) / "round_0004.pt"
-        f.write_bytes(f.read_bytes()[:5000])
-    tdist.barrier()
-    with pytest.raises(ConfigError, match=r"user_01/round_0004\.pt cannot be read .*truncated"):
-        go(b, resume="true")
+    # a truncated checkpoint of one user stops every user with the file named (the run is
+    # trained: a resume reads every user's final.pt, then with final.pt gone, round 4)
+    for name in ("final.pt", "round_0004.pt"):
+        tdist.barrier()
+        if rank == 1:
+            f = checkpoint.user_dir(b, 1) / name
+            f.write_bytes(f.read_bytes()[:5000])
+        tdist.barrier()
+        with pytest.raises(ConfigError, match=rf"user_01/{re.escape(name)} cannot be read .*truncated"):
+            go(b, resume="true")
+        tdist.barrier()
+        if rank == 1 and name == "final.pt":
+            f.unlink()
 
     # resuming a run with different adapter shapes: the parameter and both shapes are named
     with pytest.raises(ConfigError, match=r"parameter \S+lora_A has shape \(8, 32\) but this model's is \(4, 32\)"):

@@ -353,3 +353,27 @@ def test_pcls_analytic_bytes_follow_its_gathers_round_by_round(tmp_path):
     round: its analytic bytes were a server mean's (one payload) in every round. Now each round's
     analytic figure equals the bytes counted in it: N payloads in a mixing round, 0 otherwise."""
     run_on_ranks(_pcl_worker, 2, tmp_path)
+
+
+def test_the_overhead_report_prices_pcls_gather_and_counts_its_mixing_rounds(capsys):
+    """analyze overhead priced PCL's round as a mean of its shared tensors in every round (a
+    quarter of a 4-user gather). Now a mixing round is the gather's N payloads of the model and its
+    flag each way in both modes, and the report counts the rounds that mix: with mix_after=3 and
+    mix_every=2 over 10 rounds, the syncs after the 0-based rounds 3, 5 and 7 (after round 9
+    the run has ended)."""
+    from comigs_dist.analyze.overhead import bytes_per_round, compute_overhead, format_overhead
+    from comigs_dist.config import load_config
+    cfg = load_config(None, ["method=pcl", "model.name=tiny", "train.rounds=10", "method_options.mix_after=3",
+                             "method_options.mix_every=2"])
+    o = compute_overhead(cfg, 4)
+    (_, rep), = o.users
+    model = (rep.shared_params + 1) * 4
+    for mode in ("server", "all2all"):
+        assert bytes_per_round(rep, "fp32", mode, o.groups) == (4 * model, 4 * model)
+    assert o.aggregations == 3 and o.rounds == 10
+    text = format_overhead(o)
+    assert "pcl aggregates 3 times over train.rounds=10" in text and "whatever comm.mode says" in text, text
+    fedavg = compute_overhead(load_config(None, ["method=fedavg", "model.name=tiny", "train.rounds=10"]), 4)
+    assert fedavg.aggregations == 9 and "aggregates 9 times" not in format_overhead(fedavg)
+    (_, rep), = fedavg.users
+    assert bytes_per_round(rep, "fp32", "server", fedavg.groups) == (rep.shared_params * 4,) * 2

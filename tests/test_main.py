@@ -368,3 +368,76 @@ def test_resume_into_a_directory_with_no_run_is_refused_before_it_is_created(tmp
     assert main([*SMALL, f"out_dir={empty}", "resume=true"]) == 2
     assert f"out_dir {empty} holds nothing of a run" in capsys.readouterr().err
     assert list(empty.iterdir()) == []
+
+
+@pytest.mark.parametrize("method", ["comigs_1g1s", "feddpa_f", "learned_groups"])
+def test_a_run_stopped_after_final_pt_writes_its_results_without_training_again(tmp_path, capsys, monkeypatch,
+                                                                                method):
+    """A run killed after every user wrote final.pt but before results.json (checkpoint.every=0:
+    no round checkpoint) once started over from round 0. Now the rerun restores final.pt, trains
+    nothing, evaluates nothing, runs no closing stage (FedDPA-F's fine-tune would otherwise run
+    twice) and writes the results the uninterrupted run wrote, its TensorBoard events kept. Learned
+    groups (two groups of one user each, on one rank): their process groups, which only a sync
+    built, are rebuilt after the restore (a resume that syncs no more crashed naming them)."""
+    from comigs_dist import train
+    from comigs_dist.main import main
+    from helpers import without_timing
+    extra = {"feddpa_f": ["method=feddpa", "method_options.variant=F", "train.router_every=2", "train.router_steps=2"],
+             "learned_groups": ["method=comigs_learned", "n_users=2", "method_options.k=2",
+                                "method_options.warmup_rounds=1"]}.get(method, [])
+    out = tmp_path / "run"
+    args = [*SMALL, *extra, "train.rounds=2", "checkpoint.every=0", f"out_dir={out}", "resume=auto"]
+    assert main(args) == 0
+    whole = json.loads((out / "results.json").read_text())
+    (out / "results.json").unlink()  # as if killed between final.pt and results.json
+    events = {p: p.stat().st_size for p in (out / "tb").rglob("events.out.tfevents.*")}
+
+    def must_not(what):
+        def fail(*a, **k):
+            raise AssertionError(f"{what} ran again")
+        return fail
+    monkeypatch.setattr(train, "run_round", must_not("a round"))
+    monkeypatch.setattr(train, "evaluate_test", must_not("an evaluation"))
+    monkeypatch.setattr(train, "after_training", must_not("the closing stage"))
+    capsys.readouterr()
+    assert main(args) == 0
+    said = "".join(capsys.readouterr())
+    assert "resuming from every user's final.pt" in said and "without training or evaluating again" in said, said
+    assert "starts over" not in said, said  # the out_dir check once said so on the line before
+    again = json.loads((out / "results.json").read_text())
+    assert [without_timing(u) for u in again["users"]] == [without_timing(u) for u in whole["users"]]
+    assert again["mean_test_ppl"] == whole["mean_test_ppl"] and again["rounds"] == 2
+    if method == "feddpa_f":
+        assert again["users"][0]["feddpa_finetune"]["steps"] > 0
+    if method == "learned_groups":
+        assert {g for u in again["users"] for g in u["comm_groups"]} >= {"learned_000", "learned_001"}, again["users"]
+    for p, size in events.items():  # nothing the first attempt logged was dropped
+        assert p.stat().st_size >= size, p
+
+
+def test_final_pt_of_a_run_extended_past_it_is_not_resumed_from(tmp_path, capsys, monkeypatch):
+    """A 2-round run stopped after final.pt, then extended to 3 rounds and stopped again before its
+    final evaluation (round 3 checkpointed): a rerun with train.rounds=2 must not write the 2-round
+    results from the old final.pt (whose TensorBoard has the longer run's events past it), but be
+    refused as any shortening is; the manifest forgot final.pt when round 3 was checkpointed."""
+    from comigs_dist import checkpoint, train
+    from comigs_dist.main import main
+    out = tmp_path / "run"
+    args = [*SMALL, "checkpoint.every=1", f"out_dir={out}", "resume=auto"]
+    assert main([*args, "train.rounds=2"]) == 0
+    (out / "results.json").unlink()
+    assert checkpoint.read_manifest(out)["final_round"] == 2
+
+    def stop(u):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train.faults, "at_final_eval", stop)
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "train.rounds=3"])
+    monkeypatch.undo()
+    manifest = checkpoint.read_manifest(out)
+    assert manifest["round"] == 3 and "final_round" not in manifest, manifest
+    capsys.readouterr()
+    assert main([*args, "train.rounds=2"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpointed after round 3" in err and "train.rounds=2 would end it" in err, err
+    assert not (out / "results.json").exists()

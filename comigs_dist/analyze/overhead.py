@@ -74,6 +74,9 @@ class ModelReport:
     shared_attn_params: int = 0
     shared_expert_params: int = 0
     shared_by_group: dict[str, int] = field(default_factory=dict)   # group -> shared parameters in it
+    # group -> (elements each member sends, the collective's pattern or None for comm.mode) in a
+    # round in which the method aggregates (Method.wire: PCL's gather sends a flag too)
+    wire: dict[str, tuple] = field(default_factory=dict)
     n_experts: int = 0
     top_k: int = 0
     notes: list[str] = field(default_factory=list)
@@ -204,6 +207,8 @@ class Overhead:
     references: list[ModelReport]       # one and two LoRA sets without a router (the paper's FedAvg rows)
     users: list[tuple[list[int], ModelReport]]   # configured model: (users it stands for, report)
     notes: list[str]
+    rounds: int = 0                     # train.rounds
+    aggregations: int = 0               # the syncs that move bytes over the run (Method.wire round by round)
 
     @property
     def is_gpt2_124m(self) -> bool:
@@ -244,9 +249,15 @@ def compute_overhead(cfg, n_users: int | None = None) -> Overhead:
         # a method that never aggregates (the local baselines) moves nothing per round
         rep = report_for(base, spec, label, seq_len, fam, method.is_shared if method.aggregates else None,
                          lambda tag, u=members[0]: method.group_of(tag, u))
+        rep.wire = {g: (numel, *pattern) for g, (numel, _, *pattern) in method.wire(rep.shared_by_group).items()}
         users.append((members, rep))
     vocab = base.get_output_embeddings().weight.shape[0]
-    return Overhead(model_name=cfg.model.name, family=fam, n_layers=len(FAMILIES[fam].blocks(base)),
+    # round 0's common start moves nothing counted; a closing aggregation (FedDPA) comes on top
+    shared = users[0][1].shared_by_group
+    aggregations = (sum(bool(method.wire(shared, r)) for r in range(1, cfg.train.rounds))
+                    + int(method.aggregates and method.aggregates_after_training)) if shared else 0
+    return Overhead(rounds=cfg.train.rounds, aggregations=aggregations,
+                    model_name=cfg.model.name, family=fam, n_layers=len(FAMILIES[fam].blocks(base)),
                     d_model=_attention_width(base.config), vocab=vocab, seq_len=seq_len, method=cfg.method,
                     n_users=n, comm_dtype=cfg.comm.dtype, groups=groups, count=cfg.guard.nan == "skip",
                     references=refs, users=users, notes=notes)
@@ -270,13 +281,16 @@ BYTES = {"bf16": 2, "fp32": 4}
 
 def bytes_per_round(rep: ModelReport, dtype: str, mode: str, groups: dict[str, tuple[int, ...]],
                     count: bool = False) -> tuple[int, int]:
-    """(sent, received) bytes per user and round, as dist.sync_mean counts them (dist.round_bytes):
-    per group, the buffer up and the mean down (server), or the buffer delivered to each of the
-    group's N members and N buffers received (all2all); summed over the user's groups."""
+    """(sent, received) bytes per user in a round in which the method aggregates, as dist counts
+    them (dist.round_bytes): per group, the buffer up and the mean down (server), or the buffer
+    delivered to each of the group's N members and N buffers received (all2all, and a method's
+    gather whatever ``mode`` says); summed over the user's groups."""
     from comigs_dist.dist import payload_bytes, round_bytes
     sent = received = 0
-    for group, numel in rep.shared_by_group.items():
-        s, r = round_bytes(payload_bytes(numel + (1 if count else 0), dtype), mode, len(groups[group]))
+    layout = rep.wire or {g: (numel,) for g, numel in rep.shared_by_group.items()}  # the references: a mean
+    for group, (numel, *pattern) in layout.items():
+        s, r = round_bytes(payload_bytes(numel + (1 if count else 0), dtype), pattern[0] if pattern else mode,
+                           len(groups[group]))
         sent, received = sent + s, received + r
     return sent, received
 
@@ -340,10 +354,16 @@ def format_overhead(o: Overhead) -> str:
             rows.append(cells)
         lines.append(tables.format_table(("mode", "bf16 sent", "bf16 received", "fp32 sent", "fp32 received"), rows,
                                          "<>>>>", indent="    "))
+        if any(pattern for _, *pattern in rep.wire.values()):
+            lines.append(f"    {o.method}'s collective delivers every member's payload to every member whatever "
+                         f"comm.mode says (both rows alike)")
         if paper:
             lines.append(f"    [paper: {PAPER['comm_mib_bf16']} MB in bf16, which is the generalist experts alone "
                          f"({_bytes(rep.shared_expert_params * 2)} here); the attention LoRA, also shared, adds "
                          f"{_bytes(rep.shared_attn_params * 2)} (baselines.md section 2)]")
+    if o.aggregations != max(0, o.rounds - 1) and any(rep.wire for _, rep in o.users):
+        lines.append(f"  {o.method} aggregates {o.aggregations} times over train.rounds={o.rounds} (not once per round "
+                     f"after the first): a run sends {o.aggregations} x the figures above")
     if paper:
         lines += ["", "The paper's MB are MiB (1.41 MB = 737,280 bf16 parameters). This count reproduces its two-set "
                       "and CoMiGS-1G1S figures within 0.2%, not its one-set figure (166 MFLOPs)."]
@@ -365,7 +385,7 @@ def overhead_json(o: Overhead) -> dict:
         return d
     return {"model": o.model_name, "family": o.family, "n_layers": o.n_layers, "d_model": o.d_model, "vocab": o.vocab,
             "seq_len": o.seq_len, "method": o.method, "n_users": o.n_users, "comm_dtype": o.comm_dtype,
-            "groups": {g: list(m) for g, m in o.groups.items()},
+            "groups": {g: list(m) for g, m in o.groups.items()}, "rounds": o.rounds, "aggregations": o.aggregations,
             "references": [rep(r) for r in o.references],
             "users": [{"users": members, **rep(r)} for members, r in o.users],
             "paper": PAPER if o.is_gpt2_124m else None, "notes": o.notes}

@@ -64,11 +64,11 @@ def config_from_dict(raw: dict) -> RunConfig:
     """A checked RunConfig from a nested mapping (unknown keys and wrong types first, then the
     rules between values, all in one error)."""
     errors: list[str] = []
-    kwargs = options.merge(raw, RunConfig, "", errors)
+    broken: set[str] = set()
+    kwargs = options.merge(raw, RunConfig, "", errors, broken)
     if errors:
         # the rules between the values that did parse, in the same error (the keys that did not
         # are left at their defaults for this check only)
-        broken = {re.split(r"[\s\[]", e, maxsplit=1)[0] for e in errors} - {"unknown"}  # "train.lr ('abc') ..."
         try:
             from comigs_dist.config.validation import collect_errors
             rules = collect_errors(options.build(RunConfig, kwargs))

@@ -335,11 +335,19 @@ class Method:
         topology's[, the collective's pattern: 'all2all' for a gather, whatever comm.mode says]).
         ``round_idx``: the sync of that round (nothing where the method does not aggregate then);
         None: a round in which it aggregates (results.json's analytic figure). By default its
-        shared groups, every round but round 0, whose common start is not counted, and never for a
-        method that does not aggregate (``train.analytic_round_bytes`` turns this into bytes)."""
+        shared groups as ``wire`` lays them out: every round but round 0, whose common start is not
+        counted, and never for a method that does not aggregate (``train.analytic_round_bytes``
+        turns this into bytes)."""
+        return self.wire({group: sum(p.numel() for _, p in params) for group, params in user.shared.items()},
+                         round_idx)
+
+    def wire(self, shared: dict[str, int], round_idx: int | None = None) -> dict[str, tuple]:
+        """``payloads`` from the shared elements per group alone (what ``analyze overhead`` knows
+        without a run): the same tuples. A method whose collective is not the mean of its shared
+        tensors every round says so here (PCL: a gather with a flag, in mixing rounds only)."""
         if round_idx == 0 or not self.aggregates:
             return {}
-        return {group: (sum(p.numel() for _, p in params), None) for group, params in user.shared.items()}
+        return {group: (numel, None) for group, numel in shared.items()}
 
     def own_aggregated(self, user) -> list[tuple[str, Any]]:
         """(name, tensor) of what ``sync`` sends for a user outside ``is_shared`` (tensors whose
@@ -353,8 +361,15 @@ class Method:
         and the final checkpoint (only for methods that train): a closing stage of the method's
         own (FedDPA-F: one more aggregation, then every user's local adapter fine-tuned). Round
         checkpoints are all written before it, so a resumed run reaches it once, from the restored
-        state, and final.pt (never resumed from) holds its result. A method that aggregates here
-        says so in ``aggregates_after_training``. Nothing by default."""
+        state, and final.pt holds its result (a run resumed from final.pt skips it). A method that
+        aggregates here says so in ``aggregates_after_training``. Nothing by default."""
+        return None
+
+    def after_restore(self, comm, users: list) -> None:
+        """Called on every rank together once a resume has restored its users (from a round
+        checkpoint or final.pt), before anything else: rebuild what the checkpoint holds only as
+        a description, such as the process groups of learned sharing groups (created collectively).
+        Nothing by default."""
         return None
 
     # -- state beyond the parameters (checkpoints) -----------------------------------------------

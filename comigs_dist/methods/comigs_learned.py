@@ -245,9 +245,16 @@ class CoMiGSLearned(CoMiGS1G1S):
                   f"(rule {summary['rule']}{'; scores ' + scores if scores else ''})", flush=True)
         return groups
 
+    def after_restore(self, comm, users: list) -> None:
+        """A run resumed past the switch: the clusters' process groups, before anything (the
+        results of a run resumed from final.pt, which syncs no more) names them."""
+        groups = users[0].method_state.groups
+        if groups is not None and len(groups) > 1:
+            self._build_groups(comm, groups)
+
     def _build_groups(self, comm, groups: list[list[int]]) -> None:
-        """The clusters' process groups, built once on every rank (at the switch, or at the first
-        sync after a resume past it)."""
+        """The clusters' process groups, built once on every rank (at the switch, or after a
+        resume past it: ``after_restore``)."""
         wanted = {group_name(i): members for i, members in enumerate(groups)}
         missing = {name: members for name, members in wanted.items() if name not in comm.topo.groups}
         if missing:

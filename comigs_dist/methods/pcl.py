@@ -69,13 +69,12 @@ class PCL(Method):
     def is_shared(self, tag) -> bool:
         return share_all(tag)  # every trainable tensor takes part in the mixing
 
-    def payloads(self, user, round_idx: int | None = None) -> dict:
+    def wire(self, shared: dict[str, int], round_idx: int | None = None) -> dict:
         """A mixing round gathers every user's whole model and its flag (Comm.gather: N payloads
         each way whatever comm.mode says); the other rounds send nothing."""
         if round_idx is not None and (round_idx == 0 or not self.mixes_after(round_idx - 1)):
             return {}
-        return {group: (sum(p.numel() for _, p in params) + 1, None, "all2all")
-                for group, params in user.shared.items()}
+        return {group: (numel + 1, None, "all2all") for group, numel in shared.items()}
 
     def mixes_after(self, finished_round: int) -> bool:
         o = self.options
