@@ -441,3 +441,25 @@ def test_final_pt_of_a_run_extended_past_it_is_not_resumed_from(tmp_path, capsys
     err = capsys.readouterr().err
     assert "checkpointed after round 3" in err and "train.rounds=2 would end it" in err, err
     assert not (out / "results.json").exists()
+
+
+def test_learned_groups_resumed_from_their_last_round_reach_their_results(tmp_path, monkeypatch):
+    """Learned groups (two) stopped at the final evaluation after their last round checkpoint: the
+    resume has no round left to sync in, and the results named process groups only a sync built
+    (it crashed on every retry); now the restore rebuilds them."""
+    from comigs_dist import train
+    from comigs_dist.main import main
+    out = tmp_path / "run"
+    args = [*SMALL, "method=comigs_learned", "n_users=2", "method_options.k=2", "method_options.warmup_rounds=1",
+            "train.rounds=2", "checkpoint.every=1", "checkpoint.final=false", f"out_dir={out}", "resume=auto"]
+
+    def stop(u):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train.faults, "at_final_eval", stop)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    monkeypatch.undo()
+    assert main(args) == 0
+    users = json.loads((out / "results.json").read_text())["users"]
+    assert [sorted(g for g in u["comm_groups"] if g.startswith("learned")) for u in users] == [["learned_000"],
+                                                                                               ["learned_001"]]
