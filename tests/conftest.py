@@ -12,6 +12,12 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "data" / "tiktoken_cach
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# submitit configures logging when first imported, closing the handlers that exist then; absl's
+# (dp-accounting imports it) holds the stream pytest captured when it was made, and closing that
+# one ends the session with "I/O operation on closed file" (e.g. tests/test_privacy.py before
+# tests/test_config.py). Imported first, submitit finds no handler to close.
+import submitit  # noqa: E402,F401
+
 
 @pytest.fixture(autouse=True)
 def _no_leftover_process_group():
