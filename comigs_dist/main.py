@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         from comigs_dist import faults
         from comigs_dist.train import prepare_assets
         faults.check(faults.from_env(), cfg)  # a malformed or unreachable COMIGS_FAULT: an error before anything starts
-        prepare_assets(cfg, cfg.n_users, progress=is_rank0 and cfg.log.progress)
+        prepare_assets(cfg, cfg.n_users, progress=is_rank0 and cfg.log.progress,
+                       say=lambda msg: print(f"[comigs] {msg}", flush=True) if is_rank0 else None)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -196,8 +196,9 @@ def ensure_embedded_dataset(n_users: int, scenario: str, train_tokens: list[int]
     return out
 
 
-def ensure_embedded_base(progress: bool = False) -> Path:
-    """Directory of the embedded base model (a HF checkpoint), pretrained on first use."""
+def ensure_embedded_base(progress: bool = False, say=lambda msg: None) -> Path:
+    """Directory of the embedded base model (a HF checkpoint), pretrained on first use (``say``
+    announces it: a minute or two of silence otherwise)."""
     spec = dict(v=GENERATOR_VERSION, config=BASE_CONFIG, pretrain=BASE_PRETRAIN,
                 public=dict(vocab=VOCAB_SIZE, seed=WORLD_SEED, doc_len=MEAN_DOC_LEN, successors=N_SUCCESSORS))
     out = cache_root() / "embedded" / f"base-{_key(spec)}"
@@ -207,6 +208,8 @@ def ensure_embedded_base(progress: bool = False) -> Path:
         if not (out / "config.json").is_file():
             from comigs_dist.pretrain import pretrain_gpt2
             p = BASE_PRETRAIN
+            say(f"pretraining the embedded base model once ({p['steps']} steps, about a minute on 2 CPU cores); "
+                f"cached in {out} (COMIGS_CACHE_DIR moves the cache)")
             tokens = sample_chain([public_chain()], p["tokens"], [WORLD_SEED, 3])
             held_out = sample_chain([public_chain()], 32_768, [WORLD_SEED, 4])
             tmp = Path(tempfile.mkdtemp(prefix=".base.tmp-", dir=out.parent))

@@ -51,7 +51,7 @@ def resolve_dataset(cfg: RunConfig, n_users: int) -> Path:
     return ensure_embedded_dataset(n_users, cfg.data.scenario, tokens, cfg.data.valid_tokens, cfg.data.test_tokens)
 
 
-def prepare_assets(cfg: RunConfig, n_users: int, progress: bool = False) -> None:
+def prepare_assets(cfg: RunConfig, n_users: int, progress: bool = False, say=lambda msg: None) -> None:
     """Generate the embedded corpus and pretrain the embedded base if they are not cached yet;
     refuse a dataset that cannot serve this run (a malformed meta.json, fewer users than the run
     has, splits shorter than one window, users holding other categories than data.categories
@@ -67,7 +67,7 @@ def prepare_assets(cfg: RunConfig, n_users: int, progress: bool = False) -> None
     check_model_matches_data(cfg.model.name, meta, f"data.path={cfg.data.path}")
     if cfg.model.name == "embedded":
         from comigs_dist.synthetic import ensure_embedded_base
-        ensure_embedded_base(progress=progress)
+        ensure_embedded_base(progress=progress, say=say)
 
 
 def resolve_amp(device: torch.device, amp: str) -> str:

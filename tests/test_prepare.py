@@ -475,3 +475,15 @@ def test_hub_sources_through_the_datasets_library(tmp_path):
         assert r["document"] in by_domain[r["category"]] and r["category"] == sp["categories"][r["user"]]
     with pytest.raises(DataError, match="--fit scale needs sources that can be counted"):
         prepare_dataset("slimpajama", tmp_path / "sp2", loader=load, fit="scale")
+
+
+def test_a_hub_dataset_without_a_network_names_the_local_way(tmp_path):
+    """Without a network (or with HF_HUB_OFFLINE=1) the datasets library raises its ConnectionError
+    (an OSError): the README's prepare command ended in its traceback. Now a DataError names the
+    dataset, the library's reason and --source, and nothing is written."""
+    def offline(name, *args, **kwargs):
+        raise ConnectionError(f"Couldn't reach {name!r} on the Hub (OfflineModeIsEnabled)")
+    with pytest.raises(DataError, match=r"--dataset agnews without --source reads the Hugging Face Hub, which failed: "
+                                        r"ConnectionError: Couldn't reach 'fancyzhx/ag_news'.*--source DIR"):
+        prepare_dataset("agnews", tmp_path / "ag", loader=offline)
+    assert not (tmp_path / "ag").exists()

@@ -272,7 +272,12 @@ def prepare_dataset(dataset: str, out: str | Path, *, source: list[str | Path] |
     else:
         if spec.name == "text":
             raise DataError("--dataset text needs --source DIR")
-        hub, source_meta = open_hub(spec, categories, seed, loader)
+        try:
+            hub, source_meta = open_hub(spec, categories, seed, loader)
+        except OSError as exc:  # no network, or HF_HUB_OFFLINE=1 (datasets' ConnectionError is an OSError)
+            raise DataError(f"--dataset {spec.name} without --source reads the Hugging Face Hub, which failed: "
+                            f"{type(exc).__name__}: {exc}. Without a network, prepare it from local files with "
+                            f"--source DIR (docs/data.md, 'Real datasets': the files each dataset expects)") from exc
         for c, (train_src, held_src) in hub.items():
             p = Pool(c, train_src, tok, join, bar.update)
             pools[(c, "train")] = p
