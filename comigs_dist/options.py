@@ -203,8 +203,10 @@ def close_match(name: str, options: list[str]) -> str:
 
 def merge(raw: dict, cls: type, prefix: str, errors: list[str], broken: set[str] | None = None) -> dict:
     """Check a nested mapping against an options dataclass: returns kwargs with coerced leaves
-    (nested groups as mappings), appends every problem to ``errors`` and the dotted key it is
-    about to ``broken`` (the keys left out of the kwargs)."""
+    (nested groups as mappings), appends every problem to ``errors`` and to ``broken`` the dotted
+    keys of the known options whose value did not parse (they keep their defaults in the kwargs;
+    an unknown key names no option, so a rule about an option of its name still judges the value
+    the user gave that option)."""
     known = fields_of(cls)
     out: dict[str, Any] = {}
 
@@ -217,7 +219,7 @@ def merge(raw: dict, cls: type, prefix: str, errors: list[str], broken: set[str]
         if name not in known:
             hint = close_match(name, list(known))
             e = f"unknown key {key!r}" + (f"; did you mean {hint}?" if hint else "")
-            problem(key, e + f" (known under {prefix.rstrip('.') or 'the top level'}: {', '.join(known)})")
+            errors.append(e + f" (known under {prefix.rstrip('.') or 'the top level'}: {', '.join(known)})")
             continue
         tp, _ = known[name]
         if is_options_class(tp):

@@ -312,6 +312,11 @@ def restore(rank, out_dir: Path, say=lambda msg: None) -> int:
                           + ("" if len(all_problems) <= 8 else f"; ... ({len(all_problems)} problems)"))
     for run in rank.users:  # what a writer killed mid-file left (the run holds out_dir's lock)
         checkpoint.remove_partial(checkpoint.user_dir(out_dir, run.user_idx))
+    if not from_final and manifest.get("final_round") is not None and topo.rank == 0:
+        # this run trains (longer, or afresh): the final.pt files are no run's end any more
+        recorded = checkpoint.read_manifest(out_dir) or {}
+        recorded.pop("final_round", None)
+        checkpoint.write_manifest(out_dir, recorded)
     if not start:
         return 0  # a manifest is never deleted here: _choose_round refused any that describes files
     for run in rank.users:

@@ -388,6 +388,11 @@ def _after_private_sync(rank: RankRun, round_idx: int, downloaded: list[UserStat
         u.privacy["references"] = {g: dist.flatten([p for _, p in params], params[0][1].dtype)
                                    for g, params in u.shared.items()}
     epsilon = rank.accountant.step() if private.released else rank.accountant.epsilon
+    if rank.accountant.rounds > (planned := rank.privacy["accounting"]["rounds"]):  # a method's bug, not the user's
+        raise RuntimeError(f"method {rank.cfg.method!r} released a noised aggregate {rank.accountant.rounds} times by "
+                           f"round {round_idx + 1}, more than the {planned} releases privacy planned "
+                           f"(config.privacy_accounting) and calibrated the noise to; its epsilon would exceed "
+                           f"what was promised, so the run stops")
     for u in rank.users:
         u.privacy["epsilon_curve"].append({"round": round_idx + 1, "epsilon": epsilon})
         u.privacy["accountant"] = rank.accountant.state_dict()

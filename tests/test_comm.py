@@ -296,7 +296,7 @@ def _local_worker(rank, world_size, tmp_path):
     from comigs_dist.methods import SyncContext
     from comigs_dist.train import analytic_round_bytes, build_rank, expert_step
     topo0 = init_topology()
-    for method, expected in (("local", 0), ("local_moe", 0), ("fedavg", None)):
+    for method, expected in (("local", 0), ("local_moe", 0), ("fedavg", None), ("ffa_lora", "B")):
         cfg = tiny_config(method=method)
         check_world_size(cfg, world_size)
         rank_run = build_rank(cfg, dataclasses.replace(topo0, groups={}))  # the method's own groups
@@ -309,18 +309,25 @@ def _local_worker(rank, world_size, tmp_path):
         analytic = analytic_round_bytes(r, SimpleNamespace(mode="server", dtype="fp32"), rank_run.topo, False)
         assert analytic["total"]["sent"] == counted, (method, analytic, counted)
         lora = sum(p.numel() for params in r.shared.values() for _, p in params) * 4
+        if expected == "B":  # FFA-LoRA's frozen A matrices travel at the common start only
+            expected = sum(p.numel() for _, p in r.shared["generalists"]) * 4
+            assert 0 < expected < lora
         assert counted == (expected if expected is not None else lora) and (expected == 0) == (not r.method.aggregates)
 
 
 def test_the_local_baselines_expect_no_traffic_after_the_common_start(tmp_path):
     """Local and Local-MoE share their tensors for the common start only: a round's analytic traffic
     is 0, as counted (it was the tensors' size, so results.json and TensorBoard's analytic curve
-    disagreed with the counted 0); FedAvg's is its LoRA's size, as counted; analyze overhead
-    reports no shared parameters for Local."""
+    disagreed with the counted 0); FedAvg's is its LoRA's size, as counted; FFA-LoRA's its B
+    matrices (its frozen A matrices, sent at the start, were priced every round); analyze overhead
+    reports no shared parameters for Local and prices FFA-LoRA's B matrices alone."""
     from comigs_dist.analyze.overhead import compute_overhead
     run_on_ranks(_local_worker, 2, tmp_path)
     assert compute_overhead(load_config(None, ["method=local", "model.name=tiny"]), 2).users[0][1].shared_params == 0
     assert compute_overhead(load_config(None, ["method=fedavg", "model.name=tiny"]), 2).users[0][1].shared_params > 0
+    ffa = compute_overhead(load_config(None, ["method=ffa_lora", "model.name=tiny"]), 2)
+    (_, rep), = ffa.users
+    assert set(rep.wire) == {"generalists"} and 0 < rep.wire["generalists"][0] < rep.shared_params
 
 
 def _pcl_worker(rank, world_size, tmp_path):

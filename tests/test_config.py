@@ -254,3 +254,7 @@ def test_unknown_keys_wrong_types_and_broken_rules_are_reported_in_one_error():
         load_config(None, ["moe.n_experts=[8,x]", "moe.top_k=4"])
     assert "moe.n_experts[1] ('x') must be an integer" in str(caught.value), str(caught.value)
     assert "moe.top_k (4) must be <=" not in str(caught.value), str(caught.value)
+    # an unknown key names no option: a rule about an option of the same last name still speaks
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["rounds=5", "method=comigs_learned", "method_options.warmup_rounds=50"])
+    assert "unknown key 'rounds'" in str(caught.value) and "warmup_rounds (50)" in str(caught.value), str(caught.value)

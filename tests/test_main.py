@@ -370,6 +370,18 @@ def test_resume_into_a_directory_with_no_run_is_refused_before_it_is_created(tmp
     assert list(empty.iterdir()) == []
 
 
+def _scalars(tb: Path) -> dict:
+    """Every scalar of every writer under ``tb`` as TensorBoard reads it (purges applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = {}
+    for d in sorted(p for p in tb.iterdir() if p.is_dir()):
+        acc = EventAccumulator(str(d), size_guidance={"scalars": 0})
+        acc.Reload()
+        out[d.name] = {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+    assert any(out.values()), out
+    return out
+
+
 @pytest.mark.parametrize("method", ["comigs_1g1s", "feddpa_f", "learned_groups"])
 def test_a_run_stopped_after_final_pt_writes_its_results_without_training_again(tmp_path, capsys, monkeypatch,
                                                                                 method):
@@ -390,7 +402,7 @@ def test_a_run_stopped_after_final_pt_writes_its_results_without_training_again(
     assert main(args) == 0
     whole = json.loads((out / "results.json").read_text())
     (out / "results.json").unlink()  # as if killed between final.pt and results.json
-    events = {p: p.stat().st_size for p in (out / "tb").rglob("events.out.tfevents.*")}
+    logged = _scalars(out / "tb")
 
     def must_not(what):
         def fail(*a, **k):
@@ -411,8 +423,7 @@ def test_a_run_stopped_after_final_pt_writes_its_results_without_training_again(
         assert again["users"][0]["feddpa_finetune"]["steps"] > 0
     if method == "learned_groups":
         assert {g for u in again["users"] for g in u["comm_groups"]} >= {"learned_000", "learned_001"}, again["users"]
-    for p, size in events.items():  # nothing the first attempt logged was dropped
-        assert p.stat().st_size >= size, p
+    assert _scalars(out / "tb") == logged  # nothing the first attempt logged was purged, nothing logged twice
 
 
 def test_final_pt_of_a_run_extended_past_it_is_not_resumed_from(tmp_path, capsys, monkeypatch):
@@ -441,6 +452,16 @@ def test_final_pt_of_a_run_extended_past_it_is_not_resumed_from(tmp_path, capsys
     err = capsys.readouterr().err
     assert "checkpointed after round 3" in err and "train.rounds=2 would end it" in err, err
     assert not (out / "results.json").exists()
+    # without round checkpoints the longer run starts over: final.pt is forgotten at its start
+    out = tmp_path / "every0"
+    args = [*SMALL, "checkpoint.every=0", f"out_dir={out}", "resume=auto"]
+    assert main([*args, "train.rounds=2"]) == 0
+    (out / "results.json").unlink()
+    monkeypatch.setattr(train.faults, "at_final_eval", stop)
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "train.rounds=3"])
+    monkeypatch.undo()
+    assert "final_round" not in checkpoint.read_manifest(out)
 
 
 def test_learned_groups_resumed_from_their_last_round_reach_their_results(tmp_path, monkeypatch):

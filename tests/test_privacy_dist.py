@@ -321,22 +321,6 @@ def test_the_accountant_sees_the_sample_and_the_groups_of_the_run():
     assert privacy_accounting(two, 4)["groups_per_user"] == 2
 
 
-def test_the_accountant_plans_the_releases_the_method_makes(monkeypatch):
-    """The plan counts the syncs that send anything (Method.wire), not train.rounds - 1 whatever the
-    method does: a method that aggregated every other round had its noise calibrated to twice
-    its releases. FedDPA adds its aggregation after the last round; the local baselines release nothing."""
-    from comigs_dist.methods import method_class
-    fedavg = method_class("fedavg")
-    base_wire = fedavg.wire
-    assert privacy_accounting(load_config(None, ["method=fedavg", "train.rounds=9"]), 4)["rounds"] == 8
-    monkeypatch.setattr(fedavg, "wire", lambda self, shared, r=None: {} if r and r % 2 else base_wire(self, shared, r))
-    assert privacy_accounting(load_config(None, ["method=fedavg", "train.rounds=9"]), 4)["rounds"] == 4
-    monkeypatch.undo()
-    assert privacy_accounting(load_config(None, ["method=feddpa", "train.rounds=9", "train.router_every=10",
-                                                    "train.router_steps=10"]), 4)["rounds"] == 9
-    assert privacy_accounting(load_config(None, ["method=local", "train.rounds=9"]), 4)["rounds"] == 0
-
-
 def test_groups_that_reveal_the_draw_get_no_sampling_discount():
     """Two of four users a round: one group of everyone keeps the fixed-size sampling discount;
     two clusters do not (each release carries its cluster's planned count, and an undrawn cluster
@@ -372,7 +356,7 @@ def test_every_method_refuses_privacy_before_any_work_or_runs_with_it(tmp_path):
     Centralized, HetLoRA, FlexLoRA); they used to fail at round 2, after training had started. Every
     other method with an aggregation of its own runs 3 rounds of 2 users on one rank, and its final
     epsilon is dp-accounting's for the releases planned: train.rounds - 1, plus one for FedDPA's
-    aggregation after the last round (both variants), none for Local."""
+    aggregation after the last round (both variants)."""
     from comigs_dist.methods import known_methods, method_class
     from comigs_dist.privacy.accountant import epsilon
     private = {"privacy.dp": "user", "privacy.noise_multiplier": 1.3, "privacy.clip": 0.05}
@@ -386,7 +370,7 @@ def test_every_method_refuses_privacy_before_any_work_or_runs_with_it(tmp_path):
     for name, overrides in runs:
         cfg = tiny_config(n_users=2, **overrides)
         planned = privacy_accounting(cfg, 2)["rounds"]
-        assert planned == (3 if name.startswith("feddpa") else 0 if name == "local" else 2), (name, planned)
+        assert planned == (3 if name.startswith("feddpa") else 2), (name, planned)
         rows = _rows(tmp_path, name)
         released = 0 if name in ("local", "comigs_2s_quirks") else planned  # these share nothing after round 0
         assert [r["privacy"]["epsilon"] for r in rows] == [pytest.approx(epsilon(1.3, 1.0, released, 1e-5))] * 2, name
@@ -436,3 +420,21 @@ def test_an_unreachable_target_says_when_groups_withhold_the_sampling_discount()
                                           r"discount: comm.groups 'a', 'b' hold only some of the users"):
         load_config(None, [*drawn, f"comm.groups={clusters}"])
     assert load_config(None, drawn).privacy.target_epsilon == 0.1
+
+
+def test_a_method_releasing_more_often_than_planned_stops_the_run(tmp_path, monkeypatch, capsys):
+    """The noise is calibrated to the releases privacy plans (train.rounds - 1, plus a closing
+    aggregation); a method that released more than that would exceed the promised epsilon without
+    a word. Planned as 1 release, a 3-round FedAvg run stops at its second, naming both counts."""
+    from comigs_dist import train
+    from comigs_dist.main import main
+    real = train.privacy_accounting
+    monkeypatch.setattr(train, "privacy_accounting", lambda cfg, n: {**real(cfg, n), "rounds": 1})
+    args = ["--config", "configs/debug.yaml", "method=fedavg", "n_users=1", "train.rounds=3", "train.local_steps=1",
+            "eval.max_tokens=256", "log.progress=false", "privacy.dp=user", "privacy.noise_multiplier=1.0",
+            f"out_dir={tmp_path / 'run'}"]
+    with pytest.raises(RuntimeError, match="released a noised aggregate 2 times by round 3, more than the 1 "
+                                           "releases privacy planned"):
+        main(args)
+    assert "user 0 (rank 0) failed: RuntimeError: method 'fedavg' released" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "results.json").exists()

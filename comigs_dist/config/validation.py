@@ -237,8 +237,8 @@ def privacy_errors(cfg: RunConfig, n_users: int | None) -> list[str]:
 def privacy_accounting(cfg: RunConfig, n_users: int) -> dict:
     """How the accountant sees this run (the keyword arguments of privacy.accountant.epsilon and of
     privacy.dp.resolve_noise_multiplier): ``rounds`` noised aggregations (train.rounds - 1: round
-    0's sync moves the initialisation, which holds no data; fewer for a method that skips rounds,
-    one more for one that aggregates after the last round: ``_releases``); users sampled every round 'poisson'
+    0's sync moves the initialisation, which holds no data; one more for a method that aggregates
+    after the last round, ``Method.aggregates_after_training``); users sampled every round 'poisson'
     at rate 1 (everyone), or a fixed number out of ``n_users`` without replacement ('fixed',
     train.participation / users_per_round: the seeded draw); ``groups_per_user``: the most sharing
     groups one user sends in a round.
@@ -252,26 +252,11 @@ def privacy_accounting(cfg: RunConfig, n_users: int) -> dict:
     k = users_per_round(cfg, n_users)
     members = _comm_group_members(cfg, n_users)
     groups = max(1, max(sum(u in m for m in members.values()) for u in range(n_users))) if members else 1
+    # a method's aggregation after the last round releases that round's local steps too
+    closing = int(cfg.method in known_methods() and method_class(cfg.method).aggregates_after_training)
     full = k >= n_users or bool(_groups_revealing_the_draw(cfg, n_users, members))
-    return {"rounds": _releases(cfg, n_users), "sample_rate": 1.0 if full else k / n_users,
+    return {"rounds": max(0, cfg.train.rounds - 1) + closing, "sample_rate": 1.0 if full else k / n_users,
             "sampling": "poisson" if full else "fixed", "n_users": n_users, "groups_per_user": groups}
-
-
-def _releases(cfg: RunConfig, n_users: int) -> int:
-    """The syncs of a run that release the users' training: those of rounds 1 .. train.rounds - 1
-    in which the method sends anything (``Method.wire``, as the runs count their bytes), and an
-    aggregation after the last round (``aggregates_after_training``). Without a method to ask
-    (unknown, or options that do not parse, reported on their own): every round after the first."""
-    rounds = max(0, cfg.train.rounds - 1)
-    if cfg.method not in known_methods():
-        return rounds
-    cls = method_class(cfg.method)
-    try:
-        method = cls(cfg, resolve_users(cfg, n_users))
-    except (ConfigError, IndexError, TypeError, ValueError):
-        return rounds
-    return sum(bool(method.wire({"shared": 1}, r)) for r in range(1, cfg.train.rounds)) + int(
-        method.aggregates and cls.aggregates_after_training)
 
 
 def sampling_discount_withheld(cfg: RunConfig, n_users: int) -> str | None:

@@ -192,8 +192,7 @@ class CoMiGSLearned(CoMiGS1G1S):
 
     def payloads(self, user, round_idx: int | None = None) -> dict:
         """After the switch: the generalists in the user's group and the attention LoRA in the
-        global one (attention='global'), or every shared tensor in the user's group (whose
-        process group a resumed run builds only at its first sync)."""
+        global one (attention='global'), or every shared tensor in the user's group."""
         st = user.method_state
         if st.groups is None or len(st.groups) == 1:
             return super().payloads(user, round_idx)

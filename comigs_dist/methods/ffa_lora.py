@@ -63,6 +63,10 @@ class FFALoRA(Method):
             return "frozen_init"  # broadcast once (round 0), never averaged: it never changes
         return "generalists"
 
+    def wire(self, shared: dict[str, int], round_idx: int | None = None) -> dict:
+        """The B matrices; the frozen A matrices travel at the common start only (not counted)."""
+        return {g: v for g, v in super().wire(shared, round_idx).items() if g != "frozen_init"}
+
     def extra_loss(self, user):
         if not self.options.reference_quirks:
             return None
