@@ -76,7 +76,7 @@ class ModelReport:
     shared_by_group: dict[str, int] = field(default_factory=dict)   # group -> shared parameters in it
     # group -> (elements each member sends, the collective's pattern or None for comm.mode) in a
     # round in which the method aggregates (Method.wire: PCL's gather sends a flag too)
-    wire: dict[str, tuple] = field(default_factory=dict)
+    wire: dict[str, tuple] | None = None   # None: a reference model, priced as a mean of its shared tensors
     n_experts: int = 0
     top_k: int = 0
     notes: list[str] = field(default_factory=list)
@@ -287,7 +287,7 @@ def bytes_per_round(rep: ModelReport, dtype: str, mode: str, groups: dict[str, t
     gather whatever ``mode`` says); summed over the user's groups."""
     from comigs_dist.dist import payload_bytes, round_bytes
     sent = received = 0
-    layout = rep.wire or {g: (numel,) for g, numel in rep.shared_by_group.items()}  # the references: a mean
+    layout = rep.wire if rep.wire is not None else {g: (numel,) for g, numel in rep.shared_by_group.items()}
     for group, (numel, *pattern) in layout.items():
         s, r = round_bytes(payload_bytes(numel + (1 if count else 0), dtype), pattern[0] if pattern else mode,
                            len(groups[group]))
@@ -354,7 +354,7 @@ def format_overhead(o: Overhead) -> str:
             rows.append(cells)
         lines.append(tables.format_table(("mode", "bf16 sent", "bf16 received", "fp32 sent", "fp32 received"), rows,
                                          "<>>>>", indent="    "))
-        if any(pattern for _, *pattern in rep.wire.values()):
+        if any(pattern for _, *pattern in (rep.wire or {}).values()):
             lines.append(f"    {o.method}'s collective delivers every member's payload to every member whatever "
                          f"comm.mode says (both rows alike)")
         if paper:

@@ -90,3 +90,7 @@ class CoMiGS2S(CoMiGS1G1S):
         if self.options.reference_quirks and ctx.round_idx > 0:
             return None  # shared only through the common initialisation
         super().sync(ctx)
+
+    def wire(self, shared: dict[str, int], round_idx: int | None = None) -> dict:
+        """Nothing after the common start under reference_quirks (as ``sync``)."""
+        return {} if self.options.reference_quirks else super().wire(shared, round_idx)
