@@ -243,12 +243,12 @@ def _empty_group_worker(rank, world_size, tmp_path, private=None):
     groups = ("[{name: left, users: [0, 1], experts: [0], attention: true}, "
               "{name: right, users: [2, 3], experts: [0], attention: true}]")
     cfg = tiny_config(method="comigs_1g1s", n_users=4, **{"train.users_per_round": 1, "train.local_steps": 1,
-                                                          "comm.groups": groups, **(private or {})})
+                                                          "train.rounds": 8, "comm.groups": groups, **(private or {})})
     check_world_size(cfg, world_size)
     run = train.build_rank(cfg, topo)
     silent = Monitor.silent([u.user_idx for u in run.users])
     latest, server, checked = None, None, 0
-    for round_idx in range(8):
+    for round_idx in range(cfg.train.rounds):  # the rounds privacy plans for (a release beyond them stops the run)
         before = train.participants(cfg, 4, round_idx - 1) if round_idx else frozenset()
         held = {u.user_idx: [p.detach().clone() for _, p in u.shared["right"]]
                 for u in run.users if "right" in u.shared}
