@@ -288,13 +288,15 @@ def analytic_round_bytes(user: UserState, comm_cfg, topo: dist.Topology, count: 
     (int64 under privacy.secure_agg) plus the contributor count under guard.nan=skip): per group
     and in total, for the groups the user's payloads travel in now (``Method.payloads``: its shared
     groups, or those a method formed since, learned groups). This is the mean every method
-    defaults to; methods with an aggregation of their own move what they move."""
+    defaults to; methods with an aggregation of their own name its collectives in ``payloads``
+    (``dist.collective_bytes``)."""
     groups, total = {}, {"sent": 0, "received": 0}
-    for group, (numel, members, *pattern) in user.method.payloads(user, round_idx).items():
-        members = topo.members(group) if members is None else tuple(members)
-        wire = dist.SECURE_AGG_WIRE if secure_agg else comm_cfg.dtype
-        payload = dist.payload_bytes(numel + (1 if count else 0), wire)
-        sent, received = dist.round_bytes(payload, pattern[0] if pattern else comm_cfg.mode, len(members))
+    wire = dist.SECURE_AGG_WIRE if secure_agg else comm_cfg.dtype
+    for group, spec in user.method.payloads(user, round_idx).items():
+        entries = spec if isinstance(spec, list) else [spec]  # one per collective in the group
+        members = topo.members(group) if entries[0][1] is None else tuple(entries[0][1])
+        payload, sent, received = dist.collective_bytes(entries, comm_cfg.mode, wire, len(members), count)
+        numel = sum(e[0] for e in entries)
         groups[group] = {"members": list(members), "shared_params": numel, "payload_bytes": payload,
                          "analytic_sent_per_round": sent, "analytic_received_per_round": received}
         total["sent"] += sent

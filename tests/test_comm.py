@@ -360,6 +360,38 @@ def _pcl_worker(rank, world_size, tmp_path):
     assert analytic_round_bytes(r, mode, rank_run.topo, False)["total"] == {"sent": 2 * model, "received": 2 * model}
 
 
+def _hetero_rank_worker(rank, world_size, tmp_path):
+    from comigs_dist.methods import SyncContext
+    from comigs_dist.train import analytic_round_bytes, build_rank, expert_step
+    topo0 = init_topology()
+    for method in ("hetlora", "flexlora"):
+        for mode in ("server", "all2all"):
+            cfg = tiny_config(method=method, **{"lora.rank": [4, 8], "method_options.match": "none"})
+            check_world_size(cfg, world_size)
+            rank_run = build_rank(cfg, dataclasses.replace(topo0, groups={}))
+            r = rank_run.users[0]
+            expert_step(rank_run, rank_run.users)
+            comm = dist.Comm(rank_run.topo, mode, "fp32")
+            comm.mark_checked(rank_run.topo.groups)
+            r.method.sync(SyncContext(round_idx=1, comm=comm, users=[r]))
+            stats = comm.user_stats[rank]
+            analytic = analytic_round_bytes(r, SimpleNamespace(mode=mode, dtype="fp32"), rank_run.topo, False)
+            assert (analytic["total"]["sent"], analytic["total"]["received"]) == (stats.bytes_sent,
+                                                                                  stats.bytes_received), \
+                (method, mode, analytic, stats)
+            # the factors, zero-padded to rank 8 on both users (user 0's own rank is 4): 2 layers x
+            # (c_fc: A 8x32 + B 128x8, c_proj: A 8x128 + B 32x8), once per collective
+            padded = analytic["groups"]["hetero_rank"]["shared_params"]
+            assert padded == (1 if method == "hetlora" else 2) * 2 * (8 * 32 + 128 * 8 + 8 * 128 + 32 * 8), padded
+
+
+def test_hetlora_and_flexloras_analytic_bytes_include_their_own_collectives(tmp_path):
+    """HetLoRA sums every user's norm-weighted factors, zero-padded to the largest rank; FlexLoRA
+    gathers them and sums the SVD factors back. Their analytic bytes were the attention LoRA's
+    mean alone; now they equal what a round counts, in both modes, on users of ranks 4 and 8."""
+    run_on_ranks(_hetero_rank_worker, 2, tmp_path)
+
+
 def test_pcls_analytic_bytes_follow_its_gathers_round_by_round(tmp_path):
     """PCL gathers every user's model (N payloads each way in any comm.mode) every mix_every-th
     round: its analytic bytes were a server mean's (one payload) in every round. Now each round's

@@ -74,8 +74,8 @@ class ModelReport:
     shared_attn_params: int = 0
     shared_expert_params: int = 0
     shared_by_group: dict[str, int] = field(default_factory=dict)   # group -> shared parameters in it
-    # group -> (elements each member sends, the collective's pattern or None for comm.mode) in a
-    # round in which the method aggregates (Method.wire: PCL's gather sends a flag too)
+    # group -> what Method.wire says its collectives send in a round in which the method
+    # aggregates (dist.collective_bytes: PCL's gather sends a flag too)
     wire: dict[str, tuple] | None = None   # None: a reference model, priced as a mean of its shared tensors
     n_experts: int = 0
     top_k: int = 0
@@ -249,7 +249,7 @@ def compute_overhead(cfg, n_users: int | None = None) -> Overhead:
         # a method that never aggregates (the local baselines) moves nothing per round
         rep = report_for(base, spec, label, seq_len, fam, method.is_shared if method.aggregates else None,
                          lambda tag, u=members[0]: method.group_of(tag, u))
-        rep.wire = {g: (numel, *pattern) for g, (numel, _, *pattern) in method.wire(rep.shared_by_group).items()}
+        rep.wire = method.wire(rep.shared_by_group)
         users.append((members, rep))
     vocab = base.get_output_embeddings().weight.shape[0]
     # round 0's common start moves nothing counted; a closing aggregation (FedDPA) comes on top
@@ -285,12 +285,11 @@ def bytes_per_round(rep: ModelReport, dtype: str, mode: str, groups: dict[str, t
     them (dist.round_bytes): per group, the buffer up and the mean down (server), or the buffer
     delivered to each of the group's N members and N buffers received (all2all, and a method's
     gather whatever ``mode`` says); summed over the user's groups."""
-    from comigs_dist.dist import payload_bytes, round_bytes
+    from comigs_dist.dist import collective_bytes
     sent = received = 0
-    layout = rep.wire if rep.wire is not None else {g: (numel,) for g, numel in rep.shared_by_group.items()}
-    for group, (numel, *pattern) in layout.items():
-        s, r = round_bytes(payload_bytes(numel + (1 if count else 0), dtype), pattern[0] if pattern else mode,
-                           len(groups[group]))
+    layout = rep.wire if rep.wire is not None else {g: (numel, None) for g, numel in rep.shared_by_group.items()}
+    for group, spec in layout.items():
+        _, s, r = collective_bytes(spec, mode, dtype, len(groups[group]), count)
         sent, received = sent + s, received + r
     return sent, received
 
@@ -354,7 +353,8 @@ def format_overhead(o: Overhead) -> str:
             rows.append(cells)
         lines.append(tables.format_table(("mode", "bf16 sent", "bf16 received", "fp32 sent", "fp32 received"), rows,
                                          "<>>>>", indent="    "))
-        if any(pattern for _, *pattern in (rep.wire or {}).values()):
+        if any(kind == ["all2all"] for spec in (rep.wire or {}).values()
+               for _, _, *kind in (spec if isinstance(spec, list) else [spec])):
             lines.append(f"    {o.method}'s collective delivers every member's payload to every member whatever "
                          f"comm.mode says (both rows alike)")
         if paper:

@@ -332,7 +332,9 @@ class Method:
 
     def payloads(self, user, round_idx: int | None = None) -> dict[str, tuple]:
         """Per group what the user's sync sends: (elements, the group's members or None for the
-        topology's[, the collective's pattern: 'all2all' for a gather, whatever comm.mode says]).
+        topology's[, the collective's kind: 'all2all' for a gather, whatever comm.mode says; 'sum'
+        for a sum without a contributor count]), or a list of them, one per collective
+        (``dist.collective_bytes``).
         ``round_idx``: the sync of that round (nothing where the method does not aggregate then);
         None: a round in which it aggregates (results.json's analytic figure). By default its
         shared groups as ``wire`` lays them out: every round but round 0, whose common start is not

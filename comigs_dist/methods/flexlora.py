@@ -62,6 +62,8 @@ class FlexLoRA(HeteroRankMethod):
     paper_row = "Table 2: FlexLoRA (active / full)"
     Options = FlexLoRAOptions
 
+    own_collectives = ("all2all", "sum")  # every user's padded factors gathered; the SVD factors summed
+
     def prepare_user(self, user) -> None:
         cfg, model = self.cfg, user.model
         pairs = expert_lora_pairs(model)

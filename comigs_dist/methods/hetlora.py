@@ -76,6 +76,8 @@ class HetLoRA(HeteroRankMethod):
     paper_row = "Table 2: HetLoRA (active / full)"
     Options = HetLoRAOptions
 
+    own_collectives = ("sum",)  # the weighted zero-padded factors, summed over users
+
     @classmethod
     def config_errors(cls, cfg) -> list[str]:
         o = cls(cfg).options

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 
@@ -184,3 +184,16 @@ class HeteroRankMethod(Method):
         # the user's MLP LoRA pairs, found once by the subclass's prepare_user
         return [(f"{'.'.join(map(str, p.key))}.lora_{m}", t) for p in user.method_state.pairs
                 for m, t in (("A", p.A), ("B", p.B))]
+
+    # the collectives of the subclass's own aggregation in ``hetero_rank`` ('sum' or 'all2all', each
+    # of every pair's factors zero-padded to the largest rank); their scalar sums are not traffic
+    own_collectives: ClassVar[tuple[str, ...]] = ()
+
+    def payloads(self, user, round_idx: int | None = None) -> dict:
+        """The attention LoRA's mean, and from round 1 the factors' collectives of the subclass."""
+        out = super().payloads(user, round_idx)
+        if out:
+            st = user.method_state
+            padded = sum(st.max_rank * (p.A.shape[1] + p.B.shape[0]) for p in st.pairs)
+            out["hetero_rank"] = [(padded, None, kind) for kind in self.own_collectives]
+        return out
