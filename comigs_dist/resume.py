@@ -167,9 +167,7 @@ def save(rank, out_dir: Path, name: str, round_idx: int) -> None:
                          "restart_count": dist.restart_count(), "written": time.strftime("%Y-%m-%dT%H:%M:%S")})
         manifest["final" if not is_round else "users"] = entries_without_problem(entries)
         if not is_round:  # every user's final.pt is written: a run stopped before results.json resumes from it
-            manifest["final_round"] = round_idx
-        elif manifest.get("final_round") is not None and manifest["final_round"] < round_idx:
-            del manifest["final_round"]  # a longer run went past it: final.pt is that shorter run's
+            manifest["final_round"] = round_idx  # (restore forgets it when a run trains on instead)
         checkpoint.write_manifest(out_dir, manifest)
 
 

@@ -293,7 +293,7 @@ def analytic_round_bytes(user: UserState, comm_cfg, topo: dist.Topology, count: 
     groups, total = {}, {"sent": 0, "received": 0}
     wire = dist.SECURE_AGG_WIRE if secure_agg else comm_cfg.dtype
     for group, spec in user.method.payloads(user, round_idx).items():
-        entries = spec if isinstance(spec, list) else [spec]  # one per collective in the group
+        entries = dist.collectives(spec)  # one per collective in the group
         members = topo.members(group) if entries[0][1] is None else tuple(entries[0][1])
         payload, sent, received = dist.collective_bytes(entries, comm_cfg.mode, wire, len(members), count)
         numel = sum(e[0] for e in entries)

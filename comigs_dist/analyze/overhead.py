@@ -353,8 +353,8 @@ def format_overhead(o: Overhead) -> str:
             rows.append(cells)
         lines.append(tables.format_table(("mode", "bf16 sent", "bf16 received", "fp32 sent", "fp32 received"), rows,
                                          "<>>>>", indent="    "))
-        if any(kind == ["all2all"] for spec in (rep.wire or {}).values()
-               for _, _, *kind in (spec if isinstance(spec, list) else [spec])):
+        from comigs_dist.dist import collectives
+        if any(kind == "all2all" for spec in (rep.wire or {}).values() for _, _, kind in collectives(spec)):
             lines.append(f"    {o.method}'s collective delivers every member's payload to every member whatever "
                          f"comm.mode says (both rows alike)")
         if paper:

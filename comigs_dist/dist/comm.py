@@ -69,14 +69,20 @@ def round_bytes(payload: int, mode: str, n_members: int) -> tuple[int, int]:
     raise ValueError(f"comm.mode ({mode!r}) must be 'server' or 'all2all'")
 
 
+def collectives(spec) -> list[tuple[int, object, str | None]]:
+    """A group's payload spec (``Method.payloads``: (elements, members[, kind]) or a list of them,
+    one per collective) as a list of (elements, members, kind or None)."""
+    return [(numel, members, kind[0] if kind else None)
+            for numel, members, *kind in (spec if isinstance(spec, list) else [spec])]
+
+
 def collective_bytes(spec, mode: str, wire: str, n_members: int, count: bool = False) -> tuple[int, int, int]:
     """(payload, sent, received) bytes of one group's collectives in a round, as Comm counts them.
-    ``spec``: (elements, members[, kind]) or a list of them, one per collective: kind absent = a
-    mean in ``mode`` (plus the contributor count when ``count``), 'all2all' = a gather (N payloads
-    each way whatever ``mode`` says), 'sum' = a sum in ``mode`` (no count travels with it)."""
+    ``spec`` (``collectives``): kind None = a mean in ``mode`` (plus the contributor count when
+    ``count``), 'all2all' = a gather (N payloads each way whatever ``mode`` says), 'sum' = a sum
+    in ``mode`` (no count travels with it)."""
     payload = sent = received = 0
-    for numel, _, *kind in (spec if isinstance(spec, list) else [spec]):
-        kind = kind[0] if kind else None
+    for numel, _, kind in collectives(spec):
         size = payload_bytes(numel + (1 if count and kind is None else 0), wire)
         s, r = round_bytes(size, "all2all" if kind == "all2all" else mode, n_members)
         payload, sent, received = payload + size, sent + s, received + r
