@@ -335,6 +335,40 @@ def test_the_local_baselines_expect_no_traffic_after_the_common_start(tmp_path):
     assert set(rep.wire) == {"generalists"} and 0 < rep.wire["generalists"][0] < rep.shared_params
 
 
+def _centralized_worker(rank, world_size, tmp_path):
+    from comigs_dist import train
+    cfg = tiny_config(method="centralized", **{"comm.mode": "all2all", "comm.dtype": "bf16"})
+    check_world_size(cfg, world_size)
+    [row] = train.run(cfg, dataclasses.replace(init_topology(), groups={}), tmp_path / "run")
+    # tiny GPT-2 (2 layers, width 32), rank 8: attention LoRA c_attn 8x32 + 96x8 and c_proj 8x32 +
+    # 32x8; each of the two experts c_fc 8x32 + 128x8 and c_proj 8x128 + 32x8; per layer
+    numel = 2 * ((8 * 32 + 96 * 8) + (8 * 32 + 32 * 8) + 2 * ((8 * 32 + 128 * 8) + (8 * 128 + 32 * 8)))
+    step = numel * 4  # fp32, server-style: one buffer up and the mean down, whatever comm.* says
+    assert row["analytic_bytes_per_round"] == {"sent": 3 * step, "received": 3 * step}, row["analytic_bytes_per_round"]
+    # both rounds (round 0 included: only its common start is uncounted) are 3 gradient means
+    assert row["bytes_sent"] == row["bytes_received"] == 2 * 3 * step, (row["bytes_sent"], step)
+    assert row["comm_groups"]["data_parallel"]["collectives"] == 2 * 3
+
+
+def test_centralizeds_analytic_bytes_are_its_gradient_means(tmp_path):
+    """Centralized averages the fp32 gradients of its LoRAs after every expert step (data
+    parallelism, server-style whatever comm.mode and comm.dtype say) and syncs nothing after the
+    common start; its analytic figure was one mean of the LoRAs per round in comm.mode and
+    comm.dtype. Now a round's figure is train.local_steps gradient means, as counted in results.json
+    (all2all, bf16 set and ignored), and analyze overhead prices the same, in every round."""
+    from comigs_dist.analyze.overhead import bytes_per_round, compute_overhead, format_overhead
+    run_on_ranks(_centralized_worker, 2, tmp_path)
+    o = compute_overhead(load_config(None, ["method=centralized", "model.name=tiny", "train.rounds=5",
+                                            "train.local_steps=3"]), 2)
+    (_, rep), = o.users
+    step = rep.shared_params * 4
+    for mode in ("server", "all2all"):
+        for dtype in ("bf16", "fp32"):
+            assert bytes_per_round(rep, dtype, mode, o.groups) == (3 * step, 3 * step), (mode, dtype)
+    assert o.aggregations == 5
+    assert "averages the gradients after each of its 3 expert steps per round" in format_overhead(o)
+
+
 def _pcl_worker(rank, world_size, tmp_path):
     from comigs_dist.methods import SyncContext
     from comigs_dist.train import analytic_round_bytes, build_rank, evaluate_valid, expert_step
@@ -388,8 +422,21 @@ def _hetero_rank_worker(rank, world_size, tmp_path):
 def test_hetlora_and_flexloras_analytic_bytes_include_their_own_collectives(tmp_path):
     """HetLoRA sums every user's norm-weighted factors, zero-padded to the largest rank; FlexLoRA
     gathers them and sums the SVD factors back. Their analytic bytes were the attention LoRA's
-    mean alone; now they equal what a round counts, in both modes, on users of ranks 4 and 8."""
+    mean alone; now they equal what a round counts, in both modes, on users of ranks 4 and 8.
+    analyze overhead prices the same collectives (it priced the attention LoRA's mean alone)."""
+    from comigs_dist.analyze.overhead import bytes_per_round, compute_overhead, format_overhead
     run_on_ranks(_hetero_rank_worker, 2, tmp_path)
+    padded = 2 * (8 * 32 + 128 * 8 + 8 * 128 + 32 * 8)  # as in the worker: every pair at rank 8
+    for method, own in (("hetlora", {"server": padded, "all2all": 2 * padded}),
+                        ("flexlora", {"server": 2 * padded + padded, "all2all": 2 * padded + 2 * padded})):
+        o = compute_overhead(load_config(None, [f"method={method}", "model.name=tiny", "lora.rank=[4,8]",
+                                                "method_options.match=none"]), 2)
+        for _, rep in o.users:  # users of rank 4 and 8 alike: both send the padded factors
+            attn = rep.shared_params
+            assert bytes_per_round(rep, "fp32", "server", o.groups) == ((attn + own["server"]) * 4,) * 2, method
+            assert bytes_per_round(rep, "fp32", "all2all", o.groups) == ((2 * attn + own["all2all"]) * 4,) * 2, method
+        assert f"own collectives in hetero_rank: a {'sum' if method == 'hetlora' else 'gather and a sum'} of " \
+               f"{padded:,} elements" in format_overhead(o)
 
 
 def test_pcls_analytic_bytes_follow_its_gathers_round_by_round(tmp_path):

@@ -221,6 +221,9 @@ def _learned_worker(rank, world_size, tmp_path):
         attn = sum(p.numel() for n, p in u.shared["generalists"] if tags[n].kind == "attn") * 4
         assert u.stats.bytes_sent - sent[u.user_idx] == 4 * feat + attn + feat
         assert u.stats.by_group[f"learned_00{clusters[u.user_idx]}"]["bytes_sent"] == feat
+        # the switch round's analytic figure prices the gather too (TensorBoard's analytic curve)
+        switch = train.analytic_round_bytes(u, cfg.comm, run.topo, run.comm.count, round_idx=1)["total"]["sent"]
+        assert switch == 4 * feat + attn + feat, (switch, feat, attn)
 
     # the next round: local steps, then each group's mean again (the bytes of one plain round)
     train.local_iterations(run, run.users, 1, Monitor.silent([u.user_idx for u in run.users]))

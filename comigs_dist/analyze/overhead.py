@@ -169,6 +169,16 @@ def count_flops(model, seq_len: int) -> FlopCount:
     return c
 
 
+def own_sizes(base: nn.Module, spec, family: str, method) -> dict[str, int]:
+    """``Method.own_sizes`` of a user's model of ``spec`` (built on the meta device)."""
+    from comigs_dist.methods.base import Method
+    from comigs_dist.model import wrap_user_model
+    if type(method).own_sizes is Method.own_sizes:  # no own collectives: no model to build
+        return {}
+    with torch.device("meta"):
+        return method.own_sizes(wrap_user_model(copy.deepcopy(base), spec, family))
+
+
 def report_for(base: nn.Module, spec, label: str, seq_len: int, family: str, is_shared=None,
                group_of=None) -> ModelReport:
     from comigs_dist.model import wrap_user_model
@@ -249,12 +259,13 @@ def compute_overhead(cfg, n_users: int | None = None) -> Overhead:
         # a method that never aggregates (the local baselines) moves nothing per round
         rep = report_for(base, spec, label, seq_len, fam, method.is_shared if method.aggregates else None,
                          lambda tag, u=members[0]: method.group_of(tag, u))
-        rep.wire = method.wire(rep.shared_by_group)
+        rep.wire = method.wire({**rep.shared_by_group, **own_sizes(base, spec, fam, method)})
         users.append((members, rep))
     vocab = base.get_output_embeddings().weight.shape[0]
-    # round 0's common start moves nothing counted; a closing aggregation (FedDPA) comes on top
+    # round 0's common start moves nothing counted (Centralized's gradient means in round 0 do);
+    # a closing aggregation (FedDPA) comes on top
     shared = users[0][1].shared_by_group
-    aggregations = (sum(bool(method.wire(shared, r)) for r in range(1, cfg.train.rounds))
+    aggregations = (sum(bool(method.wire(shared, r)) for r in range(cfg.train.rounds))
                     + int(method.aggregates and method.aggregates_after_training)) if shared else 0
     return Overhead(rounds=cfg.train.rounds, aggregations=aggregations,
                     model_name=cfg.model.name, family=fam, n_layers=len(FAMILIES[fam].blocks(base)),
@@ -354,9 +365,20 @@ def format_overhead(o: Overhead) -> str:
         lines.append(tables.format_table(("mode", "bf16 sent", "bf16 received", "fp32 sent", "fp32 received"), rows,
                                          "<>>>>", indent="    "))
         from comigs_dist.dist import collectives
-        if any(kind == "all2all" for spec in (rep.wire or {}).values() for _, _, kind in collectives(spec)):
-            lines.append(f"    {o.method}'s collective delivers every member's payload to every member whatever "
-                         f"comm.mode says (both rows alike)")
+        kinds = [kind for spec in (rep.wire or {}).values() for _, _, kind in collectives(spec)]
+        for group, spec in (rep.wire or {}).items():
+            if group not in rep.shared_by_group:  # a method's own collectives (Method.own_sizes)
+                what = " and ".join({"all2all": "a gather", "sum": "a sum"}.get(k, "a mean")
+                                    for _, _, k in collectives(spec))
+                lines.append(f"    and its own collectives in {group}: {what} of {collectives(spec)[0][0]:,} "
+                             f"elements each")
+        if "all2all" in kinds:
+            lines.append(f"    {o.method}'s gather delivers every member's payload to every member whatever "
+                         f"comm.mode says" + (" (both rows alike)" if set(kinds) == {"all2all"} else ""))
+        if "gradients" in kinds:
+            lines.append(f"    {o.method} averages the gradients after each of its {kinds.count('gradients')} expert "
+                         f"steps per round, in fp32 and server-style whatever comm.mode and comm.dtype say (every "
+                         f"cell alike)")
         if paper:
             lines.append(f"    [paper: {PAPER['comm_mib_bf16']} MB in bf16, which is the generalist experts alone "
                          f"({_bytes(rep.shared_expert_params * 2)} here); the attention LoRA, also shared, adds "

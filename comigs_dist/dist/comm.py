@@ -80,11 +80,14 @@ def collective_bytes(spec, mode: str, wire: str, n_members: int, count: bool = F
     """(payload, sent, received) bytes of one group's collectives in a round, as Comm counts them.
     ``spec`` (``collectives``): kind None = a mean in ``mode`` (plus the contributor count when
     ``count``), 'all2all' = a gather (N payloads each way whatever ``mode`` says), 'sum' = a sum
-    in ``mode`` (no count travels with it)."""
+    in ``mode`` (no count travels with it), 'gradients' = a data-parallel gradient mean
+    (``Comm.mean_gradients``: fp32 and server-style whatever ``wire`` and ``mode`` say, with the
+    count when ``count``)."""
     payload = sent = received = 0
     for numel, _, kind in collectives(spec):
-        size = payload_bytes(numel + (1 if count and kind is None else 0), wire)
-        s, r = round_bytes(size, "all2all" if kind == "all2all" else mode, n_members)
+        size = payload_bytes(numel + (1 if count and kind in (None, "gradients") else 0),
+                             "fp32" if kind == "gradients" else wire)
+        s, r = round_bytes(size, {"all2all": "all2all", "gradients": "server"}.get(kind, mode), n_members)
         payload, sent, received = payload + size, sent + s, received + r
     return payload, sent, received
 

@@ -340,8 +340,15 @@ class Method:
         shared groups as ``wire`` lays them out: every round but round 0, whose common start is not
         counted, and never for a method that does not aggregate (``train.analytic_round_bytes``
         turns this into bytes)."""
-        return self.wire({group: sum(p.numel() for _, p in params) for group, params in user.shared.items()},
-                         round_idx)
+        return self.wire({**{group: sum(p.numel() for _, p in params) for group, params in user.shared.items()},
+                          **self.own_sizes(user.model)}, round_idx)
+
+    def own_sizes(self, model) -> dict[str, int]:
+        """Elements per group that the method's own collectives send besides its shared tensors,
+        from a user's model alone (HetLoRA, FlexLoRA: their factors zero-padded to the largest
+        rank); ``wire`` receives them with the shared sizes, from ``payloads`` and from ``analyze
+        overhead`` alike. None by default."""
+        return {}
 
     def wire(self, shared: dict[str, int], round_idx: int | None = None) -> dict[str, tuple]:
         """``payloads`` from the shared elements per group alone (what ``analyze overhead`` knows

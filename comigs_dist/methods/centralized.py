@@ -43,6 +43,13 @@ class Centralized(Method):
     def is_shared(self, tag) -> bool:
         return share_experts(tag)  # the replicas start from one initialisation (round 0 broadcast)
 
+    def wire(self, shared: dict[str, int], round_idx: int | None = None) -> dict[str, tuple]:
+        """Every expert step of every round (round 0 included) averages the gradients of all the
+        LoRAs in fp32, server-style, whatever comm.mode and comm.dtype say; the sync itself moves
+        nothing after the common start."""
+        numel = sum(shared.values())
+        return {"data_parallel": [(numel, None, "gradients")] * self.cfg.train.local_steps} if numel else {}
+
     def reduce_gradients(self, comm, users) -> None:
         comm.mean_gradients("data_parallel", {u.user_idx: u.expert_params() for u in users},
                             skip={u.user_idx for u in users if u.sits_out_gradients})

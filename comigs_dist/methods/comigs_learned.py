@@ -43,6 +43,7 @@ from typing import Literal
 
 import torch
 
+from comigs_dist.dist import collectives
 from comigs_dist.groups import DEFAULT_GROUP
 from comigs_dist.guard import nonfinite_shared
 from comigs_dist.groups_learned import RULES, compute_learned_groups
@@ -192,15 +193,23 @@ class CoMiGSLearned(CoMiGS1G1S):
 
     def payloads(self, user, round_idx: int | None = None) -> dict:
         """After the switch: the generalists in the user's group and the attention LoRA in the
-        global one (attention='global'), or every shared tensor in the user's group."""
+        global one (attention='global'), or every shared tensor in the user's group. The switch
+        round's sync gathers every user's update of the generalists first (N payloads each way in
+        comm.dtype, whatever comm.mode says)."""
         st = user.method_state
         if st.groups is None or len(st.groups) == 1:
-            return super().payloads(user, round_idx)
-        i, members = next((i, m) for i, m in enumerate(st.groups) if user.user_idx in m)
-        if self.options.attention == "cluster":
-            return {group_name(i): (sum(n for n, _ in super().payloads(user).values()), members)}
-        return {DEFAULT_GROUP: (sum(t.numel() for t in self._attention(user)), None),
-                group_name(i): (sum(t.numel() for t in self._features(user)), members)}
+            out = super().payloads(user, round_idx)
+        else:
+            i, members = next((i, m) for i, m in enumerate(st.groups) if user.user_idx in m)
+            if self.options.attention == "cluster":
+                out = {group_name(i): (sum(n for n, _ in super().payloads(user).values()), members)}
+            else:
+                out = {DEFAULT_GROUP: (sum(t.numel() for t in self._attention(user)), None),
+                       group_name(i): (sum(t.numel() for t in self._features(user)), members)}
+        if st.groups is not None and round_idx == self.options.warmup_rounds:
+            gather = (sum(t.numel() for t in self._features(user)), None, "all2all")
+            out[DEFAULT_GROUP] = collectives(out[DEFAULT_GROUP]) + [gather] if DEFAULT_GROUP in out else gather
+        return out
 
     def _features(self, user) -> list[torch.Tensor]:
         params = user.shared[DEFAULT_GROUP]

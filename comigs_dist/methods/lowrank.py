@@ -189,11 +189,16 @@ class HeteroRankMethod(Method):
     # of every pair's factors zero-padded to the largest rank); their scalar sums are not traffic
     own_collectives: ClassVar[tuple[str, ...]] = ()
 
-    def payloads(self, user, round_idx: int | None = None) -> dict:
+    def own_sizes(self, model) -> dict[str, int]:
+        """Every MLP LoRA pair's factors zero-padded to the largest rank, the payload of each of the
+        subclass's collectives."""
+        return {"hetero_rank": self.max_matched_rank() * sum(p.A.shape[1] + p.B.shape[0]
+                                                             for p in expert_lora_pairs(model))}
+
+    def wire(self, shared: dict[str, int], round_idx: int | None = None) -> dict:
         """The attention LoRA's mean, and from round 1 the factors' collectives of the subclass."""
-        out = super().payloads(user, round_idx)
-        if out:
-            st = user.method_state
-            padded = sum(st.max_rank * (p.A.shape[1] + p.B.shape[0]) for p in st.pairs)
+        padded = shared.get("hetero_rank", 0)
+        out = super().wire({g: n for g, n in shared.items() if g != "hetero_rank"}, round_idx)
+        if out and padded:
             out["hetero_rank"] = [(padded, None, kind) for kind in self.own_collectives]
         return out
