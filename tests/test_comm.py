@@ -366,7 +366,21 @@ def test_centralizeds_analytic_bytes_are_its_gradient_means(tmp_path):
         for dtype in ("bf16", "fp32"):
             assert bytes_per_round(rep, dtype, mode, o.groups) == (3 * step, 3 * step), (mode, dtype)
     assert o.aggregations == 5
-    assert "averages the gradients after each of its 3 expert steps per round" in format_overhead(o)
+    text = format_overhead(o)
+    assert "averages the gradients after each of its 3 expert steps per round" in text and "own collectives" not in text
+
+
+def test_the_overhead_report_adds_the_contributor_count_wherever_it_travels():
+    """A mean carries one contributor-count element under guard.nan=skip, comm.weights=tokens and
+    partial participation (train.counts_contributors); analyze overhead added it under
+    guard.nan=skip only."""
+    from comigs_dist.analyze.overhead import bytes_per_round, compute_overhead
+    for extra, count in (([], False), (["guard.nan=skip"], True), (["comm.weights=tokens"], True),
+                         (["train.users_per_round=2"], True)):
+        o = compute_overhead(load_config(None, ["method=fedavg", "model.name=tiny", *extra]), 4)
+        (_, rep), = o.users
+        assert o.count == count, extra
+        assert bytes_per_round(rep, "fp32", "server", o.groups, o.count) == ((rep.shared_params + count) * 4,) * 2
 
 
 def _pcl_worker(rank, world_size, tmp_path):

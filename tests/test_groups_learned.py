@@ -297,9 +297,17 @@ def _partial_worker(rank, world_size, tmp_path):
     pre = _everyone(topo0, {u.user_idx: _shared(u) for u in run.users})
     # the switch (round 2): 0 and 2 trained in round 0 only and never downloaded since, 1 and 3 in
     # round 1: every update counts, and the planted clusters come out
+    sent = {u.user_idx: u.stats.bytes_sent for u in run.users}
     train.sync(run, 2)
+    feat = sum(p.numel() for n, p in run.users[0].shared["generalists"] if tags[n].kind == "expert") * 4
+    attn = sum(p.numel() for n, p in run.users[0].shared["generalists"] if tags[n].kind == "attn") * 4
     for u in run.users:
         assert u.method_state.groups == [[0, 2], [1, 3]], u.method_state.groups
+        # every user sends its update in the gather (4 payloads, all2all), which 0 and 2, sitting
+        # the round out, were counted nothing for; 1 and 3 upload to both means too, each with its
+        # contributor count (fp32)
+        means = (attn + 4) + (feat + 4) if u.user_idx in draws[1] else 0
+        assert u.stats.bytes_sent - sent[u.user_idx] == 4 * feat + means, (u.user_idx, sent, feat, attn)
     post = _everyone(topo0, {u.user_idx: _shared(u) for u in run.users})
     for n in features:
         want = ((pre[1][n].double() + pre[3][n].double()) / 2).float()

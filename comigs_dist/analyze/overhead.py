@@ -77,6 +77,7 @@ class ModelReport:
     # group -> what Method.wire says its collectives send in a round in which the method
     # aggregates (dist.collective_bytes: PCL's gather sends a flag too)
     wire: dict[str, tuple] | None = None   # None: a reference model, priced as a mean of its shared tensors
+    own_by_group: dict[str, int] = field(default_factory=dict)  # Method.own_sizes: a method's own collectives
     n_experts: int = 0
     top_k: int = 0
     notes: list[str] = field(default_factory=list)
@@ -213,7 +214,8 @@ class Overhead:
     n_users: int
     comm_dtype: str
     groups: dict[str, tuple[int, ...]]  # sharing group -> its users
-    count: bool                         # guard.nan=skip: one contributor-count element per group
+    count: bool                         # one contributor-count element per mean (train.counts_contributors:
+                                        # guard.nan=skip, comm.weights=tokens, partial participation)
     references: list[ModelReport]       # one and two LoRA sets without a router (the paper's FedAvg rows)
     users: list[tuple[list[int], ModelReport]]   # configured model: (users it stands for, report)
     notes: list[str]
@@ -229,6 +231,7 @@ def compute_overhead(cfg, n_users: int | None = None) -> Overhead:
     """The report for every distinct user model of a configuration."""
     from comigs_dist.config import inferred_n_users, resolve_users
     from comigs_dist.methods import get_method
+    from comigs_dist.train import counts_contributors
     from comigs_dist.model import adapter_spec_for
     from comigs_dist.model.inject import FAMILIES, family_of
     notes = []
@@ -259,7 +262,8 @@ def compute_overhead(cfg, n_users: int | None = None) -> Overhead:
         # a method that never aggregates (the local baselines) moves nothing per round
         rep = report_for(base, spec, label, seq_len, fam, method.is_shared if method.aggregates else None,
                          lambda tag, u=members[0]: method.group_of(tag, u))
-        rep.wire = method.wire({**rep.shared_by_group, **own_sizes(base, spec, fam, method)})
+        rep.own_by_group = own_sizes(base, spec, fam, method)
+        rep.wire = method.wire({**rep.shared_by_group, **rep.own_by_group})
         users.append((members, rep))
     vocab = base.get_output_embeddings().weight.shape[0]
     # round 0's common start moves nothing counted (Centralized's gradient means in round 0 do);
@@ -270,7 +274,7 @@ def compute_overhead(cfg, n_users: int | None = None) -> Overhead:
     return Overhead(rounds=cfg.train.rounds, aggregations=aggregations,
                     model_name=cfg.model.name, family=fam, n_layers=len(FAMILIES[fam].blocks(base)),
                     d_model=_attention_width(base.config), vocab=vocab, seq_len=seq_len, method=cfg.method,
-                    n_users=n, comm_dtype=cfg.comm.dtype, groups=groups, count=cfg.guard.nan == "skip",
+                    n_users=n, comm_dtype=cfg.comm.dtype, groups=groups, count=counts_contributors(cfg, n),
                     references=refs, users=users, notes=notes)
 
 
@@ -367,7 +371,7 @@ def format_overhead(o: Overhead) -> str:
         from comigs_dist.dist import collectives
         kinds = [kind for spec in (rep.wire or {}).values() for _, _, kind in collectives(spec)]
         for group, spec in (rep.wire or {}).items():
-            if group not in rep.shared_by_group:  # a method's own collectives (Method.own_sizes)
+            if group in rep.own_by_group:  # a method's own collectives (Method.own_sizes)
                 what = " and ".join({"all2all": "a gather", "sum": "a sum"}.get(k, "a mean")
                                     for _, _, k in collectives(spec))
                 lines.append(f"    and its own collectives in {group}: {what} of {collectives(spec)[0][0]:,} "

@@ -35,6 +35,7 @@ Knows nothing of models or methods: it moves lists of tensors.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Collection, Iterable, Mapping, Sequence
 
@@ -167,6 +168,17 @@ class Comm:
         download (take part in this one) in the coming collectives. A simulated device is counted
         for what it would send and receive, nothing for a round it sits out; None = every user."""
         self._upload, self._download = upload, download
+
+    @contextmanager
+    def everyone_takes_part(self):
+        """Collectives in which every member sends and receives whatever ``set_round`` says (learned
+        groups' gather of every user's update at the switch), counted for every member."""
+        held = self._upload, self._download
+        self._upload = self._download = None
+        try:
+            yield
+        finally:
+            self._upload, self._download = held
 
     def _downloads(self, user: int) -> bool:
         """Whether a user receives this round's means: a user that does not take part in the round

@@ -347,7 +347,8 @@ class Method:
         """Elements per group that the method's own collectives send besides its shared tensors,
         from a user's model alone (HetLoRA, FlexLoRA: their factors zero-padded to the largest
         rank); ``wire`` receives them with the shared sizes, from ``payloads`` and from ``analyze
-        overhead`` alike. None by default."""
+        overhead`` alike, and must take them out before the base class's ``wire`` (which would
+        price them as means of shared groups). None by default."""
         return {}
 
     def wire(self, shared: dict[str, int], round_idx: int | None = None) -> dict[str, tuple]:

@@ -233,7 +233,8 @@ class CoMiGSLearned(CoMiGS1G1S):
         for u in ctx.users:
             st = u.method_state
             payload[u.user_idx] = st.update if st.update is not None else [torch.zeros_like(t) for t in st.anchor]
-        vectors = comm.gather(DEFAULT_GROUP, payload)
+        with comm.everyone_takes_part():  # every user's update, whether it takes part in the round or not
+            vectors = comm.gather(DEFAULT_GROUP, payload)
         first = ctx.users[0]
         blocks = [t.numel() for t in self._features(first)]
         learned = compute_learned_groups(torch.stack(vectors), k=o.k or None, rule=o.rule, max_k=o.max_k or None,
