@@ -170,18 +170,8 @@ def count_flops(model, seq_len: int) -> FlopCount:
     return c
 
 
-def own_sizes(base: nn.Module, spec, family: str, method) -> dict[str, int]:
-    """``Method.own_sizes`` of a user's model of ``spec`` (built on the meta device)."""
-    from comigs_dist.methods.base import Method
-    from comigs_dist.model import wrap_user_model
-    if type(method).own_sizes is Method.own_sizes:  # no own collectives: no model to build
-        return {}
-    with torch.device("meta"):
-        return method.own_sizes(wrap_user_model(copy.deepcopy(base), spec, family))
-
-
 def report_for(base: nn.Module, spec, label: str, seq_len: int, family: str, is_shared=None,
-               group_of=None) -> ModelReport:
+               group_of=None, own_sizes=None) -> ModelReport:
     from comigs_dist.model import wrap_user_model
     from comigs_dist.model.roles import Role
     with torch.device("meta"):
@@ -198,7 +188,8 @@ def report_for(base: nn.Module, spec, label: str, seq_len: int, family: str, is_
                       shared_by_group={g: numel([n for n in shared if group_of(report.tags[n]) == g])
                                        for g in sorted({group_of(report.tags[n]) for n in shared})} if group_of else {},
                       n_experts=spec.n_experts,
-                      top_k=spec.top_k if spec.routed and spec.n_experts > 1 else spec.n_experts)
+                      top_k=spec.top_k if spec.routed and spec.n_experts > 1 else spec.n_experts,
+                      own_by_group=own_sizes(model) if own_sizes is not None else {})
     return out
 
 
@@ -261,8 +252,7 @@ def compute_overhead(cfg, n_users: int | None = None) -> Overhead:
         label = f"{cfg.method}, {who}: {spec.n_experts} expert{'s' if spec.n_experts > 1 else ''}, rank {spec.rank}"
         # a method that never aggregates (the local baselines) moves nothing per round
         rep = report_for(base, spec, label, seq_len, fam, method.is_shared if method.aggregates else None,
-                         lambda tag, u=members[0]: method.group_of(tag, u))
-        rep.own_by_group = own_sizes(base, spec, fam, method)
+                         lambda tag, u=members[0]: method.group_of(tag, u), method.own_sizes)
         rep.wire = method.wire({**rep.shared_by_group, **rep.own_by_group})
         users.append((members, rep))
     vocab = base.get_output_embeddings().weight.shape[0]
