@@ -113,13 +113,13 @@ def test_the_cpu_scale_evaluates_only_at_the_end_except_for_the_figures():
                                        ("fig4", 1, 1), ("fig12", 1, 1)):
         spec = reproduce.build_spec(key)
         cell = spec.cells[0]
-        assert reproduce._read(cell, []).eval.every == yaml_every, key
+        assert reproduce.read_cell(cell, []).eval.every == yaml_every, key
         for scale in ("cpu", "debug", "paper"):
             extra = reproduce.scale_overrides(cell, scale) if scale == "debug" else []
-            cfg = reproduce._read(cell, extra)
+            cfg = reproduce.read_cell(cell, extra)
             overrides = extra + reproduce.run_extras(spec, scale, cfg)
             want = cpu_every if scale == "cpu" else cfg.eval.every
-            assert reproduce._read(cell, overrides).eval.every == want, (key, scale)
+            assert reproduce.read_cell(cell, overrides).eval.every == want, (key, scale)
 
 
 def test_planned_cpu_runs_carry_the_final_evaluation_only_and_a_yamls_own_checkpoints_win(tmp_path, monkeypatch):
@@ -127,7 +127,7 @@ def test_planned_cpu_runs_carry_the_final_evaluation_only_and_a_yamls_own_checkp
     data/cpu is not prepared in a fresh checkout): a Table 1 run's command ends with eval.every=0,
     a figure's keeps its YAML's evaluation points; a YAML that checkpoints on its own keeps that."""
     real = reproduce.scale_overrides
-    monkeypatch.setattr(reproduce, "scale_overrides", lambda cell, scale: real(cell, "debug"))
+    monkeypatch.setattr(reproduce.runs, "scale_overrides", lambda cell, scale: real(cell, "debug"))
     for key, every in (("1", 0), ("fig4", 1)):
         spec = reproduce.select(reproduce.build_spec(key), None, None)
         run = reproduce.plan_runs(spec, [42], "cpu", tmp_path)[0]
@@ -135,7 +135,7 @@ def test_planned_cpu_runs_carry_the_final_evaluation_only_and_a_yamls_own_checkp
         i = run.argv.index("--config")
         assert load_config(run.argv[i + 1], run.argv[i + 2:]).eval.every == every, key
     spec = reproduce.build_spec("1")
-    own = reproduce._read(spec.cells[0], ["checkpoint.every=3"])
+    own = reproduce.read_cell(spec.cells[0], ["checkpoint.every=3"])
     assert not set(reproduce.RESUMABLE) & set(reproduce.run_extras(spec, "cpu", own))
 
 
@@ -298,7 +298,7 @@ def test_collect_names_runs_that_cannot_run_instead_of_counting_them_as_pending(
             raise ConfigError("fix these first:\n  - seed=42: data.path ('nowhere') holds no prepared dataset\n"
                               "  - seed=45: data.path ('nowhere') holds no prepared dataset\n  - seed=45: lr is odd")
         return scale(cell, scale_name)
-    monkeypatch.setattr(reproduce, "scale_overrides", refuse)
+    monkeypatch.setattr(reproduce.runs, "scale_overrides", refuse)
     rc = reproduce.main(["--table", "1", "--dataset", "agnews", "--rows", ",".join(rows), "--scale", "debug",
                          "--seeds", "42,45", "--root", str(root), "--executor", "local", "--collect"])
     out = capsys.readouterr().out
@@ -309,12 +309,12 @@ def test_collect_names_runs_that_cannot_run_instead_of_counting_them_as_pending(
             "  - invalid: data.path ('nowhere') holds no prepared dataset; lr is odd\n") in out, out
     # at the CPU scale the closing line names what --prepare would build of what the reasons name,
     # and nothing for a reason --prepare cannot fix (Llama has no CPU scale)
-    monkeypatch.setattr(reproduce, "_missing_cpu_assets", lambda: [c for _, c in reproduce.CPU_PREPARE[:2]])
+    monkeypatch.setattr(reproduce.scales, "missing_cpu_assets", lambda: [c for _, c in reproduce.CPU_PREPARE[:2]])
     for reason, hint in (("data.path (data/cpu/multilingual) does not exist", True),
                          ("runs Llama 3.2 1B, which has no CPU scale", False)):
         def cannot(cell, scale_name, reason=reason):
             raise ConfigError(f"fix these first:\n  - seed=42: {reason}")
-        monkeypatch.setattr(reproduce, "scale_overrides", cannot)
+        monkeypatch.setattr(reproduce.runs, "scale_overrides", cannot)
         rc = reproduce.main(["--table", "1", "--dataset", "agnews", "--rows", "Local", "--scale", "cpu",
                              "--seeds", "42", "--root", str(root), "--collect"])
         out = capsys.readouterr().out
@@ -625,7 +625,7 @@ def test_the_kept_cpu_runs_are_the_runs_the_tables_make_today():
         spec = reproduce.build_spec(key)
         for cell in spec.cells:
             scaled = reproduce.scale_overrides(cell, "cpu")
-            extras = reproduce.run_extras(spec, "cpu", reproduce._read(cell, scaled))
+            extras = reproduce.run_extras(spec, "cpu", reproduce.read_cell(cell, scaled))
             folder = reproduce.cell_dir(KEPT, "cpu", cell, [])
             for seed in reproduce.SEEDS:
                 planned[folder / f"seed-{seed}"] = (cell, [*scaled, *extras, f"seed={seed}"])
@@ -641,7 +641,7 @@ def test_the_kept_cpu_runs_are_the_runs_the_tables_make_today():
         saved = record.get("config")
         if saved is None:  # stopped.json: nothing to compare beyond the directory
             continue
-        now = reproduce._read(cell, overrides)  # read with the embedded corpus: data.path and categories aside
+        now = reproduce.read_cell(cell, overrides)  # read with the embedded corpus: data.path and categories aside
         data_path = next(o.split("=", 1)[1] for o in overrides if o.startswith("data.path="))
         categories = (yaml.safe_load((ROOT / cell.config).read_text()).get("data") or {}).get("categories", [])
         categories = next((yaml.safe_load(o.split("=", 1)[1]) for o in cell.overrides
