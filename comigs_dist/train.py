@@ -643,19 +643,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     # a fresh start, or every user restored to the newest round they all checkpointed
     done = resume.restore(rank, out_dir, say)
     if rank.accountant is not None and done:  # the rounds already accounted for, from the checkpoint
-        try:
-            rank.accountant.load_state_dict(rank.users[0].privacy["accountant"])
-        except ValueError as exc:  # every rank alike: the same checkpoint and configuration
-            why = []
-            if cfg.privacy.target_epsilon is not None:
-                why.append("privacy.target_epsilon calibrates the noise multiplier to the planned releases: "
-                           "train.rounds - 1, plus one for a method that aggregates after the last round, as FedDPA "
-                           "does since 2026-11-30; so neither train.rounds nor that plan can change on resume with it")
-            if rank.privacy.get("no_sampling_discount"):
-                why.append("since 2026-11-30 a run whose comm.groups hold only some users gets no sampling discount "
-                           "under partial participation (docs/privacy.md), so a checkpoint of such a run made before "
-                           "cannot continue its accounting: start the run afresh in another out_dir")
-            raise ConfigError(f"{exc}" + (f" ({'; '.join(why)})" if why else "")) from exc
+        _restore_accountant(rank)
     if topo.rank == 0:  # only now: a refused start or resume leaves the directory as it found it
         from comigs_dist.checkpoint import write_atomic
         write_atomic(Path(out_dir) / "config.yaml", lambda f: f.write(to_yaml(cfg)), text=True)
@@ -705,27 +693,11 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
                               u.guard_skipped_rounds, u.guard_skipped_steps)
         # evaluate
         if cfg.eval.every and (round_idx + 1) % cfg.eval.every == 0 and round_idx + 1 < rounds:
-            for u in rank.users:
-                res = evaluate_test(u, rank.autocast, monitor.progress)
-                monitor.evaluation(u.user_idx, u.step, res)
-                u.history.append({"round": round_idx + 1, "step": u.step, "test_ppl": res.ppl})
-            monitor.federation_eval(round_idx + 1, _mean_over_users(rank, lambda u: u.history[-1]["test_ppl"]))
+            _evaluate_round(rank, round_idx + 1, monitor)
         # checkpoint
         if cfg.checkpoint.every and (round_idx + 1) % cfg.checkpoint.every == 0:
             resume.save(rank, out_dir, f"round_{round_idx + 1:04d}.pt", round_idx + 1)
-        # the round's mean training loss over the users that took part in it
-        took_part = [u for u in rank.users if u.train_curve and u.train_curve[-1]["round"] == round_idx + 1]
-        total, count = dist.sum_scalars(rank.topo, [sum(u.train_curve[-1]["loss"] for u in took_part),
-                                                    float(len(took_part))])
-        mean_loss = total / max(count, 1.0)
-        monitor.federation_round(round_idx + 1, mean_loss, int(count))
-        epsilon = rank.users[0].privacy["epsilon_curve"][-1]["epsilon"] if rank.accountant is not None else None
-        if epsilon is not None:
-            monitor.federation_privacy(round_idx + 1, epsilon)
-        say(f"round {round_idx + 1}/{rounds}: mean train loss {mean_loss:.4f}"
-            + (f" over {int(count)} participating users" if int(count) < topo.n_users else "")
-            + (f", epsilon {epsilon:.4g}" if epsilon is not None else "")
-            + f" ({time.perf_counter() - round_start:.1f}s)")
+        _report_round(rank, round_idx, rounds, time.perf_counter() - round_start, monitor, say)
         monitor.round_done()
     monitor.rounds_finished()
     # after the last round, the method's own closing stage (FedDPA-F's fine-tune); round
@@ -752,6 +724,52 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     out = {u.user_idx: user_row(u, u.final, layout[u.user_idx], topo, rank.privacy) for u in rank.users}
     monitor.finish(out)
     return [out[u.user_idx] for u in rank.users]
+
+
+def _restore_accountant(rank: RankRun) -> None:
+    """The privacy accountant of a resumed run, from its checkpoint; a checkpoint whose accounting
+    this configuration cannot continue says why (the same on every rank)."""
+    cfg = rank.cfg
+    try:
+        rank.accountant.load_state_dict(rank.users[0].privacy["accountant"])
+    except ValueError as exc:  # every rank alike: the same checkpoint and configuration
+        why = []
+        if cfg.privacy.target_epsilon is not None:
+            why.append("privacy.target_epsilon calibrates the noise multiplier to the planned releases: "
+                       "train.rounds - 1, plus one for a method that aggregates after the last round, as FedDPA "
+                       "does since 2026-11-30; so neither train.rounds nor that plan can change on resume with it")
+        if rank.privacy.get("no_sampling_discount"):
+            why.append("since 2026-11-30 a run whose comm.groups hold only some users gets no sampling discount "
+                       "under partial participation (docs/privacy.md), so a checkpoint of such a run made before "
+                       "cannot continue its accounting: start the run afresh in another out_dir")
+        raise ConfigError(f"{exc}" + (f" ({'; '.join(why)})" if why else "")) from exc
+
+
+def _evaluate_round(rank: RankRun, rounds_done: int, monitor: Monitor) -> None:
+    """Every user's test perplexity between rounds, into its history and the monitor."""
+    for u in rank.users:
+        res = evaluate_test(u, rank.autocast, monitor.progress)
+        monitor.evaluation(u.user_idx, u.step, res)
+        u.history.append({"round": rounds_done, "step": u.step, "test_ppl": res.ppl})
+    monitor.federation_eval(rounds_done, _mean_over_users(rank, lambda u: u.history[-1]["test_ppl"]))
+
+
+def _report_round(rank: RankRun, round_idx: int, rounds: int, seconds: float, monitor: Monitor, say) -> None:
+    """The federation's line for a round: the mean training loss over the users that took part in
+    it (one collective), epsilon so far under DP, to TensorBoard and the log."""
+    topo = rank.topo
+    took_part = [u for u in rank.users if u.train_curve and u.train_curve[-1]["round"] == round_idx + 1]
+    total, count = dist.sum_scalars(rank.topo, [sum(u.train_curve[-1]["loss"] for u in took_part),
+                                                float(len(took_part))])
+    mean_loss = total / max(count, 1.0)
+    monitor.federation_round(round_idx + 1, mean_loss, int(count))
+    epsilon = rank.users[0].privacy["epsilon_curve"][-1]["epsilon"] if rank.accountant is not None else None
+    if epsilon is not None:
+        monitor.federation_privacy(round_idx + 1, epsilon)
+    say(f"round {round_idx + 1}/{rounds}: mean train loss {mean_loss:.4f}"
+        + (f" over {int(count)} participating users" if int(count) < topo.n_users else "")
+        + (f", epsilon {epsilon:.4g}" if epsilon is not None else "")
+        + f" ({seconds:.1f}s)")
 
 
 def _traffic_so_far(rank: RankRun) -> dict[int, tuple[int, int, float]]:
