@@ -697,7 +697,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
         # checkpoint
         if cfg.checkpoint.every and (round_idx + 1) % cfg.checkpoint.every == 0:
             resume.save(rank, out_dir, f"round_{round_idx + 1:04d}.pt", round_idx + 1)
-        _report_round(rank, round_idx, rounds, time.perf_counter() - round_start, monitor, say)
+        _report_round(rank, round_idx + 1, rounds, round_start, monitor, say)
         monitor.round_done()
     monitor.rounds_finished()
     # after the last round, the method's own closing stage (FedDPA-F's fine-tune); round
@@ -754,22 +754,22 @@ def _evaluate_round(rank: RankRun, rounds_done: int, monitor: Monitor) -> None:
     monitor.federation_eval(rounds_done, _mean_over_users(rank, lambda u: u.history[-1]["test_ppl"]))
 
 
-def _report_round(rank: RankRun, round_idx: int, rounds: int, seconds: float, monitor: Monitor, say) -> None:
+def _report_round(rank: RankRun, rounds_done: int, rounds: int, round_start: float, monitor: Monitor, say) -> None:
     """The federation's line for a round: the mean training loss over the users that took part in
-    it (one collective), epsilon so far under DP, to TensorBoard and the log."""
+    it (one collective), epsilon so far under DP, to TensorBoard and the log, with the round's
+    seconds from ``round_start`` (``time.perf_counter``) to the line."""
     topo = rank.topo
-    took_part = [u for u in rank.users if u.train_curve and u.train_curve[-1]["round"] == round_idx + 1]
-    total, count = dist.sum_scalars(rank.topo, [sum(u.train_curve[-1]["loss"] for u in took_part),
-                                                float(len(took_part))])
+    took_part = [u for u in rank.users if u.train_curve and u.train_curve[-1]["round"] == rounds_done]
+    total, count = dist.sum_scalars(topo, [sum(u.train_curve[-1]["loss"] for u in took_part), float(len(took_part))])
     mean_loss = total / max(count, 1.0)
-    monitor.federation_round(round_idx + 1, mean_loss, int(count))
+    monitor.federation_round(rounds_done, mean_loss, int(count))
     epsilon = rank.users[0].privacy["epsilon_curve"][-1]["epsilon"] if rank.accountant is not None else None
     if epsilon is not None:
-        monitor.federation_privacy(round_idx + 1, epsilon)
-    say(f"round {round_idx + 1}/{rounds}: mean train loss {mean_loss:.4f}"
+        monitor.federation_privacy(rounds_done, epsilon)
+    say(f"round {rounds_done}/{rounds}: mean train loss {mean_loss:.4f}"
         + (f" over {int(count)} participating users" if int(count) < topo.n_users else "")
         + (f", epsilon {epsilon:.4g}" if epsilon is not None else "")
-        + f" ({seconds:.1f}s)")
+        + f" ({time.perf_counter() - round_start:.1f}s)")
 
 
 def _traffic_so_far(rank: RankRun) -> dict[int, tuple[int, int, float]]:

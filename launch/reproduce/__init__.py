@@ -2,7 +2,8 @@
 (``python -m launch.reproduce``; usage in ``cli``). One module per concern: ``tables`` (which run
 makes each cell, the paper's numbers), ``scales`` (what paper, cpu and debug change in every run),
 ``runs`` (fixed run directories, their state, submission), ``report`` (ours beside the paper's,
-orderings, files) and ``cli``. The names below are the package's interface."""
+orderings, files) and ``cli``. The names below are the package's interface; a test that patches
+one patches it in the module that owns it (``reproduce.runs.scale_overrides``)."""
 from launch.reproduce.cli import main, parse
 from launch.reproduce.report import (Ordering, Result, cell_texts, collect_results, format_markdown,
                                      format_orderings, format_text, mixed_bases, orderings, plot, write_csv)

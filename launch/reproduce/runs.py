@@ -15,6 +15,7 @@ from comigs_dist.guard import STOPPED  # what a run the guard stopped leaves in 
 from launch.reproduce.scales import read_cell, run_extras, scale_overrides
 from launch.reproduce.tables import ROOT, Cell, Spec
 
+
 @dataclass
 class Run:
     cells: list[Cell]                # every cell this run fills (a figure's line: one per user)
