@@ -693,7 +693,7 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
                               u.guard_skipped_rounds, u.guard_skipped_steps)
         # evaluate
         if cfg.eval.every and (round_idx + 1) % cfg.eval.every == 0 and round_idx + 1 < rounds:
-            _evaluate_round(rank, round_idx + 1, monitor)
+            _evaluate_users(rank, round_idx + 1, monitor)
         # checkpoint
         if cfg.checkpoint.every and (round_idx + 1) % cfg.checkpoint.every == 0:
             resume.save(rank, out_dir, f"round_{round_idx + 1:04d}.pt", round_idx + 1)
@@ -712,12 +712,8 @@ def run(cfg: RunConfig, topo: dist.Topology, out_dir: Path, say=lambda msg: None
     # each user's model after its last local steps (what Algorithm 1 returns)
     topo.set_phase("the final evaluation")
     if not finished:
-        for u in rank.users:
-            faults.at_final_eval(u)
-            u.final = evaluate_test(u, rank.autocast, monitor.progress)
-            monitor.evaluation(u.user_idx, u.step, u.final)
-            u.history.append({"round": rounds, "step": u.step, "test_ppl": u.final.ppl})
-        monitor.federation_eval(rounds, _mean_over_users(rank, lambda u: u.final.ppl))
+        for u, res in zip(rank.users, _evaluate_users(rank, rounds, monitor, before=faults.at_final_eval)):
+            u.final = res
         if cfg.checkpoint.final and method.trains:
             resume.save(rank, out_dir, "final.pt", rounds)
     layout = analytic()
@@ -745,13 +741,18 @@ def _restore_accountant(rank: RankRun) -> None:
         raise ConfigError(f"{exc}" + (f" ({'; '.join(why)})" if why else "")) from exc
 
 
-def _evaluate_round(rank: RankRun, rounds_done: int, monitor: Monitor) -> None:
-    """Every user's test perplexity between rounds, into its history and the monitor."""
+def _evaluate_users(rank: RankRun, rounds_done: int, monitor: Monitor, before=lambda user: None) -> list[EvalResult]:
+    """Every user's test perplexity after ``rounds_done`` rounds, into its history and the monitor
+    (between rounds, and the final evaluation, whose fault hook runs as ``before`` each user's)."""
+    results = []
     for u in rank.users:
+        before(u)
         res = evaluate_test(u, rank.autocast, monitor.progress)
         monitor.evaluation(u.user_idx, u.step, res)
         u.history.append({"round": rounds_done, "step": u.step, "test_ppl": res.ppl})
+        results.append(res)
     monitor.federation_eval(rounds_done, _mean_over_users(rank, lambda u: u.history[-1]["test_ppl"]))
+    return results
 
 
 def _report_round(rank: RankRun, rounds_done: int, rounds: int, round_start: float, monitor: Monitor, say) -> None:
