@@ -10,7 +10,7 @@ tensors since the warm-up started) into sharing groups, in the spirit of FedLEAS
 - the partition: average-linkage agglomerative clustering of the cosine distance 1 - similarity
   (FedLEASE's), merging the tied pair with the smallest users first.
 Groups come out as comm.groups takes them: lists of users, each sorted, the lists sorted by their
-smallest member; ``learned_group_configs`` writes them as ``comm.groups`` entries.
+smallest member (``methods/comigs_learned.py`` builds one process group per group).
 numpy in float64 only (no scikit-learn: not a dependency, and its tie-breaking is its own).
 Knows nothing of torch.distributed, models or methods. docs/methods-since-the-paper.md explains
 the choices.
@@ -189,23 +189,3 @@ def compute_learned_groups(vectors: Any, *, k: int | None = None, rule: str = "e
         return LearnedGroups([list(range(n))], rule, scores, similarity)
     best = max(scores, key=lambda c: (round(scores[c], _DIGITS), -c))
     return LearnedGroups(candidates[best], rule, scores, similarity)
-
-
-def learned_group_configs(groups: Sequence[Sequence[int]], experts: Sequence[int] = (0,), attention: str = "global",
-                          prefix: str = "learned") -> list:
-    """The ``comm.groups`` entries of learned groups: one group ``<prefix>_<i>`` per learned group,
-    averaging the given generalist ``experts``; the attention LoRA in one group of every user
-    (``attention='global'``, the paper's: it is always shared) or in each learned group
-    ('cluster'). One group gives no entries at all: the default plan, i.e. plain CoMiGS."""
-    if attention not in ("global", "cluster"):
-        raise ValueError(f"attention ({attention!r}) must be 'global' or 'cluster'")
-    if len(groups) <= 1:
-        return []
-    from comigs_dist.config import GroupConfig
-    out = []
-    if attention == "global":
-        out.append(GroupConfig(name="global", users="all", experts=[], attention=True))
-    for i, members in enumerate(groups):
-        out.append(GroupConfig(name=f"{prefix}_{i}", users=sorted(int(u) for u in members),
-                               experts=[int(x) for x in experts], attention=attention == "cluster"))
-    return out

@@ -18,7 +18,9 @@ One group found, or ``k=1``: the base class's sync every round, i.e. CoMiGS-1G1S
 (only the one gather of the switch round is added to the bytes). Privacy is refused before any
 work: that gather moves the users' updates in the clear.
 
-What differs from FedLEASE (docs/methods-since-the-paper.md): FedLEASE warms up without sharing,
+What was read: FedLEASE's README and its released code at lei-wang-link/FedLEASE cf18cd6 (the
+server's clustering, the client loop and its LoRA layer); the paper itself was out of reach from
+where this was written. What differs from FedLEASE (docs/methods-since-the-paper.md): FedLEASE warms up without sharing,
 clusters the LoRA B matrices and then gives every user one expert per cluster with an adaptive
 top-M router; here the CoMiGS architecture stays (one generalist, one specialist, the router) and
 only who averages the generalist with whom is learned, which is what ``comm.groups`` sets by hand.

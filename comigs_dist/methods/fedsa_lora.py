@@ -3,6 +3,9 @@ Learning"): every A and B matrix trains, but only the A matrices are aggregated;
 stay with their user. The paper's finding: A learns what users share, B what is theirs. The
 released code (FederatedScope, ``personalization.local_param: ['lora_B']``) starts every user from
 one model (A common, B = 0) and, each round, lets every user load the averaged model except B.
+What was read: the abstract, and the released code at Pengxin-Guo/FedSA-LoRA fc276b5 (its
+FederatedScope YAMLs for the LLM and GLUE runs and the clients' mean aggregator); the full paper
+was out of reach from where this was written.
 
 Model: as FFA-LoRA, its sibling baseline: one MLP LoRA per user with the rank of all of
 CoMiGS-1G1S's experts together (moe.n_experts * lora.rank, the "2x LoRA" parameter match), no
