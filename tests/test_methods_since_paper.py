@@ -128,16 +128,18 @@ def _resume_worker(rank, world_size, tmp_path, plans):
 
 @pytest.mark.slow
 def test_a_cut_run_resumes_to_the_whole_runs_results(tmp_path):
-    """4 users on 2 ranks, 4 rounds checkpointed every round: FedDPA and FedALT resumed from round 2,
+    """4 users on 2 ranks, 4 rounds checkpointed every round: FedDPA, FedALT and FedSA-LoRA resumed
+    from round 2,
     CoMiGS with learned groups (warm-up 2) from round 2 (warm-up sums in the checkpoint) and from
     round 3 (groups in the checkpoint, process groups rebuilt), each to round 4, end bit for bit
     where the uninterrupted run ends; so do learned groups under partial participation (2 of 4)
     resumed from round 3, whose last round hands one group, none of whose members took part in
     round 3, the aggregate it started from (the group's latest aggregate in the checkpoint)."""
-    wholes = [("feddpa", "feddpa"), ("fedalt", "fedalt"), ("learned", "comigs_learned"),
+    wholes = [("feddpa", "feddpa"), ("fedalt", "fedalt"), ("fedsa", "fedsa_lora"), ("learned", "comigs_learned"),
               ("partial_learned", "comigs_learned")]
     run_on_ranks(_resume_worker, 2, tmp_path, [(tag, name, 4, "false") for tag, name in wholes], timeout_s=900)
-    resumed = [("feddpa", "feddpa", 2), ("fedalt", "fedalt", 2), ("learned", "comigs_learned", 2),
+    resumed = [("feddpa", "feddpa", 2), ("fedalt", "fedalt", 2), ("fedsa", "fedsa_lora", 2),
+               ("learned", "comigs_learned", 2),
                ("learned", "comigs_learned", 3), ("partial_learned", "comigs_learned", 3)]
     for tag, _, keep in resumed:
         cut_run(tmp_path / tag, tmp_path / f"{tag}_from{keep}", keep)
