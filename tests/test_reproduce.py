@@ -530,6 +530,47 @@ def test_the_local_executor_starts_the_next_run_as_soon_as_one_ends(tmp_path, mo
     assert outcomes == {str(r.out_dir): "COMPLETED" for r in runs}
 
 
+def test_the_local_queue_skips_runs_another_call_took_or_finished_while_it_waited(tmp_path, monkeypatch):
+    """--max-parallel 1, three runs planned to run: while the first runs, another call starts the
+    second (its lock names a live process on this host, here the test) and finishes the third
+    (results.json). When their turns come neither is started (a start would meet the lock and be
+    counted as failed); each is said once; the outcome is the first run's only."""
+    import os
+    import socket
+
+    import launch.submit as submit_mod
+    spec = reproduce.select(reproduce.build_spec("1"), ["agnews"], ["Local", "FedAvg", "CoMiGS-1G1S"])
+    runs = reproduce.plan_runs(spec, [42], "debug", tmp_path)
+    assert [r.status for r in runs] == ["to run"] * 3
+    started, said = [], []
+
+    class FakeJob:
+        pass
+
+    def fake_launch(jobs, folder, **kw):
+        for rec in jobs:
+            rec["job_id"] = rec["label"]
+            started.append(rec["label"])
+        return {}, [FakeJob() for _ in jobs]
+
+    def fake_wait(jobs, records, echo=None, first=False, **kw):
+        for r in runs[1:]:  # meanwhile, another call
+            r.out_dir.mkdir(parents=True, exist_ok=True)
+        (runs[1].out_dir / ".comigs.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        (runs[2].out_dir / "results.json").write_text("{}")
+        return {rec["job_id"]: "COMPLETED" for rec in records}
+
+    monkeypatch.setattr(submit_mod, "launch_jobs", fake_launch)
+    monkeypatch.setattr(submit_mod, "wait_for", fake_wait)
+    outcomes = reproduce.execute(runs, tmp_path, "debug", "1", cluster="local", max_parallel=1, wait=True,
+                                 gpus_per_node=0, cpus_per_task=0, timeout_min=5, partition=None, slurm_args={},
+                                 echo=said.append)
+    assert started == [reproduce.slug_of(runs[0])] and outcomes == {str(runs[0].out_dir): "COMPLETED"}
+    assert said == [f"  {reproduce.slug_of(runs[1])}: not started, running in pid {os.getpid()}, started by another "
+                    "call since this one planned",
+                    f"  {reproduce.slug_of(runs[2])}: not started, done by another call since this one planned"], said
+
+
 @pytest.mark.slow
 def test_reproduce_end_to_end_on_the_debug_scale(tmp_path):
     """Two rows, two seeds, the local executor: four real runs, the printed table holds both rows

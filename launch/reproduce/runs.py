@@ -202,7 +202,16 @@ def execute(runs: list[Run], root: Path, scale: str, key: str, *, cluster: str, 
                 by_id = wait_for(submitted, jobs, echo=echo)
                 outcomes.update({rec["out_dir"]: by_id[rec["job_id"]] for rec in jobs})
         return outcomes
-    return local_pool(todo, lambda run: list(zip(*submit([run]))), max_parallel, echo)
+    def start(run: Run) -> list:
+        # A local queue can wait hours for its turn: another call may have finished or taken a run
+        # since this one planned (its lock would refuse a second start, counted as a failure here).
+        state, pid = ended(run.out_dir), live_local_run(run.out_dir)
+        if state is None and pid is None:
+            return list(zip(*submit([run])))
+        why = f"{state} by another call" if state else f"running in pid {pid}, started by another call"
+        echo(f"  {slug_of(run)}: not started, {why} since this one planned")
+        return []
+    return local_pool(todo, start, max_parallel, echo)
 
 
 def slug_of(run: Run) -> str:
