@@ -25,6 +25,15 @@ def tiny_config(**overrides):
     return load_config(None, [f"{k}={v}" for k, v in base.items()])
 
 
+def tiny_lora_numel(n_layer: int = 2, d: int = 32, rank: int = 8, attn_rank: int = 8) -> int:
+    """One LoRA set of the tiny GPT-2, from its shapes: per block c_attn (d -> 3d) and c_proj
+    (d -> d) at the attention rank, c_fc (d -> 4d) and c_proj (4d -> d) at the MLP rank; A is
+    (r, in), B is (out, r). ``attn_rank=0``: one MLP expert's LoRAs alone."""
+    attn = attn_rank * (d + 3 * d) + attn_rank * (d + d)
+    mlp = rank * (d + 4 * d) + rank * (4 * d + d)
+    return n_layer * (attn + mlp)
+
+
 def user_of(cfg, user_idx: int):
     """One user's resolved values (``config.resolve_users``) for a config whose user count may be unset."""
     from comigs_dist.config import inferred_n_users, resolve_users

@@ -126,16 +126,6 @@ def _pairs(u):
 MIXERS = {"projection": {}, "mlp": {"method_options.mixer": "mlp"}}
 
 
-def _individual_numel_by_hand(n_layer=2, d=32, rank=8, attn_rank=8) -> int:
-    """One individual LoRA set of the tiny GPT-2, from its shapes: per block c_attn (d -> 3d) and
-    c_proj (d -> d) at the attention rank, c_fc (d -> 4d) and c_proj (4d -> d) at the MLP rank; A
-    is (r, in), B is (out, r). The same set whether the MLP's individual LoRAs sit in pairs or in
-    expert 1."""
-    attn = attn_rank * (d + 3 * d) + attn_rank * (d + d)
-    mlp = rank * (d + 4 * d) + rank * (4 * d + d)
-    return n_layer * (attn + mlp)
-
-
 def _check_structure(u0, mixer):
     """Where the RoW, the individual LoRAs and the mixers sit for each granularity."""
     from comigs_dist.model import Role
@@ -174,7 +164,7 @@ def _fedalt_worker(rank, world_size, tmp_path, n_users, mixer):
     from comigs_dist.config import check_world_size
     from comigs_dist.model import Role
     from dist_harness import init_topology
-    from helpers import tiny_config
+    from helpers import tiny_config, tiny_lora_numel
     topo0 = init_topology(n_users=n_users)
     cfg = tiny_config(method="fedalt", n_users=n_users, **MIXERS[mixer])
     check_world_size(cfg, world_size)
@@ -204,7 +194,7 @@ def _fedalt_worker(rank, world_size, tmp_path, n_users, mixer):
                for u in run.users}
     sent = {u.user_idx: u.stats.bytes_sent for u in run.users}
     train.sync(run, 1)
-    numel = _individual_numel_by_hand()
+    numel = tiny_lora_numel()  # one individual LoRA set, the same whether the MLP's sit in pairs or in expert 1
     for u in run.users:
         for i, (n, row, ind) in enumerate(u.method_state):
             others = [pre[v][i][2].double() for v in range(n_users) if v != u.user_idx]

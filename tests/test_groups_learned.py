@@ -336,7 +336,7 @@ def _one_group_worker(rank, world_size, tmp_path):
     import json
     from comigs_dist import dist, train
     from dist_harness import init_topology
-    from helpers import tiny_config, without_timing
+    from helpers import tiny_config, tiny_lora_numel, without_timing
     topo = init_topology(n_users=4)
     rows = {}
     for name, extra in (("comigs_1g1s", {}), ("comigs_learned", {"method_options.warmup_rounds": 1,
@@ -350,8 +350,8 @@ def _one_group_worker(rank, world_size, tmp_path):
         assert {k: v for k, v in a.items() if k not in money} == {k: v for k, v in b.items() if k not in money}
         assert b["learned_groups"]["groups"] == [[0, 1, 2, 3]]
         # the one gather of the switch is all that is added: all2all, 4 members x the generalist
-        # experts' LoRAs in fp32 (tiny GPT-2: 2 blocks, d = 32, rank 8; c_fc d -> 4d, c_proj 4d -> d)
-        generalist_numel = 2 * (8 * (32 + 4 * 32) + 8 * (4 * 32 + 32))
+        # experts' LoRAs in fp32
+        generalist_numel = tiny_lora_numel(attn_rank=0)
         assert b["bytes_sent"] - a["bytes_sent"] == 4 * generalist_numel * 4
         assert b["bytes_received"] - a["bytes_received"] == 4 * generalist_numel * 4
     if rank == 0:
